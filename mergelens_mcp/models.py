@@ -1,0 +1,197 @@
+"""Frozen pydantic results. Their JSON is the product's stable output format."""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Verdict(str, Enum):
+    HIGHLY_COMPATIBLE = "highly_compatible"
+    COMPATIBLE = "compatible"
+    RISKY = "risky"
+    INCOMPATIBLE = "incompatible"
+
+
+class Severity(str, Enum):
+    LOW = "low"
+    MEDIUM = "medium"
+    HIGH = "high"
+    CRITICAL = "critical"
+
+
+class FindingLevel(str, Enum):
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class Finding(Frozen):
+    """One thing found before or besides the metrics (architecture, vocab, a config key, ...)."""
+
+    level: FindingLevel
+    code: str = Field(description="stable machine-readable kind, e.g. 'vocab_mismatch'")
+    message: str
+    fix: str | None = None
+    path: str | None = Field(default=None, description="where it was found: a YAML path or a tensor name")
+
+
+class ModelInfo(Frozen):
+    label: str = Field(description="'model_a', 'model_b', ... or 'base'")
+    source: str = Field(description="what the caller gave: a path or a Hub id")
+    resolved: str = Field(description="the local folder or file that was read")
+    architecture: str | None = None
+    n_tensors: int
+    n_params: int
+    dtypes: dict[str, int] = Field(description="dtype -> number of tensors")
+    files: int
+    skipped_tensors: list[str] = Field(default_factory=list, description="non-float tensors, not compared")
+    nonfinite_values: int = Field(default=0, description="NaN/Inf values found; they were read as 0")
+
+
+class LayerMetrics(Frozen):
+    """Every metric of one layer for one pair of models, aggregated over the layer's tensors."""
+
+    model_a: str
+    model_b: str
+    layer_name: str = Field(description="'embed', 'layers.3', 'norm' or 'lm_head'")
+    layer_index: int | None
+    kind: str = Field(description="'embed', 'block', 'norm', 'lm_head' or 'other'")
+    n_params: int
+    tensor_names: list[str]
+    metrics: dict[str, float] = Field(description="metric name -> value; see mergelens_mcp.analysis.metrics")
+    components: dict[str, float] = Field(description="MCI component name -> 0..1 score (1 = good for merging)")
+    score: float = Field(description="this layer's compatibility, 0-100")
+
+    def _get(self, name: str) -> float | None:
+        return self.metrics.get(name)
+
+    @property
+    def cosine_similarity(self) -> float | None:
+        return self._get("cosine_similarity")
+
+    @property
+    def l2_distance(self) -> float | None:
+        return self._get("l2_distance")
+
+    @property
+    def kl_divergence(self) -> float | None:
+        return self._get("kl_divergence")
+
+    @property
+    def spectral_overlap(self) -> float | None:
+        return self._get("spectral_overlap")
+
+    @property
+    def effective_rank_ratio(self) -> float | None:
+        return self._get("effective_rank_ratio")
+
+    @property
+    def task_cosine(self) -> float | None:
+        return self._get("task_cosine")
+
+    @property
+    def sign_disagreement(self) -> float | None:
+        return self._get("sign_disagreement")
+
+    @property
+    def tsv_interference(self) -> float | None:
+        return self._get("tsv_interference")
+
+    @property
+    def task_vector_energy(self) -> float | None:
+        return self._get("task_vector_energy")
+
+    @property
+    def magnitude_ratio(self) -> float | None:
+        return self._get("magnitude_ratio")
+
+
+class ConflictZone(Frozen):
+    model_a: str
+    model_b: str
+    start_layer: int = Field(description="first layer index of the zone (-1 for embeddings)")
+    end_layer: int = Field(description="last layer index, inclusive")
+    layer_names: list[str]
+    severity: Severity
+    score: float = Field(description="lowest layer score in the zone, 0-100")
+    driving_metrics: list[str] = Field(description="MCI components that pulled the zone down, worst first")
+    recommendation: str
+
+
+class PairScore(Frozen):
+    model_a: str
+    model_b: str
+    score: float | None
+    verdict: Verdict
+
+
+class MCI(Frozen):
+    """Merge Compatibility Index: 0-100, higher is safer to merge."""
+
+    score: float | None = Field(description="None when the models cannot be compared at all")
+    verdict: Verdict
+    confidence: str = Field(description="'high', 'medium' or 'low', with the reasons in `reasons`")
+    components: dict[str, float] = Field(description="mean 0..1 score of each MCI component over layers")
+    used_base: bool
+    used_activations: bool = False
+    reasons: list[str]
+
+
+class Coverage(Frozen):
+    tensors_compared: int
+    tensors_total: int
+    params_compared: int
+    matrix_params: int = Field(description="parameters in 2-D tensors (the spectral metrics' domain)")
+    spectral_params: int = Field(description="2-D parameters the spectral metrics covered")
+    exact_svd_tensors: int
+    randomized_svd_tensors: int
+    svd_rank: int = Field(description="top-k singular directions used by the spectral metrics")
+
+
+class MergeMethod(str, Enum):
+    LINEAR = "linear"
+    SLERP = "slerp"
+    TASK_ARITHMETIC = "task_arithmetic"
+    TIES = "ties"
+    DARE_TIES = "dare_ties"
+    DARE_LINEAR = "dare_linear"
+    DELLA = "della"
+    BREADCRUMBS = "breadcrumbs"
+    BREADCRUMBS_TIES = "breadcrumbs_ties"
+    MODEL_STOCK = "model_stock"
+    PASSTHROUGH = "passthrough"
+
+
+class Strategy(Frozen):
+    method: MergeMethod
+    confidence: float = Field(ge=0.0, le=1.0)
+    rationale: list[str]
+    runner_up: MergeMethod | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list)
+    mergekit_yaml: str
+
+
+class CompareResult(Frozen):
+    """Everything `compare_models` found. For N models, layer metrics and zones cover every pair."""
+
+    version: str
+    models: list[ModelInfo]
+    base: ModelInfo | None
+    device: str
+    mci: MCI
+    pairwise: list[PairScore]
+    layer_metrics: list[LayerMetrics]
+    conflict_zones: list[ConflictZone]
+    findings: list[Finding]
+    coverage: Coverage
+    notes: list[str] = Field(default_factory=list)
+    strategy: Strategy | None = None
+    elapsed_s: float
