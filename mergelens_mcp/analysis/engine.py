@@ -1,26 +1,43 @@
 """One streaming pass over the checkpoints: each tensor of each model is read once, every metric of every
-pair is computed from it, and only per-layer sums are kept, so memory follows the largest tensor."""
+pair is computed from it, and only per-layer sums are kept, so memory follows the largest tensor.
+
+A reader thread reads, upcasts and checks the next tensor set (that tensor in every model and the base) while
+this one is measured, when both fit in the memory of the largest set. Reading measures each tensor's norm, and
+a non-finite norm is the one signal that triggers the NaN/Inf scan. Task vectors are made in place from the
+weights once the weight metrics are done, with the base kept in its stored dtype.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import AnalysisCancelledError
 from ..models import (
-    MCI, CompareResult, Coverage, Finding, FindingLevel, LayerMetrics, ModelInfo, PairScore, Verdict,
+    MCI,
+    CompareResult,
+    Coverage,
+    Finding,
+    FindingLevel,
+    LayerMetrics,
+    ModelInfo,
+    PairScore,
+    Verdict,
 )
 from . import score as mci
 from .compat import Plan, plan_comparison
 from .layers import TensorRole, classify, group_sort_key, position
 from .loading import Checkpoint
 from .metrics import Operand, task_metrics, weight_metrics
-from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS
+from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, POWER_ITERS
 from .zones import detect_conflict_zones
 
 log = logging.getLogger(__name__)
@@ -35,6 +52,12 @@ class AnalysisOptions:
     device: str = "auto"
     svd_rank: int = DEFAULT_RANK
     exact_svd_max_elements: int = EXACT_MAX_ELEMENTS
+    threads: int | None = None  # torch threads on CPU; None: one per core, less one for the reader thread
+
+
+def default_threads() -> int:
+    """Cores for torch's own work: all but the one the reader thread keeps busy."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -90,41 +113,56 @@ def analyze(
     matrix_params = spectral_params = params_compared = 0
 
     tensors = [] if plan.fatal else plan.tensors
-    for done, name in enumerate(tensors):
-        if cancelled is not None and cancelled():
-            raise AnalysisCancelledError(f"analysis cancelled after {done} of {len(tensors)} tensors")
-        rows = plan.row_limits.get(name)
-        weights = [_read(m, name, rows, device, nonfinite) for m in models]
-        base_tensor = _read(base, name, rows, device, nonfinite) if base and name in plan.base_tensors else None
-        ops = [_operand(t, options) for t in weights]
-        task_ops = None
-        if base_tensor is not None:
-            base_norm = float(torch.linalg.vector_norm(base_tensor))
-            task_ops = [_operand(t - base_tensor, options, base_norm) for t in weights]
-            del base_tensor
-        role = roles[name] = classify(name)
-        numel = weights[0].numel()
-        params_compared += numel
-        if ops[0].is_matrix:
-            matrix_params += numel
-            spectral_params += numel
-        for i, j in pairs:
-            layer = sums[(i, j)].setdefault(role.layer_name, _Sums())
-            layer.n_params += numel
-            layer.tensors.append(name)
-            for m in weight_metrics():
-                if m.applies_to(ops[i]):
-                    layer.add(m.name, m(ops[i], ops[j]), numel)
-            if task_ops is not None:
-                for m in task_metrics():
-                    if m.applies_to(task_ops[i]):
-                        layer.add(m.name, m(task_ops[i], task_ops[j]), numel)
-        for op in [*ops, *(task_ops or [])]:
-            if "svd" in op.__dict__:
-                exact, randomized = (exact + 1, randomized) if op.svd.exact else (exact, randomized + 1)
-        del weights, ops, task_ops
-        if progress is not None:
-            progress(done + 1, len(tensors), name)
+    previous_threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(options.threads or default_threads())
+    try:
+        sets = _read_ahead(tensors, models, base, plan, device)
+        for done, loaded in enumerate(sets):
+            if cancelled is not None and cancelled():
+                sets.close()
+                raise AnalysisCancelledError(f"analysis cancelled after {done} of {len(tensors)} tensors")
+            name = loaded.name
+            for label, count in loaded.nonfinite.items():
+                nonfinite[label] += count
+            role = roles[name] = classify(name)
+            weights = loaded.weights
+            numel = weights[0].numel()
+            params_compared += numel
+            ops = [_operand(t, options, norm=n) for t, n in zip(weights, loaded.norms, strict=True)]
+            is_matrix = ops[0].is_matrix
+            layers = []
+            for i, j in pairs:
+                layer = sums[(i, j)].setdefault(role.layer_name, _Sums())
+                layer.n_params += numel
+                layer.tensors.append(name)
+                layers.append(layer)
+                for m in weight_metrics():
+                    if m.applies_to(ops[i]):
+                        layer.add(m.name, m(ops[i], ops[j]), numel)
+            svds = [op.svd for op in ops if "svd" in op.__dict__]
+            del ops
+            if loaded.base is not None:
+                for w in weights:  # task vectors, in place: the weights are not needed any more
+                    w.sub_(loaded.base)
+                loaded.base = None
+                task_ops = [_operand(t, options, reference_norm=loaded.base_norm) for t in weights]
+                for layer, (i, j) in zip(layers, pairs, strict=True):
+                    for m in task_metrics():
+                        if m.applies_to(task_ops[i]):
+                            layer.add(m.name, m(task_ops[i], task_ops[j]), numel)
+                svds += [op.svd for op in task_ops if "svd" in op.__dict__]
+                del task_ops
+            if is_matrix:
+                matrix_params += numel
+                spectral_params += numel if svds else 0
+            exact += sum(1 for x in svds if x.exact)
+            randomized += sum(1 for x in svds if not x.exact)
+            del weights, loaded, svds
+            if progress is not None:
+                progress(done + 1, len(tensors), name)
+    finally:
+        torch.set_num_threads(previous_threads)
 
     for label, count in nonfinite.items():
         if count:
@@ -165,12 +203,14 @@ def analyze(
     coverage = Coverage(
         tensors_compared=len(tensors), tensors_total=len(models[0].tensors), params_compared=params_compared,
         matrix_params=matrix_params, spectral_params=spectral_params, exact_svd_tensors=exact,
-        randomized_svd_tensors=randomized, svd_rank=options.svd_rank,
+        randomized_svd_tensors=randomized, svd_rank=options.svd_rank, svd_oversample=OVERSAMPLE,
+        svd_power_iterations=POWER_ITERS, exact_svd_max_elements=options.exact_svd_max_elements,
     )
     if randomized:
         notes.append(
             f"{randomized} SVDs above {options.exact_svd_max_elements:,} elements used the randomized path "
-            f"(rank {options.svd_rank} + oversampling, 2 power iterations); smaller ones were exact"
+            f"(rank {options.svd_rank} + {OVERSAMPLE} oversampling, {POWER_ITERS} power iterations); "
+            "smaller ones were exact"
         )
     return CompareResult(
         version=VERSION, models=infos, base=base_info, device=str(device),
@@ -180,26 +220,106 @@ def analyze(
     )
 
 
+@dataclass
+class _TensorSet:
+    """One tensor of every model (float32) and of the base (as stored), with their norms."""
+
+    name: str
+    weights: list[torch.Tensor]
+    norms: list[float]
+    base: torch.Tensor | None
+    base_norm: float | None
+    nonfinite: dict[str, int]
+
+
+def _read_ahead(
+    names: Sequence[str], models: list[Checkpoint], base: Checkpoint | None, plan: Plan, device: torch.device
+) -> Iterator[_TensorSet]:
+    """Each tensor set in turn, the next one read by a worker thread while the caller measures this one.
+
+    A set is read ahead only when it and the current one together fit in the largest set's memory, so peak
+    memory stays near one largest tensor set.
+    """
+    def size(name: str) -> int:
+        n = sum(m.tensors[name].numel * 4 for m in models)
+        return n + (base.tensors[name].nbytes if base and name in plan.base_tensors else 0)
+
+    def read(name: str) -> _TensorSet:
+        return _read_set(name, models, base, plan, device)
+
+    sizes = [size(n) for n in names]
+    budget = max(sizes, default=0)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelens-reader") as pool:
+        ahead: Future[_TensorSet] | None = pool.submit(read, names[0]) if names else None
+        for i in range(len(names)):
+            assert ahead is not None
+            current, ahead = ahead.result(), None
+            if i + 1 < len(names) and sizes[i] + sizes[i + 1] <= budget:
+                ahead = pool.submit(read, names[i + 1])
+            yield current
+            del current
+            if ahead is None and i + 1 < len(names):
+                ahead = pool.submit(read, names[i + 1])
+
+
+def _read_set(
+    name: str, models: list[Checkpoint], base: Checkpoint | None, plan: Plan, device: torch.device
+) -> _TensorSet:
+    rows = plan.row_limits.get(name)
+    nonfinite: dict[str, int] = {}
+    weights, norms = [], []
+    for m in models:
+        tensor, norm = _read(m, name, rows, device, torch.float32, nonfinite)
+        weights.append(tensor)
+        norms.append(norm)
+    base_tensor = base_norm = None
+    if base is not None and name in plan.base_tensors:
+        base_tensor, base_norm = _read(base, name, rows, device, None, nonfinite)
+    return _TensorSet(name, weights, norms, base_tensor, base_norm, nonfinite)
+
+
 def _read(
-    ckpt: Checkpoint, name: str, rows: int | None, device: torch.device, nonfinite: dict[str, int]
-) -> torch.Tensor:
-    tensor = ckpt.read(name, device)
+    ckpt: Checkpoint, name: str, rows: int | None, device: torch.device, dtype: torch.dtype | None,
+    nonfinite: dict[str, int],
+) -> tuple[torch.Tensor, float]:
+    """A tensor and its norm; NaN/Inf (whose presence makes the norm non-finite) are counted and read as 0."""
+    tensor = ckpt.read(name, device, dtype)
     if rows is not None and tensor.dim() >= 1 and tensor.shape[0] > rows:
         tensor = tensor[:rows]
-    bad = ~torch.isfinite(tensor)
-    count = int(bad.sum())
-    if count:
-        nonfinite[ckpt.label] += count
-        tensor = torch.where(bad, torch.zeros_like(tensor), tensor)
-    return tensor
+    norm = _norm(tensor)
+    if not math.isfinite(norm):
+        bad = ~torch.isfinite(tensor)
+        count = int(bad.sum())
+        if count:
+            nonfinite[ckpt.label] = nonfinite.get(ckpt.label, 0) + count
+            tensor = torch.where(bad, torch.zeros_like(tensor), tensor)
+        del bad
+        norm = _norm(tensor, torch.float64)  # without NaN/Inf, only an overflow in float32 is left
+    return tensor, norm
 
 
-def _operand(tensor: torch.Tensor, options: AnalysisOptions, reference_norm: float | None = None) -> Operand:
+def _norm(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
+    """L2 norm accumulated in `dtype`, converting a block at a time when the tensor is stored narrower."""
+    flat = tensor.reshape(-1)
+    if flat.dtype == dtype:
+        return float(torch.linalg.vector_norm(flat))
+    step = 1 << 22
+    return math.sqrt(sum(
+        float(torch.linalg.vector_norm(flat[i:i + step].to(dtype))) ** 2 for i in range(0, flat.numel(), step)
+    ))
+
+
+def _operand(
+    tensor: torch.Tensor,
+    options: AnalysisOptions,
+    reference_norm: float | None = None,
+    norm: float | None = None,
+) -> Operand:
     if tensor.dim() > 2:
         tensor = tensor.reshape(tensor.shape[0], -1)
     return Operand(
         tensor, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements,
-        reference_norm=reference_norm,
+        reference_norm=reference_norm, norm=norm,
     )
 
 

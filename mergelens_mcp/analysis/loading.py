@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import struct
@@ -31,6 +32,12 @@ DTYPE_BYTES = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+PAGE = mmap.PAGESIZE
+READ_BLOCK_BYTES = 16 << 20  # converted per step, then its pages are dropped
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95})(?:@(?P<rev>[A-Za-z0-9._/-]{1,128}))?$")
@@ -135,6 +142,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     config: dict[str, Any] | None
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
     @property
@@ -163,8 +171,58 @@ class Checkpoint:
         model_type = self.config.get("model_type")
         return str(model_type) if model_type else None
 
-    def read(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """One tensor, memory-mapped from disk, upcast to float32 on `device`."""
+    def read(
+        self, name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = torch.float32
+    ) -> torch.Tensor:
+        """One tensor on `device` as `dtype` (None: as stored), converted straight from the mapped file.
+
+        The stored bytes are viewed in place and converted once, a block of rows at a time; each block's pages
+        are dropped from this process's mapping once converted, so resident memory follows the tensor being
+        read, not the file. Offsets and sizes were validated against the file when its header was read.
+        """
+        info = self.tensors[name]
+        stored = TORCH_DTYPES.get(info.dtype)
+        device = torch.device(device)
+        if stored is None or info.numel == 0:
+            tensor = self._read_with_safetensors(name, device)
+            return tensor if dtype is None else tensor.to(dtype)
+        dtype = dtype or stored
+        mapped = self._map(info.file)
+        try:
+            view = torch.frombuffer(mapped, dtype=stored, count=info.numel, offset=info.offset)
+        except (ValueError, RuntimeError) as exc:
+            raise CheckpointFormatError(f"{self.label}: cannot read tensor {name!r}: {exc}") from None
+        out = torch.empty(info.shape, dtype=dtype, device=device)
+        flat_out, width = out.reshape(-1), DTYPE_BYTES[info.dtype]
+        step = max(PAGE, READ_BLOCK_BYTES // width)
+        for start in range(0, info.numel, step):
+            stop = min(info.numel, start + step)
+            flat_out[start:stop].copy_(view[start:stop])
+            self._release(mapped, info.offset + start * width, info.offset + stop * width)
+        del view
+        return out
+
+    @staticmethod
+    def _release(mapped: mmap.mmap, start: int, stop: int) -> None:
+        """Drop the whole pages of [start, stop) from the mapping (they stay in the page cache)."""
+        first = -(-start // PAGE) * PAGE if start % PAGE else start
+        last = stop - stop % PAGE if stop < len(mapped) else len(mapped)
+        if last > first:
+            mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def _map(self, path: Path) -> mmap.mmap:
+        mapped = self._maps.get(path)
+        if mapped is None:
+            try:
+                with path.open("rb") as fh:
+                    # a private (copy-on-write) mapping is writable for torch.frombuffer, never written back
+                    mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as exc:
+                raise CheckpointFormatError(f"{self.label}: cannot open {path.name}: {exc}") from None
+            self._maps[path] = mapped
+        return mapped
+
+    def _read_with_safetensors(self, name: str, device: torch.device) -> torch.Tensor:
         info = self.tensors[name]
         handle = self._handles.get(info.file)
         if handle is None:
@@ -180,6 +238,12 @@ class Checkpoint:
         return tensor.to(device=device, dtype=torch.float32)
 
     def close(self) -> None:
+        for mapped in self._maps.values():
+            try:
+                mapped.close()
+            except BufferError:  # a view is still alive somewhere; the mapping goes when it does
+                pass
+        self._maps.clear()
         self._handles.clear()
         self._stack.close()
 

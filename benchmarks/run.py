@@ -1,0 +1,140 @@
+"""`python -m benchmarks.run`: time `mergelens compare ft_a ft_b --base base` on generated 0.5B Llama checkpoints.
+
+Prints wall time, the child's peak RSS, the I/O floor (reading and upcasting every tensor of the three models
+once, measured in the same run), their ratio, parameters per second and spectral coverage; then the same for a
+model with twice the layers, and the time ratio (linear scaling gives about 2). The checkpoints are generated
+once into .bench/ and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from benchmarks.checkpoints import BENCH_SHAPE, ensure_family
+from mergelens_mcp.analysis.loading import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / ".bench"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One child process: its wall time, peak resident memory and exit status."""
+
+    wall_s: float
+    peak_rss_bytes: int
+    returncode: int
+    log: Path
+
+
+def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Run:
+    """Run `cmd`, wait for it with wait4 so its own peak RSS (not other children's) is known."""
+    with log.open("wb") as out:
+        started = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return Run(wall, usage.ru_maxrss * 1024, child.returncode, log)
+
+
+def family_params(folders: dict[str, Path]) -> int:
+    return sum(load_checkpoint(str(f), name).n_params for name, f in folders.items())
+
+
+def io_floor(folders: dict[str, Path]) -> float:
+    """Seconds to read and upcast to float32 every tensor of every model once, one tensor at a time."""
+    started = time.perf_counter()
+    for name, folder in folders.items():
+        with load_checkpoint(str(folder), name) as ckpt:
+            for tensor in ckpt.tensors:
+                ckpt.read(tensor)
+    return time.perf_counter() - started
+
+
+def disk_read_rate(folder: Path) -> float:
+    """Bytes/second reading one shard after evicting it from the page cache (posix_fadvise DONTNEED)."""
+    shard = sorted(folder.glob("*.safetensors"))[0]
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        started, total = time.perf_counter(), 0
+        while chunk := os.read(fd, 16 << 20):
+            total += len(chunk)
+        return total / (time.perf_counter() - started)
+    finally:
+        os.close(fd)
+
+
+def ours(folders: dict[str, Path], out: Path, device: str) -> tuple[Run, dict]:
+    """`mergelens compare ft_a ft_b --base base` as a child process; its JSON result."""
+    result = out.with_suffix(".json")
+    cmd = [
+        sys.executable, "-m", "mergelens_mcp", "compare", str(folders["ft_a"]), str(folders["ft_b"]),
+        "--base", str(folders["base"]), "--json", str(result), "--layers", "0", "--device", device,
+    ]
+    run = run_child(cmd, out.with_suffix(".log"))
+    if run.returncode != 0:
+        sys.exit(f"mergelens compare failed ({run.returncode}); see {run.log}")
+    return run, json.loads(result.read_text())
+
+
+def print_run(title: str, run: Run, params: int, floor: float, result: dict | None = None) -> None:
+    print(f"\n{title}")
+    print(f"  wall time          {run.wall_s:8.1f} s")
+    print(f"  peak RSS (child)   {run.peak_rss_bytes / 1e9:8.2f} GB")
+    print(f"  I/O floor          {floor:8.1f} s   (read + upcast every tensor once, same run)")
+    print(f"  wall / I/O floor   {run.wall_s / floor:8.2f} x")
+    print(f"  parameters/second  {params / run.wall_s / 1e6:8.1f} M   ({params / 1e9:.2f} B read, 3 models)")
+    if result is not None:
+        cov = result["coverage"]
+        share = cov["spectral_params"] / max(cov["matrix_params"], 1)
+        print(f"  spectral coverage  {share:8.1%}   of 2-D params ({cov['exact_svd_tensors']} exact SVDs, "
+              f"{cov['randomized_svd_tensors']} randomized, rank {cov['svd_rank']})")
+        print(f"  analysis (in-proc) {result['elapsed_s']:8.1f} s   MCI {result['mci']['score']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-scaling", action="store_true", help="skip the 16-layer model")
+    parser.add_argument("--json", type=Path, default=BENCH / "results.json", help="write the figures here")
+    args = parser.parse_args(argv)
+
+    small = ensure_family(BENCH / "llama-8L", BENCH_SHAPE)
+    big = None if args.no_scaling else ensure_family(BENCH / "llama-16L", replace(BENCH_SHAPE, layers=16))
+    rate = disk_read_rate(small["base"])
+    print(f"disk read rate (page cache evicted, one shard): {rate / 1e9:.2f} GB/s")
+    figures: dict[str, object] = {"disk_read_bytes_per_s": rate, "cpus": os.cpu_count()}
+
+    for label, folders in (("8 layers", small), ("16 layers", big)):
+        if folders is None:
+            continue
+        params = family_params(folders)
+        io_floor(folders)  # warm the page cache, so the floor and the run read the same way
+        floor = io_floor(folders)
+        run, result = ours(folders, BENCH / f"ours-{label.split()[0]}L", args.device)
+        print_run(f"mergelens-mcp compare, {label} ({params / 3 / 1e9:.2f} B params per model)",
+                  run, params, floor, result)
+        figures[label] = {
+            "wall_s": run.wall_s, "peak_rss_bytes": run.peak_rss_bytes, "io_floor_s": floor, "params": params,
+            "coverage": result["coverage"], "elapsed_s": result["elapsed_s"],
+        }
+    if big is not None:
+        a, b = figures["8 layers"], figures["16 layers"]
+        print(f"\nscaling: 16 layers / 8 layers = {b['wall_s'] / a['wall_s']:.2f}x time for "
+              f"{b['params'] / a['params']:.2f}x parameters")
+    args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
