@@ -9,6 +9,7 @@ weights once the weight metrics are done, with the base kept in its stored dtype
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import logging
 import math
@@ -17,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 Cancelled = Callable[[], bool]
 VERSION = "0.1.0"
+TRIM_ELEMENTS = 1 << 24  # sets of tensors this large first return freed heap memory to the OS
+_MALLOC_TRIM: Any = None
+BLOCK = 1 << 20  # elements converted at a time where a tensor is kept in its narrower stored dtype
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ def analyze(
             del ops
             if loaded.base is not None:
                 for w in weights:  # task vectors, in place: the weights are not needed any more
-                    w.sub_(loaded.base)
+                    _subtract(w, loaded.base)
                 loaded.base = None
                 task_ops = [_operand(t, options, reference_norm=loaded.base_norm) for t in weights]
                 for layer, (i, j) in zip(layers, pairs, strict=True):
@@ -265,6 +270,8 @@ def _read_ahead(
 def _read_set(
     name: str, models: list[Checkpoint], base: Checkpoint | None, plan: Plan, device: torch.device
 ) -> _TensorSet:
+    if models[0].tensors[name].numel >= TRIM_ELEMENTS:
+        _trim_heap()
     rows = plan.row_limits.get(name)
     nonfinite: dict[str, int] = {}
     weights, norms = [], []
@@ -298,14 +305,37 @@ def _read(
     return tensor, norm
 
 
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the OS before a large set is read (glibc only; else a no-op).
+
+    Blocks freed by earlier tensors otherwise stay resident as fragments, and peak memory would creep up
+    through a run instead of following the largest tensor.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (AttributeError, OSError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+def _subtract(tensor: torch.Tensor, other: torch.Tensor) -> None:
+    """tensor -= other, a block at a time: a narrower `other` is then upcast per block, not as a whole copy."""
+    flat, rest = tensor.view(-1), other.reshape(-1)
+    step = rest.numel() if rest.dtype == tensor.dtype else BLOCK
+    for i in range(0, flat.numel(), max(step, 1)):
+        flat[i:i + step].sub_(rest[i:i + step])
+
+
 def _norm(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
     """L2 norm accumulated in `dtype`, converting a block at a time when the tensor is stored narrower."""
     flat = tensor.reshape(-1)
     if flat.dtype == dtype:
         return float(torch.linalg.vector_norm(flat))
-    step = 1 << 22
     return math.sqrt(sum(
-        float(torch.linalg.vector_norm(flat[i:i + step].to(dtype))) ** 2 for i in range(0, flat.numel(), step)
+        float(torch.linalg.vector_norm(flat[i:i + BLOCK].to(dtype))) ** 2 for i in range(0, flat.numel(), BLOCK)
     ))
 
 
