@@ -464,12 +464,25 @@ def _pairwise(result: CompareResult, figures: Figures) -> str:
     if len(result.models) < 3:
         return ""
     size = 140 + 70 * len(result.models)
+    rows = []
+    for pair in _ordered_pairs(result):
+        zones = sum((z.model_a, z.model_b) == (pair.model_a, pair.model_b) for z in result.conflict_zones)
+        link = f'<a href="#{esc(_pair_id(pair))}">{esc(pair.model_a)} + {esc(pair.model_b)}</a>'
+        badge = (f'<span class="badge" style="background:{VERDICT_COLOR[pair.verdict]}">'
+                 f"{esc(VERDICT_TEXT[pair.verdict])}</span>")
+        rows.append(f'<tr><td class="nowrap">{link}</td><td class="num">{esc(fmt(pair.score, 1))}</td>'
+                    f'<td>{badge}</td><td class="num">{zones}</td></tr>')
+    plot = figures.add(pairwise_figure(result), "pairwise", size, modebar=False)
     return ('<section class="card" id="pairwise"><h2>Pairwise MCI</h2>'
-            '<p class="muted">Every pair of candidates; a merge of all of them is as risky as its weakest '
-            "pair.</p>"
-            f'<div class="narrow">{figures.add(pairwise_figure(result), "pairwise", size, modebar=False)}'
-            "</div>"
-            "</section>")
+            '<p class="muted">Every pair of candidates, weakest first; a merge of all of them is as risky as '
+            "its weakest pair.</p>"
+            f'<div class="pairgrid"><div>{plot}</div>'
+            "<table><thead><tr><th>pair</th><th>MCI</th><th>verdict</th><th>zones</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div></section>")
+
+
+def _pair_id(pair: PairScore) -> str:
+    return f"pair-{pair.model_a}-{pair.model_b}"
 
 
 def _ordered_pairs(result: CompareResult) -> list[PairScore]:
@@ -496,7 +509,7 @@ def _pairs(result: CompareResult, figures: Figures) -> list[str]:
         heat_h = 90 + 26 * (1 + len({c for lm in layers for c in lm.components}))
         tag = f"{pair.model_a}-{pair.model_b}"
         sections.append(
-            f'<section class="card pair" id="pair-{esc(tag)}">{head}'
+            f'<section class="card pair" id="{esc(_pair_id(pair))}">{head}'
             '<h3>Layer × metric</h3><p class="muted">Every row is scaled so that red is bad for merging and '
             "green is good; hover a cell for the raw metric values and the tensors behind it.</p>"
             f"{figures.add(heatmap_figure(layers), 'heatmap-' + tag, heat_h)}"
@@ -611,7 +624,10 @@ background:#f6f8fa;cursor:pointer}
 button.copy:hover{background:#eaeef2}
 pre.yaml{margin:0;background:#0d1117;color:#e6edf3;padding:14px 16px;border-radius:8px;overflow:auto}
 pre.yaml code{background:none;color:inherit;padding:0;font-size:13px}
-.narrow{max-width:640px}
+.pairgrid{display:grid;grid-template-columns:minmax(300px,560px) 1fr;gap:28px;align-items:start}
+@media (max-width:900px){.pairgrid{grid-template-columns:1fr}}
+a{color:#0969da;text-decoration:none}
+a:hover{text-decoration:underline}
 footer{color:#6e7781;font-size:12.5px;text-align:center;margin-top:8px}
 """
 
