@@ -198,15 +198,29 @@ def test_strings_from_files_and_users_are_escaped_in_html_and_in_figure_json() -
 
 def test_diagnosis_section_is_read_by_duck_typing() -> None:
     diagnosis = SimpleNamespace(
-        overall_interference=0.4213,
+        merge_method="ties", valid=False, overall_interference=0.4213,
         findings=[SimpleNamespace(level="warning", code="weights_sum", message="weights sum to 1.6 <not 1>",
                                   fix="normalize: true", path="parameters.weight")],
+        interference_scores={"layers.0": 0.1, "layers.1": 0.8},
     )
     page = report.render_report(make_result(), diagnosis=diagnosis)
     section = page[page.index('id="diagnosis"'):]
-    assert "Predicted interference of this configuration: <b>0.421</b>" in section
+    assert '<span class="badge method">ties</span> <span class="badge lvl-error">will not run</span>' \
+        in section
+    assert "Simulated interference of this configuration: <b>0.421</b>" in section
     assert "weights sum to 1.6 &lt;not 1&gt;" in section and "<code>parameters.weight</code>" in section
+    bars = figures(page)["interference"]["data"][0]
+    assert (bars["type"], bars["x"], bars["y"]) == ("bar", ["layers.0", "layers.1"], [0.1, 0.8])
     assert 'id="diagnosis"' not in report.render_report(make_result())
+
+
+def test_diagnosis_may_come_as_json() -> None:
+    finding = {"level": "info", "code": "dtype", "message": "dtype is float16"}
+    diagnosis = {"valid": True, "findings": [finding], "overall_interference": None}
+    section = report.render_report(make_result(), diagnosis=diagnosis).split('id="diagnosis"')[1]
+    assert '<span class="badge" style="background:#1a9850">valid</span>' in section
+    assert '<code class="code">dtype</code> dtype is float16' in section
+    assert "Simulated interference" not in section and "interference" not in figures(section)
 
 
 def test_write_report_refuses_to_overwrite_a_file_that_is_not_a_report(tmp_path: Path) -> None:
