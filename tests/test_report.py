@@ -12,7 +12,7 @@ from fixtures.checkpoints import Family, Shape, make_family
 from fixtures.results import make_result
 from mergelens_mcp import cli, report, service
 from mergelens_mcp.errors import InputError, PathNotAllowedError
-from mergelens_mcp.models import CompareResult, Finding, FindingLevel, MergeMethod, Strategy
+from mergelens_mcp.models import CompareResult, Finding, FindingLevel, MergeMethod, Strategy, Verdict
 from mergelens_mcp.security.paths import PathGuard
 from mergelens_mcp.settings import Settings
 
@@ -74,11 +74,28 @@ def test_gauge_shows_the_mci_and_the_verdict_with_plain_advice() -> None:
 def test_advice_says_not_to_merge_when_models_cannot_be_compared() -> None:
     result = make_result()
     broken = result.model_copy(update={"mci": result.mci.model_copy(update={
-        "score": None, "verdict": "incompatible", "reasons": ["model_b is MistralForCausalLM"]})})
+        "score": None, "verdict": Verdict.INCOMPATIBLE, "reasons": ["model_b is MistralForCausalLM"]})})
     assert report.summary_paragraph(broken) == (
         "Do not merge these models: they cannot be compared tensor by tensor "
         "(model_b is MistralForCausalLM).")
     assert figures(report.render_report(broken))["gauge"]["data"][0]["mode"] == "gauge"
+
+
+def test_models_that_cannot_be_compared_get_the_gauge_and_the_reason_only() -> None:
+    result = make_result()
+    fatal = Finding(level=FindingLevel.ERROR, code="architecture_mismatch",
+                    message="model_b is MistralForCausalLM, model_a is LlamaForCausalLM")
+    none = {"score": None, "verdict": Verdict.INCOMPATIBLE}
+    broken = result.model_copy(update={
+        "mci": result.mci.model_copy(update={**none, "reasons": [fatal.message]}),
+        "pairwise": [p.model_copy(update=none) for p in result.pairwise],
+        "layer_metrics": [], "conflict_zones": [], "findings": [fatal],
+    })
+    page = report.render_report(broken)
+    assert list(figures(page)) == ["gauge"]
+    assert '<span class="badge big" style="background:#d73027">incompatible</span>' in page
+    assert "No layers could be compared." in page and "MCI n/a" in page
+    assert '<li class="finding error"><span class="badge lvl-error">error</span>' in page
 
 
 def test_heatmap_rows_are_components_where_zero_is_bad_and_hover_shows_values_and_tensors() -> None:
