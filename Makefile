@@ -44,3 +44,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info
+
+docs-screenshot: install  ## regenerate docs/report.png (needs chromium)
+	$(PY) -m fixtures.demo_report docs/report.png
