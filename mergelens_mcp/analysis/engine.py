@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +38,7 @@ from . import score as mci
 from .compat import Plan, plan_comparison
 from .layers import TensorRole, classify, group_sort_key, position
 from .loading import Checkpoint
-from .metrics import Operand, task_metrics, weight_metrics
+from .metrics import Operand, dot64, task_metrics, weight_metrics
 from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, POWER_ITERS
 from .zones import detect_conflict_zones
 
@@ -102,8 +102,13 @@ def analyze(
     options: AnalysisOptions | None = None,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
+    activations: Mapping[tuple[int, int], Mapping[str, float]] | None = None,
 ) -> CompareResult:
-    """Compare two or more checkpoints (optionally against their common base) in one pass."""
+    """Compare two or more checkpoints (optionally against their common base) in one pass.
+
+    `activations` optionally holds per-layer activation CKA for each pair of model indices (see
+    analysis/activations.py); it joins each layer's metrics as `activation_cka` and enters the MCI.
+    """
     options = options or AnalysisOptions()
     started = time.perf_counter()
     device = resolve_device(options.device)
@@ -188,6 +193,9 @@ def analyze(
             role = _role_of(s, roles)
             positions[layer_name] = position(role, plan.n_blocks)
             metrics = s.means()
+            cka = (activations or {}).get((i, j), {}).get(layer_name)
+            if cka is not None:
+                metrics["activation_cka"] = cka
             parts = {k: round(v, 6) for k, v in mci.components(metrics).items()}
             pair_layers.append(LayerMetrics(
                 model_a=labels[i], model_b=labels[j], layer_name=layer_name, layer_index=role.layer_index,
@@ -219,7 +227,9 @@ def analyze(
         )
     return CompareResult(
         version=VERSION, models=infos, base=base_info, device=str(device),
-        mci=_mci(pair_scores, layer_metrics, plan, used_base, findings),
+        mci=_mci(pair_scores, layer_metrics, plan, used_base, findings).model_copy(
+            update={"used_activations": bool(activations)}
+        ),
         pairwise=pair_scores, layer_metrics=layer_metrics, conflict_zones=zones, findings=findings,
         coverage=coverage, notes=notes, elapsed_s=round(time.perf_counter() - started, 3),
     )
@@ -330,13 +340,15 @@ def _subtract(tensor: torch.Tensor, other: torch.Tensor) -> None:
 
 
 def _norm(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
-    """L2 norm accumulated in `dtype`, converting a block at a time when the tensor is stored narrower."""
+    """L2 norm as `Operand.norm` measures it (`dot64`), a block at a time in `dtype` if stored otherwise."""
     flat = tensor.reshape(-1)
     if flat.dtype == dtype:
-        return float(torch.linalg.vector_norm(flat))
-    return math.sqrt(sum(
-        float(torch.linalg.vector_norm(flat[i:i + BLOCK].to(dtype))) ** 2 for i in range(0, flat.numel(), BLOCK)
-    ))
+        return math.sqrt(max(dot64(flat, flat), 0.0))
+    total = 0.0
+    for i in range(0, flat.numel(), BLOCK):
+        block = flat[i:i + BLOCK].to(dtype)
+        total += dot64(block, block)
+    return math.sqrt(max(total, 0.0))
 
 
 def _operand(
@@ -410,6 +422,7 @@ DESCRIPTIONS = {
     "distribution": "weight value distributions (KL)", "alignment": "task-vector alignment",
     "sign_agreement": "task-vector sign agreement", "interference": "singular-direction interference (TSV)",
     "balance": "task-vector magnitude balance", "drift": "distance moved from the base",
+    "representation": "activation similarity (CKA)",
 }
 
 
