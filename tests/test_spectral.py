@@ -1,0 +1,128 @@
+"""The randomized SVD against the exact one, and spectral coverage of every 2-D parameter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixtures.checkpoints import Family
+from mergelens_mcp.analysis.engine import AnalysisOptions, analyze
+from mergelens_mcp.analysis.loading import load_checkpoint
+from mergelens_mcp.analysis.spectral import EXACT_MAX_ELEMENTS, OVERSAMPLE, POWER_ITERS, decompose
+
+RANK = 16
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Exact reference SVDs run faster on one thread of a busy 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def with_spectrum(m: int, n: int, singular_values: torch.Tensor, seed: int) -> torch.Tensor:
+    """U diag(s) V^T with seeded random orthonormal U (m x r) and V (n x r)."""
+    g = torch.Generator().manual_seed(seed)
+    r = singular_values.numel()
+    u, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64))
+    return ((u * singular_values.double()) @ v.T).float()
+
+
+def top_errors(matrix: torch.Tensor, k: int) -> tuple[float, float, float]:
+    """(max relative error of the top-k singular values, left and right subspace overlap with the exact SVD)."""
+    approx = decompose(matrix, RANK, exact_max_elements=0)
+    assert not approx.exact
+    u, s, vh = (x.double() for x in torch.linalg.svd(matrix, full_matrices=False))
+    rel = float(((approx.s[:k].double() - s[:k]).abs() / s[:k]).max())
+    left = float(((approx.u[:, :k].double().T @ u[:, :k]) ** 2).sum()) / k
+    right = float(((approx.v[:, :k].double().T @ vh[:k].T) ** 2).sum()) / k
+    return rel, left, right
+
+
+def test_randomized_svd_recovers_a_geometrically_decaying_spectrum_to_1e_4() -> None:
+    matrix = with_spectrum(640, 480, 0.8 ** torch.arange(200, dtype=torch.float64), seed=1)
+    assert matrix.numel() > EXACT_MAX_ELEMENTS
+    rel, left, right = top_errors(matrix, RANK)
+    assert rel < 1e-4
+    assert left > 0.999 and right > 0.999
+
+
+def test_randomized_svd_error_stays_bounded_on_a_slow_power_law_spectrum() -> None:
+    # s_i = 1 / (i + 1): the hard case for a sketch, with much energy past the top 16
+    matrix = with_spectrum(640, 480, 1.0 / torch.arange(1, 401, dtype=torch.float64), seed=2)
+    rel, left, right = top_errors(matrix, 8)
+    assert rel < 1e-3
+    assert left > 0.999 and right > 0.999
+    rel16, left16, right16 = top_errors(matrix, RANK)
+    assert rel16 < 0.02
+    assert left16 > 0.98 and right16 > 0.98
+
+
+def test_randomized_svd_of_a_low_rank_update_plus_noise_finds_the_update() -> None:
+    g = torch.Generator().manual_seed(3)
+    update = torch.randn(640, 8, generator=g) @ torch.randn(8, 480, generator=g)
+    matrix = update + 0.01 * torch.randn(640, 480, generator=g)
+    approx = decompose(matrix, RANK, exact_max_elements=0)
+    exact = torch.linalg.svdvals(matrix)
+    assert torch.allclose(approx.s[:8], exact[:8], rtol=1e-3)
+    assert approx.total_energy == pytest.approx(float(matrix.double().pow(2).sum()), rel=1e-5)
+
+
+def test_randomized_svd_is_deterministic() -> None:
+    matrix = with_spectrum(600, 500, 0.9 ** torch.arange(100, dtype=torch.float64), seed=4)
+    first, second = decompose(matrix, RANK, exact_max_elements=0), decompose(matrix, RANK, exact_max_elements=0)
+    assert torch.equal(first.s, second.s) and torch.equal(first.u, second.u)
+
+
+def test_matrices_up_to_the_cap_get_the_exact_svd() -> None:
+    matrix = with_spectrum(512, 512, 0.9 ** torch.arange(100, dtype=torch.float64), seed=5)
+    assert matrix.numel() == EXACT_MAX_ELEMENTS
+    result = decompose(matrix, RANK)
+    assert result.exact
+    assert result.s.numel() == 512 and result.k == RANK
+    assert torch.allclose(result.s, torch.linalg.svdvals(matrix), atol=1e-5)
+
+
+def test_spectrum_past_the_top_k_spreads_the_residual_energy_evenly() -> None:
+    matrix = with_spectrum(640, 480, 1.0 / torch.arange(1, 301, dtype=torch.float64), seed=6)
+    approx = decompose(matrix, RANK, exact_max_elements=0)
+    spectrum = approx.spectrum()
+    assert spectrum.numel() == 480
+    assert float(spectrum.double().pow(2).sum()) == pytest.approx(approx.total_energy, rel=1e-4)
+    tail = spectrum[approx.s.numel():]
+    assert torch.all(tail == tail[0])
+
+
+def test_every_matrix_parameter_is_covered_and_the_sketch_is_documented(family: Family) -> None:
+    models = [load_checkpoint(str(family.finetune_a), "model_a"), load_checkpoint(str(family.finetune_b), "model_b")]
+    base = load_checkpoint(str(family.base), "base")
+    result = analyze(models, base, AnalysisOptions(device="cpu", exact_svd_max_elements=0))
+    coverage = result.coverage
+    matrices = sum(t.numel for t in models[0].tensors.values() if len(t.shape) == 2 and min(t.shape) > 1)
+    assert coverage.matrix_params == matrices > 0
+    assert coverage.spectral_params == coverage.matrix_params
+    # 2 weight and 2 task-vector SVDs per matrix, every one randomized with the cap at 0
+    n_matrices = sum(1 for t in models[0].tensors.values() if len(t.shape) == 2)
+    assert coverage.randomized_svd_tensors == 4 * n_matrices and coverage.exact_svd_tensors == 0
+    assert (coverage.svd_rank, coverage.svd_oversample, coverage.svd_power_iterations) == (
+        RANK, OVERSAMPLE, POWER_ITERS
+    )
+    assert any(f"{POWER_ITERS} power iterations" in note for note in result.notes)
+
+
+def test_exact_and_randomized_paths_give_close_metrics_on_the_fixture_family(family: Family, tmp_path: Path) -> None:
+    def run(cap: int) -> dict[str, float]:
+        models = [load_checkpoint(str(family.finetune_a), "a"), load_checkpoint(str(family.finetune_b), "b")]
+        result = analyze(models, load_checkpoint(str(family.base), "base"), AnalysisOptions("cpu", RANK, cap))
+        layer = next(lm for lm in result.layer_metrics if lm.layer_name == "layers.1")
+        return layer.metrics
+
+    exact, randomized = run(10**9), run(0)
+    for name in ("spectral_overlap", "tsv_interference", "task_vector_energy", "effective_rank_ratio"):
+        assert randomized[name] == pytest.approx(exact[name], abs=0.05), name
