@@ -1,14 +1,16 @@
-"""`python -m benchmarks.run`: time `mergelens compare ft_a ft_b --base base` on generated 0.5B Llama checkpoints.
+"""`python -m benchmarks.run`: time `mergelens compare ft_a ft_b --base base` on generated 0.5B Llama models.
 
-Prints wall time, the child's peak RSS, the I/O floor (reading and upcasting every tensor of the three models
-once, measured in the same run), their ratio, parameters per second and spectral coverage; then the same for a
-model with twice the layers, and the time ratio (linear scaling gives about 2). The checkpoints are generated
-once into .bench/ and reused.
+Prints wall time, CPU time and peak RSS of the child, the I/O floor (reading and upcasting every tensor of
+the three models once, measured in the same run), their ratio, parameters per second and spectral coverage;
+then the same for a model with twice the layers, and the time ratio (linear scaling gives about 2); then,
+where `mergelens serve` exists, the latency of `tools/list` while the server runs the same compare. The
+checkpoints are generated once into .bench/ and reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,6 +31,7 @@ class Run:
     """One child process: its wall time, peak resident memory and exit status."""
 
     wall_s: float
+    cpu_s: float
     peak_rss_bytes: int
     returncode: int
     log: Path
@@ -42,21 +45,21 @@ def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> R
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)
-    return Run(wall, usage.ru_maxrss * 1024, child.returncode, log)
+    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, child.returncode, log)
 
 
 def family_params(folders: dict[str, Path]) -> int:
     return sum(load_checkpoint(str(f), name).n_params for name, f in folders.items())
 
 
-def io_floor(folders: dict[str, Path]) -> float:
-    """Seconds to read and upcast to float32 every tensor of every model once, one tensor at a time."""
-    started = time.perf_counter()
+def io_floor(folders: dict[str, Path]) -> tuple[float, float]:
+    """(wall, CPU) seconds to read and upcast to float32 every tensor of every model once, one at a time."""
+    started, cpu = time.perf_counter(), time.process_time()
     for name, folder in folders.items():
         with load_checkpoint(str(folder), name) as ckpt:
             for tensor in ckpt.tensors:
                 ckpt.read(tensor)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def disk_read_rate(folder: Path) -> float:
@@ -87,12 +90,12 @@ def ours(folders: dict[str, Path], out: Path, device: str) -> tuple[Run, dict]:
     return run, json.loads(result.read_text())
 
 
-def print_run(title: str, run: Run, params: int, floor: float, result: dict | None = None) -> None:
+def print_run(title: str, run: Run, params: int, floor: tuple[float, float], result: dict | None = None) -> None:
     print(f"\n{title}")
-    print(f"  wall time          {run.wall_s:8.1f} s")
+    print(f"  wall time          {run.wall_s:8.1f} s   (CPU {run.cpu_s:.1f} s)")
     print(f"  peak RSS (child)   {run.peak_rss_bytes / 1e9:8.2f} GB")
-    print(f"  I/O floor          {floor:8.1f} s   (read + upcast every tensor once, same run)")
-    print(f"  wall / I/O floor   {run.wall_s / floor:8.2f} x")
+    print(f"  I/O floor          {floor[0]:8.1f} s   (CPU {floor[1]:.1f} s; read + upcast every tensor once)")
+    print(f"  wall / I/O floor   {run.wall_s / floor[0]:8.2f} x   (CPU / CPU {run.cpu_s / floor[1]:.2f} x)")
     print(f"  parameters/second  {params / run.wall_s / 1e6:8.1f} M   ({params / 1e9:.2f} B read, 3 models)")
     if result is not None:
         cov = result["coverage"]
@@ -102,10 +105,63 @@ def print_run(title: str, run: Run, params: int, floor: float, result: dict | No
         print(f"  analysis (in-proc) {result['elapsed_s']:8.1f} s   MCI {result['mci']['score']}")
 
 
+def serve_latency(folders: dict[str, Path]) -> dict[str, object] | None:
+    """Max and median `tools/list` latency while `mergelens serve` (stdio) runs compare_models on `folders`."""
+    if importlib.util.find_spec("mergelens_mcp.server") is None:
+        print("\nserve latency: skipped, this checkout has no mergelens_mcp/server.py")
+        return None
+    import anyio
+
+    figures = anyio.run(_serve_latency, folders)
+    lat = sorted(figures["latencies_s"])
+    print(f"\nunder `mergelens serve`: compare_models took {figures['compare_s']:.1f} s; during it "
+          f"{len(lat)} tools/list requests answered in max {lat[-1] * 1000:.0f} ms, "
+          f"median {lat[len(lat) // 2] * 1000:.0f} ms")
+    return figures
+
+
+async def _serve_latency(folders: dict[str, Path]) -> dict[str, object]:
+    import anyio
+    from mcp import Client, StdioServerParameters
+
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "HF_HOME", "HF_HUB_OFFLINE") if k in os.environ}
+    params = StdioServerParameters(
+        command=sys.executable, args=["-m", "mergelens_mcp", "serve", "--allow-dir", str(BENCH)], cwd=ROOT, env=env,
+    )
+    args = {"models": [str(folders["ft_a"]), str(folders["ft_b"])], "base_model": str(folders["base"])}
+    latencies: list[float] = []
+    out: dict[str, object] = {}
+    async with Client(params) as client:
+        await client.list_tools()
+        done = anyio.Event()
+
+        async def compare() -> None:
+            started = time.perf_counter()
+            result = await client.call_tool("compare_models", args)
+            out["compare_s"] = time.perf_counter() - started
+            out["error"] = result.content[0].text if result.is_error else None
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(compare)
+            while not done.is_set():
+                with anyio.move_on_after(0.5):  # one request every half second while the compare runs
+                    await done.wait()
+                if done.is_set():
+                    break
+                started = time.perf_counter()
+                await client.list_tools()
+                latencies.append(time.perf_counter() - started)
+    if out.get("error"):
+        sys.exit(f"compare_models under serve failed: {out['error']}")
+    return {**out, "latencies_s": latencies}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-scaling", action="store_true", help="skip the 16-layer model")
+    parser.add_argument("--no-serve", action="store_true", help="skip the tools/list latency under `serve`")
     parser.add_argument("--json", type=Path, default=BENCH / "results.json", help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -113,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     big = None if args.no_scaling else ensure_family(BENCH / "llama-16L", replace(BENCH_SHAPE, layers=16))
     rate = disk_read_rate(small["base"])
     print(f"disk read rate (page cache evicted, one shard): {rate / 1e9:.2f} GB/s")
-    figures: dict[str, object] = {"disk_read_bytes_per_s": rate, "cpus": os.cpu_count()}
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
+    figures: dict[str, object] = {"disk_read_bytes_per_s": rate, "cpus": os.cpu_count(), "load": os.getloadavg()}
 
     for label, folders in (("8 layers", small), ("16 layers", big)):
         if folders is None:
@@ -125,13 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         print_run(f"mergelens-mcp compare, {label} ({params / 3 / 1e9:.2f} B params per model)",
                   run, params, floor, result)
         figures[label] = {
-            "wall_s": run.wall_s, "peak_rss_bytes": run.peak_rss_bytes, "io_floor_s": floor, "params": params,
-            "coverage": result["coverage"], "elapsed_s": result["elapsed_s"],
+            "wall_s": run.wall_s, "cpu_s": run.cpu_s, "peak_rss_bytes": run.peak_rss_bytes, "io_floor_s": floor[0],
+            "io_floor_cpu_s": floor[1], "params": params, "coverage": result["coverage"],
+            "elapsed_s": result["elapsed_s"],
         }
     if big is not None:
         a, b = figures["8 layers"], figures["16 layers"]
-        print(f"\nscaling: 16 layers / 8 layers = {b['wall_s'] / a['wall_s']:.2f}x time for "
-              f"{b['params'] / a['params']:.2f}x parameters")
+        print(f"\nscaling: 16 layers / 8 layers = {b['wall_s'] / a['wall_s']:.2f}x time "
+              f"({b['cpu_s'] / a['cpu_s']:.2f}x CPU) for {b['params'] / a['params']:.2f}x parameters")
+    if not args.no_serve:
+        figures["serve"] = serve_latency(small)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
 
