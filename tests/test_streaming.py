@@ -1,0 +1,123 @@
+"""The streaming engine's shortcuts give the answers of the direct computations they replace."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fixtures.checkpoints import Family
+from mergelens_mcp import compare_models
+from mergelens_mcp.analysis.engine import AnalysisOptions, analyze
+from mergelens_mcp.analysis.loading import load_checkpoint
+from mergelens_mcp.analysis.metrics import (
+    CHUNK,
+    SAMPLE_SIZE,
+    TOP_DENSITY,
+    TOP_SAMPLE_SIZE,
+    Operand,
+    kl_divergence,
+    sign_disagreement,
+    sign_disagreement_top,
+)
+
+
+def test_read_converts_every_float_dtype_like_safetensors_and_can_keep_the_stored_one(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        f"w.{dtype}": torch.randn(300, 70, generator=g).to(dtype)
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    }
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with load_checkpoint(str(tmp_path), "a") as ckpt, safe_open(str(tmp_path / "model.safetensors"), "pt") as ref:
+        for name, original in tensors.items():
+            assert torch.equal(ckpt.read(name), ref.get_tensor(name).float())
+            kept = ckpt.read(name, dtype=None)
+            assert kept.dtype == original.dtype and torch.equal(kept, original)
+
+
+def test_reading_in_blocks_crosses_block_boundaries_without_losing_a_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergelens_mcp.analysis import loading
+
+    monkeypatch.setattr(loading, "READ_BLOCK_BYTES", 3 * loading.PAGE + 2)
+    values = torch.arange(50_001, dtype=torch.float32).to(torch.bfloat16)
+    save_file({"x": values, "y": values.flip(0).contiguous()}, str(tmp_path / "model.safetensors"))
+    with load_checkpoint(str(tmp_path), "a") as ckpt:
+        assert torch.equal(ckpt.read("y"), values.flip(0).float())
+        assert torch.equal(ckpt.read("x"), values.float())
+
+
+def sparse_pair(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g) + 0.5 * torch.randn(1, generator=g)
+    a[torch.rand(n, generator=g) < 0.1] = 0
+    b[torch.rand(n, generator=g) < 0.1] = 0
+    return a, b
+
+
+def direct_conflict(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> float:
+    both = mask & (a != 0) & (b != 0)
+    return float((torch.sign(a[both]) != torch.sign(b[both])).double().mean())
+
+
+def exact_top(x: torch.Tensor) -> torch.Tensor:
+    magnitude = x.abs()
+    keep = math.ceil(TOP_DENSITY * x.numel())
+    return magnitude >= torch.kthvalue(magnitude, x.numel() - keep + 1).values
+
+
+def test_sign_metrics_over_many_chunks_match_a_direct_count() -> None:
+    n = 3 * CHUNK + 12_345
+    assert n > TOP_SAMPLE_SIZE
+    a, b = sparse_pair(n, seed=1)
+    x, y = Operand(a), Operand(b)
+    assert sign_disagreement(x, y) == pytest.approx(direct_conflict(a, b, torch.ones(n, dtype=torch.bool)), abs=1e-9)
+    exact = direct_conflict(a, b, exact_top(a) & exact_top(b))
+    assert sign_disagreement_top(x, y) == pytest.approx(exact, abs=0.005)
+    kept = float((a.abs() >= x.top_threshold).double().mean())
+    assert kept == pytest.approx(TOP_DENSITY, abs=0.003)
+
+
+def test_kl_from_the_sample_is_close_to_the_full_histogram() -> None:
+    n = 3 * SAMPLE_SIZE + 7
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(n, generator=g), 1.3 * torch.randn(n, generator=g)
+    full = Operand(a), Operand(b)
+    lo, hi = min(float(a.min()), float(b.min())), max(float(a.max()), float(b.max()))
+    p = torch.histc(a, 64, lo, hi).double() + 0.5
+    q = torch.histc(b, 64, lo, hi).double() + 0.5
+    p, q = p / p.sum(), q / q.sum()
+    expected = float(0.5 * ((p * (p / q).log()).sum() + (q * (q / p).log()).sum()))
+    assert kl_divergence(*full) == pytest.approx(expected, rel=0.05)
+    assert kl_divergence(full[0], Operand(a.clone())) == 0.0
+
+
+def test_nan_and_inf_are_counted_and_read_as_zero(family: Family, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    with safe_open(str(family.finetune_b / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    name = "model.layers.1.mlp.up_proj.weight"
+    state[name] = state[name].clone()
+    state[name].view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan"), 1.0])
+    save_file(state, str(broken / "model.safetensors"))
+    (broken / "config.json").write_text(json.dumps(json.loads((family.finetune_b / "config.json").read_text())))
+    result = compare_models([str(family.finetune_a), str(broken)], base=str(family.base))
+    assert [m.nonfinite_values for m in result.models] == [0, 4]
+    assert any(f.code == "nonfinite_values" for f in result.findings)
+    assert result.mci.score is not None
+    assert all(math.isfinite(v) for lm in result.layer_metrics for v in lm.metrics.values())
+
+
+def test_analysis_restores_the_torch_thread_count(family: Family) -> None:
+    before = torch.get_num_threads()
+    models = [load_checkpoint(str(family.finetune_a), "a"), load_checkpoint(str(family.finetune_b), "b")]
+    analyze(models, load_checkpoint(str(family.base), "base"), AnalysisOptions(device="cpu", threads=1))
+    assert torch.get_num_threads() == before
