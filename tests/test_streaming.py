@@ -114,6 +114,9 @@ def test_nan_and_inf_are_counted_and_read_as_zero(family: Family, tmp_path: Path
     assert any(f.code == "nonfinite_values" for f in result.findings)
     assert result.mci.score is not None
     assert all(math.isfinite(v) for lm in result.layer_metrics for v in lm.metrics.values())
+    as_base = compare_models([str(family.finetune_a), str(family.finetune_b)], base=str(broken))
+    assert as_base.base is not None and as_base.base.nonfinite_values == 4
+    assert all(math.isfinite(v) for lm in as_base.layer_metrics for v in lm.metrics.values())
 
 
 def test_analysis_restores_the_torch_thread_count(family: Family) -> None:

@@ -4,7 +4,8 @@ pair is computed from it, and only per-layer sums are kept, so memory follows th
 A reader thread reads, upcasts and checks the next tensor set (that tensor in every model and the base) while
 this one is measured, when both fit in the memory of the largest set. Reading measures each tensor's norm, and
 a non-finite norm is the one signal that triggers the NaN/Inf scan. Task vectors are made in place from the
-weights once the weight metrics are done, with the base kept in its stored dtype.
+weights once the weight metrics are done, the base streamed block by block from its file, so it is never held
+whole: a tensor set costs one float32 copy per candidate.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ from ..models import (
 from . import score as mci
 from .compat import Plan, plan_comparison
 from .layers import TensorRole, classify, group_sort_key, position
-from .loading import Checkpoint
+from .loading import READ_BLOCK_BYTES, Checkpoint
 from .metrics import Operand, dot64, task_metrics, weight_metrics
 from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, POWER_ITERS
 from .zones import detect_conflict_zones
@@ -153,9 +154,8 @@ def analyze(
             svds = [op.svd for op in ops if "svd" in op.__dict__]
             del ops
             if loaded.base is not None:
-                for w in weights:  # task vectors, in place: the weights are not needed any more
-                    _subtract(w, loaded.base)
-                loaded.base = None
+                # task vectors, in place (the weights are not needed any more), the base streamed from its file
+                _subtract_base(weights, loaded.base, device)
                 task_ops = [_operand(t, options, reference_norm=loaded.base_norm) for t in weights]
                 for layer, (i, j) in zip(layers, pairs, strict=True):
                     for m in task_metrics():
@@ -235,14 +235,29 @@ def analyze(
     )
 
 
+@dataclass(frozen=True)
+class _BaseTensor:
+    """Where the base's copy of a tensor is: streamed from the mapped file when subtracted, never held whole."""
+
+    ckpt: Checkpoint
+    name: str
+    count: int  # values used (fewer than stored when the rows are limited)
+    zero_nonfinite: bool
+
+    def blocks(self, device: torch.device) -> Iterator[torch.Tensor]:
+        for block in self.ckpt.blocks(self.name, self.count):
+            block = block.to(device=device, dtype=torch.float32)
+            yield torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0) if self.zero_nonfinite else block
+
+
 @dataclass
 class _TensorSet:
-    """One tensor of every model (float32) and of the base (as stored), with their norms."""
+    """One tensor of every model (float32, with its norm) and where the base's copy is."""
 
     name: str
     weights: list[torch.Tensor]
     norms: list[float]
-    base: torch.Tensor | None
+    base: _BaseTensor | None
     base_norm: float | None
     nonfinite: dict[str, int]
 
@@ -257,7 +272,7 @@ def _read_ahead(
     """
     def size(name: str) -> int:
         n = sum(m.tensors[name].numel * 4 for m in models)
-        return n + (base.tensors[name].nbytes if base and name in plan.base_tensors else 0)
+        return n + (READ_BLOCK_BYTES if base and name in plan.base_tensors else 0)
 
     def read(name: str) -> _TensorSet:
         return _read_set(name, models, base, plan, device)
@@ -291,12 +306,35 @@ def _read_set(
         norms.append(norm)
     base_tensor = base_norm = None
     if base is not None and name in plan.base_tensors:
-        base_tensor, base_norm = _read(base, name, rows, device, None, nonfinite)
+        base_tensor, base_norm = _scan_base(base, name, weights[0].numel(), nonfinite)
     return _TensorSet(name, weights, norms, base_tensor, base_norm, nonfinite)
 
 
+def _scan_base(
+    base: Checkpoint, name: str, count: int, nonfinite: dict[str, int]
+) -> tuple[_BaseTensor, float]:
+    """The base tensor's norm from one streamed pass; a second pass counts NaN/Inf only if it is not finite."""
+    norm = _blocks_norm(b.float() for b in base.blocks(name, count))
+    if math.isfinite(norm):
+        return _BaseTensor(base, name, count, False), norm
+    bad = sum(int((~torch.isfinite(b)).sum()) for b in base.blocks(name, count))
+    if bad:
+        nonfinite[base.label] = nonfinite.get(base.label, 0) + bad
+    clean = (torch.nan_to_num(b.double(), nan=0.0, posinf=0.0, neginf=0.0) for b in base.blocks(name, count))
+    return _BaseTensor(base, name, count, bool(bad)), _blocks_norm(clean)
+
+
+def _subtract_base(weights: list[torch.Tensor], base: _BaseTensor, device: torch.device) -> None:
+    """weights[i] -= base for every i, one block of the base at a time."""
+    flats, start = [w.view(-1) for w in weights], 0
+    for block in base.blocks(device):
+        for flat in flats:
+            flat[start:start + block.numel()].sub_(block)
+        start += block.numel()
+
+
 def _read(
-    ckpt: Checkpoint, name: str, rows: int | None, device: torch.device, dtype: torch.dtype | None,
+    ckpt: Checkpoint, name: str, rows: int | None, device: torch.device, dtype: torch.dtype,
     nonfinite: dict[str, int],
 ) -> tuple[torch.Tensor, float]:
     """A tensor and its norm; NaN/Inf (whose presence makes the norm non-finite) are counted and read as 0."""
@@ -331,24 +369,16 @@ def _trim_heap() -> None:
         _MALLOC_TRIM(0)
 
 
-def _subtract(tensor: torch.Tensor, other: torch.Tensor) -> None:
-    """tensor -= other, a block at a time: a narrower `other` is then upcast per block, not as a whole copy."""
-    flat, rest = tensor.view(-1), other.reshape(-1)
-    step = rest.numel() if rest.dtype == tensor.dtype else BLOCK
-    for i in range(0, flat.numel(), max(step, 1)):
-        flat[i:i + step].sub_(rest[i:i + step])
-
-
 def _norm(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
     """L2 norm as `Operand.norm` measures it (`dot64`), a block at a time in `dtype` if stored otherwise."""
     flat = tensor.reshape(-1)
     if flat.dtype == dtype:
         return math.sqrt(max(dot64(flat, flat), 0.0))
-    total = 0.0
-    for i in range(0, flat.numel(), BLOCK):
-        block = flat[i:i + BLOCK].to(dtype)
-        total += dot64(block, block)
-    return math.sqrt(max(total, 0.0))
+    return _blocks_norm(flat[i:i + BLOCK].to(dtype) for i in range(0, flat.numel(), BLOCK))
+
+
+def _blocks_norm(blocks: Iterable[torch.Tensor]) -> float:
+    return math.sqrt(max(sum(dot64(b, b) for b in blocks), 0.0))
 
 
 def _operand(

@@ -13,6 +13,8 @@ import mmap
 import os
 import re
 import struct
+import threading
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ TORCH_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 PAGE = mmap.PAGESIZE
-READ_BLOCK_BYTES = 16 << 20  # converted per step, then its pages are dropped
+READ_BLOCK_BYTES = 4 << 20  # converted per step, then its pages are dropped
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95})(?:@(?P<rev>[A-Za-z0-9._/-]{1,128}))?$")
@@ -143,6 +145,7 @@ class Checkpoint:
     config: dict[str, Any] | None
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
     @property
@@ -176,31 +179,44 @@ class Checkpoint:
     ) -> torch.Tensor:
         """One tensor on `device` as `dtype` (None: as stored), converted straight from the mapped file.
 
-        The stored bytes are viewed in place and converted once, a block of rows at a time; each block's pages
-        are dropped from this process's mapping once converted, so resident memory follows the tensor being
-        read, not the file. Offsets and sizes were validated against the file when its header was read.
+        The stored bytes are viewed in place and converted once, a block at a time (see `blocks`), so resident
+        memory follows the tensor being read, not the file.
         """
         info = self.tensors[name]
-        stored = TORCH_DTYPES.get(info.dtype)
         device = torch.device(device)
-        if stored is None or info.numel == 0:
+        if info.dtype not in TORCH_DTYPES or info.numel == 0:
             tensor = self._read_with_safetensors(name, device)
             return tensor if dtype is None else tensor.to(dtype)
-        dtype = dtype or stored
+        out = torch.empty(info.shape, dtype=dtype or TORCH_DTYPES[info.dtype], device=device)
+        flat, start = out.view(-1), 0
+        for block in self.blocks(name):
+            flat[start:start + block.numel()].copy_(block)
+            start += block.numel()
+        return out
+
+    def blocks(self, name: str, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """The tensor's first `limit` (default: all) values, flat and as stored, in consecutive CPU blocks.
+
+        Each block is a view of the memory-mapped file; once the next block is drawn its pages are dropped
+        from this process's mapping (they stay in the page cache, and a late access reads them back). Offsets
+        and sizes were validated against the file when its header was read.
+        """
+        info = self.tensors[name]
+        count = info.numel if limit is None else min(limit, info.numel)
+        if info.dtype not in TORCH_DTYPES or count == 0:
+            yield self._read_with_safetensors(name, torch.device("cpu")).reshape(-1)[:count]
+            return
         mapped = self._map(info.file)
         try:
-            view = torch.frombuffer(mapped, dtype=stored, count=info.numel, offset=info.offset)
+            view = torch.frombuffer(mapped, dtype=TORCH_DTYPES[info.dtype], count=count, offset=info.offset)
         except (ValueError, RuntimeError) as exc:
             raise CheckpointFormatError(f"{self.label}: cannot read tensor {name!r}: {exc}") from None
-        out = torch.empty(info.shape, dtype=dtype, device=device)
-        flat_out, width = out.reshape(-1), DTYPE_BYTES[info.dtype]
+        width = DTYPE_BYTES[info.dtype]
         step = max(PAGE, READ_BLOCK_BYTES // width)
-        for start in range(0, info.numel, step):
-            stop = min(info.numel, start + step)
-            flat_out[start:stop].copy_(view[start:stop])
+        for start in range(0, count, step):
+            stop = min(count, start + step)
+            yield view[start:stop]
             self._release(mapped, info.offset + start * width, info.offset + stop * width)
-        del view
-        return out
 
     @staticmethod
     def _release(mapped: mmap.mmap, start: int, stop: int) -> None:
@@ -211,6 +227,10 @@ class Checkpoint:
             mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def _map(self, path: Path) -> mmap.mmap:
+        with self._lock:  # the engine's reader thread and its main thread may both open a file
+            return self._map_locked(path)
+
+    def _map_locked(self, path: Path) -> mmap.mmap:
         mapped = self._maps.get(path)
         if mapped is None:
             try:
