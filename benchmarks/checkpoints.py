@@ -1,8 +1,8 @@
 """Deterministic Llama-shaped bench checkpoints, written tensor by tensor straight to disk.
 
-A base and two fine-tunes (base + a shared and an own low-rank update + small dense noise) are generated in one
-pass: each base tensor is drawn once, in float32, and written to all three models as bf16 before the next one is
-drawn, so memory stays at a few tensors however large the model. The same arguments always give the same bytes.
+A base and two fine-tunes (base + a shared and an own low-rank update + small dense noise) are generated in
+one pass: each base tensor is drawn once, in float32, and written to all three models as bf16 before the next
+is drawn, so memory stays at a few tensors however large the model. Same arguments, same bytes.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def spec_key(shape: Shape, seed: int) -> str:
 
 
 def ensure_family(root: Path, shape: Shape = BENCH_SHAPE, seed: int = 0) -> dict[str, Path]:
-    """Folders of base, ft_a and ft_b under `root`; generated only when missing or made from other arguments."""
+    """Folders of base, ft_a and ft_b under `root`; generated only when missing or made otherwise."""
     folders = {m: root / m for m in MODELS}
     key = spec_key(shape, seed)
     if all((f / DONE).is_file() and (f / DONE).read_text() == key for f in folders.values()):
@@ -96,7 +96,7 @@ def _low_rank(dims: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
 def _split(names: list[str], shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
     sizes = [_numel(shapes[n]) for n in names]
     half, seen, out = sum(sizes) / SHARDS, 0, {}
-    for name, size in zip(names, sizes):
+    for name, size in zip(names, sizes, strict=True):
         out[name] = min(SHARDS - 1, int(seen // half))
         seen += size
     return out

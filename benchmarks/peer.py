@@ -66,7 +66,7 @@ def peer_coverage(result_json: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.peer", description=__doc__)
-    parser.add_argument("--torch", default=os.environ.get("TORCH_SPEC", "torch==2.13.0"), help="torch requirement")
+    parser.add_argument("--torch", default=os.environ.get("TORCH_SPEC", "torch==2.13.0"), help="torch pin")
     args = parser.parse_args(argv)
 
     python = ensure_peer_venv(args.torch)
@@ -88,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         ("wall / I/O floor", f"{mine.wall_s / floor[0]:.2f}", f"{peer.wall_s / floor[0]:.2f}", None),
         ("params/s (M)", f"{params / mine.wall_s / 1e6:.1f}", f"{params / peer.wall_s / 1e6:.1f}", None),
     ]
-    print(f"\n{'compare ft_a ft_b --base base':32} {'mergelens-mcp':>14} {'mergelens 2.0.3':>16} {'2.0.3 / ours':>13}")
+    head = ("compare ft_a ft_b --base base", "mergelens-mcp", "mergelens 2.0.3", "2.0.3 / ours")
+    print(f"\n{head[0]:32} {head[1]:>14} {head[2]:>16} {head[3]:>13}")
     for label, a, b, ratio in rows:
         print(f"{label:32} {a:>14} {b:>16} {'' if ratio is None else f'{ratio:.2f}x':>13}")
-    print(f"\nmergelens-mcp spectral coverage: {cov['spectral_params'] / cov['matrix_params']:.1%} of 2-D parameters")
+    share = cov["spectral_params"] / cov["matrix_params"]
+    print(f"\nmergelens-mcp spectral coverage: {share:.1%} of 2-D parameters")
     print(f"mergelens 2.0.3 coverage (its JSON): {peer_coverage(BENCH / 'side-peer.json')}")
     (BENCH / "peer-results.json").write_text(json.dumps({
         "ours": mine.__dict__ | {"log": str(mine.log)}, "peer": peer.__dict__ | {"log": str(peer.log)},

@@ -90,7 +90,9 @@ def ours(folders: dict[str, Path], out: Path, device: str) -> tuple[Run, dict]:
     return run, json.loads(result.read_text())
 
 
-def print_run(title: str, run: Run, params: int, floor: tuple[float, float], result: dict | None = None) -> None:
+def print_run(
+    title: str, run: Run, params: int, floor: tuple[float, float], result: dict | None = None
+) -> None:
     print(f"\n{title}")
     print(f"  wall time          {run.wall_s:8.1f} s   (CPU {run.cpu_s:.1f} s)")
     print(f"  peak RSS (child)   {run.peak_rss_bytes / 1e9:8.2f} GB")
@@ -106,7 +108,7 @@ def print_run(title: str, run: Run, params: int, floor: tuple[float, float], res
 
 
 def serve_latency(folders: dict[str, Path]) -> dict[str, object] | None:
-    """Max and median `tools/list` latency while `mergelens serve` (stdio) runs compare_models on `folders`."""
+    """Max and median `tools/list` latency while `mergelens serve` (stdio) runs compare_models."""
     if importlib.util.find_spec("mergelens_mcp.server") is None:
         print("\nserve latency: skipped, this checkout has no mergelens_mcp/server.py")
         return None
@@ -126,7 +128,8 @@ async def _serve_latency(folders: dict[str, Path]) -> dict[str, object]:
 
     env = {k: os.environ[k] for k in ("PATH", "HOME", "HF_HOME", "HF_HUB_OFFLINE") if k in os.environ}
     params = StdioServerParameters(
-        command=sys.executable, args=["-m", "mergelens_mcp", "serve", "--allow-dir", str(BENCH)], cwd=ROOT, env=env,
+        command=sys.executable, args=["-m", "mergelens_mcp", "serve", "--allow-dir", str(BENCH)],
+        cwd=ROOT, env=env,
     )
     args = {"models": [str(folders["ft_a"]), str(folders["ft_b"])], "base_model": str(folders["base"])}
     latencies: list[float] = []
@@ -170,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     rate = disk_read_rate(small["base"])
     print(f"disk read rate (page cache evicted, one shard): {rate / 1e9:.2f} GB/s")
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start")
-    figures: dict[str, object] = {"disk_read_bytes_per_s": rate, "cpus": os.cpu_count(), "load": os.getloadavg()}
+    figures: dict[str, object] = {
+        "disk_read_bytes_per_s": rate, "cpus": os.cpu_count(), "load": os.getloadavg(),
+    }
 
     for label, folders in (("8 layers", small), ("16 layers", big)):
         if folders is None:
@@ -182,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         print_run(f"mergelens-mcp compare, {label} ({params / 3 / 1e9:.2f} B params per model)",
                   run, params, floor, result)
         figures[label] = {
-            "wall_s": run.wall_s, "cpu_s": run.cpu_s, "peak_rss_bytes": run.peak_rss_bytes, "io_floor_s": floor[0],
+            "wall_s": run.wall_s, "cpu_s": run.cpu_s, "peak_rss_bytes": run.peak_rss_bytes,
+            "io_floor_s": floor[0],
             "io_floor_cpu_s": floor[1], "params": params, "coverage": result["coverage"],
             "elapsed_s": result["elapsed_s"],
         }

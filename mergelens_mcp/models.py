@@ -156,7 +156,7 @@ class Coverage(Frozen):
     svd_oversample: int = Field(default=8, description="extra sketch columns of the randomized SVD")
     svd_power_iterations: int = Field(default=2, description="subspace iterations of the randomized SVD")
     exact_svd_max_elements: int = Field(
-        default=512 * 512, description="matrices up to this many elements get an exact SVD, larger a randomized one"
+        default=512 * 512, description="matrices up to this many elements get an exact SVD, larger ones a randomized"
     )
 
 

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     device: str = "auto"
     svd_rank: int = Field(default=DEFAULT_RANK, ge=1, le=256)
     exact_svd_max_elements: int = Field(default=EXACT_MAX_ELEMENTS, ge=0)
+    threads: int | None = Field(
+        default=None, ge=1, le=256, description="torch threads for CPU analysis; default: cores - 1 (one reads)"
+    )
     max_header_bytes: int = Field(default=Limits.max_header_bytes, ge=1)
     max_tensors: int = Field(default=Limits.max_tensors, ge=1)
     max_tensor_elements: int = Field(default=Limits.max_tensor_elements, ge=1)
@@ -66,4 +69,6 @@ class Settings(BaseSettings):
         return Limits(self.max_header_bytes, self.max_tensors, self.max_tensor_elements, self.max_request_bytes)
 
     def analysis_options(self, device: str | None = None) -> AnalysisOptions:
-        return AnalysisOptions(device or self.device, self.svd_rank, self.exact_svd_max_elements)
+        return AnalysisOptions(
+            device or self.device, self.svd_rank, self.exact_svd_max_elements, self.threads
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,7 +34,7 @@ def with_spectrum(m: int, n: int, singular_values: torch.Tensor, seed: int) -> t
 
 
 def top_errors(matrix: torch.Tensor, k: int) -> tuple[float, float, float]:
-    """(max relative error of the top-k singular values, left and right subspace overlap with the exact SVD)."""
+    """(max relative error of the top-k singular values, left and right subspace overlap) vs exact."""
     approx = decompose(matrix, RANK, exact_max_elements=0)
     assert not approx.exact
     u, s, vh = (x.double() for x in torch.linalg.svd(matrix, full_matrices=False))
@@ -76,7 +75,8 @@ def test_randomized_svd_of_a_low_rank_update_plus_noise_finds_the_update() -> No
 
 def test_randomized_svd_is_deterministic() -> None:
     matrix = with_spectrum(600, 500, 0.9 ** torch.arange(100, dtype=torch.float64), seed=4)
-    first, second = decompose(matrix, RANK, exact_max_elements=0), decompose(matrix, RANK, exact_max_elements=0)
+    first = decompose(matrix, RANK, exact_max_elements=0)
+    second = decompose(matrix, RANK, exact_max_elements=0)
     assert torch.equal(first.s, second.s) and torch.equal(first.u, second.u)
 
 
@@ -100,7 +100,7 @@ def test_spectrum_past_the_top_k_spreads_the_residual_energy_evenly() -> None:
 
 
 def test_every_matrix_parameter_is_covered_and_the_sketch_is_documented(family: Family) -> None:
-    models = [load_checkpoint(str(family.finetune_a), "model_a"), load_checkpoint(str(family.finetune_b), "model_b")]
+    models = [load_checkpoint(str(family.finetune_a), "a"), load_checkpoint(str(family.finetune_b), "b")]
     base = load_checkpoint(str(family.base), "base")
     result = analyze(models, base, AnalysisOptions(device="cpu", exact_svd_max_elements=0))
     coverage = result.coverage
@@ -116,7 +116,7 @@ def test_every_matrix_parameter_is_covered_and_the_sketch_is_documented(family: 
     assert any(f"{POWER_ITERS} power iterations" in note for note in result.notes)
 
 
-def test_exact_and_randomized_paths_give_close_metrics_on_the_fixture_family(family: Family, tmp_path: Path) -> None:
+def test_exact_and_randomized_paths_give_close_metrics_on_the_fixture_family(family: Family) -> None:
     def run(cap: int) -> dict[str, float]:
         models = [load_checkpoint(str(family.finetune_a), "a"), load_checkpoint(str(family.finetune_b), "b")]
         result = analyze(models, load_checkpoint(str(family.base), "base"), AnalysisOptions("cpu", RANK, cap))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -34,7 +33,8 @@ def test_read_converts_every_float_dtype_like_safetensors_and_can_keep_the_store
         for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
     }
     save_file(tensors, str(tmp_path / "model.safetensors"))
-    with load_checkpoint(str(tmp_path), "a") as ckpt, safe_open(str(tmp_path / "model.safetensors"), "pt") as ref:
+    file = str(tmp_path / "model.safetensors")
+    with load_checkpoint(str(tmp_path), "a") as ckpt, safe_open(file, "pt") as ref:
         for name, original in tensors.items():
             assert torch.equal(ckpt.read(name), ref.get_tensor(name).float())
             kept = ckpt.read(name, dtype=None)
@@ -78,7 +78,8 @@ def test_sign_metrics_over_many_chunks_match_a_direct_count() -> None:
     assert n > TOP_SAMPLE_SIZE
     a, b = sparse_pair(n, seed=1)
     x, y = Operand(a), Operand(b)
-    assert sign_disagreement(x, y) == pytest.approx(direct_conflict(a, b, torch.ones(n, dtype=torch.bool)), abs=1e-9)
+    everywhere = torch.ones(n, dtype=torch.bool)
+    assert sign_disagreement(x, y) == pytest.approx(direct_conflict(a, b, everywhere), abs=1e-9)
     exact = direct_conflict(a, b, exact_top(a) & exact_top(b))
     assert sign_disagreement_top(x, y) == pytest.approx(exact, abs=0.005)
     kept = float((a.abs() >= x.top_threshold).double().mean())
@@ -108,7 +109,7 @@ def test_nan_and_inf_are_counted_and_read_as_zero(family: Family, tmp_path: Path
     state[name] = state[name].clone()
     state[name].view(-1)[:5] = torch.tensor([float("nan"), float("inf"), -float("inf"), float("nan"), 1.0])
     save_file(state, str(broken / "model.safetensors"))
-    (broken / "config.json").write_text(json.dumps(json.loads((family.finetune_b / "config.json").read_text())))
+    (broken / "config.json").write_text((family.finetune_b / "config.json").read_text())
     result = compare_models([str(family.finetune_a), str(broken)], base=str(family.base))
     assert [m.nonfinite_values for m in result.models] == [0, 4]
     assert any(f.code == "nonfinite_values" for f in result.findings)

@@ -154,7 +154,7 @@ def analyze(
             svds = [op.svd for op in ops if "svd" in op.__dict__]
             del ops
             if loaded.base is not None:
-                # task vectors, in place (the weights are not needed any more), the base streamed from its file
+                # task vectors, in place (the weights are done with), the base streamed from its file
                 _subtract_base(weights, loaded.base, device)
                 task_ops = [_operand(t, options, reference_norm=loaded.base_norm) for t in weights]
                 for layer, (i, j) in zip(layers, pairs, strict=True):
@@ -237,7 +237,7 @@ def analyze(
 
 @dataclass(frozen=True)
 class _BaseTensor:
-    """Where the base's copy of a tensor is: streamed from the mapped file when subtracted, never held whole."""
+    """Where the base's copy of a tensor is: streamed from its mapped file when used, never held whole."""
 
     ckpt: Checkpoint
     name: str
@@ -313,7 +313,7 @@ def _read_set(
 def _scan_base(
     base: Checkpoint, name: str, count: int, nonfinite: dict[str, int]
 ) -> tuple[_BaseTensor, float]:
-    """The base tensor's norm from one streamed pass; a second pass counts NaN/Inf only if it is not finite."""
+    """The base tensor's norm from one streamed pass; a second pass counts NaN/Inf only if not finite."""
     norm = _blocks_norm(b.float() for b in base.blocks(name, count))
     if math.isfinite(norm):
         return _BaseTensor(base, name, count, False), norm

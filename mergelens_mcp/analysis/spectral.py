@@ -63,7 +63,9 @@ def decompose(
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
         total = float((s.double() ** 2).sum())
         return SVD(u[:, :k], s, vh[:k].T, total, full_dim, True)
-    total = energy if energy is not None else float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) ** 2
+    if energy is None:
+        energy = float(torch.linalg.vector_norm(matrix, dtype=torch.float64)) ** 2
+    total = energy
     u, s, v = randomized_svd(matrix, k + OVERSAMPLE, POWER_ITERS, seed)
     return SVD(u[:, :k], s, v[:, :k], total, full_dim, False)
 
