@@ -56,12 +56,15 @@ def theirs(python: Path, folders: dict[str, Path], out: Path) -> Run:
 
 
 def peer_coverage(result_json: Path) -> str:
-    """What mergelens 2.0.3's JSON says about its own coverage, as far as it says."""
+    """Share of 2-D parameters mergelens 2.0.3 computed spectral_overlap on, from its per-tensor JSON rows."""
     try:
-        data = json.loads(result_json.read_text())
-    except (OSError, ValueError):
-        return "n/a"
-    return json.dumps(data.get("coverage", "n/a"))[:400]
+        rows = json.loads(result_json.read_text())["tensor_metrics"]
+        matrices = [r for r in rows if len(r["shape"]) == 2]
+        total = sum(r["parameter_count"] for r in matrices)
+        covered = sum(r["parameter_count"] for r in matrices if r.get("spectral_overlap") is not None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return "n/a (its JSON has no per-tensor rows)"
+    return f"{covered / total:.1%} of 2-D parameters" if total else "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:32} {a:>14} {b:>16} {'' if ratio is None else f'{ratio:.2f}x':>13}")
     share = cov["spectral_params"] / cov["matrix_params"]
     print(f"\nmergelens-mcp spectral coverage: {share:.1%} of 2-D parameters")
-    print(f"mergelens 2.0.3 coverage (its JSON): {peer_coverage(BENCH / 'side-peer.json')}")
+    print(f"mergelens 2.0.3 spectral coverage: {peer_coverage(BENCH / 'side-peer.json')} (its JSON)")
     (BENCH / "peer-results.json").write_text(json.dumps({
         "ours": mine.__dict__ | {"log": str(mine.log)}, "peer": peer.__dict__ | {"log": str(peer.log)},
         "io_floor_s": floor[0], "io_floor_cpu_s": floor[1], "params": params, "load": os.getloadavg(),
