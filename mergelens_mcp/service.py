@@ -48,4 +48,14 @@ def compare(
     settings = settings or Settings()
     with ExitStack() as stack:
         opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
-        return analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled)
+        result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled)
+    return with_strategy(result)
+
+
+def with_strategy(result: CompareResult) -> CompareResult:
+    """The result with its recommended merge strategy, when the models could be compared at all."""
+    from .analysis.strategy import recommend_strategy
+
+    if result.mci.score is None or result.strategy is not None:
+        return result
+    return result.model_copy(update={"strategy": recommend_strategy(result)})

@@ -295,7 +295,7 @@ MASS_SAMPLE = 1 << 20
 
 
 def _mass_fraction(x: Operand) -> float:
-    """Smallest fraction of coordinates that holds MASS_SHARE of the L1 mass (strided sample above 1M values)."""
+    """Smallest share of coordinates holding MASS_SHARE of the L1 mass (a strided sample above 1M values)."""
     flat = x.flat
     if flat.numel() > MASS_SAMPLE:
         flat = flat[:: -(-flat.numel() // MASS_SAMPLE)]
@@ -312,7 +312,7 @@ def _mass_fraction(x: Operand) -> float:
 def task_mass_fraction(a: Operand, b: Operand) -> float:
     """Mean over both task vectors of the smallest share of coordinates holding 90% of its |.| mass.
 
-    Low: the fine-tune changed few coordinates much (TIES/DARE can keep a low density); near 0.75: Gaussian-like,
-    dense changes. It sets the recommended `density`.
+    Low: the fine-tune changed few coordinates much (TIES/DARE can keep a low density); about 0.64: dense,
+    Gaussian-like changes. It sets the recommended `density`.
     """
     return (_mass_fraction(a) + _mass_fraction(b)) / 2
