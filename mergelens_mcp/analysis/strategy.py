@@ -182,10 +182,7 @@ def recommend_strategy(result: CompareResult) -> Strategy:
     if not p.has_base:
         rationale.append("no base model: ties, dare, task_arithmetic and model_stock were not considered "
                          "(they need one); pass the base for task-vector evidence")
-    labels = [m.label for m in result.models]
-    dropped = _zone_layers(result, p.n_blocks, labels)
-    params = _parameters(choice.method, p, labels, dropped, rationale, warnings)
-    config = _config(result, choice.method, params, p)
+    params, text = _render(result, choice.method, p, rationale, warnings)
     if p.vocab_mismatch:
         warnings.append("the vocabularies differ: the YAML has a `tokenizer: {source: union}` section so "
                         "mergekit builds a joint vocabulary; check the merged tokenizer before use")
@@ -203,12 +200,33 @@ def recommend_strategy(result: CompareResult) -> Strategy:
     if result.mci.verdict.value in ("risky", "incompatible") and choice.method is not MergeMethod.PASSTHROUGH:
         warnings.append(f"the MCI is {result.mci.score:.0f} ({result.mci.verdict.value}): evaluate the merged "
                         "model before use")
-    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
-    MergeConfig.model_validate(yaml.safe_load(text))  # our own mirror: a bug here must not reach the user
     return Strategy(
         method=choice.method, confidence=_confidence(choice, p, result), rationale=rationale,
         runner_up=choice.runner_up, parameters=params, warnings=warnings, mergekit_yaml=text,
     )
+
+
+def needs_separate_base(method: MergeMethod) -> bool:
+    """Whether the method needs a base model besides the merged ones (SLERP's base is one of its two models)."""
+    return METHODS[method.value].needs_base and method is not MergeMethod.SLERP
+
+
+def mergekit_yaml(result: CompareResult, method: MergeMethod) -> str:
+    """The YAML that `recommend_strategy` would emit had the rules picked `method` (parameters still measured)."""
+    return _render(result, method, profile(result), [], [])[1]
+
+
+def _render(
+    result: CompareResult, method: MergeMethod, p: Profile, rationale: list[str], warnings: list[str]
+) -> tuple[dict[str, Any], str]:
+    if needs_separate_base(method) and not p.has_base:
+        raise ValueError(f"{method.value} needs a base model and this comparison had none")
+    labels = [m.label for m in result.models]
+    dropped = _zone_layers(result, p.n_blocks, labels)
+    params = _parameters(method, p, labels, dropped, rationale, warnings)
+    text = yaml.safe_dump(_config(result, method, params, p), sort_keys=False, default_flow_style=None, width=100)
+    MergeConfig.model_validate(yaml.safe_load(text))  # our own mirror: a bug here must not reach the user
+    return params, text
 
 
 def _confidence(choice: Choice, p: Profile, result: CompareResult) -> float:
