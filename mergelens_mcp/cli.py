@@ -61,7 +61,7 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
     for f in result.findings:
         where = f" at {f.path}" if f.path else ""
         out.print(f"[{f.level.value}]{where}: {f.message}" + (f"\n    fix: {f.fix}" if f.fix else ""),
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
     if not result.findings:
         out.print("No findings.")
     if result.overall_interference is not None:

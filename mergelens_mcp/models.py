@@ -216,7 +216,8 @@ class LayerInterference(Frozen):
 class ConfigDiagnosis(Frozen):
     """A mergekit YAML checked before any merge: its findings, and the merge simulated where models are readable."""
 
-    valid: bool = Field(description="no error-level finding: mergekit should accept and run this config")
+    valid: bool = Field(description="no error-level finding (some errors mergekit runs anyway, doing something "
+                        "else than intended: a reversed layer_range, a density of 1.5)")
     merge_method: str | None
     findings: list[Finding]
     overall_interference: float | None = Field(description="parameter-weighted mean of the layers' interference; "

@@ -245,7 +245,8 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
             if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                                  for x in lr) and 0 <= lr[0] <= lr[1]):
                 report.add(E, "invalid_layer_range", f"{src_where}.layer_range",
-                           f"layer_range {lr!r} is not [start, end] with 0 <= start <= end",
+                           f"layer_range {lr!r} is not [start, end] with 0 <= start <= end (mergekit copies "
+                           "no layers for a reversed range, silently)",
                            "write `layer_range: [0, 32]` (end exclusive)")
             else:
                 lengths.add(lr[1] - lr[0])
@@ -304,8 +305,8 @@ def _check_parameters(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
             ps = spec.parameter(str(name))
             if ps is None:
                 close = difflib.get_close_matches(str(name), spec.parameter_names, n=1)
-                report.add(E, "unknown_parameter", path, f"{spec.name} takes no parameter {name!r}; mergekit "
-                           "fails on it only when the merge runs", f"did you mean {close[0]!r}?" if close else
+                report.add(W, "unknown_parameter", path, f"{spec.name} takes no parameter {name!r}; mergekit "
+                           "0.1.5 ignores it silently", f"did you mean {close[0]!r}?" if close else
                            f"{spec.name} takes: {', '.join(spec.parameter_names) or 'no parameters'}")
                 continue
             for value_path, value in _values(setting, path, report):
@@ -366,7 +367,8 @@ def _check_value(name: str, kind: type, value: Any, path: str, report: Report) -
         report.add(E, "invalid_value", path, f"{name} = {value} is not finite", "use a finite number")
     elif name == "density" and not 0 < value <= 1:
         report.add(E, "density_out_of_range", path, f"density {value} is outside (0, 1]: it is the share of "
-                   "each task vector kept", "use e.g. 0.5 (keep half); 1 keeps everything")
+                   "each task vector kept (mergekit runs anyway, keeping all or nothing)",
+                   "use e.g. 0.5 (keep half); 1 keeps everything")
     elif name in ("t", "gamma", "select_topk") and not 0 <= value <= 1:
         report.add(W, "out_of_range", path, f"{name} = {value} is outside [0, 1]; mergekit extrapolates",
                    f"use a {name} between 0 and 1")
