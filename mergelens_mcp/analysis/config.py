@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..errors import AnalysisCancelledError, ConfigError, MergeLensError
+from ..errors import AnalysisCancelledError, ConfigError, LimitExceededError, MergeLensError
 from ..models import ConfigDiagnosis, Finding, FindingLevel, LayerInterference
 from ..security.limits import Limits
 from ..security.paths import PathGuard
@@ -350,7 +350,8 @@ def _check_value(name: str, kind: type, value: Any, path: str, report: Report) -
     if isinstance(value, str):
         if NUMBER_STRING.match(value.strip()):
             report.add(W, "string_number", path, f"{name} is the string {value!r}: YAML 1.1 reads numbers like "
-                       "1e-3 (no dot before the exponent) as text", f"write {float(value)!r} (e.g. 1.0e-3)")
+                       "1e-3 (no dot before the exponent) as text; mergekit 0.1.5 converts it, other tools and "
+                       "older versions do not", f"write {float(value)!r} (e.g. 1.0e-3)")
             value = float(value)
         elif kind is float:
             report.add(E, "invalid_value", path, f"{name} = {value!r} is not a number", "use a number")
@@ -710,6 +711,7 @@ def diagnose(
             if ckpt is not None:
                 ckpts[name] = ckpt
         counts = {n: _layer_count(c) for n, c in ckpts.items()}
+        too_big = _over_limit(ckpts, limits)
         check_layer_counts(inputs, data, counts, report)
         layers: list[LayerInterference] = []
         overall = None
@@ -720,6 +722,8 @@ def diagnose(
             notes.append("passthrough copies tensors: nothing to simulate")
         elif not inputs.groups or inputs.groups[0][0] != "models":
             notes.append("the merge is simulated for `models:` configs; `slices:` are checked structurally")
+        elif too_big:
+            notes.append(f"the merge was not simulated: {too_big}")
         elif not needed or any(n not in ckpts for n in needed):
             notes.append("the merge was not simulated: not every referenced model could be read")
         else:
@@ -731,6 +735,14 @@ def diagnose(
         interference_scores={lm.layer_name: lm.interference for lm in layers}, layers=layers,
         models_checked=list(ckpts), notes=notes,
     )
+
+
+def _over_limit(ckpts: dict[str, Checkpoint], limits: Limits | None) -> str | None:
+    try:
+        (limits or Limits()).check_request(sum(c.nbytes for c in ckpts.values()))
+    except LimitExceededError as exc:
+        return str(exc)
+    return None
 
 
 def _method_name(data: dict[str, Any]) -> str | None:
