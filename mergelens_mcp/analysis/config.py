@@ -1,55 +1,44 @@
 """Diagnosis of a user's mergekit YAML: what mergekit would silently accept or fail on only after downloading,
-then, where the referenced models can be read, the configured merge simulated per layer (nothing is written).
+then, where the referenced models can be read, the configured merge simulated per layer (`simulation.py`).
 
 Findings are collected, not raised, so one pass reports everything; only YAML that cannot be parsed at all
 raises `ConfigError`. Each finding has a severity, the YAML path (`models[1].parameters.density`) and a fix.
-
-Simulation, per tensor of the shared checkpoints (task vectors tau_i = model_i - base where a base is given):
-- TIES family (`ties`, `dare_ties`, `breadcrumbs_ties`, `della`): each tau_i is trimmed at its configured
-  density (magnitude top-k for TIES; a seeded Bernoulli(density) mask for DARE and, approximately, DELLA;
-  largest `gamma` and smallest values removed for breadcrumbs); the sign of sum_i w_i kept_i is elected;
-  `sign_conflict` = share of the kept weighted |.| mass whose sign loses. That is the layer's interference.
-- Summing methods (`task_arithmetic`, `dare_linear`, `breadcrumbs`, `della_linear`, `linear`, ...):
-  interference = 1 - sum|sum_i w_i x_i| / sum_i sum|w_i x_i|, the share of weighted mass that cancels.
-- `slerp`: the same cancellation for (1 - t, t), plus the share of matrix rows with |cos| > 0.9995 where
-  mergekit 0.1.5 interpolates linearly.
-- `survival[model]` = share of tau_i's |.| mass that trimming / dropping keeps.
+Model references go through the same loader and path guard as `compare`; Hub ids are not downloaded here.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from ..errors import AnalysisCancelledError, ConfigError, LimitExceededError, MergeLensError
+from ..errors import ConfigError, LimitExceededError, MergeLensError
 from ..models import ConfigDiagnosis, Finding, FindingLevel, LayerInterference
 from ..security.limits import Limits
 from ..security.paths import PathGuard
 from .compat import block_count
-from .layers import classify, group_sort_key
 from .loading import Checkpoint, load_checkpoint
 from .mergekit_schema import (
-    DTYPES, METHODS, MODEL_KEYS, SLICE_KEYS, SOURCE_KEYS, TOKENIZER_KEYS, TOP_LEVEL_KEYS, MethodSpec,
+    DTYPES,
+    METHODS,
+    MODEL_KEYS,
+    SLICE_KEYS,
+    SOURCE_KEYS,
+    TOKENIZER_KEYS,
+    TOP_LEVEL_KEYS,
+    MethodSpec,
     describe_count,
 )
+from .simulation import NUMBER_STRING, Cancelled, Lookup, Progress, resolve, simulate
 
-Progress = Callable[[int, int, str], None]
-Cancelled = Callable[[], bool]
-NUMBER_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-SLERP_LINEAR_FALLBACK = 0.9995
-HIGH_SIGN_CONFLICT = 0.3
-LOW_SURVIVAL = 0.5
-SEED = 0
-E, W, I = FindingLevel.ERROR, FindingLevel.WARNING, FindingLevel.INFO
+MAX_CONFIG_BYTES = 1 << 20
+ERROR, WARNING, INFO = FindingLevel.ERROR, FindingLevel.WARNING, FindingLevel.INFO
 
 
 # ---- parsing -----------------------------------------------------------------------------------------
@@ -66,7 +55,7 @@ def read_config_text(config: str, guard: PathGuard | None = None) -> tuple[str, 
     path = guard.check(stripped, "config") if guard else Path(stripped).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"config: {stripped!r} is not a file; pass a mergekit .yaml path or the YAML text")
-    if path.stat().st_size > 1 << 20:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"config: {path.name} is over 1 MiB; a mergekit config is a few KiB")
     try:
         return path.read_text(encoding="utf-8"), str(path)
@@ -108,7 +97,7 @@ class Report:
 
     @property
     def has_errors(self) -> bool:
-        return any(f.level is E for f in self.findings)
+        return any(f.level is ERROR for f in self.findings)
 
 
 def model_key(ref: Any) -> str | None:
@@ -129,7 +118,7 @@ def _unknown_keys(report: Report, mapping: dict[str, Any], known: tuple[str, ...
         if key in known:
             continue
         close = difflib.get_close_matches(str(key), known, n=1)
-        report.add(W, "unknown_key", f"{where}.{key}" if where else str(key),
+        report.add(WARNING, "unknown_key", f"{where}.{key}" if where else str(key),
                    f"unknown key {key!r}" + (f" in {where}" if where else "") + ": mergekit ignores it silently",
                    f"did you mean {close[0]!r}?" if close else f"remove it; known keys: {', '.join(known)}")
 
@@ -149,32 +138,32 @@ def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | 
     inputs = Inputs()
     present = [k for k in ("models", "slices", "modules") if data.get(k)]
     if len(present) > 1:
-        report.add(E, "models_and_slices", present[1], f"the config has both {' and '.join(present)}",
+        report.add(ERROR, "models_and_slices", present[1], f"the config has both {' and '.join(present)}",
                    "keep one: `models` merges whole models, `slices` picks layer ranges")
     elif not present:
-        report.add(E, "no_models", "models", "the config lists no models (`models`, `slices` or `modules`)",
+        report.add(ERROR, "no_models", "models", "the config lists no models (`models`, `slices` or `modules`)",
                    "add `models:` with one `- model: path-or-hub-id` entry per model")
     base = model_key(data.get("base_model")) if data.get("base_model") is not None else None
     if data.get("base_model") is not None and base is None:
-        report.add(E, "invalid_model", "base_model", "base_model is not a model reference",
+        report.add(ERROR, "invalid_model", "base_model", "base_model is not a model reference",
                    "write `base_model: org/name` or a local path")
     if isinstance(data.get("parameters"), dict):
         inputs.blocks.append(("parameters", data["parameters"], None))
     elif data.get("parameters") is not None:
-        report.add(E, "invalid_parameters", "parameters", "`parameters` must be a mapping of name: value",
+        report.add(ERROR, "invalid_parameters", "parameters", "`parameters` must be a mapping of name: value",
                    "write e.g. `parameters: {density: 0.5}`")
     if "models" in present[:1]:
         _check_models(data["models"], base, report, inputs)
     elif "slices" in present[:1]:
         _check_slices(data["slices"], base, report, inputs)
     elif "modules" in present[:1]:
-        report.add(I, "modules_not_checked", "modules", "`modules` configs are checked for keys only",
+        report.add(INFO, "modules_not_checked", "modules", "`modules` configs are checked for keys only",
                    None)
     _check_tokenizer(data, report)
     for key in ("dtype", "out_dtype"):
         value = data.get(key)
         if value is not None and str(value).removeprefix("torch.") not in DTYPES:
-            report.add(E, "unknown_dtype", key, f"{key} {value!r} is not a dtype mergekit knows",
+            report.add(ERROR, "unknown_dtype", key, f"{key} {value!r} is not a dtype mergekit knows",
                        f"use one of {', '.join(DTYPES[:3])}")
     if spec is not None:
         _check_inputs(spec, base, inputs, report)
@@ -185,12 +174,12 @@ def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | 
 def _check_method(data: dict[str, Any], report: Report) -> MethodSpec | None:
     method = data.get("merge_method")
     if method is None:
-        report.add(E, "missing_method", "merge_method", "the config has no merge_method",
+        report.add(ERROR, "missing_method", "merge_method", "the config has no merge_method",
                    "add e.g. `merge_method: ties` (see `mergelens` strategy for a recommendation)")
         return None
     if not isinstance(method, str) or method not in METHODS:
         close = difflib.get_close_matches(str(method), list(METHODS), n=1)
-        report.add(E, "unknown_method", "merge_method", f"merge_method {method!r} is not a mergekit 0.1.5 method",
+        report.add(ERROR, "unknown_method", "merge_method", f"merge_method {method!r} is not a mergekit 0.1.5 method",
                    f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(sorted(METHODS))}")
         return None
     return METHODS[method]
@@ -198,14 +187,14 @@ def _check_method(data: dict[str, Any], report: Report) -> MethodSpec | None:
 
 def _check_models(models: Any, base: str | None, report: Report, inputs: Inputs) -> None:
     if not isinstance(models, list):
-        report.add(E, "invalid_models", "models", "`models` must be a list of `- model: ...` entries",
+        report.add(ERROR, "invalid_models", "models", "`models` must be a list of `- model: ...` entries",
                    "write each model as `- model: org/name`")
         return
     names = []
     for i, entry in enumerate(models):
         where = f"models[{i}]"
         if not isinstance(entry, dict) or model_key(entry) is None:
-            report.add(E, "invalid_model", where, f"{where} is not a `model: ...` mapping",
+            report.add(ERROR, "invalid_model", where, f"{where} is not a `model: ...` mapping",
                        "write `- model: org/name` (optionally with `parameters:`)")
             continue
         _unknown_keys(report, entry, MODEL_KEYS, where)
@@ -219,13 +208,13 @@ def _check_models(models: Any, base: str | None, report: Report, inputs: Inputs)
 
 def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs) -> None:
     if not isinstance(slices, list):
-        report.add(E, "invalid_slices", "slices", "`slices` must be a list of `- sources: [...]` entries",
+        report.add(ERROR, "invalid_slices", "slices", "`slices` must be a list of `- sources: [...]` entries",
                    "write each slice as `- sources: [{model: org/name, layer_range: [0, 32]}]`")
         return
     for i, s in enumerate(slices):
         where = f"slices[{i}]"
         if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
-            report.add(E, "invalid_slice", where, f"{where} has no `sources` list",
+            report.add(ERROR, "invalid_slice", where, f"{where} has no `sources` list",
                        "write `- sources: [{model: org/name, layer_range: [0, 32]}]`")
             continue
         _unknown_keys(report, s, SLICE_KEYS, where)
@@ -234,7 +223,7 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
         for j, src in enumerate(s["sources"]):
             src_where = f"{where}.sources[{j}]"
             if not isinstance(src, dict) or model_key(src) is None:
-                report.add(E, "invalid_model", src_where, f"{src_where} is not a `model: ...` mapping",
+                report.add(ERROR, "invalid_model", src_where, f"{src_where} is not a `model: ...` mapping",
                            "write `{model: org/name, layer_range: [start, end]}`")
                 continue
             _unknown_keys(report, src, SOURCE_KEYS, src_where)
@@ -244,7 +233,7 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
             lr = src.get("layer_range")
             if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
                                                                  for x in lr) and 0 <= lr[0] <= lr[1]):
-                report.add(E, "invalid_layer_range", f"{src_where}.layer_range",
+                report.add(ERROR, "invalid_layer_range", f"{src_where}.layer_range",
                            f"layer_range {lr!r} is not [start, end] with 0 <= start <= end (mergekit copies "
                            "no layers for a reversed range, silently)",
                            "write `layer_range: [0, 32]` (end exclusive)")
@@ -254,7 +243,7 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
             if isinstance(src.get("parameters"), dict):
                 inputs.blocks.append((f"{src_where}.parameters", src["parameters"], [name]))
         if len(lengths) > 1:
-            report.add(E, "slice_length_mismatch", f"{where}.sources",
+            report.add(ERROR, "slice_length_mismatch", f"{where}.sources",
                        f"the sources of {where} span {sorted(lengths)} layers; mergekit needs one length",
                        "give every source of a slice a layer_range of the same length")
         if isinstance(s.get("parameters"), dict):
@@ -264,7 +253,7 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
 
 def _check_tokenizer(data: dict[str, Any], report: Report) -> None:
     if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
-        report.add(E, "tokenizer_conflict", "tokenizer_source", "both `tokenizer` and `tokenizer_source` are set; "
+        report.add(ERROR, "tokenizer_conflict", "tokenizer_source", "both `tokenizer` and `tokenizer_source` are set; "
                    "mergekit refuses that", "keep `tokenizer: {source: ...}` and delete `tokenizer_source`")
     if isinstance(data.get("tokenizer"), dict):
         _unknown_keys(report, data["tokenizer"], TOKENIZER_KEYS, "tokenizer")
@@ -274,26 +263,26 @@ def _check_inputs(spec: MethodSpec, base: str | None, inputs: Inputs, report: Re
     for where, names, group_base, sliced in inputs.groups:
         used_base = group_base if spec.base != "ignored" else None
         if spec.needs_base and group_base is None:
-            report.add(E, "missing_base", "base_model", f"{spec.name} needs a base_model and the config has none",
+            report.add(ERROR, "missing_base", "base_model", f"{spec.name} needs a base_model and the config has none",
                        "add `base_model: <the model the others were fine-tuned from>`")
         if spec.base == "ignored" and group_base is not None and where in ("models", "slices[0]"):
-            report.add(I, "base_ignored", "base_model", f"{spec.name} ignores base_model", None)
+            report.add(INFO, "base_ignored", "base_model", f"{spec.name} ignores base_model", None)
         if sliced and used_base is not None and used_base not in names:
-            report.add(E, "base_not_in_slice", f"{where}.sources", f"the base model is not a source of {where}; "
+            report.add(ERROR, "base_not_in_slice", f"{where}.sources", f"the base model is not a source of {where}; "
                        "mergekit adds it to `models` lists but not to slices",
                        f"add `{{model: {used_base}, layer_range: [...]}}` to the slice's sources")
             continue
         count = len(set(names) | ({used_base} if used_base else set()))
         if count < spec.min_inputs or (spec.max_inputs is not None and count > spec.max_inputs):
-            fix = (f"list exactly two models and set base_model to one of them" if spec.name == "slerp"
+            fix = ("list exactly two models and set base_model to one of them" if spec.name == "slerp"
                    else f"give {spec.name} {describe_count(spec)} models (the base counts)")
-            report.add(E, "model_count", where, f"{spec.name} takes {describe_count(spec)} input models (base "
+            report.add(ERROR, "model_count", where, f"{spec.name} takes {describe_count(spec)} input models (base "
                        f"included); {where} gives {count}", fix)
         non_base = len(set(names) - {used_base})
         if (spec.min_non_base is not None and non_base < spec.min_non_base) or (
             spec.max_non_base is not None and non_base > spec.max_non_base
         ):
-            report.add(E, "model_count", where, f"{spec.name} takes {spec.min_non_base} to {spec.max_non_base} "
+            report.add(ERROR, "model_count", where, f"{spec.name} takes {spec.min_non_base} to {spec.max_non_base} "
                        f"models besides the base; {where} gives {non_base}", "adjust the model list")
 
 
@@ -305,7 +294,7 @@ def _check_parameters(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
             ps = spec.parameter(str(name))
             if ps is None:
                 close = difflib.get_close_matches(str(name), spec.parameter_names, n=1)
-                report.add(W, "unknown_parameter", path, f"{spec.name} takes no parameter {name!r}; mergekit "
+                report.add(WARNING, "unknown_parameter", path, f"{spec.name} takes no parameter {name!r}; mergekit "
                            "0.1.5 ignores it silently", f"did you mean {close[0]!r}?" if close else
                            f"{spec.name} takes: {', '.join(spec.parameter_names) or 'no parameters'}")
                 continue
@@ -319,7 +308,7 @@ def _check_parameters(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
             needing = [n for n in names if not (ps.scope == "non_base" and n == group_base)]
             missing = [n for n in needing if n not in given.get(ps.name, set())]
             if missing:
-                report.add(E, "missing_parameter", f"{where}", f"{spec.name} needs `{ps.name}` for "
+                report.add(ERROR, "missing_parameter", f"{where}", f"{spec.name} needs `{ps.name}` for "
                            f"{', '.join(missing)}; mergekit stops on it mid-merge",
                            f"add `parameters: {{{ps.name}: ...}}` to each model or at the top level")
     _check_weights(spec, inputs, report)
@@ -331,14 +320,14 @@ def _values(setting: Any, path: str, report: Report) -> Iterator[tuple[str, Any]
     if isinstance(setting, dict):
         _unknown_keys(report, setting, ("value", "filter"), path)
         if "value" not in setting:
-            report.add(E, "invalid_value", path, "a filtered parameter needs a `value`",
+            report.add(ERROR, "invalid_value", path, "a filtered parameter needs a `value`",
                        "write `- {filter: self_attn, value: 0.5}`")
             return
         yield from _values(setting["value"], f"{path}.value", report)
     elif isinstance(setting, list):
         for k, item in enumerate(setting):
             if isinstance(item, list):
-                report.add(E, "invalid_value", f"{path}[{k}]", "nested lists are not a parameter value",
+                report.add(ERROR, "invalid_value", f"{path}[{k}]", "nested lists are not a parameter value",
                            "a gradient is a flat list of numbers")
                 continue
             yield from _values(item, f"{path}[{k}]", report)
@@ -349,32 +338,32 @@ def _values(setting: Any, path: str, report: Report) -> Iterator[tuple[str, Any]
 def _check_value(name: str, kind: type, value: Any, path: str, report: Report) -> None:
     if isinstance(value, str):
         if NUMBER_STRING.match(value.strip()):
-            report.add(W, "string_number", path, f"{name} is the string {value!r}: YAML 1.1 reads numbers like "
+            report.add(WARNING, "string_number", path, f"{name} is the string {value!r}: YAML 1.1 reads numbers like "
                        "1e-3 (no dot before the exponent) as text; mergekit 0.1.5 converts it, other tools and "
                        "older versions do not", f"write {float(value)!r} (e.g. 1.0e-3)")
             value = float(value)
         elif kind is float:
-            report.add(E, "invalid_value", path, f"{name} = {value!r} is not a number", "use a number")
+            report.add(ERROR, "invalid_value", path, f"{name} = {value!r} is not a number", "use a number")
             return
     if kind is bool:
         if not isinstance(value, bool):
-            report.add(E, "invalid_value", path, f"{name} = {value!r} is not true/false", "write true or false")
+            report.add(ERROR, "invalid_value", path, f"{name} = {value!r} is not true/false", "write true or false")
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         if isinstance(value, bool):
-            report.add(E, "invalid_value", path, f"{name} = {value!r} is a boolean, not a number", "use a number")
+            report.add(ERROR, "invalid_value", path, f"{name} = {value!r} is a boolean, not a number", "use a number")
         return
     if not math.isfinite(value):
-        report.add(E, "invalid_value", path, f"{name} = {value} is not finite", "use a finite number")
+        report.add(ERROR, "invalid_value", path, f"{name} = {value} is not finite", "use a finite number")
     elif name == "density" and not 0 < value <= 1:
-        report.add(E, "density_out_of_range", path, f"density {value} is outside (0, 1]: it is the share of "
+        report.add(ERROR, "density_out_of_range", path, f"density {value} is outside (0, 1]: it is the share of "
                    "each task vector kept (mergekit runs anyway, keeping all or nothing)",
                    "use e.g. 0.5 (keep half); 1 keeps everything")
     elif name in ("t", "gamma", "select_topk") and not 0 <= value <= 1:
-        report.add(W, "out_of_range", path, f"{name} = {value} is outside [0, 1]; mergekit extrapolates",
+        report.add(WARNING, "out_of_range", path, f"{name} = {value} is outside [0, 1]; mergekit extrapolates",
                    f"use a {name} between 0 and 1")
     elif name == "weight" and value < 0:
-        report.add(W, "negative_weight", path, f"weight {value} is negative: it subtracts this model",
+        report.add(WARNING, "negative_weight", path, f"weight {value} is negative: it subtracts this model",
                    "use a positive weight unless you mean to subtract (task negation)")
 
 
@@ -408,10 +397,10 @@ def _check_weights(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
                                 else False)
     normalize = normalize_setting is True
     if all(w == 0 for w in weights.values()):
-        report.add(E, "weights_sum", f"{where}", "every weight is 0: the merge has nothing to add (and "
+        report.add(ERROR, "weights_sum", f"{where}", "every weight is 0: the merge has nothing to add (and "
                    "normalising divides by zero)", "give at least one model a positive weight")
     elif not normalize and abs(total - 1) > 0.05:
-        level = W if spec.name == "linear" or total > 1.5 or total < 0.5 else I
+        level = WARNING if spec.name == "linear" or total > 1.5 or total < 0.5 else INFO
         effect = ("the merged weights are scaled by it" if spec.name == "linear"
                   else "the summed task vectors are scaled by it")
         report.add(level, "weights_sum", f"{where}", f"the weights sum to {total:g} and normalize is off: "
@@ -424,7 +413,7 @@ def _check_della(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
     for where, block, _ in inputs.blocks:
         density, epsilon = _scalar_weight(block.get("density")), _scalar_weight(block.get("epsilon"))
         if density is not None and epsilon is not None and not (0 < density - epsilon and density + epsilon <= 1):
-            report.add(W, "epsilon_out_of_range", f"{where}.epsilon", f"density {density} +/- epsilon {epsilon} "
+            report.add(WARNING, "epsilon_out_of_range", f"{where}.epsilon", f"density {density} +/- epsilon {epsilon} "
                        "leaves (0, 1]: DELLA's keep probabilities are clipped", "lower epsilon")
 
 
@@ -435,7 +424,7 @@ def check_layer_counts(inputs: Inputs, data: dict[str, Any], counts: dict[str, i
     for path, name, _start, end in inputs.ranges:
         n = counts.get(name)
         if n is not None and end > n:
-            report.add(E, "slice_out_of_range", path, f"layer_range ends at {end} but {name} has {n} layers "
+            report.add(ERROR, "slice_out_of_range", path, f"layer_range ends at {end} but {name} has {n} layers "
                        "(end is exclusive)", f"end the range at {n} or lower")
     group_layers = _output_layers(inputs, counts)
     if group_layers is None:
@@ -444,7 +433,7 @@ def check_layer_counts(inputs: Inputs, data: dict[str, Any], counts: dict[str, i
         for name, setting in block.items():
             for path, gradient in _gradients(setting, f"{where}.{name}"):
                 if len(gradient) > group_layers:
-                    report.add(W, "gradient_too_long", path, f"the gradient has {len(gradient)} values for "
+                    report.add(WARNING, "gradient_too_long", path, f"the gradient has {len(gradient)} values for "
                                f"{group_layers} layers: mergekit interpolates over the layers, so values are "
                                "skipped", f"give at most {group_layers} values")
 
@@ -472,219 +461,18 @@ def _gradients(setting: Any, path: str) -> Iterator[tuple[str, list[Any]]]:
                     yield from _gradients(item, f"{path}[{k}]")
 
 
-# ---- parameter resolution, as mergekit does it ------------------------------------------------------
+def lookup_for(inputs: Inputs) -> Lookup:
+    """mergekit's precedence for `models:` configs: the model's own setting, then the top-level one."""
+    def lookup(name: str, model: str | None, tensor: str, t: float, default: Any) -> Any:
+        for owner in ([model] if model else []), None:
+            for _, block, models in inputs.blocks:
+                if models == owner and name in block:
+                    value = resolve(block[name], tensor, t)
+                    if value is not None:
+                        return value
+        return default
 
-
-def resolve(setting: Any, tensor: str, t: float) -> float | bool | None:
-    """A setting's value for one tensor at relative depth t: first matching filter, gradients interpolated."""
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, str) and NUMBER_STRING.match(setting.strip()):
-        return float(setting)
-    if isinstance(setting, (bool, int, float)):
-        return setting
-    if isinstance(setting, list) and setting:
-        if all(isinstance(x, dict) for x in setting):
-            for cond in setting:
-                filt = cond.get("filter")
-                if filt in (None, "*") or (isinstance(filt, str) and filt in tensor):
-                    return resolve(cond.get("value"), tensor, t)
-            return None
-        values = [resolve(x, tensor, t) for x in setting]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            return values[int(t * (len(values) - 1))]
-        scaled = t * (len(values) - 1)
-        i0 = int(scaled)
-        i1 = min(len(values) - 1, i0 + 1)
-        return (1 - (scaled - i0)) * float(values[i0]) + (scaled - i0) * float(values[i1])  # type: ignore[arg-type]
-    return None
-
-
-def parameter_for(
-    name: str, model: str | None, tensor: str, t: float, inputs: Inputs, default: Any
-) -> Any:
-    """Model-level setting first, then the top level (mergekit's precedence for `models:` configs)."""
-    for _, block, models in inputs.blocks:
-        if models == [model] and name in block:
-            value = resolve(block[name], tensor, t)
-            if value is not None:
-                return value
-    for _, block, models in inputs.blocks:
-        if models is None and name in block:
-            value = resolve(block[name], tensor, t)
-            if value is not None:
-                return value
-    return default
-
-
-# ---- simulation -------------------------------------------------------------------------------------
-
-
-@dataclass
-class _LayerSums:
-    n_params: int = 0
-    interference: float = 0.0
-    conflict: float = 0.0
-    has_conflict: bool = False
-    linear_rows: float = 0.0
-    rows: float = 0.0
-    survival: dict[str, list[float]] = field(default_factory=dict)  # model -> [kept mass, total mass]
-    index: int | None = None
-
-
-def trim(tau: torch.Tensor, density: float, method: str | None, gamma: float, generator: torch.Generator) -> torch.Tensor:
-    """The kept part of a task vector: mergekit's sparsification, without rescaling."""
-    density = min(1.0, max(0.0, density))
-    flat = tau.reshape(-1)
-    n = flat.numel()
-    if method is None or density >= 1.0 or n == 0:
-        return tau
-    if method == "magnitude":
-        k = int(density * n)
-        if k <= 0:
-            return torch.zeros_like(tau)
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[flat.abs().topk(k).indices] = True
-        return torch.where(keep.reshape(tau.shape), tau, torch.zeros_like(tau))
-    if method == "magnitude_outliers":
-        order = flat.abs().argsort(descending=True)
-        top = min(int(gamma * n), int((1 - density) * n))
-        keep_n = int(density * n)
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[order[top:top + keep_n]] = True
-        return torch.where(keep.reshape(tau.shape), tau, torch.zeros_like(tau))
-    mask = torch.rand(tau.shape, generator=generator) < density  # random (DARE) and, approximately, DELLA
-    return torch.where(mask, tau, torch.zeros_like(tau))
-
-
-def simulate(
-    spec: MethodSpec, data: dict[str, Any], inputs: Inputs, ckpts: dict[str, Checkpoint],
-    report: Report, progress: Progress | None = None, cancelled: Cancelled | None = None,
-) -> tuple[list[LayerInterference], float | None, list[str]]:
-    """Run the configured merge's arithmetic per tensor and keep per-layer sums; nothing is written."""
-    notes: list[str] = []
-    where, names, group_base, _ = inputs.groups[0]
-    base = group_base if spec.base != "ignored" else None
-    models = list(dict.fromkeys(n for n in names if n != base))
-    if spec.name == "slerp":
-        models = list(dict.fromkeys([*([base] if base else []), *names]))[:2]
-    elif spec.base == "ignored" and group_base is not None and group_base not in names:
-        base = group_base  # linear ignores it, but task vectors against it show the interference better
-    elif spec.base == "ignored":
-        base = None
-    if spec.name == "slerp":
-        base = None
-    ref = [ckpts[m] for m in models] + ([ckpts[base]] if base else [])
-    shared = [n for n, info in ref[0].float_tensors.items()
-              if all(n in c.float_tensors and c.tensors[n].shape == info.shape for c in ref[1:])]
-    skipped = len(ref[0].float_tensors) - len(shared)
-    if skipped:
-        notes.append(f"{skipped} tensors differ in name or shape across the models and were not simulated")
-    n_blocks = max(block_count(c) for c in ref)
-    generator = torch.Generator().manual_seed(SEED)
-    sums: dict[str, _LayerSums] = {}
-    roles = {}
-    for done, name in enumerate(shared):
-        if cancelled is not None and cancelled():
-            raise AnalysisCancelledError(f"diagnosis cancelled after {done} of {len(shared)} tensors")
-        role = roles[name] = classify(name)
-        t = (role.layer_index / (n_blocks - 1) if n_blocks > 1 else 1.0) if role.layer_index is not None else (
-            0.0 if role.kind == "embed" else 1.0)
-        layer = sums.setdefault(role.layer_name, _LayerSums(index=role.layer_index))
-        tensors = {m: ckpts[m].read(name) for m in models}
-        base_tensor = ckpts[base].read(name) if base else None
-        numel = next(iter(tensors.values())).numel()
-        layer.n_params += numel
-        _simulate_tensor(spec, name, t, tensors, base_tensor, inputs, layer, numel, generator)
-        if progress is not None:
-            progress(done + 1, len(shared), name)
-    layers = []
-    for layer_name, s in sorted(sums.items(), key=lambda kv: group_sort_key(roles[next(
-            n for n in shared if roles[n].layer_name == kv[0])])):
-        layers.append(LayerInterference(
-            layer_name=layer_name, layer_index=s.index, n_params=s.n_params,
-            interference=round(s.interference / max(s.n_params, 1), 6),
-            sign_conflict=round(s.conflict / max(s.n_params, 1), 6) if s.has_conflict else None,
-            survival={m: round(kept / total, 6) if total > 0 else 1.0 for m, (kept, total) in s.survival.items()},
-            slerp_linear_share=round(s.linear_rows / s.rows, 6) if spec.name == "slerp" and s.rows else None,
-        ))
-    total = sum(lm.n_params for lm in layers)
-    overall = round(sum(lm.interference * lm.n_params for lm in layers) / total, 6) if total else None
-    _simulation_findings(spec, layers, report)
-    return layers, overall, notes
-
-
-def _simulate_tensor(
-    spec: MethodSpec, name: str, t: float, tensors: dict[str, torch.Tensor], base: torch.Tensor | None,
-    inputs: Inputs, layer: _LayerSums, numel: int, generator: torch.Generator,
-) -> None:
-    models = list(tensors)
-    if spec.name == "slerp":
-        frac = float(parameter_for("t", None, name, t, inputs, 0.5))
-        a, b = tensors[models[0]], tensors[models[1]]
-        weighted = [(1 - frac) * a, frac * b]
-        if a.dim() >= 2:
-            rows_a, rows_b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-            cos = torch.nn.functional.cosine_similarity(rows_a, rows_b, dim=1, eps=1e-8)
-            layer.linear_rows += float((cos.abs() > SLERP_LINEAR_FALLBACK).sum())
-            layer.rows += rows_a.shape[0]
-        layer.interference += _cancellation(weighted) * numel
-        return
-    xs = {m: (x - base if base is not None else x) for m, x in tensors.items()}
-    weights = {m: float(parameter_for("weight", m, name, t, inputs, 1.0)) for m in models}
-    if spec.name == "model_stock" or spec.parameter("weight") is None:
-        weights = {m: 1.0 / len(models) for m in models}
-    kept = {}
-    for m, x in xs.items():
-        density = float(parameter_for("density", m, name, t, inputs, 1.0)) if spec.sparsification else 1.0
-        gamma = float(parameter_for("gamma", m, name, t, inputs, 0.01))
-        k = trim(x, density, spec.sparsification, gamma, generator)
-        kept[m] = k
-        if spec.sparsification and base is not None:
-            entry = layer.survival.setdefault(m, [0.0, 0.0])
-            entry[0] += float(k.abs().sum())
-            entry[1] += float(x.abs().sum())
-    weighted = [weights[m] * kept[m] for m in models]
-    if spec.sign_consensus and base is not None:
-        elected = torch.sign(sum(weighted))  # type: ignore[arg-type]
-        mass = sum(w.abs() for w in weighted)
-        lost = sum(torch.where((torch.sign(w) != elected) & (w != 0), w.abs(), torch.zeros_like(w)) for w in weighted)
-        share = float(lost.sum()) / float(mass.sum()) if float(mass.sum()) > 0 else 0.0  # type: ignore[union-attr]
-        layer.conflict += share * numel
-        layer.has_conflict = True
-        layer.interference += share * numel
-    else:
-        layer.interference += _cancellation(weighted) * numel
-
-
-def _cancellation(weighted: list[torch.Tensor]) -> float:
-    """1 - sum|sum_i x_i| / sum_i sum|x_i|: 0 when the inputs agree coordinate-wise, 1 when they cancel."""
-    total = sum(float(x.abs().sum()) for x in weighted)
-    if total <= 0:
-        return 0.0
-    return max(0.0, 1.0 - float(sum(weighted).abs().sum()) / total)  # type: ignore[union-attr]
-
-
-def _simulation_findings(spec: MethodSpec, layers: list[LayerInterference], report: Report) -> None:
-    conflicted = [lm.layer_name for lm in layers if (lm.sign_conflict or 0.0) > HIGH_SIGN_CONFLICT]
-    if conflicted:
-        report.add(W, "sign_conflict", None, f"at the configured density more than {HIGH_SIGN_CONFLICT:.0%} of "
-                   f"the kept task-vector mass loses the sign election in {', '.join(conflicted[:5])}",
-                   "lower density, or give the conflicting model a lower weight (0 via a gradient) in those layers")
-    starving: dict[str, list[str]] = {}
-    for lm in layers if spec.sparsification in ("magnitude", "magnitude_outliers") else []:
-        for m, share in lm.survival.items():
-            if share < LOW_SURVIVAL:
-                starving.setdefault(m, []).append(lm.layer_name)
-    for m, names in starving.items():
-        report.add(W, "low_survival", None, f"trimming keeps less than {LOW_SURVIVAL:.0%} of {m}'s task-vector "
-                   f"mass in {len(names)} layer(s), e.g. {', '.join(names[:3])}", f"raise {m}'s density")
-    if spec.name == "slerp":
-        degenerate = [lm.layer_name for lm in layers if (lm.slerp_linear_share or 0.0) > 0.5]
-        if degenerate:
-            report.add(I, "slerp_degenerate", None, f"mergekit's SLERP interpolates linearly (|cos| > "
-                       f"{SLERP_LINEAR_FALLBACK}) in most rows of {', '.join(degenerate[:5])}: the models are "
-                       "nearly parallel there", "that is harmless; `linear` gives the same result there")
+    return lookup
 
 
 # ---- the whole diagnosis ----------------------------------------------------------------------------
@@ -727,8 +515,12 @@ def diagnose(
         elif not needed or any(n not in ckpts for n in needed):
             notes.append("the merge was not simulated: not every referenced model could be read")
         else:
-            layers, overall, sim_notes = simulate(spec, data, inputs, ckpts, report, progress, cancelled)
-            notes.extend(sim_notes)
+            _, group, group_base, _ = inputs.groups[0]
+            base = group_base if spec.base != "ignored" or group_base not in group else None
+            sim = simulate(spec, group, base, ckpts, lookup_for(inputs), progress, cancelled)
+            layers, overall = sim.layers, sim.overall
+            report.findings.extend(sim.findings)
+            notes.extend(sim.notes)
     return ConfigDiagnosis(
         valid=not report.has_errors, merge_method=spec.name if spec else _method_name(data),
         findings=report.findings, overall_interference=overall,
@@ -767,7 +559,7 @@ def _open(
     try:
         return stack.enter_context(load_checkpoint(name, name, guard=guard, limits=limits))
     except MergeLensError as exc:
-        report.add(W, "model_unreadable", None, f"{name} could not be read: {exc}",
+        report.add(WARNING, "model_unreadable", None, f"{name} could not be read: {exc}",
                    "the structural checks still apply; fix the path to simulate the merge")
         return None
 
