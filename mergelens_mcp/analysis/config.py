@@ -38,7 +38,7 @@ from .mergekit_schema import (
 from .simulation import NUMBER_STRING, Cancelled, Lookup, Progress, resolve, simulate
 
 MAX_CONFIG_BYTES = 1 << 20
-ERROR, WARNING, INFO = FindingLevel.ERROR, FindingLevel.WARNING, FindingLevel.INFO
+ERR, WARN, INFO = FindingLevel.ERROR, FindingLevel.WARNING, FindingLevel.INFO
 
 
 # ---- parsing -----------------------------------------------------------------------------------------
@@ -48,7 +48,8 @@ def read_config_text(config: str, guard: PathGuard | None = None) -> tuple[str, 
     """(YAML text, where it came from): `config` is a path to a .yaml/.yml file or the YAML itself."""
     stripped = config.strip()
     looks_like_path = "\n" not in stripped and (
-        stripped.endswith((".yaml", ".yml")) or (":" not in stripped and Path(stripped).expanduser().is_file())
+        stripped.endswith((".yaml", ".yml"))
+        or (":" not in stripped and Path(stripped).expanduser().is_file())
     )
     if not looks_like_path:
         return config, "inline YAML"
@@ -71,17 +72,19 @@ def parse_config(text: str, where: str = "config") -> dict[str, Any]:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown line"
         if "expected a single document" in str(exc):
-            raise ConfigError(f"{where}: holds several YAML documents (mergekit-multi format); diagnose one merge "
-                              "at a time: split it at the `---` lines") from None
-        raise ConfigError(f"{where}: invalid YAML at {line}: {exc.problem or exc}; check the indentation and "
-                          "quoting there (a mergekit config is a mapping: `merge_method: ...`, `models: ...`)") from None
+            raise ConfigError(f"{where}: holds several YAML documents (mergekit-multi format); diagnose one "
+                              "merge at a time: split it at the `---` lines") from None
+        raise ConfigError(
+            f"{where}: invalid YAML at {line}: {exc.problem or exc}; check the indentation and quoting there "
+            "(a mergekit config is a mapping: `merge_method: ...`, `models: ...`)"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: invalid YAML: {exc}") from None
     if data is None:
         raise ConfigError(f"{where}: is empty; a mergekit config needs at least `merge_method` and `models`")
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: is a YAML {type(data).__name__}, not a mapping; a mergekit config starts "
-                          "with keys like `merge_method:` and `models:`")
+        raise ConfigError(f"{where}: is a YAML {type(data).__name__}, not a mapping; a mergekit config "
+                          "starts with keys like `merge_method:` and `models:`")
     return data
 
 
@@ -92,12 +95,14 @@ def parse_config(text: str, where: str = "config") -> dict[str, Any]:
 class Report:
     findings: list[Finding] = field(default_factory=list)
 
-    def add(self, level: FindingLevel, code: str, path: str | None, message: str, fix: str | None = None) -> None:
+    def add(
+        self, level: FindingLevel, code: str, path: str | None, message: str, fix: str | None = None
+    ) -> None:
         self.findings.append(Finding(level=level, code=code, message=message, fix=fix, path=path))
 
     @property
     def has_errors(self) -> bool:
-        return any(f.level is ERROR for f in self.findings)
+        return any(f.level is ERR for f in self.findings)
 
 
 def model_key(ref: Any) -> str | None:
@@ -108,7 +113,9 @@ def model_key(ref: Any) -> str | None:
         inner = ref.get("model")
         if isinstance(inner, dict):
             path, rev = inner.get("path"), inner.get("revision")
-            return f"{path}@{rev}" if isinstance(path, str) and rev else path if isinstance(path, str) else None
+            if not isinstance(path, str):
+                return None
+            return f"{path}@{rev}" if rev else path
         return model_key(inner)
     return None
 
@@ -118,8 +125,8 @@ def _unknown_keys(report: Report, mapping: dict[str, Any], known: tuple[str, ...
         if key in known:
             continue
         close = difflib.get_close_matches(str(key), known, n=1)
-        report.add(WARNING, "unknown_key", f"{where}.{key}" if where else str(key),
-                   f"unknown key {key!r}" + (f" in {where}" if where else "") + ": mergekit ignores it silently",
+        report.add(WARN, "unknown_key", f"{where}.{key}" if where else str(key),
+                   f"unknown key {key!r}{f' in {where}' if where else ''}: mergekit ignores it silently",
                    f"did you mean {close[0]!r}?" if close else f"remove it; known keys: {', '.join(known)}")
 
 
@@ -127,9 +134,12 @@ def _unknown_keys(report: Report, mapping: dict[str, Any], known: tuple[str, ...
 class Inputs:
     """Where each model appears, and each `parameters` block with the models it applies to."""
 
-    groups: list[tuple[str, list[str], str | None, bool]] = field(default_factory=list)  # path, models, base, slice
-    blocks: list[tuple[str, dict[str, Any], list[str] | None]] = field(default_factory=list)  # path, block, models
-    ranges: list[tuple[str, str, int, int]] = field(default_factory=list)  # path, model, start, end
+    # (path, models, base, is a slice)
+    groups: list[tuple[str, list[str], str | None, bool]] = field(default_factory=list)
+    # (path, block, the models it applies to: None = all)
+    blocks: list[tuple[str, dict[str, Any], list[str] | None]] = field(default_factory=list)
+    # (path, model, start, end)
+    ranges: list[tuple[str, str, int, int]] = field(default_factory=list)
 
 
 def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | None, Inputs]:
@@ -138,19 +148,19 @@ def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | 
     inputs = Inputs()
     present = [k for k in ("models", "slices", "modules") if data.get(k)]
     if len(present) > 1:
-        report.add(ERROR, "models_and_slices", present[1], f"the config has both {' and '.join(present)}",
+        report.add(ERR, "models_and_slices", present[1], f"the config has both {' and '.join(present)}",
                    "keep one: `models` merges whole models, `slices` picks layer ranges")
     elif not present:
-        report.add(ERROR, "no_models", "models", "the config lists no models (`models`, `slices` or `modules`)",
+        report.add(ERR, "no_models", "models", "the config lists no models (`models`, `slices` or `modules`)",
                    "add `models:` with one `- model: path-or-hub-id` entry per model")
     base = model_key(data.get("base_model")) if data.get("base_model") is not None else None
     if data.get("base_model") is not None and base is None:
-        report.add(ERROR, "invalid_model", "base_model", "base_model is not a model reference",
+        report.add(ERR, "invalid_model", "base_model", "base_model is not a model reference",
                    "write `base_model: org/name` or a local path")
     if isinstance(data.get("parameters"), dict):
         inputs.blocks.append(("parameters", data["parameters"], None))
     elif data.get("parameters") is not None:
-        report.add(ERROR, "invalid_parameters", "parameters", "`parameters` must be a mapping of name: value",
+        report.add(ERR, "invalid_parameters", "parameters", "`parameters` must be a mapping of name: value",
                    "write e.g. `parameters: {density: 0.5}`")
     if "models" in present[:1]:
         _check_models(data["models"], base, report, inputs)
@@ -163,7 +173,7 @@ def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | 
     for key in ("dtype", "out_dtype"):
         value = data.get(key)
         if value is not None and str(value).removeprefix("torch.") not in DTYPES:
-            report.add(ERROR, "unknown_dtype", key, f"{key} {value!r} is not a dtype mergekit knows",
+            report.add(ERR, "unknown_dtype", key, f"{key} {value!r} is not a dtype mergekit knows",
                        f"use one of {', '.join(DTYPES[:3])}")
     if spec is not None:
         _check_inputs(spec, base, inputs, report)
@@ -174,12 +184,12 @@ def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | 
 def _check_method(data: dict[str, Any], report: Report) -> MethodSpec | None:
     method = data.get("merge_method")
     if method is None:
-        report.add(ERROR, "missing_method", "merge_method", "the config has no merge_method",
+        report.add(ERR, "missing_method", "merge_method", "the config has no merge_method",
                    "add e.g. `merge_method: ties` (see `mergelens` strategy for a recommendation)")
         return None
     if not isinstance(method, str) or method not in METHODS:
         close = difflib.get_close_matches(str(method), list(METHODS), n=1)
-        report.add(ERROR, "unknown_method", "merge_method", f"merge_method {method!r} is not a mergekit 0.1.5 method",
+        report.add(ERR, "unknown_method", "merge_method", f"merge_method {method!r} is not a mergekit method",
                    f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(sorted(METHODS))}")
         return None
     return METHODS[method]
@@ -187,14 +197,14 @@ def _check_method(data: dict[str, Any], report: Report) -> MethodSpec | None:
 
 def _check_models(models: Any, base: str | None, report: Report, inputs: Inputs) -> None:
     if not isinstance(models, list):
-        report.add(ERROR, "invalid_models", "models", "`models` must be a list of `- model: ...` entries",
+        report.add(ERR, "invalid_models", "models", "`models` must be a list of `- model: ...` entries",
                    "write each model as `- model: org/name`")
         return
     names = []
     for i, entry in enumerate(models):
         where = f"models[{i}]"
         if not isinstance(entry, dict) or model_key(entry) is None:
-            report.add(ERROR, "invalid_model", where, f"{where} is not a `model: ...` mapping",
+            report.add(ERR, "invalid_model", where, f"{where} is not a `model: ...` mapping",
                        "write `- model: org/name` (optionally with `parameters:`)")
             continue
         _unknown_keys(report, entry, MODEL_KEYS, where)
@@ -208,13 +218,13 @@ def _check_models(models: Any, base: str | None, report: Report, inputs: Inputs)
 
 def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs) -> None:
     if not isinstance(slices, list):
-        report.add(ERROR, "invalid_slices", "slices", "`slices` must be a list of `- sources: [...]` entries",
+        report.add(ERR, "invalid_slices", "slices", "`slices` must be a list of `- sources: [...]` entries",
                    "write each slice as `- sources: [{model: org/name, layer_range: [0, 32]}]`")
         return
     for i, s in enumerate(slices):
         where = f"slices[{i}]"
         if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
-            report.add(ERROR, "invalid_slice", where, f"{where} has no `sources` list",
+            report.add(ERR, "invalid_slice", where, f"{where} has no `sources` list",
                        "write `- sources: [{model: org/name, layer_range: [0, 32]}]`")
             continue
         _unknown_keys(report, s, SLICE_KEYS, where)
@@ -223,7 +233,7 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
         for j, src in enumerate(s["sources"]):
             src_where = f"{where}.sources[{j}]"
             if not isinstance(src, dict) or model_key(src) is None:
-                report.add(ERROR, "invalid_model", src_where, f"{src_where} is not a `model: ...` mapping",
+                report.add(ERR, "invalid_model", src_where, f"{src_where} is not a `model: ...` mapping",
                            "write `{model: org/name, layer_range: [start, end]}`")
                 continue
             _unknown_keys(report, src, SOURCE_KEYS, src_where)
@@ -231,9 +241,9 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
             assert name is not None
             names.append(name)
             lr = src.get("layer_range")
-            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                 for x in lr) and 0 <= lr[0] <= lr[1]):
-                report.add(ERROR, "invalid_layer_range", f"{src_where}.layer_range",
+            integers = isinstance(lr, list) and all(type(x) is int for x in lr)
+            if not (integers and len(lr) == 2 and 0 <= lr[0] <= lr[1]):
+                report.add(ERR, "invalid_layer_range", f"{src_where}.layer_range",
                            f"layer_range {lr!r} is not [start, end] with 0 <= start <= end (mergekit copies "
                            "no layers for a reversed range, silently)",
                            "write `layer_range: [0, 32]` (end exclusive)")
@@ -243,7 +253,7 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
             if isinstance(src.get("parameters"), dict):
                 inputs.blocks.append((f"{src_where}.parameters", src["parameters"], [name]))
         if len(lengths) > 1:
-            report.add(ERROR, "slice_length_mismatch", f"{where}.sources",
+            report.add(ERR, "slice_length_mismatch", f"{where}.sources",
                        f"the sources of {where} span {sorted(lengths)} layers; mergekit needs one length",
                        "give every source of a slice a layer_range of the same length")
         if isinstance(s.get("parameters"), dict):
@@ -253,8 +263,9 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
 
 def _check_tokenizer(data: dict[str, Any], report: Report) -> None:
     if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
-        report.add(ERROR, "tokenizer_conflict", "tokenizer_source", "both `tokenizer` and `tokenizer_source` are set; "
-                   "mergekit refuses that", "keep `tokenizer: {source: ...}` and delete `tokenizer_source`")
+        report.add(ERR, "tokenizer_conflict", "tokenizer_source",
+                   "both `tokenizer` and `tokenizer_source` are set; mergekit refuses that",
+                   "keep `tokenizer: {source: ...}` and delete `tokenizer_source`")
     if isinstance(data.get("tokenizer"), dict):
         _unknown_keys(report, data["tokenizer"], TOKENIZER_KEYS, "tokenizer")
 
@@ -263,27 +274,30 @@ def _check_inputs(spec: MethodSpec, base: str | None, inputs: Inputs, report: Re
     for where, names, group_base, sliced in inputs.groups:
         used_base = group_base if spec.base != "ignored" else None
         if spec.needs_base and group_base is None:
-            report.add(ERROR, "missing_base", "base_model", f"{spec.name} needs a base_model and the config has none",
+            report.add(ERR, "missing_base", "base_model", f"{spec.name} needs a base_model; there is none",
                        "add `base_model: <the model the others were fine-tuned from>`")
         if spec.base == "ignored" and group_base is not None and where in ("models", "slices[0]"):
             report.add(INFO, "base_ignored", "base_model", f"{spec.name} ignores base_model", None)
         if sliced and used_base is not None and used_base not in names:
-            report.add(ERROR, "base_not_in_slice", f"{where}.sources", f"the base model is not a source of {where}; "
-                       "mergekit adds it to `models` lists but not to slices",
+            report.add(ERR, "base_not_in_slice", f"{where}.sources",
+                       f"the base model is not a source of {where}; mergekit adds it to `models` lists "
+                       "but not to slices",
                        f"add `{{model: {used_base}, layer_range: [...]}}` to the slice's sources")
             continue
         count = len(set(names) | ({used_base} if used_base else set()))
         if count < spec.min_inputs or (spec.max_inputs is not None and count > spec.max_inputs):
             fix = ("list exactly two models and set base_model to one of them" if spec.name == "slerp"
                    else f"give {spec.name} {describe_count(spec)} models (the base counts)")
-            report.add(ERROR, "model_count", where, f"{spec.name} takes {describe_count(spec)} input models (base "
-                       f"included); {where} gives {count}", fix)
+            report.add(ERR, "model_count", where,
+                       f"{spec.name} takes {describe_count(spec)} input models (base included); {where} "
+                       f"gives {count}", fix)
         non_base = len(set(names) - {used_base})
         if (spec.min_non_base is not None and non_base < spec.min_non_base) or (
             spec.max_non_base is not None and non_base > spec.max_non_base
         ):
-            report.add(ERROR, "model_count", where, f"{spec.name} takes {spec.min_non_base} to {spec.max_non_base} "
-                       f"models besides the base; {where} gives {non_base}", "adjust the model list")
+            report.add(ERR, "model_count", where,
+                       f"{spec.name} takes {spec.min_non_base} to {spec.max_non_base} models besides the "
+                       f"base; {where} gives {non_base}", "adjust the model list")
 
 
 def _check_parameters(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
@@ -294,9 +308,10 @@ def _check_parameters(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
             ps = spec.parameter(str(name))
             if ps is None:
                 close = difflib.get_close_matches(str(name), spec.parameter_names, n=1)
-                report.add(WARNING, "unknown_parameter", path, f"{spec.name} takes no parameter {name!r}; mergekit "
-                           "0.1.5 ignores it silently", f"did you mean {close[0]!r}?" if close else
-                           f"{spec.name} takes: {', '.join(spec.parameter_names) or 'no parameters'}")
+                takes = f"{spec.name} takes: {', '.join(spec.parameter_names) or 'no parameters'}"
+                report.add(WARN, "unknown_parameter", path,
+                           f"{spec.name} takes no parameter {name!r}; mergekit 0.1.5 ignores it silently",
+                           f"did you mean {close[0]!r}?" if close else takes)
                 continue
             for value_path, value in _values(setting, path, report):
                 _check_value(ps.name, ps.kind, value, value_path, report)
@@ -308,7 +323,7 @@ def _check_parameters(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
             needing = [n for n in names if not (ps.scope == "non_base" and n == group_base)]
             missing = [n for n in needing if n not in given.get(ps.name, set())]
             if missing:
-                report.add(ERROR, "missing_parameter", f"{where}", f"{spec.name} needs `{ps.name}` for "
+                report.add(ERR, "missing_parameter", f"{where}", f"{spec.name} needs `{ps.name}` for "
                            f"{', '.join(missing)}; mergekit stops on it mid-merge",
                            f"add `parameters: {{{ps.name}: ...}}` to each model or at the top level")
     _check_weights(spec, inputs, report)
@@ -320,14 +335,14 @@ def _values(setting: Any, path: str, report: Report) -> Iterator[tuple[str, Any]
     if isinstance(setting, dict):
         _unknown_keys(report, setting, ("value", "filter"), path)
         if "value" not in setting:
-            report.add(ERROR, "invalid_value", path, "a filtered parameter needs a `value`",
+            report.add(ERR, "invalid_value", path, "a filtered parameter needs a `value`",
                        "write `- {filter: self_attn, value: 0.5}`")
             return
         yield from _values(setting["value"], f"{path}.value", report)
     elif isinstance(setting, list):
         for k, item in enumerate(setting):
             if isinstance(item, list):
-                report.add(ERROR, "invalid_value", f"{path}[{k}]", "nested lists are not a parameter value",
+                report.add(ERR, "invalid_value", f"{path}[{k}]", "nested lists are not a parameter value",
                            "a gradient is a flat list of numbers")
                 continue
             yield from _values(item, f"{path}[{k}]", report)
@@ -338,32 +353,34 @@ def _values(setting: Any, path: str, report: Report) -> Iterator[tuple[str, Any]
 def _check_value(name: str, kind: type, value: Any, path: str, report: Report) -> None:
     if isinstance(value, str):
         if NUMBER_STRING.match(value.strip()):
-            report.add(WARNING, "string_number", path, f"{name} is the string {value!r}: YAML 1.1 reads numbers like "
-                       "1e-3 (no dot before the exponent) as text; mergekit 0.1.5 converts it, other tools and "
-                       "older versions do not", f"write {float(value)!r} (e.g. 1.0e-3)")
+            report.add(WARN, "string_number", path,
+                       f"{name} is the string {value!r}: YAML 1.1 reads numbers like 1e-3 (no dot before the "
+                       "exponent) as text; mergekit 0.1.5 converts it, other tools and older versions do not",
+                       f"write {float(value)!r} (e.g. 1.0e-3)")
             value = float(value)
         elif kind is float:
-            report.add(ERROR, "invalid_value", path, f"{name} = {value!r} is not a number", "use a number")
+            report.add(ERR, "invalid_value", path, f"{name} = {value!r} is not a number", "use a number")
             return
     if kind is bool:
         if not isinstance(value, bool):
-            report.add(ERROR, "invalid_value", path, f"{name} = {value!r} is not true/false", "write true or false")
+            report.add(ERR, "invalid_value", path, f"{name} = {value!r} is not true/false", "true or false")
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         if isinstance(value, bool):
-            report.add(ERROR, "invalid_value", path, f"{name} = {value!r} is a boolean, not a number", "use a number")
+            report.add(ERR, "invalid_value", path, f"{name} = {value!r} is not a number", "use a number")
         return
     if not math.isfinite(value):
-        report.add(ERROR, "invalid_value", path, f"{name} = {value} is not finite", "use a finite number")
+        report.add(ERR, "invalid_value", path, f"{name} = {value} is not finite", "use a finite number")
     elif name == "density" and not 0 < value <= 1:
-        report.add(ERROR, "density_out_of_range", path, f"density {value} is outside (0, 1]: it is the share of "
-                   "each task vector kept (mergekit runs anyway, keeping all or nothing)",
+        report.add(ERR, "density_out_of_range", path,
+                   f"density {value} is outside (0, 1]: it is the share of each task vector kept (mergekit "
+                   "runs anyway, keeping all or nothing)",
                    "use e.g. 0.5 (keep half); 1 keeps everything")
     elif name in ("t", "gamma", "select_topk") and not 0 <= value <= 1:
-        report.add(WARNING, "out_of_range", path, f"{name} = {value} is outside [0, 1]; mergekit extrapolates",
+        report.add(WARN, "out_of_range", path, f"{name} = {value} is outside [0, 1]; mergekit extrapolates",
                    f"use a {name} between 0 and 1")
     elif name == "weight" and value < 0:
-        report.add(WARNING, "negative_weight", path, f"weight {value} is negative: it subtracts this model",
+        report.add(WARN, "negative_weight", path, f"weight {value} is negative: it subtracts this model",
                    "use a positive weight unless you mean to subtract (task negation)")
 
 
@@ -393,18 +410,17 @@ def _check_weights(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
     if not weights:
         return
     total = sum(weights.values())
-    normalize_setting = top.get("normalize", spec.parameter("normalize").default if spec.parameter("normalize")
-                                else False)
-    normalize = normalize_setting is True
+    normalize_spec = spec.parameter("normalize")
+    normalize = top.get("normalize", normalize_spec.default if normalize_spec else False) is True
     if all(w == 0 for w in weights.values()):
-        report.add(ERROR, "weights_sum", f"{where}", "every weight is 0: the merge has nothing to add (and "
+        report.add(ERR, "weights_sum", f"{where}", "every weight is 0: the merge has nothing to add (and "
                    "normalising divides by zero)", "give at least one model a positive weight")
     elif not normalize and abs(total - 1) > 0.05:
-        level = WARNING if spec.name == "linear" or total > 1.5 or total < 0.5 else INFO
+        level = WARN if spec.name == "linear" or total > 1.5 or total < 0.5 else INFO
         effect = ("the merged weights are scaled by it" if spec.name == "linear"
                   else "the summed task vectors are scaled by it")
         report.add(level, "weights_sum", f"{where}", f"the weights sum to {total:g} and normalize is off: "
-                   f"{effect}", "make them sum to 1, or set `parameters: {normalize: true}` if they are ratios")
+                   f"{effect}", "make them sum to 1, or set `parameters: {normalize: true}` for ratios")
 
 
 def _check_della(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
@@ -412,9 +428,12 @@ def _check_della(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
         return
     for where, block, _ in inputs.blocks:
         density, epsilon = _scalar_weight(block.get("density")), _scalar_weight(block.get("epsilon"))
-        if density is not None and epsilon is not None and not (0 < density - epsilon and density + epsilon <= 1):
-            report.add(WARNING, "epsilon_out_of_range", f"{where}.epsilon", f"density {density} +/- epsilon {epsilon} "
-                       "leaves (0, 1]: DELLA's keep probabilities are clipped", "lower epsilon")
+        if density is None or epsilon is None:
+            continue
+        if density - epsilon <= 0 or density + epsilon > 1:
+            report.add(WARN, "epsilon_out_of_range", f"{where}.epsilon",
+                       f"density {density} +/- epsilon {epsilon} leaves (0, 1]: DELLA's keep probabilities "
+                       "are clipped", "lower epsilon")
 
 
 # ---- layer counts (need the models) -----------------------------------------------------------------
@@ -424,8 +443,9 @@ def check_layer_counts(inputs: Inputs, data: dict[str, Any], counts: dict[str, i
     for path, name, _start, end in inputs.ranges:
         n = counts.get(name)
         if n is not None and end > n:
-            report.add(ERROR, "slice_out_of_range", path, f"layer_range ends at {end} but {name} has {n} layers "
-                       "(end is exclusive)", f"end the range at {n} or lower")
+            report.add(ERR, "slice_out_of_range", path,
+                       f"layer_range ends at {end} but {name} has {n} layers (end is exclusive)",
+                       f"end the range at {n} or lower")
     group_layers = _output_layers(inputs, counts)
     if group_layers is None:
         return
@@ -433,9 +453,10 @@ def check_layer_counts(inputs: Inputs, data: dict[str, Any], counts: dict[str, i
         for name, setting in block.items():
             for path, gradient in _gradients(setting, f"{where}.{name}"):
                 if len(gradient) > group_layers:
-                    report.add(WARNING, "gradient_too_long", path, f"the gradient has {len(gradient)} values for "
-                               f"{group_layers} layers: mergekit interpolates over the layers, so values are "
-                               "skipped", f"give at most {group_layers} values")
+                    report.add(WARN, "gradient_too_long", path,
+                               f"the gradient has {len(gradient)} values for {group_layers} layers: mergekit "
+                               "interpolates over the layers, so values are skipped",
+                               f"give at most {group_layers} values")
 
 
 def _output_layers(inputs: Inputs, counts: dict[str, int]) -> int | None:
@@ -550,7 +571,8 @@ def _simulation_inputs(spec: MethodSpec | None, inputs: Inputs) -> list[str]:
 
 
 def _open(
-    name: str, guard: PathGuard | None, limits: Limits | None, report: Report, stack: ExitStack, notes: list[str]
+    name: str, guard: PathGuard | None, limits: Limits | None, report: Report, stack: ExitStack,
+    notes: list[str],
 ) -> Checkpoint | None:
     candidate = Path(name).expanduser()
     if not candidate.exists():
@@ -559,7 +581,7 @@ def _open(
     try:
         return stack.enter_context(load_checkpoint(name, name, guard=guard, limits=limits))
     except MergeLensError as exc:
-        report.add(WARNING, "model_unreadable", None, f"{name} could not be read: {exc}",
+        report.add(WARN, "model_unreadable", None, f"{name} could not be read: {exc}",
                    "the structural checks still apply; fix the path to simulate the merge")
         return None
 

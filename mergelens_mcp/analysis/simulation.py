@@ -133,7 +133,7 @@ def simulate(
     spec: MethodSpec, names: list[str], base: str | None, ckpts: dict[str, Checkpoint], lookup: Lookup,
     progress: Progress | None = None, cancelled: Cancelled | None = None,
 ) -> Simulation:
-    """Run the merge's arithmetic for the inputs `names` (and `base`) of a `models:` config, tensor by tensor."""
+    """The merge's arithmetic on the inputs `names` (and `base`) of a `models:` config, tensor by tensor."""
     if spec.name == "slerp":
         models, base = list(dict.fromkeys([*([base] if base else []), *names]))[:2], None
     else:
@@ -209,7 +209,8 @@ def _tensor(
         kept = tau
         if spec.sparsification and base is not None:
             density = float(lookup("density", m, name, t, 1.0))
-            kept = trim(tau, density, spec.sparsification, float(lookup("gamma", m, name, t, 0.01)), generator)
+            gamma = float(lookup("gamma", m, name, t, 0.01))
+            kept = trim(tau, density, spec.sparsification, gamma, generator)
             entry = layer.survival.setdefault(m, [0.0, 0.0])
             entry[0] += float(kept.abs().sum())
             entry[1] += float(tau.abs().sum())
@@ -228,9 +229,9 @@ def _findings(spec: MethodSpec, layers: list[LayerInterference]) -> list[Finding
     if conflicted:
         findings.append(Finding(
             level=FindingLevel.WARNING, code="sign_conflict",
-            message=f"at the configured density more than {HIGH_SIGN_CONFLICT:.0%} of the kept task-vector mass "
-            f"loses the sign election in {', '.join(conflicted[:5])}",
-            fix="lower the density, or give the conflicting model weight 0 in those layers (a per-layer gradient)",
+            message=f"at the configured density more than {HIGH_SIGN_CONFLICT:.0%} of the kept task-vector "
+            f"mass loses the sign election in {', '.join(conflicted[:5])}",
+            fix="lower the density, or give the conflicting model weight 0 in those layers (a gradient)",
         ))
     starving: dict[str, list[str]] = {}
     if spec.sparsification in ("magnitude", "magnitude_outliers"):  # random dropping keeps ~density by design
@@ -248,8 +249,8 @@ def _findings(spec: MethodSpec, layers: list[LayerInterference]) -> list[Finding
     if degenerate:
         findings.append(Finding(
             level=FindingLevel.INFO, code="slerp_degenerate",
-            message=f"mergekit's SLERP interpolates linearly (|cos| > {SLERP_LINEAR_FALLBACK}) in most rows of "
-            f"{', '.join(degenerate[:5])}: the models are nearly parallel there",
+            message=f"mergekit's SLERP interpolates linearly (|cos| > {SLERP_LINEAR_FALLBACK}) in most rows "
+            f"of {', '.join(degenerate[:5])}: the models are nearly parallel there",
             fix="harmless; `linear` gives the same result in those layers",
         ))
     return findings
