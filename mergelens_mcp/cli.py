@@ -53,7 +53,7 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
 
     path = Path(args.config)
     if not path.is_file():
-        raise InputError(f"--config {args.config!r} is not a file; pass the mergekit YAML you would give mergekit-yaml")
+        raise InputError(f"--config {args.config!r} is not a file; pass the YAML you give mergekit-yaml")
     result = _with_progress(console, "simulating", lambda progress: diagnose(str(path), progress=progress))
     out = Console()
     status = "[bold green]valid[/]" if result.valid else "[bold red]will fail[/]"
@@ -68,7 +68,8 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
         out.print(f"[bold]Simulated interference:[/] {result.overall_interference:.3f} (0 = nothing lost)")
         for layer in result.layers:
             extra = "".join(f"  {m}: {v:.0%} kept" for m, v in layer.survival.items())
-            out.print(f"  {layer.layer_name:<12} {layer.interference:.3f}{extra}", markup=False, highlight=False)
+            out.print(f"  {layer.layer_name:<12} {layer.interference:.3f}{extra}", markup=False,
+                      highlight=False)
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False, style="dim")
     if args.json:

@@ -69,8 +69,10 @@ def diagnose(
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
 ) -> ConfigDiagnosis:
-    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it where the models are readable."""
+    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it on the readable models."""
     from .analysis.config import diagnose as diagnose_config
 
     settings = settings or Settings()
-    return diagnose_config(config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled)
+    return diagnose_config(
+        config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled
+    )
