@@ -29,7 +29,9 @@ def broken(family: Family) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("code", sorted(broken_configs()))
-def test_each_kind_of_config_mistake_is_found_with_its_path_and_fix(code: str, broken: dict[str, str]) -> None:
+def test_each_kind_of_config_mistake_is_found_with_its_path_and_fix(
+    code: str, broken: dict[str, str],
+) -> None:
     result = diagnose_config(broken[code])
     found = [f for f in result.findings if f.code == code]
     assert found, [f.code for f in result.findings]
@@ -51,7 +53,8 @@ def test_finding_paths_point_at_the_offending_yaml_node(broken: dict[str, str]) 
 
 
 def test_the_fixes_suggest_the_name_that_was_probably_meant(broken: dict[str, str]) -> None:
-    fixes = {f.code: f.fix for code in ("unknown_key", "unknown_method") for f in diagnose_config(broken[code]).findings}
+    fixes = {f.code: f.fix for code in ("unknown_key", "unknown_method")
+             for f in diagnose_config(broken[code]).findings}
     assert fixes == {"unknown_key": "did you mean 'parameters'?", "unknown_method": "did you mean 'ties'?"}
 
 
@@ -60,8 +63,9 @@ def test_a_sound_config_on_readable_models_is_valid_and_simulated(family: Family
     result = diagnose_config(config)
     assert result.valid and result.findings == []
     assert result.models_checked == [str(family.finetune_a), str(family.finetune_b), str(family.base)]
-    assert list(result.interference_scores) == ["embed", "layers.0", "layers.1", "layers.2", "layers.3", "norm",
-                                                "lm_head"]
+    assert list(result.interference_scores) == [
+        "embed", "layers.0", "layers.1", "layers.2", "layers.3", "norm", "lm_head",
+    ]
     assert result.overall_interference is not None and result.overall_interference < 0.05
 
 

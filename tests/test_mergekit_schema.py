@@ -24,8 +24,10 @@ def test_the_table_says_which_methods_need_a_base_and_how_many_models() -> None:
             if METHODS[name].needs_base] == ["slerp", "ties", "dare_ties", "model_stock"]
     assert (METHODS["slerp"].min_inputs, METHODS["slerp"].max_inputs) == (2, 2)
     assert METHODS["model_stock"].min_inputs == 3
-    assert METHODS["ties"].parameter_names == ("weight", "density", "lambda", "normalize", "rescale", "int8_mask")
-    assert "epsilon" in METHODS["della"].parameter_names and "gamma" in METHODS["breadcrumbs_ties"].parameter_names
+    ties = ("weight", "density", "lambda", "normalize", "rescale", "int8_mask")
+    assert METHODS["ties"].parameter_names == ties
+    assert "epsilon" in METHODS["della"].parameter_names
+    assert "gamma" in METHODS["breadcrumbs_ties"].parameter_names
     assert METHODS["model_stock"].parameter_names == ("filter_wise",)
 
 
