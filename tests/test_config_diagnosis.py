@@ -176,3 +176,29 @@ def test_cli_diagnose_prints_severity_path_and_fix_and_exits_by_validity(tmp_pat
     assert _cli("diagnose", "--config", str(good)).returncode == 0
     missing = _cli("diagnose", "--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "is not a file" in " ".join(missing.stderr.split())
+
+
+def _slices(spec: list[list[tuple[str, int, int]]], method: str, **top: object) -> str:
+    slices = [{"sources": [{"model": m, "layer_range": [s, e]} for m, s, e in sources]} for sources in spec]
+    return yaml.safe_dump({"merge_method": method, "slices": slices, "parameters": top, "dtype": "bfloat16"})
+
+
+def test_a_slices_config_over_the_whole_depth_simulates_like_the_models_config(family: Family) -> None:
+    a, b = str(family.finetune_a), str(family.finetune_b)
+    models = diagnose_config(yaml.safe_dump(slerp_config(a, b, t=0.3)))
+    sliced = diagnose_config(_slices([[(a, 0, 4), (b, 0, 4)]], "slerp", t=0.3).replace(
+        "merge_method: slerp", f"merge_method: slerp\nbase_model: {a}"))
+    assert sliced.valid, sliced.findings
+    assert sliced.interference_scores == pytest.approx(models.interference_scores)
+    assert list(sliced.interference_scores) == list(models.interference_scores)
+
+
+def test_slices_that_pair_different_depths_interfere_more_than_aligned_ones(family: Family) -> None:
+    a, b = str(family.finetune_a), str(family.finetune_b)
+    aligned = diagnose_config(_slices([[(a, 0, 2), (b, 0, 2)], [(a, 2, 4), (b, 2, 4)]], "linear", weight=0.5))
+    shifted = diagnose_config(_slices([[(a, 0, 2), (b, 2, 4)], [(a, 2, 4), (b, 0, 2)]], "linear", weight=0.5))
+    assert aligned.valid and shifted.valid
+    blocks = [f"layers.{i}" for i in range(4)]
+    for name in blocks:
+        assert shifted.interference_scores[name] > 0.2 > 0.01 > aligned.interference_scores[name]
+    assert shifted.interference_scores["embed"] == pytest.approx(aligned.interference_scores["embed"])

@@ -35,7 +35,18 @@ from .mergekit_schema import (
     MethodSpec,
     describe_count,
 )
-from .simulation import NUMBER_STRING, Cancelled, Lookup, Progress, resolve, simulate
+from .simulation import (
+    NUMBER_STRING,
+    Cancelled,
+    Job,
+    Lookup,
+    Progress,
+    SliceSpec,
+    model_jobs,
+    resolve,
+    simulate,
+    slice_jobs,
+)
 
 MAX_CONFIG_BYTES = 1 << 20
 ERR, WARN, INFO = FindingLevel.ERROR, FindingLevel.WARNING, FindingLevel.INFO
@@ -482,18 +493,45 @@ def _gradients(setting: Any, path: str) -> Iterator[tuple[str, list[Any]]]:
                     yield from _gradients(item, f"{path}[{k}]")
 
 
-def lookup_for(inputs: Inputs) -> Lookup:
-    """mergekit's precedence for `models:` configs: the model's own setting, then the top-level one."""
+def lookup_for(inputs: Inputs, where: str = "models") -> Lookup:
+    """mergekit's precedence: the model's own setting (in `where`: `models` or `slices[i]`), then the
+    slice's, then the top level's."""
     def lookup(name: str, model: str | None, tensor: str, t: float, default: Any) -> Any:
-        for owner in ([model] if model else []), None:
-            for _, block, models in inputs.blocks:
-                if models == owner and name in block:
-                    value = resolve(block[name], tensor, t)
-                    if value is not None:
-                        return value
+        for block in _blocks_in_order(inputs, where, model):
+            if name in block:
+                value = resolve(block[name], tensor, t)
+                if value is not None:
+                    return value
         return default
 
     return lookup
+
+
+def _blocks_in_order(inputs: Inputs, where: str, model: str | None) -> Iterator[dict[str, Any]]:
+    """`parameters` blocks from the highest precedence down: the model's, its slice's, the top level's."""
+    prefix = "models[" if where == "models" else f"{where}.sources["
+    for path, block, models in inputs.blocks:
+        if model is not None and models == [model] and path.startswith(prefix):
+            yield block
+    for path, block, _ in inputs.blocks:
+        if path == f"{where}.parameters":
+            yield block
+    for path, block, _ in inputs.blocks:
+        if path == "parameters":
+            yield block
+
+
+def _jobs(spec: MethodSpec, inputs: Inputs, ckpts: dict[str, Checkpoint]) -> tuple[list[Job], list[str]]:
+    """What to simulate: each merged tensor, from a `models:` list or from each slice's layer ranges."""
+    _, names, base, sliced = inputs.groups[0]
+    if not sliced:
+        return model_jobs(spec, names, base, ckpts, lookup_for(inputs))
+    slices = []
+    for where, _, slice_base, _ in inputs.groups:
+        sources = tuple((m, start, end) for path, m, start, end in inputs.ranges
+                        if path.startswith(f"{where}."))
+        slices.append(SliceSpec(sources, slice_base, lookup_for(inputs, where)))
+    return slice_jobs(spec, slices, ckpts)
 
 
 # ---- the whole diagnosis ----------------------------------------------------------------------------
@@ -529,19 +567,18 @@ def diagnose(
             notes.append("the merge was not simulated: fix the error-level findings first")
         elif spec.name == "passthrough":
             notes.append("passthrough copies tensors: nothing to simulate")
-        elif not inputs.groups or inputs.groups[0][0] != "models":
-            notes.append("the merge is simulated for `models:` configs; `slices:` are checked structurally")
+        elif not inputs.groups or "modules" in data:
+            notes.append("the merge is simulated for `models:` and `slices:` configs, not `modules:`")
         elif too_big:
             notes.append(f"the merge was not simulated: {too_big}")
         elif not needed or any(n not in ckpts for n in needed):
             notes.append("the merge was not simulated: not every referenced model could be read")
         else:
-            _, group, group_base, _ = inputs.groups[0]
-            base = group_base if spec.base != "ignored" or group_base not in group else None
-            sim = simulate(spec, group, base, ckpts, lookup_for(inputs), progress, cancelled)
+            jobs, job_notes = _jobs(spec, inputs, ckpts)
+            sim = simulate(spec, jobs, ckpts, progress, cancelled)
             layers, overall = sim.layers, sim.overall
             report.findings.extend(sim.findings)
-            notes.extend(sim.notes)
+            notes.extend([*job_notes, *sim.notes])
     return ConfigDiagnosis(
         valid=not report.has_errors, merge_method=spec.name if spec else _method_name(data),
         findings=report.findings, overall_interference=overall,
@@ -566,8 +603,9 @@ def _method_name(data: dict[str, Any]) -> str | None:
 def _simulation_inputs(spec: MethodSpec | None, inputs: Inputs) -> list[str]:
     if spec is None or not inputs.groups:
         return []
-    _, names, base, _ = inputs.groups[0]
-    return list(dict.fromkeys([*names, *([base] if base and spec.base != "ignored" else [])]))
+    needed = [n for _, names, _, _ in inputs.groups for n in names]
+    needed += [base for _, _, base, _ in inputs.groups if base and spec.base != "ignored"]
+    return list(dict.fromkeys(needed))
 
 
 def _open(

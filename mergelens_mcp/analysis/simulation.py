@@ -27,7 +27,7 @@ import torch
 from ..errors import AnalysisCancelledError
 from ..models import Finding, FindingLevel, LayerInterference
 from .compat import block_count
-from .layers import classify, group_sort_key
+from .layers import ANY_INDEX, BLOCK_INDEX, classify, group_sort_key
 from .loading import Checkpoint
 from .mergekit_schema import MethodSpec
 
@@ -129,15 +129,32 @@ class Simulation:
     notes: list[str]
 
 
-def simulate(
+@dataclass(frozen=True)
+class Job:
+    """One output tensor: the input tensors it is merged from, and the parameters that apply to it."""
+
+    output: str  # the merged model's tensor name; its layer names the score
+    inputs: tuple[tuple[str, str], ...]  # (model, tensor name) in config order; SLERP: its base first
+    base: tuple[str, str] | None  # (model, tensor name) the task vectors are taken against
+    t: float  # relative depth inside the slice, for gradients
+    lookup: Lookup
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """One output slice: its sources (model, first layer, end layer), its base model and its parameters."""
+
+    sources: tuple[tuple[str, int, int], ...]
+    base: str | None
+    lookup: Lookup
+
+
+def model_jobs(
     spec: MethodSpec, names: list[str], base: str | None, ckpts: dict[str, Checkpoint], lookup: Lookup,
-    progress: Progress | None = None, cancelled: Cancelled | None = None,
-) -> Simulation:
-    """The merge's arithmetic on the inputs `names` (and `base`) of a `models:` config, tensor by tensor."""
-    if spec.name == "slerp":
-        models, base = list(dict.fromkeys([*([base] if base else []), *names]))[:2], None
-    else:
-        models = list(dict.fromkeys(n for n in names if n != base))
+) -> tuple[list[Job], list[str]]:
+    """Jobs for a `models:` config: every tensor the inputs share, layer for layer (mergekit: one slice over
+    all layers, so gradients run from the first block to the last; other tensors take t = 0)."""
+    models, base = _roles(spec, names, base)
     readers = [ckpts[m] for m in models] + ([ckpts[base]] if base else [])
     first = readers[0]
     shared = [n for n, info in first.float_tensors.items()
@@ -147,31 +164,109 @@ def simulate(
         notes.append(f"{len(first.float_tensors) - len(shared)} tensors differ in name or shape across the "
                      "models and were not simulated")
     n_blocks = max(block_count(c) for c in readers)
+    jobs = []
+    for name in shared:
+        index = classify(name).layer_index
+        t = 0.0 if index is None else index / (n_blocks - 1) if n_blocks > 1 else 1.0
+        jobs.append(Job(name, tuple((m, name) for m in models), (base, name) if base else None, t, lookup))
+    return jobs, notes
+
+
+def slice_jobs(
+    spec: MethodSpec, slices: list[SliceSpec], ckpts: dict[str, Checkpoint]
+) -> tuple[list[Job], list[str]]:
+    """Jobs for a `slices:` config: output layer k of a slice merges layer start_i + k of each source; the
+    embeddings come from the first slice's sources and the final norm and head from the last's (t = 0)."""
+    jobs: list[Job] = []
+    notes: list[str] = []
+    out_index = 0
+    for number, sl in enumerate(slices):
+        models, base = _roles(spec, [m for m, _, _ in sl.sources], sl.base)
+        starts = {m: start for m, start, _ in sl.sources}
+        base = base if base in starts else None
+        length = sl.sources[0][2] - sl.sources[0][1]
+        first = ckpts[models[0]]
+        templates = [n for n in first.float_tensors if classify(n).layer_index == starts[models[0]]]
+        for k in range(length):
+            t = k / (length - 1) if length > 1 else 1.0
+            for template in templates:
+                names = {m: renumber(template, starts[m] + k) for m in [*models, *([base] if base else [])]}
+                if not all(_readable(ckpts[m], n, first.tensors[template].shape) for m, n in names.items()):
+                    continue
+                jobs.append(Job(renumber(template, out_index + k), tuple((m, names[m]) for m in models),
+                                (base, names[base]) if base else None, t, sl.lookup))
+        out_index += length
+        first_slice, last_slice = number == 0, number == len(slices) - 1
+        if first_slice or last_slice:
+            jobs.extend(_edge_jobs(models, base, ckpts, sl.lookup, first=first_slice, last=last_slice))
+    if not jobs:
+        notes.append("no tensor of the slices could be read in every source")
+    return jobs, notes
+
+
+def _edge_jobs(
+    models: list[str], base: str | None, ckpts: dict[str, Checkpoint], lookup: Lookup, *,
+    first: bool, last: bool,
+) -> list[Job]:
+    jobs = []
+    for name, info in ckpts[models[0]].float_tensors.items():
+        kind = classify(name).kind
+        wanted = (first and kind == "embed") or (last and kind in ("norm", "lm_head"))
+        readable = all(_readable(ckpts[m], name, info.shape) for m in [*models, *([base] if base else [])])
+        if wanted and readable:
+            base_tensor = (base, name) if base else None
+            jobs.append(Job(name, tuple((m, name) for m in models), base_tensor, 0.0, lookup))
+    return jobs
+
+
+def _readable(ckpt: Checkpoint, name: str, shape: tuple[int, ...]) -> bool:
+    info = ckpt.float_tensors.get(name)
+    return info is not None and info.shape == shape
+
+
+def renumber(name: str, index: int) -> str:
+    """The tensor name with its block index replaced: model.layers.3.mlp... -> model.layers.{index}.mlp..."""
+    match = BLOCK_INDEX.search(name) or ANY_INDEX.search(name)
+    if match is None:
+        return name
+    return f"{name[:match.start(1)]}{index}{name[match.end(1):]}"
+
+
+def _roles(spec: MethodSpec, names: list[str], base: str | None) -> tuple[list[str], str | None]:
+    """(the merged inputs in order, the base of the task vectors) as the method uses them."""
+    if spec.name == "slerp":  # interpolates from its base (t = 0) to the other model; no task vectors
+        return list(dict.fromkeys([*([base] if base else []), *names]))[:2], None
+    if spec.base == "ignored":  # linear & co. ignore a base, but task vectors against it show conflict
+        return list(dict.fromkeys(names)), base if base not in names else None
+    return list(dict.fromkeys(n for n in names if n != base)), base
+
+
+def simulate(
+    spec: MethodSpec, jobs: list[Job], ckpts: dict[str, Checkpoint],
+    progress: Progress | None = None, cancelled: Cancelled | None = None,
+) -> Simulation:
+    """Run the merge's arithmetic job by job (one tensor of each input at a time) and keep per-layer sums."""
     generator = torch.Generator().manual_seed(SEED)
     sums: dict[str, _LayerSums] = {}
     roles = {}
-    for done, name in enumerate(shared):
+    for done, job in enumerate(jobs):
         if cancelled is not None and cancelled():
-            raise AnalysisCancelledError(f"diagnosis cancelled after {done} of {len(shared)} tensors")
-        role = classify(name)
+            raise AnalysisCancelledError(f"diagnosis cancelled after {done} of {len(jobs)} tensors")
+        role = classify(job.output)
         roles[role.layer_name] = role
-        if role.layer_index is not None:
-            t = role.layer_index / (n_blocks - 1) if n_blocks > 1 else 1.0
-        else:
-            t = 0.0 if role.kind == "embed" else 1.0
         layer = sums.setdefault(role.layer_name, _LayerSums(role.layer_index))
-        tensors = {m: ckpts[m].read(name) for m in models}
-        base_tensor = ckpts[base].read(name) if base else None
-        numel = tensors[models[0]].numel()
+        tensors = [(m, ckpts[m].read(name)) for m, name in job.inputs]
+        base = ckpts[job.base[0]].read(job.base[1]) if job.base else None
+        numel = tensors[0][1].numel()
         layer.n_params += numel
-        _tensor(spec, name, t, tensors, base_tensor, lookup, layer, numel, generator)
+        _tensor(spec, job, tensors, base, layer, numel, generator)
         if progress is not None:
-            progress(done + 1, len(shared), name)
+            progress(done + 1, len(jobs), job.output)
     ordered = sorted(sums.items(), key=lambda kv: group_sort_key(roles[kv[0]]))
     layers = [_layer(name, s, spec) for name, s in ordered]
     total = sum(lm.n_params for lm in layers)
     overall = round(sum(lm.interference * lm.n_params for lm in layers) / total, 6) if total else None
-    return Simulation(layers, overall, _findings(spec, layers), notes)
+    return Simulation(layers, overall, _findings(spec, layers), [])
 
 
 def _layer(name: str, s: _LayerSums, spec: MethodSpec) -> LayerInterference:
@@ -185,13 +280,13 @@ def _layer(name: str, s: _LayerSums, spec: MethodSpec) -> LayerInterference:
 
 
 def _tensor(
-    spec: MethodSpec, name: str, t: float, tensors: dict[str, torch.Tensor], base: torch.Tensor | None,
-    lookup: Lookup, layer: _LayerSums, numel: int, generator: torch.Generator,
+    spec: MethodSpec, job: Job, tensors: list[tuple[str, torch.Tensor]], base: torch.Tensor | None,
+    layer: _LayerSums, numel: int, generator: torch.Generator,
 ) -> None:
-    models = list(tensors)
+    name, t, lookup = job.output, job.t, job.lookup
     if spec.name == "slerp":
         frac = float(lookup("t", None, name, t, 0.5))
-        a, b = tensors[models[0]], tensors[models[1]]
+        (_, a), (_, b) = tensors[0], tensors[-1]
         if a.dim() >= 2:
             rows = torch.nn.functional.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1),
                                                          dim=1, eps=1e-8)
@@ -199,12 +294,12 @@ def _tensor(
             layer.rows += rows.numel()
         layer.interference += cancellation([(1 - frac) * a, frac * b]) * numel
         return
-    if spec.name == "model_stock" or spec.parameter("weight") is None:
-        weights = dict.fromkeys(models, 1.0 / len(models))
-    else:
-        weights = {m: float(lookup("weight", m, name, t, 1.0)) for m in models}
     weighted = []
-    for m, x in tensors.items():
+    for m, x in tensors:
+        if spec.name == "model_stock" or spec.parameter("weight") is None:
+            weight = 1.0 / len(tensors)
+        else:
+            weight = float(lookup("weight", m, name, t, 1.0))
         tau = x - base if base is not None else x
         kept = tau
         if spec.sparsification and base is not None:
@@ -214,7 +309,7 @@ def _tensor(
             entry = layer.survival.setdefault(m, [0.0, 0.0])
             entry[0] += float(kept.abs().sum())
             entry[1] += float(tau.abs().sum())
-        weighted.append(weights[m] * kept)
+        weighted.append(weight * kept)
     if spec.sign_consensus and base is not None:
         loss = sign_election_loss(weighted)
         layer.conflict = (layer.conflict or 0.0) + loss * numel
