@@ -9,6 +9,7 @@ import yaml
 from fixtures.checkpoints import Family, Shape, combine, random_model, save, task_vector
 from mergelens_mcp import compare_models
 from mergelens_mcp.analysis.mergekit_schema import MergeConfig
+from mergelens_mcp.analysis.metrics import Operand, task_mass_fraction
 from mergelens_mcp.analysis.strategy import mergekit_yaml, needs_separate_base, recommend_strategy
 from mergelens_mcp.errors import IncompatibleModelsError
 from mergelens_mcp.models import CompareResult, MergeMethod
@@ -166,3 +167,12 @@ def test_models_that_cannot_be_compared_get_no_strategy(tmp_path: Path, family: 
     assert result.mci.score is None and result.strategy is None
     with pytest.raises(IncompatibleModelsError):
         recommend_strategy(result)
+
+
+def test_task_mass_fraction_is_the_share_of_coordinates_holding_90_percent_of_the_mass() -> None:
+    sparse = torch.zeros(100)
+    sparse[:10] = 1.0  # 9 of the 10 equal values hold 90% of the mass
+    skewed = torch.tensor([8.0, 1.0, 0.5, 0.5])  # 8 + 1 = 9 of 10: two coordinates of four
+    assert task_mass_fraction(Operand(sparse), Operand(sparse)) == pytest.approx(0.09)
+    assert task_mass_fraction(Operand(sparse), Operand(skewed)) == pytest.approx((0.09 + 0.5) / 2)
+    assert task_mass_fraction(Operand(torch.zeros(5)), Operand(torch.zeros(5))) == 0.0
