@@ -8,8 +8,8 @@ from contextlib import ExitStack
 
 from .analysis.engine import Cancelled, Progress, analyze
 from .analysis.loading import Checkpoint, load_checkpoint
-from .errors import InputError
-from .models import CompareResult, ConfigDiagnosis
+from .errors import IncompatibleModelsError, InputError
+from .models import CompareResult, ConfigDiagnosis, Strategy
 from .security.paths import PathGuard
 from .settings import Settings
 
@@ -50,6 +50,27 @@ def compare(
         opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
         result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled)
     return with_strategy(result)
+
+
+def suggest_strategy(
+    models: Sequence[str],
+    base: str | None = None,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> Strategy:
+    """The recommended merge method, its settings and mergekit YAML for these checkpoints."""
+    result = compare(
+        models, base, settings=settings, guard=guard, device=device, progress=progress, cancelled=cancelled
+    )
+    if result.strategy is None:
+        raise IncompatibleModelsError(
+            "no merge strategy: the models cannot be compared (" + "; ".join(result.mci.reasons[:2]) + ")"
+        )
+    return result.strategy
 
 
 def with_strategy(result: CompareResult) -> CompareResult:

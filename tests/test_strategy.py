@@ -7,12 +7,13 @@ import torch
 import yaml
 
 from fixtures.checkpoints import Family, Shape, combine, random_model, save, task_vector
-from mergelens_mcp import compare_models
+from mergelens_mcp import compare_models, diagnose_config
 from mergelens_mcp.analysis.mergekit_schema import MergeConfig
 from mergelens_mcp.analysis.metrics import Operand, task_mass_fraction
 from mergelens_mcp.analysis.strategy import mergekit_yaml, needs_separate_base, recommend_strategy
 from mergelens_mcp.errors import IncompatibleModelsError
 from mergelens_mcp.models import CompareResult, MergeMethod
+from mergelens_mcp.service import suggest_strategy
 
 TASK_METHODS = {m for m in MergeMethod if needs_separate_base(m)}
 
@@ -176,3 +177,25 @@ def test_task_mass_fraction_is_the_share_of_coordinates_holding_90_percent_of_th
     assert task_mass_fraction(Operand(sparse), Operand(sparse)) == pytest.approx(0.09)
     assert task_mass_fraction(Operand(sparse), Operand(skewed)) == pytest.approx((0.09 + 0.5) / 2)
     assert task_mass_fraction(Operand(torch.zeros(5)), Operand(torch.zeros(5))) == 0.0
+
+
+def test_the_recommended_yaml_passes_our_own_diagnosis_and_removes_the_conflict_it_was_built_around(
+    with_base: dict[str, CompareResult],
+) -> None:
+    strategy = with_base["a_flipped"].strategy
+    assert strategy is not None
+    diagnosis = diagnose_config(strategy.mergekit_yaml)
+    assert diagnosis.valid and diagnosis.findings == []
+    scores = diagnosis.interference_scores
+    assert scores["layers.2"] == pytest.approx(0.0, abs=1e-6) and scores["layers.1"] > 0.0
+
+
+def test_suggest_strategy_returns_the_strategy_or_says_why_there_is_none(
+    tmp_path: Path, family: Family,
+) -> None:
+    strategy = suggest_strategy([str(family.finetune_a), str(family.finetune_b)])
+    assert strategy.method is MergeMethod.SLERP
+    other = Shape(hidden=32, intermediate=64)
+    save(random_model(other, 1), tmp_path / "small", other)
+    with pytest.raises(IncompatibleModelsError, match="cannot be compared"):
+        suggest_strategy([str(family.finetune_a), str(tmp_path / "small")])
