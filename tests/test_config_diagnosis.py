@@ -176,6 +176,10 @@ def test_cli_diagnose_prints_severity_path_and_fix_and_exits_by_validity(tmp_pat
     assert _cli("diagnose", "--config", str(good)).returncode == 0
     missing = _cli("diagnose", "--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "is not a file" in " ".join(missing.stderr.split())
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("merge_method: ties\nmodels: [a,\n")
+    run = _cli("diagnose", "--config", str(malformed))
+    assert run.returncode == 2 and "invalid YAML at line 3" in " ".join(run.stderr.split())
 
 
 def _slices(spec: list[list[tuple[str, int, int]]], method: str, **top: object) -> str:
