@@ -14,6 +14,7 @@ import mergelens_mcp
 from fixtures.checkpoints import Family, Shape, random_model, save
 from fixtures.configs import broken_configs, linear_config, slerp_config, ties_config
 from mergelens_mcp import diagnose_config
+from mergelens_mcp.analysis.simulation import trim
 from mergelens_mcp.errors import AnalysisCancelledError, ConfigError, PathNotAllowedError
 from mergelens_mcp.models import ConfigDiagnosis, FindingLevel
 from mergelens_mcp.security.paths import PathGuard
@@ -234,3 +235,14 @@ def test_diagnosis_reports_progress_and_stops_when_cancelled(family: Family) -> 
     assert seen[-1][0] == seen[-1][1] == len(seen) > 30
     with pytest.raises(AnalysisCancelledError, match="cancelled after 0 of"):
         diagnose(config, cancelled=lambda: True)
+
+
+def test_trimming_keeps_the_largest_values_and_breadcrumbs_also_drops_the_top_gamma() -> None:
+    generator = torch.Generator().manual_seed(0)
+    tau = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
+    assert trim(tau, 0.5, "magnitude", 0.0, generator).tolist() == [[0.0, 0.0], [3.0, -4.0]]
+    assert trim(tau, 0.5, "magnitude_outliers", 0.25, generator).tolist() == [[0.0, -2.0], [3.0, 0.0]]
+    assert trim(tau, 1.0, "magnitude", 0.0, generator) is tau
+    big = torch.randn(5_000_000, generator=generator)  # above the exact-threshold size: a sampled cut
+    kept = trim(big, 0.2, "magnitude", 0.0, generator)
+    assert float((kept != 0).float().mean()) == pytest.approx(0.2, abs=0.01)
