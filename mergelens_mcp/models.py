@@ -132,7 +132,7 @@ class MetricReading(Frozen):
     value: float
     meaning: str = Field(description="what the metric measures")
     component: str | None = Field(default=None, description="the MCI component it feeds, if any")
-    component_score: float | None = Field(default=None, description="that component, 0..1 (1 = good for merging)")
+    component_score: float | None = Field(default=None, description="that component, 0..1 (1 = good)")
     assessment: str = Field(description="'good', 'acceptable', 'risky', 'bad' or 'informational'")
     why: str
 
