@@ -75,7 +75,7 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_serve(args: argparse.Namespace, console: Console) -> int:
-    from .server import run
+    from .server import endpoint, run
     from .settings import Settings
 
     overrides: dict[str, object] = {}
@@ -83,7 +83,13 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
         overrides["allowed_roots"] = args.allow_dir
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
-    run(args.transport, args.host, args.port, Settings(**overrides))  # type: ignore[arg-type]
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    if args.transport != "stdio":
+        url = endpoint(args.transport, args.host, args.port)
+        roots = ", ".join(str(r) for r in settings.roots)
+        console.print(f"mergelens MCP server ({args.transport}) on {url}; models under {roots}",
+                      markup=False, highlight=False)
+    run(args.transport, args.host, args.port, settings)
     return EXIT_OK
 
 

@@ -49,8 +49,13 @@ def build_server(settings: Settings | None = None) -> MCPServer[AppState]:
     return server
 
 
+def endpoint(transport: Transport, host: str, port: int) -> str:
+    return f"http://{host}:{port}" + ("/mcp" if transport == "http" else "/sse")
+
+
 def build_http_app(server: MCPServer[AppState], transport: Transport, host: str) -> Starlette:
-    """The ASGI app for an HTTP transport: streamable HTTP at /mcp, or SSE at /sse (+ /messages/)."""
+    """The ASGI app for an HTTP transport: streamable HTTP at /mcp, or SSE at /sse (+ /messages/).
+    Every HTTP app is built here, so middleware (auth, Origin checks) has one place to go."""
     if transport == "http":
         return server.streamable_http_app(host=host)
     if transport == "sse":
@@ -67,7 +72,4 @@ def run(transport: Transport = "stdio", host: str = "127.0.0.1", port: int = 800
         return
     import uvicorn
 
-    app = build_http_app(server, transport, host)
-    log.warning("mergelens MCP server (%s) on http://%s:%d%s", transport, host, port,
-                "/mcp" if transport == "http" else "/sse")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.run(build_http_app(server, transport, host), host=host, port=port, log_level="warning")

@@ -39,7 +39,8 @@ def wait_for_port(process: subprocess.Popen[bytes], port: int, deadline_s: float
     while time.monotonic() < deadline:
         if process.poll() is not None:
             _, err = process.communicate(timeout=5)
-            pytest.fail(f"the server exited with {process.returncode}: {err.decode(errors='replace')[-2000:]}")
+            detail = err.decode(errors="replace")[-2000:]
+            pytest.fail(f"the server exited with {process.returncode}: {detail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
