@@ -7,10 +7,12 @@ from collections.abc import Sequence
 from . import errors
 from .errors import MergeLensError
 from .models import CompareResult, ConflictZone, LayerMetrics, MCI, Strategy, Verdict
+from .models import ConfigDiagnosis
 
 __all__ = [
     "CompareResult", "ConflictZone", "LayerMetrics", "MCI", "MergeLensError", "Strategy", "Verdict",
     "compare_models", "errors",
+    "ConfigDiagnosis", "diagnose_config",
 ]
 __version__ = "0.1.0"
 
@@ -24,3 +26,14 @@ def compare_models(models: Sequence[str], base: str | None = None, *, device: st
     from .service import compare
 
     return compare(list(models), base, device=device)
+
+
+def diagnose_config(config: str) -> ConfigDiagnosis:
+    """Check a mergekit YAML (a .yaml path or the YAML text) before merging; simulate it on readable models.
+
+    >>> d = diagnose_config("merge.yaml")
+    >>> d.valid, [(f.level.value, f.path, f.message) for f in d.findings], d.overall_interference
+    """
+    from .service import diagnose
+
+    return diagnose(config)
