@@ -48,10 +48,8 @@ async def suggest_strategy(
     result, cached = await analyse(ctx, models, base_model)
     s = result.strategy
     if s is None:
-        raise ToolError(
-            "no merge strategy is available: this mergelens build has no strategy engine "
-            "(mergelens_mcp.analysis.strategy); compare_models and get_conflict_zones still work"
-        )
+        reasons = "; ".join(result.mci.reasons[:3])
+        raise ToolError(f"no merge strategy: these models cannot be merged tensor by tensor ({reasons})")
     return views.StrategyAdvice(
         method=s.method, confidence=s.confidence, rationale=s.rationale, runner_up=s.runner_up,
         parameters=s.parameters, warnings=s.warnings, mergekit_yaml=s.mergekit_yaml,
