@@ -59,14 +59,14 @@ async def suggest_strategy(
 
 async def explain_layer(
     models: Models,
-    layer: Annotated[str, Field(description="a block index ('12') or a layer name: 'layers.12', 'embed', "
+    layer: Annotated[int | str, Field(description="a block index (12) or a layer name: 'layers.12', 'embed', "
                                             "'norm', 'lm_head' (as in compare_models' worst_layers)")],
     ctx: AppContext,
     base_model: BaseModelPath = None,
 ) -> views.LayerReport:
     result, cached = await analyse(ctx, models, base_model)
     try:
-        found = find_layer(result.layer_metrics, layer)
+        found = find_layer(result.layer_metrics, str(layer))
     except InputError as exc:
         raise ToolError(str(exc)) from exc
     explanations = [explain(lm) for lm in found]

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -66,7 +66,6 @@ class AppState:
     guard: PathGuard
     limiter: anyio.CapacityLimiter
     cache: AnalysisCache
-    analyses: int = field(default=0)  # comparisons that read weights (cache misses that completed)
 
     @classmethod
     def create(cls, settings: Settings) -> AppState:
@@ -129,7 +128,6 @@ async def analyse(ctx: AppContext, models: Sequence[str], base: str | None) -> t
         result = service.compare(sources, base, settings=state.settings, guard=state.guard,
                                  progress=progress, cancelled=cancelled)
         state.cache.put(key, result)
-        state.analyses += 1
         return result, False
 
     return await run_in_worker(ctx, job)

@@ -205,8 +205,10 @@ async def test_explain_layer_accepts_layer_names_and_lists_the_layers_when_it_do
 ) -> None:
     async with Client(shared) as client:
         named = await call(client, "explain_layer", flipped_pair | {"layer": "lm_head"})
+        number = await call(client, "explain_layer", flipped_pair | {"layer": 1})
         unknown = await call(client, "explain_layer", flipped_pair | {"layer": "layers.99"})
     assert named.structured_content["explanations"][0]["kind"] == "lm_head"
+    assert number.structured_content["layer"] == "layers.1"
     assert "'layers.99' is not in these models" in error_text(unknown)
     assert "embed, layers.0" in error_text(unknown)
 
