@@ -373,3 +373,19 @@ async def test_generate_report_refuses_folders_in_the_name_and_files_that_are_no
     assert "is not a plain file name" in error_text(escape)
     assert not (settings.reports_dir.parent / "escape.html").exists()
     assert "is not a mergelens report" in error_text(clobber) and notes.read_text() == "my own notes"
+
+
+async def test_two_tools_called_at_once_on_the_same_models_read_the_weights_once(
+    settings: Settings, flipped_pair: dict[str, Any], engine_calls: list[list[str]]
+) -> None:
+    results: dict[str, Any] = {}
+    async with Client(build_server(settings)) as client:
+
+        async def run(tool: str) -> None:
+            results[tool] = await call(client, tool, flipped_pair)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, "compare_models")
+            group.start_soon(run, "get_conflict_zones")
+    assert len(engine_calls) == 1
+    assert sorted(r.structured_content["cached"] for r in results.values()) == [False, True]
