@@ -6,7 +6,6 @@ shared by every session, so a second client, or a second HTTP session, reuses th
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -20,16 +19,12 @@ from .settings import Settings
 from .tools import register_all
 from .tools.runtime import AppState
 
-log = logging.getLogger(__name__)
-
 Transport = Literal["stdio", "http", "sse"]
-TRANSPORTS: tuple[Transport, ...] = ("stdio", "http", "sse")
 INSTRUCTIONS = (
     "mergelens answers 'should I merge these models, and how?' before a merge runs. Start with "
-    "compare_models "
-    "(pass the common base model when there is one), then get_conflict_zones / explain_layer for detail, "
-    "suggest_strategy for a mergekit config, diagnose_merge to check an existing mergekit YAML, and "
-    "generate_report for an HTML report. Paths must be under the folders the server was started with."
+    "compare_models (pass the common base model when there is one), then get_conflict_zones / explain_layer "
+    "for detail, suggest_strategy for a mergekit config, diagnose_merge to check an existing mergekit YAML, "
+    "and generate_report for an HTML report. Paths must be under the folders the server was started with."
 )
 
 

@@ -77,9 +77,8 @@ def register(server: MCPServer) -> None:
     server.add_tool(
         compare_models, name="compare_models", title="Compare models before merging", annotations=READ_ONLY,
         description=(
-            "Answer 'can these models be merged, and where will it break?' before running a merge. Reads "
-            "two or "
-            "more checkpoints (and ideally their common base) and returns the Merge Compatibility Index "
+            "Answer 'can these models be merged, and where will it break?' before running a merge. Reads two "
+            "or more checkpoints (and ideally their common base) and returns the Merge Compatibility Index "
             "(0-100) with a verdict (highly_compatible / compatible / risky / incompatible), the reasons, "
             "the conflict zones (runs of layers that would merge badly, with a fix), the worst layers, "
             "findings about architecture or vocabulary, and the recommended merge method when available. "
@@ -108,9 +107,8 @@ def register(server: MCPServer) -> None:
         suggest_strategy, name="suggest_strategy", title="Suggest a merge strategy", annotations=READ_ONLY,
         description=(
             "Recommend a mergekit merge method (linear, slerp, ties, dare_ties, task_arithmetic, ...) for "
-            "these "
-            "models with its parameters, a rationale, a runner-up, warnings, and a ready-to-edit mergekit "
-            "YAML. Pass base_model: the task-vector methods need it."
+            "these models with its parameters, a rationale, a runner-up, warnings, and a ready-to-edit "
+            "mergekit YAML. Pass base_model: the task-vector methods need it."
         ),
     )
     server.add_tool(

@@ -77,9 +77,9 @@ def register(server: MCPServer) -> None:
                                     openWorldHint=False),
         description=(
             "Write a self-contained interactive HTML report (per-layer heatmaps, conflict zones, the score "
-            "and "
-            "its reasons, the recommended mergekit config) for these models into the server's output folder, "
-            "and return its path and a one-line summary. Use when the user wants something to open in a "
-            "browser or share. It replaces an earlier mergelens report of the same name, never other files."
+            "and its reasons, the recommended mergekit config) for these models into the server's output "
+            "folder, and return its path and a one-line summary. Use when the user wants something to open "
+            "in a browser or share. It replaces an earlier mergelens report of the same name, never other "
+            "files."
         ),
     )

@@ -135,8 +135,8 @@ class Diagnosis(View):
     merge_method: str | None
     findings: list[Finding]
     overall_interference: float | None = Field(
-        description="0..1 share of the models' changes the merge would cancel or discard "
-                    "(None: not simulated)"
+        description="0..1 share of the models' changes the merge would cancel or discard (None: not "
+                    "simulated)"
     )
     worst_layers: dict[str, float] = Field(
         description=f"the {WORST_LAYERS} layers with the most interference"
