@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import InputError, MergeLensError
-from .models import CompareResult, Verdict
+from .models import CompareResult, ConfigDiagnosis, Verdict
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 VERDICT_STYLE = {
@@ -75,7 +75,7 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
 
     path = Path(args.config)
     if not path.is_file():
-        raise InputError(f"--config {args.config!r} is not a file; pass the mergekit YAML you would give mergekit-yaml")
+        raise InputError(f"--config {args.config!r} is not a file; pass the YAML you give mergekit-yaml")
     result = _with_progress(console, "simulating", lambda progress: diagnose(str(path), progress=progress))
     out = Console()
     status = "[bold green]valid[/]" if result.valid else "[bold red]will fail[/]"
@@ -83,14 +83,12 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
     for f in result.findings:
         where = f" at {f.path}" if f.path else ""
         out.print(f"[{f.level.value}]{where}: {f.message}" + (f"\n    fix: {f.fix}" if f.fix else ""),
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
     if not result.findings:
         out.print("No findings.")
     if result.overall_interference is not None:
         out.print(f"[bold]Simulated interference:[/] {result.overall_interference:.3f} (0 = nothing lost)")
-        for layer in result.layers:
-            extra = "".join(f"  {m}: {v:.0%} kept" for m, v in layer.survival.items())
-            out.print(f"  {layer.layer_name:<12} {layer.interference:.3f}{extra}", markup=False, highlight=False)
+        _interference_table(result, out)
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False, style="dim")
     if args.json:
@@ -161,6 +159,28 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _interference_table(result: ConfigDiagnosis, console: Console) -> None:
+    models = list(dict.fromkeys(m for layer in result.layers for m in layer.survival))
+    table = Table(title="Per layer")
+    table.add_column("layer")
+    table.add_column("interference", justify="right")
+    optional = {"sign conflict": "sign_conflict", "SLERP linear rows": "slerp_linear_share"}
+    shown = {title: key for title, key in optional.items()
+             if any(getattr(layer, key) is not None for layer in result.layers)}
+    for title in shown:
+        table.add_column(title, justify="right")
+    for m in models:
+        table.add_column(f"kept: {Path(m).name or m}", justify="right")
+    for layer in result.layers:
+        cells = [layer.layer_name, f"{layer.interference:.3f}"]
+        for key in shown.values():
+            value = getattr(layer, key)
+            cells.append("-" if value is None else f"{value:.3f}")
+        cells.extend(f"{layer.survival[m]:.0%}" if m in layer.survival else "-" for m in models)
+        table.add_row(*cells)
+    console.print(table)
+
+
 def _with_progress(console: Console, label: str, job: Callable[[Callable[[int, int, str], None]], object]):  # type: ignore[no-untyped-def]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as bar:
@@ -202,7 +222,11 @@ def print_result(result: CompareResult, console: Console, max_layers: int = 40) 
         console.print("No conflict zones.")
     if result.strategy is not None:
         s = result.strategy
-        console.print(f"[bold]Recommended merge:[/] {s.method.value} (confidence {s.confidence:.2f})")
+        runner_up = f", runner-up {s.runner_up.value}" if s.runner_up else ""
+        console.print(f"[bold]Recommended merge:[/] {s.method.value} "
+                      f"(confidence {s.confidence:.2f}{runner_up})")
+        for line in [*s.rationale, *(f"warning: {w}" for w in s.warnings)]:
+            console.print(f"  - {line}", markup=False, highlight=False)
         console.print(s.mergekit_yaml, markup=False, highlight=False)
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False, style="dim")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .analysis.engine import Cancelled, Progress, analyze
 from .analysis.loading import Checkpoint, load_checkpoint
-from .errors import InputError
-from .models import CompareResult, ConfigDiagnosis
+from .errors import IncompatibleModelsError, InputError
+from .models import CompareResult, ConfigDiagnosis, Strategy
 from .security.paths import PathGuard
 from .settings import Settings
 
@@ -53,6 +53,27 @@ def compare(
     return with_strategy(result)
 
 
+def suggest_strategy(
+    models: Sequence[str],
+    base: str | None = None,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> Strategy:
+    """The recommended merge method, its settings and mergekit YAML for these checkpoints."""
+    result = compare(
+        models, base, settings=settings, guard=guard, device=device, progress=progress, cancelled=cancelled
+    )
+    if result.strategy is None:
+        raise IncompatibleModelsError(
+            "no merge strategy: the models cannot be compared (" + "; ".join(result.mci.reasons[:2]) + ")"
+        )
+    return result.strategy
+
+
 def with_strategy(result: CompareResult) -> CompareResult:
     """The result with its recommended merge strategy, when the models could be compared at all."""
     from .analysis.strategy import recommend_strategy
@@ -70,11 +91,13 @@ def diagnose(
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
 ) -> ConfigDiagnosis:
-    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it where the models are readable."""
+    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it on the readable models."""
     from .analysis.config import diagnose as diagnose_config
 
     settings = settings or Settings()
-    return diagnose_config(config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled)
+    return diagnose_config(
+        config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled
+    )
 
 
 def fingerprint(
