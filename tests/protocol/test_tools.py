@@ -338,6 +338,7 @@ async def test_diagnose_merge_checks_a_config_given_as_text_or_as_a_path(
         by_path = await call(client, "diagnose_merge", path_args)
         bad = await call(client, "diagnose_merge", {"config": broken})
         unparsable = await call(client, "diagnose_merge", {"config": "merge_method: ties\nmodels: [a, b"})
+        outside = await call(client, "diagnose_merge", {"config": "/etc/mergekit.yaml"})
     out = inline.structured_content
     assert out["valid"] is True and out["merge_method"] == "ties" and out["layers"] is None
     assert out["overall_interference"] is not None and 0 <= out["overall_interference"] <= 1
@@ -346,6 +347,7 @@ async def test_diagnose_merge_checks_a_config_given_as_text_or_as_a_path(
     assert detailed["overall_interference"] == out["overall_interference"] and len(detailed["layers"]) >= 4
     assert "unknown_key" in {f["code"] for f in bad.structured_content["findings"]}
     assert "invalid YAML" in error_text(unparsable)
+    assert "outside the allowed roots" in error_text(outside)
 
 
 async def test_generate_report_writes_an_html_file_into_the_output_folder(
