@@ -44,6 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace a --report file even if it is not a mergelens report")
     compare.set_defaults(run=run_compare)
 
+    serve = sub.add_parser("serve", help="run the MCP server (stdio for Claude Code / Cursor, or HTTP / SSE)")
+    serve.add_argument("--transport", choices=("stdio", "http", "sse"), default="stdio",
+                       help="stdio (default), streamable HTTP at /mcp, or SSE at /sse")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind for http / sse")
+    serve.add_argument("--port", type=int, default=8000, help="port for http / sse")
+    serve.add_argument("--allow-dir", action="append", type=Path, metavar="DIR",
+                       help="a folder the server may read models from (repeatable; default: cwd)")
+    serve.add_argument("--output-dir", type=Path, metavar="DIR",
+                       help="where generate_report writes HTML (default: the first allowed folder)")
+    serve.set_defaults(run=run_serve)
+
+    diagnose = sub.add_parser("diagnose", help="check a mergekit YAML before merging, and simulate it")
+    diagnose.add_argument("--config", required=True, help="the mergekit .yaml file")
+    diagnose.add_argument("--json", type=Path, help="write the full diagnosis as JSON here")
+    diagnose.set_defaults(run=run_diagnose)
+
     report = sub.add_parser("report", help="compare checkpoints and write the interactive HTML report")
     report.add_argument("models", nargs="+", help="checkpoint folders, .safetensors files or Hub ids (2+)")
     report.add_argument("--base", help="the base model the candidates were fine-tuned from")
@@ -52,11 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--overwrite", action="store_true",
                         help="replace the output file even if it is not a mergelens report")
     report.set_defaults(run=run_report)
-
-    diagnose = sub.add_parser("diagnose", help="check a mergekit YAML before merging, and simulate it")
-    diagnose.add_argument("--config", required=True, help="the mergekit .yaml file")
-    diagnose.add_argument("--json", type=Path, help="write the full diagnosis as JSON here")
-    diagnose.set_defaults(run=run_diagnose)
     return parser
 
 
@@ -111,6 +122,25 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
 
         write_report(result, args.report, overwrite=args.overwrite)
         console.print(f"report written to {args.report}")
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace, console: Console) -> int:
+    from .server import endpoint, run
+    from .settings import Settings
+
+    overrides: dict[str, object] = {}
+    if args.allow_dir:
+        overrides["allowed_roots"] = args.allow_dir
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    if args.transport != "stdio":
+        url = endpoint(args.transport, args.host, args.port)
+        roots = ", ".join(str(r) for r in settings.roots)
+        console.print(f"mergelens MCP server ({args.transport}) on {url}; models under {roots}",
+                      markup=False, highlight=False)
+    run(args.transport, args.host, args.port, settings)
     return EXIT_OK
 
 
