@@ -232,7 +232,8 @@ def _resolve_hub(source: str, label: str, guard: PathGuard | None) -> Path:
 
     try:
         folder = snapshot_download(
-            match["repo"], revision=match["rev"], allow_patterns=HUB_PATTERNS, token=os.environ.get("HF_TOKEN")
+            match["repo"], revision=match["rev"], allow_patterns=HUB_PATTERNS, token=os.environ.get("HF_TOKEN"),
+            cache_dir=hub_cache_dir(), local_files_only=_env_flag("HF_HUB_OFFLINE"),
         )
     except LocalEntryNotFoundError:
         raise CheckpointNotFoundError(
@@ -243,6 +244,19 @@ def _resolve_hub(source: str, label: str, guard: PathGuard | None) -> Path:
         raise CheckpointNotFoundError(f"{label}: cannot fetch Hub model {source!r}: {type(exc).__name__}: {exc}") from None
     folder_path = Path(str(folder))
     return guard.check(folder_path, label) if guard else folder_path.resolve()
+
+
+def hub_cache_dir() -> str | None:
+    """HF_HUB_CACHE, else HF_HOME/hub, as the environment says now (huggingface_hub reads both once, at import)."""
+    cache = os.environ.get("HF_HUB_CACHE")
+    if cache:
+        return os.path.expanduser(cache)
+    home = os.environ.get("HF_HOME")
+    return os.path.join(os.path.expanduser(home), "hub") if home else None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _safetensors_files(path: Path, label: str) -> tuple[list[Path], Path]:
