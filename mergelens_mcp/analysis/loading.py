@@ -288,9 +288,11 @@ def _shards_from_index(index: Path, label: str) -> list[Path]:
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise CheckpointFormatError(f"{label}: {index} is not a valid safetensors index (no 'weight_map')") from None
     shards = []
+    folder = index.parent
     for name in names:
-        shard = (index.parent / str(name)).resolve()
-        if shard.parent != index.parent.resolve() and not shard.is_relative_to(index.parent.resolve()):
+        # Lexical containment: a Hub snapshot's shards are symlinks into ../../blobs, which resolve() would refuse.
+        shard = Path(os.path.normpath(folder / str(name)))
+        if shard == folder or not shard.is_relative_to(folder):
             raise CheckpointFormatError(f"{label}: {index.name} points outside its folder ({name!r}); refused")
         if not shard.is_file():
             raise CheckpointFormatError(f"{label}: shard {name!r} listed in {index.name} is missing")
