@@ -180,15 +180,12 @@ def _plan_base(plan: Plan, reference: Checkpoint, base: Checkpoint) -> None:
         if info is None:
             continue
         ref_shape = reference.tensors[name].shape
-        rows = plan.row_limits.get(name, ref_shape[0] if ref_shape else 0)
-        if info.shape == ref_shape or (
-            len(info.shape) == len(ref_shape) and info.shape[1:] == ref_shape[1:] and info.shape[0] >= rows > 0
-        ):
+        same_tail = len(info.shape) == len(ref_shape) > 0 and info.shape[1:] == ref_shape[1:]
+        if info.shape == ref_shape:
             plan.base_tensors.add(name)
-        elif len(info.shape) == len(ref_shape) and info.shape[1:] == ref_shape[1:] and classify(name).kind in (
-            "embed", "lm_head",
-        ):
-            plan.row_limits[name] = info.shape[0]
+        elif same_tail and classify(name).kind in ("embed", "lm_head"):
+            # another vocabulary size: compare the rows all of them share, base included
+            plan.row_limits[name] = min(plan.row_limits.get(name, ref_shape[0]), info.shape[0])
             plan.base_tensors.add(name)
     unused = len(plan.tensors) - len(plan.base_tensors)
     if unused:
