@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..errors import CheckpointFormatError, CheckpointNotFoundError
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, PathNotAllowedError
 from ..security.limits import Limits
 from ..security.paths import PathGuard
 
@@ -213,7 +213,9 @@ def load_checkpoint(
 
 def _resolve_local(source: str, label: str, guard: PathGuard | None) -> Path | None:
     if "\x00" in source:
-        return guard.check(source, label) if guard else None
+        if guard:
+            return guard.check(source, label)
+        raise PathNotAllowedError(f"{label}: the path contains a NUL byte; pass a plain file system path")
     candidate = Path(source).expanduser()
     if not candidate.exists() and not candidate.is_symlink():
         if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
@@ -221,7 +223,12 @@ def _resolve_local(source: str, label: str, guard: PathGuard | None) -> Path | N
         raise CheckpointNotFoundError(
             f"{label}: {source!r} is neither an existing path nor a Hugging Face Hub id (owner/name[@revision])"
         )
-    return guard.check(source, label) if guard else candidate.resolve()
+    if guard:
+        return guard.check(source, label)
+    resolved = candidate.resolve()
+    if not resolved.exists():  # a dangling symlink
+        raise CheckpointNotFoundError(f"{label}: {source!r} does not exist ({resolved})")
+    return resolved
 
 
 def _resolve_hub(source: str, label: str, guard: PathGuard | None) -> Path:
