@@ -24,7 +24,12 @@ from fixtures.checkpoints import (
 )
 from mergelens_mcp.analysis import loading
 from mergelens_mcp.analysis.loading import load_checkpoint, read_header
-from mergelens_mcp.errors import CheckpointFormatError, CheckpointNotFoundError, LimitExceededError
+from mergelens_mcp.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    InputError,
+    LimitExceededError,
+)
 from mergelens_mcp.security.limits import Limits
 
 N_TENSORS = len(TINY.tensor_shapes())  # 2 layers x 9 + embed, norm, lm_head = 21
@@ -361,3 +366,15 @@ def test_a_header_that_passes_our_checks_but_not_safetensors_fails_at_read_time_
     ckpt = load_checkpoint(str(path), "model_a")
     with ckpt, pytest.raises(CheckpointFormatError, match="model_a: cannot open m.safetensors"):
         ckpt.read("w")
+
+
+def test_a_path_with_a_nul_byte_is_refused_as_input_not_a_crash(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="NUL byte"):
+        load_checkpoint(str(tmp_path) + "/a\x00b", "model_a")
+
+
+def test_a_dangling_symlink_is_not_found(tmp_path: Path) -> None:
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(CheckpointNotFoundError, match=r"model_a: .*link.* does not exist"):
+        load_checkpoint(str(link), "model_a")
