@@ -378,3 +378,18 @@ def test_a_dangling_symlink_is_not_found(tmp_path: Path) -> None:
     link.symlink_to(tmp_path / "gone")
     with pytest.raises(CheckpointNotFoundError, match=r"model_a: .*link.* does not exist"):
         load_checkpoint(str(link), "model_a")
+
+
+def test_hub_ids_pass_the_path_guard_of_default_settings_with_the_cache_the_loader_reads(
+    hub_cache: Path, tmp_path: Path
+) -> None:
+    from mergelens_mcp.service import compare
+    from mergelens_mcp.settings import Settings
+
+    make_hub_cache(hub_cache, "owner/tiny-a", seed=0)
+    make_hub_cache(hub_cache, "owner/tiny-b", seed=0)
+    settings = Settings(allowed_roots=[tmp_path / "elsewhere"])
+    assert hub_cache.resolve() in settings.roots
+    result = compare(["owner/tiny-a", "owner/tiny-b"], settings=settings, guard=settings.guard())
+    assert result.mci.score == 100.0
+    assert [m.source for m in result.models] == ["owner/tiny-a", "owner/tiny-b"]
