@@ -23,4 +23,4 @@ def compare_models(models: Sequence[str], base: str | None = None, *, device: st
     """
     from .service import compare
 
-    return compare(list(models), base, device=device)
+    return compare(models if isinstance(models, str) else list(models), base, device=device)  # str: refused
