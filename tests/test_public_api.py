@@ -75,3 +75,12 @@ def test_results_refuse_unknown_fields(flipped_result: CompareResult) -> None:
     data = flipped_result.model_dump(mode="json") | {"surprise": 1}
     with pytest.raises(ValidationError, match="surprise"):
         CompareResult.model_validate(data)
+
+
+def test_compare_models_refuses_a_single_path_string_instead_of_iterating_its_characters(
+    family: Family,
+) -> None:
+    with pytest.raises(mergelens_mcp.errors.InputError, match="at least two models"):
+        compare_models(str(family.finetune_a))  # type: ignore[arg-type]
+    with pytest.raises(mergelens_mcp.errors.InputError, match="at least two models"):
+        compare_models([str(family.finetune_a)])
