@@ -47,6 +47,9 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
 
     if len(args.models) < 2:
         raise InputError("compare needs at least two models")
+    for option, path in (("--json", args.json), ("--report", args.report)):
+        if path is not None and not path.parent.is_dir():
+            raise InputError(f"{option} {path}: the folder {path.parent} does not exist; create it or pick another")
     result = _with_progress(
         console, "reading tensors",
         lambda progress: compare(args.models, args.base, device=args.device, progress=progress),
