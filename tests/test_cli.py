@@ -122,3 +122,14 @@ def test_python_dash_m_mergelens_mcp_compare_runs_as_a_subprocess(
     assert result.mci.verdict.value.replace("_", " ") in done.stdout
     assert result.mci.verdict in (Verdict.HIGHLY_COMPATIBLE, Verdict.COMPATIBLE)  # two fine-tunes of one base
     assert json.loads(out_file.read_text())["mci"]["score"] == result.mci.score
+
+
+def test_a_json_path_in_a_missing_folder_is_bad_input_found_before_the_analysis(
+    trio: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "no" / "such" / "dir" / "out.json"
+    code = main(["compare", trio["a"], trio["b"], "--json", str(target)])
+    err = capsys.readouterr()
+    assert code == EXIT_BAD_INPUT
+    assert "--json" in err.err and "folder" in err.err.replace("\n", "")
+    assert "Merge Compatibility Index" not in err.out  # refused before any tensor was read
