@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mergelens_mcp.analysis import score
 from mergelens_mcp.analysis.score import components, layer_score, overall_score, verdict_for
@@ -88,3 +90,27 @@ def test_a_layer_under_1_percent_of_the_median_size_cannot_be_the_worst() -> Non
 
 def test_no_layers_score_zero() -> None:
     assert overall_score([], []) == 0.0
+
+
+PARTS = st.dictionaries(st.sampled_from(score.COMPONENT_NAMES), st.floats(0.0, 1.0), min_size=1)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(parts=PARTS, name=st.sampled_from(score.COMPONENT_NAMES), raised=st.floats(0.0, 1.0))
+def test_layer_scores_stay_in_0_1_and_never_drop_when_a_component_improves(
+    parts: dict[str, float], name: str, raised: float
+) -> None:
+    before = layer_score(parts)
+    assert 0.0 <= before <= 1.0
+    better = {**parts, name: max(parts.get(name, 0.0), raised)}
+    if name not in parts:
+        return  # adding a component changes which table entries count; only improving one is monotone
+    assert layer_score(better) >= before - 1e-12
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(1, 10**6)), min_size=1, max_size=12))
+def test_the_overall_score_lies_between_the_worst_and_the_best_layer(layers: list[tuple[float, int]]) -> None:
+    scores, sizes = [s for s, _ in layers], [n for _, n in layers]
+    value = overall_score(scores, sizes)
+    assert 100 * min(scores) - 0.01 <= value <= 100 * max(scores) + 0.01
