@@ -393,3 +393,17 @@ def test_hub_ids_pass_the_path_guard_of_default_settings_with_the_cache_the_load
     result = compare(["owner/tiny-a", "owner/tiny-b"], settings=settings, guard=settings.guard())
     assert result.mci.score == 100.0
     assert [m.source for m in result.models] == ["owner/tiny-a", "owner/tiny-b"]
+
+
+def test_hf_home_alone_points_at_its_hub_folder(hub_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_CACHE")
+    make_hub_cache(hub_cache, "owner/tiny-llama")  # hub_cache is $HF_HOME/hub
+    assert loading.hub_cache_dir() == str(hub_cache)
+    with load_checkpoint("owner/tiny-llama", "model_a") as ckpt:
+        assert len(ckpt.tensors) == N_TENSORS
+
+
+def test_a_revision_missing_from_the_offline_cache_is_not_found(hub_cache: Path) -> None:
+    make_hub_cache(hub_cache, "owner/tiny-llama")
+    with pytest.raises(CheckpointNotFoundError, match=r"'owner/tiny-llama@v9' is not in the local cache"):
+        load_checkpoint("owner/tiny-llama@v9", "model_a")
