@@ -17,6 +17,12 @@ from mergelens_mcp.models import CompareResult, Verdict
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich wraps at the terminal width; wide lines keep long tmp paths and messages on one line."""
+    monkeypatch.setenv("COLUMNS", "1000")
+
+
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A tiny base and three fine-tunes of it."""
@@ -45,7 +51,7 @@ def test_compare_json_round_trips_through_the_result_model(
     code = main(["compare", trio["a"], trio["b"], "--base", trio["base"], "--json", str(out_file)])
     printed = capsys.readouterr()
     assert code == EXIT_OK
-    assert f"JSON written to {out_file}" in printed.err.replace("\n", "")
+    assert f"JSON written to {out_file}" in printed.err
     text = out_file.read_text(encoding="utf-8")
     result = CompareResult.model_validate_json(text)
     assert result.model_dump_json(indent=2) + "\n" == text
@@ -90,7 +96,7 @@ def test_bad_input_exits_2_with_a_clear_message_and_no_traceback(
     names = {"a": trio["a"], "missing": str(tmp_path / "nope"), "empty": str(tmp_path / "empty"),
              "pickle": str(write_pickle_only(tmp_path / "bin"))}
     code = main(["compare", *(a.format(**names) for a in args)])
-    err = capsys.readouterr().err.replace("\n", "")
+    err = capsys.readouterr().err.strip()
     assert code == EXIT_BAD_INPUT
     assert err.startswith("error: ")
     assert message.format(**names) in err
@@ -131,5 +137,5 @@ def test_a_json_path_in_a_missing_folder_is_bad_input_found_before_the_analysis(
     code = main(["compare", trio["a"], trio["b"], "--json", str(target)])
     err = capsys.readouterr()
     assert code == EXIT_BAD_INPUT
-    assert "--json" in err.err and "folder" in err.err.replace("\n", "")
+    assert "--json" in err.err and "folder" in err.err
     assert "Merge Compatibility Index" not in err.out  # refused before any tensor was read
