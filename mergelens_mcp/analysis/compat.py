@@ -127,8 +127,12 @@ def _shared_tensors(plan: Plan, models: list[Checkpoint]) -> None:
                 "these tensors are not compared; mergekit will fail on them unless the config excludes them",
                 path=missing[0],
             )
+    empty: list[str] = []
     for name in common:
         shapes = [m.tensors[name].shape for m in models]
+        if any(0 in s for s in shapes):  # nothing to measure, and the metrics need at least one value
+            empty.append(name)
+            continue
         if all(s == shapes[0] for s in shapes):
             plan.tensors.append(name)
             continue
@@ -151,6 +155,12 @@ def _shared_tensors(plan: Plan, models: list[Checkpoint]) -> None:
                 f"{', '.join(m.label for m in models)}",
                 "merge checkpoints with the same hidden and intermediate sizes", path=name,
             )
+    if empty:
+        plan.add(
+            FindingLevel.INFO, "empty_tensors",
+            f"{len(empty)} tensor(s) hold no values and are not compared, e.g. {', '.join(empty[:3])}",
+            path=empty[0],
+        )
 
 
 def _tied_embeddings(plan: Plan, models: list[Checkpoint]) -> None:
