@@ -253,3 +253,14 @@ def test_a_base_with_a_wider_mlp_is_not_used_for_those_tensors(tmp_path: Path) -
     assert result.mci.score is not None
     [message] = codes(result)["base_mismatch"]
     assert message.startswith("the base lacks or reshapes 6 of 21 compared tensors")  # 3 MLP x 2 layers
+
+
+def test_empty_tensors_are_listed_and_not_compared(tmp_path: Path) -> None:
+    extra = {"model.layers.0.mlp.empty.weight": torch.zeros(0, 16).bfloat16()}
+    a = make_checkpoint(tmp_path / "a", extra=extra)
+    b = make_finetune(tmp_path / "b", extra=extra)
+    result = compare_models([str(a), str(b)], base=str(a))
+    [message] = codes(result)["empty_tensors"]
+    assert message == "1 tensor(s) hold no values and are not compared, e.g. model.layers.0.mlp.empty.weight"
+    assert result.mci.score is not None
+    assert result.coverage.tensors_compared == len(TINY.tensor_shapes())
