@@ -421,3 +421,26 @@ def test_a_revision_missing_from_the_offline_cache_is_not_found(hub_cache: Path)
     make_hub_cache(hub_cache, "owner/tiny-llama")
     with pytest.raises(CheckpointNotFoundError, match=r"'owner/tiny-llama@v9' is not in the local cache"):
         load_checkpoint("owner/tiny-llama@v9", "model_a")
+
+
+def test_hub_downloads_ask_only_for_safetensors_the_index_and_config_with_the_environment_token(
+    hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    seen: dict[str, object] = {}
+    commit = make_hub_cache(hub_cache, "owner/tiny-llama")
+
+    def fake_snapshot_download(repo_id: str, **kwargs: object) -> str:
+        seen.update(kwargs, repo_id=repo_id)
+        return str(hub_cache / "models--owner--tiny-llama" / "snapshots" / commit)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with load_checkpoint("owner/tiny-llama@main", "model_a") as ckpt:
+        assert len(ckpt.tensors) == N_TENSORS
+    assert seen["repo_id"] == "owner/tiny-llama" and seen["revision"] == "main"
+    assert sorted(seen["allow_patterns"]) == ["*.safetensors", "config.json", "model.safetensors.index.json"]
+    assert seen["token"] == "hf_test_token"
+    assert seen["cache_dir"] == str(hub_cache) and seen["local_files_only"] is False
