@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.checkpoints import make_checkpoint, make_finetune, write_pickle_only
+from fixtures.checkpoints import make_checkpoint, make_finetune, make_gpt2, write_pickle_only
 from mergelens_mcp.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from mergelens_mcp.models import CompareResult, Verdict
 
@@ -139,3 +139,14 @@ def test_a_json_path_in_a_missing_folder_is_bad_input_found_before_the_analysis(
     assert code == EXIT_BAD_INPUT
     assert "--json" in err.err and "folder" in err.err
     assert "Merge Compatibility Index" not in err.out  # refused before any tensor was read
+
+
+def test_incompatible_models_print_the_verdict_and_the_reason_and_exit_0(
+    trio: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["compare", trio["a"], str(make_gpt2(tmp_path / "gpt2"))])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    assert "Merge Compatibility Index: n/a  incompatible" in out
+    assert "model_b is GPT2LMHeadModel, model_a is LlamaForCausalLM" in out
+    assert "Per layer" not in out
