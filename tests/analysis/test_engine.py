@@ -7,6 +7,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from fixtures.checkpoints import TINY, make_checkpoint, make_finetune, make_with_int_tensor
 from mergelens_mcp.analysis.engine import AnalysisOptions, analyze, resolve_device
@@ -119,9 +121,33 @@ def test_identical_models_score_100_with_no_zones(tiny: dict[str, Path]) -> None
     ("name", "message"), [("tpu", "not one of auto, cpu, cuda"), ("cuda", "no CUDA GPU")]
 )
 def test_an_unusable_device_is_an_input_error(name: str, message: str) -> None:
-    import torch
-
     if name == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(InputError, match=message):
         resolve_device(name)
+
+
+def rss_anon_mib() -> float:
+    """Anonymous resident memory (heap, tensors), not the page cache of mapped files."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("no RssAnon in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_memory_follows_the_largest_tensor_not_the_model(tmp_path: Path) -> None:
+    # two 128 MiB models of sixteen 8 MiB tensors; what the pass holds must not add up over tensors
+    numel, count = 2 * 2**20, 16
+    for label, seed in (("a", 0), ("b", 1)):
+        g = torch.Generator().manual_seed(seed)
+        save_file({f"model.layers.{i}.mlp.w.weight": torch.randn(numel, generator=g) for i in range(count)},
+                  str(tmp_path / f"{label}.safetensors"))
+    samples: list[float] = []
+    with ExitStack() as stack:
+        models = open_all(stack, tmp_path / "a.safetensors", tmp_path / "b.safetensors")
+        start = rss_anon_mib()
+        analyze(models, None, CPU, progress=lambda done, total, name: samples.append(rss_anon_mib()))
+    largest_mib = numel * 4 / 2**20
+    assert len(samples) == count
+    assert max(samples) - start < 12 * largest_mib  # 96 MiB, against 256 MiB of weights
