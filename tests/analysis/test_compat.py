@@ -264,3 +264,23 @@ def test_empty_tensors_are_listed_and_not_compared(tmp_path: Path) -> None:
     assert message == "1 tensor(s) hold no values and are not compared, e.g. model.layers.0.mlp.empty.weight"
     assert result.mci.score is not None
     assert result.coverage.tensors_compared == len(TINY.tensor_shapes())
+
+
+def test_a_different_rope_theta_is_a_warning_not_a_reason_to_refuse(tmp_path: Path) -> None:
+    a, b = make_checkpoint(tmp_path / "a"), make_checkpoint(tmp_path / "b")
+    config = json.loads((b / "config.json").read_text()) | {"rope_theta": 500000.0}
+    (b / "config.json").write_text(json.dumps(config))
+    result = compare_models([str(a), str(b)])
+    [message] = codes(result)["config_difference"]
+    assert message == "model_b has rope_theta=500000.0, model_a rope_theta=10000.0"
+    assert result.mci.score == 100.0
+
+
+def test_an_unreadable_config_falls_back_to_tensor_names(tmp_path: Path) -> None:
+    a, b = make_checkpoint(tmp_path / "a"), make_checkpoint(tmp_path / "b")
+    (a / "config.json").write_text("{")
+    (b / "config.json").write_text("[1, 2]")
+    result = compare_models([str(a), str(b)])
+    assert [f.code for f in result.findings] == ["no_config", "no_config"]
+    assert result.models[0].architecture is None
+    assert result.mci.score == 100.0
