@@ -444,3 +444,10 @@ def test_hub_downloads_ask_only_for_safetensors_the_index_and_config_with_the_en
     assert sorted(seen["allow_patterns"]) == ["*.safetensors", "config.json", "model.safetensors.index.json"]
     assert seen["token"] == "hf_test_token"
     assert seen["cache_dir"] == str(hub_cache) and seen["local_files_only"] is False
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.pth", "last.ckpt", "weights.pkl"])
+def test_every_pickle_suffix_is_refused_by_name(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).write_bytes(bytes(range(64)))  # never opened, whatever it holds
+    with pytest.raises(CheckpointFormatError, match=f"{name} is a pickle-based checkpoint"):
+        load_checkpoint(str(tmp_path / name), "model_a")
