@@ -53,6 +53,8 @@ def test_the_walker_sees_relative_absolute_and_function_level_imports() -> None:
     assert "mergelens_mcp.service" in imports_of(PACKAGE / "__init__.py")  # imported inside compare_models
     assert "mergelens_mcp.errors" in imports_of(PACKAGE / "__init__.py")  # `from . import errors`
     assert len(MODULES) >= 15
+    tool = imports_of(PACKAGE / "tools" / "report.py")
+    assert {"mcp.server.mcpserver", "mergelens_mcp.report.write_report", "mergelens_mcp.tools.views"} <= tool
 
 
 @pytest.mark.parametrize("path", [p for p in MODULES if rel(p).startswith("analysis/")], ids=rel)
