@@ -444,7 +444,7 @@ def test_hub_downloads_ask_only_for_safetensors_the_index_and_config_with_the_en
     assert seen["repo_id"] == "owner/tiny-llama" and seen["revision"] == "main"
     assert sorted(seen["allow_patterns"]) == ["*.safetensors", "config.json", "model.safetensors.index.json"]
     assert seen["token"] == "hf_test_token"
-    assert seen["cache_dir"] == str(hub_cache) and seen["local_files_only"] is False
+    assert str(seen["cache_dir"]) == str(hub_cache) and seen["local_files_only"] is False
 
 
 @pytest.mark.parametrize("name", ["model.pt", "model.pth", "last.ckpt", "weights.pkl"])
