@@ -33,7 +33,7 @@ def test_components_transform_each_metric_as_the_table_says() -> None:
     }
     assert components(metrics) == pytest.approx({
         "direction": 0.0,  # clamp(-0.2, 0, 1)
-        "distance": 0.7,  # 1 - 0.3
+        "distance": math.exp(-0.3 / score.DISTANCE_SCALE),  # exp(-l2 / scale): 0.0498 at scale 0.1
         "subspace": 0.9,
         "rank": 0.8,
         "distribution": 0.5,  # exp(-ln 2)
@@ -54,11 +54,12 @@ def test_components_skip_what_the_metrics_do_not_allow() -> None:
 def test_layer_score_by_hand() -> None:
     perfect = {"direction": 1.0, "distance": 1.0, "subspace": 1.0, "rank": 1.0, "distribution": 1.0}
     assert layer_score(perfect) == pytest.approx(1.0)
-    # origin = (0.5 x 0.5 + 1 x 0.2 + 1 x 0.3) / 1.0 = 0.75; no shape components -> 0.75
-    assert layer_score({"direction": 0.5, "distance": 1.0, "subspace": 1.0}) == pytest.approx(0.75)
-    # shape = (0.25 x 0.6 + 0.25 x 0.4) / 1.0 = 0.25 -> 0.75 x sqrt(0.25) = 0.375
+    # weights direction 0.5, distance 0.8, subspace 0.3:
+    # origin = (0.5 x 0.5 + 1 x 0.8 + 1 x 0.3) / 1.6 = 1.35 / 1.6 = 0.84375; no shape components -> 0.84375
+    assert layer_score({"direction": 0.5, "distance": 1.0, "subspace": 1.0}) == pytest.approx(0.84375)
+    # shape = (0.25 x 0.6 + 0.25 x 0.4) / 1.0 = 0.25 -> 0.84375 x sqrt(0.25) = 0.421875
     parts = {"direction": 0.5, "distance": 1.0, "subspace": 1.0, "rank": 0.25, "distribution": 0.25}
-    assert layer_score(parts) == pytest.approx(0.375)
+    assert layer_score(parts) == pytest.approx(0.421875)
     # task = (0.5 x 0.25 + 1 x 0.2) / 0.45 = 0.7222...; layer = min(1, 1^0.3 x task^0.7)
     task = (0.5 * 0.25 + 1.0 * 0.20) / 0.45
     assert layer_score({**perfect, "alignment": 0.5, "sign_agreement": 1.0}) == pytest.approx(task**0.7)
@@ -68,9 +69,10 @@ def test_task_evidence_can_only_lower_a_layer_score() -> None:
     weights = {"direction": 0.6, "distance": 0.6, "subspace": 0.6}
     perfect_task = dict.fromkeys(("alignment", "sign_agreement", "interference", "balance", "drift"), 1.0)
     assert layer_score({**weights, **perfect_task}) == pytest.approx(layer_score(weights))
-    # task = (0 + 0 + 0.25 + 0.1 + 0.2) / 1.0 = 0.55 -> 0.6^0.3 x 0.55^0.7 = 0.565 < 0.6
-    conflicting = {**weights, **perfect_task, "alignment": 0.0, "sign_agreement": 0.0}
-    assert layer_score(conflicting) == pytest.approx(0.6**0.3 * 0.55**0.7)
+    # weights alignment 0.25, sign 0.2, interference 0.25, balance 0.1, drift 0.4 (sum 1.2):
+    # task = (0 + 0 + 0 + 0.1 + 0.4) / 1.2 = 0.41667 -> 0.6^0.3 x 0.41667^0.7 = 0.465 < 0.6
+    conflicting = {**weights, **perfect_task, "alignment": 0.0, "sign_agreement": 0.0, "interference": 0.0}
+    assert layer_score(conflicting) == pytest.approx(0.6**0.3 * (0.5 / 1.2) ** 0.7)
     assert layer_score(conflicting) < layer_score(weights)
 
 
