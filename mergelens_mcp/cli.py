@@ -104,6 +104,8 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
 
     if len(args.models) < 2:
         raise InputError("compare needs at least two models")
+    if args.json is not None and not args.json.parent.is_dir():
+        raise InputError(f"--json {args.json}: the folder {args.json.parent} does not exist; create it first")
     if args.report:
         from .report import check_output
 
