@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..errors import CheckpointFormatError, CheckpointNotFoundError
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, PathNotAllowedError
 from ..security.limits import Limits
 from ..security.paths import PathGuard
 
@@ -297,7 +297,9 @@ def load_checkpoint(
 
 def _resolve_local(source: str, label: str, guard: PathGuard | None) -> Path | None:
     if "\x00" in source:
-        return guard.check(source, label) if guard else None
+        if guard:
+            return guard.check(source, label)
+        raise PathNotAllowedError(f"{label}: the path contains a NUL byte; pass a plain file system path")
     candidate = Path(source).expanduser()
     if not candidate.exists() and not candidate.is_symlink():
         if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
@@ -305,7 +307,12 @@ def _resolve_local(source: str, label: str, guard: PathGuard | None) -> Path | N
         raise CheckpointNotFoundError(
             f"{label}: {source!r} is neither an existing path nor a Hugging Face Hub id (owner/name[@revision])"
         )
-    return guard.check(source, label) if guard else candidate.resolve()
+    if guard:
+        return guard.check(source, label)
+    resolved = candidate.resolve()
+    if not resolved.exists():  # a dangling symlink
+        raise CheckpointNotFoundError(f"{label}: {source!r} does not exist ({resolved})")
+    return resolved
 
 
 def _resolve_hub(source: str, label: str, guard: PathGuard | None) -> Path:
@@ -316,7 +323,8 @@ def _resolve_hub(source: str, label: str, guard: PathGuard | None) -> Path:
 
     try:
         folder = snapshot_download(
-            match["repo"], revision=match["rev"], allow_patterns=HUB_PATTERNS, token=os.environ.get("HF_TOKEN")
+            match["repo"], revision=match["rev"], allow_patterns=HUB_PATTERNS, token=os.environ.get("HF_TOKEN"),
+            cache_dir=hub_cache_dir(), local_files_only=_env_flag("HF_HUB_OFFLINE"),
         )
     except LocalEntryNotFoundError:
         raise CheckpointNotFoundError(
@@ -327,6 +335,19 @@ def _resolve_hub(source: str, label: str, guard: PathGuard | None) -> Path:
         raise CheckpointNotFoundError(f"{label}: cannot fetch Hub model {source!r}: {type(exc).__name__}: {exc}") from None
     folder_path = Path(str(folder))
     return guard.check(folder_path, label) if guard else folder_path.resolve()
+
+
+def hub_cache_dir() -> str | None:
+    """HF_HUB_CACHE, else HF_HOME/hub, as the environment says now (huggingface_hub reads both once, at import)."""
+    cache = os.environ.get("HF_HUB_CACHE")
+    if cache:
+        return os.path.expanduser(cache)
+    home = os.environ.get("HF_HOME")
+    return os.path.join(os.path.expanduser(home), "hub") if home else None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _safetensors_files(path: Path, label: str) -> tuple[list[Path], Path]:
@@ -358,9 +379,11 @@ def _shards_from_index(index: Path, label: str) -> list[Path]:
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         raise CheckpointFormatError(f"{label}: {index} is not a valid safetensors index (no 'weight_map')") from None
     shards = []
+    folder = index.parent
     for name in names:
-        shard = (index.parent / str(name)).resolve()
-        if shard.parent != index.parent.resolve() and not shard.is_relative_to(index.parent.resolve()):
+        # Lexical containment: a Hub snapshot's shards are symlinks into ../../blobs, which resolve() would refuse.
+        shard = Path(os.path.normpath(folder / str(name)))
+        if shard == folder or not shard.is_relative_to(folder):
             raise CheckpointFormatError(f"{label}: {index.name} points outside its folder ({name!r}); refused")
         if not shard.is_file():
             raise CheckpointFormatError(f"{label}: shard {name!r} listed in {index.name} is missing")
