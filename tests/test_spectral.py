@@ -10,6 +10,7 @@ import torch
 from fixtures.checkpoints import Family
 from mergelens_mcp.analysis.engine import AnalysisOptions, analyze
 from mergelens_mcp.analysis.loading import load_checkpoint
+from mergelens_mcp.analysis.metrics import _effective_rank
 from mergelens_mcp.analysis.spectral import EXACT_MAX_ELEMENTS, OVERSAMPLE, POWER_ITERS, decompose
 
 RANK = 16
@@ -89,14 +90,29 @@ def test_matrices_up_to_the_cap_get_the_exact_svd() -> None:
     assert torch.allclose(result.s, torch.linalg.svdvals(matrix), atol=1e-5)
 
 
-def test_spectrum_past_the_top_k_spreads_the_residual_energy_evenly() -> None:
+def test_spectrum_past_the_computed_values_is_a_decreasing_tail_holding_the_residual_energy() -> None:
     matrix = with_spectrum(640, 480, 1.0 / torch.arange(1, 301, dtype=torch.float64), seed=6)
     approx = decompose(matrix, RANK, exact_max_elements=0)
     spectrum = approx.spectrum()
     assert spectrum.numel() == 480
     assert float(spectrum.double().pow(2).sum()) == pytest.approx(approx.total_energy, rel=1e-4)
     tail = spectrum[approx.s.numel():]
-    assert torch.all(tail == tail[0])
+    assert float(tail[0]) <= float(approx.s[-1]) * (1 + 1e-6)
+    assert bool((tail[1:] <= tail[:-1]).all()) and float(tail[-1]) < float(tail[0]) / 5
+
+
+def test_effective_rank_from_the_tail_model_is_within_15_percent_on_a_power_law_spectrum() -> None:
+    # s_i = 1/i: the residual spread evenly would put the effective rank 60% too high (180 vs 112)
+    matrix = with_spectrum(640, 480, 1.0 / torch.arange(1, 481, dtype=torch.float64), seed=2)
+    exact = _effective_rank(decompose(matrix, RANK))
+    approx = _effective_rank(decompose(matrix, RANK, exact_max_elements=0))
+    assert approx == pytest.approx(exact, rel=0.15)
+
+
+def test_a_flat_spectrum_keeps_an_even_tail() -> None:
+    matrix = with_spectrum(640, 480, torch.ones(480, dtype=torch.float64), seed=7)
+    spectrum = decompose(matrix, RANK, exact_max_elements=0).spectrum()
+    assert float(spectrum.min()) == pytest.approx(float(spectrum.max()), rel=0.05)
 
 
 def test_every_matrix_parameter_is_covered_and_the_sketch_is_documented(family: Family) -> None:

@@ -10,6 +10,7 @@ error against the exact SVD on matrices with decaying spectra is bounded in test
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ DEFAULT_RANK = 16
 OVERSAMPLE = 8
 POWER_ITERS = 2
 EXACT_MAX_ELEMENTS = 512 * 512
+TAIL_BISECTIONS = 30
 
 
 @dataclass(frozen=True)
@@ -36,13 +38,34 @@ class SVD:
         return self.u.shape[1]
 
     def spectrum(self) -> torch.Tensor:
-        """All min(m, n) singular values; beyond the computed ones, the residual energy spread evenly."""
+        """All min(m, n) singular values; past the computed ones, a power-law tail with the residual energy.
+
+        The tail's exponent is the decay of the accurate top-k values, alpha = ln(s_{k/2} / s_k) / ln 2, made
+        flatter where needed so the tail starts no higher than the last computed value (alpha = 0 spreads the
+        residual evenly). Its total energy is exactly what the computed values leave of the Frobenius norm.
+        """
         if self.exact or self.s.numel() >= self.full_dim:
             return self.s
-        residual = max(self.total_energy - float((self.s**2).sum()), 0.0)
-        rest = self.full_dim - self.s.numel()
-        fill = torch.full((rest,), (residual / rest) ** 0.5, dtype=self.s.dtype, device=self.s.device)
-        return torch.cat([self.s, fill])
+        s = self.s.double()
+        residual = max(self.total_energy - float((s**2).sum()), 0.0)
+        ranks = torch.arange(s.numel() + 1, self.full_dim + 1, dtype=torch.float64, device=s.device)
+
+        def tail(alpha: float) -> torch.Tensor:
+            shape = ranks ** (-alpha)
+            return shape * math.sqrt(residual / float((shape**2).sum()))
+
+        half, last = max(1, self.k // 2), float(s[-1])
+        alpha = 0.0
+        if float(s[self.k - 1]) > 0 and self.k > half:
+            alpha = max(0.0, math.log(float(s[half - 1]) / float(s[self.k - 1])) / math.log(self.k / half))
+        fill = tail(alpha)
+        if float(fill[0]) > last:  # flatter than the fit: the steepest exponent whose tail starts below s_q
+            lo, hi = 0.0, alpha
+            for _ in range(TAIL_BISECTIONS):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if float(tail(mid)[0]) > last else (mid, hi)
+            fill = tail(lo)
+        return torch.cat([s, fill]).to(self.s.dtype)
 
 
 def decompose(
