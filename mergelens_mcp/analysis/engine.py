@@ -1,8 +1,8 @@
 """One streaming pass over the checkpoints: each tensor of each model is read once, every metric of every
 pair is computed from it, and only per-layer sums are kept, so memory follows the largest tensor.
 
-A reader thread reads, upcasts and checks the next tensor set (that tensor in every model and the base) while
-this one is measured, when both fit in the memory of the largest set. Reading measures each tensor's norm, and
+A reader thread reads, upcasts and checks the next tensor set (that tensor in every model and the base), and
+decomposes its weight matrices, while this one is measured, when both fit in the memory of the largest set. Reading measures each tensor's norm, and
 a non-finite norm is the one signal that triggers the NaN/Inf scan. Task vectors are made in place from the
 weights once the weight metrics are done, the base streamed block by block from its file, so it is never held
 whole: a tensor set costs one float32 copy per candidate.
@@ -128,7 +128,7 @@ def analyze(
     if device.type == "cpu":
         torch.set_num_threads(options.threads or default_threads())
     try:
-        sets = _read_ahead(tensors, models, base, plan, device)
+        sets = _read_ahead(tensors, models, base, plan, device, options)
         for done, loaded in enumerate(sets):
             if cancelled is not None and cancelled():
                 sets.close()
@@ -140,7 +140,7 @@ def analyze(
             weights = loaded.weights
             numel = weights[0].numel()
             params_compared += numel
-            ops = [_operand(t, options, norm=n) for t, n in zip(weights, loaded.norms, strict=True)]
+            ops = loaded.ops
             is_matrix = ops[0].is_matrix
             layers = []
             for i, j in pairs:
@@ -256,14 +256,19 @@ class _TensorSet:
 
     name: str
     weights: list[torch.Tensor]
-    norms: list[float]
+    ops: list[Operand]  # over `weights`, their SVDs already made by the reader thread
     base: _BaseTensor | None
     base_norm: float | None
     nonfinite: dict[str, int]
 
 
 def _read_ahead(
-    names: Sequence[str], models: list[Checkpoint], base: Checkpoint | None, plan: Plan, device: torch.device
+    names: Sequence[str],
+    models: list[Checkpoint],
+    base: Checkpoint | None,
+    plan: Plan,
+    device: torch.device,
+    options: AnalysisOptions,
 ) -> Iterator[_TensorSet]:
     """Each tensor set in turn, the next one read by a worker thread while the caller measures this one.
 
@@ -275,7 +280,7 @@ def _read_ahead(
         return n + (READ_BLOCK_BYTES if base and name in plan.base_tensors else 0)
 
     def read(name: str) -> _TensorSet:
-        return _read_set(name, models, base, plan, device)
+        return _read_set(name, models, base, plan, device, options)
 
     sizes = [size(n) for n in names]
     budget = max(sizes, default=0)
@@ -293,8 +298,15 @@ def _read_ahead(
 
 
 def _read_set(
-    name: str, models: list[Checkpoint], base: Checkpoint | None, plan: Plan, device: torch.device
+    name: str,
+    models: list[Checkpoint],
+    base: Checkpoint | None,
+    plan: Plan,
+    device: torch.device,
+    options: AnalysisOptions,
 ) -> _TensorSet:
+    """Read one tensor set and decompose its weight matrices: the SVDs are the bulk of the work, and making
+    the weights' here and the task vectors' on the analysing thread splits it between two cores."""
     if models[0].tensors[name].numel >= TRIM_ELEMENTS:
         _trim_heap()
     rows = plan.row_limits.get(name)
@@ -307,7 +319,11 @@ def _read_set(
     base_tensor = base_norm = None
     if base is not None and name in plan.base_tensors:
         base_tensor, base_norm = _scan_base(base, name, weights[0].numel(), nonfinite)
-    return _TensorSet(name, weights, norms, base_tensor, base_norm, nonfinite)
+    ops = [_operand(t, options, norm=n) for t, n in zip(weights, norms, strict=True)]
+    for op in ops:
+        if op.is_matrix:
+            _ = op.svd
+    return _TensorSet(name, weights, ops, base_tensor, base_norm, nonfinite)
 
 
 def _scan_base(

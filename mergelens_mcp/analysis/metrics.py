@@ -381,21 +381,25 @@ def task_drift(a: Operand, b: Operand) -> float:
 
 
 MASS_SHARE = 0.9
-MASS_SAMPLE = 1 << 20
+MASS_SAMPLE = 1 << 18  # a sort is the cost here: 2^18 float32 values sort ~5x faster than 2^20 doubles
 
 
 def _mass_fraction(x: Operand) -> float:
-    """Smallest share of coordinates holding MASS_SHARE of the L1 mass (a strided sample above 1M values)."""
-    flat = x.flat
-    if flat.numel() > MASS_SAMPLE:
-        flat = flat[:: -(-flat.numel() // MASS_SAMPLE)]
-    magnitude = flat.abs().double().sort(descending=True).values
+    """Smallest share of coordinates holding MASS_SHARE of the L1 mass (a strided sample above MASS_SAMPLE
+    values: the share's standard error is then about 0.001). Kept on the operand for its other pairs."""
+    cached = x.__dict__.get("_mass_fraction")
+    if cached is not None:
+        return float(cached)
+    magnitude = _strided(x.flat, MASS_SAMPLE).abs().sort(descending=True).values.double()
     total = float(magnitude.sum())
     if total < EPS:
-        return 0.0
-    target = torch.tensor([MASS_SHARE * total], dtype=torch.float64, device=magnitude.device)
-    needed = int(torch.searchsorted(magnitude.cumsum(0), target))
-    return min(1.0, (needed + 1) / magnitude.numel())
+        fraction = 0.0
+    else:
+        target = torch.tensor([MASS_SHARE * total], dtype=torch.float64, device=magnitude.device)
+        needed = int(torch.searchsorted(magnitude.cumsum(0), target))
+        fraction = min(1.0, (needed + 1) / magnitude.numel())
+    x.__dict__["_mass_fraction"] = fraction
+    return fraction
 
 
 @metric("task_mass_fraction", bounds=(0.0, 1.0), needs_base=True)
