@@ -25,62 +25,48 @@ def _digits(rng: random.Random, low: int, high: int) -> list[int]:
     return [rng.randrange(10) for _ in range(rng.randint(low, high))]
 
 
-def make_copy(rng: random.Random) -> Example:
-    x = _digits(rng, 3, 7)
-    return x, list(x)
+def _operands(rng: random.Random) -> list[int]:
+    """Two 3-digit operands separated by `+` (encoded as -1)."""
+    a = [rng.randrange(10) for _ in range(3)]
+    b = [rng.randrange(10) for _ in range(3)]
+    return [*a, -1, *b]
 
 
-def make_reverse(rng: random.Random) -> Example:
-    x = _digits(rng, 3, 7)
-    return x, x[::-1]
+def add_digitwise(x: list[int]) -> list[int]:
+    """Digit-wise addition mod 10 of the operands on both sides of `+` (-1)."""
+    cut = x.index(-1)
+    return [(i + j) % 10 for i, j in zip(x[:cut], x[cut + 1 :])]
 
 
-def make_sort(rng: random.Random) -> Example:
-    x = _digits(rng, 3, 7)
-    return x, sorted(x)
-
-
-def make_add(rng: random.Random) -> Example:
-    """Digit-wise addition mod 10 of two 3-digit operands separated by `+` (encoded as -1)."""
-    n = 3
-    a = [rng.randrange(10) for _ in range(n)]
-    b = [rng.randrange(10) for _ in range(n)]
-    return [*a, -1, *b], [(i + j) % 10 for i, j in zip(a, b)]
-
-
-def make_shift(rng: random.Random) -> Example:
-    x = _digits(rng, 3, 7)
-    return x, [(d + 3) % 10 for d in x]
-
-
-def make_count(rng: random.Random) -> Example:
-    x = _digits(rng, 1, 9)
-    return x, [len(x)]
-
-
-def make_max(rng: random.Random) -> Example:
-    x = _digits(rng, 3, 7)
-    return x, [max(x)]
-
-
-def make_increment(rng: random.Random) -> Example:
+def increment(x: list[int]) -> list[int]:
     """The digits read as a number (leading zeros kept), plus one; 99 -> 100."""
-    x = _digits(rng, 2, 6)
     value = int("".join(map(str, x))) + 1
-    return x, [int(c) for c in str(value).zfill(len(x))]
+    return [int(c) for c in str(value).zfill(len(x))]
 
 
-GENERATORS: dict[str, Callable[[random.Random], Example]] = {
-    "copy": make_copy,
-    "reverse": make_reverse,
-    "sort": make_sort,
-    "add": make_add,
-    "shift": make_shift,
-    "count": make_count,
-    "max": make_max,
-    "increment": make_increment,
+# task -> (input sampler, answer)
+DEFINITIONS: dict[str, tuple[Callable[[random.Random], list[int]], Callable[[list[int]], list[int]]]] = {
+    "copy": (lambda rng: _digits(rng, 3, 7), lambda x: list(x)),
+    "reverse": (lambda rng: _digits(rng, 3, 7), lambda x: x[::-1]),
+    "sort": (lambda rng: _digits(rng, 3, 7), sorted),
+    "add": (_operands, add_digitwise),
+    "shift": (lambda rng: _digits(rng, 3, 7), lambda x: [(d + 3) % 10 for d in x]),
+    "count": (lambda rng: _digits(rng, 1, 9), lambda x: [len(x)]),
+    "max": (lambda rng: _digits(rng, 3, 7), lambda x: [max(x)]),
+    "increment": (lambda rng: _digits(rng, 2, 6), increment),
 }
-TASKS: tuple[str, ...] = tuple(GENERATORS)
+
+
+def answer(task: str, x: list[int]) -> list[int]:
+    return DEFINITIONS[task][1](x)
+
+
+def sample(task: str, rng: random.Random) -> Example:
+    x = DEFINITIONS[task][0](rng)
+    return x, answer(task, x)
+
+
+TASKS: tuple[str, ...] = tuple(DEFINITIONS)
 PRETRAIN_TASKS: tuple[str, ...] = ("copy", "reverse", "sort", "max", "increment", "count")
 
 
@@ -110,7 +96,7 @@ def make_test_set(task: str, seed: int, size: int = 200) -> TestSet:
     for _ in range(size * 50):
         if len(seen) == size:
             break
-        x, y = GENERATORS[task](rng)
+        x, y = sample(task, rng)
         seen.setdefault(tuple(encode_prompt(task, x)), encode_answer(y))
     return TestSet(task, [list(p) for p in seen], list(seen.values()))
 
@@ -126,7 +112,7 @@ class Sampler:
     def example(self) -> tuple[list[int], list[int]]:
         while True:
             task = self.rng.choice(self.tasks)
-            x, y = GENERATORS[task](self.rng)
+            x, y = sample(task, self.rng)
             prompt = encode_prompt(task, x)
             if tuple(prompt) not in self.held_out:
                 return prompt, encode_answer(y)
