@@ -105,7 +105,8 @@ def test_ties_of_a_model_with_itself_keeps_only_its_trimmed_task_vector():
 
 
 def test_the_benchmark_methods_use_the_documented_parameters():
-    assert METHODS["ties"].describe() == {"weight": [1.0, 1.0], "lambda": 1.0, "normalize": True, "density": 0.5}
+    ties = {"weight": [1.0, 1.0], "lambda": 1.0, "normalize": True, "density": 0.5}
+    assert METHODS["ties"].describe() == ties
     assert METHODS["task_arithmetic"].describe() == {"weight": [1.0, 1.0], "lambda": 1.0, "normalize": False}
     assert METHODS["slerp"].describe() == {"t": 0.5}
 

@@ -13,9 +13,9 @@ from benchmarks.mergeability.tasks import (
     VOCAB_SIZE,
     Sampler,
     accuracy,
+    answer,
     encode_answer,
     encode_prompt,
-    answer,
     make_test_set,
     sample,
 )
@@ -134,7 +134,7 @@ def test_accuracy_is_one_for_a_model_that_emits_the_answers_and_zero_for_a_wrong
         def forward(self, tokens, pad):
             logits = torch.zeros(tokens.shape[0], tokens.shape[1], VOCAB_SIZE)
             for i, row in enumerate(tokens.tolist()):
-                real = [t for t, p in zip(row, pad[i].tolist()) if not p]
+                real = [t for t, p in zip(row, pad[i].tolist(), strict=True) if not p]
                 prompt = next(p for p in test.prompts if real[: len(p)] == p)
                 answer = test.answers[test.prompts.index(prompt)]
                 step = len(real) - len(prompt)

@@ -7,7 +7,8 @@ Every method merges two state dicts tensor by tensor:
 - `ties`: each tau_i trimmed to its top-`density` entries by magnitude, the sign of each coordinate elected by
   the summed weighted mass, then the disjoint mean of the entries that agree with it (normalize=True).
 - `dare_ties` / `dare_linear`: each tau_i keeps a seeded Bernoulli(`density`) share of its entries, rescaled
-  by 1/density; `dare_ties` then applies the TIES sign election, `dare_linear` sums (normalize=False for both).
+  by 1/density; `dare_ties` then applies the TIES sign election, `dare_linear` sums them
+  (normalize=False for both).
 - `slerp`: spherical interpolation between the two models at t, per tensor; linear when |cos| > 0.9995.
 """
 
@@ -129,7 +130,7 @@ def merge_states(spec: MergeSpec, base: State, a: State, b: State, seed: int = 0
                 taus = [trim_by_magnitude(tau, spec.density) for tau in taus]
             elif spec.name in ("dare_ties", "dare_linear"):
                 gens = [torch.Generator().manual_seed(tensor_seed(seed, name, i)) for i in range(2)]
-                taus = [drop_and_rescale(tau, spec.density, g) for tau, g in zip(taus, gens)]
+                taus = [drop_and_rescale(t, spec.density, g) for t, g in zip(taus, gens, strict=True)]
             elif spec.name != "task_arithmetic":
                 raise ValueError(f"unknown merge method {spec.name!r}; known: {sorted(METHODS)}")
             consensus = spec.name in ("ties", "dare_ties")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .merge import METHODS, merge_states
-from .model import TinyLlama, build_model, load_checkpoint, load_config, load_state, save_checkpoint
+from .model import build_model, load_config, load_state, save_checkpoint
 from .stats import fit_ridge, hit_rate, leave_one_group_out, mean, pearson, spearman, within_group_spearman
 from .tasks import PRETRAIN_TASKS, TASKS, TestSet, accuracy, make_test_set
 from .train import finetune, pretrain
@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-acc", type=float, default=0.9, help="drop fine-tunes below this on their task")
     parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, cache and results")
     parser.add_argument("--rescore", action="store_true", help="recompute the MCI of every pair")
-    parser.add_argument("--no-score", action="store_true", help="skip the MCI (train, merge and baselines only)")
+    parser.add_argument("--no-score", action="store_true", help="skip the MCI (train, merge, baselines)")
     args = parser.parse_args(argv)
     args.tasks = _names(args.tasks, TASKS, "--tasks")
     args.pretrain_tasks = _names(args.pretrain_tasks, TASKS, "--pretrain-tasks")
@@ -316,19 +316,23 @@ def render_markdown(results: dict) -> str:
     lines = [
         f"# Mergeability benchmark ({s['n_pairs']} cross-task pairs)",
         "",
-        f"Settings: `{json.dumps(results['settings'])}`; MCI from the public API: {results['mci_available']}.",
+        f"Settings: `{json.dumps(results['settings'])}`;",
+        f"MCI from the public API: {results['mci_available']}.",
         "",
         "Outcome: normalized accuracy = merged accuracy / fine-tuned accuracy, averaged over both tasks.",
-        "Predictors: `mci` (higher = safer), `norms_only` = -(|tau_a| + |tau_b|), `tv_distance` = -|tau_a - tau_b|,",
-        "`tv_cosine` = cos(tau_a, tau_b); `loto_*` = ridge fits scored only on a task left out of their fit.",
+        "Predictors: `mci` (higher = safer), `norms_only` = -(|tau_a| + |tau_b|),",
+        "`tv_distance` = -|tau_a - tau_b|, `tv_cosine` = cos(tau_a, tau_b);",
+        "`loto_*` = ridge fits scored only on a task left out of their fit.",
         "",
         "| method | mean outcome | predictor | n | Pearson | Spearman | within-task Spearman |",
         "|---|---|---|---|---|---|---|",
     ]
     for method, m in s["methods"].items():
         for name, c in m["predictors"].items():
-            lines.append(f"| {method} | {m['mean_normalized']:.3f} | {name} | {c['n']} | {_fmt(c['pearson'])} "
-                         f"| {_fmt(c['spearman'])} | {_fmt(c['within_task_spearman'])} |")
+            lines.append(
+                f"| {method} | {m['mean_normalized']:.3f} | {name} | {c['n']} | {_fmt(c['pearson'])} "
+                f"| {_fmt(c['spearman'])} | {_fmt(c['within_task_spearman'])} |"
+            )
     rec = s["recommendation"]
     rate = "n/a" if rec["hit_rate"] is None else f"{rec['hit_rate']:.1%}"
     lines += [
@@ -347,7 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    tests = {t: make_test_set(t, args.seed, args.test_size) for t in sorted(set(args.tasks) | set(args.pretrain_tasks))}
+    every_task = sorted(set(args.tasks) | set(args.pretrain_tasks))
+    tests = {t: make_test_set(t, args.seed, args.test_size) for t in every_task}
     manifest = train_checkpoints(args, tests)
     names = kept_finetunes(manifest, args.min_acc)
     dropped = sorted(set(manifest["finetunes"]) - set(names))

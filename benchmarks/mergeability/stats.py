@@ -14,7 +14,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
     if n < 3:
         return None
     mx, my = sum(x) / n, sum(y) / n
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
     sxx = sum((a - mx) ** 2 for a in x)
     syy = sum((b - my) ** 2 for b in y)
     if sxx <= 0 or syy <= 0:
@@ -120,7 +120,7 @@ def hit_rate(
     the rows that have a recommendation.
     """
     hits = rows = 0
-    for method, scores in zip(recommended, outcomes):
+    for method, scores in zip(recommended, outcomes, strict=True):
         if method is None:
             continue
         rows += 1

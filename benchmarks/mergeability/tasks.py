@@ -35,7 +35,7 @@ def _operands(rng: random.Random) -> list[int]:
 def add_digitwise(x: list[int]) -> list[int]:
     """Digit-wise addition mod 10 of the operands on both sides of `+` (-1)."""
     cut = x.index(-1)
-    return [(i + j) % 10 for i, j in zip(x[:cut], x[cut + 1 :])]
+    return [(i + j) % 10 for i, j in zip(x[:cut], x[cut + 1 :], strict=True)]
 
 
 def increment(x: list[int]) -> list[int]:
@@ -153,5 +153,5 @@ def accuracy(model: torch.nn.Module, test: TestSet) -> float:
     """Share of test prompts whose greedy answer, up to and including EOS, matches exactly."""
     width = max(len(a) for a in test.answers)
     generated = generate(model, test.prompts, width).tolist()
-    hits = sum(g[: len(a)] == a for g, a in zip(generated, test.answers))
+    hits = sum(g[: len(a)] == a for g, a in zip(generated, test.answers, strict=True))
     return hits / len(test.answers)
