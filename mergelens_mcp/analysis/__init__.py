@@ -1,0 +1,1 @@
+"""Pure computation on checkpoints and tensors. Imports no MCP, server, anyio or plotly code."""

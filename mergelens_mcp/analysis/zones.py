@@ -1,0 +1,85 @@
+"""Conflict zones: contiguous runs of layers that score badly, why, and what to do about them."""
+
+from __future__ import annotations
+
+from ..models import ConflictZone, LayerMetrics, Severity
+
+ZONE_THRESHOLD = 55.0
+OUTLIER_DROP = 15.0
+SEVERITIES = ((20.0, Severity.CRITICAL), (35.0, Severity.HIGH), (ZONE_THRESHOLD, Severity.MEDIUM))
+
+ADVICE = {
+    "alignment": "the task vectors pull in opposite directions here: take these layers from one model "
+    "(a passthrough slice or a layer-wise weight gradient of 0/1) rather than averaging them",
+    "sign_agreement": "many coordinates conflict in sign: merge with ties or dare_ties so sign election "
+    "resolves them, with density around 0.5",
+    "interference": "both fine-tunes write into the same singular directions in different ways: use ties "
+    "or dare_ties and lower the weight of the weaker model in these layers",
+    "drift": "these layers moved far from the base: lower their merge weight (e.g. 0.3) or keep the base's "
+    "values via a gradient",
+    "balance": "one fine-tune changed these layers much more than the other: weight them unequally or use "
+    "task_arithmetic with per-model weights",
+    "direction": "the weights point in different directions: these layers do not share an origin; take them "
+    "from one model or use slerp with t near 0 or 1 here",
+    "distance": "the weights are far apart: interpolate gently (slerp t near 0 or 1) or take these layers "
+    "from one model",
+    "subspace": "the dominant singular directions differ: linear merging will blur them; use a small weight "
+    "for one model or take these layers from one model",
+    "rank": "the spectra have different shapes (effective rank): check that both models were trained "
+    "from the same base",
+    "distribution": "the weight distributions differ in scale: check dtypes and that both come from the same base",
+}
+
+
+def severity_for(score: float) -> Severity:
+    for threshold, severity in SEVERITIES:
+        if score < threshold:
+            return severity
+    return Severity.LOW
+
+
+def detect_conflict_zones(layers: list[LayerMetrics], positions: dict[str, int]) -> list[ConflictZone]:
+    """Zones for one pair of models; `layers` come in depth order, `positions` map layer name -> depth."""
+    if not layers:
+        return []
+    ordered = sorted(layers, key=lambda lm: positions[lm.layer_name])
+    median = sorted(lm.score for lm in ordered)[len(ordered) // 2]
+    flagged = [lm.score < ZONE_THRESHOLD or lm.score < median - OUTLIER_DROP for lm in ordered]
+    zones: list[ConflictZone] = []
+    run: list[LayerMetrics] = []
+    for lm, bad in zip(ordered, flagged):
+        contiguous = run and positions[lm.layer_name] <= positions[run[-1].layer_name] + 1
+        if bad and (not run or contiguous):
+            run.append(lm)
+            continue
+        if run:
+            zones.append(_zone(run, positions))
+        run = [lm] if bad else []
+    if run:
+        zones.append(_zone(run, positions))
+    return zones
+
+
+def _zone(run: list[LayerMetrics], positions: dict[str, int]) -> ConflictZone:
+    worst = min(lm.score for lm in run)
+    totals: dict[str, float] = {}
+    for lm in run:
+        for name, value in lm.components.items():
+            totals[name] = totals.get(name, 0.0) + (1.0 - value)
+    drivers = [n for n, loss in sorted(totals.items(), key=lambda kv: -kv[1]) if loss / len(run) > 0.15][:3]
+    if not drivers and totals:
+        drivers = [max(totals, key=lambda n: totals[n])]
+    first, last = positions[run[0].layer_name], positions[run[-1].layer_name]
+    span = run[0].layer_name if len(run) == 1 else f"{run[0].layer_name} to {run[-1].layer_name}"
+    advice = "; ".join(ADVICE[d] for d in drivers[:2]) or "inspect these layers before merging"
+    return ConflictZone(
+        model_a=run[0].model_a,
+        model_b=run[0].model_b,
+        start_layer=first,
+        end_layer=last,
+        layer_names=[lm.layer_name for lm in run],
+        severity=severity_for(worst),
+        score=worst,
+        driving_metrics=drivers,
+        recommendation=f"{span} (score {worst:.0f}): {advice}.",
+    )

@@ -1,0 +1,149 @@
+"""`mergelens compare | diagnose | report | serve`: argument parsing and printing only."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .errors import InputError, MergeLensError
+from .models import CompareResult, Verdict
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+VERDICT_STYLE = {
+    Verdict.HIGHLY_COMPATIBLE: "bold green", Verdict.COMPATIBLE: "green",
+    Verdict.RISKY: "yellow", Verdict.INCOMPATIBLE: "bold red",
+}
+
+Command = Callable[[argparse.Namespace, Console], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergelens", description="Should I merge these models, and how? Answered before the merge runs."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    compare = sub.add_parser("compare", help="compare two or more checkpoints, optionally against their base")
+    compare.add_argument("models", nargs="+", help="checkpoint folders, .safetensors files or Hub ids (2 or more)")
+    compare.add_argument("--base", help="the base model the candidates were fine-tuned from")
+    compare.add_argument("--json", type=Path, help="write the full result as JSON here")
+    compare.add_argument("--report", type=Path, help="write the interactive HTML report here")
+    compare.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    compare.add_argument("--layers", type=int, default=40, help="rows of the per-layer table (0: none)")
+    compare.set_defaults(run=run_compare)
+    return parser
+
+
+def run_compare(args: argparse.Namespace, console: Console) -> int:
+    from .service import compare
+
+    if len(args.models) < 2:
+        raise InputError("compare needs at least two models")
+    result = _with_progress(
+        console, "reading tensors",
+        lambda progress: compare(args.models, args.base, device=args.device, progress=progress),
+    )
+    print_result(result, Console(), max_layers=args.layers)
+    if args.json:
+        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        console.print(f"JSON written to {args.json}")
+    if args.report:
+        from .report import write_report
+
+        write_report(result, args.report)
+        console.print(f"report written to {args.report}")
+    return EXIT_OK
+
+
+def _with_progress(console: Console, label: str, job: Callable[[Callable[[int, int, str], None]], object]):  # type: ignore[no-untyped-def]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def progress(done: int, total: int, message: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{label}: {message[-60:]}")
+
+        return job(progress)
+
+
+def print_result(result: CompareResult, console: Console, max_layers: int = 40) -> None:
+    mci = result.mci
+    score = "n/a" if mci.score is None else f"{mci.score:.1f}/100"
+    style = VERDICT_STYLE[mci.verdict]
+    console.print(f"\n[bold]Merge Compatibility Index:[/] [{style}]{score}  {mci.verdict.value.replace('_', ' ')}[/]"
+                  f"  (confidence: {mci.confidence})")
+    for reason in mci.reasons:
+        console.print(f"  - {reason}", markup=False, highlight=False)
+    if len(result.pairwise) > 1:
+        table = Table(title="Pairs")
+        for col in ("model", "model", "MCI", "verdict"):
+            table.add_column(col)
+        for pair in result.pairwise:
+            table.add_row(pair.model_a, pair.model_b, "n/a" if pair.score is None else f"{pair.score:.1f}",
+                          pair.verdict.value)
+        console.print(table)
+    for f in result.findings:
+        console.print(f"[{f.level.value}] {f.message}" + (f"\n    fix: {f.fix}" if f.fix else ""),
+                      markup=False, highlight=False)
+    if max_layers and result.layer_metrics:
+        _layer_table(result, console, max_layers)
+    if result.conflict_zones:
+        console.print("[bold]Conflict zones[/]")
+        for z in result.conflict_zones:
+            console.print(f"  [{z.severity.value}] {z.model_a} + {z.model_b}: {z.recommendation}",
+                          markup=False, highlight=False)
+    else:
+        console.print("No conflict zones.")
+    if result.strategy is not None:
+        s = result.strategy
+        console.print(f"[bold]Recommended merge:[/] {s.method.value} (confidence {s.confidence:.2f})")
+        console.print(s.mergekit_yaml, markup=False, highlight=False)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False, highlight=False, style="dim")
+
+
+def _layer_table(result: CompareResult, console: Console, max_layers: int) -> None:
+    columns = {"cosine_similarity": "cos", "l2_distance": "L2", "spectral_overlap": "subspace",
+               "task_cosine": "task cos", "sign_disagreement": "sign conflict", "tsv_interference": "TSV"}
+    present = [c for c in columns if any(c in lm.metrics for lm in result.layer_metrics)]
+    table = Table(title="Per layer (first pair)" if len(result.pairwise) > 1 else "Per layer")
+    table.add_column("layer")
+    for c in present:
+        table.add_column(columns[c], justify="right")
+    table.add_column("score", justify="right")
+    first = result.pairwise[0]
+    rows = [lm for lm in result.layer_metrics if (lm.model_a, lm.model_b) == (first.model_a, first.model_b)]
+    for lm in rows[:max_layers]:
+        table.add_row(lm.layer_name, *(f"{lm.metrics[c]:.3f}" if c in lm.metrics else "-" for c in present),
+                      f"{lm.score:.1f}")
+    console.print(table)
+    if len(rows) > max_layers:
+        console.print(f"... {len(rows) - max_layers} more layers (see --json or --report)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    err = Console(stderr=True)
+    try:
+        return args.run(args, err)
+    except (InputError, MergeLensError) as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:  # the CLI's top level: report, never a bare traceback
+        logging.getLogger("mergelens").debug("unexpected failure", exc_info=True)
+        err.print(f"error: unexpected {type(exc).__name__}: {exc} (run with -v for details)", markup=False)
+        return EXIT_FAILED

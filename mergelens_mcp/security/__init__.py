@@ -1,0 +1,1 @@
+"""Guards between untrusted input and the machine: path containment, size caps, token redaction."""

@@ -1,0 +1,45 @@
+"""Caps checked on safetensors headers, before any tensor byte is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LimitExceededError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may read. Defaults admit a 70B checkpoint and refuse only absurd sizes."""
+
+    max_header_bytes: int = 100 * 2**20
+    max_tensors: int = 200_000
+    max_tensor_elements: int = 2**34
+    max_request_bytes: int = 2**42
+
+    def check_header(self, size: int, where: str) -> None:
+        if size > self.max_header_bytes:
+            raise LimitExceededError(
+                f"{where}: safetensors header of {size:,} bytes is over the cap of {self.max_header_bytes:,}; "
+                "raise MERGELENS_MAX_HEADER_BYTES if this file is trusted"
+            )
+
+    def check_tensor_count(self, count: int, where: str) -> None:
+        if count > self.max_tensors:
+            raise LimitExceededError(
+                f"{where}: {count:,} tensors is over the cap of {self.max_tensors:,}; "
+                "raise MERGELENS_MAX_TENSORS if this checkpoint is trusted"
+            )
+
+    def check_tensor(self, name: str, numel: int, where: str) -> None:
+        if numel > self.max_tensor_elements:
+            raise LimitExceededError(
+                f"{where}: tensor {name!r} has {numel:,} elements, over the cap of {self.max_tensor_elements:,}; "
+                "raise MERGELENS_MAX_TENSOR_ELEMENTS if this checkpoint is trusted"
+            )
+
+    def check_request(self, total_bytes: int) -> None:
+        if total_bytes > self.max_request_bytes:
+            raise LimitExceededError(
+                f"this request would read {total_bytes:,} bytes of weights, over the cap of "
+                f"{self.max_request_bytes:,}; compare fewer models or raise MERGELENS_MAX_REQUEST_BYTES"
+            )

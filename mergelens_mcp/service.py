@@ -1,0 +1,51 @@
+"""Synchronous use-cases shared by the CLI, the Python API and the MCP tools."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from contextlib import ExitStack
+
+from .analysis.engine import Cancelled, Progress, analyze
+from .analysis.loading import Checkpoint, load_checkpoint
+from .errors import InputError
+from .models import CompareResult
+from .security.paths import PathGuard
+from .settings import Settings
+
+
+def model_labels(count: int) -> list[str]:
+    return [f"model_{string.ascii_lowercase[i]}" if i < 26 else f"model_{i}" for i in range(count)]
+
+
+def open_checkpoints(
+    models: Sequence[str], base: str | None, settings: Settings, guard: PathGuard | None, stack: ExitStack
+) -> tuple[list[Checkpoint], Checkpoint | None]:
+    """Resolve and read the headers of every checkpoint; check the request's total size."""
+    if isinstance(models, str) or len(models) < 2:
+        raise InputError("compare needs at least two models (a list of paths or Hub ids)")
+    limits = settings.limits()
+    opened = [
+        stack.enter_context(load_checkpoint(str(src), label, guard=guard, limits=limits))
+        for src, label in zip(models, model_labels(len(models)))
+    ]
+    base_ckpt = stack.enter_context(load_checkpoint(str(base), "base", guard=guard, limits=limits)) if base else None
+    limits.check_request(sum(c.nbytes for c in [*opened, *([base_ckpt] if base_ckpt else [])]))
+    return opened, base_ckpt
+
+
+def compare(
+    models: Sequence[str],
+    base: str | None = None,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> CompareResult:
+    """Compare two or more checkpoints, optionally against their common base."""
+    settings = settings or Settings()
+    with ExitStack() as stack:
+        opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
+        return analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled)

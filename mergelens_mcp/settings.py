@@ -1,0 +1,69 @@
+"""Settings, from arguments or MERGELENS_* environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .analysis.engine import AnalysisOptions
+from .analysis.spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS
+from .security.limits import Limits
+from .security.paths import PathGuard
+
+
+def hf_cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MERGELENS_", frozen=True, extra="ignore")
+
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="folders the server may read (os.pathsep-separated in the environment); default: cwd",
+    )
+    include_hf_cache: bool = True
+    output_dir: Path | None = Field(default=None, description="where reports are written; default: first root")
+    device: str = "auto"
+    svd_rank: int = Field(default=DEFAULT_RANK, ge=1, le=256)
+    exact_svd_max_elements: int = Field(default=EXACT_MAX_ELEMENTS, ge=0)
+    max_header_bytes: int = Field(default=Limits.max_header_bytes, ge=1)
+    max_tensors: int = Field(default=Limits.max_tensors, ge=1)
+    max_tensor_elements: int = Field(default=Limits.max_tensor_elements, ge=1)
+    max_request_bytes: int = Field(default=Limits.max_request_bytes, ge=1)
+    workers: int = Field(default=2, ge=1, le=64, description="analyses that may run at once")
+    cache_size: int = Field(default=16, ge=0, description="analyses kept in the server's cache")
+    auth_token: SecretStr | None = None
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part for part in value.split(os.pathsep) if part.strip()]
+        return value
+
+    @property
+    def roots(self) -> list[Path]:
+        roots = [p.expanduser().resolve() for p in self.allowed_roots] or [Path.cwd().resolve()]
+        if self.include_hf_cache:
+            roots.append(hf_cache_dir().expanduser().resolve())
+        return roots
+
+    @property
+    def reports_dir(self) -> Path:
+        return (self.output_dir or self.roots[0]).expanduser().resolve()
+
+    def guard(self) -> PathGuard:
+        return PathGuard(self.roots)
+
+    def limits(self) -> Limits:
+        return Limits(self.max_header_bytes, self.max_tensors, self.max_tensor_elements, self.max_request_bytes)
+
+    def analysis_options(self, device: str | None = None) -> AnalysisOptions:
+        return AnalysisOptions(device or self.device, self.svd_rank, self.exact_svd_max_elements)

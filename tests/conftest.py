@@ -1,0 +1,22 @@
+"""Shared fixtures: generated checkpoints (seeded, written to temporary folders, never committed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fixtures.checkpoints import Family, make_family
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
+    """base, finetune_a, finetune_b, flipped (layer 2 reversed), opposed (2*base - finetune_a), unrelated."""
+    return make_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A clean working directory (the default allowed root)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
