@@ -7,8 +7,11 @@ import pytest
 from benchmarks.mergeability.merge import METHODS
 from benchmarks.mergeability.run import api_available, main
 
-ARGS = ["--tasks", "copy,shift", "--pretrain-tasks", "copy", "--steps", "150,60", "--lrs", "2e-3,4e-3",
+ARGS = ["--tasks", "copy,shift", "--pretrain-tasks", "copy", "--steps", "100,40", "--lrs", "2e-3,4e-3",
         "--test-size", "24", "--min-acc", "0", "--seed", "1"]
+
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
