@@ -5,6 +5,7 @@ import math
 import pytest
 
 from benchmarks.mergeability.stats import (
+    additive_residuals,
     average_ranks,
     fit_ridge,
     hit_rate,
@@ -88,3 +89,19 @@ def test_hit_rate_accepts_methods_within_the_tolerance_of_the_best():
     rate, hits, rows = hit_rate(["ties", "linear", "della", None], outcomes, tolerance=0.02)
     assert (hits, rows) == (1, 3)
     assert rate == pytest.approx(1 / 3)
+
+
+def test_additive_residuals_vanish_for_an_outcome_made_of_per_model_effects():
+    effects = {"a": 0.1, "b": 0.5, "c": -0.2, "d": 0.3}
+    pairs = [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
+    y = [1.0 + effects[p] + effects[q] for p, q in pairs]
+    assert max(abs(r) for r in additive_residuals(pairs, y)) < 1e-9
+
+
+def test_additive_residuals_keep_a_pair_specific_bump():
+    pairs = [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
+    y = [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # only the pair (c, d) merges well
+    # with four models the complementary pair (a, b) shares the bump: the residual space has rank 2,
+    # spanned by ab + cd - ac - bd and ab + cd - ad - bc; projecting e_cd gives [1/3, -1/6 x 4, 1/3]
+    expected = [1 / 3, -1 / 6, -1 / 6, -1 / 6, -1 / 6, 1 / 3]
+    assert additive_residuals(pairs, y) == pytest.approx(expected, abs=1e-9)

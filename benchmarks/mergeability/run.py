@@ -21,7 +21,16 @@ import torch
 
 from .merge import METHODS, merge_states
 from .model import build_model, load_config, load_state, save_checkpoint
-from .stats import fit_ridge, hit_rate, leave_one_group_out, mean, pearson, spearman, within_group_spearman
+from .stats import (
+    additive_residuals,
+    fit_ridge,
+    hit_rate,
+    leave_one_group_out,
+    mean,
+    pearson,
+    spearman,
+    within_group_spearman,
+)
 from .tasks import PRETRAIN_TASKS, TASKS, TestSet, accuracy, make_test_set
 from .train import finetune, pretrain
 
@@ -247,15 +256,22 @@ def layer_features(score: dict) -> dict[str, float]:
     return out
 
 
-def correlate(rows: list[dict], predictor: list[float | None], y: list[float]) -> dict:
-    """Pearson, Spearman and mean within-task Spearman of a predictor against an outcome."""
+def correlate(
+    rows: list[dict], predictor: list[float | None], y: list[float], residual: list[float]
+) -> dict:
+    """Pearson, Spearman, mean within-task Spearman and pairwise Spearman of a predictor against an outcome.
+
+    `residual` is the outcome less its best per-model additive fit (`additive_residuals`); the pairwise
+    Spearman is the predictor's rank correlation with it.
+    """
     keep = [i for i, p in enumerate(predictor) if p is not None]
     x = [predictor[i] for i in keep]
     yy = [y[i] for i in keep]
     groups = [(rows[i]["task_a"], rows[i]["task_b"]) for i in keep]
     within, per_task = within_group_spearman(groups, x, yy)
     return {"n": len(keep), "pearson": pearson(x, yy), "spearman": spearman(x, yy),
-            "within_task_spearman": within, "per_task_spearman": per_task}
+            "within_task_spearman": within, "per_task_spearman": per_task,
+            "pairwise_spearman": spearman(x, [residual[i] for i in keep])}
 
 
 def summarize(rows: list[dict], methods: list[str]) -> dict:
@@ -274,18 +290,22 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
     out: dict = {"n_pairs": len(rows), "methods": {}}
     for method in methods:
         y = [r["merged"][method]["normalized"] for r in rows]
-        table = {name: correlate(rows, p, y) for name, p in predictors.items()}
+        residual = additive_residuals([(r["a"], r["b"]) for r in rows], y)
+        table = {name: correlate(rows, p, y, residual) for name, p in predictors.items()}
         # fitted predictors, evaluated only on tasks they never saw (leave one task out)
         table["loto_ridge_norms"] = correlate(
-            rows, leave_one_group_out(groups, norm_features, y, fit_ridge), y)
+            rows, leave_one_group_out(groups, norm_features, y, fit_ridge), y, residual)
         if keys:
-            table["loto_ridge_layer_metrics"] = correlate(
-                rows, leave_one_group_out(groups, layer_rows, y, lambda f, t: fit_ridge(f, t, alpha=10.0)), y)
+            ridge = leave_one_group_out(groups, layer_rows, y, lambda f, t: fit_ridge(f, t, alpha=10.0))
+            table["loto_ridge_layer_metrics"] = correlate(rows, ridge, y, residual)
+        features = {k: spearman([row[j] for row in layer_rows], y) for j, k in enumerate(keys)}
         out["methods"][method] = {
             "mean_normalized": mean(y),
             "min_normalized": min(y),
             "max_normalized": max(y),
+            "additive_share": 1.0 - _variance(residual) / max(_variance(y), 1e-12),
             "predictors": table,
+            "feature_spearman": dict(sorted(features.items(), key=lambda kv: -abs(kv[1] or 0.0))),
         }
     outcomes = [{m: r["merged"][m]["normalized"] for m in methods} for r in rows]
     recommended = [r.get("recommended") for r in rows]
@@ -297,6 +317,11 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
         "fixed_method_hit_rates": {m: hit_rate([m] * len(rows), outcomes, TOLERANCE)[0] for m in methods},
     }
     return out
+
+
+def _variance(values: list[float]) -> float:
+    m = sum(values) / len(values)
+    return sum((v - m) ** 2 for v in values) / len(values)
 
 
 def _counts(values: list) -> dict[str, int]:
@@ -324,15 +349,25 @@ def render_markdown(results: dict) -> str:
         "`tv_distance` = -|tau_a - tau_b|, `tv_cosine` = cos(tau_a, tau_b);",
         "`loto_*` = ridge fits scored only on a task left out of their fit.",
         "",
-        "| method | mean outcome | predictor | n | Pearson | Spearman | within-task Spearman |",
-        "|---|---|---|---|---|---|---|",
+        "`pairwise` = Spearman with the outcome less its best per-model additive fit",
+        "(y_ab ~ mu + e_a + e_b);",
+        "`additive share` = the outcome variance that per-model effects alone explain.",
+        "",
+        "| method | mean outcome | additive share | predictor | n | Pearson | Spearman | within-task "
+        "| pairwise |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for method, m in s["methods"].items():
         for name, c in m["predictors"].items():
             lines.append(
-                f"| {method} | {m['mean_normalized']:.3f} | {name} | {c['n']} | {_fmt(c['pearson'])} "
-                f"| {_fmt(c['spearman'])} | {_fmt(c['within_task_spearman'])} |"
+                f"| {method} | {m['mean_normalized']:.3f} | {m['additive_share']:.2f} | {name} | {c['n']} "
+                f"| {_fmt(c['pearson'])} | {_fmt(c['spearman'])} | {_fmt(c['within_task_spearman'])} "
+                f"| {_fmt(c['pairwise_spearman'])} |"
             )
+    lines += ["", "Per-layer metrics most rank-correlated with the outcome (Spearman, all pairs):", ""]
+    for method, m in s["methods"].items():
+        top = list(m["feature_spearman"].items())[:5]
+        lines.append(f"- {method}: " + (", ".join(f"`{k}` {_fmt(v)}" for k, v in top) or "n/a"))
     rec = s["recommendation"]
     rate = "n/a" if rec["hit_rate"] is None else f"{rec['hit_rate']:.1%}"
     lines += [

@@ -128,3 +128,23 @@ def hit_rate(
         if method in scores and scores[method] >= best - tolerance:
             hits += 1
     return (hits / rows if rows else None), hits, rows
+
+
+def additive_residuals(pairs: Sequence[tuple[str, str]], y: Sequence[float]) -> list[float]:
+    """What is left of y after the best fit y_ab ~ mu + e_a + e_b (one effect per model, least squares).
+
+    A predictor that only knows each model alone (e.g. its task-vector norm) explains the additive part; its
+    correlation with these residuals measures what it knows about the pair itself.
+    """
+    import torch
+
+    names = sorted({n for p in pairs for n in p})
+    index = {n: i for i, n in enumerate(names)}
+    design = torch.zeros(len(pairs), len(names) + 1, dtype=torch.float64)
+    design[:, -1] = 1.0
+    for row, (a, b) in enumerate(pairs):
+        design[row, index[a]] += 1.0
+        design[row, index[b]] += 1.0
+    target = torch.tensor(list(y), dtype=torch.float64)[:, None]
+    solution = torch.linalg.lstsq(design, target, driver="gelsd").solution
+    return (target - design @ solution).flatten().tolist()
