@@ -13,6 +13,7 @@ import argparse
 import itertools
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -207,6 +208,7 @@ def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
     r = compare_models([str(path_a), str(path_b)], base=str(path_base))
     strategy = r.strategy
     return {
+        "version": r.version,
         "mci": r.mci.score,
         "verdict": r.mci.verdict.value,
         "confidence": r.mci.confidence,
@@ -221,6 +223,15 @@ def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
         ],
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def git_commit() -> str | None:
+    """The commit of the code that produced the results (None outside a git checkout)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    except OSError:
+        return None
+    return done.stdout.strip() or None
 
 
 def api_available() -> bool:
@@ -414,6 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
         })
     results = {
         "settings": settings_of(args),
+        "git_commit": git_commit(),
         "methods": {m: METHODS[m].describe() for m in args.methods},
         "mci_available": available,
         "base": manifest["base"],
