@@ -5,7 +5,9 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
+from .analysis.activations import Probe, activation_cka, hf_probe
 from .analysis.engine import Cancelled, Progress, analyze
 from .analysis.loading import Checkpoint, load_checkpoint
 from .errors import InputError
@@ -43,9 +45,48 @@ def compare(
     device: str | None = None,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
+    activations: bool | Probe = False,
 ) -> CompareResult:
-    """Compare two or more checkpoints, optionally against their common base."""
+    """Compare two or more checkpoints, optionally against their common base.
+
+    `activations=True` also runs each model on the shipped probe texts (Hugging Face checkpoints, needs
+    transformers) and adds per-layer activation CKA to the metrics and the MCI; a `Probe` callable supplies
+    representations for other models.
+    """
     settings = settings or Settings()
     with ExitStack() as stack:
         opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
-        return analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled)
+        cka = None
+        if activations:
+            probe = hf_probe() if activations is True else activations
+            cka = activation_cka([c.root for c in opened], probe)
+        return analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled, cka)
+
+
+def generate_report(
+    models: Sequence[str],
+    base: str | None = None,
+    output: str | Path | None = None,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> tuple[Path, CompareResult]:
+    """Compare the checkpoints and write the interactive HTML report; return its path and the result.
+
+    A relative `output` is taken inside `settings.reports_dir`; none gives `mergelens-report.html` there.
+    With a guard, the output must resolve under an allowed root. It is checked before any tensor is read.
+    """
+    from .report import check_output, write_report
+
+    settings = settings or Settings()
+    target = Path(output).expanduser() if output is not None else Path("mergelens-report.html")
+    if not target.is_absolute():
+        target = settings.reports_dir / target
+    if guard is not None:
+        target = guard.check(target, "report output", must_exist=False)
+    check_output(target, overwrite=overwrite)
+    result = compare(models, base, settings=settings, guard=guard, progress=progress, cancelled=cancelled)
+    return write_report(result, target, overwrite=overwrite), result
