@@ -316,7 +316,8 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
             "max_normalized": max(y),
             "additive_share": 1.0 - _variance(residual) / max(_variance(y), 1e-12),
             "predictors": table,
-            "feature_spearman": dict(sorted(features.items(), key=lambda kv: -abs(kv[1] or 0.0))),
+            # [layer/metric, Spearman] pairs, strongest first (a list: the JSON is written with sorted keys)
+            "feature_spearman": sorted(features.items(), key=lambda kv: -abs(kv[1] or 0.0)),
         }
     outcomes = [{m: r["merged"][m]["normalized"] for m in methods} for r in rows]
     recommended = [r.get("recommended") for r in rows]
@@ -377,7 +378,7 @@ def render_markdown(results: dict) -> str:
             )
     lines += ["", "Per-layer metrics most rank-correlated with the outcome (Spearman, all pairs):", ""]
     for method, m in s["methods"].items():
-        top = list(m["feature_spearman"].items())[:5]
+        top = m["feature_spearman"][:5]
         lines.append(f"- {method}: " + (", ".join(f"`{k}` {_fmt(v)}" for k, v in top) or "n/a"))
     rec = s["recommendation"]
     rate = "n/a" if rec["hit_rate"] is None else f"{rec['hit_rate']:.1%}"
