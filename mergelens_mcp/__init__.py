@@ -8,10 +8,12 @@ from pathlib import Path
 from . import errors
 from .errors import MergeLensError
 from .models import CompareResult, ConflictZone, LayerMetrics, MCI, Strategy, Verdict
+from .models import ConfigDiagnosis
 
 __all__ = [
     "CompareResult", "ConflictZone", "LayerMetrics", "MCI", "MergeLensError", "Strategy", "Verdict",
     "compare_models", "errors", "generate_report",
+    "ConfigDiagnosis", "diagnose_config",
 ]
 __version__ = "0.1.0"
 
@@ -29,6 +31,17 @@ def compare_models(
     from .service import compare
 
     return compare(list(models), base, device=device, activations=activations)
+
+
+def diagnose_config(config: str) -> ConfigDiagnosis:
+    """Check a mergekit YAML (a .yaml path or the YAML text) before merging; simulate it on readable models.
+
+    >>> d = diagnose_config("merge.yaml")
+    >>> d.valid, [(f.level.value, f.path, f.message) for f in d.findings], d.overall_interference
+    """
+    from .service import diagnose
+
+    return diagnose(config)
 
 
 def generate_report(

@@ -125,6 +125,34 @@ class ConflictZone(Frozen):
     recommendation: str
 
 
+class MetricReading(Frozen):
+    """One number of one layer, in words: what it measures and whether its value helps a merge."""
+
+    name: str
+    value: float
+    meaning: str = Field(description="what the metric measures")
+    component: str | None = Field(default=None, description="the MCI component it feeds, if any")
+    component_score: float | None = Field(default=None, description="that component, 0..1 (1 = good)")
+    assessment: str = Field(description="'good', 'acceptable', 'risky', 'bad' or 'informational'")
+    why: str
+
+
+class LayerExplanation(Frozen):
+    """One layer of one pair of models explained: each metric, the verdict on the layer and what to do."""
+
+    model_a: str
+    model_b: str
+    layer_name: str
+    layer_index: int | None
+    kind: str
+    n_params: int
+    score: float = Field(description="this layer's compatibility, 0-100")
+    verdict: Verdict
+    summary: str
+    readings: list[MetricReading]
+    advice: list[str] = Field(description="what to do about this layer's weakest components, worst first")
+
+
 class PairScore(Frozen):
     model_a: str
     model_b: str
@@ -195,3 +223,45 @@ class CompareResult(Frozen):
     notes: list[str] = Field(default_factory=list)
     strategy: Strategy | None = None
     elapsed_s: float
+
+
+class LayerInterference(Frozen):
+    """What a configured merge does to one layer, simulated on the real tensors without writing a model."""
+
+    layer_name: str = Field(description="'embed', 'layers.3', 'norm', 'lm_head' or 'other'")
+    layer_index: int | None
+    n_params: int
+    interference: float = Field(
+        description="0..1 share of the inputs' weighted change that the merge discards or cancels here: "
+        "sign-election losses for TIES-like methods, cancellation for the others"
+    )
+    sign_conflict: float | None = Field(
+        default=None, description="share of the kept task-vector mass whose sign loses the election"
+    )
+    survival: dict[str, float] = Field(
+        default_factory=dict,
+        description="model -> share of its task vector's |.| mass kept by trimming or dropping",
+    )
+    slerp_linear_share: float | None = Field(
+        default=None, description="SLERP: share of matrix rows where mergekit falls back to linear"
+    )
+
+
+class ConfigDiagnosis(Frozen):
+    """A mergekit YAML checked before merging, and its merge simulated where the models can be read."""
+
+    valid: bool = Field(
+        description="no error-level finding (mergekit runs some erroneous configs anyway, doing something "
+        "else than intended: a reversed layer_range, a density of 1.5)"
+    )
+    merge_method: str | None
+    findings: list[Finding]
+    overall_interference: float | None = Field(
+        description="parameter-weighted mean of the layers' interference; None when not simulated"
+    )
+    interference_scores: dict[str, float] = Field(
+        default_factory=dict, description="layer name -> interference, 0..1"
+    )
+    layers: list[LayerInterference] = Field(default_factory=list)
+    models_checked: list[str] = Field(default_factory=list, description="model references that were read")
+    notes: list[str] = Field(default_factory=list)

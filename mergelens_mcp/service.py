@@ -10,8 +10,8 @@ from pathlib import Path
 from .analysis.activations import Probe, activation_cka, hf_probe
 from .analysis.engine import Cancelled, Progress, analyze
 from .analysis.loading import Checkpoint, load_checkpoint
-from .errors import InputError
-from .models import CompareResult
+from .errors import IncompatibleModelsError, InputError
+from .models import CompareResult, ConfigDiagnosis, Strategy
 from .security.paths import PathGuard
 from .settings import Settings
 
@@ -60,7 +60,81 @@ def compare(
         if activations:
             probe = hf_probe() if activations is True else activations
             cka = activation_cka([c.root for c in opened], probe)
-        return analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled, cka)
+        result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled, cka)
+    return with_strategy(result)
+
+
+def suggest_strategy(
+    models: Sequence[str],
+    base: str | None = None,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> Strategy:
+    """The recommended merge method, its settings and mergekit YAML for these checkpoints."""
+    result = compare(
+        models, base, settings=settings, guard=guard, device=device, progress=progress, cancelled=cancelled
+    )
+    if result.strategy is None:
+        raise IncompatibleModelsError(
+            "no merge strategy: the models cannot be compared (" + "; ".join(result.mci.reasons[:2]) + ")"
+        )
+    return result.strategy
+
+
+def with_strategy(result: CompareResult) -> CompareResult:
+    """The result with its recommended merge strategy, when the models could be compared at all."""
+    from .analysis.strategy import recommend_strategy
+
+    if result.mci.score is None or result.strategy is not None:
+        return result
+    return result.model_copy(update={"strategy": recommend_strategy(result)})
+
+
+def diagnose(
+    config: str,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> ConfigDiagnosis:
+    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it on the readable models."""
+    from .analysis.config import diagnose as diagnose_config
+
+    settings = settings or Settings()
+    return diagnose_config(
+        config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled
+    )
+
+
+def fingerprint(
+    models: Sequence[str],
+    base: str | None = None,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    device: str | None = None,
+) -> tuple[object, ...]:
+    """What a comparison depends on: each checkpoint's resolved files with their sizes and mtimes, the
+    options, and the order of the models. Reads headers only; equal fingerprints give equal results."""
+    settings = settings or Settings()
+    with ExitStack() as stack:
+        opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
+        return (
+            tuple(_files_state(c) for c in opened),
+            _files_state(base_ckpt) if base_ckpt else None,
+            settings.analysis_options(device),
+            settings.limits(),
+        )
+
+
+def _files_state(ckpt: Checkpoint) -> tuple[tuple[str, int, int], ...]:
+    paths = [*ckpt.files, *(p for p in (ckpt.root / "config.json",) if p.is_file())]
+    return tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
 
 
 def generate_report(

@@ -1,0 +1,46 @@
+"""diagnose_merge: check a mergekit YAML (a path or inline text) before running it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from mcp.server.mcpserver import MCPServer
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from .. import service
+from ..analysis.engine import Cancelled, Progress
+from ..models import ConfigDiagnosis
+from . import views
+from .params import Detail
+from .runtime import AppContext, run_in_worker, state_of
+
+
+async def diagnose_merge(
+    config: Annotated[str, Field(description="a mergekit YAML config: a path to a .yml/.yaml file under the "
+                                             "allowed folders, or the YAML text itself")],
+    ctx: AppContext,
+    detail: Detail = False,
+) -> views.Diagnosis:
+    state = state_of(ctx)
+
+    def job(progress: Progress, cancelled: Cancelled) -> ConfigDiagnosis:
+        return service.diagnose(config, settings=state.settings, guard=state.guard, progress=progress,
+                                cancelled=cancelled)
+
+    return views.diagnosis(await run_in_worker(ctx, job), detail)
+
+
+def register(server: MCPServer) -> None:
+    server.add_tool(
+        diagnose_merge, name="diagnose_merge", title="Diagnose a mergekit config",
+        annotations=ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True,
+                                    openWorldHint=False),
+        description=(
+            "Check a mergekit YAML before running it: whether mergekit will accept it (unknown keys, bad "
+            "parameters for the method, missing or mismatched models, layer ranges), each problem with a "
+            "fix, and, where the models can be read, a simulation of how much of each model's change the "
+            "merge would cancel or discard per layer (interference, 0 = nothing lost). Give the YAML text "
+            "itself or a path to it."
+        ),
+    )
