@@ -82,3 +82,14 @@ def test_every_pair_gets_an_mci_and_per_layer_metrics_from_the_public_api(smoke)
         assert row["score"]["layers"], row["pair"]
         assert any(name.startswith("layers.0/") for name in row["features"])
     assert results["summary"]["methods"]["linear"]["predictors"]["mci"]["n"] == 4
+
+
+def test_the_mci_recomputed_from_the_saved_layers_equals_the_apis(smoke):
+    if not api_available():
+        pytest.skip("mergelens_mcp.compare_models is not importable yet")
+    from benchmarks.mergeability.calibration import recompute_mci
+
+    _, results = smoke
+    for row in results["pairs"]:
+        assert recompute_mci(row["score"]["layers"]) == pytest.approx(row["mci"], abs=1e-9), row["pair"]
+    assert "held_out_spearman_mean" in results["summary"]["mci_calibration"]

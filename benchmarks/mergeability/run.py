@@ -217,8 +217,8 @@ def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
         "runner_up": strategy.runner_up.value if strategy is not None and strategy.runner_up else None,
         "strategy_parameters": dict(strategy.parameters) if strategy is not None else {},
         "layers": [
-            {"layer_name": m.layer_name, "metrics": dict(m.metrics), "components": dict(m.components),
-             "score": m.score}
+            {"layer_name": m.layer_name, "n_params": m.n_params, "metrics": dict(m.metrics),
+             "components": dict(m.components), "score": m.score}
             for m in r.layer_metrics
         ],
         "seconds": round(time.perf_counter() - started, 2),
@@ -331,6 +331,17 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
     return out
 
 
+def evaluate_calibration(rows: list[dict], methods: list[str]) -> dict:
+    """Leave-one-task-out figures of the MCI's fitted constants (see calibration.py)."""
+    from .calibration import current_constants, grid_scores, leave_one_task_out
+
+    outcomes = {m: [r["merged"][m]["normalized"] for r in rows] for m in methods}
+    baselines = {"norms_only": [-(r["tv"]["norm_a"] + r["tv"]["norm_b"]) for r in rows]}
+    out = leave_one_task_out(rows, outcomes, grid_scores(rows), baselines)
+    out["product_constants"] = current_constants().label()
+    return out
+
+
 def _variance(values: list[float]) -> float:
     m = sum(values) / len(values)
     return sum((v - m) ** 2 for v in values) / len(values)
@@ -380,6 +391,25 @@ def render_markdown(results: dict) -> str:
     for method, m in s["methods"].items():
         top = m["feature_spearman"][:5]
         lines.append(f"- {method}: " + (", ".join(f"`{k}` {_fmt(v)}" for k, v in top) or "n/a"))
+    cal = s.get("mci_calibration")
+    if cal:
+        lines += [
+            "",
+            f"MCI constants, leave one task out ({cal['grid_points']} grid points; the product uses "
+            f"{cal['product_constants']}; chosen on all pairs: {cal['in_sample_choice']}):",
+            "",
+            "| method | in-sample Spearman | held-out task Spearman (mean over tasks) "
+            "| norms-only on the same pairs | pooled, both tasks held out |",
+            "|---|---|---|---|---|",
+        ]
+        for method in s["methods"]:
+            lines.append(
+                f"| {method} | {_fmt(cal['in_sample_spearman'][method])} "
+                f"| {_fmt(cal['held_out_spearman_mean_over_tasks'][method])} "
+                f"| {_fmt(cal['baselines_on_held_out_pairs']['norms_only'][method])} "
+                f"| {_fmt(cal['pooled_leave_both_tasks_out_spearman'][method])} |"
+            )
+        lines.append(f"Mean held-out task Spearman: {_fmt(cal['held_out_spearman_mean'])}.")
     rec = s["recommendation"]
     rate = "n/a" if rec["hit_rate"] is None else f"{rec['hit_rate']:.1%}"
     lines += [
@@ -424,6 +454,9 @@ def main(argv: list[str] | None = None) -> dict:
             "mci": score.get("mci"), "recommended": score.get("recommended"), "score": score,
             "features": layer_features(score),
         })
+    summary = summarize(rows, args.methods)
+    if available and rows:
+        summary["mci_calibration"] = evaluate_calibration(rows, args.methods)
     results = {
         "settings": settings_of(args),
         "git_commit": git_commit(),
@@ -434,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
         "kept": names,
         "dropped": dropped,
         "pairs": rows,
-        "summary": summarize(rows, args.methods),
+        "summary": summary,
     }
     write_json(args.out / "results.json", results)
     (args.out / "results.md").write_text(render_markdown(results))
