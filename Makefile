@@ -21,7 +21,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m fixtures.generate $(DEMO_DIR)
 	$(VENV)/bin/mergelens compare $(DEMO_DIR)/finetune_a $(DEMO_DIR)/finetune_b --base $(DEMO_DIR)/base \
-		--report $(DEMO_DIR)/report.html --json $(DEMO_DIR)/result.json
+		--report $(DEMO_DIR)/report.html --json $(DEMO_DIR)/result.json --overwrite
+	$(PY) -c "import json; print(json.load(open('$(DEMO_DIR)/result.json'))['strategy']['mergekit_yaml'])" \
+		> $(DEMO_DIR)/merge.yaml
+	$(VENV)/bin/mergelens diagnose --config $(DEMO_DIR)/merge.yaml
 
 test: install real-weights
 	$(PY) -m pytest -q

@@ -11,10 +11,11 @@ import yaml
 from safetensors.torch import save_file
 
 import mergelens_mcp
-from fixtures.checkpoints import Family
+from fixtures.checkpoints import Family, Shape, random_model, save
 from fixtures.configs import broken_configs, linear_config, slerp_config, ties_config
 from mergelens_mcp import diagnose_config
-from mergelens_mcp.errors import ConfigError, PathNotAllowedError
+from mergelens_mcp.analysis.simulation import trim
+from mergelens_mcp.errors import AnalysisCancelledError, ConfigError, PathNotAllowedError
 from mergelens_mcp.models import ConfigDiagnosis, FindingLevel
 from mergelens_mcp.security.paths import PathGuard
 from mergelens_mcp.service import diagnose
@@ -176,6 +177,10 @@ def test_cli_diagnose_prints_severity_path_and_fix_and_exits_by_validity(tmp_pat
     assert _cli("diagnose", "--config", str(good)).returncode == 0
     missing = _cli("diagnose", "--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and "is not a file" in " ".join(missing.stderr.split())
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("merge_method: ties\nmodels: [a,\n")
+    run = _cli("diagnose", "--config", str(malformed))
+    assert run.returncode == 2 and "invalid YAML at line 3" in " ".join(run.stderr.split())
 
 
 def _slices(spec: list[list[tuple[str, int, int]]], method: str, **top: object) -> str:
@@ -202,3 +207,42 @@ def test_slices_that_pair_different_depths_interfere_more_than_aligned_ones(fami
     for name in blocks:
         assert shifted.interference_scores[name] > 0.2 > 0.01 > aligned.interference_scores[name]
     assert shifted.interference_scores["embed"] == pytest.approx(aligned.interference_scores["embed"])
+
+
+def test_models_of_different_shapes_are_caught_before_merging(tmp_path: Path, family: Family) -> None:
+    other = Shape(hidden=32, intermediate=64)
+    save(random_model(other, 1), tmp_path / "small", other)
+    result = diagnose_config(yaml.safe_dump(linear_config(str(family.finetune_a), str(tmp_path / "small"))))
+    assert not result.valid and result.overall_interference is None
+    assert "config_mismatch" in {f.code for f in result.findings}
+
+
+def test_a_vocab_mismatch_without_a_tokenizer_section_is_flagged(tmp_path: Path, family: Family) -> None:
+    grown = Shape(vocab=Shape().vocab + 8)
+    save(random_model(grown, 3), tmp_path / "grown", grown)
+    config = linear_config(str(family.finetune_a), str(tmp_path / "grown"))
+    flagged = diagnose_config(yaml.safe_dump(config))
+    vocab = [f for f in flagged.findings if f.code == "vocab_mismatch"]
+    assert [f.path for f in vocab] == ["models"] and "tokenizer" in (vocab[0].fix or "")
+    config["tokenizer"] = {"source": "union"}
+    assert "vocab_mismatch" not in {f.code for f in diagnose_config(yaml.safe_dump(config)).findings}
+
+
+def test_diagnosis_reports_progress_and_stops_when_cancelled(family: Family) -> None:
+    config = yaml.safe_dump(ties_config(str(family.finetune_a), str(family.finetune_b), str(family.base)))
+    seen: list[tuple[int, int]] = []
+    diagnose(config, progress=lambda done, total, _name: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] == len(seen) > 30
+    with pytest.raises(AnalysisCancelledError, match="cancelled after 0 of"):
+        diagnose(config, cancelled=lambda: True)
+
+
+def test_trimming_keeps_the_largest_values_and_breadcrumbs_also_drops_the_top_gamma() -> None:
+    generator = torch.Generator().manual_seed(0)
+    tau = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
+    assert trim(tau, 0.5, "magnitude", 0.0, generator).tolist() == [[0.0, 0.0], [3.0, -4.0]]
+    assert trim(tau, 0.5, "magnitude_outliers", 0.25, generator).tolist() == [[0.0, -2.0], [3.0, 0.0]]
+    assert trim(tau, 1.0, "magnitude", 0.0, generator) is tau
+    big = torch.randn(5_000_000, generator=generator)  # above the exact-threshold size: a sampled cut
+    kept = trim(big, 0.2, "magnitude", 0.0, generator)
+    assert float((kept != 0).float().mean()) == pytest.approx(0.2, abs=0.01)

@@ -22,7 +22,7 @@ from ..errors import ConfigError, LimitExceededError, MergeLensError
 from ..models import ConfigDiagnosis, Finding, FindingLevel, LayerInterference
 from ..security.limits import Limits
 from ..security.paths import PathGuard
-from .compat import block_count
+from .compat import block_count, plan_comparison
 from .loading import Checkpoint, load_checkpoint
 from .mergekit_schema import (
     DTYPES,
@@ -470,6 +470,28 @@ def check_layer_counts(inputs: Inputs, data: dict[str, Any], counts: dict[str, i
                                f"give at most {group_layers} values")
 
 
+def check_compatibility(
+    inputs: Inputs, data: dict[str, Any], ckpts: dict[str, Checkpoint], report: Report
+) -> None:
+    """For a `models:` config whose models could be read: the same header checks as `compare` (architecture,
+    shapes, layer counts, vocabularies), so a merge of models that cannot be merged is caught here."""
+    if not inputs.groups or inputs.groups[0][3]:
+        return
+    _, names, base, _ = inputs.groups[0]
+    models = [ckpts[n] for n in dict.fromkeys(names) if n != base and n in ckpts]
+    base_ckpt = ckpts.get(base) if base else None
+    if len(models) == 1 and base_ckpt is not None:  # one fine-tune: check it against its base
+        models, base_ckpt = [*models, base_ckpt], None
+    if len(models) < 2:
+        return
+    plan = plan_comparison(models, base_ckpt)
+    tokenizer = data.get("tokenizer") is not None or data.get("tokenizer_source") is not None
+    for f in plan.findings:
+        if f.level is INFO or (tokenizer and f.code == "vocab_mismatch"):
+            continue
+        report.findings.append(f.model_copy(update={"path": "models"}) if f.code == "vocab_mismatch" else f)
+
+
 def _output_layers(inputs: Inputs, counts: dict[str, int]) -> int | None:
     if inputs.ranges:
         lengths = [end - start for _, _, start, end in inputs.ranges]
@@ -560,6 +582,7 @@ def diagnose(
         counts = {n: _layer_count(c) for n, c in ckpts.items()}
         too_big = _over_limit(ckpts, limits)
         check_layer_counts(inputs, data, counts, report)
+        check_compatibility(inputs, data, ckpts, report)
         layers: list[LayerInterference] = []
         overall = None
         needed = _simulation_inputs(spec, inputs)

@@ -221,8 +221,9 @@ def recommend_strategy(result: CompareResult) -> Strategy:
     if result.mci.verdict.value in ("risky", "incompatible") and choice.method is not MergeMethod.PASSTHROUGH:
         warnings.append(f"the MCI is {result.mci.score:.0f} ({result.mci.verdict.value}): evaluate the "
                         "merged model before use")
+    confidence = _confidence(choice, p, result, rationale)
     return Strategy(
-        method=choice.method, confidence=_confidence(choice, p, result), rationale=rationale,
+        method=choice.method, confidence=confidence, rationale=rationale,
         runner_up=choice.runner_up, parameters=params, warnings=warnings, mergekit_yaml=text,
     )
 
@@ -251,10 +252,17 @@ def _render(
     return params, text
 
 
-def _confidence(choice: Choice, p: Profile, result: CompareResult) -> float:
-    value = 0.45 + 0.3 * choice.margin + (0.15 if p.has_base else 0.0)
-    value -= 0.05 * sum(1 for f in result.findings if f.level is FindingLevel.WARNING)
-    return round(max(0.05, min(0.95, value)), 2)
+def _confidence(choice: Choice, p: Profile, result: CompareResult, rationale: list[str]) -> float:
+    """0.45, + 0.3 x how clearly the deciding measurement passed its threshold, + 0.15 with task-vector
+    evidence (a base), - 0.05 per warning-level finding, clamped to [0.05, 0.95]; reasons join `rationale`."""
+    warnings = sum(1 for f in result.findings if f.level is FindingLevel.WARNING)
+    value = round(max(0.05, min(0.95, 0.45 + 0.3 * choice.margin + 0.15 * p.has_base - 0.05 * warnings)), 2)
+    rationale.append(
+        f"confidence {value:.2f}: the deciding measurement cleared its threshold by {choice.margin:.0%} of "
+        f"its scale; {'task-vector evidence from the base' if p.has_base else 'no base, weights only'}"
+        + (f"; {warnings} warning(s) in the comparison" if warnings else "")
+    )
+    return value
 
 
 def _zone_layers(result: CompareResult, n_blocks: int, labels: list[str]) -> dict[str, list[int]]:
