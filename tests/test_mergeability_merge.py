@@ -11,6 +11,7 @@ from benchmarks.mergeability.merge import (
     drop_and_rescale,
     merge_states,
     slerp_tensor,
+    spec_from_strategy,
     trim_by_magnitude,
 )
 
@@ -114,3 +115,21 @@ def test_the_benchmark_methods_use_the_documented_parameters():
 def test_an_unknown_method_is_refused_with_the_known_ones_named():
     with pytest.raises(ValueError, match="known"):
         merge_states(MergeSpec("frankenmerge"), BASE, A, B)
+
+
+def test_a_recommendation_becomes_the_merge_it_describes():
+    parameters = {"weights": {"model_a": 0.5, "model_b": 0.5}, "density": 0.6, "normalize": True}
+    spec = spec_from_strategy("ties", parameters)
+    assert spec == MergeSpec("ties", weights=(0.5, 0.5), density=0.6, normalize=True)
+    assert spec_from_strategy("slerp", {"t": 0.3}).t == 0.3
+    assert spec_from_strategy("task_arithmetic", {}) == MergeSpec("task_arithmetic", normalize=None)
+
+
+def test_a_recommended_method_the_benchmark_does_not_run_gives_no_merge():
+    assert spec_from_strategy("model_stock", {}) is None
+
+
+def test_task_arithmetic_with_normalize_divides_by_the_weights():
+    merged = merge_states(MergeSpec("task_arithmetic", weights=(1.0, 3.0), normalize=True), BASE, A, B)
+    # 1 + (tau_a + 3 tau_b) / 4
+    assert torch.allclose(merged["w"], BASE["w"] + (TAU_A + 3 * TAU_B) / 4)

@@ -90,13 +90,18 @@ def combine_task_vectors(
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """One merge method and the parameters this benchmark uses for it (mergekit's names)."""
+    """One merge method and its parameters (mergekit's names); `normalize=None` means the method's default."""
 
     name: str
     weights: tuple[float, float] = (1.0, 1.0)
     density: float = 1.0
     lam: float = 1.0
     t: float = 0.5
+    normalize: bool | None = None
+
+    @property
+    def normalizes(self) -> bool:
+        return self.normalize if self.normalize is not None else self.name == "ties"
 
     def describe(self) -> dict:
         """The parameters as a mergekit config would spell them."""
@@ -104,10 +109,35 @@ class MergeSpec:
             return {"t": self.t}
         if self.name == "linear":
             return {"weight": list(self.weights), "normalize": True}
-        out: dict = {"weight": list(self.weights), "lambda": self.lam, "normalize": self.name == "ties"}
+        out: dict = {"weight": list(self.weights), "lambda": self.lam, "normalize": self.normalizes}
         if self.name != "task_arithmetic":
             out["density"] = self.density
         return out
+
+
+def spec_from_strategy(method: str, parameters: dict) -> MergeSpec | None:
+    """The merge a mergelens recommendation describes, or None for a method this benchmark does not run.
+
+    Reads `weights` ({model_a, model_b} or a list), `density`, `lambda`, `t` and `normalize`; what is absent
+    keeps this benchmark's default for the method.
+    """
+    if method not in METHODS:
+        return None
+    default = METHODS[method]
+    weights = parameters.get("weights", parameters.get("weight"))
+    if isinstance(weights, dict):
+        weights = (weights.get("model_a"), weights.get("model_b"))
+    if not weights or None in weights or len(weights) != 2:
+        weights = default.weights
+    normalize = parameters.get("normalize")
+    return MergeSpec(
+        name=method,
+        weights=(float(weights[0]), float(weights[1])),
+        density=float(parameters.get("density", default.density)),
+        lam=float(parameters.get("lambda", default.lam)),
+        t=float(parameters.get("t", default.t)),
+        normalize=None if normalize is None else bool(normalize),
+    )
 
 
 def tensor_seed(seed: int, name: str, index: int) -> int:
@@ -134,8 +164,9 @@ def merge_states(spec: MergeSpec, base: State, a: State, b: State, seed: int = 0
             elif spec.name != "task_arithmetic":
                 raise ValueError(f"unknown merge method {spec.name!r}; known: {sorted(METHODS)}")
             consensus = spec.name in ("ties", "dare_ties")
-            normalize = spec.name == "ties"
-            merged[name] = combine_task_vectors(z, taus, list(spec.weights), consensus, normalize, spec.lam)
+            merged[name] = combine_task_vectors(
+                z, taus, list(spec.weights), consensus, spec.normalizes, spec.lam
+            )
     return merged
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .merge import METHODS, merge_states
+from .merge import METHODS, merge_states, spec_from_strategy
 from .model import build_model, load_config, load_state, save_checkpoint
 from .stats import (
     additive_residuals,
@@ -200,6 +200,35 @@ def evaluate_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[s
     return {f"{a}|{b}": cache["pairs"][f"{a}|{b}"] for a, b in pairs}
 
 
+def evaluate_recommended(args: argparse.Namespace, manifest: dict, scores: dict[str, dict],
+                         tests: dict[str, TestSet]) -> dict[str, dict]:
+    """Merge each pair exactly as its recommendation says (method and parameters) and measure it; cached."""
+    cache_path = args.out / "outcomes.json"
+    cache = read_json(cache_path)
+    ft = manifest["finetunes"]
+    base_state = load_state(Path(manifest["base"]["path"]))
+    config = load_config(Path(manifest["base"]["path"]))
+    out = {}
+    for key, score in scores.items():
+        spec = spec_from_strategy(score.get("recommended") or "", score.get("strategy_parameters", {}))
+        if spec is None:
+            continue
+        label = json.dumps({"method": spec.name, **spec.describe()}, sort_keys=True)
+        entry = cache["pairs"][key].setdefault("recommended", {})
+        if label not in entry:
+            a, b = key.split("|")
+            merged = merge_states(spec, base_state, load_state(Path(ft[a]["path"])),
+                                  load_state(Path(ft[b]["path"])), seed=args.seed)
+            model = build_model(config, merged)
+            ta, tb = ft[a]["task"], ft[b]["task"]
+            acc_a, acc_b = accuracy(model, tests[ta]), accuracy(model, tests[tb])
+            entry[label] = {"acc_a": acc_a, "acc_b": acc_b, "normalized": (
+                relative(acc_a, ft[a]["accuracy"][ta]) + relative(acc_b, ft[b]["accuracy"][tb])) / 2}
+        out[key] = {"spec": label, **entry[label]}
+    write_json(cache_path, cache)
+    return out
+
+
 def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
     """The MCI, recommendation and per-layer metrics of a pair, from the public API as a user gets them."""
     from mergelens_mcp import compare_models
@@ -322,8 +351,16 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
     outcomes = [{m: r["merged"][m]["normalized"] for m in methods} for r in rows]
     recommended = [r.get("recommended") for r in rows]
     rate, hits, n = hit_rate(recommended, outcomes, TOLERANCE)
+    # the recommendation merged with its own parameters, against the best of the fixed-parameter merges
+    with_params = [(o | {"recommended": r["recommended_merge"]["normalized"]}) if r.get("recommended_merge")
+                   else o for o, r in zip(outcomes, rows, strict=True)]
+    asked = ["recommended" if r.get("recommended_merge") else r.get("recommended") for r in rows]
+    rate_p, hits_p, n_p = hit_rate(asked, with_params, TOLERANCE)
     out["recommendation"] = {
         "hit_rate": rate, "hits": hits, "pairs_with_recommendation": n, "tolerance": TOLERANCE,
+        "hit_rate_with_its_parameters": rate_p, "hits_with_its_parameters": hits_p,
+        "mean_normalized_with_its_parameters": mean([r["recommended_merge"]["normalized"] for r in rows
+                                                     if r.get("recommended_merge")]),
         "recommended_counts": _counts(recommended),
         "best_counts": _counts([max(o, key=o.get) for o in outcomes]),
         "fixed_method_hit_rates": {m: hit_rate([m] * len(rows), outcomes, TOLERANCE)[0] for m in methods},
@@ -415,7 +452,14 @@ def render_markdown(results: dict) -> str:
     lines += [
         "",
         f"Recommendation hit rate (within {rec['tolerance'] * 100:.0f} points of the pair's best method): "
-        f"{rate} ({rec['hits']}/{rec['pairs_with_recommendation']}).",
+        f"{rate} ({rec['hits']}/{rec['pairs_with_recommendation']}) with this benchmark's parameters for the "
+        "method; "
+        + ("n/a" if rec["hit_rate_with_its_parameters"] is None else
+           f"{rec['hit_rate_with_its_parameters']:.1%} ({rec['hits_with_its_parameters']}/"
+           f"{rec['pairs_with_recommendation']})")
+        + " merged with the recommendation's own parameters (mean outcome "
+        + ("n/a" if rec["mean_normalized_with_its_parameters"] is None else
+           f"{rec['mean_normalized_with_its_parameters']:.3f}") + ").",
         f"Recommended: {rec['recommended_counts']}; best: {rec['best_counts']}.",
         "Always choosing one method: " + ", ".join(
             f"{m} {'n/a' if v is None else f'{v:.1%}'}" for m, v in rec["fixed_method_hit_rates"].items()),
@@ -440,6 +484,7 @@ def main(argv: list[str] | None = None) -> dict:
     scores = score_pairs(args, manifest, pairs) if available else {}
     if not available:
         log("MCI not computed: mergelens_mcp.compare_models is not importable (or --no-score)")
+    recommended = evaluate_recommended(args, manifest, scores, tests) if available else {}
     ft = manifest["finetunes"]
     rows = []
     for a, b in pairs:
@@ -452,6 +497,7 @@ def main(argv: list[str] | None = None) -> dict:
             "finetuned_acc_b": ft[b]["accuracy"][ft[b]["task"]],
             **outcomes[key],
             "mci": score.get("mci"), "recommended": score.get("recommended"), "score": score,
+            "recommended_merge": recommended.get(key),
             "features": layer_features(score),
         })
     summary = summarize(rows, args.methods)
