@@ -82,6 +82,11 @@ def test_every_pair_gets_an_mci_and_per_layer_metrics_from_the_public_api(smoke)
         assert row["score"]["layers"], row["pair"]
         assert any(name.startswith("layers.0/") for name in row["features"])
     assert results["summary"]["methods"]["linear"]["predictors"]["mci"]["n"] == 4
+    for row in results["pairs"]:
+        if row["recommended"] in METHODS:
+            merged = row["recommended_merge"]
+            assert json.loads(merged["spec"])["method"] == row["recommended"]
+            assert 0.0 <= merged["acc_a"] <= 1.0 and 0.0 <= merged["acc_b"] <= 1.0
 
 
 def test_the_mci_recomputed_from_the_saved_layers_equals_the_apis(smoke):
