@@ -4,7 +4,8 @@
     python -m benchmarks.mergeability.run --tasks copy,add --steps 60,40 --lrs 2e-3 --out /tmp/smoke
 
 Checkpoints, merge outcomes and MCI scores are cached in --out; rerunning with the same settings only redoes
-what is missing (e.g. the scores, once `mergelens_mcp.compare_models` exists; `--rescore` forces them).
+what is missing or was made with other merge parameters (`--rescore` recomputes the MCI after a change to
+mergelens; delete outcomes.json after a change to merge.py that keeps the parameters).
 """
 
 from __future__ import annotations
@@ -183,12 +184,14 @@ def evaluate_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[s
         ta, tb = ft[a]["task"], ft[b]["task"]
         fa, fb = ft[a]["accuracy"][ta], ft[b]["accuracy"][tb]
         for method in args.methods:
-            if method in entry["merged"]:
+            spec = METHODS[method].describe()
+            if entry["merged"].get(method, {}).get("spec") == spec:
                 continue
             merged = merge_states(METHODS[method], base_state, states[a], states[b], seed=args.seed)
             model = build_model(config, merged)
             acc_a, acc_b = accuracy(model, tests[ta]), accuracy(model, tests[tb])
             entry["merged"][method] = {
+                "spec": spec,
                 "acc_a": acc_a,
                 "acc_b": acc_b,
                 "normalized": (relative(acc_a, fa) + relative(acc_b, fb)) / 2,
