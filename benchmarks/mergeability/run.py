@@ -258,12 +258,15 @@ def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
 
 
 def git_commit() -> str | None:
-    """The commit of the code that produced the results (None outside a git checkout)."""
+    """The commit of the code at the start of the run, `+dirty` when benchmarks/ has uncommitted changes."""
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks"], capture_output=True,
+                               text=True, check=False)
     except OSError:
         return None
-    return done.stdout.strip() or None
+    commit = head.stdout.strip()
+    return (commit + ("+dirty" if dirty.stdout.strip() else "")) if commit else None
 
 
 def api_available() -> bool:
@@ -474,6 +477,7 @@ def render_markdown(results: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     args = parse_args(argv)
+    commit = git_commit()
     args.out.mkdir(parents=True, exist_ok=True)
     every_task = sorted(set(args.tasks) | set(args.pretrain_tasks))
     tests = {t: make_test_set(t, args.seed, args.test_size) for t in every_task}
@@ -508,7 +512,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["mci_calibration"] = evaluate_calibration(rows, args.methods)
     results = {
         "settings": settings_of(args),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "methods": {m: METHODS[m].describe() for m in args.methods},
         "mci_available": available,
         "base": manifest["base"],
