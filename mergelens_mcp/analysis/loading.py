@@ -158,11 +158,12 @@ class Checkpoint:
 
     @property
     def float_tensors(self) -> dict[str, TensorInfo]:
-        return {n: t for n, t in self.tensors.items() if t.is_float}
+        """The tensors the metrics can use: floating point, with at least one element."""
+        return {n: t for n, t in self.tensors.items() if t.is_float and t.numel > 0}
 
     @property
     def skipped_tensors(self) -> list[str]:
-        return sorted(n for n, t in self.tensors.items() if not t.is_float)
+        return sorted(n for n, t in self.tensors.items() if not (t.is_float and t.numel > 0))
 
     @property
     def n_params(self) -> int:

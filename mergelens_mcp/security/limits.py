@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ class Limits:
         for dim in shape:
             numel *= dim
             if numel > self.max_tensor_elements:
+                if len(shape) <= 16:  # few dimensions: the exact count is cheap and clearer
+                    self.check_tensor(name, math.prod(shape), where)
                 raise LimitExceededError(
                     f"{where}: tensor {_name(name)} has {len(shape)} dimensions and over "
                     f"{self.max_tensor_elements:,} elements (the cap); raise MERGELENS_MAX_TENSOR_ELEMENTS "
