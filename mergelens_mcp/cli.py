@@ -39,6 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     compare.add_argument("--layers", type=int, default=40, help="rows of the per-layer table (0: none)")
     compare.set_defaults(run=run_compare)
+
+    serve = sub.add_parser("serve", help="run the MCP server (stdio for Claude Code / Cursor, or HTTP / SSE)")
+    serve.add_argument("--transport", choices=("stdio", "http", "sse"), default="stdio",
+                       help="stdio (default), streamable HTTP at /mcp, or SSE at /sse")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind for http / sse")
+    serve.add_argument("--port", type=int, default=8000, help="port for http / sse")
+    serve.add_argument("--allow-dir", action="append", type=Path, metavar="DIR",
+                       help="a folder the server may read models from (repeatable; default: cwd)")
+    serve.add_argument("--output-dir", type=Path, metavar="DIR",
+                       help="where generate_report writes HTML (default: the first allowed folder)")
+    serve.set_defaults(run=run_serve)
     return parser
 
 
@@ -60,6 +71,19 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
 
         write_report(result, args.report)
         console.print(f"report written to {args.report}")
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace, console: Console) -> int:
+    from .server import run
+    from .settings import Settings
+
+    overrides: dict[str, object] = {}
+    if args.allow_dir:
+        overrides["allowed_roots"] = args.allow_dir
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    run(args.transport, args.host, args.port, Settings(**overrides))  # type: ignore[arg-type]
     return EXIT_OK
 
 

@@ -125,6 +125,34 @@ class ConflictZone(Frozen):
     recommendation: str
 
 
+class MetricReading(Frozen):
+    """One number of one layer, in words: what it measures and whether its value helps a merge."""
+
+    name: str
+    value: float
+    meaning: str = Field(description="what the metric measures")
+    component: str | None = Field(default=None, description="the MCI component it feeds, if any")
+    component_score: float | None = Field(default=None, description="that component, 0..1 (1 = good)")
+    assessment: str = Field(description="'good', 'acceptable', 'risky', 'bad' or 'informational'")
+    why: str
+
+
+class LayerExplanation(Frozen):
+    """One layer of one pair of models explained: each metric, the verdict on the layer and what to do."""
+
+    model_a: str
+    model_b: str
+    layer_name: str
+    layer_index: int | None
+    kind: str
+    n_params: int
+    score: float = Field(description="this layer's compatibility, 0-100")
+    verdict: Verdict
+    summary: str
+    readings: list[MetricReading]
+    advice: list[str] = Field(description="what to do about this layer's weakest components, worst first")
+
+
 class PairScore(Frozen):
     model_a: str
     model_b: str

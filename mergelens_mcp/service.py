@@ -49,3 +49,29 @@ def compare(
     with ExitStack() as stack:
         opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
         return analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled)
+
+
+def fingerprint(
+    models: Sequence[str],
+    base: str | None = None,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    device: str | None = None,
+) -> tuple[object, ...]:
+    """What a comparison depends on: each checkpoint's resolved files with their sizes and mtimes, the
+    options, and the order of the models. Reads headers only; equal fingerprints give equal results."""
+    settings = settings or Settings()
+    with ExitStack() as stack:
+        opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
+        return (
+            tuple(_files_state(c) for c in opened),
+            _files_state(base_ckpt) if base_ckpt else None,
+            settings.analysis_options(device),
+            settings.limits(),
+        )
+
+
+def _files_state(ckpt: Checkpoint) -> tuple[tuple[str, int, int], ...]:
+    paths = [*ckpt.files, *(p for p in (ckpt.root / "config.json",) if p.is_file())]
+    return tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)

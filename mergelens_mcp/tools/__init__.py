@@ -1,0 +1,17 @@
+"""The MCP tools: thin async adapters over `service`, the only place with tool names and annotations."""
+
+from __future__ import annotations
+
+from mcp.server.mcpserver import MCPServer
+
+from . import analysis, diagnose, prompts, report
+
+TOOL_NAMES = (
+    "compare_models", "get_compatibility_score", "get_conflict_zones", "suggest_strategy", "explain_layer",
+    "diagnose_merge", "generate_report",
+)
+
+
+def register_all(server: MCPServer) -> None:
+    for module in (analysis, diagnose, report, prompts):
+        module.register(server)

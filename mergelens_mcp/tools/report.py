@@ -1,0 +1,91 @@
+"""generate_report: the interactive HTML report, written under the server's output folder."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Annotated
+
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import ToolAnnotations
+from pydantic import Field
+
+from ..analysis.engine import Cancelled, Progress
+from ..errors import PathNotAllowedError
+from ..models import CompareResult
+from . import views
+from .params import BaseModelPath, Models
+from .runtime import AppContext, analyse, run_in_worker, state_of
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
+
+
+def report_path(folder: Path, filename: str | None, result: CompareResult) -> Path:
+    """Where the report goes: a plain file name inside `folder`, never a path out of it."""
+    if filename is None:
+        digest = hashlib.sha256("\0".join(m.resolved for m in result.models).encode()).hexdigest()[:10]
+        filename = f"mergelens-report-{digest}.html"
+    if not filename.endswith(".html"):
+        filename += ".html"
+    if not SAFE_NAME.match(filename):
+        raise PathNotAllowedError(
+            f"report filename {filename!r} is not a plain file name; use letters, digits, '.', '_' or '-' "
+            "(no folders: reports are always written to the server's output folder)"
+        )
+    path = (folder / filename).resolve()
+    if path.parent != folder:
+        raise PathNotAllowedError(f"report filename {filename!r} resolves outside the output folder {folder}")
+    return path
+
+
+def _writer():  # type: ignore[no-untyped-def]
+    try:
+        from ..report import write_report
+    except ImportError:
+        raise ToolError(
+            "HTML reports are not available: this mergelens build has no report module "
+            "(mergelens_mcp.report); "
+            "compare_models returns the same findings as structured data"
+        ) from None
+    return write_report
+
+
+async def generate_report(
+    models: Models,
+    ctx: AppContext,
+    base_model: BaseModelPath = None,
+    filename: Annotated[
+        str | None,
+        Field(description="file name for the report (e.g. 'llama-merge.html'); it is always written to the "
+                          "server's output folder. Default: a name derived from the models"),
+    ] = None,
+) -> views.Report:
+    write_report = _writer()
+    result, cached = await analyse(ctx, models, base_model)
+    folder = state_of(ctx).settings.reports_dir
+
+    def job(progress: Progress, cancelled: Cancelled) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = report_path(folder.resolve(), filename, result)
+        write_report(result, path)
+        return path
+
+    path = await run_in_worker(ctx, job)
+    return views.Report(path=str(path), bytes=path.stat().st_size, score=result.mci.score,
+                        verdict=result.mci.verdict, summary=views.summary(result), cached=cached)
+
+
+def register(server: MCPServer) -> None:
+    server.add_tool(
+        generate_report, name="generate_report", title="Write an HTML merge report",
+        annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True,
+                                    openWorldHint=False),
+        description=(
+            "Write a self-contained interactive HTML report (per-layer heatmaps, conflict zones, the score "
+            "and "
+            "its reasons) for these models into the server's output folder, and return its path and a "
+            "one-line summary. Use when the user wants something to open in a browser or share."
+        ),
+    )

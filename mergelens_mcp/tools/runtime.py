@@ -1,0 +1,135 @@
+"""What every tool shares: the server's state, the worker-thread runner and the analysis cache."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+from mcp.server.mcpserver import Context
+from mcp.server.mcpserver.exceptions import ToolError
+
+from .. import service
+from ..analysis.engine import Cancelled, Progress
+from ..errors import MergeLensError
+from ..models import CompareResult
+from ..security.paths import PathGuard
+from ..settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CANCEL_GRACE_S = 30.0  # how long a cancelled call waits for its worker to stop at the next tensor
+
+
+class AnalysisCache:
+    """A bounded, thread-safe LRU of comparison results, keyed by `service.fingerprint`."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.hits = self.misses = 0
+        self._items: OrderedDict[Hashable, CompareResult] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Hashable) -> CompareResult | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._items.move_to_end(key)
+            return found
+
+    def put(self, key: Hashable, result: CompareResult) -> None:
+        if self.size == 0:
+            return
+        with self._lock:
+            self._items[key] = result
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+@dataclass
+class AppState:
+    """The server's lifespan state, shared by every session and request."""
+
+    settings: Settings
+    guard: PathGuard
+    limiter: anyio.CapacityLimiter
+    cache: AnalysisCache
+    analyses: int = field(default=0)  # comparisons that read weights (cache misses that completed)
+
+    @classmethod
+    def create(cls, settings: Settings) -> AppState:
+        return cls(settings, settings.guard(), anyio.CapacityLimiter(settings.workers),
+                   AnalysisCache(settings.cache_size))
+
+
+AppContext = Context[AppState, Any]
+Job = Callable[[Progress, Cancelled], T]
+
+
+def state_of(ctx: AppContext) -> AppState:
+    return ctx.request_context.lifespan_context
+
+
+async def run_in_worker(ctx: AppContext, job: Job[T]) -> T:
+    """Run `job(progress, cancelled)` in a worker thread behind the server's capacity limiter.
+
+    Progress is forwarded to the client as MCP progress notifications. When the client cancels, the
+    `cancelled` flag is raised, the job stops at its next tensor, and the call waits (bounded) for the
+    thread to finish so the slot is really free. `MergeLensError`s become `ToolError`s, whose text the
+    model sees; anything else stays a bare error and its text stays on the server.
+    """
+    stop = threading.Event()
+    finished = threading.Event()
+
+    def progress(done: int, total: int, message: str) -> None:
+        if not stop.is_set():
+            anyio.from_thread.run(ctx.report_progress, done, total, message)
+
+    def work() -> T:
+        try:
+            return job(progress, stop.is_set)
+        finally:
+            finished.set()
+
+    async with state_of(ctx).limiter:
+        try:
+            return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            stop.set()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(finished.wait, CANCEL_GRACE_S)
+            raise
+        except MergeLensError as exc:
+            raise ToolError(str(exc)) from exc
+
+
+async def analyse(ctx: AppContext, models: Sequence[str], base: str | None) -> tuple[CompareResult, bool]:
+    """The comparison of `models` (against `base`), from the cache when the files have not changed.
+    Returns the result and whether it came from the cache."""
+    state = state_of(ctx)
+    sources = list(models)
+
+    def job(progress: Progress, cancelled: Cancelled) -> tuple[CompareResult, bool]:
+        key = service.fingerprint(sources, base, settings=state.settings, guard=state.guard)
+        cached = state.cache.get(key)
+        if cached is not None:
+            return cached, True
+        result = service.compare(sources, base, settings=state.settings, guard=state.guard,
+                                 progress=progress, cancelled=cancelled)
+        state.cache.put(key, result)
+        state.analyses += 1
+        return result, False
+
+    return await run_in_worker(ctx, job)
