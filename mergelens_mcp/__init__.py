@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import errors
 from .errors import MergeLensError
@@ -10,7 +11,7 @@ from .models import CompareResult, ConflictZone, LayerMetrics, MCI, Strategy, Ve
 
 __all__ = [
     "CompareResult", "ConflictZone", "LayerMetrics", "MCI", "MergeLensError", "Strategy", "Verdict",
-    "compare_models", "errors",
+    "compare_models", "errors", "generate_report",
 ]
 __version__ = "0.1.0"
 
@@ -24,3 +25,19 @@ def compare_models(models: Sequence[str], base: str | None = None, *, device: st
     from .service import compare
 
     return compare(list(models), base, device=device)
+
+
+def generate_report(
+    models: Sequence[str], output: str | Path, base: str | None = None, *, device: str = "auto",
+    overwrite: bool = False,
+) -> Path:
+    """Compare the checkpoints and write the interactive HTML report to `output`; return its path.
+
+    >>> generate_report(["ft_a/", "ft_b/"], "report.html", base="base/")
+    """
+    from .service import generate_report as generate
+    from .settings import Settings
+
+    target = Path(output).expanduser().resolve()
+    path, _ = generate(list(models), base, target, settings=Settings(device=device), overwrite=overwrite)
+    return path

@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--report", type=Path, help="write the interactive HTML report here")
     compare.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     compare.add_argument("--layers", type=int, default=40, help="rows of the per-layer table (0: none)")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="replace a --report file even if it is not a mergelens report")
     compare.set_defaults(run=run_compare)
 
     serve = sub.add_parser("serve", help="run the MCP server (stdio for Claude Code / Cursor, or HTTP / SSE)")
@@ -50,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--output-dir", type=Path, metavar="DIR",
                        help="where generate_report writes HTML (default: the first allowed folder)")
     serve.set_defaults(run=run_serve)
+
+    report = sub.add_parser("report", help="compare checkpoints and write the interactive HTML report")
+    report.add_argument("models", nargs="+", help="checkpoint folders, .safetensors files or Hub ids (2+)")
+    report.add_argument("--base", help="the base model the candidates were fine-tuned from")
+    report.add_argument("-o", "--output", type=Path, required=True, help="the HTML file to write")
+    report.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    report.add_argument("--overwrite", action="store_true",
+                        help="replace the output file even if it is not a mergelens report")
+    report.set_defaults(run=run_report)
     return parser
 
 
@@ -58,6 +69,10 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
 
     if len(args.models) < 2:
         raise InputError("compare needs at least two models")
+    if args.report:
+        from .report import check_output
+
+        check_output(args.report, overwrite=args.overwrite)
     result = _with_progress(
         console, "reading tensors",
         lambda progress: compare(args.models, args.base, device=args.device, progress=progress),
@@ -69,7 +84,7 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
     if args.report:
         from .report import write_report
 
-        write_report(result, args.report)
+        write_report(result, args.report, overwrite=args.overwrite)
         console.print(f"report written to {args.report}")
     return EXIT_OK
 
@@ -84,6 +99,24 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
     run(args.transport, args.host, args.port, Settings(**overrides))  # type: ignore[arg-type]
+    return EXIT_OK
+
+
+def run_report(args: argparse.Namespace, console: Console) -> int:
+    from .service import generate_report
+    from .settings import Settings
+
+    if len(args.models) < 2:
+        raise InputError("report needs at least two models")
+    path, result = _with_progress(
+        console, "reading tensors",
+        lambda progress: generate_report(
+            args.models, args.base, args.output.expanduser().resolve(), settings=Settings(device=args.device),
+            overwrite=args.overwrite, progress=progress,
+        ),
+    )
+    print_result(result, Console(), max_layers=0)
+    console.print(f"report written to {path}")
     return EXIT_OK
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import string
 from collections.abc import Sequence
 from contextlib import ExitStack
+from pathlib import Path
 
 from .analysis.engine import Cancelled, Progress, analyze
 from .analysis.loading import Checkpoint, load_checkpoint
@@ -75,3 +76,32 @@ def fingerprint(
 def _files_state(ckpt: Checkpoint) -> tuple[tuple[str, int, int], ...]:
     paths = [*ckpt.files, *(p for p in (ckpt.root / "config.json",) if p.is_file())]
     return tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
+
+
+def generate_report(
+    models: Sequence[str],
+    base: str | None = None,
+    output: str | Path | None = None,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> tuple[Path, CompareResult]:
+    """Compare the checkpoints and write the interactive HTML report; return its path and the result.
+
+    A relative `output` is taken inside `settings.reports_dir`; none gives `mergelens-report.html` there.
+    With a guard, the output must resolve under an allowed root. It is checked before any tensor is read.
+    """
+    from .report import check_output, write_report
+
+    settings = settings or Settings()
+    target = Path(output).expanduser() if output is not None else Path("mergelens-report.html")
+    if not target.is_absolute():
+        target = settings.reports_dir / target
+    if guard is not None:
+        target = guard.check(target, "report output", must_exist=False)
+    check_output(target, overwrite=overwrite)
+    result = compare(models, base, settings=settings, guard=guard, progress=progress, cancelled=cancelled)
+    return write_report(result, target, overwrite=overwrite), result
