@@ -8,10 +8,12 @@ from pathlib import Path
 from . import errors
 from .errors import MergeLensError
 from .models import CompareResult, ConflictZone, LayerMetrics, MCI, Strategy, Verdict
+from .models import ConfigDiagnosis
 
 __all__ = [
     "CompareResult", "ConflictZone", "LayerMetrics", "MCI", "MergeLensError", "Strategy", "Verdict",
     "compare_models", "errors", "generate_report",
+    "ConfigDiagnosis", "diagnose_config",
 ]
 __version__ = "0.1.0"
 
@@ -41,3 +43,14 @@ def generate_report(
     target = Path(output).expanduser().resolve()
     path, _ = generate(list(models), base, target, settings=Settings(device=device), overwrite=overwrite)
     return path
+
+
+def diagnose_config(config: str) -> ConfigDiagnosis:
+    """Check a mergekit YAML (a .yaml path or the YAML text) before merging; simulate it on readable models.
+
+    >>> d = diagnose_config("merge.yaml")
+    >>> d.valid, [(f.level.value, f.path, f.message) for f in d.findings], d.overall_interference
+    """
+    from .service import diagnose
+
+    return diagnose(config)

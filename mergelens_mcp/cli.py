@@ -61,7 +61,42 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--overwrite", action="store_true",
                         help="replace the output file even if it is not a mergelens report")
     report.set_defaults(run=run_report)
+
+    diagnose = sub.add_parser("diagnose", help="check a mergekit YAML before merging, and simulate it")
+    diagnose.add_argument("--config", required=True, help="the mergekit .yaml file")
+    diagnose.add_argument("--json", type=Path, help="write the full diagnosis as JSON here")
+    diagnose.set_defaults(run=run_diagnose)
     return parser
+
+
+def run_diagnose(args: argparse.Namespace, console: Console) -> int:
+    """Exit 0 when no error-level finding, 1 when there is one, 2 on unreadable input."""
+    from .service import diagnose
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise InputError(f"--config {args.config!r} is not a file; pass the mergekit YAML you would give mergekit-yaml")
+    result = _with_progress(console, "simulating", lambda progress: diagnose(str(path), progress=progress))
+    out = Console()
+    status = "[bold green]valid[/]" if result.valid else "[bold red]will fail[/]"
+    out.print(f"\n[bold]mergekit config:[/] {path}  merge_method: {result.merge_method or '?'}  {status}")
+    for f in result.findings:
+        where = f" at {f.path}" if f.path else ""
+        out.print(f"[{f.level.value}]{where}: {f.message}" + (f"\n    fix: {f.fix}" if f.fix else ""),
+                  markup=False, highlight=False)
+    if not result.findings:
+        out.print("No findings.")
+    if result.overall_interference is not None:
+        out.print(f"[bold]Simulated interference:[/] {result.overall_interference:.3f} (0 = nothing lost)")
+        for layer in result.layers:
+            extra = "".join(f"  {m}: {v:.0%} kept" for m, v in layer.survival.items())
+            out.print(f"  {layer.layer_name:<12} {layer.interference:.3f}{extra}", markup=False, highlight=False)
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False, highlight=False, style="dim")
+    if args.json:
+        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        console.print(f"JSON written to {args.json}")
+    return EXIT_OK if result.valid else EXIT_FAILED
 
 
 def run_compare(args: argparse.Namespace, console: Console) -> int:

@@ -223,3 +223,33 @@ class CompareResult(Frozen):
     notes: list[str] = Field(default_factory=list)
     strategy: Strategy | None = None
     elapsed_s: float
+
+
+class LayerInterference(Frozen):
+    """What a configured merge does to one layer, simulated on the real tensors without writing a model."""
+
+    layer_name: str = Field(description="'embed', 'layers.3', 'norm', 'lm_head' or 'other'")
+    layer_index: int | None
+    n_params: int
+    interference: float = Field(description="0..1 share of the inputs' (weighted) change that the merge discards "
+                                "or cancels here: sign-election losses for TIES-like methods, cancellation else")
+    sign_conflict: float | None = Field(default=None, description="share of the kept task-vector mass whose "
+                                        "sign loses the election (sign-consensus methods only)")
+    survival: dict[str, float] = Field(default_factory=dict, description="model -> share of its task vector's "
+                                       "|.| mass kept by trimming / dropping at the configured density")
+    slerp_linear_share: float | None = Field(default=None, description="SLERP only: share of the rows of the "
+                                             "layer's matrices where mergekit falls back to linear (|cos| > 0.9995)")
+
+
+class ConfigDiagnosis(Frozen):
+    """A mergekit YAML checked before any merge: its findings, and the merge simulated where models are readable."""
+
+    valid: bool = Field(description="no error-level finding: mergekit should accept and run this config")
+    merge_method: str | None
+    findings: list[Finding]
+    overall_interference: float | None = Field(description="parameter-weighted mean of the layers' interference; "
+                                               "None when the models could not be read")
+    interference_scores: dict[str, float] = Field(default_factory=dict, description="layer name -> interference")
+    layers: list[LayerInterference] = Field(default_factory=list)
+    models_checked: list[str] = Field(default_factory=list, description="model references that were read")
+    notes: list[str] = Field(default_factory=list)

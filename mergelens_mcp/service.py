@@ -10,7 +10,7 @@ from pathlib import Path
 from .analysis.engine import Cancelled, Progress, analyze
 from .analysis.loading import Checkpoint, load_checkpoint
 from .errors import InputError
-from .models import CompareResult
+from .models import CompareResult, ConfigDiagnosis
 from .security.paths import PathGuard
 from .settings import Settings
 
@@ -49,7 +49,8 @@ def compare(
     settings = settings or Settings()
     with ExitStack() as stack:
         opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
-        return analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled)
+        result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled)
+    return with_strategy(result)
 
 
 def fingerprint(
@@ -105,3 +106,27 @@ def generate_report(
     check_output(target, overwrite=overwrite)
     result = compare(models, base, settings=settings, guard=guard, progress=progress, cancelled=cancelled)
     return write_report(result, target, overwrite=overwrite), result
+
+
+def with_strategy(result: CompareResult) -> CompareResult:
+    """The result with its recommended merge strategy, when the models could be compared at all."""
+    from .analysis.strategy import recommend_strategy
+
+    if result.mci.score is None or result.strategy is not None:
+        return result
+    return result.model_copy(update={"strategy": recommend_strategy(result)})
+
+
+def diagnose(
+    config: str,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> ConfigDiagnosis:
+    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it where the models are readable."""
+    from .analysis.config import diagnose as diagnose_config
+
+    settings = settings or Settings()
+    return diagnose_config(config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled)

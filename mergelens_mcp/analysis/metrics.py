@@ -288,3 +288,31 @@ def task_drift(a: Operand, b: Operand) -> float:
     if reference < EPS:
         return 0.0
     return (a.norm + b.norm) / (2 * reference)
+
+
+MASS_SHARE = 0.9
+MASS_SAMPLE = 1 << 20
+
+
+def _mass_fraction(x: Operand) -> float:
+    """Smallest share of coordinates holding MASS_SHARE of the L1 mass (a strided sample above 1M values)."""
+    flat = x.flat
+    if flat.numel() > MASS_SAMPLE:
+        flat = flat[:: -(-flat.numel() // MASS_SAMPLE)]
+    magnitude = flat.abs().double().sort(descending=True).values
+    total = float(magnitude.sum())
+    if total < EPS:
+        return 0.0
+    target = torch.tensor([MASS_SHARE * total], dtype=torch.float64, device=magnitude.device)
+    needed = int(torch.searchsorted(magnitude.cumsum(0), target))
+    return min(1.0, (needed + 1) / magnitude.numel())
+
+
+@metric("task_mass_fraction", bounds=(0.0, 1.0), needs_base=True)
+def task_mass_fraction(a: Operand, b: Operand) -> float:
+    """Mean over both task vectors of the smallest share of coordinates holding 90% of its |.| mass.
+
+    Low: the fine-tune changed few coordinates much (TIES/DARE can keep a low density); about 0.64: dense,
+    Gaussian-like changes. It sets the recommended `density`.
+    """
+    return (_mass_fraction(a) + _mass_fraction(b)) / 2
