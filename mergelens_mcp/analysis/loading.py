@@ -66,7 +66,9 @@ def read_header(path: Path, limits: Limits, where: str) -> dict[str, TensorInfo]
         size = os.fstat(fh.fileno()).st_size
         prefix = fh.read(8)
         if len(prefix) < 8:
-            raise CheckpointFormatError(f"{where}: {path.name} is {size} bytes, too short for safetensors")
+            raise CheckpointFormatError(
+                f"{where}: {path.name} is {size} bytes, too short for a safetensors header"
+            )
         (header_len,) = struct.unpack("<Q", prefix)
         limits.check_header(header_len, f"{where}: {path.name}")
         if 8 + header_len > size:
