@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -12,6 +13,7 @@ from .analysis.loading import Checkpoint, load_checkpoint
 from .errors import InputError
 from .models import CompareResult, ConfigDiagnosis
 from .security.paths import PathGuard
+from .security.redact import redact_model
 from .settings import Settings
 
 
@@ -50,7 +52,7 @@ def compare(
     with ExitStack() as stack:
         opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
         result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled)
-    return with_strategy(result)
+    return redact_model(with_strategy(result))
 
 
 def fingerprint(
@@ -101,8 +103,7 @@ def generate_report(
     target = Path(output).expanduser() if output is not None else Path("mergelens-report.html")
     if not target.is_absolute():
         target = settings.reports_dir / target
-    if guard is not None:
-        target = guard.check(target, "report output", must_exist=False)
+    target = (guard or PathGuard([Path(os.sep)])).check_output(target, "report output")
     check_output(target, overwrite=overwrite)
     result = compare(models, base, settings=settings, guard=guard, progress=progress, cancelled=cancelled)
     return write_report(result, target, overwrite=overwrite), result
@@ -129,4 +130,6 @@ def diagnose(
     from .analysis.config import diagnose as diagnose_config
 
     settings = settings or Settings()
-    return diagnose_config(config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled)
+    return redact_model(
+        diagnose_config(config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled)
+    )

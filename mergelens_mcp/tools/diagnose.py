@@ -11,7 +11,7 @@ from pydantic import Field
 
 from .. import service
 from ..analysis.engine import Cancelled, Progress
-from .runtime import AppContext, run_in_worker, state_of
+from .runtime import AppContext, guard_for, run_in_worker, state_of
 
 
 async def diagnose_merge(
@@ -26,9 +26,10 @@ async def diagnose_merge(
             "(service.diagnose); compare_models and suggest_strategy can still assess the models"
         )
     state = state_of(ctx)
+    guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> dict[str, Any]:
-        result = diagnose(config, settings=state.settings, guard=state.guard, progress=progress,
+        result = diagnose(config, settings=state.settings, guard=guard, progress=progress,
                           cancelled=cancelled)
         return result.model_dump(mode="json")
 

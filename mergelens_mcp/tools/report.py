@@ -15,6 +15,7 @@ from pydantic import Field
 from ..analysis.engine import Cancelled, Progress
 from ..errors import PathNotAllowedError
 from ..models import CompareResult
+from ..security.paths import PathGuard
 from . import views
 from .params import BaseModelPath, Models
 from .runtime import AppContext, analyse, run_in_worker, state_of
@@ -61,6 +62,11 @@ async def generate_report(
         Field(description="file name for the report (e.g. 'llama-merge.html'); it is always written to the "
                           "server's output folder. Default: a name derived from the models"),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        Field(description="replace an existing file of that name even if it is not a mergelens report "
+                          "(reports mergelens wrote are always replaced); leave false unless the user asked"),
+    ] = False,
 ) -> views.Report:
     write_report = _writer()
     result, cached = await analyse(ctx, models, base_model)
@@ -69,7 +75,8 @@ async def generate_report(
     def job(progress: Progress, cancelled: Cancelled) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         path = report_path(folder.resolve(), filename, result)
-        write_report(result, path)
+        path = PathGuard([folder]).check_output(path, "report output")  # no FIFO, device or folder there
+        write_report(result, path, overwrite=overwrite)
         return path
 
     path = await run_in_worker(ctx, job)

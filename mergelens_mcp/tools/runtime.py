@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -18,12 +19,14 @@ from ..analysis.engine import Cancelled, Progress
 from ..errors import MergeLensError
 from ..models import CompareResult
 from ..security.paths import PathGuard
+from ..security.redact import redact
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CANCEL_GRACE_S = 30.0  # how long a cancelled call waits for its worker to stop at the next tensor
+ROOTS_TIMEOUT_S = 10.0  # how long the server waits for the client's roots/list answer
 
 
 class AnalysisCache:
@@ -112,7 +115,30 @@ async def run_in_worker(ctx: AppContext, job: Job[T]) -> T:
                 await anyio.to_thread.run_sync(finished.wait, CANCEL_GRACE_S)
             raise
         except MergeLensError as exc:
-            raise ToolError(str(exc)) from exc
+            raise ToolError(redact(str(exc))) from exc
+
+
+async def guard_for(ctx: AppContext) -> PathGuard:
+    """The server's path guard, narrowed to the client's MCP roots when the client declares any.
+
+    Roots only ever narrow access (`PathGuard.restrict`): they are the client's statement of what it means to
+    share, never a grant. A client that declares the capability but cannot list its roots in time keeps the
+    server's own roots.
+    """
+    state = state_of(ctx)
+    session = ctx.session
+    capabilities = session.client_capabilities
+    if capabilities is None or capabilities.roots is None:
+        return state.guard
+    try:
+        with warnings.catch_warnings(), anyio.fail_after(ROOTS_TIMEOUT_S):
+            warnings.simplefilter("ignore", DeprecationWarning)
+            listed = await session.list_roots()
+    except Exception as exc:  # a client that cannot answer roots/list
+        log.warning("the client declared roots but listing them failed (%s); using the server's roots",
+                    type(exc).__name__)
+        return state.guard
+    return state.guard.restrict(str(root.uri) for root in listed.roots)
 
 
 async def analyse(ctx: AppContext, models: Sequence[str], base: str | None) -> tuple[CompareResult, bool]:
@@ -120,13 +146,14 @@ async def analyse(ctx: AppContext, models: Sequence[str], base: str | None) -> t
     Returns the result and whether it came from the cache."""
     state = state_of(ctx)
     sources = list(models)
+    guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> tuple[CompareResult, bool]:
-        key = service.fingerprint(sources, base, settings=state.settings, guard=state.guard)
+        key = service.fingerprint(sources, base, settings=state.settings, guard=guard)
         cached = state.cache.get(key)
         if cached is not None:
             return cached, True
-        result = service.compare(sources, base, settings=state.settings, guard=state.guard,
+        result = service.compare(sources, base, settings=state.settings, guard=guard,
                                  progress=progress, cancelled=cancelled)
         state.cache.put(key, result)
         state.analyses += 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.hostile import tiny_model
+from mergelens_mcp.models import Finding, FindingLevel
 from mergelens_mcp.security import redact as redaction
 from mergelens_mcp.security.redact import REDACTED, RedactingFormatter, redact, redact_json, redact_model
 from mergelens_mcp.service import compare
@@ -132,13 +133,19 @@ def test_redact_json_walks_keys_and_nested_values_and_keeps_numbers() -> None:
     assert redact_json(data) == {REDACTED: [1.5, {"path": f"/x/{REDACTED}"}, None, True], "n": 3}
 
 
-def test_a_token_in_a_model_path_is_redacted_from_the_result_json(tmp_path: Path) -> None:
+def test_a_token_in_a_model_path_is_redacted_from_every_field_of_the_result(tmp_path: Path) -> None:
     folder = tiny_model(tmp_path / f"run-{HF_TOKEN}" / "model_a", 1)
     other = tiny_model(tmp_path / "model_b", 2)
     result = compare([str(folder), str(other)])
-    assert HF_TOKEN in result.model_dump_json()  # the analysis itself keeps what it was given
-    cleaned = redact_model(result)
-    assert HF_TOKEN not in cleaned.model_dump_json()
-    assert cleaned.models[0].source == str(folder).replace(HF_TOKEN, REDACTED)
-    assert cleaned.mci == result.mci
+    text = result.model_dump_json()
+    assert HF_TOKEN not in text and text.count(REDACTED) >= 3  # source, resolved, the strategy's YAML
+    assert result.models[0].source == str(folder).replace(HF_TOKEN, REDACTED)
+    assert result.mci.score is not None and result.strategy is not None
+    assert redact_model(result) is result
+
+
+def test_redact_model_returns_a_validated_copy_only_when_something_changed() -> None:
+    finding = Finding(level=FindingLevel.INFO, code="x", message=f"see {HF_TOKEN}", path="/safe")
+    cleaned = redact_model(finding)
+    assert cleaned.message == f"see {REDACTED}" and cleaned.path == "/safe" and cleaned is not finding
     assert redact_model(cleaned) is cleaned
