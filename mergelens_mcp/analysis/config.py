@@ -30,10 +30,12 @@ from typing import Any
 import torch
 import yaml
 
-from ..errors import AnalysisCancelledError, ConfigError, MergeLensError
+from ..errors import (
+    AnalysisCancelledError, CheckpointNotFoundError, ConfigError, MergeLensError, PathNotAllowedError,
+)
 from ..models import ConfigDiagnosis, Finding, FindingLevel, LayerInterference
 from ..security.limits import Limits
-from ..security.paths import PathGuard
+from ..security.paths import PathGuard, looks_like_hub_id
 from .compat import block_count
 from .layers import classify, group_sort_key
 from .loading import Checkpoint, load_checkpoint
@@ -48,6 +50,8 @@ NUMBER_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 SLERP_LINEAR_FALLBACK = 0.9995
 HIGH_SIGN_CONFLICT = 0.3
 LOW_SURVIVAL = 0.5
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
 SEED = 0
 E, W, I = FindingLevel.ERROR, FindingLevel.WARNING, FindingLevel.INFO
 
@@ -59,14 +63,17 @@ def read_config_text(config: str, guard: PathGuard | None = None) -> tuple[str, 
     """(YAML text, where it came from): `config` is a path to a .yaml/.yml file or the YAML itself."""
     stripped = config.strip()
     looks_like_path = "\n" not in stripped and (
-        stripped.endswith((".yaml", ".yml")) or (":" not in stripped and Path(stripped).expanduser().is_file())
+        stripped.endswith((".yaml", ".yml")) or (":" not in stripped and _is_allowed_file(stripped, guard))
     )
     if not looks_like_path:
+        if len(config) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config: the YAML text is over {MAX_CONFIG_BYTES:,} characters; a mergekit "
+                              "config is a few KiB")
         return config, "inline YAML"
     path = guard.check(stripped, "config") if guard else Path(stripped).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"config: {stripped!r} is not a file; pass a mergekit .yaml path or the YAML text")
-    if path.stat().st_size > 1 << 20:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"config: {path.name} is over 1 MiB; a mergekit config is a few KiB")
     try:
         return path.read_text(encoding="utf-8"), str(path)
@@ -74,10 +81,39 @@ def read_config_text(config: str, guard: PathGuard | None = None) -> tuple[str, 
         raise ConfigError(f"config: {path.name} is not UTF-8 text") from None
 
 
+def _is_allowed_file(text: str, guard: PathGuard | None) -> bool:
+    """Whether one line of text names a file (inside the guard's roots: nothing is revealed about others)."""
+    try:
+        path = guard.check(text, "config") if guard else Path(text).expanduser()
+        return path.is_file()
+    except (MergeLensError, OSError, RuntimeError):
+        return False
+
+
+def _check_expanded_size(data: Any, where: str) -> None:
+    """Refuse YAML whose aliases expand to an absurd number of values (a "billion laughs" document), which
+    any later walk over the config, or its error messages, would otherwise take forever to go through."""
+    budget = MAX_YAML_VALUES
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"{where}: expands to over {MAX_YAML_VALUES:,} values (YAML anchors and "
+                              "aliases); a mergekit config has a few hundred at most")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def parse_config(text: str, where: str = "config") -> dict[str, Any]:
     """yaml.safe_load, with errors that name the line and the fix."""
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: is nested too deeply to be a mergekit config") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown line"
@@ -88,6 +124,7 @@ def parse_config(text: str, where: str = "config") -> dict[str, Any]:
                           "quoting there (a mergekit config is a mapping: `merge_method: ...`, `models: ...`)") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+    _check_expanded_size(data, where)
     if data is None:
         raise ConfigError(f"{where}: is empty; a mergekit config needs at least `merge_method` and `models`")
     if not isinstance(data, dict):
@@ -746,8 +783,18 @@ def _simulation_inputs(spec: MethodSpec | None, inputs: Inputs) -> list[str]:
 def _open(
     name: str, guard: PathGuard | None, limits: Limits | None, report: Report, stack: ExitStack, notes: list[str]
 ) -> Checkpoint | None:
-    candidate = Path(name).expanduser()
-    if not candidate.exists():
+    try:  # with a guard, containment comes first: nothing is revealed about paths outside the roots
+        exists = guard.check(name, name).exists() if guard else Path(name).expanduser().exists()
+    except PathNotAllowedError as exc:
+        if looks_like_hub_id(name):
+            exists = False
+        else:
+            report.add(W, "model_unreadable", None, f"{name} could not be read: {exc}",
+                       "the structural checks still apply; fix the path to simulate the merge")
+            return None
+    except (CheckpointNotFoundError, OSError):
+        exists = False
+    if not exists:
         notes.append(f"{name}: not a local path; Hub models are not downloaded for a diagnosis")
         return None
     try:
