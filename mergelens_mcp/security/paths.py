@@ -33,8 +33,7 @@ def shown(value: str | os.PathLike[str]) -> str:
     return repr(text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "...")
 
 
-def _resolve(raw: str | os.PathLike[str], what: str) -> tuple[str, Path]:
-    """Expand `~`, make absolute against the working directory and follow every symlink."""
+def _text_of(raw: str | os.PathLike[str], what: str) -> str:
     try:
         text = os.fspath(raw)
     except TypeError:
@@ -45,13 +44,7 @@ def _resolve(raw: str | os.PathLike[str], what: str) -> tuple[str, Path]:
         raise PathNotAllowedError(f"{what}: the path contains a NUL byte; pass a plain file system path")
     if not text.strip():
         raise PathNotAllowedError(f"{what}: the path is empty")
-    try:
-        return text, Path(text).expanduser().resolve()
-    except RuntimeError:  # Python < 3.13 reports symlink loops this way
-        raise PathNotAllowedError(f"{what}: {shown(text)} is a symlink loop; refused") from None
-    except OSError as exc:
-        reason = _reason(exc)
-        raise PathNotAllowedError(f"{what}: {shown(text)} cannot be resolved ({reason}); refused") from None
+    return text
 
 
 def _reason(exc: OSError) -> str:
@@ -113,22 +106,47 @@ class PathGuard:
         """Whether an already resolved path lies inside (or is) one of the roots."""
         return any(path.is_relative_to(root) for root in self.roots)
 
-    def _refuse_outside(self, text: str, resolved: Path, what: str) -> None:
+    def _resolve(self, raw: str | os.PathLike[str], what: str) -> tuple[str, Path]:
+        """Expand `~`, make absolute against the working directory, follow every symlink, and refuse the path
+        unless the result lies inside a root. Messages never show where a path outside the roots leads (a
+        symlink target, a loop), so refusals reveal nothing about the file system beyond the roots."""
+        text = _text_of(raw, what)
+        try:
+            expanded = Path(text).expanduser()
+        except RuntimeError:  # `~someone` with no such user
+            problem = f"{what}: {shown(text)} names the home of an unknown user; refused"
+            raise PathNotAllowedError(problem) from None
+        try:
+            lexical: Path | None = Path(os.path.normpath(os.path.abspath(expanded)))
+        except OSError:  # the working directory is gone
+            lexical = None
+        try:
+            resolved = expanded.resolve()
+        except (RuntimeError, OSError) as exc:  # Python < 3.13 reports symlink loops as RuntimeError
+            if lexical is None or not self.contains(lexical):
+                self._refuse(text, what, "is outside")
+            loop = isinstance(exc, RuntimeError)
+            reason = "is a symlink loop" if loop else f"cannot be resolved ({_reason(exc)})"  # type: ignore[arg-type]
+            raise PathNotAllowedError(f"{what}: {shown(text)} {reason}; refused") from None
         if not self.contains(resolved):
-            allowed = ", ".join(str(r) for r in self.roots) or "none left by the client's roots"
-            raise PathNotAllowedError(
-                f"{what}: {shown(text)} resolves to {shown(resolved)}, outside the allowed roots "
-                f"({allowed}); move the files under an allowed root or add one with --allow-dir / "
-                "MERGELENS_ALLOWED_ROOTS"
-            )
+            if lexical is not None and self.contains(lexical):
+                self._refuse(text, what, "passes through a symlink that points outside")
+            self._refuse(text, what, "is outside")
+        return text, resolved
+
+    def _refuse(self, text: str, what: str, problem: str) -> None:
+        allowed = ", ".join(str(r) for r in self.roots) or "none left by the client's roots"
+        raise PathNotAllowedError(
+            f"{what}: {shown(text)} {problem} the allowed roots ({allowed}); move the files under an allowed "
+            "root or add one with --allow-dir / MERGELENS_ALLOWED_ROOTS"
+        )
 
     def check(self, raw: str | os.PathLike[str], what: str = "path", *, must_exist: bool = True) -> Path:
         """Return the resolved path, or raise naming `what`, the path and the fix.
 
         Containment is checked before existence, so nothing is revealed about paths outside the roots.
         """
-        text, resolved = _resolve(raw, what)
-        self._refuse_outside(text, resolved, what)
+        text, resolved = self._resolve(raw, what)
         if must_exist:
             try:
                 mode = resolved.stat().st_mode
@@ -153,8 +171,7 @@ class PathGuard:
 
         Whether an existing file may be replaced is the writer's decision (`overwrite`); this only says where.
         """
-        text, resolved = _resolve(raw, what)
-        self._refuse_outside(text, resolved, what)
+        text, resolved = self._resolve(raw, what)
         if not resolved.parent.is_dir():
             raise PathNotAllowedError(
                 f"{what}: the folder {shown(resolved.parent)} does not exist; create it first"

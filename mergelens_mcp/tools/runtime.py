@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import anyio
+from mcp import types
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.message import ServerMessageMetadata
 
 from .. import service
 from ..analysis.engine import Cancelled, Progress
@@ -121,23 +122,29 @@ async def run_in_worker(ctx: AppContext, job: Job[T]) -> T:
 async def guard_for(ctx: AppContext) -> PathGuard:
     """The server's path guard, narrowed to the client's MCP roots when the client declares any.
 
-    Roots only ever narrow access (`PathGuard.restrict`): they are the client's statement of what it means to
-    share, never a grant. A client that declares the capability but cannot list its roots in time keeps the
-    server's own roots.
+    Roots only ever narrow access (`PathGuard.restrict`): they say what the client means to share, never a
+    grant. A client that declares roots but whose roots cannot be listed gets a ToolError (fail closed),
+    except on a connection that cannot carry server-to-client requests at all (the server's roots apply).
     """
     state = state_of(ctx)
     session = ctx.session
     capabilities = session.client_capabilities
     if capabilities is None or capabilities.roots is None:
         return state.guard
-    try:
-        with warnings.catch_warnings(), anyio.fail_after(ROOTS_TIMEOUT_S):
-            warnings.simplefilter("ignore", DeprecationWarning)
-            listed = await session.list_roots()
-    except Exception as exc:  # a client that cannot answer roots/list
-        log.warning("the client declared roots but listing them failed (%s); using the server's roots",
-                    type(exc).__name__)
+    if not session.can_send_request:
+        log.info("the client declared roots but this connection cannot ask for them; server roots apply")
         return state.guard
+    try:
+        with anyio.fail_after(ROOTS_TIMEOUT_S):
+            listed = await session.send_request(
+                types.ListRootsRequest(), types.ListRootsResult,
+                metadata=ServerMessageMetadata(related_request_id=ctx.request_id),
+            )
+    except Exception as exc:  # a client that cannot answer roots/list in time
+        raise ToolError(
+            f"the client declared MCP roots but did not list them ({type(exc).__name__}); fix the client's "
+            "roots support or connect without declaring roots"
+        ) from None
     return state.guard.restrict(str(root.uri) for root in listed.roots)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from fixtures.checkpoints import random_model, save
-from fixtures.hostile import TINY, Sandbox, safetensors_bytes, tiny_model
+from fixtures.hostile import TINY, Sandbox, in_bounded_thread, safetensors_bytes, tiny_model
 from mergelens_mcp.analysis import loading
 from mergelens_mcp.analysis.loading import Checkpoint, load_checkpoint, read_header
 from mergelens_mcp.errors import CheckpointFormatError, LimitExceededError, MergeLensError
@@ -29,25 +27,6 @@ HYPOTHESIS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-
-
-def in_bounded_thread(job: Callable[[], object], timeout: float = 30.0) -> object:
-    """Run `job` in a worker thread as the server does; fail (not hang) if it does not finish in `timeout`."""
-    outcome: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = job()
-        except BaseException as exc:  # handed to the test thread
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=target, daemon=True)
-    worker.start()
-    worker.join(timeout)
-    assert not worker.is_alive(), f"the job was still running after {timeout}s"
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome.get("value")
 
 
 def write(tmp_path: Path, content: bytes, name: str = "model.safetensors") -> Path:

@@ -62,8 +62,32 @@ def test_a_weights_file_symlinked_out_of_an_allowed_folder_is_refused(sandbox: S
     folder = sandbox.root / "half_linked"
     folder.mkdir()
     (folder / "model.safetensors").symlink_to(sandbox.secret_model / "model.safetensors")
-    with pytest.raises(PathNotAllowedError, match="secret_model"):
+    with pytest.raises(PathNotAllowedError, match="symlink that points outside"):
         load_checkpoint(str(folder), "model_a", guard=PathGuard([sandbox.root]))
+
+
+def test_refusals_never_show_where_a_path_outside_the_roots_leads(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (sandbox.root / "innocent").symlink_to(sandbox.secret_model, target_is_directory=True)
+    (sandbox.outside / "loop").symlink_to(sandbox.outside / "loop")
+    monkeypatch.chdir(sandbox.outside)
+    guard = PathGuard([sandbox.root])
+    messages = {}
+    for attempt in (
+        sandbox.root / "innocent",
+        "/proc/self/cwd",
+        "/proc/self/cwd/secret_model",
+        sandbox.outside / "loop",
+    ):
+        with pytest.raises(PathNotAllowedError) as info:
+            guard.check(attempt)
+        messages[str(attempt)] = str(info.value)
+    assert "symlink that points outside" in messages[str(sandbox.root / "innocent")]
+    assert all(
+        str(sandbox.outside) not in m for a, m in messages.items() if not a.startswith(str(sandbox.outside))
+    )
+    assert "is outside the allowed roots" in messages[str(sandbox.outside / "loop")]
 
 
 def test_a_config_json_symlinked_out_of_the_root_is_refused_unread(sandbox: Sandbox) -> None:
