@@ -154,7 +154,7 @@ async def test_reports_stay_in_the_output_folder_and_never_replace_a_file_that_i
 
 @pytest.fixture
 def planted(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """A token in the environment, in a model's path, in a file the server reads, and in a YAML it is given."""
+    """A token in the environment, in a model path, in a file the server reads, and in a YAML it is given."""
     monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
     monkeypatch.setenv("MERGELENS_TEST_API_KEY", API_KEY)
     monkeypatch.setattr(redaction, "_registered", set())
