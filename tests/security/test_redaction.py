@@ -38,6 +38,8 @@ def planted_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ("https://alice:pa55w0rd@hub.example/x", f"https://alice:{REDACTED}@hub.example/x"),
         (f"/models/{ENV_SECRET}/weights", f"/models/{REDACTED}/weights"),
         ("hf_cache_dir, hf_hub_download, model_a, Bearer", "hf_cache_dir, hf_hub_download, model_a, Bearer"),
+        ("without a bearer token: set one", "without a bearer token: set one"),
+        ("Bearer eyJhbGciOiJIUzI1NiJ9.e30.x", f"Bearer {REDACTED}"),
     ],
 )
 def test_tokens_credentials_and_secret_env_values_are_redacted_and_nothing_else(
