@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fixtures.hostile import Sandbox
+from fixtures.hostile import Sandbox, in_bounded_thread
 from mergelens_mcp.analysis.loading import load_checkpoint
+from mergelens_mcp.cli import EXIT_BAD_INPUT, main
 from mergelens_mcp.errors import CheckpointNotFoundError, InputError, MergeLensError, PathNotAllowedError
 from mergelens_mcp.security.paths import PathGuard, parse_hub_id
 from mergelens_mcp.settings import Settings, hf_cache_dir
@@ -354,3 +355,15 @@ def test_any_text_as_a_model_is_refused_cleanly_and_only_clean_hub_ids_reach_the
         assert ckpt.root.is_relative_to(sandbox.root.resolve())
     for repo, revision in downloads:
         assert ".." not in repo and ".." not in (revision or "") and not repo.startswith(("/", "."))
+
+
+@pytest.mark.parametrize("command", ["report", "compare"])
+def test_a_fifo_as_a_report_output_is_refused_by_the_cli_without_blocking(
+    sandbox: Sandbox, command: str
+) -> None:
+    fifo = sandbox.root / "report.html"
+    os.mkfifo(fifo)
+    flag = "-o" if command == "report" else "--report"
+    argv = [command, str(sandbox.model_a), str(sandbox.model_b), flag, str(fifo)]
+    assert in_bounded_thread(lambda: main(argv), timeout=60) == EXIT_BAD_INPUT
+    assert fifo.is_fifo()
