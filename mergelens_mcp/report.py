@@ -12,12 +12,13 @@ import html
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
 import plotly.offline
+from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 from plotly.utils import PlotlyJSONEncoder
 
@@ -324,7 +325,7 @@ def render_report(result: CompareResult, *, diagnosis: object | None = None) -> 
         _strategy(result),
         _zones(result),
         _findings(result),
-        _diagnosis(diagnosis),
+        _diagnosis(diagnosis, figures),
         _pairwise(result, figures),
         *_pairs(result, figures),
         _models(result),
@@ -393,17 +394,22 @@ def _models(result: CompareResult) -> str:
     )
 
 
+def _field(obj: Any, name: str, default: Any = None) -> Any:
+    """`obj.name`, or `obj[name]` for a mapping (a diagnosis may come as a model or as its JSON)."""
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
 def _finding_items(findings: Iterable[Any]) -> str:
     items = []
     for f in findings:
-        level = getattr(f, "level", "info")
+        level = _field(f, "level", "info")
         level = getattr(level, "value", level)
-        code = getattr(f, "code", "")
-        fix = getattr(f, "fix", None)
-        path = getattr(f, "path", None)
+        code, fix, path = _field(f, "code", ""), _field(f, "fix"), _field(f, "path")
         items.append(
             f'<li class="finding {esc(level)}"><span class="badge lvl-{esc(level)}">{esc(level)}</span> '
-            f'<code class="code">{esc(code)}</code> {esc(getattr(f, "message", f))}'
+            f'<code class="code">{esc(code)}</code> {esc(_field(f, "message", f))}'
             + (f' <span class="muted">at <code>{esc(path)}</code></span>' if path else "")
             + (f'<div class="fix">fix: {esc(fix)}</div>' if fix else "")
             + "</li>"
@@ -443,21 +449,51 @@ def _strategy(result: CompareResult) -> str:
     )
 
 
-def _diagnosis(diagnosis: object | None) -> str:
-    """A mergekit config diagnosis, read by duck typing: `findings` and `overall_interference` if present."""
+def interference_figure(scores: Mapping[str, float]) -> go.Figure:
+    """Per-layer interference of a configured merge: 0 = nothing lost, 1 = the models cancel out."""
+    names, values = [plot_text(n) for n in scores], [float(v) for v in scores.values()]
+    colors = sample_colorscale(GOOD_BAD, [1.0 - min(1.0, max(0.0, v)) for v in values])
+    fig = go.Figure(go.Bar(
+        x=names, y=values, marker={"color": colors, "line": {"width": 0}},
+        hovertemplate="<b>%{x}</b>: interference %{y:.4f}<extra></extra>",
+    ))
+    fig.update_yaxes(range=[0, 1], title={"text": "interference"})
+    fig.update_xaxes(type="category", tickangle=-45 if len(names) > 12 else 0)
+    fig.update_layout(margin={"l": 60, "r": 20, "t": 10, "b": 60}, plot_bgcolor="#fafafa", bargap=0.15)
+    return fig
+
+
+def _diagnosis(diagnosis: object | None, figures: Figures) -> str:
+    """A mergekit config diagnosis, read by duck typing (attributes or mapping keys): `findings`, and where
+    present `merge_method`, `valid`, `overall_interference`, `interference_scores` and `notes`."""
     if diagnosis is None:
         return ""
-    interference = getattr(diagnosis, "overall_interference", None)
     parts = ['<section class="card" id="diagnosis"><h2>Merge configuration diagnosis</h2>']
+    method, valid = _field(diagnosis, "merge_method"), _field(diagnosis, "valid")
+    if method or isinstance(valid, bool):
+        state = "" if not isinstance(valid, bool) else (
+            ' <span class="badge" style="background:#1a9850">valid</span>' if valid
+            else ' <span class="badge lvl-error">will not run</span>')
+        badge = f'<span class="badge method">{esc(method)}</span>' if method else ""
+        parts.append(f"<p>{badge}{state}</p>")
+    interference = _field(diagnosis, "overall_interference")
     if isinstance(interference, (int, float)):
-        parts.append(f'<p>Predicted interference of this configuration: <b>{float(interference):.3f}</b> '
-                     '<span class="muted">(0 = none, 1 = the models cancel out)</span></p>')
-    summary = getattr(diagnosis, "summary", None)
+        parts.append(f"<p>Simulated interference of this configuration: <b>{float(interference):.3f}</b> "
+                     '<span class="muted">(0 = nothing lost, 1 = the models cancel out)</span></p>')
+    summary = _field(diagnosis, "summary")
     if isinstance(summary, str) and summary:
         parts.append(f"<p>{esc(summary)}</p>")
-    items = _finding_items(getattr(diagnosis, "findings", None) or [])
+    items = _finding_items(_field(diagnosis, "findings") or [])
     items = items or '<li class="finding ok">No problems found in the configuration.</li>'
-    parts.append(f'<ul class="findings">{items}</ul></section>')
+    parts.append(f'<ul class="findings">{items}</ul>')
+    notes = "".join(f'<li class="note">{esc(n)}</li>' for n in _field(diagnosis, "notes") or [])
+    if notes:
+        parts.append(f'<ul class="findings">{notes}</ul>')
+    scores = _field(diagnosis, "interference_scores")
+    if isinstance(scores, Mapping) and scores:
+        parts.append("<h3>Interference per layer</h3>"
+                     + figures.add(interference_figure(scores), "interference", 300))
+    parts.append("</section>")
     return "".join(parts)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
+from .analysis.activations import Probe, activation_cka, hf_probe
 from .analysis.engine import Cancelled, Progress, analyze
 from .analysis.loading import Checkpoint, load_checkpoint
 from .errors import InputError
@@ -46,12 +47,22 @@ def compare(
     device: str | None = None,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
+    activations: bool | Probe = False,
 ) -> CompareResult:
-    """Compare two or more checkpoints, optionally against their common base."""
+    """Compare two or more checkpoints, optionally against their common base.
+
+    `activations=True` also runs each model on the shipped probe texts (Hugging Face checkpoints, needs
+    transformers) and adds per-layer activation CKA to the metrics and the MCI; a `Probe` callable supplies
+    representations for other models.
+    """
     settings = settings or Settings()
     with ExitStack() as stack:
         opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
-        result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled)
+        cka = None
+        if activations:
+            probe = hf_probe() if activations is True else activations
+            cka = activation_cka([c.root for c in opened], probe)
+        result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled, cka)
     return redact_model(with_strategy(result))
 
 

@@ -12,7 +12,7 @@ from fixtures.checkpoints import Family, Shape, make_family
 from fixtures.results import make_result
 from mergelens_mcp import cli, report, service
 from mergelens_mcp.errors import InputError, PathNotAllowedError
-from mergelens_mcp.models import CompareResult, Finding, FindingLevel, MergeMethod, Strategy
+from mergelens_mcp.models import CompareResult, Finding, FindingLevel, MergeMethod, Strategy, Verdict
 from mergelens_mcp.security.paths import PathGuard
 from mergelens_mcp.settings import Settings
 
@@ -74,11 +74,28 @@ def test_gauge_shows_the_mci_and_the_verdict_with_plain_advice() -> None:
 def test_advice_says_not_to_merge_when_models_cannot_be_compared() -> None:
     result = make_result()
     broken = result.model_copy(update={"mci": result.mci.model_copy(update={
-        "score": None, "verdict": "incompatible", "reasons": ["model_b is MistralForCausalLM"]})})
+        "score": None, "verdict": Verdict.INCOMPATIBLE, "reasons": ["model_b is MistralForCausalLM"]})})
     assert report.summary_paragraph(broken) == (
         "Do not merge these models: they cannot be compared tensor by tensor "
         "(model_b is MistralForCausalLM).")
     assert figures(report.render_report(broken))["gauge"]["data"][0]["mode"] == "gauge"
+
+
+def test_models_that_cannot_be_compared_get_the_gauge_and_the_reason_only() -> None:
+    result = make_result()
+    fatal = Finding(level=FindingLevel.ERROR, code="architecture_mismatch",
+                    message="model_b is MistralForCausalLM, model_a is LlamaForCausalLM")
+    none = {"score": None, "verdict": Verdict.INCOMPATIBLE}
+    broken = result.model_copy(update={
+        "mci": result.mci.model_copy(update={**none, "reasons": [fatal.message]}),
+        "pairwise": [p.model_copy(update=none) for p in result.pairwise],
+        "layer_metrics": [], "conflict_zones": [], "findings": [fatal],
+    })
+    page = report.render_report(broken)
+    assert list(figures(page)) == ["gauge"]
+    assert '<span class="badge big" style="background:#d73027">incompatible</span>' in page
+    assert "No layers could be compared." in page and "MCI n/a" in page
+    assert '<li class="finding error"><span class="badge lvl-error">error</span>' in page
 
 
 def test_heatmap_rows_are_components_where_zero_is_bad_and_hover_shows_values_and_tensors() -> None:
@@ -198,15 +215,29 @@ def test_strings_from_files_and_users_are_escaped_in_html_and_in_figure_json() -
 
 def test_diagnosis_section_is_read_by_duck_typing() -> None:
     diagnosis = SimpleNamespace(
-        overall_interference=0.4213,
+        merge_method="ties", valid=False, overall_interference=0.4213,
         findings=[SimpleNamespace(level="warning", code="weights_sum", message="weights sum to 1.6 <not 1>",
                                   fix="normalize: true", path="parameters.weight")],
+        interference_scores={"layers.0": 0.1, "layers.1": 0.8},
     )
     page = report.render_report(make_result(), diagnosis=diagnosis)
     section = page[page.index('id="diagnosis"'):]
-    assert "Predicted interference of this configuration: <b>0.421</b>" in section
+    assert '<span class="badge method">ties</span> <span class="badge lvl-error">will not run</span>' \
+        in section
+    assert "Simulated interference of this configuration: <b>0.421</b>" in section
     assert "weights sum to 1.6 &lt;not 1&gt;" in section and "<code>parameters.weight</code>" in section
+    bars = figures(page)["interference"]["data"][0]
+    assert (bars["type"], bars["x"], bars["y"]) == ("bar", ["layers.0", "layers.1"], [0.1, 0.8])
     assert 'id="diagnosis"' not in report.render_report(make_result())
+
+
+def test_diagnosis_may_come_as_json() -> None:
+    finding = {"level": "info", "code": "dtype", "message": "dtype is float16"}
+    diagnosis = {"valid": True, "findings": [finding], "overall_interference": None}
+    section = report.render_report(make_result(), diagnosis=diagnosis).split('id="diagnosis"')[1]
+    assert '<span class="badge" style="background:#1a9850">valid</span>' in section
+    assert '<code class="code">dtype</code> dtype is float16' in section
+    assert "Simulated interference" not in section and "interference" not in figures(section)
 
 
 def test_write_report_refuses_to_overwrite_a_file_that_is_not_a_report(tmp_path: Path) -> None:

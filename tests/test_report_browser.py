@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -23,7 +24,8 @@ HOSTILE_FINDING = "<img src=x onerror=\"document.body.setAttribute('data-pwned',
 
 @pytest.fixture(scope="module")
 def report_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three candidates (a pairwise matrix and three pairs), a strategy, and strings that try to run code."""
+    """Three candidates (a pairwise matrix and three pairs), a strategy, a config diagnosis, and strings that
+    try to run code."""
     finding = Finding(level=FindingLevel.WARNING, code="vocab_mismatch", message=HOSTILE_FINDING,
                       fix="union")
     result = make_result(n_models=3, sources=[HOSTILE_SOURCE, "/models/b", "/models/c"],
@@ -31,8 +33,10 @@ def report_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     yaml = "merge_method: ties\n# </script><script>document.title='pwned'</script>"
     strategy = Strategy(method=MergeMethod.TIES, confidence=0.7, rationale=["signs conflict"],
                         mergekit_yaml=yaml)
+    diagnosis = SimpleNamespace(merge_method="ties", valid=True, overall_interference=0.2,
+                                findings=[finding], interference_scores={"layers.0": 0.1, "layers.1": 0.7})
     path = tmp_path_factory.mktemp("browser") / "report.html"
-    return write_report(result.model_copy(update={"strategy": strategy}), path)
+    return write_report(result.model_copy(update={"strategy": strategy}), path, diagnosis=diagnosis)
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +46,12 @@ def page(report_file: Path) -> browser.Page:
 
 
 def test_every_plot_is_drawn(page: browser.Page) -> None:
-    assert 'data-plots="8"' in page.dom  # set only once every Plotly.newPlot promise has resolved
-    assert len(re.findall(r'class="plot js-plotly-plot"', page.dom)) == 8
+    assert 'data-plots="9"' in page.dom  # set only once every Plotly.newPlot promise has resolved
+    assert len(re.findall(r'class="plot js-plotly-plot"', page.dom)) == 9
     assert 'class="xangularaxistick"' in page.dom  # the gauge's dial
     assert page.dom.count('class="hm"') == 4  # pairwise matrix + one layer x metric heatmap per pair
     assert len(re.findall(r'class="trace scatter ', page.dom)) == 3 * 6  # score + 5 metrics per pair
+    assert page.dom.count('class="trace bars"') == 1  # the diagnosis' interference per layer
 
 
 def test_the_page_logs_nothing_to_the_console(page: browser.Page) -> None:

@@ -13,6 +13,7 @@ STRUCTURAL_FIELDS = (
 )
 SOFT_FIELDS = ("rope_theta", "rope_scaling", "max_position_embeddings")
 MIN_SHARED_FRACTION = 0.5
+HEAD_ARCHITECTURES = ("CausalLM", "LMHead", "MaskedLM", "ConditionalGeneration")
 TOKENIZER_FIX = (
     "mergekit needs a tokenizer section to merge different vocabularies, e.g. `tokenizer: {source: union}` "
     "(or `tokenizer_source: union`); only the shared rows are compared here"
@@ -155,8 +156,9 @@ def _shared_tensors(plan: Plan, models: list[Checkpoint]) -> None:
 def _tied_embeddings(plan: Plan, models: list[Checkpoint]) -> None:
     for m in models:
         kinds = {classify(n).kind for n in m.float_tensors}
-        tied = bool(m.config and m.config.get("tie_word_embeddings")) or ("embed" in kinds and "lm_head" not in kinds)
-        if tied:
+        has_head = any(word in (m.architecture or "") for word in HEAD_ARCHITECTURES)
+        declared = bool(m.config and m.config.get("tie_word_embeddings") is True)
+        if "embed" in kinds and "lm_head" not in kinds and (has_head or (declared and m.architecture is None)):
             plan.add(
                 FindingLevel.INFO, "tied_embeddings",
                 f"{m.label} ties its output head to the input embeddings; the embedding metrics cover both",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -74,8 +74,13 @@ def analyze(
     options: AnalysisOptions | None = None,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
+    activations: Mapping[tuple[int, int], Mapping[str, float]] | None = None,
 ) -> CompareResult:
-    """Compare two or more checkpoints (optionally against their common base) in one pass."""
+    """Compare two or more checkpoints (optionally against their common base) in one pass.
+
+    `activations` optionally holds per-layer activation CKA for each pair of model indices (see
+    analysis/activations.py); it joins each layer's metrics as `activation_cka` and enters the MCI.
+    """
     options = options or AnalysisOptions()
     started = time.perf_counter()
     device = resolve_device(options.device)
@@ -145,6 +150,9 @@ def analyze(
             role = _role_of(s, roles)
             positions[layer_name] = position(role, plan.n_blocks)
             metrics = s.means()
+            cka = (activations or {}).get((i, j), {}).get(layer_name)
+            if cka is not None:
+                metrics["activation_cka"] = cka
             parts = {k: round(v, 6) for k, v in mci.components(metrics).items()}
             pair_layers.append(LayerMetrics(
                 model_a=labels[i], model_b=labels[j], layer_name=layer_name, layer_index=role.layer_index,
@@ -174,7 +182,9 @@ def analyze(
         )
     return CompareResult(
         version=VERSION, models=infos, base=base_info, device=str(device),
-        mci=_mci(pair_scores, layer_metrics, plan, used_base, findings),
+        mci=_mci(pair_scores, layer_metrics, plan, used_base, findings).model_copy(
+            update={"used_activations": bool(activations)}
+        ),
         pairwise=pair_scores, layer_metrics=layer_metrics, conflict_zones=zones, findings=findings,
         coverage=coverage, notes=notes, elapsed_s=round(time.perf_counter() - started, 3),
     )
@@ -260,6 +270,7 @@ DESCRIPTIONS = {
     "distribution": "weight value distributions (KL)", "alignment": "task-vector alignment",
     "sign_agreement": "task-vector sign agreement", "interference": "singular-direction interference (TSV)",
     "balance": "task-vector magnitude balance", "drift": "distance moved from the base",
+    "representation": "activation similarity (CKA)",
 }
 
 

@@ -7,6 +7,7 @@ Components (1 = good for merging), with their weights:
 | weight | direction      | clamp(cosine_similarity, 0, 1)               | 0.50   | shared origin: same basin of weights  |
 | weight | distance       | 1 - l2_distance                              | 0.20   | how far apart the weights are         |
 | weight | subspace       | spectral_overlap                             | 0.30   | same dominant directions              |
+| weight | representation | activation_cka (only when activations ran)   | 0.40   | same behaviour on probe inputs        |
 | weight | rank           | effective_rank_ratio                         | 0.60 * | same spread of the spectrum (shape)   |
 | weight | distribution   | exp(-kl_divergence)                          | 0.40 * | same value distribution (shape)       |
 | task   | alignment      | (1 + task_cosine) / 2                        | 0.25   | task vectors pull the same way        |
@@ -73,6 +74,7 @@ ORIGIN: dict[str, tuple[Component, float]] = {
     "direction": (_get("cosine_similarity", lambda c: c), 0.50),
     "distance": (_get("l2_distance", lambda d: 1.0 - d), 0.20),
     "subspace": (_get("spectral_overlap", lambda s: s), 0.30),
+    "representation": (_get("activation_cka", lambda c: c), 0.40),
 }
 SHAPE: dict[str, tuple[Component, float]] = {
     "rank": (_get("effective_rank_ratio", lambda r: r), 0.60),
