@@ -33,6 +33,17 @@ def compare_models(
     return compare(list(models), base, device=device, activations=activations)
 
 
+def diagnose_config(config: str) -> ConfigDiagnosis:
+    """Check a mergekit YAML (a .yaml path or the YAML text) before merging; simulate it on readable models.
+
+    >>> d = diagnose_config("merge.yaml")
+    >>> d.valid, [(f.level.value, f.path, f.message) for f in d.findings], d.overall_interference
+    """
+    from .service import diagnose
+
+    return diagnose(config)
+
+
 def generate_report(
     models: Sequence[str], output: str | Path, base: str | None = None, *, device: str = "auto",
     overwrite: bool = False,
@@ -47,14 +58,3 @@ def generate_report(
     target = Path(output).expanduser().resolve()
     path, _ = generate(list(models), base, target, settings=Settings(device=device), overwrite=overwrite)
     return path
-
-
-def diagnose_config(config: str) -> ConfigDiagnosis:
-    """Check a mergekit YAML (a .yaml path or the YAML text) before merging; simulate it on readable models.
-
-    >>> d = diagnose_config("merge.yaml")
-    >>> d.valid, [(f.level.value, f.path, f.message) for f in d.findings], d.overall_interference
-    """
-    from .service import diagnose
-
-    return diagnose(config)

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import InputError, MergeLensError
-from .models import CompareResult, Verdict
+from .models import CompareResult, ConfigDiagnosis, Verdict
 from .security import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "MERGELENS_AUTH_TOKEN); required to bind anything but 127.0.0.1")
     serve.set_defaults(run=run_serve)
 
+    diagnose = sub.add_parser("diagnose", help="check a mergekit YAML before merging, and simulate it")
+    diagnose.add_argument("--config", required=True, help="the mergekit .yaml file")
+    diagnose.add_argument("--json", type=Path, help="write the full diagnosis as JSON here")
+    diagnose.set_defaults(run=run_diagnose)
+
     report = sub.add_parser("report", help="compare checkpoints and write the interactive HTML report")
     report.add_argument("models", nargs="+", help="checkpoint folders, .safetensors files or Hub ids (2+)")
     report.add_argument("--base", help="the base model the candidates were fine-tuned from")
@@ -67,11 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--overwrite", action="store_true",
                         help="replace the output file even if it is not a mergelens report")
     report.set_defaults(run=run_report)
-
-    diagnose = sub.add_parser("diagnose", help="check a mergekit YAML before merging, and simulate it")
-    diagnose.add_argument("--config", required=True, help="the mergekit .yaml file")
-    diagnose.add_argument("--json", type=Path, help="write the full diagnosis as JSON here")
-    diagnose.set_defaults(run=run_diagnose)
     return parser
 
 
@@ -81,7 +81,7 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
 
     path = Path(args.config)
     if not path.is_file():
-        raise InputError(f"--config {args.config!r} is not a file; pass the mergekit YAML you would give mergekit-yaml")
+        raise InputError(f"--config {args.config!r} is not a file; pass the YAML you give mergekit-yaml")
     result = _with_progress(console, "simulating", lambda progress: diagnose(str(path), progress=progress))
     out = Console()
     status = "[bold green]valid[/]" if result.valid else "[bold red]will fail[/]"
@@ -89,14 +89,12 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
     for f in result.findings:
         where = f" at {f.path}" if f.path else ""
         out.print(f"[{f.level.value}]{where}: {f.message}" + (f"\n    fix: {f.fix}" if f.fix else ""),
-                  markup=False, highlight=False)
+                  markup=False, highlight=False, soft_wrap=True)
     if not result.findings:
         out.print("No findings.")
     if result.overall_interference is not None:
         out.print(f"[bold]Simulated interference:[/] {result.overall_interference:.3f} (0 = nothing lost)")
-        for layer in result.layers:
-            extra = "".join(f"  {m}: {v:.0%} kept" for m, v in layer.survival.items())
-            out.print(f"  {layer.layer_name:<12} {layer.interference:.3f}{extra}", markup=False, highlight=False)
+        _interference_table(result, out)
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False, style="dim")
     if args.json:
@@ -132,7 +130,7 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_serve(args: argparse.Namespace, console: Console) -> int:
-    from .server import run
+    from .server import endpoint, run
     from .settings import Settings
 
     overrides: dict[str, object] = {}
@@ -140,8 +138,14 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
         overrides["allowed_roots"] = args.allow_dir
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
+    settings = Settings(**overrides)  # type: ignore[arg-type]
     token = read_token_file(args.auth_token_file) if args.auth_token_file else None
-    run(args.transport, args.host, args.port, Settings(**overrides), auth_token=token)  # type: ignore[arg-type]
+    if args.transport != "stdio":
+        url = endpoint(args.transport, args.host, args.port)
+        roots = ", ".join(str(r) for r in settings.roots)
+        console.print(f"mergelens MCP server ({args.transport}) on {url}; models under {roots}",
+                      markup=False, highlight=False)
+    run(args.transport, args.host, args.port, settings, auth_token=token)
     return EXIT_OK
 
 
@@ -172,6 +176,28 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
     print_result(result, Console(), max_layers=0)
     console.print(f"report written to {path}")
     return EXIT_OK
+
+
+def _interference_table(result: ConfigDiagnosis, console: Console) -> None:
+    models = list(dict.fromkeys(m for layer in result.layers for m in layer.survival))
+    table = Table(title="Per layer")
+    table.add_column("layer")
+    table.add_column("interference", justify="right")
+    optional = {"sign conflict": "sign_conflict", "SLERP linear rows": "slerp_linear_share"}
+    shown = {title: key for title, key in optional.items()
+             if any(getattr(layer, key) is not None for layer in result.layers)}
+    for title in shown:
+        table.add_column(title, justify="right")
+    for m in models:
+        table.add_column(f"kept: {Path(m).name or m}", justify="right")
+    for layer in result.layers:
+        cells = [layer.layer_name, f"{layer.interference:.3f}"]
+        for key in shown.values():
+            value = getattr(layer, key)
+            cells.append("-" if value is None else f"{value:.3f}")
+        cells.extend(f"{layer.survival[m]:.0%}" if m in layer.survival else "-" for m in models)
+        table.add_row(*cells)
+    console.print(table)
 
 
 def _with_progress(console: Console, label: str, job: Callable[[Callable[[int, int, str], None]], object]):  # type: ignore[no-untyped-def]
@@ -215,7 +241,11 @@ def print_result(result: CompareResult, console: Console, max_layers: int = 40) 
         console.print("No conflict zones.")
     if result.strategy is not None:
         s = result.strategy
-        console.print(f"[bold]Recommended merge:[/] {s.method.value} (confidence {s.confidence:.2f})")
+        runner_up = f", runner-up {s.runner_up.value}" if s.runner_up else ""
+        console.print(f"[bold]Recommended merge:[/] {s.method.value} "
+                      f"(confidence {s.confidence:.2f}{runner_up})")
+        for line in [*s.rationale, *(f"warning: {w}" for w in s.warnings)]:
+            console.print(f"  - {line}", markup=False, highlight=False)
         console.print(s.mergekit_yaml, markup=False, highlight=False)
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False, style="dim")

@@ -231,25 +231,37 @@ class LayerInterference(Frozen):
     layer_name: str = Field(description="'embed', 'layers.3', 'norm', 'lm_head' or 'other'")
     layer_index: int | None
     n_params: int
-    interference: float = Field(description="0..1 share of the inputs' (weighted) change that the merge discards "
-                                "or cancels here: sign-election losses for TIES-like methods, cancellation else")
-    sign_conflict: float | None = Field(default=None, description="share of the kept task-vector mass whose "
-                                        "sign loses the election (sign-consensus methods only)")
-    survival: dict[str, float] = Field(default_factory=dict, description="model -> share of its task vector's "
-                                       "|.| mass kept by trimming / dropping at the configured density")
-    slerp_linear_share: float | None = Field(default=None, description="SLERP only: share of the rows of the "
-                                             "layer's matrices where mergekit falls back to linear (|cos| > 0.9995)")
+    interference: float = Field(
+        description="0..1 share of the inputs' weighted change that the merge discards or cancels here: "
+        "sign-election losses for TIES-like methods, cancellation for the others"
+    )
+    sign_conflict: float | None = Field(
+        default=None, description="share of the kept task-vector mass whose sign loses the election"
+    )
+    survival: dict[str, float] = Field(
+        default_factory=dict,
+        description="model -> share of its task vector's |.| mass kept by trimming or dropping",
+    )
+    slerp_linear_share: float | None = Field(
+        default=None, description="SLERP: share of matrix rows where mergekit falls back to linear"
+    )
 
 
 class ConfigDiagnosis(Frozen):
-    """A mergekit YAML checked before any merge: its findings, and the merge simulated where models are readable."""
+    """A mergekit YAML checked before merging, and its merge simulated where the models can be read."""
 
-    valid: bool = Field(description="no error-level finding: mergekit should accept and run this config")
+    valid: bool = Field(
+        description="no error-level finding (mergekit runs some erroneous configs anyway, doing something "
+        "else than intended: a reversed layer_range, a density of 1.5)"
+    )
     merge_method: str | None
     findings: list[Finding]
-    overall_interference: float | None = Field(description="parameter-weighted mean of the layers' interference; "
-                                               "None when the models could not be read")
-    interference_scores: dict[str, float] = Field(default_factory=dict, description="layer name -> interference")
+    overall_interference: float | None = Field(
+        description="parameter-weighted mean of the layers' interference; None when not simulated"
+    )
+    interference_scores: dict[str, float] = Field(
+        default_factory=dict, description="layer name -> interference, 0..1"
+    )
     layers: list[LayerInterference] = Field(default_factory=list)
     models_checked: list[str] = Field(default_factory=list, description="model references that were read")
     notes: list[str] = Field(default_factory=list)

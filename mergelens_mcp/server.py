@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import ipaddress
 import json
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
@@ -28,16 +27,12 @@ from .settings import Settings
 from .tools import register_all
 from .tools.runtime import AppState
 
-log = logging.getLogger(__name__)
-
 Transport = Literal["stdio", "http", "sse"]
-TRANSPORTS: tuple[Transport, ...] = ("stdio", "http", "sse")
 INSTRUCTIONS = (
     "mergelens answers 'should I merge these models, and how?' before a merge runs. Start with "
-    "compare_models "
-    "(pass the common base model when there is one), then get_conflict_zones / explain_layer for detail, "
-    "suggest_strategy for a mergekit config, diagnose_merge to check an existing mergekit YAML, and "
-    "generate_report for an HTML report. Paths must be under the folders the server was started with."
+    "compare_models (pass the common base model when there is one), then get_conflict_zones / explain_layer "
+    "for detail, suggest_strategy for a mergekit config, diagnose_merge to check an existing mergekit YAML, "
+    "and generate_report for an HTML report. Paths must be under the folders the server was started with."
 )
 
 
@@ -55,6 +50,10 @@ def build_server(settings: Settings | None = None) -> MCPServer[AppState]:
     )
     register_all(server)
     return server
+
+
+def endpoint(transport: Transport, host: str, port: int) -> str:
+    return f"http://{host}:{port}" + ("/mcp" if transport == "http" else "/sse")
 
 
 def build_http_app(
@@ -179,6 +178,4 @@ def run(transport: Transport = "stdio", host: str = "127.0.0.1", port: int = 800
     app = build_http_app(server, transport, host, auth_token)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning")  # configures uvicorn's loggers
     redact.install(["", "uvicorn", "uvicorn.error", "uvicorn.access"])
-    log.warning("mergelens MCP server (%s) on http://%s:%d%s%s", transport, host, port,
-                "/mcp" if transport == "http" else "/sse", " (bearer token required)" if auth_token else "")
     uvicorn.Server(config).run()

@@ -11,8 +11,8 @@ from pathlib import Path
 from .analysis.activations import Probe, activation_cka, hf_probe
 from .analysis.engine import Cancelled, Progress, analyze
 from .analysis.loading import Checkpoint, load_checkpoint
-from .errors import InputError
-from .models import CompareResult, ConfigDiagnosis
+from .errors import IncompatibleModelsError, InputError
+from .models import CompareResult, ConfigDiagnosis, Strategy
 from .security.paths import PathGuard
 from .security.redact import redact_model
 from .settings import Settings
@@ -64,6 +64,53 @@ def compare(
             cka = activation_cka([c.root for c in opened], probe)
         result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled, cka)
     return redact_model(with_strategy(result))
+
+
+def suggest_strategy(
+    models: Sequence[str],
+    base: str | None = None,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    device: str | None = None,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> Strategy:
+    """The recommended merge method, its settings and mergekit YAML for these checkpoints."""
+    result = compare(
+        models, base, settings=settings, guard=guard, device=device, progress=progress, cancelled=cancelled
+    )
+    if result.strategy is None:
+        raise IncompatibleModelsError(
+            "no merge strategy: the models cannot be compared (" + "; ".join(result.mci.reasons[:2]) + ")"
+        )
+    return result.strategy
+
+
+def with_strategy(result: CompareResult) -> CompareResult:
+    """The result with its recommended merge strategy, when the models could be compared at all."""
+    from .analysis.strategy import recommend_strategy
+
+    if result.mci.score is None or result.strategy is not None:
+        return result
+    return result.model_copy(update={"strategy": recommend_strategy(result)})
+
+
+def diagnose(
+    config: str,
+    *,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> ConfigDiagnosis:
+    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it on the readable models."""
+    from .analysis.config import diagnose as diagnose_config
+
+    settings = settings or Settings()
+    return redact_model(diagnose_config(
+        config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled
+    ))
 
 
 def fingerprint(
@@ -118,29 +165,3 @@ def generate_report(
     check_output(target, overwrite=overwrite)
     result = compare(models, base, settings=settings, guard=guard, progress=progress, cancelled=cancelled)
     return write_report(result, target, overwrite=overwrite), result
-
-
-def with_strategy(result: CompareResult) -> CompareResult:
-    """The result with its recommended merge strategy, when the models could be compared at all."""
-    from .analysis.strategy import recommend_strategy
-
-    if result.mci.score is None or result.strategy is not None:
-        return result
-    return result.model_copy(update={"strategy": recommend_strategy(result)})
-
-
-def diagnose(
-    config: str,
-    *,
-    settings: Settings | None = None,
-    guard: PathGuard | None = None,
-    progress: Progress | None = None,
-    cancelled: Cancelled | None = None,
-) -> ConfigDiagnosis:
-    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it where the models are readable."""
-    from .analysis.config import diagnose as diagnose_config
-
-    settings = settings or Settings()
-    return redact_model(
-        diagnose_config(config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled)
-    )

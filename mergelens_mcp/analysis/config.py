@@ -1,59 +1,58 @@
 """Diagnosis of a user's mergekit YAML: what mergekit would silently accept or fail on only after downloading,
-then, where the referenced models can be read, the configured merge simulated per layer (nothing is written).
+then, where the referenced models can be read, the configured merge simulated per layer (`simulation.py`).
 
 Findings are collected, not raised, so one pass reports everything; only YAML that cannot be parsed at all
 raises `ConfigError`. Each finding has a severity, the YAML path (`models[1].parameters.density`) and a fix.
-
-Simulation, per tensor of the shared checkpoints (task vectors tau_i = model_i - base where a base is given):
-- TIES family (`ties`, `dare_ties`, `breadcrumbs_ties`, `della`): each tau_i is trimmed at its configured
-  density (magnitude top-k for TIES; a seeded Bernoulli(density) mask for DARE and, approximately, DELLA;
-  largest `gamma` and smallest values removed for breadcrumbs); the sign of sum_i w_i kept_i is elected;
-  `sign_conflict` = share of the kept weighted |.| mass whose sign loses. That is the layer's interference.
-- Summing methods (`task_arithmetic`, `dare_linear`, `breadcrumbs`, `della_linear`, `linear`, ...):
-  interference = 1 - sum|sum_i w_i x_i| / sum_i sum|w_i x_i|, the share of weighted mass that cancels.
-- `slerp`: the same cancellation for (1 - t, t), plus the share of matrix rows with |cos| > 0.9995 where
-  mergekit 0.1.5 interpolates linearly.
-- `survival[model]` = share of tau_i's |.| mass that trimming / dropping keeps.
+Model references go through the same loader and path guard as `compare`; Hub ids are not downloaded here.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from ..errors import (
-    AnalysisCancelledError, CheckpointNotFoundError, ConfigError, MergeLensError, PathNotAllowedError,
+    CheckpointNotFoundError, ConfigError, LimitExceededError, MergeLensError, PathNotAllowedError,
 )
 from ..models import ConfigDiagnosis, Finding, FindingLevel, LayerInterference
 from ..security.limits import Limits
 from ..security.paths import PathGuard, looks_like_hub_id
 from .compat import block_count
-from .layers import classify, group_sort_key
 from .loading import Checkpoint, load_checkpoint
 from .mergekit_schema import (
-    DTYPES, METHODS, MODEL_KEYS, SLICE_KEYS, SOURCE_KEYS, TOKENIZER_KEYS, TOP_LEVEL_KEYS, MethodSpec,
+    DTYPES,
+    METHODS,
+    MODEL_KEYS,
+    SLICE_KEYS,
+    SOURCE_KEYS,
+    TOKENIZER_KEYS,
+    TOP_LEVEL_KEYS,
+    MethodSpec,
     describe_count,
 )
+from .simulation import (
+    NUMBER_STRING,
+    Cancelled,
+    Job,
+    Lookup,
+    Progress,
+    SliceSpec,
+    model_jobs,
+    resolve,
+    simulate,
+    slice_jobs,
+)
 
-Progress = Callable[[int, int, str], None]
-Cancelled = Callable[[], bool]
-NUMBER_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-SLERP_LINEAR_FALLBACK = 0.9995
-HIGH_SIGN_CONFLICT = 0.3
-LOW_SURVIVAL = 0.5
 MAX_CONFIG_BYTES = 1 << 20
+ERR, WARN, INFO = FindingLevel.ERROR, FindingLevel.WARNING, FindingLevel.INFO
 MAX_YAML_VALUES = 100_000
-SEED = 0
-E, W, I = FindingLevel.ERROR, FindingLevel.WARNING, FindingLevel.INFO
 
 
 # ---- parsing -----------------------------------------------------------------------------------------
@@ -118,18 +117,20 @@ def parse_config(text: str, where: str = "config") -> dict[str, Any]:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown line"
         if "expected a single document" in str(exc):
-            raise ConfigError(f"{where}: holds several YAML documents (mergekit-multi format); diagnose one merge "
-                              "at a time: split it at the `---` lines") from None
-        raise ConfigError(f"{where}: invalid YAML at {line}: {exc.problem or exc}; check the indentation and "
-                          "quoting there (a mergekit config is a mapping: `merge_method: ...`, `models: ...`)") from None
+            raise ConfigError(f"{where}: holds several YAML documents (mergekit-multi format); diagnose one "
+                              "merge at a time: split it at the `---` lines") from None
+        raise ConfigError(
+            f"{where}: invalid YAML at {line}: {exc.problem or exc}; check the indentation and quoting there "
+            "(a mergekit config is a mapping: `merge_method: ...`, `models: ...`)"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: invalid YAML: {exc}") from None
     _check_expanded_size(data, where)
     if data is None:
         raise ConfigError(f"{where}: is empty; a mergekit config needs at least `merge_method` and `models`")
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: is a YAML {type(data).__name__}, not a mapping; a mergekit config starts "
-                          "with keys like `merge_method:` and `models:`")
+        raise ConfigError(f"{where}: is a YAML {type(data).__name__}, not a mapping; a mergekit config "
+                          "starts with keys like `merge_method:` and `models:`")
     return data
 
 
@@ -140,12 +141,14 @@ def parse_config(text: str, where: str = "config") -> dict[str, Any]:
 class Report:
     findings: list[Finding] = field(default_factory=list)
 
-    def add(self, level: FindingLevel, code: str, path: str | None, message: str, fix: str | None = None) -> None:
+    def add(
+        self, level: FindingLevel, code: str, path: str | None, message: str, fix: str | None = None
+    ) -> None:
         self.findings.append(Finding(level=level, code=code, message=message, fix=fix, path=path))
 
     @property
     def has_errors(self) -> bool:
-        return any(f.level is E for f in self.findings)
+        return any(f.level is ERR for f in self.findings)
 
 
 def model_key(ref: Any) -> str | None:
@@ -156,7 +159,9 @@ def model_key(ref: Any) -> str | None:
         inner = ref.get("model")
         if isinstance(inner, dict):
             path, rev = inner.get("path"), inner.get("revision")
-            return f"{path}@{rev}" if isinstance(path, str) and rev else path if isinstance(path, str) else None
+            if not isinstance(path, str):
+                return None
+            return f"{path}@{rev}" if rev else path
         return model_key(inner)
     return None
 
@@ -166,8 +171,8 @@ def _unknown_keys(report: Report, mapping: dict[str, Any], known: tuple[str, ...
         if key in known:
             continue
         close = difflib.get_close_matches(str(key), known, n=1)
-        report.add(W, "unknown_key", f"{where}.{key}" if where else str(key),
-                   f"unknown key {key!r}" + (f" in {where}" if where else "") + ": mergekit ignores it silently",
+        report.add(WARN, "unknown_key", f"{where}.{key}" if where else str(key),
+                   f"unknown key {key!r}{f' in {where}' if where else ''}: mergekit ignores it silently",
                    f"did you mean {close[0]!r}?" if close else f"remove it; known keys: {', '.join(known)}")
 
 
@@ -175,9 +180,12 @@ def _unknown_keys(report: Report, mapping: dict[str, Any], known: tuple[str, ...
 class Inputs:
     """Where each model appears, and each `parameters` block with the models it applies to."""
 
-    groups: list[tuple[str, list[str], str | None, bool]] = field(default_factory=list)  # path, models, base, slice
-    blocks: list[tuple[str, dict[str, Any], list[str] | None]] = field(default_factory=list)  # path, block, models
-    ranges: list[tuple[str, str, int, int]] = field(default_factory=list)  # path, model, start, end
+    # (path, models, base, is a slice)
+    groups: list[tuple[str, list[str], str | None, bool]] = field(default_factory=list)
+    # (path, block, the models it applies to: None = all)
+    blocks: list[tuple[str, dict[str, Any], list[str] | None]] = field(default_factory=list)
+    # (path, model, start, end)
+    ranges: list[tuple[str, str, int, int]] = field(default_factory=list)
 
 
 def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | None, Inputs]:
@@ -186,32 +194,32 @@ def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | 
     inputs = Inputs()
     present = [k for k in ("models", "slices", "modules") if data.get(k)]
     if len(present) > 1:
-        report.add(E, "models_and_slices", present[1], f"the config has both {' and '.join(present)}",
+        report.add(ERR, "models_and_slices", present[1], f"the config has both {' and '.join(present)}",
                    "keep one: `models` merges whole models, `slices` picks layer ranges")
     elif not present:
-        report.add(E, "no_models", "models", "the config lists no models (`models`, `slices` or `modules`)",
+        report.add(ERR, "no_models", "models", "the config lists no models (`models`, `slices` or `modules`)",
                    "add `models:` with one `- model: path-or-hub-id` entry per model")
     base = model_key(data.get("base_model")) if data.get("base_model") is not None else None
     if data.get("base_model") is not None and base is None:
-        report.add(E, "invalid_model", "base_model", "base_model is not a model reference",
+        report.add(ERR, "invalid_model", "base_model", "base_model is not a model reference",
                    "write `base_model: org/name` or a local path")
     if isinstance(data.get("parameters"), dict):
         inputs.blocks.append(("parameters", data["parameters"], None))
     elif data.get("parameters") is not None:
-        report.add(E, "invalid_parameters", "parameters", "`parameters` must be a mapping of name: value",
+        report.add(ERR, "invalid_parameters", "parameters", "`parameters` must be a mapping of name: value",
                    "write e.g. `parameters: {density: 0.5}`")
     if "models" in present[:1]:
         _check_models(data["models"], base, report, inputs)
     elif "slices" in present[:1]:
         _check_slices(data["slices"], base, report, inputs)
     elif "modules" in present[:1]:
-        report.add(I, "modules_not_checked", "modules", "`modules` configs are checked for keys only",
+        report.add(INFO, "modules_not_checked", "modules", "`modules` configs are checked for keys only",
                    None)
     _check_tokenizer(data, report)
     for key in ("dtype", "out_dtype"):
         value = data.get(key)
         if value is not None and str(value).removeprefix("torch.") not in DTYPES:
-            report.add(E, "unknown_dtype", key, f"{key} {value!r} is not a dtype mergekit knows",
+            report.add(ERR, "unknown_dtype", key, f"{key} {value!r} is not a dtype mergekit knows",
                        f"use one of {', '.join(DTYPES[:3])}")
     if spec is not None:
         _check_inputs(spec, base, inputs, report)
@@ -222,12 +230,12 @@ def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | 
 def _check_method(data: dict[str, Any], report: Report) -> MethodSpec | None:
     method = data.get("merge_method")
     if method is None:
-        report.add(E, "missing_method", "merge_method", "the config has no merge_method",
+        report.add(ERR, "missing_method", "merge_method", "the config has no merge_method",
                    "add e.g. `merge_method: ties` (see `mergelens` strategy for a recommendation)")
         return None
     if not isinstance(method, str) or method not in METHODS:
         close = difflib.get_close_matches(str(method), list(METHODS), n=1)
-        report.add(E, "unknown_method", "merge_method", f"merge_method {method!r} is not a mergekit 0.1.5 method",
+        report.add(ERR, "unknown_method", "merge_method", f"merge_method {method!r} is not a mergekit method",
                    f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(sorted(METHODS))}")
         return None
     return METHODS[method]
@@ -235,14 +243,14 @@ def _check_method(data: dict[str, Any], report: Report) -> MethodSpec | None:
 
 def _check_models(models: Any, base: str | None, report: Report, inputs: Inputs) -> None:
     if not isinstance(models, list):
-        report.add(E, "invalid_models", "models", "`models` must be a list of `- model: ...` entries",
+        report.add(ERR, "invalid_models", "models", "`models` must be a list of `- model: ...` entries",
                    "write each model as `- model: org/name`")
         return
     names = []
     for i, entry in enumerate(models):
         where = f"models[{i}]"
         if not isinstance(entry, dict) or model_key(entry) is None:
-            report.add(E, "invalid_model", where, f"{where} is not a `model: ...` mapping",
+            report.add(ERR, "invalid_model", where, f"{where} is not a `model: ...` mapping",
                        "write `- model: org/name` (optionally with `parameters:`)")
             continue
         _unknown_keys(report, entry, MODEL_KEYS, where)
@@ -256,13 +264,13 @@ def _check_models(models: Any, base: str | None, report: Report, inputs: Inputs)
 
 def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs) -> None:
     if not isinstance(slices, list):
-        report.add(E, "invalid_slices", "slices", "`slices` must be a list of `- sources: [...]` entries",
+        report.add(ERR, "invalid_slices", "slices", "`slices` must be a list of `- sources: [...]` entries",
                    "write each slice as `- sources: [{model: org/name, layer_range: [0, 32]}]`")
         return
     for i, s in enumerate(slices):
         where = f"slices[{i}]"
         if not isinstance(s, dict) or not isinstance(s.get("sources"), list) or not s["sources"]:
-            report.add(E, "invalid_slice", where, f"{where} has no `sources` list",
+            report.add(ERR, "invalid_slice", where, f"{where} has no `sources` list",
                        "write `- sources: [{model: org/name, layer_range: [0, 32]}]`")
             continue
         _unknown_keys(report, s, SLICE_KEYS, where)
@@ -271,7 +279,7 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
         for j, src in enumerate(s["sources"]):
             src_where = f"{where}.sources[{j}]"
             if not isinstance(src, dict) or model_key(src) is None:
-                report.add(E, "invalid_model", src_where, f"{src_where} is not a `model: ...` mapping",
+                report.add(ERR, "invalid_model", src_where, f"{src_where} is not a `model: ...` mapping",
                            "write `{model: org/name, layer_range: [start, end]}`")
                 continue
             _unknown_keys(report, src, SOURCE_KEYS, src_where)
@@ -279,10 +287,11 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
             assert name is not None
             names.append(name)
             lr = src.get("layer_range")
-            if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
-                                                                 for x in lr) and 0 <= lr[0] <= lr[1]):
-                report.add(E, "invalid_layer_range", f"{src_where}.layer_range",
-                           f"layer_range {lr!r} is not [start, end] with 0 <= start <= end",
+            integers = isinstance(lr, list) and all(type(x) is int for x in lr)
+            if not (integers and len(lr) == 2 and 0 <= lr[0] <= lr[1]):
+                report.add(ERR, "invalid_layer_range", f"{src_where}.layer_range",
+                           f"layer_range {lr!r} is not [start, end] with 0 <= start <= end (mergekit copies "
+                           "no layers for a reversed range, silently)",
                            "write `layer_range: [0, 32]` (end exclusive)")
             else:
                 lengths.add(lr[1] - lr[0])
@@ -290,7 +299,7 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
             if isinstance(src.get("parameters"), dict):
                 inputs.blocks.append((f"{src_where}.parameters", src["parameters"], [name]))
         if len(lengths) > 1:
-            report.add(E, "slice_length_mismatch", f"{where}.sources",
+            report.add(ERR, "slice_length_mismatch", f"{where}.sources",
                        f"the sources of {where} span {sorted(lengths)} layers; mergekit needs one length",
                        "give every source of a slice a layer_range of the same length")
         if isinstance(s.get("parameters"), dict):
@@ -300,8 +309,9 @@ def _check_slices(slices: Any, base: str | None, report: Report, inputs: Inputs)
 
 def _check_tokenizer(data: dict[str, Any], report: Report) -> None:
     if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
-        report.add(E, "tokenizer_conflict", "tokenizer_source", "both `tokenizer` and `tokenizer_source` are set; "
-                   "mergekit refuses that", "keep `tokenizer: {source: ...}` and delete `tokenizer_source`")
+        report.add(ERR, "tokenizer_conflict", "tokenizer_source",
+                   "both `tokenizer` and `tokenizer_source` are set; mergekit refuses that",
+                   "keep `tokenizer: {source: ...}` and delete `tokenizer_source`")
     if isinstance(data.get("tokenizer"), dict):
         _unknown_keys(report, data["tokenizer"], TOKENIZER_KEYS, "tokenizer")
 
@@ -310,27 +320,30 @@ def _check_inputs(spec: MethodSpec, base: str | None, inputs: Inputs, report: Re
     for where, names, group_base, sliced in inputs.groups:
         used_base = group_base if spec.base != "ignored" else None
         if spec.needs_base and group_base is None:
-            report.add(E, "missing_base", "base_model", f"{spec.name} needs a base_model and the config has none",
+            report.add(ERR, "missing_base", "base_model", f"{spec.name} needs a base_model; there is none",
                        "add `base_model: <the model the others were fine-tuned from>`")
         if spec.base == "ignored" and group_base is not None and where in ("models", "slices[0]"):
-            report.add(I, "base_ignored", "base_model", f"{spec.name} ignores base_model", None)
+            report.add(INFO, "base_ignored", "base_model", f"{spec.name} ignores base_model", None)
         if sliced and used_base is not None and used_base not in names:
-            report.add(E, "base_not_in_slice", f"{where}.sources", f"the base model is not a source of {where}; "
-                       "mergekit adds it to `models` lists but not to slices",
+            report.add(ERR, "base_not_in_slice", f"{where}.sources",
+                       f"the base model is not a source of {where}; mergekit adds it to `models` lists "
+                       "but not to slices",
                        f"add `{{model: {used_base}, layer_range: [...]}}` to the slice's sources")
             continue
         count = len(set(names) | ({used_base} if used_base else set()))
         if count < spec.min_inputs or (spec.max_inputs is not None and count > spec.max_inputs):
-            fix = (f"list exactly two models and set base_model to one of them" if spec.name == "slerp"
+            fix = ("list exactly two models and set base_model to one of them" if spec.name == "slerp"
                    else f"give {spec.name} {describe_count(spec)} models (the base counts)")
-            report.add(E, "model_count", where, f"{spec.name} takes {describe_count(spec)} input models (base "
-                       f"included); {where} gives {count}", fix)
+            report.add(ERR, "model_count", where,
+                       f"{spec.name} takes {describe_count(spec)} input models (base included); {where} "
+                       f"gives {count}", fix)
         non_base = len(set(names) - {used_base})
         if (spec.min_non_base is not None and non_base < spec.min_non_base) or (
             spec.max_non_base is not None and non_base > spec.max_non_base
         ):
-            report.add(E, "model_count", where, f"{spec.name} takes {spec.min_non_base} to {spec.max_non_base} "
-                       f"models besides the base; {where} gives {non_base}", "adjust the model list")
+            report.add(ERR, "model_count", where,
+                       f"{spec.name} takes {spec.min_non_base} to {spec.max_non_base} models besides the "
+                       f"base; {where} gives {non_base}", "adjust the model list")
 
 
 def _check_parameters(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
@@ -341,9 +354,10 @@ def _check_parameters(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
             ps = spec.parameter(str(name))
             if ps is None:
                 close = difflib.get_close_matches(str(name), spec.parameter_names, n=1)
-                report.add(E, "unknown_parameter", path, f"{spec.name} takes no parameter {name!r}; mergekit "
-                           "fails on it only when the merge runs", f"did you mean {close[0]!r}?" if close else
-                           f"{spec.name} takes: {', '.join(spec.parameter_names) or 'no parameters'}")
+                takes = f"{spec.name} takes: {', '.join(spec.parameter_names) or 'no parameters'}"
+                report.add(WARN, "unknown_parameter", path,
+                           f"{spec.name} takes no parameter {name!r}; mergekit 0.1.5 ignores it silently",
+                           f"did you mean {close[0]!r}?" if close else takes)
                 continue
             for value_path, value in _values(setting, path, report):
                 _check_value(ps.name, ps.kind, value, value_path, report)
@@ -355,7 +369,7 @@ def _check_parameters(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
             needing = [n for n in names if not (ps.scope == "non_base" and n == group_base)]
             missing = [n for n in needing if n not in given.get(ps.name, set())]
             if missing:
-                report.add(E, "missing_parameter", f"{where}", f"{spec.name} needs `{ps.name}` for "
+                report.add(ERR, "missing_parameter", f"{where}", f"{spec.name} needs `{ps.name}` for "
                            f"{', '.join(missing)}; mergekit stops on it mid-merge",
                            f"add `parameters: {{{ps.name}: ...}}` to each model or at the top level")
     _check_weights(spec, inputs, report)
@@ -367,14 +381,14 @@ def _values(setting: Any, path: str, report: Report) -> Iterator[tuple[str, Any]
     if isinstance(setting, dict):
         _unknown_keys(report, setting, ("value", "filter"), path)
         if "value" not in setting:
-            report.add(E, "invalid_value", path, "a filtered parameter needs a `value`",
+            report.add(ERR, "invalid_value", path, "a filtered parameter needs a `value`",
                        "write `- {filter: self_attn, value: 0.5}`")
             return
         yield from _values(setting["value"], f"{path}.value", report)
     elif isinstance(setting, list):
         for k, item in enumerate(setting):
             if isinstance(item, list):
-                report.add(E, "invalid_value", f"{path}[{k}]", "nested lists are not a parameter value",
+                report.add(ERR, "invalid_value", f"{path}[{k}]", "nested lists are not a parameter value",
                            "a gradient is a flat list of numbers")
                 continue
             yield from _values(item, f"{path}[{k}]", report)
@@ -385,30 +399,34 @@ def _values(setting: Any, path: str, report: Report) -> Iterator[tuple[str, Any]
 def _check_value(name: str, kind: type, value: Any, path: str, report: Report) -> None:
     if isinstance(value, str):
         if NUMBER_STRING.match(value.strip()):
-            report.add(W, "string_number", path, f"{name} is the string {value!r}: YAML 1.1 reads numbers like "
-                       "1e-3 (no dot before the exponent) as text", f"write {float(value)!r} (e.g. 1.0e-3)")
+            report.add(WARN, "string_number", path,
+                       f"{name} is the string {value!r}: YAML 1.1 reads numbers like 1e-3 (no dot before the "
+                       "exponent) as text; mergekit 0.1.5 converts it, other tools and older versions do not",
+                       f"write {float(value)!r} (e.g. 1.0e-3)")
             value = float(value)
         elif kind is float:
-            report.add(E, "invalid_value", path, f"{name} = {value!r} is not a number", "use a number")
+            report.add(ERR, "invalid_value", path, f"{name} = {value!r} is not a number", "use a number")
             return
     if kind is bool:
         if not isinstance(value, bool):
-            report.add(E, "invalid_value", path, f"{name} = {value!r} is not true/false", "write true or false")
+            report.add(ERR, "invalid_value", path, f"{name} = {value!r} is not true/false", "true or false")
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         if isinstance(value, bool):
-            report.add(E, "invalid_value", path, f"{name} = {value!r} is a boolean, not a number", "use a number")
+            report.add(ERR, "invalid_value", path, f"{name} = {value!r} is not a number", "use a number")
         return
     if not math.isfinite(value):
-        report.add(E, "invalid_value", path, f"{name} = {value} is not finite", "use a finite number")
+        report.add(ERR, "invalid_value", path, f"{name} = {value} is not finite", "use a finite number")
     elif name == "density" and not 0 < value <= 1:
-        report.add(E, "density_out_of_range", path, f"density {value} is outside (0, 1]: it is the share of "
-                   "each task vector kept", "use e.g. 0.5 (keep half); 1 keeps everything")
+        report.add(ERR, "density_out_of_range", path,
+                   f"density {value} is outside (0, 1]: it is the share of each task vector kept (mergekit "
+                   "runs anyway, keeping all or nothing)",
+                   "use e.g. 0.5 (keep half); 1 keeps everything")
     elif name in ("t", "gamma", "select_topk") and not 0 <= value <= 1:
-        report.add(W, "out_of_range", path, f"{name} = {value} is outside [0, 1]; mergekit extrapolates",
+        report.add(WARN, "out_of_range", path, f"{name} = {value} is outside [0, 1]; mergekit extrapolates",
                    f"use a {name} between 0 and 1")
     elif name == "weight" and value < 0:
-        report.add(W, "negative_weight", path, f"weight {value} is negative: it subtracts this model",
+        report.add(WARN, "negative_weight", path, f"weight {value} is negative: it subtracts this model",
                    "use a positive weight unless you mean to subtract (task negation)")
 
 
@@ -438,18 +456,17 @@ def _check_weights(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
     if not weights:
         return
     total = sum(weights.values())
-    normalize_setting = top.get("normalize", spec.parameter("normalize").default if spec.parameter("normalize")
-                                else False)
-    normalize = normalize_setting is True
+    normalize_spec = spec.parameter("normalize")
+    normalize = top.get("normalize", normalize_spec.default if normalize_spec else False) is True
     if all(w == 0 for w in weights.values()):
-        report.add(E, "weights_sum", f"{where}", "every weight is 0: the merge has nothing to add (and "
+        report.add(ERR, "weights_sum", f"{where}", "every weight is 0: the merge has nothing to add (and "
                    "normalising divides by zero)", "give at least one model a positive weight")
     elif not normalize and abs(total - 1) > 0.05:
-        level = W if spec.name == "linear" or total > 1.5 or total < 0.5 else I
+        level = WARN if spec.name == "linear" or total > 1.5 or total < 0.5 else INFO
         effect = ("the merged weights are scaled by it" if spec.name == "linear"
                   else "the summed task vectors are scaled by it")
         report.add(level, "weights_sum", f"{where}", f"the weights sum to {total:g} and normalize is off: "
-                   f"{effect}", "make them sum to 1, or set `parameters: {normalize: true}` if they are ratios")
+                   f"{effect}", "make them sum to 1, or set `parameters: {normalize: true}` for ratios")
 
 
 def _check_della(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
@@ -457,9 +474,12 @@ def _check_della(spec: MethodSpec, inputs: Inputs, report: Report) -> None:
         return
     for where, block, _ in inputs.blocks:
         density, epsilon = _scalar_weight(block.get("density")), _scalar_weight(block.get("epsilon"))
-        if density is not None and epsilon is not None and not (0 < density - epsilon and density + epsilon <= 1):
-            report.add(W, "epsilon_out_of_range", f"{where}.epsilon", f"density {density} +/- epsilon {epsilon} "
-                       "leaves (0, 1]: DELLA's keep probabilities are clipped", "lower epsilon")
+        if density is None or epsilon is None:
+            continue
+        if density - epsilon <= 0 or density + epsilon > 1:
+            report.add(WARN, "epsilon_out_of_range", f"{where}.epsilon",
+                       f"density {density} +/- epsilon {epsilon} leaves (0, 1]: DELLA's keep probabilities "
+                       "are clipped", "lower epsilon")
 
 
 # ---- layer counts (need the models) -----------------------------------------------------------------
@@ -469,8 +489,9 @@ def check_layer_counts(inputs: Inputs, data: dict[str, Any], counts: dict[str, i
     for path, name, _start, end in inputs.ranges:
         n = counts.get(name)
         if n is not None and end > n:
-            report.add(E, "slice_out_of_range", path, f"layer_range ends at {end} but {name} has {n} layers "
-                       "(end is exclusive)", f"end the range at {n} or lower")
+            report.add(ERR, "slice_out_of_range", path,
+                       f"layer_range ends at {end} but {name} has {n} layers (end is exclusive)",
+                       f"end the range at {n} or lower")
     group_layers = _output_layers(inputs, counts)
     if group_layers is None:
         return
@@ -478,9 +499,10 @@ def check_layer_counts(inputs: Inputs, data: dict[str, Any], counts: dict[str, i
         for name, setting in block.items():
             for path, gradient in _gradients(setting, f"{where}.{name}"):
                 if len(gradient) > group_layers:
-                    report.add(W, "gradient_too_long", path, f"the gradient has {len(gradient)} values for "
-                               f"{group_layers} layers: mergekit interpolates over the layers, so values are "
-                               "skipped", f"give at most {group_layers} values")
+                    report.add(WARN, "gradient_too_long", path,
+                               f"the gradient has {len(gradient)} values for {group_layers} layers: mergekit "
+                               "interpolates over the layers, so values are skipped",
+                               f"give at most {group_layers} values")
 
 
 def _output_layers(inputs: Inputs, counts: dict[str, int]) -> int | None:
@@ -506,219 +528,45 @@ def _gradients(setting: Any, path: str) -> Iterator[tuple[str, list[Any]]]:
                     yield from _gradients(item, f"{path}[{k}]")
 
 
-# ---- parameter resolution, as mergekit does it ------------------------------------------------------
+def lookup_for(inputs: Inputs, where: str = "models") -> Lookup:
+    """mergekit's precedence: the model's own setting (in `where`: `models` or `slices[i]`), then the
+    slice's, then the top level's."""
+    def lookup(name: str, model: str | None, tensor: str, t: float, default: Any) -> Any:
+        for block in _blocks_in_order(inputs, where, model):
+            if name in block:
+                value = resolve(block[name], tensor, t)
+                if value is not None:
+                    return value
+        return default
+
+    return lookup
 
 
-def resolve(setting: Any, tensor: str, t: float) -> float | bool | None:
-    """A setting's value for one tensor at relative depth t: first matching filter, gradients interpolated."""
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, str) and NUMBER_STRING.match(setting.strip()):
-        return float(setting)
-    if isinstance(setting, (bool, int, float)):
-        return setting
-    if isinstance(setting, list) and setting:
-        if all(isinstance(x, dict) for x in setting):
-            for cond in setting:
-                filt = cond.get("filter")
-                if filt in (None, "*") or (isinstance(filt, str) and filt in tensor):
-                    return resolve(cond.get("value"), tensor, t)
-            return None
-        values = [resolve(x, tensor, t) for x in setting]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            return values[int(t * (len(values) - 1))]
-        scaled = t * (len(values) - 1)
-        i0 = int(scaled)
-        i1 = min(len(values) - 1, i0 + 1)
-        return (1 - (scaled - i0)) * float(values[i0]) + (scaled - i0) * float(values[i1])  # type: ignore[arg-type]
-    return None
+def _blocks_in_order(inputs: Inputs, where: str, model: str | None) -> Iterator[dict[str, Any]]:
+    """`parameters` blocks from the highest precedence down: the model's, its slice's, the top level's."""
+    prefix = "models[" if where == "models" else f"{where}.sources["
+    for path, block, models in inputs.blocks:
+        if model is not None and models == [model] and path.startswith(prefix):
+            yield block
+    for path, block, _ in inputs.blocks:
+        if path == f"{where}.parameters":
+            yield block
+    for path, block, _ in inputs.blocks:
+        if path == "parameters":
+            yield block
 
 
-def parameter_for(
-    name: str, model: str | None, tensor: str, t: float, inputs: Inputs, default: Any
-) -> Any:
-    """Model-level setting first, then the top level (mergekit's precedence for `models:` configs)."""
-    for _, block, models in inputs.blocks:
-        if models == [model] and name in block:
-            value = resolve(block[name], tensor, t)
-            if value is not None:
-                return value
-    for _, block, models in inputs.blocks:
-        if models is None and name in block:
-            value = resolve(block[name], tensor, t)
-            if value is not None:
-                return value
-    return default
-
-
-# ---- simulation -------------------------------------------------------------------------------------
-
-
-@dataclass
-class _LayerSums:
-    n_params: int = 0
-    interference: float = 0.0
-    conflict: float = 0.0
-    has_conflict: bool = False
-    linear_rows: float = 0.0
-    rows: float = 0.0
-    survival: dict[str, list[float]] = field(default_factory=dict)  # model -> [kept mass, total mass]
-    index: int | None = None
-
-
-def trim(tau: torch.Tensor, density: float, method: str | None, gamma: float, generator: torch.Generator) -> torch.Tensor:
-    """The kept part of a task vector: mergekit's sparsification, without rescaling."""
-    density = min(1.0, max(0.0, density))
-    flat = tau.reshape(-1)
-    n = flat.numel()
-    if method is None or density >= 1.0 or n == 0:
-        return tau
-    if method == "magnitude":
-        k = int(density * n)
-        if k <= 0:
-            return torch.zeros_like(tau)
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[flat.abs().topk(k).indices] = True
-        return torch.where(keep.reshape(tau.shape), tau, torch.zeros_like(tau))
-    if method == "magnitude_outliers":
-        order = flat.abs().argsort(descending=True)
-        top = min(int(gamma * n), int((1 - density) * n))
-        keep_n = int(density * n)
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[order[top:top + keep_n]] = True
-        return torch.where(keep.reshape(tau.shape), tau, torch.zeros_like(tau))
-    mask = torch.rand(tau.shape, generator=generator) < density  # random (DARE) and, approximately, DELLA
-    return torch.where(mask, tau, torch.zeros_like(tau))
-
-
-def simulate(
-    spec: MethodSpec, data: dict[str, Any], inputs: Inputs, ckpts: dict[str, Checkpoint],
-    report: Report, progress: Progress | None = None, cancelled: Cancelled | None = None,
-) -> tuple[list[LayerInterference], float | None, list[str]]:
-    """Run the configured merge's arithmetic per tensor and keep per-layer sums; nothing is written."""
-    notes: list[str] = []
-    where, names, group_base, _ = inputs.groups[0]
-    base = group_base if spec.base != "ignored" else None
-    models = list(dict.fromkeys(n for n in names if n != base))
-    if spec.name == "slerp":
-        models = list(dict.fromkeys([*([base] if base else []), *names]))[:2]
-    elif spec.base == "ignored" and group_base is not None and group_base not in names:
-        base = group_base  # linear ignores it, but task vectors against it show the interference better
-    elif spec.base == "ignored":
-        base = None
-    if spec.name == "slerp":
-        base = None
-    ref = [ckpts[m] for m in models] + ([ckpts[base]] if base else [])
-    shared = [n for n, info in ref[0].float_tensors.items()
-              if all(n in c.float_tensors and c.tensors[n].shape == info.shape for c in ref[1:])]
-    skipped = len(ref[0].float_tensors) - len(shared)
-    if skipped:
-        notes.append(f"{skipped} tensors differ in name or shape across the models and were not simulated")
-    n_blocks = max(block_count(c) for c in ref)
-    generator = torch.Generator().manual_seed(SEED)
-    sums: dict[str, _LayerSums] = {}
-    roles = {}
-    for done, name in enumerate(shared):
-        if cancelled is not None and cancelled():
-            raise AnalysisCancelledError(f"diagnosis cancelled after {done} of {len(shared)} tensors")
-        role = roles[name] = classify(name)
-        t = (role.layer_index / (n_blocks - 1) if n_blocks > 1 else 1.0) if role.layer_index is not None else (
-            0.0 if role.kind == "embed" else 1.0)
-        layer = sums.setdefault(role.layer_name, _LayerSums(index=role.layer_index))
-        tensors = {m: ckpts[m].read(name) for m in models}
-        base_tensor = ckpts[base].read(name) if base else None
-        numel = next(iter(tensors.values())).numel()
-        layer.n_params += numel
-        _simulate_tensor(spec, name, t, tensors, base_tensor, inputs, layer, numel, generator)
-        if progress is not None:
-            progress(done + 1, len(shared), name)
-    layers = []
-    for layer_name, s in sorted(sums.items(), key=lambda kv: group_sort_key(roles[next(
-            n for n in shared if roles[n].layer_name == kv[0])])):
-        layers.append(LayerInterference(
-            layer_name=layer_name, layer_index=s.index, n_params=s.n_params,
-            interference=round(s.interference / max(s.n_params, 1), 6),
-            sign_conflict=round(s.conflict / max(s.n_params, 1), 6) if s.has_conflict else None,
-            survival={m: round(kept / total, 6) if total > 0 else 1.0 for m, (kept, total) in s.survival.items()},
-            slerp_linear_share=round(s.linear_rows / s.rows, 6) if spec.name == "slerp" and s.rows else None,
-        ))
-    total = sum(lm.n_params for lm in layers)
-    overall = round(sum(lm.interference * lm.n_params for lm in layers) / total, 6) if total else None
-    _simulation_findings(spec, layers, report)
-    return layers, overall, notes
-
-
-def _simulate_tensor(
-    spec: MethodSpec, name: str, t: float, tensors: dict[str, torch.Tensor], base: torch.Tensor | None,
-    inputs: Inputs, layer: _LayerSums, numel: int, generator: torch.Generator,
-) -> None:
-    models = list(tensors)
-    if spec.name == "slerp":
-        frac = float(parameter_for("t", None, name, t, inputs, 0.5))
-        a, b = tensors[models[0]], tensors[models[1]]
-        weighted = [(1 - frac) * a, frac * b]
-        if a.dim() >= 2:
-            rows_a, rows_b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-            cos = torch.nn.functional.cosine_similarity(rows_a, rows_b, dim=1, eps=1e-8)
-            layer.linear_rows += float((cos.abs() > SLERP_LINEAR_FALLBACK).sum())
-            layer.rows += rows_a.shape[0]
-        layer.interference += _cancellation(weighted) * numel
-        return
-    xs = {m: (x - base if base is not None else x) for m, x in tensors.items()}
-    weights = {m: float(parameter_for("weight", m, name, t, inputs, 1.0)) for m in models}
-    if spec.name == "model_stock" or spec.parameter("weight") is None:
-        weights = {m: 1.0 / len(models) for m in models}
-    kept = {}
-    for m, x in xs.items():
-        density = float(parameter_for("density", m, name, t, inputs, 1.0)) if spec.sparsification else 1.0
-        gamma = float(parameter_for("gamma", m, name, t, inputs, 0.01))
-        k = trim(x, density, spec.sparsification, gamma, generator)
-        kept[m] = k
-        if spec.sparsification and base is not None:
-            entry = layer.survival.setdefault(m, [0.0, 0.0])
-            entry[0] += float(k.abs().sum())
-            entry[1] += float(x.abs().sum())
-    weighted = [weights[m] * kept[m] for m in models]
-    if spec.sign_consensus and base is not None:
-        elected = torch.sign(sum(weighted))  # type: ignore[arg-type]
-        mass = sum(w.abs() for w in weighted)
-        lost = sum(torch.where((torch.sign(w) != elected) & (w != 0), w.abs(), torch.zeros_like(w)) for w in weighted)
-        share = float(lost.sum()) / float(mass.sum()) if float(mass.sum()) > 0 else 0.0  # type: ignore[union-attr]
-        layer.conflict += share * numel
-        layer.has_conflict = True
-        layer.interference += share * numel
-    else:
-        layer.interference += _cancellation(weighted) * numel
-
-
-def _cancellation(weighted: list[torch.Tensor]) -> float:
-    """1 - sum|sum_i x_i| / sum_i sum|x_i|: 0 when the inputs agree coordinate-wise, 1 when they cancel."""
-    total = sum(float(x.abs().sum()) for x in weighted)
-    if total <= 0:
-        return 0.0
-    return max(0.0, 1.0 - float(sum(weighted).abs().sum()) / total)  # type: ignore[union-attr]
-
-
-def _simulation_findings(spec: MethodSpec, layers: list[LayerInterference], report: Report) -> None:
-    conflicted = [lm.layer_name for lm in layers if (lm.sign_conflict or 0.0) > HIGH_SIGN_CONFLICT]
-    if conflicted:
-        report.add(W, "sign_conflict", None, f"at the configured density more than {HIGH_SIGN_CONFLICT:.0%} of "
-                   f"the kept task-vector mass loses the sign election in {', '.join(conflicted[:5])}",
-                   "lower density, or give the conflicting model a lower weight (0 via a gradient) in those layers")
-    starving: dict[str, list[str]] = {}
-    for lm in layers if spec.sparsification in ("magnitude", "magnitude_outliers") else []:
-        for m, share in lm.survival.items():
-            if share < LOW_SURVIVAL:
-                starving.setdefault(m, []).append(lm.layer_name)
-    for m, names in starving.items():
-        report.add(W, "low_survival", None, f"trimming keeps less than {LOW_SURVIVAL:.0%} of {m}'s task-vector "
-                   f"mass in {len(names)} layer(s), e.g. {', '.join(names[:3])}", f"raise {m}'s density")
-    if spec.name == "slerp":
-        degenerate = [lm.layer_name for lm in layers if (lm.slerp_linear_share or 0.0) > 0.5]
-        if degenerate:
-            report.add(I, "slerp_degenerate", None, f"mergekit's SLERP interpolates linearly (|cos| > "
-                       f"{SLERP_LINEAR_FALLBACK}) in most rows of {', '.join(degenerate[:5])}: the models are "
-                       "nearly parallel there", "that is harmless; `linear` gives the same result there")
+def _jobs(spec: MethodSpec, inputs: Inputs, ckpts: dict[str, Checkpoint]) -> tuple[list[Job], list[str]]:
+    """What to simulate: each merged tensor, from a `models:` list or from each slice's layer ranges."""
+    _, names, base, sliced = inputs.groups[0]
+    if not sliced:
+        return model_jobs(spec, names, base, ckpts, lookup_for(inputs))
+    slices = []
+    for where, _, slice_base, _ in inputs.groups:
+        sources = tuple((m, start, end) for path, m, start, end in inputs.ranges
+                        if path.startswith(f"{where}."))
+        slices.append(SliceSpec(sources, slice_base, lookup_for(inputs, where)))
+    return slice_jobs(spec, slices, ckpts)
 
 
 # ---- the whole diagnosis ----------------------------------------------------------------------------
@@ -745,6 +593,7 @@ def diagnose(
             if ckpt is not None:
                 ckpts[name] = ckpt
         counts = {n: _layer_count(c) for n, c in ckpts.items()}
+        too_big = _over_limit(ckpts, limits)
         check_layer_counts(inputs, data, counts, report)
         layers: list[LayerInterference] = []
         overall = None
@@ -753,19 +602,32 @@ def diagnose(
             notes.append("the merge was not simulated: fix the error-level findings first")
         elif spec.name == "passthrough":
             notes.append("passthrough copies tensors: nothing to simulate")
-        elif not inputs.groups or inputs.groups[0][0] != "models":
-            notes.append("the merge is simulated for `models:` configs; `slices:` are checked structurally")
+        elif not inputs.groups or "modules" in data:
+            notes.append("the merge is simulated for `models:` and `slices:` configs, not `modules:`")
+        elif too_big:
+            notes.append(f"the merge was not simulated: {too_big}")
         elif not needed or any(n not in ckpts for n in needed):
             notes.append("the merge was not simulated: not every referenced model could be read")
         else:
-            layers, overall, sim_notes = simulate(spec, data, inputs, ckpts, report, progress, cancelled)
-            notes.extend(sim_notes)
+            jobs, job_notes = _jobs(spec, inputs, ckpts)
+            sim = simulate(spec, jobs, ckpts, progress, cancelled)
+            layers, overall = sim.layers, sim.overall
+            report.findings.extend(sim.findings)
+            notes.extend([*job_notes, *sim.notes])
     return ConfigDiagnosis(
         valid=not report.has_errors, merge_method=spec.name if spec else _method_name(data),
         findings=report.findings, overall_interference=overall,
         interference_scores={lm.layer_name: lm.interference for lm in layers}, layers=layers,
         models_checked=list(ckpts), notes=notes,
     )
+
+
+def _over_limit(ckpts: dict[str, Checkpoint], limits: Limits | None) -> str | None:
+    try:
+        (limits or Limits()).check_request(sum(c.nbytes for c in ckpts.values()))
+    except LimitExceededError as exc:
+        return str(exc)
+    return None
 
 
 def _method_name(data: dict[str, Any]) -> str | None:
@@ -776,12 +638,14 @@ def _method_name(data: dict[str, Any]) -> str | None:
 def _simulation_inputs(spec: MethodSpec | None, inputs: Inputs) -> list[str]:
     if spec is None or not inputs.groups:
         return []
-    _, names, base, _ = inputs.groups[0]
-    return list(dict.fromkeys([*names, *([base] if base and spec.base != "ignored" else [])]))
+    needed = [n for _, names, _, _ in inputs.groups for n in names]
+    needed += [base for _, _, base, _ in inputs.groups if base and spec.base != "ignored"]
+    return list(dict.fromkeys(needed))
 
 
 def _open(
-    name: str, guard: PathGuard | None, limits: Limits | None, report: Report, stack: ExitStack, notes: list[str]
+    name: str, guard: PathGuard | None, limits: Limits | None, report: Report, stack: ExitStack,
+    notes: list[str],
 ) -> Checkpoint | None:
     try:  # with a guard, containment comes first: nothing is revealed about paths outside the roots
         exists = guard.check(name, name).exists() if guard else Path(name).expanduser().exists()
@@ -789,7 +653,7 @@ def _open(
         if looks_like_hub_id(name):
             exists = False
         else:
-            report.add(W, "model_unreadable", None, f"{name} could not be read: {exc}",
+            report.add(WARN, "model_unreadable", None, f"{name} could not be read: {exc}",
                        "the structural checks still apply; fix the path to simulate the merge")
             return None
     except (CheckpointNotFoundError, OSError):
@@ -800,7 +664,7 @@ def _open(
     try:
         return stack.enter_context(load_checkpoint(name, name, guard=guard, limits=limits))
     except MergeLensError as exc:
-        report.add(W, "model_unreadable", None, f"{name} could not be read: {exc}",
+        report.add(WARN, "model_unreadable", None, f"{name} could not be read: {exc}",
                    "the structural checks still apply; fix the path to simulate the merge")
         return None
 

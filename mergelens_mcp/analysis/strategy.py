@@ -3,20 +3,19 @@
 The rules, in order; the first that matches picks the method (metrics are parameter-weighted means over
 layers and pairs unless marked "min"):
 
-| # | when                                                          | method                   | runner-up        |
-|---|---------------------------------------------------------------|--------------------------|------------------|
-| 1 | cosine_similarity < 0.3 (no shared origin)                    | passthrough (one model)  | linear           |
-| 2 | base, task_cosine < -0.5 (the fine-tunes undo each other)     | passthrough (one model)  | ties             |
-| 3 | base, 3+ models, task_cosine > 0.2, sign_disagreement <= 0.3  | model_stock              | ties             |
-| 4 | base, sign_disagreement > 0.3                                 | ties                     | dare_ties        |
-| 5 | base, task_vector_energy > 0.5 (task vectors concentrated)    | dare_ties (dare_linear   | ties             |
-|   |                                                               | if sign conflict < 0.15) |                  |
-| 6 | min cosine_similarity >= 0.95 (high cosine everywhere)        | slerp (2 models; linear  | linear / slerp   |
-|   |                                                               | if 3+, or if most layers |                  |
-|   |                                                               | are SLERP-degenerate)    |                  |
-| 7 | spectral_overlap < 0.5                                        | linear, small weight     | slerp            |
-| 8 | otherwise, with a base                                        | task_arithmetic          | ties             |
-| 9 | otherwise                                                     | slerp (2) / linear (3+)  | linear           |
+| # | when                                                      | method                 | runner-up     |
+|---|-----------------------------------------------------------|------------------------|---------------|
+| 1 | cosine_similarity < 0.3 (no shared origin)                | passthrough (keep one) | linear        |
+| 2 | base, task_cosine < -0.5 (the fine-tunes undo each other) | passthrough (keep one) | ties          |
+| 3 | base, 3+ models, task_cosine > 0.2, sign conflict <= 0.3  | model_stock            | ties          |
+| 4 | base, sign_disagreement > 0.3                             | ties                   | dare_ties     |
+| 5 | base, task_vector_energy > 0.5 (concentrated updates)     | dare_ties; dare_linear | ties          |
+|   |                                                           | if sign conflict < 0.15|               |
+| 6 | min cosine_similarity >= 0.95 (high cosine everywhere)    | slerp; linear for 3+   | linear; slerp |
+|   |                                                           | or mostly degenerate   |               |
+| 7 | spectral_overlap < 0.5                                    | linear, small weight   | slerp         |
+| 8 | otherwise, with a base                                    | task_arithmetic        | ties          |
+| 9 | otherwise                                                 | slerp (2) / linear (3+)| linear        |
 
 No method that needs a base is ever chosen without one (rules 2-5 and 8 need `base`).
 
@@ -85,9 +84,10 @@ def profile(result: CompareResult) -> Profile:
     layers = result.layer_metrics
     cosines = [lm.metrics["cosine_similarity"] for lm in layers if "cosine_similarity" in lm.metrics]
     indices = [lm.layer_index for lm in layers if lm.layer_index is not None]
-    degenerate = sorted({
-        lm.layer_name for lm in layers if abs(lm.metrics.get("cosine_similarity", 0.0)) > SLERP_LINEAR_FALLBACK
-    }, key=lambda name: [lm.layer_name for lm in layers].index(name))
+    degenerate = list(dict.fromkeys(
+        lm.layer_name for lm in layers
+        if abs(lm.metrics.get("cosine_similarity", 0.0)) > SLERP_LINEAR_FALLBACK
+    ))
     return Profile(
         n_models=len(result.models),
         has_base=result.base is not None and result.mci.used_base,
@@ -116,49 +116,69 @@ class Choice:
 def choose(p: Profile) -> Choice:
     """The rule table of the module docstring."""
     M = MergeMethod
-    several = p.n_models >= 3
-    if p.cosine < NO_ORIGIN_COSINE:
-        return Choice(M.PASSTHROUGH, M.LINEAR, f"rule 1: mean weight cosine {p.cosine:.2f} < {NO_ORIGIN_COSINE}: "
-                      "the models share no origin, so averaging their weights gives noise; keep one model's "
-                      "layers", _margin(NO_ORIGIN_COSINE - p.cosine, NO_ORIGIN_COSINE))
-    if p.has_base and p.task_cosine is not None and p.task_cosine < OPPOSED_TASK_COSINE:
-        return Choice(M.PASSTHROUGH, M.TIES, f"rule 2: task-vector cosine {p.task_cosine:.2f} < "
-                      f"{OPPOSED_TASK_COSINE}: the fine-tunes undo each other, any merge cancels both; keep one",
-                      _margin(OPPOSED_TASK_COSINE - p.task_cosine, 0.5))
+    pair_alternative = M.SLERP if p.n_models == 2 else None
     sign = p.sign if p.sign is not None else 0.0
-    if p.has_base and several and (p.task_cosine or 0.0) > STOCK_TASK_COSINE and sign <= SIGN_CONFLICT:
-        return Choice(M.MODEL_STOCK, M.TIES, f"rule 3: {p.n_models} fine-tunes of one base with aligned task "
-                      f"vectors (cosine {p.task_cosine:.2f}) and sign conflict {sign:.0%}: model_stock sets the "
-                      "interpolation weight from their geometry", _margin((p.task_cosine or 0.0) - 0.2, 0.5))
+    task_cosine = p.task_cosine if p.task_cosine is not None else 0.0
+    if p.cosine < NO_ORIGIN_COSINE:
+        return Choice(
+            M.PASSTHROUGH, M.LINEAR,
+            f"rule 1: mean weight cosine {p.cosine:.2f} < {NO_ORIGIN_COSINE}: the models share no origin, so "
+            "averaging their weights gives noise; keep one model's layers",
+            _margin(NO_ORIGIN_COSINE - p.cosine, NO_ORIGIN_COSINE),
+        )
+    if p.has_base and p.task_cosine is not None and task_cosine < OPPOSED_TASK_COSINE:
+        return Choice(
+            M.PASSTHROUGH, M.TIES,
+            f"rule 2: task-vector cosine {task_cosine:.2f} < {OPPOSED_TASK_COSINE}: the fine-tunes undo each "
+            "other, any merge cancels both; keep one",
+            _margin(OPPOSED_TASK_COSINE - task_cosine, 0.5),
+        )
+    if p.has_base and p.n_models >= 3 and task_cosine > STOCK_TASK_COSINE and sign <= SIGN_CONFLICT:
+        return Choice(
+            M.MODEL_STOCK, M.TIES,
+            f"rule 3: {p.n_models} fine-tunes of one base with aligned task vectors (cosine "
+            f"{task_cosine:.2f}) and sign conflict {sign:.0%}: model_stock sets the interpolation weight "
+            "from their geometry",
+            _margin(task_cosine - STOCK_TASK_COSINE, 0.5),
+        )
     if p.has_base and sign > SIGN_CONFLICT:
-        return Choice(M.TIES, M.DARE_TIES, f"rule 4: sign disagreement {sign:.0%} > {SIGN_CONFLICT:.0%}: TIES' "
-                      "trimming and sign election resolve conflicting coordinates", _margin(sign - SIGN_CONFLICT, 0.3))
+        return Choice(
+            M.TIES, M.DARE_TIES,
+            f"rule 4: sign disagreement {sign:.0%} > {SIGN_CONFLICT:.0%}: TIES' trimming and sign election "
+            "resolve conflicting coordinates",
+            _margin(sign - SIGN_CONFLICT, 0.3),
+        )
     if p.has_base and p.energy is not None and p.energy > CONCENTRATED_ENERGY:
-        method = M.DARE_TIES if sign >= LOW_SIGN_CONFLICT else M.DARE_LINEAR
-        return Choice(method, M.TIES, f"rule 5: {p.energy:.0%} of the task vectors' energy lies in their top "
-                      "singular directions: concentrated updates survive DARE's random dropping"
-                      + (f"; sign conflict {sign:.0%} calls for sign election" if method is M.DARE_TIES else ""),
-                      _margin(p.energy - CONCENTRATED_ENERGY, 0.5))
+        elect = sign >= LOW_SIGN_CONFLICT
+        return Choice(
+            M.DARE_TIES if elect else M.DARE_LINEAR, M.TIES,
+            f"rule 5: {p.energy:.0%} of the task vectors' energy lies in their top singular directions: "
+            "concentrated updates survive DARE's random dropping"
+            + (f"; sign conflict {sign:.0%} calls for sign election" if elect else ""),
+            _margin(p.energy - CONCENTRATED_ENERGY, 0.5),
+        )
     if p.min_cosine >= HIGH_COSINE:
+        margin = _margin(p.min_cosine - HIGH_COSINE, 1 - HIGH_COSINE)
+        close = f"rule 6: weight cosine >= {HIGH_COSINE} in every layer (lowest {p.min_cosine:.4f})"
         mostly_degenerate = p.n_blocks > 0 and len(p.degenerate_layers) > p.n_blocks / 2
         if p.n_models == 2 and not mostly_degenerate:
-            return Choice(M.SLERP, M.LINEAR, f"rule 6: weight cosine >= {HIGH_COSINE} in every layer (lowest "
-                          f"{p.min_cosine:.4f}): the models are close, SLERP interpolates along the sphere",
-                          _margin(p.min_cosine - HIGH_COSINE, 1 - HIGH_COSINE))
-        why = "3 or more models" if several else "most layers have |cos| > 0.9995, where SLERP is linear anyway"
-        return Choice(M.LINEAR, M.SLERP if p.n_models == 2 else None, f"rule 6: weight cosine >= {HIGH_COSINE} in "
-                      f"every layer (lowest {p.min_cosine:.4f}) and {why}: a weighted average",
-                      _margin(p.min_cosine - HIGH_COSINE, 1 - HIGH_COSINE))
+            return Choice(M.SLERP, M.LINEAR, f"{close}: the models are close; SLERP interpolates", margin)
+        why = "3 or more models" if p.n_models >= 3 else "most layers have |cos| > 0.9995 (SLERP is linear)"
+        return Choice(M.LINEAR, pair_alternative, f"{close} and {why}: a weighted average", margin)
     if p.overlap is not None and p.overlap < LOW_OVERLAP:
-        return Choice(M.LINEAR, M.SLERP if p.n_models == 2 else None, f"rule 7: top singular subspaces overlap "
-                      f"{p.overlap:.2f} < {LOW_OVERLAP}: averaging blurs both; a linear merge with a small weight "
-                      "on the other model(s)", _margin(LOW_OVERLAP - p.overlap, LOW_OVERLAP))
+        return Choice(
+            M.LINEAR, pair_alternative,
+            f"rule 7: top singular subspaces overlap {p.overlap:.2f} < {LOW_OVERLAP}: averaging blurs both; "
+            "a linear merge with a small weight on the other model(s)",
+            _margin(LOW_OVERLAP - p.overlap, LOW_OVERLAP),
+        )
     if p.has_base:
-        return Choice(M.TASK_ARITHMETIC, M.TIES, "rule 8: a shared base, low sign conflict and spread-out task "
-                      "vectors: plain task arithmetic", 0.3)
+        return Choice(M.TASK_ARITHMETIC, M.TIES, "rule 8: a shared base, low sign conflict and spread-out "
+                      "task vectors: plain task arithmetic", 0.3)
     if p.n_models == 2:
         return Choice(M.SLERP, M.LINEAR, "rule 9: two related models without a base: SLERP", 0.3)
-    return Choice(M.LINEAR, None, "rule 9: three or more related models without a base: a weighted average", 0.3)
+    return Choice(M.LINEAR, None, "rule 9: three or more related models without a base: a weighted average",
+                  0.3)
 
 
 def _margin(excess: float, scale: float) -> float:
@@ -190,16 +210,17 @@ def recommend_strategy(result: CompareResult) -> Strategy:
         if method is MergeMethod.SLERP and p.degenerate_layers:
             warnings.append(
                 f"mergekit's SLERP falls back to linear interpolation where |cos| > {SLERP_LINEAR_FALLBACK} "
-                f"(per output row in mergekit 0.1.5, per flattened tensor before): {len(p.degenerate_layers)} "
-                f"layer(s) here, e.g. {', '.join(p.degenerate_layers[:4])}, are merged linearly"
+                f"(per output row in mergekit 0.1.5, per flattened tensor before): "
+                f"{len(p.degenerate_layers)} layer(s) here, e.g. {', '.join(p.degenerate_layers[:4])}, are "
+                "merged linearly"
             )
             break
     if p.balance is not None and p.balance < 0.5:
         warnings.append(f"one fine-tune moved {1 / max(p.balance, 1e-6):.1f}x farther from the base than the "
                         "other: its task vector dominates; lower its weight if that is not intended")
     if result.mci.verdict.value in ("risky", "incompatible") and choice.method is not MergeMethod.PASSTHROUGH:
-        warnings.append(f"the MCI is {result.mci.score:.0f} ({result.mci.verdict.value}): evaluate the merged "
-                        "model before use")
+        warnings.append(f"the MCI is {result.mci.score:.0f} ({result.mci.verdict.value}): evaluate the "
+                        "merged model before use")
     return Strategy(
         method=choice.method, confidence=_confidence(choice, p, result), rationale=rationale,
         runner_up=choice.runner_up, parameters=params, warnings=warnings, mergekit_yaml=text,
@@ -207,12 +228,12 @@ def recommend_strategy(result: CompareResult) -> Strategy:
 
 
 def needs_separate_base(method: MergeMethod) -> bool:
-    """Whether the method needs a base model besides the merged ones (SLERP's base is one of its two models)."""
+    """Whether the method needs a base model besides the merged ones (SLERP's base is one of its two)."""
     return METHODS[method.value].needs_base and method is not MergeMethod.SLERP
 
 
 def mergekit_yaml(result: CompareResult, method: MergeMethod) -> str:
-    """The YAML that `recommend_strategy` would emit had the rules picked `method` (parameters still measured)."""
+    """The YAML `recommend_strategy` would emit had the rules picked `method` (parameters still measured)."""
     return _render(result, method, profile(result), [], [])[1]
 
 
@@ -224,7 +245,8 @@ def _render(
     labels = [m.label for m in result.models]
     dropped = _zone_layers(result, p.n_blocks, labels)
     params = _parameters(method, p, labels, dropped, rationale, warnings)
-    text = yaml.safe_dump(_config(result, method, params, p), sort_keys=False, default_flow_style=None, width=100)
+    config = _config(result, method, params, p)
+    text = yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
     MergeConfig.model_validate(yaml.safe_load(text))  # our own mirror: a bug here must not reach the user
     return params, text
 
@@ -253,21 +275,22 @@ def _parameters(
     params: dict[str, Any] = {}
     if method is M.PASSTHROUGH:
         params["take"] = labels[0]
-        warnings.append(f"a merge is not advised: the passthrough config keeps {labels[0]}'s layers unchanged; "
-                        "reorder the models to keep another")
+        warnings.append(f"a merge is not advised: the passthrough config keeps {labels[0]}'s layers "
+                        "unchanged; reorder the models to keep another")
         return params
     if method is M.MODEL_STOCK:
         if dropped:
-            warnings.append(f"conflict zone(s) at layer(s) {_spans(sorted({i for v in dropped.values() for i in v}))}"
-                            ": model_stock cannot exclude a model there; consider ties with per-layer weights")
+            zone_layers = _spans(sorted({i for blocks in dropped.values() for i in blocks}))
+            warnings.append(f"conflict zone(s) at layer(s) {zone_layers}: model_stock cannot exclude a model "
+                            "there; consider ties with per-layer weights")
         return params
     if method is M.SLERP:
         t = 0.5 if p.balance is None else _round(0.5 * (0.5 + 0.5 * p.balance), 0.05)
         params["t"] = t
         if labels[1] in dropped:
             params["t_per_layer"] = [0.0 if i in dropped[labels[1]] else t for i in range(p.n_blocks)]
-            rationale.append(f"conflict zone(s) at layer(s) {_spans(dropped[labels[1]])}: t = 0 there, so those "
-                             f"layers come from {labels[0]} (base_model of the SLERP)")
+            rationale.append(f"conflict zone(s) at layer(s) {_spans(dropped[labels[1]])}: t = 0 there, so "
+                             f"those layers come from {labels[0]} (base_model of the SLERP)")
         return params
     n = len(labels)
     weights = {label: _round(1 / n, 0.01) for label in labels}

@@ -49,10 +49,8 @@ async def suggest_strategy(
     result, cached = await analyse(ctx, models, base_model)
     s = result.strategy
     if s is None:
-        raise ToolError(
-            "no merge strategy is available: this mergelens build has no strategy engine "
-            "(mergelens_mcp.analysis.strategy); compare_models and get_conflict_zones still work"
-        )
+        reasons = "; ".join(result.mci.reasons[:3])
+        raise ToolError(f"no merge strategy: these models cannot be merged tensor by tensor ({reasons})")
     return views.StrategyAdvice(
         method=s.method, confidence=s.confidence, rationale=s.rationale, runner_up=s.runner_up,
         parameters=s.parameters, warnings=s.warnings, mergekit_yaml=s.mergekit_yaml,
@@ -62,14 +60,14 @@ async def suggest_strategy(
 
 async def explain_layer(
     models: Models,
-    layer: Annotated[str, Field(description="a block index ('12') or a layer name: 'layers.12', 'embed', "
+    layer: Annotated[int | str, Field(description="a block index (12) or a layer name: 'layers.12', 'embed', "
                                             "'norm', 'lm_head' (as in compare_models' worst_layers)")],
     ctx: AppContext,
     base_model: BaseModelPath = None,
 ) -> views.LayerReport:
     result, cached = await analyse(ctx, models, base_model)
     try:
-        found = find_layer(result.layer_metrics, layer)
+        found = find_layer(result.layer_metrics, str(layer))
     except InputError as exc:
         raise ToolError(redact(str(exc))) from exc
     explanations = [explain(lm) for lm in found]
@@ -80,9 +78,8 @@ def register(server: MCPServer) -> None:
     server.add_tool(
         compare_models, name="compare_models", title="Compare models before merging", annotations=READ_ONLY,
         description=(
-            "Answer 'can these models be merged, and where will it break?' before running a merge. Reads "
-            "two or "
-            "more checkpoints (and ideally their common base) and returns the Merge Compatibility Index "
+            "Answer 'can these models be merged, and where will it break?' before running a merge. Reads two "
+            "or more checkpoints (and ideally their common base) and returns the Merge Compatibility Index "
             "(0-100) with a verdict (highly_compatible / compatible / risky / incompatible), the reasons, "
             "the conflict zones (runs of layers that would merge badly, with a fix), the worst layers, "
             "findings about architecture or vocabulary, and the recommended merge method when available. "
@@ -111,9 +108,8 @@ def register(server: MCPServer) -> None:
         suggest_strategy, name="suggest_strategy", title="Suggest a merge strategy", annotations=READ_ONLY,
         description=(
             "Recommend a mergekit merge method (linear, slerp, ties, dare_ties, task_arithmetic, ...) for "
-            "these "
-            "models with its parameters, a rationale, a runner-up, warnings, and a ready-to-edit mergekit "
-            "YAML. Pass base_model: the task-vector methods need it."
+            "these models with its parameters, a rationale, a runner-up, warnings, and a ready-to-edit "
+            "mergekit YAML. Pass base_model: the task-vector methods need it."
         ),
     )
     server.add_tool(

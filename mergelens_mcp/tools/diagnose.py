@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from .. import service
 from ..analysis.engine import Cancelled, Progress
+from ..models import ConfigDiagnosis
+from . import views
+from .params import Detail
 from .runtime import AppContext, guard_for, run_in_worker, state_of
 
 
@@ -18,22 +20,16 @@ async def diagnose_merge(
     config: Annotated[str, Field(description="a mergekit YAML config: a path to a .yml/.yaml file under the "
                                              "allowed folders, or the YAML text itself")],
     ctx: AppContext,
-) -> dict[str, Any]:
-    diagnose = getattr(service, "diagnose", None)
-    if diagnose is None:
-        raise ToolError(
-            "diagnose_merge is not available: this mergelens build has no mergekit config diagnosis "
-            "(service.diagnose); compare_models and suggest_strategy can still assess the models"
-        )
+    detail: Detail = False,
+) -> views.Diagnosis:
     state = state_of(ctx)
     guard = await guard_for(ctx)
 
-    def job(progress: Progress, cancelled: Cancelled) -> dict[str, Any]:
-        result = diagnose(config, settings=state.settings, guard=guard, progress=progress,
-                          cancelled=cancelled)
-        return result.model_dump(mode="json")
+    def job(progress: Progress, cancelled: Cancelled) -> ConfigDiagnosis:
+        return service.diagnose(config, settings=state.settings, guard=guard, progress=progress,
+                                cancelled=cancelled)
 
-    return await run_in_worker(ctx, job)
+    return views.diagnosis(await run_in_worker(ctx, job), detail)
 
 
 def register(server: MCPServer) -> None:
@@ -42,8 +38,10 @@ def register(server: MCPServer) -> None:
         annotations=ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True,
                                     openWorldHint=False),
         description=(
-            "Check a mergekit YAML before running it: parse errors, unknown keys, bad parameters for the "
-            "method, missing or mismatched models, and the compatibility of the models it merges, each with "
-            "a fix. Give the YAML text itself or a path to it."
+            "Check a mergekit YAML before running it: whether mergekit will accept it (unknown keys, bad "
+            "parameters for the method, missing or mismatched models, layer ranges), each problem with a "
+            "fix, and, where the models can be read, a simulation of how much of each model's change the "
+            "merge would cancel or discard per layer (interference, 0 = nothing lost). Give the YAML text "
+            "itself or a path to it."
         ),
     )

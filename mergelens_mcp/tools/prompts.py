@@ -17,14 +17,12 @@ def should_i_merge(
     base = repr(base_model.strip()) if base_model.strip() else "none given (ask the user; it matters)"
     return (
         f"The user wants to know whether to merge these models: {listed}. Base model: {base}.\n"
-        "1. Call compare_models with models and base_model. Report the score, the verdict and its reasons in "
-        "one or two sentences.\n"
+        "1. Call compare_models with models and base_model. Report the score, the verdict and its reasons "
+        "in one or two sentences.\n"
         "2. If there are conflict zones, say which layers and why; call explain_layer on the worst one if "
-        "the "
-        "user wants to understand it.\n"
+        "the user wants to understand it.\n"
         "3. If the verdict is compatible or better, call suggest_strategy and show the mergekit YAML. If it "
-        "is "
-        "risky, propose the zone recommendations (e.g. take those layers from one model). If it is "
+        "is risky, propose the zone recommendations (e.g. take those layers from one model). If it is "
         "incompatible, advise against merging and say why.\n"
         "4. Offer generate_report for an HTML report to open in a browser."
     )

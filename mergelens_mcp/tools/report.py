@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -13,9 +14,9 @@ from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from ..analysis.engine import Cancelled, Progress
-from ..errors import PathNotAllowedError
-from ..models import CompareResult
+from ..errors import MergeLensError, PathNotAllowedError
 from ..security.paths import PathGuard
+from ..security.redact import redact
 from . import views
 from .params import BaseModelPath, Models
 from .runtime import AppContext, analyse, run_in_worker, state_of
@@ -23,10 +24,10 @@ from .runtime import AppContext, analyse, run_in_worker, state_of
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
 
 
-def report_path(folder: Path, filename: str | None, result: CompareResult) -> Path:
+def report_path(folder: Path, filename: str | None, models: Sequence[str], base: str | None) -> Path:
     """Where the report goes: a plain file name inside `folder`, never a path out of it."""
     if filename is None:
-        digest = hashlib.sha256("\0".join(m.resolved for m in result.models).encode()).hexdigest()[:10]
+        digest = hashlib.sha256("\0".join([*models, base or ""]).encode()).hexdigest()[:10]
         filename = f"mergelens-report-{digest}.html"
     if not filename.endswith(".html"):
         filename += ".html"
@@ -36,21 +37,9 @@ def report_path(folder: Path, filename: str | None, result: CompareResult) -> Pa
             "(no folders: reports are always written to the server's output folder)"
         )
     path = (folder / filename).resolve()
-    if path.parent != folder:
+    if path.parent != folder.resolve():
         raise PathNotAllowedError(f"report filename {filename!r} resolves outside the output folder {folder}")
     return path
-
-
-def _writer():  # type: ignore[no-untyped-def]
-    try:
-        from ..report import write_report
-    except ImportError:
-        raise ToolError(
-            "HTML reports are not available: this mergelens build has no report module "
-            "(mergelens_mcp.report); "
-            "compare_models returns the same findings as structured data"
-        ) from None
-    return write_report
 
 
 async def generate_report(
@@ -68,16 +57,22 @@ async def generate_report(
                           "(reports mergelens wrote are always replaced); leave false unless the user asked"),
     ] = False,
 ) -> views.Report:
-    write_report = _writer()
-    result, cached = await analyse(ctx, models, base_model)
+    from ..report import check_output, write_report
+
     folder = state_of(ctx).settings.reports_dir
+    try:  # refuse a bad name before any tensor is read
+        folder.mkdir(parents=True, exist_ok=True)
+        path = report_path(folder, filename, models, base_model)
+        path = PathGuard([folder]).check_output(path, "report output")  # no FIFO, device or folder
+        target = check_output(path, overwrite=overwrite)  # and not someone else's file unless asked
+    except MergeLensError as exc:
+        raise ToolError(redact(str(exc))) from exc
+    except OSError as exc:
+        raise ToolError(f"cannot use the output folder {folder}: {exc.strerror}") from exc
+    result, cached = await analyse(ctx, models, base_model)
 
     def job(progress: Progress, cancelled: Cancelled) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        path = report_path(folder.resolve(), filename, result)
-        path = PathGuard([folder]).check_output(path, "report output")  # no FIFO, device or folder there
-        write_report(result, path, overwrite=overwrite)
-        return path
+        return write_report(result, target, overwrite=overwrite)
 
     path = await run_in_worker(ctx, job)
     return views.Report(path=str(path), bytes=path.stat().st_size, score=result.mci.score,
@@ -91,8 +86,9 @@ def register(server: MCPServer) -> None:
                                     openWorldHint=False),
         description=(
             "Write a self-contained interactive HTML report (per-layer heatmaps, conflict zones, the score "
-            "and "
-            "its reasons) for these models into the server's output folder, and return its path and a "
-            "one-line summary. Use when the user wants something to open in a browser or share."
+            "and its reasons, the recommended mergekit config) for these models into the server's output "
+            "folder, and return its path and a one-line summary. Use when the user wants something to open "
+            "in a browser or share. It replaces an earlier mergelens report of the same name, never other "
+            "files."
         ),
     )

@@ -6,7 +6,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
@@ -17,7 +17,7 @@ from mcp.shared.message import ServerMessageMetadata
 
 from .. import service
 from ..analysis.engine import Cancelled, Progress
-from ..errors import MergeLensError
+from ..errors import AnalysisCancelledError, MergeLensError
 from ..models import CompareResult
 from ..security.paths import PathGuard
 from ..security.redact import redact
@@ -28,16 +28,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CANCEL_GRACE_S = 30.0  # how long a cancelled call waits for its worker to stop at the next tensor
 ROOTS_TIMEOUT_S = 10.0  # how long the server waits for the client's roots/list answer
+GATE_POLL_S = 0.2  # how often a call waiting for an identical analysis checks whether it was cancelled
 
 
 class AnalysisCache:
-    """A bounded, thread-safe LRU of comparison results, keyed by `service.fingerprint`."""
+    """A bounded, thread-safe LRU of comparison results, keyed by `service.fingerprint`. Calls that ask for
+    the same analysis at once (an assistant calling two tools in parallel) wait for the first one."""
 
     def __init__(self, size: int) -> None:
         self.size = size
         self.hits = self.misses = 0
         self._items: OrderedDict[Hashable, CompareResult] = OrderedDict()
         self._lock = threading.Lock()
+        self._gates: dict[Hashable, tuple[threading.Lock, int]] = {}  # key -> (lock, callers using it)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -51,6 +54,41 @@ class AnalysisCache:
             self.hits += 1
             self._items.move_to_end(key)
             return found
+
+    def get_or_compute(
+        self, key: Hashable, compute: Callable[[], CompareResult], cancelled: Cancelled
+    ) -> tuple[CompareResult, bool]:
+        """The result for `key` and whether it was cached; `compute()` runs at most once per key at a time,
+        and a caller waiting for it still stops when `cancelled()`."""
+        found = self.get(key)
+        if found is not None:
+            return found, True
+        with self._lock:
+            gate, users = self._gates.get(key, (threading.Lock(), 0))
+            self._gates[key] = (gate, users + 1)
+        try:
+            while not gate.acquire(timeout=GATE_POLL_S):
+                if cancelled():
+                    raise AnalysisCancelledError("cancelled while an identical analysis was running")
+            try:
+                with self._lock:
+                    found = self._items.get(key)
+                if found is not None:
+                    with self._lock:
+                        self.hits += 1
+                    return found, True
+                result = compute()
+                self.put(key, result)
+                return result, False
+            finally:
+                gate.release()
+        finally:
+            with self._lock:
+                gate, users = self._gates[key]
+                if users == 1:
+                    del self._gates[key]
+                else:
+                    self._gates[key] = (gate, users - 1)
 
     def put(self, key: Hashable, result: CompareResult) -> None:
         if self.size == 0:
@@ -70,7 +108,6 @@ class AppState:
     guard: PathGuard
     limiter: anyio.CapacityLimiter
     cache: AnalysisCache
-    analyses: int = field(default=0)  # comparisons that read weights (cache misses that completed)
 
     @classmethod
     def create(cls, settings: Settings) -> AppState:
@@ -157,13 +194,8 @@ async def analyse(ctx: AppContext, models: Sequence[str], base: str | None) -> t
 
     def job(progress: Progress, cancelled: Cancelled) -> tuple[CompareResult, bool]:
         key = service.fingerprint(sources, base, settings=state.settings, guard=guard)
-        cached = state.cache.get(key)
-        if cached is not None:
-            return cached, True
-        result = service.compare(sources, base, settings=state.settings, guard=guard,
-                                 progress=progress, cancelled=cancelled)
-        state.cache.put(key, result)
-        state.analyses += 1
-        return result, False
+        return state.cache.get_or_compute(key, lambda: service.compare(
+            sources, base, settings=state.settings, guard=guard, progress=progress, cancelled=cancelled,
+        ), cancelled)
 
     return await run_in_worker(ctx, job)

@@ -9,9 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..models import (
     CompareResult,
+    ConfigDiagnosis,
     ConflictZone,
     Finding,
     LayerExplanation,
+    LayerInterference,
     LayerMetrics,
     MergeMethod,
     ModelInfo,
@@ -124,6 +126,35 @@ class Report(View):
     verdict: Verdict
     summary: str
     cached: bool
+
+
+class Diagnosis(View):
+    """A mergekit config checked: will it run, what is wrong with it, and what would the merge lose."""
+
+    valid: bool = Field(description="no error-level finding: mergekit should accept and run this config")
+    merge_method: str | None
+    findings: list[Finding]
+    overall_interference: float | None = Field(
+        description="0..1 share of the models' changes the merge would cancel or discard (None: not "
+                    "simulated)"
+    )
+    worst_layers: dict[str, float] = Field(
+        description=f"the {WORST_LAYERS} layers with the most interference"
+    )
+    models_checked: list[str]
+    notes: list[str]
+    layers: list[LayerInterference] | None = Field(
+        default=None, description="every simulated layer (detail=true only)"
+    )
+
+
+def diagnosis(result: ConfigDiagnosis, detail: bool) -> Diagnosis:
+    worst = sorted(result.interference_scores.items(), key=lambda kv: -kv[1])[:WORST_LAYERS]
+    return Diagnosis(
+        valid=result.valid, merge_method=result.merge_method, findings=result.findings,
+        overall_interference=result.overall_interference, worst_layers=dict(worst),
+        models_checked=result.models_checked, notes=result.notes, layers=result.layers if detail else None,
+    )
 
 
 def brief(info: ModelInfo) -> ModelBrief:

@@ -12,13 +12,16 @@ from typing import Any
 
 import anyio
 import pytest
+import yaml
 from mcp import Client
 from mcp.server.mcpserver import MCPServer
 
 from fixtures.checkpoints import Family, Shape, random_model, save
+from fixtures.configs import broken_configs, ties_config
 from mergelens_mcp import service
 from mergelens_mcp.analysis.score import verdict_for
 from mergelens_mcp.errors import AnalysisCancelledError
+from mergelens_mcp.models import MergeMethod
 from mergelens_mcp.server import build_server
 from mergelens_mcp.settings import Settings
 from mergelens_mcp.tools import TOOL_NAMES
@@ -202,8 +205,10 @@ async def test_explain_layer_accepts_layer_names_and_lists_the_layers_when_it_do
 ) -> None:
     async with Client(shared) as client:
         named = await call(client, "explain_layer", flipped_pair | {"layer": "lm_head"})
+        number = await call(client, "explain_layer", flipped_pair | {"layer": 1})
         unknown = await call(client, "explain_layer", flipped_pair | {"layer": "layers.99"})
     assert named.structured_content["explanations"][0]["kind"] == "lm_head"
+    assert number.structured_content["layer"] == "layers.1"
     assert "'layers.99' is not in these models" in error_text(unknown)
     assert "embed, layers.0" in error_text(unknown)
 
@@ -292,3 +297,95 @@ async def test_the_should_i_merge_prompt_walks_through_the_tools(shared: MCPServ
     text = prompt.messages[0].content.text
     assert "'org/a', 'org/b'" in text and "'org/base'" in text
     assert text.index("compare_models") < text.index("suggest_strategy") < text.index("generate_report")
+
+
+async def test_suggest_strategy_recommends_a_method_with_a_mergekit_config_for_these_models(
+    shared: MCPServer[AppState], family: Family
+) -> None:
+    args = {"models": [str(family.finetune_a), str(family.finetune_b)], "base_model": str(family.base)}
+    async with Client(shared) as client:
+        result = await call(client, "suggest_strategy", args)
+    assert not result.is_error, result.content
+    out = result.structured_content
+    config = yaml.safe_load(out["mergekit_yaml"])
+    assert config["merge_method"] == out["method"] and out["method"] in {m.value for m in MergeMethod}
+    assert 0 < out["confidence"] <= 1 and out["rationale"]
+    assert out["verdict"] in ("compatible", "highly_compatible")
+    assert str(family.finetune_b) in out["mergekit_yaml"]
+
+
+async def test_suggest_strategy_for_models_that_cannot_be_compared_is_an_error_with_the_reasons(
+    shared: MCPServer[AppState], family: Family, scratch: Path
+) -> None:
+    small = Shape(hidden=32, layers=2, intermediate=64)
+    save(random_model(small, seed=3), scratch / "small2", small)
+    async with Client(shared) as client:
+        args = {"models": [str(family.finetune_a), str(scratch / "small2")]}
+        result = await call(client, "suggest_strategy", args)
+    message = error_text(result)
+    assert "cannot be merged tensor by tensor" in message and "hidden_size=32" in message
+
+
+async def test_diagnose_merge_checks_a_config_given_as_text_or_as_a_path(
+    shared: MCPServer[AppState], family: Family, scratch: Path
+) -> None:
+    text = yaml.safe_dump(ties_config(str(family.finetune_a), str(family.finetune_b), str(family.base)))
+    (scratch / "merge.yaml").write_text(text)
+    broken = broken_configs(str(family.finetune_a), str(family.finetune_b), str(family.base))["unknown_key"]
+    async with Client(shared) as client:
+        inline = await call(client, "diagnose_merge", {"config": text})
+        path_args = {"config": str(scratch / "merge.yaml"), "detail": True}
+        by_path = await call(client, "diagnose_merge", path_args)
+        bad = await call(client, "diagnose_merge", {"config": broken})
+        unparsable = await call(client, "diagnose_merge", {"config": "merge_method: ties\nmodels: [a, b"})
+    out = inline.structured_content
+    assert out["valid"] is True and out["merge_method"] == "ties" and out["layers"] is None
+    assert out["overall_interference"] is not None and 0 <= out["overall_interference"] <= 1
+    assert 0 < len(out["worst_layers"]) <= 5
+    detailed = by_path.structured_content
+    assert detailed["overall_interference"] == out["overall_interference"] and len(detailed["layers"]) >= 4
+    assert "unknown_key" in {f["code"] for f in bad.structured_content["findings"]}
+    assert "invalid YAML" in error_text(unparsable)
+
+
+async def test_generate_report_writes_an_html_file_into_the_output_folder(
+    shared: MCPServer[AppState], settings: Settings, flipped_pair: dict[str, Any]
+) -> None:
+    async with Client(shared) as client:
+        result = await call(client, "generate_report", flipped_pair | {"filename": "flipped"})
+    assert not result.is_error, result.content
+    out = result.structured_content
+    path = Path(out["path"])
+    assert path == settings.reports_dir / "flipped.html" and path.stat().st_size == out["bytes"] > 10_000
+    assert "<html" in path.read_text(encoding="utf-8")[:500].lower()
+    assert out["summary"].startswith(f"MCI {out['score']:.1f}/100") and "1 conflict zone" in out["summary"]
+
+
+async def test_generate_report_refuses_folders_in_the_name_and_files_that_are_not_reports(
+    shared: MCPServer[AppState], settings: Settings, flipped_pair: dict[str, Any]
+) -> None:
+    settings.reports_dir.mkdir(parents=True, exist_ok=True)
+    notes = settings.reports_dir / "notes.html"
+    notes.write_text("my own notes")
+    async with Client(shared) as client:
+        escape = await call(client, "generate_report", flipped_pair | {"filename": "../escape.html"})
+        clobber = await call(client, "generate_report", flipped_pair | {"filename": "notes.html"})
+    assert "is not a plain file name" in error_text(escape)
+    assert not (settings.reports_dir.parent / "escape.html").exists()
+    assert "is not a mergelens report" in error_text(clobber) and notes.read_text() == "my own notes"
+
+
+async def test_two_tools_called_at_once_on_the_same_models_read_the_weights_once(
+    settings: Settings, flipped_pair: dict[str, Any], engine_calls: list[list[str]]
+) -> None:
+    results: dict[str, Any] = {}
+    async with Client(build_server(settings)) as client:
+
+        async def run(tool: str) -> None:
+            results[tool] = await call(client, tool, flipped_pair)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, "compare_models")
+            group.start_soon(run, "get_conflict_zones")
+    assert len(engine_calls) == 1
+    assert sorted(r.structured_content["cached"] for r in results.values()) == [False, True]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import selectors
 import socket
 import subprocess
 import sys
@@ -39,7 +41,8 @@ def wait_for_port(process: subprocess.Popen[bytes], port: int, deadline_s: float
     while time.monotonic() < deadline:
         if process.poll() is not None:
             _, err = process.communicate(timeout=5)
-            pytest.fail(f"the server exited with {process.returncode}: {err.decode(errors='replace')[-2000:]}")
+            detail = err.decode(errors="replace")[-2000:]
+            pytest.fail(f"the server exited with {process.returncode}: {detail}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
                 return
@@ -113,3 +116,55 @@ async def test_mergelens_serve_answers_compare_models_over_sse(family: Family, h
         async with Client(sse_client(f"http://127.0.0.1:{http_server}/sse")) as client:
             out = await compare_through(client, family)
     assert_flipped_answer(out)
+
+
+def read_replies(process: subprocess.Popen[bytes], wanted: int, deadline_s: float) -> list[bytes]:
+    """Lines from the server's stdout until `wanted` replies (lines with an id) came, or the deadline."""
+    assert process.stdout is not None
+    lines: list[bytes] = []
+    deadline = time.monotonic() + deadline_s
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while sum(b'"id"' in line for line in lines) < wanted:
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(timeout=left):
+                pytest.fail(f"no reply within {deadline_s}s; stdout so far: {lines!r}")
+            line = process.stdout.readline()
+            if not line:
+                pytest.fail(f"the server closed stdout; stdout so far: {lines!r}")
+            lines.append(line)
+    return lines
+
+
+def test_under_stdio_stdout_carries_only_json_rpc_messages(family: Family, tmp_path: Path) -> None:
+    """Debug logging on, a tool error on the way: stdout still holds nothing but the two replies."""
+    messages = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "test", "version": "0"}}},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "get_compatibility_score", "arguments": {"models": ["/etc/passwd", str(family.base)]}}},
+    ]
+    command = [sys.executable, "-m", "mergelens_mcp", "--verbose", *serve_command(family)[3:]]
+    log = (tmp_path / "stderr.txt").open("wb")  # a file, not a pipe: debug logs must not fill a buffer
+    process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    try:
+        assert process.stdin is not None
+        process.stdin.write("".join(json.dumps(m) + "\n" for m in messages).encode())
+        process.stdin.flush()
+        lines = read_replies(process, 2, STARTUP_S + CALL_S)
+        rest, _ = process.communicate(timeout=30)  # closes stdin: the server must exit cleanly
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=30)
+        log.close()
+    replies = [json.loads(line) for line in [*lines, *rest.splitlines()]]
+    assert [r.get("id") for r in replies] == [1, 2]
+    assert replies[0]["result"]["serverInfo"]["name"] == "mergelens"
+    assert replies[1]["result"]["isError"] is True
+    assert "outside the allowed roots" in replies[1]["result"]["content"][0]["text"]
+    logged = (tmp_path / "stderr.txt").read_text(errors="replace")
+    assert process.returncode == 0, logged[-2000:]
+    assert "DEBUG" in logged, "--verbose logs go to stderr"

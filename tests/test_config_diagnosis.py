@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+import mergelens_mcp
+from fixtures.checkpoints import Family
+from fixtures.configs import broken_configs, linear_config, slerp_config, ties_config
+from mergelens_mcp import diagnose_config
+from mergelens_mcp.errors import ConfigError, PathNotAllowedError
+from mergelens_mcp.models import ConfigDiagnosis, FindingLevel
+from mergelens_mcp.security.paths import PathGuard
+from mergelens_mcp.service import diagnose
+
+REPO = Path(__file__).resolve().parents[1]
+TENSOR = "model.layers.0.mlp.down_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def broken(family: Family) -> dict[str, str]:
+    return broken_configs(str(family.finetune_a), str(family.finetune_b), str(family.base))
+
+
+@pytest.mark.parametrize("code", sorted(broken_configs()))
+def test_each_kind_of_config_mistake_is_found_with_its_path_and_fix(
+    code: str, broken: dict[str, str],
+) -> None:
+    result = diagnose_config(broken[code])
+    found = [f for f in result.findings if f.code == code]
+    assert found, [f.code for f in result.findings]
+    assert all(f.fix and f.path for f in found)
+    if any(f.level is FindingLevel.ERROR for f in found):
+        assert not result.valid
+
+
+def test_finding_paths_point_at_the_offending_yaml_node(broken: dict[str, str]) -> None:
+    def paths(code: str) -> list[str | None]:
+        return [f.path for f in diagnose_config(broken[code]).findings if f.code == code]
+
+    assert paths("density_out_of_range") == ["models[1].parameters.density"]
+    assert paths("unknown_parameter") == ["models[0].parameters.t"]
+    assert paths("unknown_key") == ["paramters"]
+    assert paths("string_number") == ["models[0].parameters.density"]
+    assert paths("slice_out_of_range") == ["slices[1].sources[0].layer_range"]
+    assert paths("gradient_too_long") == ["parameters.t"]
+
+
+def test_the_fixes_suggest_the_name_that_was_probably_meant(broken: dict[str, str]) -> None:
+    fixes = {f.code: f.fix for code in ("unknown_key", "unknown_method")
+             for f in diagnose_config(broken[code]).findings}
+    assert fixes == {"unknown_key": "did you mean 'parameters'?", "unknown_method": "did you mean 'ties'?"}
+
+
+def test_a_sound_config_on_readable_models_is_valid_and_simulated(family: Family) -> None:
+    config = yaml.safe_dump(ties_config(str(family.finetune_a), str(family.finetune_b), str(family.base)))
+    result = diagnose_config(config)
+    assert result.valid and result.findings == []
+    assert result.models_checked == [str(family.finetune_a), str(family.finetune_b), str(family.base)]
+    assert list(result.interference_scores) == [
+        "embed", "layers.0", "layers.1", "layers.2", "layers.3", "norm", "lm_head",
+    ]
+    assert result.overall_interference is not None and result.overall_interference < 0.05
+
+
+def test_a_sign_flipped_layer_shows_as_the_interference_peak(family: Family) -> None:
+    config = yaml.safe_dump(ties_config(str(family.finetune_a), str(family.flipped), str(family.base)))
+    result = diagnose_config(config)
+    scores = result.interference_scores
+    assert max(scores, key=lambda name: scores[name]) == "layers.2"
+    assert scores["layers.2"] > 0.2 > scores["layers.1"]
+    assert [f.code for f in result.findings] == ["sign_conflict"]
+    assert "layers.2" in result.findings[0].message
+
+
+def _write(folder: Path, matrix: list[list[float]]) -> str:
+    folder.mkdir(parents=True)
+    save_file({TENSOR: torch.tensor(matrix, dtype=torch.float32)}, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def test_ties_simulation_matches_a_hand_computed_case(tmp_path: Path) -> None:
+    base = _write(tmp_path / "base", [[0, 0], [0, 0]])
+    a = _write(tmp_path / "a", [[1, 2], [3, 4]])
+    b = _write(tmp_path / "b", [[-1, 2], [3, -8]])
+    # density 1, weights 1: sum = [0, 4, 6, -4]; elected signs [0, +, +, -]; losing mass 1 + 1 (coord 0) + 4
+    # (a's +4 at coord 3) = 6 of 24
+    full = diagnose_config(yaml.safe_dump(ties_config(a, b, base, density=1.0, weights=(1.0, 1.0))))
+    assert full.interference_scores == {"layers.0": pytest.approx(6 / 24)}
+    # density 0.5 keeps a = [0, 0, 3, 4], b = [0, 0, 3, -8]: sum [0, 0, 6, -4]; a's 4 loses, of 18
+    half = diagnose_config(yaml.safe_dump(ties_config(a, b, base, density=0.5, weights=(1.0, 1.0))))
+    layer = half.layers[0]
+    assert layer.interference == pytest.approx(4 / 18) and layer.sign_conflict == pytest.approx(4 / 18)
+    assert layer.survival == {a: pytest.approx(7 / 10), b: pytest.approx(11 / 14)}
+
+
+def test_linear_and_slerp_simulation_match_hand_computed_cases(tmp_path: Path) -> None:
+    a = _write(tmp_path / "a", [[1, 2], [3, 4]])
+    b = _write(tmp_path / "b", [[-1, 2], [3, -8]])
+    doubled = _write(tmp_path / "a2", [[2, 4], [6, 8]])
+    # 0.5 a + 0.5 b = [0, 2, 3, -2]: |.| sum 7 of (10 + 14) / 2 = 12 -> 5/12 cancels
+    linear = diagnose_config(yaml.safe_dump(linear_config(a, b)))
+    assert linear.overall_interference == pytest.approx(5 / 12)
+    slerp = diagnose_config(yaml.safe_dump(slerp_config(a, doubled)))
+    assert slerp.layers[0].slerp_linear_share == 1.0 and slerp.overall_interference == pytest.approx(0.0)
+    assert [f.code for f in slerp.findings] == ["slerp_degenerate"]
+
+
+def test_models_that_are_not_local_are_not_downloaded_and_not_simulated() -> None:
+    result = diagnose_config(yaml.safe_dump(ties_config("org/ft-a", "org/ft-b", "org/base")))
+    assert result.valid and result.models_checked == [] and result.overall_interference is None
+    assert any("not downloaded" in n for n in result.notes)
+
+
+def test_malformed_yaml_raises_a_config_error_naming_the_line() -> None:
+    with pytest.raises(ConfigError, match="line 4, column 2"):
+        diagnose_config("merge_method: ties\nmodels:\n  - model: a\n bad: [1,\n")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("- merge_method: ties\n", "not a mapping"),
+    ("# nothing\n", "is empty"),
+    ("merge_method: ties\n---\nmerge_method: linear\n", "several YAML documents"),
+])
+def test_yaml_that_is_not_one_mergekit_mapping_is_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        diagnose_config(text)
+
+
+def test_a_config_file_outside_the_allowed_roots_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(linear_config("org/a", "org/b")))
+    with pytest.raises(PathNotAllowedError):
+        diagnose(str(path), guard=PathGuard([tmp_path / "elsewhere"]))
+    assert diagnose(str(path), guard=PathGuard([tmp_path])).merge_method == "linear"
+
+
+def test_models_named_in_the_yaml_go_through_the_path_guard(tmp_path: Path, family: Family) -> None:
+    config = yaml.safe_dump(ties_config(str(family.finetune_a), str(family.finetune_b), str(family.base)))
+    result = diagnose(config, guard=PathGuard([tmp_path]))
+    assert result.models_checked == [] and result.overall_interference is None
+    assert {f.code for f in result.findings} == {"model_unreadable"}
+    assert "outside the allowed roots" in result.findings[0].message
+
+
+def test_diagnose_config_is_public_and_returns_a_frozen_diagnosis() -> None:
+    assert {"diagnose_config", "ConfigDiagnosis"} <= set(mergelens_mcp.__all__)
+    result = diagnose_config(yaml.safe_dump(linear_config("org/a", "org/b")))
+    assert isinstance(result, ConfigDiagnosis)
+    with pytest.raises(ValueError):
+        result.valid = False  # type: ignore[misc]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mergelens_mcp", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_cli_diagnose_prints_severity_path_and_fix_and_exits_by_validity(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(broken_configs()["density_out_of_range"])
+    run = _cli("diagnose", "--config", str(bad), "--json", str(tmp_path / "out.json"))
+    assert run.returncode == 1, run.stderr
+    assert "[error] at models[1].parameters.density: density 1.5 is outside (0, 1]" in run.stdout
+    assert "fix: use e.g. 0.5" in run.stdout
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["valid"] is False and saved["findings"][0]["code"] == "density_out_of_range"
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(linear_config("org/a", "org/b")))
+    assert _cli("diagnose", "--config", str(good)).returncode == 0
+    missing = _cli("diagnose", "--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and "is not a file" in " ".join(missing.stderr.split())
+
+
+def _slices(spec: list[list[tuple[str, int, int]]], method: str, **top: object) -> str:
+    slices = [{"sources": [{"model": m, "layer_range": [s, e]} for m, s, e in sources]} for sources in spec]
+    return yaml.safe_dump({"merge_method": method, "slices": slices, "parameters": top, "dtype": "bfloat16"})
+
+
+def test_a_slices_config_over_the_whole_depth_simulates_like_the_models_config(family: Family) -> None:
+    a, b = str(family.finetune_a), str(family.finetune_b)
+    models = diagnose_config(yaml.safe_dump(slerp_config(a, b, t=0.3)))
+    sliced = diagnose_config(_slices([[(a, 0, 4), (b, 0, 4)]], "slerp", t=0.3).replace(
+        "merge_method: slerp", f"merge_method: slerp\nbase_model: {a}"))
+    assert sliced.valid, sliced.findings
+    assert sliced.interference_scores == pytest.approx(models.interference_scores)
+    assert list(sliced.interference_scores) == list(models.interference_scores)
+
+
+def test_slices_that_pair_different_depths_interfere_more_than_aligned_ones(family: Family) -> None:
+    a, b = str(family.finetune_a), str(family.finetune_b)
+    aligned = diagnose_config(_slices([[(a, 0, 2), (b, 0, 2)], [(a, 2, 4), (b, 2, 4)]], "linear", weight=0.5))
+    shifted = diagnose_config(_slices([[(a, 0, 2), (b, 2, 4)], [(a, 2, 4), (b, 0, 2)]], "linear", weight=0.5))
+    assert aligned.valid and shifted.valid
+    blocks = [f"layers.{i}" for i in range(4)]
+    for name in blocks:
+        assert shifted.interference_scores[name] > 0.2 > 0.01 > aligned.interference_scores[name]
+    assert shifted.interference_scores["embed"] == pytest.approx(aligned.interference_scores["embed"])

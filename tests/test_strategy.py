@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fixtures.checkpoints import Family, Shape, combine, random_model, save, task_vector
+from mergelens_mcp import compare_models, diagnose_config
+from mergelens_mcp.analysis.mergekit_schema import MergeConfig
+from mergelens_mcp.analysis.metrics import Operand, task_mass_fraction
+from mergelens_mcp.analysis.strategy import mergekit_yaml, needs_separate_base, recommend_strategy
+from mergelens_mcp.errors import IncompatibleModelsError
+from mergelens_mcp.models import CompareResult, MergeMethod
+from mergelens_mcp.service import suggest_strategy
+
+TASK_METHODS = {m for m in MergeMethod if needs_separate_base(m)}
+
+
+@pytest.fixture(scope="module")
+def with_base(family: Family) -> dict[str, CompareResult]:
+    f = family
+    return {
+        "a_b": compare_models([str(f.finetune_a), str(f.finetune_b)], base=str(f.base)),
+        "a_flipped": compare_models([str(f.finetune_a), str(f.flipped)], base=str(f.base)),
+        "a_opposed": compare_models([str(f.finetune_a), str(f.opposed)], base=str(f.base)),
+        "three": compare_models([str(f.finetune_a), str(f.finetune_b), str(f.flipped)], base=str(f.base)),
+    }
+
+
+@pytest.fixture(scope="module")
+def without_base(family: Family) -> dict[str, CompareResult]:
+    f = family
+    return {
+        "a_a": compare_models([str(f.finetune_a), str(f.finetune_a)]),
+        "a_b": compare_models([str(f.finetune_a), str(f.finetune_b)]),
+        "a_flipped": compare_models([str(f.finetune_a), str(f.flipped)]),
+        "a_unrelated": compare_models([str(f.finetune_a), str(f.unrelated)]),
+        "three": compare_models([str(f.finetune_a), str(f.finetune_b), str(f.base)]),
+    }
+
+
+def test_a_sign_flipped_layer_with_a_base_gets_ties_and_the_flipped_model_is_left_out_of_that_layer(
+    with_base: dict[str, CompareResult], family: Family,
+) -> None:
+    strategy = with_base["a_flipped"].strategy
+    assert strategy is not None
+    assert strategy.method in (MergeMethod.TIES, MergeMethod.DARE_TIES)
+    assert strategy.runner_up is not None and strategy.runner_up is not strategy.method
+    assert strategy.parameters["weights_per_layer"] == {"model_b": [0.5, 0.5, 0.0, 0.5]}
+    config = yaml.safe_load(strategy.mergekit_yaml)
+    assert config["base_model"] == str(family.base)
+    assert [m["model"] for m in config["models"]] == [str(family.finetune_a), str(family.flipped)]
+    assert config["models"][1]["parameters"]["weight"] == [0.5, 0.5, 0.0, 0.5]
+    assert any("sign disagreement" in r for r in strategy.rationale)
+
+
+def test_compatible_finetunes_with_concentrated_task_vectors_get_dare(
+    with_base: dict[str, CompareResult],
+) -> None:
+    strategy = with_base["a_b"].strategy
+    assert strategy is not None and strategy.method is MergeMethod.DARE_TIES
+    assert "weights_per_layer" not in strategy.parameters
+
+
+def test_density_is_the_measured_share_of_coordinates_holding_the_task_vector_mass(
+    with_base: dict[str, CompareResult],
+) -> None:
+    result = with_base["a_flipped"]
+    pairs = [(lm.metrics["task_mass_fraction"], lm.n_params) for lm in result.layer_metrics]
+    measured = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+    assert result.strategy is not None
+    assert result.strategy.parameters["density"] == pytest.approx(round(measured / 0.05) * 0.05)
+    assert 0.1 <= result.strategy.parameters["density"] <= 0.9
+
+
+def test_finetunes_that_undo_each_other_are_not_averaged(with_base: dict[str, CompareResult]) -> None:
+    strategy = with_base["a_opposed"].strategy
+    assert strategy is not None and strategy.method is MergeMethod.PASSTHROUGH
+    assert any("not advised" in w for w in strategy.warnings)
+
+
+def test_three_aligned_finetunes_with_a_base_get_model_stock(with_base: dict[str, CompareResult]) -> None:
+    strategy = with_base["three"].strategy
+    assert strategy is not None and strategy.method is MergeMethod.MODEL_STOCK
+    assert len(yaml.safe_load(strategy.mergekit_yaml)["models"]) == 3
+
+
+def test_near_identical_models_without_base_get_slerp_and_identical_ones_linear(
+    without_base: dict[str, CompareResult],
+) -> None:
+    near, same = without_base["a_b"].strategy, without_base["a_a"].strategy
+    assert near is not None and near.method is MergeMethod.SLERP
+    assert yaml.safe_load(near.mergekit_yaml)["parameters"]["t"] == 0.5
+    assert same is not None and same.method is MergeMethod.LINEAR and same.runner_up is MergeMethod.SLERP
+
+
+def test_slerp_linear_fallback_is_warned_where_the_cosine_exceeds_0_9995(
+    without_base: dict[str, CompareResult],
+) -> None:
+    same = without_base["a_a"].strategy
+    assert same is not None
+    warning = next(w for w in same.warnings if "falls back to linear" in w)
+    assert "7 layer(s)" in warning
+
+
+def test_without_a_base_no_method_that_needs_one_is_recommended(
+    without_base: dict[str, CompareResult],
+) -> None:
+    for name, result in without_base.items():
+        assert result.strategy is not None, name
+        assert result.strategy.method not in TASK_METHODS, name
+        config = yaml.safe_load(result.strategy.mergekit_yaml)
+        assert "base_model" not in config or result.strategy.method is MergeMethod.SLERP
+        assert any("no base model" in r for r in result.strategy.rationale)
+
+
+def test_unrelated_models_get_passthrough_with_low_confidence_and_a_warning(
+    without_base: dict[str, CompareResult], family: Family,
+) -> None:
+    strategy = without_base["a_unrelated"].strategy
+    assert strategy is not None and strategy.method is MergeMethod.PASSTHROUGH
+    config = yaml.safe_load(strategy.mergekit_yaml)
+    assert config["slices"] == [{"sources": [{"model": str(family.finetune_a), "layer_range": [0, 4]}]}]
+    assert strategy.confidence < 0.8
+
+
+@pytest.mark.parametrize("method", list(MergeMethod))
+def test_the_yaml_for_every_method_round_trips_through_the_schema_mirror(
+    method: MergeMethod, with_base: dict[str, CompareResult],
+) -> None:
+    result = with_base["three"] if method is MergeMethod.MODEL_STOCK else with_base["a_flipped"]
+    text = mergekit_yaml(result, method)
+    config = MergeConfig.model_validate(yaml.safe_load(text))
+    assert config.merge_method == method.value
+    again = yaml.safe_dump(config.model_dump(exclude_none=True, mode="json"), sort_keys=False)
+    assert MergeConfig.model_validate(yaml.safe_load(again)).merge_method == method.value
+
+
+def test_a_method_that_needs_a_base_cannot_be_rendered_without_one(
+    without_base: dict[str, CompareResult],
+) -> None:
+    with pytest.raises(ValueError, match="needs a base"):
+        mergekit_yaml(without_base["a_b"], MergeMethod.TIES)
+
+
+def test_a_vocab_mismatch_adds_a_tokenizer_section(tmp_path: Path) -> None:
+    shape = Shape()
+    base = random_model(shape, 7)
+    a = combine(base, (1.0, task_vector(base, 8)))
+    b = dict(a)
+    g = torch.Generator().manual_seed(9)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        b[name] = torch.cat([a[name], 0.02 * torch.randn(8, shape.hidden, generator=g)])
+    save(a, tmp_path / "a", shape)
+    save(b, tmp_path / "b", Shape(vocab=shape.vocab + 8))
+    result = compare_models([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert result.strategy is not None
+    assert yaml.safe_load(result.strategy.mergekit_yaml)["tokenizer"] == {"source": "union"}
+    assert any("vocabularies differ" in w for w in result.strategy.warnings)
+
+
+def test_models_that_cannot_be_compared_get_no_strategy(tmp_path: Path, family: Family) -> None:
+    other = Shape(hidden=32, intermediate=64)
+    save(random_model(other, 1), tmp_path / "small", other)
+    result = compare_models([str(family.finetune_a), str(tmp_path / "small")])
+    assert result.mci.score is None and result.strategy is None
+    with pytest.raises(IncompatibleModelsError):
+        recommend_strategy(result)
+
+
+def test_task_mass_fraction_is_the_share_of_coordinates_holding_90_percent_of_the_mass() -> None:
+    sparse = torch.zeros(100)
+    sparse[:10] = 1.0  # 9 of the 10 equal values hold 90% of the mass
+    skewed = torch.tensor([8.0, 1.0, 0.5, 0.5])  # 8 + 1 = 9 of 10: two coordinates of four
+    assert task_mass_fraction(Operand(sparse), Operand(sparse)) == pytest.approx(0.09)
+    assert task_mass_fraction(Operand(sparse), Operand(skewed)) == pytest.approx((0.09 + 0.5) / 2)
+    assert task_mass_fraction(Operand(torch.zeros(5)), Operand(torch.zeros(5))) == 0.0
+
+
+def test_the_recommended_yaml_passes_our_own_diagnosis_and_removes_the_conflict_it_was_built_around(
+    with_base: dict[str, CompareResult],
+) -> None:
+    strategy = with_base["a_flipped"].strategy
+    assert strategy is not None
+    diagnosis = diagnose_config(strategy.mergekit_yaml)
+    assert diagnosis.valid and diagnosis.findings == []
+    scores = diagnosis.interference_scores
+    assert scores["layers.2"] == pytest.approx(0.0, abs=1e-6) and scores["layers.1"] > 0.0
+
+
+def test_suggest_strategy_returns_the_strategy_or_says_why_there_is_none(
+    tmp_path: Path, family: Family,
+) -> None:
+    strategy = suggest_strategy([str(family.finetune_a), str(family.finetune_b)])
+    assert strategy.method is MergeMethod.SLERP
+    other = Shape(hidden=32, intermediate=64)
+    save(random_model(other, 1), tmp_path / "small", other)
+    with pytest.raises(IncompatibleModelsError, match="cannot be compared"):
+        suggest_strategy([str(family.finetune_a), str(tmp_path / "small")])
