@@ -19,7 +19,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 from urllib.parse import unquote, urlparse
 
 from ..errors import CheckpointNotFoundError, InputError, PathNotAllowedError
@@ -125,8 +125,9 @@ class PathGuard:
         except (RuntimeError, OSError) as exc:  # Python < 3.13 reports symlink loops as RuntimeError
             if lexical is None or not self.contains(lexical):
                 self._refuse(text, what, "is outside")
-            loop = isinstance(exc, RuntimeError)
-            reason = "is a symlink loop" if loop else f"cannot be resolved ({_reason(exc)})"  # type: ignore[arg-type]
+            reason = "is a symlink loop"
+            if isinstance(exc, OSError):
+                reason = f"cannot be resolved ({_reason(exc)})"
             raise PathNotAllowedError(f"{what}: {shown(text)} {reason}; refused") from None
         if not self.contains(resolved):
             if lexical is not None and self.contains(lexical):
@@ -134,7 +135,7 @@ class PathGuard:
             self._refuse(text, what, "is outside")
         return text, resolved
 
-    def _refuse(self, text: str, what: str, problem: str) -> None:
+    def _refuse(self, text: str, what: str, problem: str) -> NoReturn:
         allowed = ", ".join(str(r) for r in self.roots) or "none left by the client's roots"
         raise PathNotAllowedError(
             f"{what}: {shown(text)} {problem} the allowed roots ({allowed}); move the files under an allowed "
