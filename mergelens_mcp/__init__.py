@@ -30,7 +30,8 @@ def compare_models(
     """
     from .service import compare
 
-    return compare(list(models), base, device=device, activations=activations)
+    models = models if isinstance(models, str) else list(models)  # a lone string is refused, not split
+    return compare(models, base, device=device, activations=activations)
 
 
 def diagnose_config(config: str) -> ConfigDiagnosis:
@@ -56,5 +57,6 @@ def generate_report(
     from .settings import Settings
 
     target = Path(output).expanduser().resolve()
-    path, _ = generate(list(models), base, target, settings=Settings(device=device), overwrite=overwrite)
+    models = models if isinstance(models, str) else list(models)
+    path, _ = generate(models, base, target, settings=Settings(device=device), overwrite=overwrite)
     return path

@@ -16,9 +16,12 @@ from .security.paths import PathGuard
 
 
 def hf_cache_dir() -> Path:
+    """The Hub cache the loader reads: the environment as it is now, else huggingface_hub's default."""
     from huggingface_hub import constants
 
-    return Path(constants.HF_HUB_CACHE)
+    from .analysis.loading import hub_cache_dir
+
+    return Path(hub_cache_dir() or constants.HF_HUB_CACHE)
 
 
 class Settings(BaseSettings):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from fixtures.checkpoints import Family, make_family
+
+# Tiny tensors: one thread is fastest, and two busy cores make torch's thread pool spin for nothing.
+torch.set_num_threads(1)
+# No test may reach the network: Hub ids resolve from a local cache or fail at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -1,67 +1,83 @@
-"""The import arrows of STYLE.md, read from every module with `ast` (imports inside functions too)."""
+"""STYLE.md's import arrows, held by walking every module's imports (function-level ones too) with `ast`."""
 
 from __future__ import annotations
 
 import ast
+from functools import cache
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mergelens_mcp"
-MCP_SIDE = ("mcp", "mcp_types", "starlette", "uvicorn")
+MODULES = sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+MCP_SIDE = ("mcp", "mcp_types", "starlette", "uvicorn")  # the SDK and the web stack it brings
 
 
-def imports_of(path: Path) -> set[str]:
-    """Absolute names of everything `path` imports; relative imports resolved against its package."""
-    module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+def module_name(path: Path) -> str:
+    parts = ["mergelens_mcp", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+@cache
+def imports_of(path: Path) -> frozenset[str]:
+    """Absolute names of every module `path` imports, relative imports resolved."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                target = f"{base}.{node.module}" if node.module else base
-                names.add(target)
-                names.update(f"{target}.{alias.name}" for alias in node.names)
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
             else:
-                names.add(node.module or "")
-    return names
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from . import errors` is a module
+    return frozenset(found)
 
 
-def uses(names: set[str], *roots: str) -> set[str]:
-    return {n for n in names if any(n == r or n.startswith(r + ".") for r in roots)}
-
-
-MODULES = sorted(PACKAGE.rglob("*.py"))
+def imports_any(path: Path, prefixes: tuple[str, ...]) -> list[str]:
+    return sorted(i for i in imports_of(path) if any(i == p or i.startswith(p + ".") for p in prefixes))
 
 
 def rel(path: Path) -> str:
     return path.relative_to(PACKAGE).as_posix()
 
 
-@pytest.mark.parametrize("path", MODULES, ids=rel)
-def test_only_the_tools_and_the_server_import_mcp(path: Path) -> None:
-    if rel(path).startswith("tools/") or rel(path) == "server.py":
-        return
-    assert uses(imports_of(path), *MCP_SIDE) == set()
+def test_the_walker_sees_relative_absolute_and_function_level_imports() -> None:
+    engine = imports_of(PACKAGE / "analysis" / "engine.py")
+    assert {"torch", "mergelens_mcp.models", "mergelens_mcp.analysis.score", "mergelens_mcp.errors"} <= engine
+    assert "mergelens_mcp.service" in imports_of(PACKAGE / "__init__.py")  # imported inside compare_models
+    assert "mergelens_mcp.errors" in imports_of(PACKAGE / "__init__.py")  # `from . import errors`
+    assert len(MODULES) >= 15
+    tool = imports_of(PACKAGE / "tools" / "report.py")
+    assert {"mcp.server.mcpserver", "mergelens_mcp.report.write_report", "mergelens_mcp.tools.views"} <= tool
 
 
 @pytest.mark.parametrize("path", [p for p in MODULES if rel(p).startswith("analysis/")], ids=rel)
-def test_analysis_is_pure_compute(path: Path) -> None:
-    forbidden = uses(imports_of(path), *MCP_SIDE, "anyio", "plotly", "mergelens_mcp.tools",
-                     "mergelens_mcp.server", "mergelens_mcp.cli", "mergelens_mcp.report")
-    assert forbidden == set()
+def test_analysis_never_imports_tools_server_mcp_anyio_or_plotly(path: Path) -> None:
+    ours = ("mergelens_mcp.tools", "mergelens_mcp.server", "mergelens_mcp.cli", "mergelens_mcp.report")
+    assert imports_any(path, (*ours, *MCP_SIDE, "anyio", "plotly")) == []
 
 
 @pytest.mark.parametrize("path", MODULES, ids=rel)
-def test_plotly_is_imported_only_by_the_report(path: Path) -> None:
-    if rel(path) != "report.py":
-        assert uses(imports_of(path), "plotly") == set()
+def test_only_tools_and_server_import_mcp(path: Path) -> None:
+    if rel(path).startswith("tools/") or rel(path) == "server.py":
+        return
+    assert imports_any(path, MCP_SIDE) == []
 
 
-def test_the_checker_sees_relative_and_function_level_imports() -> None:
-    names = imports_of(PACKAGE / "tools" / "report.py")
-    assert {"mcp.server.mcpserver", "mergelens_mcp.report.write_report", "mergelens_mcp.tools.views"} <= names
+@pytest.mark.parametrize("path", MODULES, ids=rel)
+def test_only_report_imports_plotly(path: Path) -> None:
+    if rel(path) == "report.py":
+        return
+    assert imports_any(path, ("plotly",)) == []
+
+
+def test_errors_imports_nothing_of_ours() -> None:
+    errors = PACKAGE / "errors.py"
+    assert imports_any(errors, ("mergelens_mcp",)) == []
+    assert imports_of(errors) <= {"__future__", "__future__.annotations"}

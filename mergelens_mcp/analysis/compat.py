@@ -127,8 +127,12 @@ def _shared_tensors(plan: Plan, models: list[Checkpoint]) -> None:
                 "these tensors are not compared; mergekit will fail on them unless the config excludes them",
                 path=missing[0],
             )
+    empty: list[str] = []
     for name in common:
         shapes = [m.tensors[name].shape for m in models]
+        if any(0 in s for s in shapes):  # nothing to measure, and the metrics need at least one value
+            empty.append(name)
+            continue
         if all(s == shapes[0] for s in shapes):
             plan.tensors.append(name)
             continue
@@ -151,6 +155,12 @@ def _shared_tensors(plan: Plan, models: list[Checkpoint]) -> None:
                 f"{', '.join(m.label for m in models)}",
                 "merge checkpoints with the same hidden and intermediate sizes", path=name,
             )
+    if empty:
+        plan.add(
+            FindingLevel.INFO, "empty_tensors",
+            f"{len(empty)} tensor(s) hold no values and are not compared, e.g. {', '.join(empty[:3])}",
+            path=empty[0],
+        )
 
 
 def _tied_embeddings(plan: Plan, models: list[Checkpoint]) -> None:
@@ -182,15 +192,12 @@ def _plan_base(plan: Plan, reference: Checkpoint, base: Checkpoint) -> None:
         if info is None:
             continue
         ref_shape = reference.tensors[name].shape
-        rows = plan.row_limits.get(name, ref_shape[0] if ref_shape else 0)
-        if info.shape == ref_shape or (
-            len(info.shape) == len(ref_shape) and info.shape[1:] == ref_shape[1:] and info.shape[0] >= rows > 0
-        ):
+        same_tail = len(info.shape) == len(ref_shape) > 0 and info.shape[1:] == ref_shape[1:]
+        if info.shape == ref_shape:
             plan.base_tensors.add(name)
-        elif len(info.shape) == len(ref_shape) and info.shape[1:] == ref_shape[1:] and classify(name).kind in (
-            "embed", "lm_head",
-        ):
-            plan.row_limits[name] = info.shape[0]
+        elif same_tail and classify(name).kind in ("embed", "lm_head"):
+            # another vocabulary size: compare the rows all of them share, base included
+            plan.row_limits[name] = min(plan.row_limits.get(name, ref_shape[0]), info.shape[0])
             plan.base_tensors.add(name)
     unused = len(plan.tensors) - len(plan.base_tensors)
     if unused:

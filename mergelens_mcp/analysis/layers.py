@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 ANY_INDEX = re.compile(r"\.(\d+)\.")
+EMBEDDINGS_NORM = re.compile(r"(^|\.)embeddings\.")
 
 # First match wins; patterns are searched in the tensor name.
 COMPONENTS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
@@ -49,6 +50,8 @@ def classify(name: str) -> TensorRole:
     if match and component not in ("embed", "lm_head"):
         index = int(match.group(1))
         return TensorRole(f"layers.{index}", index, "block", component)
+    if component == "norm" and EMBEDDINGS_NORM.search(name):  # BERT's embeddings.LayerNorm sits before block 0
+        return TensorRole("embed", None, "embed", "norm")
     if component in ("embed", "lm_head", "norm"):
         return TensorRole(component, None, component, component)
     return TensorRole("other", None, "other", component)

@@ -274,6 +274,8 @@ def tsv_interference(a: Operand, b: Operand) -> float:
     """
     x, y = a.svd, b.svd
     k = min(x.k, y.k)
+    if x.total_energy < EPS and y.total_energy < EPS:
+        return 1.0  # two untouched tensors are identical (zero) tasks, as task_cosine says 1 for them
     if x.total_energy < EPS or y.total_energy < EPS:
         return 0.0
     p = x.s[:k] ** 2

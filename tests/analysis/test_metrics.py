@@ -1,0 +1,247 @@
+"""The metric registry: properties every registered metric must hold, and each metric against hand arithmetic.
+
+The property tests are parametrized over REGISTRY, so a newly registered metric is covered with no new code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from mergelens_mcp.analysis.metrics import REGISTRY, Metric, Operand, task_metrics, weight_metrics
+
+PROPERTY_SETTINGS = settings(
+    max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
+NAMES = sorted(REGISTRY)
+# Tried first, on top of the random draws: untouched tensors (zero task vectors) and rank-deficient ones.
+EDGE_CASES = [
+    (torch.zeros(3, 3), torch.zeros(3, 3), 2, 1.0),
+    (torch.zeros(4), torch.ones(4), 1, 1.0),
+    (torch.ones(3, 2), torch.zeros(3, 2), 1, 1.0),
+    (torch.ones(3, 3), -torch.ones(3, 3), 2, 1.0),
+]
+VALUES = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_infinity=False, width=32)
+
+
+@st.composite
+def tensor_pairs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """Two same-shape tensors (1-D or 2-D, up to 6 x 6), a top-k rank, and a base norm for task metrics."""
+    shape = draw(st.one_of(st.tuples(st.integers(1, 12)), st.tuples(st.integers(1, 6), st.integers(1, 6))))
+    n = math.prod(shape)
+    a = torch.tensor(draw(st.lists(VALUES, min_size=n, max_size=n)), dtype=torch.float32).reshape(shape)
+    if draw(st.integers(0, 7)) == 0:
+        a = torch.zeros(shape)  # an untouched tensor (a zero task vector) is a real case, not an edge
+    kind = draw(st.sampled_from(["independent", "scaled", "negated", "sparse"]))
+    if kind == "independent":
+        b = torch.tensor(draw(st.lists(VALUES, min_size=n, max_size=n)), dtype=torch.float32).reshape(shape)
+    elif kind == "scaled":
+        b = a * draw(st.floats(min_value=0.01, max_value=100.0))
+    elif kind == "negated":
+        b = -a
+    else:
+        keep = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n))).reshape(shape)
+        b = torch.where(keep, a, torch.zeros_like(a))
+    rank = draw(st.integers(1, 4))
+    reference = draw(st.floats(min_value=0.1, max_value=1e4))
+    return a, b, rank, reference
+
+
+def _edges(test):  # type: ignore[no-untyped-def]
+    for case in EDGE_CASES:
+        test = example(pair=case)(test)
+    return test
+
+
+EDGES = _edges
+
+
+def _operand(t: torch.Tensor, rank: int, reference: float) -> Operand:
+    return Operand(t.clone(), rank=rank, reference_norm=reference)
+
+
+def _call(m: Metric, a: torch.Tensor, b: torch.Tensor, rank: int, reference: float) -> float | None:
+    x, y = _operand(a, rank, reference), _operand(b, rank, reference)
+    return m(x, y) if m.applies_to(x) else None
+
+
+def test_the_registry_holds_the_metrics_the_issue_names_and_each_key_is_its_function_name() -> None:
+    assert {
+        "cosine_similarity", "l2_distance", "kl_divergence", "spectral_overlap", "effective_rank_ratio",
+        "task_cosine", "sign_disagreement", "sign_disagreement_top", "tsv_interference", "task_vector_energy",
+        "magnitude_ratio",
+    } <= set(REGISTRY)
+    for name, m in REGISTRY.items():
+        assert m.fn.__name__ == name
+        assert m.doc, f"{name} has no docstring stating its formula"
+    assert {m.name for m in weight_metrics()} | {m.name for m in task_metrics()} == set(REGISTRY)
+    assert all(m.needs_base for m in task_metrics()) and not any(m.needs_base for m in weight_metrics())
+
+
+@pytest.mark.parametrize("name", NAMES)
+@PROPERTY_SETTINGS
+@given(pair=tensor_pairs())
+@EDGES
+def test_every_metric_stays_within_its_declared_bounds(name: str, pair: tuple) -> None:
+    m = REGISTRY[name]
+    value = _call(m, *pair)
+    if value is None:
+        return
+    lo, hi = m.bounds
+    assert math.isfinite(value)
+    assert value >= lo - 1e-6
+    assert hi is None or value <= hi + 1e-6
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if REGISTRY[n].identical is not None])
+@PROPERTY_SETTINGS
+@given(pair=tensor_pairs())
+@EDGES
+def test_every_metric_gives_its_declared_value_on_identical_inputs(name: str, pair: tuple) -> None:
+    a, _, rank, reference = pair
+    m = REGISTRY[name]
+    value = _call(m, a, a.clone(), rank, reference)
+    if value is None:
+        return
+    assert value == pytest.approx(m.identical, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@PROPERTY_SETTINGS
+@given(pair=tensor_pairs())
+@EDGES
+def test_every_metric_is_symmetric(name: str, pair: tuple) -> None:
+    a, b, rank, reference = pair
+    m = REGISTRY[name]
+    forward, backward = _call(m, a, b, rank, reference), _call(m, b, a, rank, reference)
+    if forward is None:
+        return
+    assert backward == pytest.approx(forward, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@PROPERTY_SETTINGS
+@given(pair=tensor_pairs())
+@EDGES
+def test_every_metric_is_deterministic(name: str, pair: tuple) -> None:
+    m = REGISTRY[name]
+    assert _call(m, *pair) == _call(m, *pair)
+
+
+# ---- each metric against hand arithmetic ----------------------------------------------------------------
+
+
+def ops(a: list, b: list, *, rank: int = 16, reference: float | None = None) -> tuple[Operand, Operand]:
+    return (
+        Operand(torch.tensor(a, dtype=torch.float32), rank=rank, reference_norm=reference),
+        Operand(torch.tensor(b, dtype=torch.float32), rank=rank, reference_norm=reference),
+    )
+
+
+def value(name: str, a: list, b: list, **kwargs: object) -> float:
+    return REGISTRY[name](*ops(a, b, **kwargs))  # type: ignore[arg-type]
+
+
+def test_cosine_similarity_by_hand() -> None:
+    # <(1,0), (1,1)> = 1; |a| = 1, |b| = sqrt 2
+    assert value("cosine_similarity", [1.0, 0.0], [1.0, 1.0]) == pytest.approx(1 / math.sqrt(2))
+    assert value("cosine_similarity", [1.0, 2.0], [-2.0, -4.0]) == pytest.approx(-1.0)
+    assert value("cosine_similarity", [0.0, 0.0], [0.0, 0.0]) == 1.0
+    assert value("cosine_similarity", [0.0, 0.0], [1.0, 0.0]) == 0.0
+
+
+def test_l2_distance_by_hand() -> None:
+    # |(3,0) - (0,4)| = 5, |a| + |b| = 3 + 4 = 7
+    assert value("l2_distance", [3.0, 0.0], [0.0, 4.0]) == pytest.approx(5 / 7)
+    assert value("l2_distance", [1.0, 1.0], [-1.0, -1.0]) == pytest.approx(1.0)  # 2 sqrt2 / 2 sqrt2
+
+
+def test_kl_divergence_by_hand() -> None:
+    # 4 values -> 8 shared bins over [0, 1]; a = three 0s and one 1, b = one 0 and three 1s.
+    # counts + 0.5: p = (3.5, 0.5 x 6, 1.5) / 8, q = (1.5, 0.5 x 6, 3.5) / 8; the middle bins cancel.
+    # KL(p|q) = 3.5/8 ln(3.5/1.5) + 1.5/8 ln(1.5/3.5) = (2/8) ln(7/3) = KL(q|p); the mean of both is the same.
+    expected = 0.25 * math.log(7 / 3)
+    assert value("kl_divergence", [0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]) == pytest.approx(expected)
+    assert value("kl_divergence", [0.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 0.0]) == 0.0  # same histogram
+
+
+def test_spectral_overlap_by_hand() -> None:
+    # rank 1: diag(2, 1) has u = v = e1; [[1, 1], [1, 1]] has u = v = (1, 1)/sqrt2.
+    # left = (e1 . u)^2 = 1/2, right = 1/2 -> (1/2 + 1/2) / (2 k) with k = 1 -> 0.5
+    diag21 = [[2.0, 0.0], [0.0, 1.0]]
+    assert value("spectral_overlap", diag21, [[1.0, 1.0], [1.0, 1.0]], rank=1) == pytest.approx(0.5)
+    # diag(2, 1) against diag(1, 2): top directions e1 vs e2 are orthogonal
+    assert value("spectral_overlap", diag21, [[1.0, 0.0], [0.0, 2.0]], rank=1) == pytest.approx(0.0)
+
+
+def test_effective_rank_ratio_by_hand() -> None:
+    # diag(3, 1, 0): p = (3/4, 1/4), H = -(0.75 ln 0.75 + 0.25 ln 0.25), erank = e^H; the identity: 3.
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    a = [[3.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    eye = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    assert value("effective_rank_ratio", a, eye) == pytest.approx(math.exp(h) / 3, rel=1e-5)
+    # rank 1 (erank 1) against the 2 x 2 identity (erank 2)
+    rank1, eye2 = [[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]]
+    assert value("effective_rank_ratio", rank1, eye2) == pytest.approx(0.5)
+
+
+def test_task_cosine_and_task_l2_distance_by_hand() -> None:
+    assert value("task_cosine", [1.0, 2.0, 0.0], [2.0, -1.0, 5.0]) == pytest.approx(0.0)  # 2 - 2 + 0
+    assert value("task_cosine", [1.0, -1.0], [-1.0, 1.0]) == pytest.approx(-1.0)
+    # |(2,0) - (0,1)| = sqrt 5, |a| + |b| = 3
+    assert value("task_l2_distance", [2.0, 0.0], [0.0, 1.0]) == pytest.approx(math.sqrt(5) / 3)
+
+
+def test_sign_disagreement_by_hand() -> None:
+    # both non-zero at the first three coordinates; signs differ at the 2nd and 3rd -> 2/3
+    assert value("sign_disagreement", [1.0, -1.0, 2.0, 0.0], [1.0, 1.0, -3.0, 5.0]) == pytest.approx(2 / 3)
+    assert value("sign_disagreement", [0.0, 1.0], [1.0, 0.0]) == 0.0  # never both non-zero
+
+
+def test_sign_disagreement_top_counts_only_coordinates_both_keep_after_trimming() -> None:
+    # 10 coordinates, TOP_DENSITY 0.2 keeps 2 of each: a keeps #0 (10) and #1 (9), b keeps #0 (-8) and #1 (7).
+    # Among those two, #0 conflicts -> 1/2; over all ten, only #0 conflicts -> 1/10.
+    a = [10.0, 9.0] + [1.0] * 8
+    b = [-8.0, 7.0] + [0.5] * 8
+    assert value("sign_disagreement_top", a, b) == pytest.approx(0.5)
+    assert value("sign_disagreement", a, b) == pytest.approx(0.1)
+
+
+def test_tsv_interference_by_hand() -> None:
+    # diag(2, 1) vs diag(1, 2), k = 2: s_a = (2, 1) with U_a = (e1, e2); s_b = (2, 1) with U_b = (e2, e1).
+    # p = q = (4, 1) / 5; C = U_a^T U_b = [[0, 1], [1, 0]]:
+    # sum sqrt(p_i q_j) C_ij^2 = 2 sqrt(0.8 x 0.2) = 0.8,
+    # the same on the right -> 0.8.
+    a, b = [[2.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 2.0]]
+    assert value("tsv_interference", a, b) == pytest.approx(0.8, abs=1e-6)
+    # rank 1: diag(2, 1) vs [[1, 1], [1, 1]] -> weights 1, C = 1/2 on each side -> 0.5
+    assert value("tsv_interference", a, [[1.0, 1.0], [1.0, 1.0]], rank=1) == pytest.approx(0.5, abs=1e-6)
+
+
+def test_task_vector_energy_by_hand() -> None:
+    # rank 1: diag(2, 1) keeps 4 of 5 in its top direction, diag(3, 0) all of it -> (0.8 + 1) / 2
+    energy = value("task_vector_energy", [[2.0, 0.0], [0.0, 1.0]], [[3.0, 0.0], [0.0, 0.0]], rank=1)
+    assert energy == pytest.approx(0.9)
+
+
+def test_magnitude_ratio_and_task_drift_by_hand() -> None:
+    # |(3,4)| = 5, |(0,2)| = 2 -> 2/5; drift = (5 + 2) / (2 x 7)
+    assert value("magnitude_ratio", [3.0, 4.0], [0.0, 2.0]) == pytest.approx(0.4)
+    assert value("task_drift", [3.0, 4.0], [0.0, 2.0], reference=7.0) == pytest.approx(0.5)
+    assert value("task_drift", [3.0, 4.0], [0.0, 2.0]) == 0.0  # no base norm known
+
+
+def test_a_metric_that_computes_nan_reports_zero_instead() -> None:
+    m = Metric("nan_metric", lambda a, b: float("nan"), (0.0, 1.0), None, False, False, "")
+    assert m(*ops([1.0], [1.0])) == 0.0
+
+
+def test_matrix_only_metrics_skip_vectors_and_single_rows() -> None:
+    vector, row = ops([1.0, 2.0], [2.0, 1.0])[0], ops([[1.0, 2.0]], [[2.0, 1.0]])[0]
+    for m in REGISTRY.values():
+        assert m.applies_to(vector) is not m.matrix_only
+        assert m.applies_to(row) is not m.matrix_only

@@ -1,0 +1,86 @@
+"""The public Python API: `__all__`, the attribute names mergelens users know, frozen results, stable JSON."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+import mergelens_mcp
+from fixtures.checkpoints import Family
+from mergelens_mcp import CompareResult, Verdict, compare_models
+from mergelens_mcp.models import Severity
+
+
+@pytest.fixture(scope="module")
+def flipped_result(family: Family) -> CompareResult:
+    """finetune_a against a fine-tune whose layer 2 update is reversed: one conflict zone."""
+    return compare_models([str(family.finetune_a), str(family.flipped)], base=str(family.base))
+
+
+def test_all_lists_only_names_the_package_has_and_star_import_gives_exactly_them() -> None:
+    assert len(set(mergelens_mcp.__all__)) == len(mergelens_mcp.__all__)
+    for name in mergelens_mcp.__all__:
+        assert hasattr(mergelens_mcp, name), name
+    namespace: dict[str, object] = {}
+    exec("from mergelens_mcp import *", namespace)
+    assert set(namespace) - {"__builtins__"} == set(mergelens_mcp.__all__)
+
+
+def test_all_holds_the_core_api() -> None:
+    assert {
+        "compare_models", "CompareResult", "ConflictZone", "LayerMetrics", "MCI", "Verdict", "MergeLensError",
+        "errors",
+    } <= set(mergelens_mcp.__all__)
+    assert issubclass(mergelens_mcp.errors.InputError, mergelens_mcp.MergeLensError)
+
+
+def test_compare_models_answers_with_the_attribute_names_mergelens_users_know(
+    flipped_result: CompareResult,
+) -> None:
+    result = flipped_result
+    assert result.version == mergelens_mcp.__version__
+    assert isinstance(result.mci.score, float) and 0 <= result.mci.score <= 100
+    assert result.mci.verdict in (Verdict.RISKY, Verdict.INCOMPATIBLE, Verdict.COMPATIBLE)
+    layer = result.layer_metrics[0]
+    assert layer.layer_name == "embed"
+    assert layer.cosine_similarity == layer.metrics["cosine_similarity"]
+    assert layer.task_cosine == layer.metrics["task_cosine"]
+    names = [lm.layer_name for lm in result.layer_metrics]
+    assert names == ["embed", "layers.0", "layers.1", "layers.2", "layers.3", "norm", "lm_head"]
+    [zone] = result.conflict_zones
+    assert (zone.start_layer, zone.end_layer) == (2, 2)
+    assert zone.severity.value in {s.value for s in Severity}
+    assert zone.recommendation.startswith("layers.2 (score ")
+
+
+def test_results_are_frozen(flipped_result: CompareResult) -> None:
+    with pytest.raises(ValidationError, match="frozen"):
+        flipped_result.mci.score = 100.0  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        flipped_result.conflict_zones[0].recommendation = "merge anyway"  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        flipped_result.layer_metrics[0].score = 0.0  # type: ignore[misc]
+
+
+def test_the_same_comparison_twice_gives_the_same_json_but_for_the_elapsed_time(
+    family: Family, flipped_result: CompareResult
+) -> None:
+    again = compare_models([str(family.finetune_a), str(family.flipped)], base=str(family.base))
+    first, second = (r.model_dump_json(exclude={"elapsed_s"}) for r in (flipped_result, again))
+    assert first == second
+    assert CompareResult.model_validate_json(again.model_dump_json()) == again
+
+
+def test_results_refuse_unknown_fields(flipped_result: CompareResult) -> None:
+    data = flipped_result.model_dump(mode="json") | {"surprise": 1}
+    with pytest.raises(ValidationError, match="surprise"):
+        CompareResult.model_validate(data)
+
+
+def test_compare_models_refuses_a_single_path_string_instead_of_iterating_its_characters(
+    family: Family,
+) -> None:
+    with pytest.raises(mergelens_mcp.errors.InputError, match="at least two models"):
+        compare_models(str(family.finetune_a))  # type: ignore[arg-type]
+    with pytest.raises(mergelens_mcp.errors.InputError, match="at least two models"):
+        compare_models([str(family.finetune_a)])
