@@ -162,6 +162,8 @@ async def guard_for(ctx: AppContext) -> PathGuard:
     Roots only ever narrow access (`PathGuard.restrict`): they say what the client means to share, never a
     grant. A client that declares roots but whose roots cannot be listed gets a ToolError (fail closed),
     except on a connection that cannot carry server-to-client requests at all (the server's roots apply).
+    An empty list means the client has no roots configured, not that it shares nothing: the server's roots
+    apply, as they do for a client that declares no roots.
     """
     state = state_of(ctx)
     session = ctx.session
@@ -182,6 +184,9 @@ async def guard_for(ctx: AppContext) -> PathGuard:
             f"the client declared MCP roots but did not list them ({type(exc).__name__}); fix the client's "
             "roots support or connect without declaring roots"
         ) from None
+    if not listed.roots:  # generic clients (the MCP Inspector) declare the capability and list nothing
+        log.info("the client declared MCP roots but listed none; the server's allowed roots apply")
+        return state.guard
     return state.guard.restrict(str(root.uri) for root in listed.roots)
 
 

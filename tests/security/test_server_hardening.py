@@ -109,6 +109,17 @@ async def test_client_roots_narrow_the_allowed_roots_and_never_widen_them(sandbo
     assert "outside the allowed roots" in error_text(widened)
 
 
+async def test_a_client_that_lists_no_roots_gets_the_servers_allowed_roots_and_no_more(sandbox: Sandbox) -> None:
+    async def none(_: object) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[])
+
+    async with Client(make_server(sandbox), list_roots_callback=none, mode="legacy") as client:
+        inside = await call(client, "get_compatibility_score", pair(sandbox, sandbox.model_a, sandbox.model_a))
+        outside = await call(client, "get_compatibility_score", pair(sandbox, sandbox.model_a, sandbox.secret_model))
+    assert not inside.is_error and inside.structured_content["score"] == 100.0
+    assert "outside the allowed roots" in error_text(outside)
+
+
 async def test_a_client_that_declares_roots_but_cannot_list_them_is_refused_not_widened(
     sandbox: Sandbox,
 ) -> None:
