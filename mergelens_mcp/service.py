@@ -31,7 +31,7 @@ def open_checkpoints(
     limits = settings.limits()
     opened = [
         stack.enter_context(load_checkpoint(str(src), label, guard=guard, limits=limits))
-        for src, label in zip(models, model_labels(len(models)))
+        for src, label in zip(models, model_labels(len(models)), strict=True)
     ]
     base_ckpt = stack.enter_context(load_checkpoint(str(base), "base", guard=guard, limits=limits)) if base else None
     limits.check_request(sum(c.nbytes for c in [*opened, *([base_ckpt] if base_ckpt else [])]))

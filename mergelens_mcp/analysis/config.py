@@ -19,7 +19,11 @@ from typing import Any
 import yaml
 
 from ..errors import (
-    CheckpointNotFoundError, ConfigError, LimitExceededError, MergeLensError, PathNotAllowedError,
+    CheckpointNotFoundError,
+    ConfigError,
+    LimitExceededError,
+    MergeLensError,
+    PathNotAllowedError,
 )
 from ..models import ConfigDiagnosis, Finding, FindingLevel, LayerInterference
 from ..security.limits import Limits

@@ -13,7 +13,15 @@ import torch
 
 from ..errors import AnalysisCancelledError
 from ..models import (
-    MCI, CompareResult, Coverage, Finding, FindingLevel, LayerMetrics, ModelInfo, PairScore, Verdict,
+    MCI,
+    CompareResult,
+    Coverage,
+    Finding,
+    FindingLevel,
+    LayerMetrics,
+    ModelInfo,
+    PairScore,
+    Verdict,
 )
 from . import score as mci
 from .compat import Plan, plan_comparison

@@ -107,7 +107,8 @@ def profile(result: CompareResult) -> Profile:
         task_cosine=_mean(layers, "task_cosine"),
         sign=_mean(layers, "sign_disagreement"),
         max_block_sign=max(
-            (lm.metrics["sign_disagreement"] for lm in layers if lm.kind == "block" and "sign_disagreement" in lm.metrics),
+            (lm.metrics["sign_disagreement"] for lm in layers
+             if lm.kind == "block" and "sign_disagreement" in lm.metrics),
             default=None,
         ),
         energy=_mean(layers, "task_vector_energy"),
