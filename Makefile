@@ -8,7 +8,7 @@ DEMO_DIR ?= .demo
 
 REAL_WEIGHTS ?= .cache/real-weights
 
-.PHONY: install demo test bench lint clean real-weights
+.PHONY: install demo test bench bench-peer bench-validity security lint clean real-weights docs-screenshot
 
 install: $(VENV)/.installed
 
@@ -50,3 +50,9 @@ clean:
 
 docs-screenshot: install  ## regenerate docs/report.png (needs chromium)
 	$(PY) -m fixtures.demo_report docs/report.png
+
+bench-validity: install  ## the mergeability benchmark: does the MCI predict merge outcomes? (~15-30 min)
+	$(PY) -m benchmarks.mergeability.run --out .bench/mergeability
+
+security: install  ## the hostile-input suite (paths, caps, hostile files, redaction, HTTP, load)
+	$(PY) -m pytest tests/security -q

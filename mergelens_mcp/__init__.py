@@ -7,8 +7,7 @@ from pathlib import Path
 
 from . import errors
 from .errors import MergeLensError
-from .models import CompareResult, ConflictZone, LayerMetrics, MCI, Strategy, Verdict
-from .models import ConfigDiagnosis
+from .models import MCI, CompareResult, ConfigDiagnosis, ConflictZone, LayerMetrics, Strategy, Verdict
 
 __all__ = [
     "CompareResult", "ConflictZone", "LayerMetrics", "MCI", "MergeLensError", "Strategy", "Verdict",

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .errors import InputError, MergeLensError
 from .models import CompareResult, ConfigDiagnosis, Verdict
+from .security import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 VERDICT_STYLE = {
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a folder the server may read models from (repeatable; default: cwd)")
     serve.add_argument("--output-dir", type=Path, metavar="DIR",
                        help="where generate_report writes HTML (default: the first allowed folder)")
+    serve.add_argument("--auth-token-file", type=Path, metavar="FILE",
+                       help="a file holding the bearer token HTTP clients must send (or set "
+                            "MERGELENS_AUTH_TOKEN); required to bind anything but 127.0.0.1")
     serve.set_defaults(run=run_serve)
 
     diagnose = sub.add_parser("diagnose", help="check a mergekit YAML before merging, and simulate it")
@@ -137,13 +141,25 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    token = read_token_file(args.auth_token_file) if args.auth_token_file else None
     if args.transport != "stdio":
         url = endpoint(args.transport, args.host, args.port)
         roots = ", ".join(str(r) for r in settings.roots)
         console.print(f"mergelens MCP server ({args.transport}) on {url}; models under {roots}",
                       markup=False, highlight=False)
-    run(args.transport, args.host, args.port, settings)
+    run(args.transport, args.host, args.port, settings, auth_token=token)
     return EXIT_OK
+
+
+def read_token_file(path: Path) -> str:
+    """The bearer token in `path` (surrounding whitespace ignored)."""
+    try:
+        token = path.expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"--auth-token-file {str(path)!r} cannot be read ({type(exc).__name__})") from None
+    if not token:
+        raise InputError(f"--auth-token-file {str(path)!r} is empty")
+    return token
 
 
 def run_report(args: argparse.Namespace, console: Console) -> int:
@@ -261,16 +277,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    redact.install()
     err = Console(stderr=True)
     try:
         return args.run(args, err)
     except (InputError, MergeLensError) as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False)
+        err.print(f"error: {redact.redact(str(exc))}", markup=False, highlight=False)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
     except Exception as exc:  # the CLI's top level: report, never a bare traceback
         logging.getLogger("mergelens").debug("unexpected failure", exc_info=True)
-        err.print(f"error: unexpected {type(exc).__name__}: {exc} (run with -v for details)", markup=False)
+        message = redact.redact(str(exc))
+        err.print(f"error: unexpected {type(exc).__name__}: {message} (run with -v for details)",
+                  markup=False, highlight=False)
         return EXIT_FAILED

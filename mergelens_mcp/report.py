@@ -23,8 +23,9 @@ from plotly.subplots import make_subplots
 from plotly.utils import PlotlyJSONEncoder
 
 from .analysis.zones import ZONE_THRESHOLD
-from .errors import InputError
+from .errors import InputError, MergeLensError
 from .models import CompareResult, ConflictZone, FindingLevel, LayerMetrics, PairScore, Verdict
+from .security.paths import open_regular
 
 GENERATOR = "mergelens-mcp"
 MARKER = f'<meta name="generator" content="{GENERATOR}">'
@@ -674,9 +675,9 @@ footer{color:#6e7781;font-size:12.5px;text-align:center;margin-top:8px}
 def is_report(path: Path) -> bool:
     """True when `path` is a report this module wrote (its head carries our generator marker)."""
     try:
-        with path.open("rb") as fh:
+        with open_regular(path, "report output") as fh:  # never blocks on a FIFO or reads a device
             head = fh.read(4096)
-    except OSError:
+    except (OSError, MergeLensError):
         return False
     return MARKER.encode() in head
 

@@ -6,15 +6,23 @@ shared by every session, so a second client, or a second HTTP session, reuses th
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import ipaddress
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Literal
 
 import anyio
 from mcp.server.mcpserver import MCPServer
+from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .analysis.engine import VERSION
+from .errors import InputError
+from .security import redact
 from .settings import Settings
 from .tools import register_all
 from .tools.runtime import AppState
@@ -48,23 +56,126 @@ def endpoint(transport: Transport, host: str, port: int) -> str:
     return f"http://{host}:{port}" + ("/mcp" if transport == "http" else "/sse")
 
 
-def build_http_app(server: MCPServer[AppState], transport: Transport, host: str) -> Starlette:
-    """The ASGI app for an HTTP transport: streamable HTTP at /mcp, or SSE at /sse (+ /messages/).
-    Every HTTP app is built here, so middleware (auth, Origin checks) has one place to go."""
+def build_http_app(
+    server: MCPServer[AppState], transport: Transport, host: str, auth_token: str | None = None
+) -> ASGIApp:
+    """The ASGI app for an HTTP transport: streamable HTTP at /mcp, or SSE at /sse (+ /messages/), with Host
+    and Origin checks for `host`, behind a bearer-token check when `auth_token` is given."""
+    security = transport_security(host)
+    app: Starlette
     if transport == "http":
-        return server.streamable_http_app(host=host)
-    if transport == "sse":
-        return server.sse_app(host=host)
-    raise ValueError(f"transport {transport!r} has no HTTP app; use one of http, sse")
+        app = server.streamable_http_app(host=host, transport_security=security)
+    elif transport == "sse":
+        app = server.sse_app(host=host, transport_security=security)
+    else:
+        raise ValueError(f"transport {transport!r} has no HTTP app; use one of http, sse")
+    return BearerTokenMiddleware(app, auth_token) if auth_token else app
+
+
+# ------------------------------------------------------------------------------------------- HTTP exposure
+
+MIN_TOKEN_LENGTH = 16
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def transport_security(host: str) -> TransportSecuritySettings:
+    """Host and Origin checks against DNS rebinding: requests must name this server, and browsers may only
+    call it from pages it serves. On a wildcard address (0.0.0.0, ::) the Host cannot be known in advance,
+    so only the bearer token (required there) stands between the network and the tools."""
+    try:
+        wildcard = ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        wildcard = False
+    if wildcard:
+        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
+    bound = f"[{host.strip('[]')}]" if ":" in host else host
+    names = list(dict.fromkeys([*LOOPBACK_HOSTS, bound]))
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True,
+        allowed_hosts=[*names, *(f"{n}:*" for n in names)],
+        allowed_origins=[f"{scheme}://{n}:*" for n in names for scheme in ("http", "https")]
+        + [f"{scheme}://{n}" for n in names for scheme in ("http", "https")],
+    )
+
+
+def check_exposure(transport: Transport, host: str, auth_token: str | None) -> None:
+    """Refuse to start a server the network could reach without a bearer token, or with a weak one."""
+    if transport == "stdio":
+        return
+    if auth_token is not None and len(auth_token) < MIN_TOKEN_LENGTH:
+        raise InputError(
+            f"the bearer token is {len(auth_token)} characters; use at least {MIN_TOKEN_LENGTH} random ones "
+            "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+        )
+    if not is_loopback(host) and not auth_token:
+        raise InputError(
+            f"refusing to serve on {host!r} without a bearer token: anyone who can reach it could read files "
+            "under the allowed folders. Set MERGELENS_AUTH_TOKEN or pass --auth-token-file, or bind 127.0.0.1"
+        )
+
+
+class BearerTokenMiddleware:
+    """401 for every HTTP request without `Authorization: Bearer <token>`; the comparison takes constant time
+    (both sides are hashed first, so not even the length leaks)."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._digest = hashlib.sha256(token.encode()).digest()
+
+    def _authorized(self, scope: Scope) -> bool:
+        supplied = b""
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"authorization":
+                scheme, _, credential = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    supplied = credential.strip()
+        return hmac.compare_digest(hashlib.sha256(supplied).digest(), self._digest)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        body = json.dumps({"error": "unauthorized", "message": "send Authorization: Bearer <token>"}).encode()
+        await send({
+            "type": "http.response.start", "status": 401,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                        (b"www-authenticate", b'Bearer realm="mergelens"')],
+        })
+        await send({"type": "http.response.body", "body": body})
 
 
 def run(transport: Transport = "stdio", host: str = "127.0.0.1", port: int = 8000,
-        settings: Settings | None = None) -> None:
-    """Serve until interrupted. Logs go to stderr; under stdio, stdout carries only protocol messages."""
+        settings: Settings | None = None, *, auth_token: str | None = None) -> None:
+    """Serve until interrupted. Logs go to stderr; under stdio, stdout carries only protocol messages.
+
+    HTTP transports bind `host` (loopback by default); any other address needs a bearer token, from
+    `auth_token` or MERGELENS_AUTH_TOKEN, which every request must then carry.
+    """
+    settings = settings or Settings()
+    if auth_token is None and settings.auth_token is not None:
+        auth_token = settings.auth_token.get_secret_value().strip() or None
+    check_exposure(transport, host, auth_token)
+    redact.register_secret(auth_token)
+    redact.install()
     server = build_server(settings)
     if transport == "stdio":
         anyio.run(server.run_stdio_async)
         return
     import uvicorn
 
-    uvicorn.run(build_http_app(server, transport, host), host=host, port=port, log_level="warning")
+    app = build_http_app(server, transport, host, auth_token)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning")  # configures uvicorn's loggers
+    redact.install(["", "uvicorn", "uvicorn.error", "uvicorn.access"])
+    uvicorn.Server(config).run()

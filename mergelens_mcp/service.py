@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import string
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -13,6 +14,7 @@ from .analysis.loading import Checkpoint, load_checkpoint
 from .errors import IncompatibleModelsError, InputError
 from .models import CompareResult, ConfigDiagnosis, Strategy
 from .security.paths import PathGuard
+from .security.redact import redact_model
 from .settings import Settings
 
 
@@ -29,7 +31,7 @@ def open_checkpoints(
     limits = settings.limits()
     opened = [
         stack.enter_context(load_checkpoint(str(src), label, guard=guard, limits=limits))
-        for src, label in zip(models, model_labels(len(models)))
+        for src, label in zip(models, model_labels(len(models)), strict=True)
     ]
     base_ckpt = stack.enter_context(load_checkpoint(str(base), "base", guard=guard, limits=limits)) if base else None
     limits.check_request(sum(c.nbytes for c in [*opened, *([base_ckpt] if base_ckpt else [])]))
@@ -61,7 +63,7 @@ def compare(
             probe = hf_probe() if activations is True else activations
             cka = activation_cka([c.root for c in opened], probe)
         result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled, cka)
-    return with_strategy(result)
+    return redact_model(with_strategy(result))
 
 
 def suggest_strategy(
@@ -106,9 +108,9 @@ def diagnose(
     from .analysis.config import diagnose as diagnose_config
 
     settings = settings or Settings()
-    return diagnose_config(
+    return redact_model(diagnose_config(
         config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled
-    )
+    ))
 
 
 def fingerprint(
@@ -159,8 +161,7 @@ def generate_report(
     target = Path(output).expanduser() if output is not None else Path("mergelens-report.html")
     if not target.is_absolute():
         target = settings.reports_dir / target
-    if guard is not None:
-        target = guard.check(target, "report output", must_exist=False)
+    target = (guard or PathGuard([Path(os.sep)])).check_output(target, "report output")
     check_output(target, overwrite=overwrite)
     result = compare(models, base, settings=settings, guard=guard, progress=progress, cancelled=cancelled)
     return write_report(result, target, overwrite=overwrite), result

@@ -56,12 +56,26 @@ def test_a_sign_flipped_layer_with_a_base_gets_ties_and_the_flipped_model_is_lef
     assert any("sign disagreement" in r for r in strategy.rationale)
 
 
-def test_compatible_finetunes_with_concentrated_task_vectors_get_dare(
+def test_close_compatible_finetunes_get_slerp_not_a_sign_election_at_chance_level_conflict(
     with_base: dict[str, CompareResult],
 ) -> None:
     strategy = with_base["a_b"].strategy
-    assert strategy is not None and strategy.method is MergeMethod.DARE_TIES
+    assert strategy is not None and strategy.method is MergeMethod.SLERP
+    assert strategy.runner_up is MergeMethod.LINEAR
     assert "weights_per_layer" not in strategy.parameters
+
+
+def test_unremarkable_finetunes_with_a_base_get_a_plain_average_with_dare_as_runner_up_when_concentrated() -> None:
+    from mergelens_mcp.analysis.strategy import Profile, choose
+
+    profile = Profile(
+        n_models=2, has_base=True, cosine=0.93, min_cosine=0.90, overlap=0.85, task_cosine=0.02, sign=0.49,
+        max_block_sign=0.51, energy=0.9, mass_fraction=0.6, balance=0.7, n_blocks=2, degenerate_layers=[],
+        vocab_mismatch=False,
+    )
+    choice = choose(profile)
+    assert (choice.method, choice.runner_up) == (MergeMethod.LINEAR, MergeMethod.DARE_TIES)
+    assert choose(profile.__class__(**{**profile.__dict__, "max_block_sign": 0.7})).method is MergeMethod.TIES
 
 
 def test_density_is_the_measured_share_of_coordinates_holding_the_task_vector_mass(

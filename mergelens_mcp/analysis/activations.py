@@ -85,11 +85,12 @@ def activation_cka(folders: Sequence[Path], probe: Probe) -> dict[tuple[int, int
     out: dict[tuple[int, int], dict[str, float]] = {}
     for i in range(len(reps)):
         for j in range(i + 1, len(reps)):
-            if len(reps[i]) != len(reps[j]) or any(a.shape[0] != b.shape[0] for a, b in zip(reps[i], reps[j])):
+            same_rows = all(a.shape[0] == b.shape[0] for a, b in zip(reps[i], reps[j], strict=False))
+            if len(reps[i]) != len(reps[j]) or not same_rows:
                 raise CheckpointFormatError(
                     f"models {i} and {j} gave representations of different shapes on the probe "
                     "(different tokenizers or depths); activation CKA needs the same inputs"
                 )
             names = layer_names(len(reps[i]))
-            out[(i, j)] = {name: round(linear_cka(a, b), 6) for name, a, b in zip(names, reps[i], reps[j])}
+            out[(i, j)] = {name: round(linear_cka(a, b), 6) for name, a, b in zip(names, reps[i], reps[j], strict=True)}
     return out

@@ -31,7 +31,9 @@ class Plan:
     fatal: list[str] = field(default_factory=list)
     n_blocks: int = 0
 
-    def add(self, level: FindingLevel, code: str, message: str, fix: str | None = None, path: str | None = None) -> None:
+    def add(
+        self, level: FindingLevel, code: str, message: str, fix: str | None = None, path: str | None = None
+    ) -> None:
         self.findings.append(Finding(level=level, code=code, message=message, fix=fix, path=path))
         if level is FindingLevel.ERROR:
             self.fatal.append(message)

@@ -18,10 +18,16 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, LimitExceededError, MergeLensError
+from ..errors import (
+    CheckpointNotFoundError,
+    ConfigError,
+    LimitExceededError,
+    MergeLensError,
+    PathNotAllowedError,
+)
 from ..models import ConfigDiagnosis, Finding, FindingLevel, LayerInterference
 from ..security.limits import Limits
-from ..security.paths import PathGuard
+from ..security.paths import PathGuard, looks_like_hub_id
 from .compat import block_count, plan_comparison
 from .loading import Checkpoint, load_checkpoint
 from .mergekit_schema import (
@@ -50,6 +56,7 @@ from .simulation import (
 
 MAX_CONFIG_BYTES = 1 << 20
 ERR, WARN, INFO = FindingLevel.ERROR, FindingLevel.WARNING, FindingLevel.INFO
+MAX_YAML_VALUES = 100_000
 
 
 # ---- parsing -----------------------------------------------------------------------------------------
@@ -59,10 +66,12 @@ def read_config_text(config: str, guard: PathGuard | None = None) -> tuple[str, 
     """(YAML text, where it came from): `config` is a path to a .yaml/.yml file or the YAML itself."""
     stripped = config.strip()
     looks_like_path = "\n" not in stripped and (
-        stripped.endswith((".yaml", ".yml"))
-        or (":" not in stripped and Path(stripped).expanduser().is_file())
+        stripped.endswith((".yaml", ".yml")) or (":" not in stripped and _is_allowed_file(stripped, guard))
     )
     if not looks_like_path:
+        if len(config) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config: the YAML text is over {MAX_CONFIG_BYTES:,} characters; a mergekit "
+                              "config is a few KiB")
         return config, "inline YAML"
     path = guard.check(stripped, "config") if guard else Path(stripped).expanduser().resolve()
     if not path.is_file():
@@ -75,10 +84,39 @@ def read_config_text(config: str, guard: PathGuard | None = None) -> tuple[str, 
         raise ConfigError(f"config: {path.name} is not UTF-8 text") from None
 
 
+def _is_allowed_file(text: str, guard: PathGuard | None) -> bool:
+    """Whether one line of text names a file (inside the guard's roots: nothing is revealed about others)."""
+    try:
+        path = guard.check(text, "config") if guard else Path(text).expanduser()
+        return path.is_file()
+    except (MergeLensError, OSError, RuntimeError):
+        return False
+
+
+def _check_expanded_size(data: Any, where: str) -> None:
+    """Refuse YAML whose aliases expand to an absurd number of values (a "billion laughs" document), which
+    any later walk over the config, or its error messages, would otherwise take forever to go through."""
+    budget = MAX_YAML_VALUES
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise ConfigError(f"{where}: expands to over {MAX_YAML_VALUES:,} values (YAML anchors and "
+                              "aliases); a mergekit config has a few hundred at most")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def parse_config(text: str, where: str = "config") -> dict[str, Any]:
     """yaml.safe_load, with errors that name the line and the fix."""
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{where}: is nested too deeply to be a mergekit config") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown line"
@@ -91,6 +129,7 @@ def parse_config(text: str, where: str = "config") -> dict[str, Any]:
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+    _check_expanded_size(data, where)
     if data is None:
         raise ConfigError(f"{where}: is empty; a mergekit config needs at least `merge_method` and `models`")
     if not isinstance(data, dict):
@@ -635,8 +674,18 @@ def _open(
     name: str, guard: PathGuard | None, limits: Limits | None, report: Report, stack: ExitStack,
     notes: list[str],
 ) -> Checkpoint | None:
-    candidate = Path(name).expanduser()
-    if not candidate.exists():
+    try:  # with a guard, containment comes first: nothing is revealed about paths outside the roots
+        exists = guard.check(name, name).exists() if guard else Path(name).expanduser().exists()
+    except PathNotAllowedError as exc:
+        if looks_like_hub_id(name):
+            exists = False
+        else:
+            report.add(WARN, "model_unreadable", None, f"{name} could not be read: {exc}",
+                       "the structural checks still apply; fix the path to simulate the merge")
+            return None
+    except (CheckpointNotFoundError, OSError):
+        exists = False
+    if not exists:
         notes.append(f"{name}: not a local path; Hub models are not downloaded for a diagnosis")
         return None
     try:

@@ -11,7 +11,6 @@ import json
 import logging
 import mmap
 import os
-import re
 import struct
 import threading
 from collections.abc import Iterator
@@ -23,9 +22,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..errors import CheckpointFormatError, CheckpointNotFoundError, PathNotAllowedError
+from ..errors import CheckpointFormatError, CheckpointNotFoundError, InputError, PathNotAllowedError
 from ..security.limits import Limits
-from ..security.paths import PathGuard
+from ..security.paths import PathGuard, looks_like_hub_id, open_regular, parse_hub_id, shown
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ PAGE = mmap.PAGESIZE
 READ_BLOCK_BYTES = 4 << 20  # converted per step, then its pages are dropped
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95})(?:@(?P<rev>[A-Za-z0-9._/-]{1,128}))?$")
+MAX_JSON_BYTES = 64 * 2**20  # config.json and the shard index; real ones are a few hundred KB at most
 HUB_PATTERNS = ["*.safetensors", INDEX_NAME, "config.json"]
 
 
@@ -72,23 +71,22 @@ class TensorInfo:
 
 def read_header(path: Path, limits: Limits, where: str) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors header without reading tensor data."""
-    size = path.stat().st_size
-    with path.open("rb") as fh:
+    with open_regular(path, where) as fh:
+        size = os.fstat(fh.fileno()).st_size
         prefix = fh.read(8)
         if len(prefix) < 8:
-            raise CheckpointFormatError(f"{where}: {path.name} is {size} bytes, too short for a safetensors header")
+            raise CheckpointFormatError(
+                f"{where}: {path.name} is {size} bytes, too short for a safetensors header"
+            )
         (header_len,) = struct.unpack("<Q", prefix)
         limits.check_header(header_len, f"{where}: {path.name}")
         if 8 + header_len > size:
             raise CheckpointFormatError(
-                f"{where}: {path.name} declares a {header_len:,}-byte header but the file has {size:,} bytes; "
-                "the file is truncated or not safetensors"
+                f"{where}: {path.name} declares a {header_len:,}-byte header but the file has {size:,} "
+                "bytes; the file is truncated or not safetensors"
             )
         raw = fh.read(header_len)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointFormatError(f"{where}: {path.name} has an unreadable header ({type(exc).__name__})") from None
+    header = _parse_json(raw, f"{where}: {path.name} has an unreadable header")
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{where}: {path.name} header is not a JSON object")
     header.pop("__metadata__", None)
@@ -97,40 +95,63 @@ def read_header(path: Path, limits: Limits, where: str) -> dict[str, TensorInfo]
     infos: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
-        info, span = _tensor_entry(name, entry, path, data_len, 8 + header_len, where)
-        limits.check_tensor(name, info.numel, where)
+        info, span = _tensor_entry(name, entry, path, data_len, 8 + header_len, where, limits)
         infos[name] = info
         spans.append((*span, name))
     spans.sort()
-    for (s1, e1, n1), (s2, _e2, n2) in zip(spans, spans[1:]):
+    for (_s1, e1, n1), (s2, _e2, n2) in zip(spans, spans[1:], strict=False):
         if s2 < e1:
-            raise CheckpointFormatError(f"{where}: {path.name}: tensors {n1!r} and {n2!r} overlap in the file")
+            raise CheckpointFormatError(
+                f"{where}: {path.name}: tensors {shown(n1)} and {shown(n2)} overlap in the file"
+            )
     return infos
 
 
+def _parse_json(raw: bytes, problem: str) -> Any:
+    """JSON from untrusted bytes: any decoding failure, absurd nesting or huge number is a format error."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError, MemoryError) as exc:
+        kind = type(exc).__name__
+        raise CheckpointFormatError(f"{problem} ({kind}); the file is corrupt or not safetensors") from None
+
+
 def _tensor_entry(
-    name: str, entry: Any, path: Path, data_len: int, data_start: int, where: str
+    name: str, entry: Any, path: Path, data_len: int, data_start: int, where: str, limits: Limits
 ) -> tuple[TensorInfo, tuple[int, int]]:
-    bad = f"{where}: {path.name}: tensor {name!r}"
+    bad = f"{where}: {path.name}: tensor {shown(name)}"
     if not isinstance(entry, dict):
         raise CheckpointFormatError(f"{bad} has a malformed header entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
-        raise CheckpointFormatError(f"{bad} has unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise CheckpointFormatError(f"{bad} has an invalid shape {shape!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise CheckpointFormatError(f"{bad} has unknown dtype {_short(dtype)}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointFormatError(f"{bad} has an invalid shape {_short(shape)}")
     if (
         not isinstance(offsets, list) or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= data_len
     ):
-        raise CheckpointFormatError(f"{bad} has data offsets {offsets!r} outside the file's {data_len:,} data bytes")
+        raise CheckpointFormatError(
+            f"{bad} has data offsets {_short(offsets)} outside the file's {data_len:,} data bytes"
+        )
+    limits.check_shape(name, shape, where)
     info = TensorInfo(name, tuple(shape), dtype, path, data_start + offsets[0])
     if offsets[1] - offsets[0] != info.nbytes:
         raise CheckpointFormatError(
-            f"{bad}: {offsets[1] - offsets[0]:,} bytes stored but {dtype} x {shape} needs {info.nbytes:,}"
+            f"{bad}: {offsets[1] - offsets[0]:,} bytes stored but {dtype} x {_short(shape)} "
+            f"needs {info.nbytes:,}"
         )
     return info, (offsets[0], offsets[1])
+
+
+def _short(value: Any) -> str:
+    """A header value for an error message, cut short (headers are untrusted and may be huge or deep)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "(too deeply nested)"
+    return text if len(text) <= 80 else text[:80] + "..."
 
 
 @dataclass
@@ -150,11 +171,12 @@ class Checkpoint:
 
     @property
     def float_tensors(self) -> dict[str, TensorInfo]:
-        return {n: t for n, t in self.tensors.items() if t.is_float}
+        """The tensors the metrics can use: floating point, with at least one element."""
+        return {n: t for n, t in self.tensors.items() if t.is_float and t.numel > 0}
 
     @property
     def skipped_tensors(self) -> list[str]:
-        return sorted(n for n, t in self.tensors.items() if not t.is_float)
+        return sorted(n for n, t in self.tensors.items() if not (t.is_float and t.numel > 0))
 
     @property
     def n_params(self) -> int:
@@ -277,64 +299,74 @@ class Checkpoint:
 def load_checkpoint(
     source: str, label: str, *, guard: PathGuard | None = None, limits: Limits | None = None
 ) -> Checkpoint:
-    """Resolve `source` (folder, .safetensors file, sharded folder or Hub id) and read its headers."""
+    """Resolve `source` (folder, .safetensors file, sharded folder or Hub id) and read its headers.
+
+    Without a guard every path is allowed (the CLI and the Python API act for their user), but symlinks are
+    still resolved and devices, FIFOs and sockets still refused.
+    """
     limits = limits or Limits()
+    guard = guard or PathGuard([Path(os.sep)])
     local = _resolve_local(source, label, guard)
     if local is None:
         local = _resolve_hub(source, label, guard)
-    files, root = _safetensors_files(local, label)
+    files, root = _safetensors_files(local, label, guard)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
         for name, info in read_header(f, limits, label).items():
             if name in tensors:
-                raise CheckpointFormatError(f"{label}: tensor {name!r} appears in two shards of {root}")
+                raise CheckpointFormatError(f"{label}: tensor {shown(name)} appears in two shards of {root}")
             tensors[name] = info
     if not tensors:
         raise CheckpointFormatError(f"{label}: {local} holds no tensors")
     limits.check_tensor_count(len(tensors), label)
-    return Checkpoint(label, source, root, files, tensors, _read_config(root, label))
+    return Checkpoint(label, source, root, files, tensors, _read_config(root, label, guard))
 
 
-def _resolve_local(source: str, label: str, guard: PathGuard | None) -> Path | None:
-    if "\x00" in source:
-        if guard:
-            return guard.check(source, label)
-        raise PathNotAllowedError(f"{label}: the path contains a NUL byte; pass a plain file system path")
-    candidate = Path(source).expanduser()
-    if not candidate.exists() and not candidate.is_symlink():
-        if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+def _resolve_local(source: str, label: str, guard: PathGuard) -> Path | None:
+    """The checked local path, or None when `source` is no existing path but has the shape of a Hub id."""
+    if not isinstance(source, str):
+        raise InputError(f"{label}: expected a path or Hub id as text, got {type(source).__name__}")
+    try:
+        return guard.check(source, label)
+    except CheckpointNotFoundError:
+        if looks_like_hub_id(source):
             return None
         raise CheckpointNotFoundError(
-            f"{label}: {source!r} is neither an existing path nor a Hugging Face Hub id (owner/name[@revision])"
-        )
-    if guard:
-        return guard.check(source, label)
-    resolved = candidate.resolve()
-    if not resolved.exists():  # a dangling symlink
-        raise CheckpointNotFoundError(f"{label}: {source!r} does not exist ({resolved})")
-    return resolved
+            f"{label}: {shown(source)} is neither an existing path nor a Hugging Face Hub id "
+            "(owner/name[@revision])"
+        ) from None
+    except PathNotAllowedError:
+        if looks_like_hub_id(source):  # never an oracle for what exists outside the roots
+            return None
+        raise
 
 
-def _resolve_hub(source: str, label: str, guard: PathGuard | None) -> Path:
-    match = HUB_ID.match(source)
-    assert match is not None
-    from huggingface_hub import snapshot_download
+def _resolve_hub(source: str, label: str, guard: PathGuard) -> Path:
+    hub_id = parse_hub_id(source, label)  # before any network or cache access
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    cache = Path(hub_cache_dir() or constants.HF_HUB_CACHE).expanduser().resolve()
+    if not guard.contains(cache):
+        raise PathNotAllowedError(
+            f"{label}: {shown(source)} is a Hub id but the Hugging Face cache ({cache}) is not an allowed "
+            "root; pass a local path, or allow the cache"
+        )
     try:
         folder = snapshot_download(
-            match["repo"], revision=match["rev"], allow_patterns=HUB_PATTERNS, token=os.environ.get("HF_TOKEN"),
-            cache_dir=hub_cache_dir(), local_files_only=_env_flag("HF_HUB_OFFLINE"),
+            hub_id.repo, revision=hub_id.revision, allow_patterns=HUB_PATTERNS,
+            token=os.environ.get("HF_TOKEN"), cache_dir=cache, local_files_only=_env_flag("HF_HUB_OFFLINE"),
         )
     except LocalEntryNotFoundError:
         raise CheckpointNotFoundError(
-            f"{label}: Hub model {source!r} is not in the local cache and the Hub cannot be reached "
+            f"{label}: Hub model {shown(source)} is not in the local cache and the Hub cannot be reached "
             "(HF_HUB_OFFLINE is set or there is no network); download it first or pass a local path"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise CheckpointNotFoundError(f"{label}: cannot fetch Hub model {source!r}: {type(exc).__name__}: {exc}") from None
-    folder_path = Path(str(folder))
-    return guard.check(folder_path, label) if guard else folder_path.resolve()
+        raise CheckpointNotFoundError(
+            f"{label}: cannot fetch Hub model {shown(source)}: {type(exc).__name__}: {exc}"
+        ) from None
+    return guard.check(Path(str(folder)), label)
 
 
 def hub_cache_dir() -> str | None:
@@ -350,7 +382,7 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _safetensors_files(path: Path, label: str) -> tuple[list[Path], Path]:
+def _safetensors_files(path: Path, label: str, guard: PathGuard) -> tuple[list[Path], Path]:
     if path.is_file():
         if path.suffix == ".safetensors":
             return [path], path.parent
@@ -358,9 +390,11 @@ def _safetensors_files(path: Path, label: str) -> tuple[list[Path], Path]:
             raise CheckpointFormatError(_pickle_message(label, path))
         raise CheckpointFormatError(f"{label}: {path} is not a .safetensors file")
     index = path / INDEX_NAME
-    if index.is_file():
-        return _shards_from_index(index, label), path
-    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if index.is_file() or index.is_symlink():
+        return _shards_from_index(guard.check_file(index, label), path, label, guard), path
+    # every file found in the folder is checked again: a symlink inside an allowed folder may point out of it
+    found = [p for p in path.glob("*.safetensors") if p.is_file() or p.is_symlink()]
+    files = sorted(guard.check_file(p, label) for p in found)
     if files:
         return files, path
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -372,22 +406,30 @@ def _safetensors_files(path: Path, label: str) -> tuple[list[Path], Path]:
     )
 
 
-def _shards_from_index(index: Path, label: str) -> list[Path]:
+def _read_json_file(path: Path, label: str) -> Any:
+    with open_regular(path, label) as fh:
+        raw = fh.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointFormatError(f"{label}: {path.name} is over {MAX_JSON_BYTES:,} bytes; refused")
+    return _parse_json(raw, f"{label}: {path.name} is not valid JSON")
+
+
+def _shards_from_index(index: Path, folder: Path, label: str, guard: PathGuard) -> list[Path]:
+    weight_map = _read_json_file(index, label)
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-        raise CheckpointFormatError(f"{label}: {index} is not a valid safetensors index (no 'weight_map')") from None
+        names = sorted({str(v) for v in weight_map["weight_map"].values()})
+    except (KeyError, TypeError, AttributeError):
+        problem = f"{label}: {index} is not a valid safetensors index (no 'weight_map')"
+        raise CheckpointFormatError(problem) from None
     shards = []
-    folder = index.parent
-    for name in names:
-        # Lexical containment: a Hub snapshot's shards are symlinks into ../../blobs, which resolve() would refuse.
-        shard = Path(os.path.normpath(folder / str(name)))
-        if shard == folder or not shard.is_relative_to(folder):
-            raise CheckpointFormatError(f"{label}: {index.name} points outside its folder ({name!r}); refused")
-        if not shard.is_file():
-            raise CheckpointFormatError(f"{label}: shard {name!r} listed in {index.name} is missing")
-        shards.append(shard)
+    for name in names:  # relative to the folder as given: a Hub snapshot's index may itself link into blobs/
+        if "\x00" in name or Path(name).is_absolute() or ".." in Path(name).parts:
+            problem = f"{label}: {INDEX_NAME} points outside its folder ({shown(name)}); refused"
+            raise CheckpointFormatError(problem)
+        candidate = folder / name
+        if not (candidate.is_file() or candidate.is_symlink()):
+            raise CheckpointFormatError(f"{label}: shard {shown(name)} listed in {INDEX_NAME} is missing")
+        shards.append(guard.check_file(candidate, label))
     return shards
 
 
@@ -399,13 +441,13 @@ def _pickle_message(label: str, path: Path) -> str:
     )
 
 
-def _read_config(root: Path, label: str) -> dict[str, Any] | None:
+def _read_config(root: Path, label: str, guard: PathGuard) -> dict[str, Any] | None:
     path = root / "config.json"
-    if not path.is_file():
+    if not (path.is_file() or path.is_symlink()):
         return None
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        log.warning("%s: config.json is not valid JSON; architecture checks use tensor names only", label)
+        config = _read_json_file(guard.check_file(path, label), label)
+    except CheckpointFormatError as exc:
+        log.warning("%s; architecture checks use tensor names only", exc)
         return None
     return config if isinstance(config, dict) else None

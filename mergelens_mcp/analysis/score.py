@@ -2,20 +2,20 @@
 
 Components (1 = good for merging), with their weights:
 
-| side   | component      | from                                         | weight | why                                   |
-|--------|----------------|----------------------------------------------|--------|---------------------------------------|
-| weight | direction      | clamp(cosine_similarity, 0, 1)               | 0.50   | shared origin: same basin of weights  |
-| weight | distance       | exp(-l2_distance / DISTANCE_SCALE)           | 0.80   | how far apart the weights are         |
-| weight | subspace       | spectral_overlap                             | 0.30   | same dominant directions              |
-| weight | representation | activation_cka (only when activations ran)   | 0.40   | same behaviour on probe inputs        |
-| weight | rank           | effective_rank_ratio                         | 0.60 * | same spread of the spectrum (shape)   |
-| weight | distribution   | exp(-kl_divergence)                          | 0.40 * | same value distribution (shape)       |
-| task   | alignment      | (1 + task_cosine) / 2                        | 0.25   | task vectors pull the same way        |
-| task   | sign_agreement | 1 - sign_disagreement                        | 0.20   | TIES' sign conflicts                  |
-| task   | interference   | 1 - tsv_interference * (1 - task_cosine) / 2 | 0.25   | shared directions used differently    |
-| task   | balance        | magnitude_ratio                              | 0.10   | one fine-tune does not drown the other|
-| task   | drift          | 1 - (1 - exp(-task_drift / DRIFT_SCALE))     | 0.40   | far-moved fine-tunes merge worse,     |
-|        |                |     x (1 - task_cosine) / 2                  |        | unless they moved the same way        |
+| side   | component      | from                                         | weight | why                              |
+|--------|----------------|----------------------------------------------|--------|----------------------------------|
+| weight | direction      | clamp(cosine_similarity, 0, 1)               | 0.50   | shared origin                    |
+| weight | distance       | exp(-l2_distance / DISTANCE_SCALE)           | 0.80   | how far apart the weights are    |
+| weight | subspace       | spectral_overlap                             | 0.30   | same dominant directions         |
+| weight | representation | activation_cka (only when activations ran)   | 0.40   | same behaviour on probe inputs   |
+| weight | rank           | effective_rank_ratio                         | 0.60 * | same spectrum shape              |
+| weight | distribution   | exp(-kl_divergence)                          | 0.40 * | same value distribution          |
+| task   | alignment      | (1 + task_cosine) / 2                        | 0.25   | task vectors pull the same way   |
+| task   | sign_agreement | 1 - sign_disagreement                        | 0.20   | TIES' sign conflicts             |
+| task   | interference   | 1 - tsv_interference * (1 - task_cosine) / 2 | 0.25   | shared directions used otherwise |
+| task   | balance        | magnitude_ratio                              | 0.10   | neither drowns the other         |
+| task   | drift          | 1 - (1 - exp(-task_drift / DRIFT_SCALE))     | 0.40   | far-moved fine-tunes merge worse |
+|        |                |     x (1 - task_cosine) / 2                  |        | unless they moved the same way   |
 
 (* the shape components multiply: weight_score = origin x shape^0.5, where origin is the weighted mean of
 direction, distance and subspace, and shape the weighted mean of rank and distribution: models of similar
@@ -130,9 +130,9 @@ def overall_score(layer_scores: list[float], layer_params: list[int]) -> float:
     if not layer_scores:
         return 0.0
     weights = [math.sqrt(max(n, 1)) for n in layer_params]
-    mean = sum(s * w for s, w in zip(layer_scores, weights)) / sum(weights)
+    mean = sum(s * w for s, w in zip(layer_scores, weights, strict=True)) / sum(weights)
     median = sorted(layer_params)[len(layer_params) // 2]
-    worst = min(s for s, n in zip(layer_scores, layer_params) if n >= MIN_WORST_FRACTION * median)
+    worst = min(s for s, n in zip(layer_scores, layer_params, strict=True) if n >= MIN_WORST_FRACTION * median)
     return round(100.0 * (MEAN_WEIGHT * mean + WORST_WEIGHT * worst), 2)
 
 

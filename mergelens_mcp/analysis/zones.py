@@ -47,7 +47,7 @@ def detect_conflict_zones(layers: list[LayerMetrics], positions: dict[str, int])
     flagged = [lm.score < ZONE_THRESHOLD or lm.score < median - OUTLIER_DROP for lm in ordered]
     zones: list[ConflictZone] = []
     run: list[LayerMetrics] = []
-    for lm, bad in zip(ordered, flagged):
+    for lm, bad in zip(ordered, flagged, strict=True):
         contiguous = run and positions[lm.layer_name] <= positions[run[-1].layer_name] + 1
         if bad and (not run or contiguous):
             run.append(lm)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import LimitExceededError
@@ -19,8 +21,8 @@ class Limits:
     def check_header(self, size: int, where: str) -> None:
         if size > self.max_header_bytes:
             raise LimitExceededError(
-                f"{where}: safetensors header of {size:,} bytes is over the cap of {self.max_header_bytes:,}; "
-                "raise MERGELENS_MAX_HEADER_BYTES if this file is trusted"
+                f"{where}: safetensors header of {size:,} bytes is over the cap of "
+                f"{self.max_header_bytes:,}; raise MERGELENS_MAX_HEADER_BYTES if this file is trusted"
             )
 
     def check_tensor_count(self, count: int, where: str) -> None:
@@ -33,9 +35,27 @@ class Limits:
     def check_tensor(self, name: str, numel: int, where: str) -> None:
         if numel > self.max_tensor_elements:
             raise LimitExceededError(
-                f"{where}: tensor {name!r} has {numel:,} elements, over the cap of {self.max_tensor_elements:,}; "
-                "raise MERGELENS_MAX_TENSOR_ELEMENTS if this checkpoint is trusted"
+                f"{where}: tensor {_name(name)} has {numel:,} elements, over the cap of "
+                f"{self.max_tensor_elements:,}; raise MERGELENS_MAX_TENSOR_ELEMENTS for a trusted checkpoint"
             )
+
+    def check_shape(self, name: str, shape: Sequence[int], where: str) -> int:
+        """The element count of `shape`, refused as soon as the running product passes the cap (so a header
+        listing thousands of huge dimensions costs no big-number arithmetic)."""
+        if 0 in shape:
+            return 0
+        numel = 1
+        for dim in shape:
+            numel *= dim
+            if numel > self.max_tensor_elements:
+                if len(shape) <= 16:  # few dimensions: the exact count is cheap and clearer
+                    self.check_tensor(name, math.prod(shape), where)
+                raise LimitExceededError(
+                    f"{where}: tensor {_name(name)} has {len(shape)} dimensions and over "
+                    f"{self.max_tensor_elements:,} elements (the cap); raise MERGELENS_MAX_TENSOR_ELEMENTS "
+                    "if the checkpoint is trusted"
+                )
+        return numel
 
     def check_request(self, total_bytes: int) -> None:
         if total_bytes > self.max_request_bytes:
@@ -43,3 +63,7 @@ class Limits:
                 f"this request would read {total_bytes:,} bytes of weights, over the cap of "
                 f"{self.max_request_bytes:,}; compare fewer models or raise MERGELENS_MAX_REQUEST_BYTES"
             )
+
+
+def _name(name: str) -> str:
+    return repr(name if len(name) <= 120 else name[:120] + "...")

@@ -12,6 +12,7 @@ from pydantic import Field
 
 from ..analysis.explain import explain, find_layer
 from ..errors import InputError
+from ..security.redact import redact
 from . import views
 from .params import BaseModelPath, Detail, Models
 from .runtime import AppContext, analyse
@@ -68,7 +69,7 @@ async def explain_layer(
     try:
         found = find_layer(result.layer_metrics, str(layer))
     except InputError as exc:
-        raise ToolError(str(exc)) from exc
+        raise ToolError(redact(str(exc))) from exc
     explanations = [explain(lm) for lm in found]
     return views.LayerReport(layer=found[0].layer_name, explanations=explanations, cached=cached)
 

@@ -13,7 +13,7 @@ from ..analysis.engine import Cancelled, Progress
 from ..models import ConfigDiagnosis
 from . import views
 from .params import Detail
-from .runtime import AppContext, run_in_worker, state_of
+from .runtime import AppContext, guard_for, run_in_worker, state_of
 
 
 async def diagnose_merge(
@@ -23,9 +23,10 @@ async def diagnose_merge(
     detail: Detail = False,
 ) -> views.Diagnosis:
     state = state_of(ctx)
+    guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> ConfigDiagnosis:
-        return service.diagnose(config, settings=state.settings, guard=state.guard, progress=progress,
+        return service.diagnose(config, settings=state.settings, guard=guard, progress=progress,
                                 cancelled=cancelled)
 
     return views.diagnosis(await run_in_worker(ctx, job), detail)

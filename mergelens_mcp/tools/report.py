@@ -15,6 +15,8 @@ from pydantic import Field
 
 from ..analysis.engine import Cancelled, Progress
 from ..errors import MergeLensError, PathNotAllowedError
+from ..security.paths import PathGuard
+from ..security.redact import redact
 from . import views
 from .params import BaseModelPath, Models
 from .runtime import AppContext, analyse, run_in_worker, state_of
@@ -49,21 +51,28 @@ async def generate_report(
         Field(description="file name for the report (e.g. 'llama-merge.html'); it is always written to the "
                           "server's output folder. Default: a name derived from the models"),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        Field(description="replace an existing file of that name even if it is not a mergelens report "
+                          "(reports mergelens wrote are always replaced); leave false unless the user asked"),
+    ] = False,
 ) -> views.Report:
     from ..report import check_output, write_report
 
     folder = state_of(ctx).settings.reports_dir
     try:  # refuse a bad name before any tensor is read
         folder.mkdir(parents=True, exist_ok=True)
-        target = check_output(report_path(folder, filename, models, base_model))
+        path = report_path(folder, filename, models, base_model)
+        path = PathGuard([folder]).check_output(path, "report output")  # no FIFO, device or folder
+        target = check_output(path, overwrite=overwrite)  # and not someone else's file unless asked
     except MergeLensError as exc:
-        raise ToolError(str(exc)) from exc
+        raise ToolError(redact(str(exc))) from exc
     except OSError as exc:
         raise ToolError(f"cannot use the output folder {folder}: {exc.strerror}") from exc
     result, cached = await analyse(ctx, models, base_model)
 
     def job(progress: Progress, cancelled: Cancelled) -> Path:
-        return write_report(result, target)
+        return write_report(result, target, overwrite=overwrite)
 
     path = await run_in_worker(ctx, job)
     return views.Report(path=str(path), bytes=path.stat().st_size, score=result.mci.score,

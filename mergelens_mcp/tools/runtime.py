@@ -10,20 +10,24 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
+from mcp import types
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.shared.message import ServerMessageMetadata
 
 from .. import service
 from ..analysis.engine import Cancelled, Progress
 from ..errors import AnalysisCancelledError, MergeLensError
 from ..models import CompareResult
 from ..security.paths import PathGuard
+from ..security.redact import redact
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CANCEL_GRACE_S = 30.0  # how long a cancelled call waits for its worker to stop at the next tensor
+ROOTS_TIMEOUT_S = 10.0  # how long the server waits for the client's roots/list answer
 GATE_POLL_S = 0.2  # how often a call waiting for an identical analysis checks whether it was cancelled
 
 
@@ -149,7 +153,41 @@ async def run_in_worker(ctx: AppContext, job: Job[T]) -> T:
                 await anyio.to_thread.run_sync(finished.wait, CANCEL_GRACE_S)
             raise
         except MergeLensError as exc:
-            raise ToolError(str(exc)) from exc
+            raise ToolError(redact(str(exc))) from exc
+
+
+async def guard_for(ctx: AppContext) -> PathGuard:
+    """The server's path guard, narrowed to the client's MCP roots when the client declares any.
+
+    Roots only ever narrow access (`PathGuard.restrict`): they say what the client means to share, never a
+    grant. A client that declares roots but whose roots cannot be listed gets a ToolError (fail closed),
+    except on a connection that cannot carry server-to-client requests at all (the server's roots apply).
+    An empty list means the client has no roots configured, not that it shares nothing: the server's roots
+    apply, as they do for a client that declares no roots.
+    """
+    state = state_of(ctx)
+    session = ctx.session
+    capabilities = session.client_capabilities
+    if capabilities is None or capabilities.roots is None:
+        return state.guard
+    if not session.can_send_request:
+        log.info("the client declared roots but this connection cannot ask for them; server roots apply")
+        return state.guard
+    try:
+        with anyio.fail_after(ROOTS_TIMEOUT_S):
+            listed = await session.send_request(
+                types.ListRootsRequest(), types.ListRootsResult,
+                metadata=ServerMessageMetadata(related_request_id=ctx.request_id),
+            )
+    except Exception as exc:  # a client that cannot answer roots/list in time
+        raise ToolError(
+            f"the client declared MCP roots but did not list them ({type(exc).__name__}); fix the client's "
+            "roots support or connect without declaring roots"
+        ) from None
+    if not listed.roots:  # generic clients (the MCP Inspector) declare the capability and list nothing
+        log.info("the client declared MCP roots but listed none; the server's allowed roots apply")
+        return state.guard
+    return state.guard.restrict(str(root.uri) for root in listed.roots)
 
 
 async def analyse(ctx: AppContext, models: Sequence[str], base: str | None) -> tuple[CompareResult, bool]:
@@ -157,11 +195,12 @@ async def analyse(ctx: AppContext, models: Sequence[str], base: str | None) -> t
     Returns the result and whether it came from the cache."""
     state = state_of(ctx)
     sources = list(models)
+    guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> tuple[CompareResult, bool]:
-        key = service.fingerprint(sources, base, settings=state.settings, guard=state.guard)
+        key = service.fingerprint(sources, base, settings=state.settings, guard=guard)
         return state.cache.get_or_compute(key, lambda: service.compare(
-            sources, base, settings=state.settings, guard=state.guard, progress=progress, cancelled=cancelled,
+            sources, base, settings=state.settings, guard=guard, progress=progress, cancelled=cancelled,
         ), cancelled)
 
     return await run_in_worker(ctx, job)

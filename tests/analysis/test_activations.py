@@ -76,7 +76,10 @@ def test_real_pair_weight_metrics_agree_with_a_direct_computation() -> None:
     result = compare_models([str(MINILM), str(SRE)])
     layer = next(lm for lm in result.layer_metrics if lm.layer_name == "layers.0")
     total = weighted = 0.0
-    with safe_open(str(MINILM / "model.safetensors"), "pt") as fa, safe_open(str(SRE / "model.safetensors"), "pt") as fb:
+    with (
+        safe_open(str(MINILM / "model.safetensors"), "pt") as fa,
+        safe_open(str(SRE / "model.safetensors"), "pt") as fb,
+    ):
         names = {n for n in fa.keys() if ".layer.0." in n}
         assert names == set(layer.tensor_names)
         for name in names:

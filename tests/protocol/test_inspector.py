@@ -41,8 +41,8 @@ def inspect(family: Family, tmp_path: Path, *options: str) -> dict[str, Any]:
     node, inspector = node_and_inspector()
     server = [sys.executable, "-m", "mergelens_mcp", "serve", "--allow-dir", str(family.base.parent)]
     done = subprocess.run(
-        [node, str(inspector), "--cli", "--connect-timeout", str(CONNECT_MS), "--cwd", str(REPO), *options,
-         "--", *server],
+        [node, str(inspector), "--cli", "--connect-timeout", str(CONNECT_MS), "--cwd", str(family.base.parent),
+         *options, "--", *server],
         capture_output=True, text=True, timeout=TIMEOUT_S,
         env={"PATH": str(Path(node).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path),
              "MCP_CATALOG_PATH": str(tmp_path / "catalog.json")},

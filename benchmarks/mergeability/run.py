@@ -1,0 +1,532 @@
+"""Run the mergeability benchmark: train, merge every cross-task pair, score it, correlate.
+
+    python -m benchmarks.mergeability.run --out .bench/mergeability
+    python -m benchmarks.mergeability.run --tasks copy,add --steps 60,40 --lrs 2e-3 --out /tmp/smoke
+
+Checkpoints, merge outcomes and MCI scores are cached in --out; rerunning with the same settings only redoes
+what is missing or was made with other merge parameters (`--rescore` recomputes the MCI after a change to
+mergelens; delete outcomes.json after a change to merge.py that keeps the parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .merge import METHODS, merge_states, spec_from_strategy
+from .model import build_model, load_config, load_state, save_checkpoint
+from .stats import (
+    additive_residuals,
+    fit_ridge,
+    hit_rate,
+    leave_one_group_out,
+    mean,
+    pearson,
+    spearman,
+    within_group_spearman,
+)
+from .tasks import PRETRAIN_TASKS, TASKS, TestSet, accuracy, make_test_set
+from .train import finetune, pretrain
+
+TOLERANCE = 0.02  # "within 2 points" of the best method, on the 0-1 normalized-accuracy scale
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mergeability.run", description=__doc__)
+    parser.add_argument("--tasks", default=",".join(TASKS), help="tasks to fine-tune on (comma-separated)")
+    parser.add_argument("--pretrain-tasks", default=",".join(PRETRAIN_TASKS), help="tasks of the base model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", default="1800,1000", help="PRETRAIN,FINETUNE optimizer steps")
+    parser.add_argument("--lrs", default="1e-3,2e-3", help="fine-tuning learning rates (comma-separated)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="merge methods (comma-separated)")
+    parser.add_argument("--test-size", type=int, default=200, help="held-out examples per task")
+    parser.add_argument("--min-acc", type=float, default=0.9, help="drop fine-tunes below this on their task")
+    parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, cache and results")
+    parser.add_argument("--rescore", action="store_true", help="recompute the MCI of every pair")
+    parser.add_argument("--no-score", action="store_true", help="skip the MCI (train, merge, baselines)")
+    args = parser.parse_args(argv)
+    args.tasks = _names(args.tasks, TASKS, "--tasks")
+    args.pretrain_tasks = _names(args.pretrain_tasks, TASKS, "--pretrain-tasks")
+    args.methods = _names(args.methods, tuple(METHODS), "--methods")
+    pre, _, ft = args.steps.partition(",")
+    args.pretrain_steps, args.finetune_steps = int(pre), int(ft or pre)
+    args.lrs = [float(v) for v in args.lrs.split(",") if v]
+    return args
+
+
+def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SystemExit(f"{flag}: unknown or missing {unknown or text!r}; choose from {', '.join(known)}")
+    return names
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """What the checkpoints depend on; a cache made with other settings is not reused."""
+    return {
+        "tasks": args.tasks,
+        "pretrain_tasks": args.pretrain_tasks,
+        "seed": args.seed,
+        "pretrain_steps": args.pretrain_steps,
+        "finetune_steps": args.finetune_steps,
+        "lrs": args.lrs,
+        "test_size": args.test_size,
+    }
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def relative(merged: float, finetuned: float) -> float:
+    """Merged accuracy as a share of the fine-tune's own (0 when the fine-tune never learned its task)."""
+    return merged / finetuned if finetuned > 0 else 0.0
+
+
+def finetune_name(task: str, lr: float) -> str:
+    return f"{task}-lr{lr:g}"
+
+
+def train_checkpoints(args: argparse.Namespace, tests: dict[str, TestSet]) -> dict:
+    """Train (or reuse) the base and every fine-tune; returns the manifest with paths and accuracies."""
+    manifest_path = args.out / "checkpoints.json"
+    manifest = read_json(manifest_path)
+    if manifest and manifest["settings"] == settings_of(args):
+        log(f"reusing {len(manifest['finetunes'])} fine-tunes from {manifest_path}")
+        return manifest
+    folder = args.out / "checkpoints"
+    held_out = list(tests.values())
+    started = time.perf_counter()
+    base = pretrain(args.pretrain_tasks, args.seed, args.pretrain_steps, held_out)
+    base_seconds = time.perf_counter() - started
+    save_checkpoint(base, folder / "base")
+    base_acc = {t: accuracy(base, tests[t]) for t in tests}
+    log(f"base: {base_seconds:.0f}s, accuracy {base_acc}")
+    finetunes = {}
+    for task in args.tasks:
+        for lr in args.lrs:
+            name = finetune_name(task, lr)
+            started = time.perf_counter()
+            model = finetune(base, task, lr, args.finetune_steps, args.seed, held_out)
+            seconds = time.perf_counter() - started
+            save_checkpoint(model, folder / name)
+            acc = {t: accuracy(model, tests[t]) for t in tests}
+            finetunes[name] = {"task": task, "lr": lr, "path": str(folder / name), "accuracy": acc,
+                               "seconds": round(seconds, 1)}
+            log(f"{name}: {seconds:.0f}s, own-task accuracy {acc[task]:.3f}")
+    manifest = {
+        "settings": settings_of(args),
+        "base": {"path": str(folder / "base"), "accuracy": base_acc, "seconds": round(base_seconds, 1)},
+        "finetunes": finetunes,
+    }
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+def kept_finetunes(manifest: dict, min_acc: float) -> list[str]:
+    return sorted(n for n, f in manifest["finetunes"].items() if f["accuracy"][f["task"]] >= min_acc)
+
+
+def cross_task_pairs(manifest: dict, names: list[str]) -> list[tuple[str, str]]:
+    ft = manifest["finetunes"]
+    return [(a, b) for a, b in itertools.combinations(names, 2) if ft[a]["task"] != ft[b]["task"]]
+
+
+def task_vector_stats(base: dict, a: dict, b: dict) -> dict[str, float]:
+    """L2 norms of both task vectors, their distance and cosine, over all tensors."""
+    ta = torch.cat([(a[k] - base[k]).flatten() for k in base])
+    tb = torch.cat([(b[k] - base[k]).flatten() for k in base])
+    na, nb = float(ta.norm()), float(tb.norm())
+    return {
+        "norm_a": na,
+        "norm_b": nb,
+        "distance": float((ta - tb).norm()),
+        "cosine": float(ta @ tb) / max(na * nb, 1e-12),
+    }
+
+
+def evaluate_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str, str]],
+                   tests: dict[str, TestSet]) -> dict[str, dict]:
+    """Merge each pair with each method and measure both tasks; cached per pair and method."""
+    cache_path = args.out / "outcomes.json"
+    cache = read_json(cache_path) or {}
+    if cache.get("settings") != settings_of(args):
+        cache = {"settings": settings_of(args), "pairs": {}}
+    ft = manifest["finetunes"]
+    base_state = load_state(Path(manifest["base"]["path"]))
+    config = load_config(Path(manifest["base"]["path"]))
+    states = {n: load_state(Path(ft[n]["path"])) for n in {n for p in pairs for n in p}}
+    started = time.perf_counter()
+    for i, (a, b) in enumerate(pairs):
+        key = f"{a}|{b}"
+        entry = cache["pairs"].setdefault(key, {"merged": {}})
+        entry["tv"] = task_vector_stats(base_state, states[a], states[b])
+        ta, tb = ft[a]["task"], ft[b]["task"]
+        fa, fb = ft[a]["accuracy"][ta], ft[b]["accuracy"][tb]
+        for method in args.methods:
+            spec = METHODS[method].describe()
+            if entry["merged"].get(method, {}).get("spec") == spec:
+                continue
+            merged = merge_states(METHODS[method], base_state, states[a], states[b], seed=args.seed)
+            model = build_model(config, merged)
+            acc_a, acc_b = accuracy(model, tests[ta]), accuracy(model, tests[tb])
+            entry["merged"][method] = {
+                "spec": spec,
+                "acc_a": acc_a,
+                "acc_b": acc_b,
+                "normalized": (relative(acc_a, fa) + relative(acc_b, fb)) / 2,
+            }
+        if (i + 1) % 10 == 0 or i + 1 == len(pairs):
+            write_json(cache_path, cache)
+            log(f"merged {i + 1}/{len(pairs)} pairs ({time.perf_counter() - started:.0f}s)")
+    write_json(cache_path, cache)
+    return {f"{a}|{b}": cache["pairs"][f"{a}|{b}"] for a, b in pairs}
+
+
+def evaluate_recommended(args: argparse.Namespace, manifest: dict, scores: dict[str, dict],
+                         tests: dict[str, TestSet]) -> dict[str, dict]:
+    """Merge each pair exactly as its recommendation says (method and parameters) and measure it; cached."""
+    cache_path = args.out / "outcomes.json"
+    cache = read_json(cache_path)
+    ft = manifest["finetunes"]
+    base_state = load_state(Path(manifest["base"]["path"]))
+    config = load_config(Path(manifest["base"]["path"]))
+    out = {}
+    for key, score in scores.items():
+        spec = spec_from_strategy(score.get("recommended") or "", score.get("strategy_parameters", {}))
+        if spec is None:
+            continue
+        label = json.dumps({"method": spec.name, **spec.describe()}, sort_keys=True)
+        entry = cache["pairs"][key].setdefault("recommended", {})
+        if label not in entry:
+            a, b = key.split("|")
+            merged = merge_states(spec, base_state, load_state(Path(ft[a]["path"])),
+                                  load_state(Path(ft[b]["path"])), seed=args.seed)
+            model = build_model(config, merged)
+            ta, tb = ft[a]["task"], ft[b]["task"]
+            acc_a, acc_b = accuracy(model, tests[ta]), accuracy(model, tests[tb])
+            entry[label] = {"acc_a": acc_a, "acc_b": acc_b, "normalized": (
+                relative(acc_a, ft[a]["accuracy"][ta]) + relative(acc_b, ft[b]["accuracy"][tb])) / 2}
+        out[key] = {"spec": label, **entry[label]}
+    write_json(cache_path, cache)
+    return out
+
+
+def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
+    """The MCI, recommendation and per-layer metrics of a pair, from the public API as a user gets them."""
+    from mergelens_mcp import compare_models
+
+    started = time.perf_counter()
+    r = compare_models([str(path_a), str(path_b)], base=str(path_base))
+    strategy = r.strategy
+    return {
+        "version": r.version,
+        "mci": r.mci.score,
+        "verdict": r.mci.verdict.value,
+        "confidence": r.mci.confidence,
+        "components": dict(r.mci.components),
+        "recommended": strategy.method.value if strategy is not None else None,
+        "runner_up": strategy.runner_up.value if strategy is not None and strategy.runner_up else None,
+        "strategy_parameters": dict(strategy.parameters) if strategy is not None else {},
+        "layers": [
+            {"layer_name": m.layer_name, "n_params": m.n_params, "metrics": dict(m.metrics),
+             "components": dict(m.components), "score": m.score}
+            for m in r.layer_metrics
+        ],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def git_commit() -> str | None:
+    """The commit of the code at the start of the run, `+dirty` when benchmarks/ has uncommitted changes."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks"], capture_output=True,
+                               text=True, check=False)
+    except OSError:
+        return None
+    commit = head.stdout.strip()
+    return (commit + ("+dirty" if dirty.stdout.strip() else "")) if commit else None
+
+
+def api_available() -> bool:
+    try:
+        from mergelens_mcp import compare_models  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def score_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str, str]]) -> dict[str, dict]:
+    """MCI of every pair, cached in scores.json next to the checkpoints."""
+    cache_path = args.out / "scores.json"
+    cache = read_json(cache_path) or {}
+    if args.rescore or cache.get("settings") != settings_of(args):
+        cache = {"settings": settings_of(args), "pairs": {}}
+    ft = manifest["finetunes"]
+    todo = [(a, b) for a, b in pairs if f"{a}|{b}" not in cache["pairs"]]
+    for i, (a, b) in enumerate(todo):
+        cache["pairs"][f"{a}|{b}"] = score_pair(ft[a]["path"], ft[b]["path"], manifest["base"]["path"])
+        if (i + 1) % 10 == 0 or i + 1 == len(todo):
+            write_json(cache_path, cache)
+            log(f"scored {i + 1}/{len(todo)} pairs")
+    return {f"{a}|{b}": cache["pairs"][f"{a}|{b}"] for a, b in pairs}
+
+
+def layer_features(score: dict) -> dict[str, float]:
+    """Flat `layer/metric` -> value of a pair's per-layer metrics (non-finite values read as 0)."""
+    out = {}
+    for layer in score.get("layers", []):
+        for name, value in layer["metrics"].items():
+            out[f"{layer['layer_name']}/{name}"] = value if math.isfinite(value) else 0.0
+    return out
+
+
+def correlate(
+    rows: list[dict], predictor: list[float | None], y: list[float], residual: list[float]
+) -> dict:
+    """Pearson, Spearman, mean within-task Spearman and pairwise Spearman of a predictor against an outcome.
+
+    `residual` is the outcome less its best per-model additive fit (`additive_residuals`); the pairwise
+    Spearman is the predictor's rank correlation with it.
+    """
+    keep = [i for i, p in enumerate(predictor) if p is not None]
+    x = [predictor[i] for i in keep]
+    yy = [y[i] for i in keep]
+    groups = [(rows[i]["task_a"], rows[i]["task_b"]) for i in keep]
+    within, per_task = within_group_spearman(groups, x, yy)
+    return {"n": len(keep), "pearson": pearson(x, yy), "spearman": spearman(x, yy),
+            "within_task_spearman": within, "per_task_spearman": per_task,
+            "pairwise_spearman": spearman(x, [residual[i] for i in keep])}
+
+
+def summarize(rows: list[dict], methods: list[str]) -> dict:
+    """Every correlation of the report, per merge method."""
+    groups = [(r["task_a"], r["task_b"]) for r in rows]
+    predictors: dict[str, list[float | None]] = {
+        "mci": [r["mci"] for r in rows],
+        "norms_only": [-(r["tv"]["norm_a"] + r["tv"]["norm_b"]) for r in rows],
+        "tv_distance": [-r["tv"]["distance"] for r in rows],
+        "tv_cosine": [r["tv"]["cosine"] for r in rows],
+    }
+    norm_features = [[r["tv"]["norm_a"] + r["tv"]["norm_b"], abs(r["tv"]["norm_a"] - r["tv"]["norm_b"])]
+                     for r in rows]
+    keys = sorted({k for r in rows for k in r.get("features", {})})
+    layer_rows = [[r.get("features", {}).get(k, 0.0) for k in keys] for r in rows]
+    out: dict = {"n_pairs": len(rows), "methods": {}}
+    for method in methods:
+        y = [r["merged"][method]["normalized"] for r in rows]
+        residual = additive_residuals([(r["a"], r["b"]) for r in rows], y)
+        table = {name: correlate(rows, p, y, residual) for name, p in predictors.items()}
+        # fitted predictors, evaluated only on tasks they never saw (leave one task out)
+        table["loto_ridge_norms"] = correlate(
+            rows, leave_one_group_out(groups, norm_features, y, fit_ridge), y, residual)
+        if keys:
+            ridge = leave_one_group_out(groups, layer_rows, y, lambda f, t: fit_ridge(f, t, alpha=10.0))
+            table["loto_ridge_layer_metrics"] = correlate(rows, ridge, y, residual)
+        features = {k: spearman([row[j] for row in layer_rows], y) for j, k in enumerate(keys)}
+        out["methods"][method] = {
+            "mean_normalized": mean(y),
+            "min_normalized": min(y),
+            "max_normalized": max(y),
+            "additive_share": 1.0 - _variance(residual) / max(_variance(y), 1e-12),
+            "predictors": table,
+            # [layer/metric, Spearman] pairs, strongest first (a list: the JSON is written with sorted keys)
+            "feature_spearman": sorted(features.items(), key=lambda kv: -abs(kv[1] or 0.0)),
+        }
+    outcomes = [{m: r["merged"][m]["normalized"] for m in methods} for r in rows]
+    recommended = [r.get("recommended") for r in rows]
+    rate, hits, n = hit_rate(recommended, outcomes, TOLERANCE)
+    # the recommendation merged with its own parameters, against the best of the fixed-parameter merges
+    with_params = [(o | {"recommended": r["recommended_merge"]["normalized"]}) if r.get("recommended_merge")
+                   else o for o, r in zip(outcomes, rows, strict=True)]
+    asked = ["recommended" if r.get("recommended_merge") else r.get("recommended") for r in rows]
+    rate_p, hits_p, n_p = hit_rate(asked, with_params, TOLERANCE)
+    out["recommendation"] = {
+        "hit_rate": rate, "hits": hits, "pairs_with_recommendation": n, "tolerance": TOLERANCE,
+        "hit_rate_with_its_parameters": rate_p, "hits_with_its_parameters": hits_p,
+        "mean_normalized_with_its_parameters": mean([r["recommended_merge"]["normalized"] for r in rows
+                                                     if r.get("recommended_merge")]),
+        "recommended_counts": _counts(recommended),
+        "best_counts": _counts([max(o, key=o.get) for o in outcomes]),
+        "fixed_method_hit_rates": {m: hit_rate([m] * len(rows), outcomes, TOLERANCE)[0] for m in methods},
+    }
+    return out
+
+
+def evaluate_calibration(rows: list[dict], methods: list[str]) -> dict:
+    """Leave-one-task-out figures of the MCI's fitted constants (see calibration.py)."""
+    from .calibration import current_constants, grid_scores, leave_one_task_out
+
+    outcomes = {m: [r["merged"][m]["normalized"] for r in rows] for m in methods}
+    baselines = {"norms_only": [-(r["tv"]["norm_a"] + r["tv"]["norm_b"]) for r in rows]}
+    out = leave_one_task_out(rows, outcomes, grid_scores(rows), baselines)
+    out["product_constants"] = current_constants().label()
+    return out
+
+
+def _variance(values: list[float]) -> float:
+    m = sum(values) / len(values)
+    return sum((v - m) ** 2 for v in values) / len(values)
+
+
+def _counts(values: list) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[str(v)] = counts.get(str(v), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def render_markdown(results: dict) -> str:
+    """The report's tables."""
+    s = results["summary"]
+    lines = [
+        f"# Mergeability benchmark ({s['n_pairs']} cross-task pairs)",
+        "",
+        f"Settings: `{json.dumps(results['settings'])}`;",
+        f"MCI from the public API: {results['mci_available']}.",
+        "",
+        "Outcome: normalized accuracy = merged accuracy / fine-tuned accuracy, averaged over both tasks.",
+        "Predictors: `mci` (higher = safer), `norms_only` = -(|tau_a| + |tau_b|),",
+        "`tv_distance` = -|tau_a - tau_b|, `tv_cosine` = cos(tau_a, tau_b);",
+        "`loto_*` = ridge fits scored only on a task left out of their fit.",
+        "",
+        "`pairwise` = Spearman with the outcome less its best per-model additive fit",
+        "(y_ab ~ mu + e_a + e_b);",
+        "`additive share` = the outcome variance that per-model effects alone explain.",
+        "",
+        "| method | mean outcome | additive share | predictor | n | Pearson | Spearman | within-task "
+        "| pairwise |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, m in s["methods"].items():
+        for name, c in m["predictors"].items():
+            lines.append(
+                f"| {method} | {m['mean_normalized']:.3f} | {m['additive_share']:.2f} | {name} | {c['n']} "
+                f"| {_fmt(c['pearson'])} | {_fmt(c['spearman'])} | {_fmt(c['within_task_spearman'])} "
+                f"| {_fmt(c['pairwise_spearman'])} |"
+            )
+    lines += ["", "Per-layer metrics most rank-correlated with the outcome (Spearman, all pairs):", ""]
+    for method, m in s["methods"].items():
+        top = m["feature_spearman"][:5]
+        lines.append(f"- {method}: " + (", ".join(f"`{k}` {_fmt(v)}" for k, v in top) or "n/a"))
+    cal = s.get("mci_calibration")
+    if cal:
+        lines += [
+            "",
+            f"MCI constants, leave one task out ({cal['grid_points']} grid points; the product uses "
+            f"{cal['product_constants']}; chosen on all pairs: {cal['in_sample_choice']}):",
+            "",
+            "| method | in-sample Spearman | held-out task Spearman (mean over tasks) "
+            "| norms-only on the same pairs | pooled, both tasks held out |",
+            "|---|---|---|---|---|",
+        ]
+        for method in s["methods"]:
+            lines.append(
+                f"| {method} | {_fmt(cal['in_sample_spearman'][method])} "
+                f"| {_fmt(cal['held_out_spearman_mean_over_tasks'][method])} "
+                f"| {_fmt(cal['baselines_on_held_out_pairs']['norms_only'][method])} "
+                f"| {_fmt(cal['pooled_leave_both_tasks_out_spearman'][method])} |"
+            )
+        lines.append(f"Mean held-out task Spearman: {_fmt(cal['held_out_spearman_mean'])}.")
+    rec = s["recommendation"]
+    rate = "n/a" if rec["hit_rate"] is None else f"{rec['hit_rate']:.1%}"
+    lines += [
+        "",
+        f"Recommendation hit rate (within {rec['tolerance'] * 100:.0f} points of the pair's best method): "
+        f"{rate} ({rec['hits']}/{rec['pairs_with_recommendation']}) with this benchmark's parameters for the "
+        "method; "
+        + ("n/a" if rec["hit_rate_with_its_parameters"] is None else
+           f"{rec['hit_rate_with_its_parameters']:.1%} ({rec['hits_with_its_parameters']}/"
+           f"{rec['pairs_with_recommendation']})")
+        + " merged with the recommendation's own parameters (mean outcome "
+        + ("n/a" if rec["mean_normalized_with_its_parameters"] is None else
+           f"{rec['mean_normalized_with_its_parameters']:.3f}") + ").",
+        f"Recommended: {rec['recommended_counts']}; best: {rec['best_counts']}.",
+        "Always choosing one method: " + ", ".join(
+            f"{m} {'n/a' if v is None else f'{v:.1%}'}" for m, v in rec["fixed_method_hit_rates"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    torch.set_num_threads(1)
+    args = parse_args(argv)
+    commit = git_commit()
+    args.out.mkdir(parents=True, exist_ok=True)
+    every_task = sorted(set(args.tasks) | set(args.pretrain_tasks))
+    tests = {t: make_test_set(t, args.seed, args.test_size) for t in every_task}
+    manifest = train_checkpoints(args, tests)
+    names = kept_finetunes(manifest, args.min_acc)
+    dropped = sorted(set(manifest["finetunes"]) - set(names))
+    pairs = cross_task_pairs(manifest, names)
+    log(f"{len(names)} fine-tunes kept, {len(dropped)} dropped {dropped}, {len(pairs)} cross-task pairs")
+    outcomes = evaluate_pairs(args, manifest, pairs, tests)
+    available = api_available() and not args.no_score
+    scores = score_pairs(args, manifest, pairs) if available else {}
+    if not available:
+        log("MCI not computed: mergelens_mcp.compare_models is not importable (or --no-score)")
+    recommended = evaluate_recommended(args, manifest, scores, tests) if available else {}
+    ft = manifest["finetunes"]
+    rows = []
+    for a, b in pairs:
+        key = f"{a}|{b}"
+        score = scores.get(key, {})
+        rows.append({
+            "pair": key, "a": a, "b": b, "task_a": ft[a]["task"], "task_b": ft[b]["task"],
+            "lr_a": ft[a]["lr"], "lr_b": ft[b]["lr"],
+            "finetuned_acc_a": ft[a]["accuracy"][ft[a]["task"]],
+            "finetuned_acc_b": ft[b]["accuracy"][ft[b]["task"]],
+            **outcomes[key],
+            "mci": score.get("mci"), "recommended": score.get("recommended"), "score": score,
+            "recommended_merge": recommended.get(key),
+            "features": layer_features(score),
+        })
+    summary = summarize(rows, args.methods)
+    if available and rows:
+        summary["mci_calibration"] = evaluate_calibration(rows, args.methods)
+    results = {
+        "settings": settings_of(args),
+        "git_commit": commit,
+        "methods": {m: METHODS[m].describe() for m in args.methods},
+        "mci_available": available,
+        "base": manifest["base"],
+        "finetunes": manifest["finetunes"],
+        "kept": names,
+        "dropped": dropped,
+        "pairs": rows,
+        "summary": summary,
+    }
+    write_json(args.out / "results.json", results)
+    (args.out / "results.md").write_text(render_markdown(results))
+    log(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""Hostile mergekit YAML through service.diagnose: a ConfigError (or a diagnosis), never a crash or a hang."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fixtures.hostile import Sandbox, in_bounded_thread
+from mergelens_mcp import service
+from mergelens_mcp.errors import ConfigError, MergeLensError
+from mergelens_mcp.models import ConfigDiagnosis
+from mergelens_mcp.security.paths import PathGuard
+
+
+def laughs(levels: int, fan: int = 9) -> str:
+    lines = [f"l0: &l0 [{', '.join(['lol'] * fan)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fan)}]" for i in range(1, levels)]
+    return (
+        "\n".join(lines)
+        + f"\nmerge_method: ties\nmodels:\n  - model: *l{levels - 1}\nparameters: *l{levels - 1}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[" * 100_000, "nested too deeply"),
+        ("{a: " * 50_000, "nested too deeply"),
+        ("x" * 10_000, "not a mapping"),
+        (laughs(8), "expands to over 100,000 values"),
+        ("&a [*a]", "expands to over"),
+        ("!!python/object/apply:os.system ['echo pwned']", "could not determine a constructor"),
+        ("merge_method: ties\nmodels: [\n", "invalid YAML at line"),
+        ("---\nmerge_method: ties\n---\nmerge_method: slerp\n", "several YAML documents"),
+        ("", "not a mapping|is empty"),
+        ("merge_method: " + "x" * 2_000_000, "over 1,048,576 characters"),
+    ],
+    ids=[
+        "deep-list",
+        "deep-map",
+        "long-line",
+        "billion-laughs",
+        "self-alias",
+        "python-tag",
+        "unclosed",
+        "multi-doc",
+        "empty",
+        "huge",
+    ],
+)
+def test_hostile_yaml_text_gives_a_config_error_in_bounded_time(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        in_bounded_thread(lambda: service.diagnose(text), timeout=60)
+    assert len(str(info.value)) < 1000
+
+
+def test_a_config_path_outside_the_roots_reveals_nothing_about_whether_it_exists(sandbox: Sandbox) -> None:
+    guard = PathGuard([sandbox.root])
+    (sandbox.outside / "real.yaml").write_text("merge_method: ties\n")
+    errors = []
+    for name in ("real.yaml", "missing.yaml", "real", "missing"):
+        with pytest.raises(MergeLensError) as info:
+            service.diagnose(str(sandbox.outside / name), guard=guard)
+        errors.append((type(info.value).__name__, str(info.value).replace(name, "NAME")))
+    assert errors[0] == errors[1] and errors[2] == errors[3]
+
+
+def test_models_named_inside_a_yaml_are_held_to_the_roots(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(sandbox.root)
+    text = (
+        "merge_method: ties\nbase_model: model_a\nmodels:\n"
+        f"  - model: {sandbox.secret_model}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+        f"  - model: ../outside/no_such_model\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+        "  - model: model_b\n    parameters: {weight: 0.5, density: 0.5}\n"
+    )
+    result = service.diagnose(text, guard=PathGuard([sandbox.root]))
+    unreadable = [f.message for f in result.findings if f.code == "model_unreadable"]
+    assert len(unreadable) == 2 and all("outside the allowed roots" in m for m in unreadable)
+    assert sorted(result.models_checked) == ["model_a", "model_b"]
+
+
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=12))
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20,
+)
+KEYS = st.sampled_from(
+    [
+        "merge_method",
+        "models",
+        "slices",
+        "base_model",
+        "parameters",
+        "dtype",
+        "tokenizer_source",
+        "model",
+        "layer_range",
+        "sources",
+        "weight",
+        "density",
+        "t",
+        "x",
+    ]
+)
+CONFIGS = st.recursive(
+    st.fixed_dictionaries(
+        {
+            "merge_method": st.sampled_from(["ties", "slerp", "linear", "dare_ties", "passthrough", "nope"])
+            | SCALARS
+        }
+    ),
+    lambda inner: st.dictionaries(KEYS, inner | VALUES, max_size=5),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=CONFIGS)
+def test_generated_config_structures_give_a_diagnosis_or_a_config_error(config: object) -> None:
+    text = yaml.safe_dump(config)
+    try:
+        result = service.diagnose(text)
+    except MergeLensError as exc:
+        assert 0 < len(str(exc)) < 5000
+    else:
+        assert isinstance(result, ConfigDiagnosis)
+        result.model_dump_json()
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=300))
+def test_random_text_as_a_config_gives_a_diagnosis_or_a_config_error(text: str) -> None:
+    try:
+        service.diagnose(text, guard=PathGuard([Path.cwd()]))
+    except MergeLensError as exc:
+        assert str(exc)
