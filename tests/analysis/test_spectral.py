@@ -94,8 +94,8 @@ def test_top_k_metrics_barely_move_between_the_exact_and_the_randomized_path(nam
 @pytest.mark.xfail(
     strict=True,
     reason="known limitation: above the exact-SVD cap (every matrix of a real LLM) the spectrum past the top "
-    "k+8 values is filled with the residual energy spread evenly, which overstates the entropy effective "
-    "rank of decaying spectra (here 0.67 instead of 0.84); a better tail model is needed",
+    "k+8 values is a power-law tail fitted to the computed ones; the entropy effective rank ratio of this "
+    "pair still comes out 0.76 instead of 0.84 (it was 0.67 with an even spread); a better tail model is needed",
 )
 def test_effective_rank_ratio_barely_moves_between_the_exact_and_the_randomized_path() -> None:
     a = decaying(seed=1)
