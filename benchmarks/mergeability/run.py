@@ -36,6 +36,8 @@ from .stats import (
 from .tasks import PRETRAIN_TASKS, TASKS, TestSet, accuracy, make_test_set
 from .train import finetune, pretrain
 
+PEER_PYTHON = Path(".bench/peer-venv/bin/python")
+PEER_DIRECT_CHECKS = 2  # pairs also scored by a real two-model compare_models call of the peer
 TOLERANCE = 0.02  # "within 2 points" of the best method, on the 0-1 normalized-accuracy scale
 
 
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, cache and results")
     parser.add_argument("--rescore", action="store_true", help="recompute the MCI of every pair")
     parser.add_argument("--no-score", action="store_true", help="skip the MCI (train, merge, baselines)")
+    parser.add_argument("--peer-python", type=Path, default=PEER_PYTHON,
+                        help="python of a venv with mergelens 2.0.3 (`make bench-peer`); with --rescore, its MCI "
+                             "of every pair is added as `peer_mci`")
     args = parser.parse_args(argv)
     args.tasks = _names(args.tasks, TASKS, "--tasks")
     args.pretrain_tasks = _names(args.pretrain_tasks, TASKS, "--pretrain-tasks")
@@ -293,6 +298,62 @@ def score_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str,
     return {f"{a}|{b}": cache["pairs"][f"{a}|{b}"] for a, b in pairs}
 
 
+def parse_peer_output(text: str) -> dict:
+    """The JSON lines of peer_mci.py: {"version", "scores": {pair: MCI or None}, "checks": [...]}.
+
+    `checks` holds [pair, MCI, MCI of a real two-model call] for the pairs scored both ways.
+    """
+    out: dict = {"version": None, "scores": {}, "checks": []}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "version" in row:
+            out["version"] = row["version"]
+            continue
+        score = row["peer_mci"]
+        out["scores"][row["key"]] = None if score is None else float(score)
+        if "direct_mci" in row:
+            out["checks"].append([row["key"], out["scores"][row["key"]], row["direct_mci"]])
+    return out
+
+
+def peer_scores(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str, str]]) -> dict:
+    """mergelens 2.0.3's MCI of every pair (parse_peer_output's dict), cached in peer_scores.json.
+
+    Computed with --rescore or when a pair is missing from the cache; empty when --peer-python does not exist.
+    """
+    cache_path = args.out / "peer_scores.json"
+    cache = read_json(cache_path)
+    keys = [f"{a}|{b}" for a, b in pairs]
+    if cache and not args.rescore and all(k in cache["scores"] for k in keys):
+        return cache
+    if not args.peer_python.exists():
+        log(f"peer MCI not computed: {args.peer_python} does not exist (`make bench-peer` creates it)")
+        return cache or {}
+    ft = manifest["finetunes"]
+    jobs = {"base": manifest["base"]["path"], "direct": PEER_DIRECT_CHECKS,
+            "pairs": [[f"{a}|{b}", ft[a]["path"], ft[b]["path"]] for a, b in pairs]}
+    script = Path(__file__).with_name("peer_mci.py")
+    log(f"scoring {len(pairs)} pairs with {args.peer_python} {script.name}")
+    started = time.perf_counter()
+    done = subprocess.run([str(args.peer_python), str(script)], input=json.dumps(jobs), stdout=subprocess.PIPE,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{script.name} failed ({done.returncode}); its messages are above")
+    cache = parse_peer_output(done.stdout)
+    missing = [k for k in keys if k not in cache["scores"]]
+    if missing:
+        raise SystemExit(f"{script.name} gave no score for {len(missing)} pairs, e.g. {missing[0]}")
+    for key, decomposed, direct in cache["checks"]:
+        if decomposed != direct:
+            raise SystemExit(f"peer MCI of {key}: {decomposed} from per-model assessments, {direct} direct")
+    cache["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(cache_path, cache)
+    log(f"peer MCI (mergelens {cache['version']}) of {len(keys)} pairs in {cache['seconds']:.0f}s")
+    return cache
+
+
 def layer_features(score: dict) -> dict[str, float]:
     """Flat `layer/metric` -> value of a pair's per-layer metrics (non-finite values read as 0)."""
     out = {}
@@ -325,6 +386,8 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
     groups = [(r["task_a"], r["task_b"]) for r in rows]
     predictors: dict[str, list[float | None]] = {
         "mci": [r["mci"] for r in rows],
+        **({"peer_mci": [r.get("peer_mci") for r in rows]} if any(r.get("peer_mci") is not None for r in rows)
+           else {}),
         "norms_only": [-(r["tv"]["norm_a"] + r["tv"]["norm_b"]) for r in rows],
         "tv_distance": [-r["tv"]["distance"] for r in rows],
         "tv_cosine": [r["tv"]["cosine"] for r in rows],
@@ -408,7 +471,9 @@ def render_markdown(results: dict) -> str:
         f"# Mergeability benchmark ({s['n_pairs']} cross-task pairs)",
         "",
         f"Settings: `{json.dumps(results['settings'])}`;",
-        f"MCI from the public API: {results['mci_available']}.",
+        f"MCI from the public API: {results['mci_available']}."
+        + (f" `peer_mci` = mergelens {results['peer']['version']}'s MCI of the same pairs."
+           if results.get("peer", {}).get("version") else ""),
         "",
         "Outcome: normalized accuracy = merged accuracy / fine-tuned accuracy, averaged over both tasks.",
         "Predictors: `mci` (higher = safer), `norms_only` = -(|tau_a| + |tau_b|),",
@@ -492,6 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not available:
         log("MCI not computed: mergelens_mcp.compare_models is not importable (or --no-score)")
     recommended = evaluate_recommended(args, manifest, scores, tests) if available else {}
+    peer = peer_scores(args, manifest, pairs) if not args.no_score else {}
     ft = manifest["finetunes"]
     rows = []
     for a, b in pairs:
@@ -503,7 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
             "finetuned_acc_a": ft[a]["accuracy"][ft[a]["task"]],
             "finetuned_acc_b": ft[b]["accuracy"][ft[b]["task"]],
             **outcomes[key],
-            "mci": score.get("mci"), "recommended": score.get("recommended"), "score": score,
+            "mci": score.get("mci"), "peer_mci": peer.get("scores", {}).get(key),
+            "recommended": score.get("recommended"), "score": score,
             "recommended_merge": recommended.get(key),
             "features": layer_features(score),
         })
@@ -515,6 +582,7 @@ def main(argv: list[str] | None = None) -> dict:
         "git_commit": commit,
         "methods": {m: METHODS[m].describe() for m in args.methods},
         "mci_available": available,
+        "peer": {k: peer[k] for k in ("version", "checks", "seconds") if k in peer},
         "base": manifest["base"],
         "finetunes": manifest["finetunes"],
         "kept": names,
