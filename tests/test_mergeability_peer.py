@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import re
 import stat
 import sys
 
@@ -13,7 +12,7 @@ from benchmarks.mergeability.stats import spearman
 
 LINES = "\n".join([
     json.dumps({"version": "2.0.3"}),
-    json.dumps({"key": "add-lr0.001|copy-lr0.001", "peer_mci": 94.0, "risk_tier": "lower", "direct_mci": 94.0}),
+    json.dumps({"key": "add-lr0.001|copy-lr0.001", "peer_mci": 94.0, "risk_tier": "lower"}),
     json.dumps({"key": "add-lr0.001|max-lr0.001", "peer_mci": 71.5, "risk_tier": "moderate"}),
     json.dumps({"key": "copy-lr0.001|max-lr0.001", "peer_mci": None, "risk_tier": None}),
     "",
@@ -39,12 +38,12 @@ def args_for(tmp_path, python, rescore=True):
     return argparse.Namespace(out=tmp_path, rescore=rescore, peer_python=python)
 
 
-def test_the_peer_lines_give_its_version_every_pairs_score_and_the_direct_checks():
+def test_the_peer_lines_give_its_version_and_every_pairs_score_and_risk_tier():
     parsed = parse_peer_output(LINES)
     assert parsed["version"] == "2.0.3"
     assert parsed["scores"] == {"add-lr0.001|copy-lr0.001": 94.0, "add-lr0.001|max-lr0.001": 71.5,
                                 "copy-lr0.001|max-lr0.001": None}
-    assert parsed["checks"] == [["add-lr0.001|copy-lr0.001", 94.0, 94.0]]
+    assert parsed["risk_tiers"]["add-lr0.001|max-lr0.001"] == "moderate"
 
 
 def test_peer_scores_are_read_from_the_peer_process_and_cached_next_to_the_checkpoints(tmp_path):
@@ -61,12 +60,6 @@ def test_a_missing_peer_python_is_skipped_with_a_message(tmp_path, capsys):
     assert peer_scores(args_for(tmp_path, tmp_path / "no-venv" / "python"), MANIFEST, PAIRS) == {}
     assert "peer MCI not computed" in capsys.readouterr().err
     assert not (tmp_path / "peer_scores.json").exists()
-
-
-def test_a_direct_check_that_disagrees_with_the_per_model_score_stops_the_run(tmp_path):
-    bad = LINES.replace('"direct_mci": 94.0', '"direct_mci": 90.0')
-    with pytest.raises(SystemExit, match=re.escape("add-lr0.001|copy-lr0.001: 94.0")):
-        peer_scores(args_for(tmp_path, fake_peer(tmp_path, bad)), MANIFEST, PAIRS)
 
 
 def test_a_pair_the_peer_left_out_stops_the_run(tmp_path):

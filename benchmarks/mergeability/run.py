@@ -37,7 +37,6 @@ from .tasks import PRETRAIN_TASKS, TASKS, TestSet, accuracy, make_test_set
 from .train import finetune, pretrain
 
 PEER_PYTHON = Path(".bench/peer-venv/bin/python")
-PEER_DIRECT_CHECKS = 2  # pairs also scored by a real two-model compare_models call of the peer
 TOLERANCE = 0.02  # "within 2 points" of the best method, on the 0-1 normalized-accuracy scale
 
 
@@ -299,11 +298,8 @@ def score_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str,
 
 
 def parse_peer_output(text: str) -> dict:
-    """The JSON lines of peer_mci.py: {"version", "scores": {pair: MCI or None}, "checks": [...]}.
-
-    `checks` holds [pair, MCI, MCI of a real two-model call] for the pairs scored both ways.
-    """
-    out: dict = {"version": None, "scores": {}, "checks": []}
+    """The JSON lines of peer_mci.py as {"version", "scores": {pair: MCI or None}, "risk_tiers": {pair: tier}}."""
+    out: dict = {"version": None, "scores": {}, "risk_tiers": {}}
     for line in text.splitlines():
         if not line.strip():
             continue
@@ -313,8 +309,7 @@ def parse_peer_output(text: str) -> dict:
             continue
         score = row["peer_mci"]
         out["scores"][row["key"]] = None if score is None else float(score)
-        if "direct_mci" in row:
-            out["checks"].append([row["key"], out["scores"][row["key"]], row["direct_mci"]])
+        out["risk_tiers"][row["key"]] = row.get("risk_tier")
     return out
 
 
@@ -332,7 +327,7 @@ def peer_scores(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str,
         log(f"peer MCI not computed: {args.peer_python} does not exist (`make bench-peer` creates it)")
         return cache or {}
     ft = manifest["finetunes"]
-    jobs = {"base": manifest["base"]["path"], "direct": PEER_DIRECT_CHECKS,
+    jobs = {"base": manifest["base"]["path"],
             "pairs": [[f"{a}|{b}", ft[a]["path"], ft[b]["path"]] for a, b in pairs]}
     script = Path(__file__).with_name("peer_mci.py")
     log(f"scoring {len(pairs)} pairs with {args.peer_python} {script.name}")
@@ -345,9 +340,6 @@ def peer_scores(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str,
     missing = [k for k in keys if k not in cache["scores"]]
     if missing:
         raise SystemExit(f"{script.name} gave no score for {len(missing)} pairs, e.g. {missing[0]}")
-    for key, decomposed, direct in cache["checks"]:
-        if decomposed != direct:
-            raise SystemExit(f"peer MCI of {key}: {decomposed} from per-model assessments, {direct} direct")
     cache["seconds"] = round(time.perf_counter() - started, 1)
     write_json(cache_path, cache)
     log(f"peer MCI (mergelens {cache['version']}) of {len(keys)} pairs in {cache['seconds']:.0f}s")
@@ -582,7 +574,7 @@ def main(argv: list[str] | None = None) -> dict:
         "git_commit": commit,
         "methods": {m: METHODS[m].describe() for m in args.methods},
         "mci_available": available,
-        "peer": {k: peer[k] for k in ("version", "checks", "seconds") if k in peer},
+        "peer": {k: peer[k] for k in ("version", "seconds") if k in peer},
         "base": manifest["base"],
         "finetunes": manifest["finetunes"],
         "kept": names,
