@@ -56,6 +56,11 @@ def test_peer_scores_are_read_from_the_peer_process_and_cached_next_to_the_check
     assert again["scores"] == scores["scores"]
 
 
+def test_without_rescore_the_peer_is_not_asked(tmp_path):
+    assert peer_scores(args_for(tmp_path, fake_peer(tmp_path, LINES), rescore=False), MANIFEST, PAIRS) == {}
+    assert not (tmp_path / "peer_scores.json").exists()
+
+
 def test_a_missing_peer_python_is_skipped_with_a_message(tmp_path, capsys):
     assert peer_scores(args_for(tmp_path, tmp_path / "no-venv" / "python"), MANIFEST, PAIRS) == {}
     assert "peer MCI not computed" in capsys.readouterr().err

@@ -316,13 +316,13 @@ def parse_peer_output(text: str) -> dict:
 def peer_scores(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str, str]]) -> dict:
     """mergelens 2.0.3's MCI of every pair (parse_peer_output's dict), cached in peer_scores.json.
 
-    Computed with --rescore or when a pair is missing from the cache; empty when --peer-python does not exist.
+    Computed only with --rescore (else the cache, if any, answers); empty when --peer-python does not exist.
     """
     cache_path = args.out / "peer_scores.json"
     cache = read_json(cache_path)
     keys = [f"{a}|{b}" for a, b in pairs]
-    if cache and not args.rescore and all(k in cache["scores"] for k in keys):
-        return cache
+    if not args.rescore:
+        return cache or {}
     if not args.peer_python.exists():
         log(f"peer MCI not computed: {args.peer_python} does not exist (`make bench-peer` creates it)")
         return cache or {}
