@@ -4,8 +4,8 @@ pair is computed from it, and only per-layer sums are kept, so memory follows th
 A reader thread reads, upcasts and checks the next tensor set (that tensor in every model and the base), and
 decomposes its weight matrices, while this one is measured, when both fit in the memory of the largest set.
 Reading measures each tensor's norm, and a non-finite norm is the one signal that triggers the NaN/Inf scan.
-Task vectors are made in place from the weights once the weight metrics are done, the base streamed block by block from its file, so it is never held
-whole: a tensor set costs one float32 copy per candidate.
+Task vectors are made in place from the weights once the weight metrics are done, the base streamed block by
+block from its file, so it is never held whole: a tensor set costs one float32 copy per candidate.
 """
 
 from __future__ import annotations
