@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AnalysisCancelledError
+from ..errors import AnalysisCancelledError, InputError
 from ..models import (
     MCI,
     CompareResult,
@@ -70,12 +70,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from ..errors import InputError
-
         raise InputError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu or auto")
     if name not in ("cpu", "cuda"):
-        from ..errors import InputError
-
         raise InputError(f"device {name!r} is not one of auto, cpu, cuda")
     return torch.device(name)
 

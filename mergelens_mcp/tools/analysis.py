@@ -7,19 +7,14 @@ from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from ..analysis.explain import explain, find_layer
 from ..errors import InputError
 from ..security.redact import redact
 from . import views
-from .params import BaseModelPath, Detail, Models
+from .params import READ_ONLY, BaseModelPath, Detail, Models
 from .runtime import AppContext, analyse
-
-READ_ONLY = ToolAnnotations(
-    readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False
-)
 
 
 async def compare_models(

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
-from mcp.types import ToolAnnotations
 from pydantic import Field
 
 from .. import service
 from ..analysis.engine import Cancelled, Progress
 from ..models import ConfigDiagnosis
 from . import views
-from .params import Detail
+from .params import READ_ONLY, Detail
 from .runtime import AppContext, guard_for, run_in_worker, state_of
 
 
@@ -35,8 +34,7 @@ async def diagnose_merge(
 def register(server: MCPServer) -> None:
     server.add_tool(
         diagnose_merge, name="diagnose_merge", title="Diagnose a mergekit config",
-        annotations=ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True,
-                                    openWorldHint=False),
+        annotations=READ_ONLY,
         description=(
             "Check a mergekit YAML before running it: whether mergekit will accept it (unknown keys, bad "
             "parameters for the method, missing or mismatched models, layer ranges), each problem with a "

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from mcp.types import ToolAnnotations
 from pydantic import Field
+
+READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
 
 Models = Annotated[
     list[str],
