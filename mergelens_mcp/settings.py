@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     svd_rank: int = Field(default=DEFAULT_RANK, ge=1, le=256)
     exact_svd_max_elements: int = Field(default=EXACT_MAX_ELEMENTS, ge=0)
     threads: int | None = Field(
-        default=None, ge=1, le=256, description="torch threads for CPU analysis; default: cores - 1 (one reads)"
+        default=None, ge=1, le=256, description="worker threads for CPU analysis, one core each; default: one per core"
     )
     max_header_bytes: int = Field(default=Limits.max_header_bytes, ge=1)
     max_tensors: int = Field(default=Limits.max_tensors, ge=1)

@@ -1,11 +1,14 @@
 """One streaming pass over the checkpoints: each tensor of each model is read once, every metric of every
-pair is computed from it, and only per-layer sums are kept, so memory follows the largest tensor.
+pair is computed from it, and only per-layer sums are kept, so memory follows the largest tensor set.
 
-A reader thread reads, upcasts and checks the next tensor set (that tensor in every model and the base), and
-decomposes its weight matrices, while this one is measured, when both fit in the memory of the largest set.
-Reading measures each tensor's norm, and a non-finite norm is the one signal that triggers the NaN/Inf scan.
-Task vectors are made in place from the weights once the weight metrics are done, the base streamed block by
-block from its file, so it is never held whole: a tensor set costs one float32 copy per candidate.
+Tensors are viewed in place in the memory-mapped files, in their stored dtype (bfloat16 for most
+checkpoints): nothing is copied or upcast whole. For each tensor set (that tensor in every model and the
+base) a pool of worker threads, one per core, runs two kinds of job: one elementwise pass, which upcasts a
+chunk of every model and the base at a time and takes every sum the elementwise metrics need (task vectors,
+model - base, are formed chunk by chunk inside it), and one SVD per matrix operand. The next sets are queued
+while the last SVDs of this one run, as long as their stored bytes together stay within the largest set's.
+A non-finite norm is the one signal that triggers the NaN/Inf scan, after which the set is measured again
+from cleaned copies.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import itertools
 import logging
 import math
 import os
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,9 +43,9 @@ from ..models import (
 from . import score as mci
 from .compat import Plan, plan_comparison
 from .layers import TensorRole, classify, group_sort_key, position
-from .loading import READ_BLOCK_BYTES, Checkpoint
-from .metrics import Operand, dot64, task_metrics, weight_metrics
-from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, POWER_ITERS
+from .loading import Checkpoint
+from .metrics import REGISTRY, Operand, pair_sums, task_metrics, weight_and_task_sums
+from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, POWER_ITERS, SVD
 from .zones import detect_conflict_zones
 
 log = logging.getLogger(__name__)
@@ -48,9 +53,9 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int, str], None]
 Cancelled = Callable[[], bool]
 VERSION = "0.1.0"
-TRIM_ELEMENTS = 1 << 24  # sets of tensors this large first return freed heap memory to the OS
+LARGE = 1 << 24  # elements: such sets first return freed heap memory to the OS, and build one sketch at a time
 _MALLOC_TRIM: Any = None
-BLOCK = 1 << 20  # elements converted at a time where a tensor is kept in its narrower stored dtype
+_ONE_LARGE_SKETCH = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,12 @@ class AnalysisOptions:
     device: str = "auto"
     svd_rank: int = DEFAULT_RANK
     exact_svd_max_elements: int = EXACT_MAX_ELEMENTS
-    threads: int | None = None  # torch threads on CPU; None: one per core, less one for the reader thread
+    threads: int | None = None  # worker threads on CPU, one core each; None: one per core
 
 
 def default_threads() -> int:
-    """Cores for torch's own work: all but the one the reader thread keeps busy."""
-    return max(1, (os.cpu_count() or 1) - 1)
+    """Worker threads on CPU, each running torch on one core: one per core."""
+    return max(1, os.cpu_count() or 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,52 +126,36 @@ def analyze(
 
     tensors = [] if plan.fatal else plan.tensors
     previous_threads = torch.get_num_threads()
+    workers = 1 if device.type != "cpu" else options.threads or default_threads()
     if device.type == "cpu":
-        torch.set_num_threads(options.threads or default_threads())
+        torch.set_num_threads(1)  # one core per worker thread
     try:
-        sets = _read_ahead(tensors, models, base, plan, device, options)
-        for done, loaded in enumerate(sets):
-            if cancelled is not None and cancelled():
-                sets.close()
-                raise AnalysisCancelledError(f"analysis cancelled after {done} of {len(tensors)} tensors")
-            name = loaded.name
-            for label, count in loaded.nonfinite.items():
-                nonfinite[label] += count
-            role = roles[name] = classify(name)
-            weights = loaded.weights
-            numel = weights[0].numel()
-            params_compared += numel
-            ops = loaded.ops
-            is_matrix = ops[0].is_matrix
-            layers = []
-            for i, j in pairs:
-                layer = sums[(i, j)].setdefault(role.layer_name, _Sums())
-                layer.n_params += numel
-                layer.tensors.append(name)
-                layers.append(layer)
-                for m in weight_metrics():
-                    if m.applies_to(ops[i]):
-                        layer.add(m.name, m(ops[i], ops[j]), numel)
-            svds = [op.svd for op in ops if "svd" in op.__dict__]
-            del ops
-            if loaded.base is not None:
-                # task vectors, in place (the weights are done with), the base streamed from its file
-                _subtract_base(weights, loaded.base, device)
-                task_ops = [_operand(t, options, reference_norm=loaded.base_norm) for t in weights]
-                for layer, (i, j) in zip(layers, pairs, strict=True):
-                    for m in task_metrics():
-                        if m.applies_to(task_ops[i]):
-                            layer.add(m.name, m(task_ops[i], task_ops[j]), numel)
-                svds += [op.svd for op in task_ops if "svd" in op.__dict__]
-                del task_ops
-            if is_matrix:
-                matrix_params += numel
-                spectral_params += numel if svds else 0
-            exact += sum(1 for x in svds if x.exact)
-            randomized += sum(1 for x in svds if not x.exact)
-            del weights, loaded, svds
-            if progress is not None:
-                progress(done + 1, len(tensors), name)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergelens-worker") as pool:
+            stream = _measured_sets(tensors, models, base, plan, device, options, pairs, pool)
+            for done, measured in enumerate(stream):
+                if cancelled is not None and cancelled():
+                    stream.close()
+                    raise AnalysisCancelledError(f"analysis cancelled after {done} of {len(tensors)} tensors")
+                name = measured.name
+                for label, count in measured.nonfinite.items():
+                    nonfinite[label] += count
+                role = roles[name] = classify(name)
+                numel = measured.numel
+                params_compared += numel
+                for (i, j), values in zip(pairs, measured.values, strict=True):
+                    layer = sums[(i, j)].setdefault(role.layer_name, _Sums())
+                    layer.n_params += numel
+                    layer.tensors.append(name)
+                    for metric_name, value in values.items():
+                        layer.add(metric_name, value, numel)
+                if measured.is_matrix:
+                    matrix_params += numel
+                    spectral_params += numel if measured.svds else 0
+                exact += sum(1 for x in measured.svds if x.exact)
+                randomized += sum(1 for x in measured.svds if not x.exact)
+                del measured
+                if progress is not None:
+                    progress(done + 1, len(tensors), name)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -231,145 +220,221 @@ def analyze(
     )
 
 
-@dataclass(frozen=True)
-class _BaseTensor:
-    """Where the base's copy of a tensor is: streamed from its mapped file when used, never held whole."""
-
-    ckpt: Checkpoint
-    name: str
-    count: int  # values used (fewer than stored when the rows are limited)
-    zero_nonfinite: bool
-
-    def blocks(self, device: torch.device) -> Iterator[torch.Tensor]:
-        for block in self.ckpt.blocks(self.name, self.count):
-            block = block.to(device=device, dtype=torch.float32)
-            yield torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0) if self.zero_nonfinite else block
-
-
 @dataclass
-class _TensorSet:
-    """One tensor of every model (float32, with its norm) and where the base's copy is."""
+class _Set:
+    """One tensor of every model (and the base), viewed as stored, its operands and the jobs measuring them."""
 
     name: str
-    weights: list[torch.Tensor]
-    ops: list[Operand]  # over `weights`, their SVDs already made by the reader thread
-    base: _BaseTensor | None
-    base_norm: float | None
+    checkpoints: list[Checkpoint]
+    weights: list[Operand]
+    tasks: list[Operand]  # model - base, when the base has this tensor
+    base: Operand | None
+    nonfinite: dict[str, int]
+    elementwise: Future[list[dict[str, float]] | None] | None = None  # None: the set holds NaN or Inf
+    svds: list[Future[SVD]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """What one tensor set contributed: every metric of every pair, and the SVDs made."""
+
+    name: str
+    numel: int
+    is_matrix: bool
+    values: list[dict[str, float]]  # per pair, in the order of `pairs`
+    svds: list[SVD]
     nonfinite: dict[str, int]
 
 
-def _read_ahead(
+def _measured_sets(
     names: Sequence[str],
     models: list[Checkpoint],
     base: Checkpoint | None,
     plan: Plan,
     device: torch.device,
     options: AnalysisOptions,
-) -> Iterator[_TensorSet]:
-    """Each tensor set in turn, the next one read by a worker thread while the caller measures this one.
+    pairs: list[tuple[int, int]],
+    pool: ThreadPoolExecutor,
+) -> Iterator[_Measured]:
+    """Each tensor set measured, in order, by the pool's workers.
 
-    A set is read ahead only when it and the current one together fit in the largest set's memory, so peak
-    memory stays near one largest tensor set.
+    A set's elementwise pass and each of its SVDs are separate jobs, so the workers share a set's work and
+    start on the next set while the last SVD of this one runs. Sets are opened ahead while their stored bytes
+    together stay within the largest set's, so memory follows the largest tensor set.
     """
     def size(name: str) -> int:
-        n = sum(m.tensors[name].numel * 4 for m in models)
-        return n + (READ_BLOCK_BYTES if base and name in plan.base_tensors else 0)
-
-    def read(name: str) -> _TensorSet:
-        return _read_set(name, models, base, plan, device, options)
+        return sum(c.tensors[name].nbytes for c in _checkpoints(name, models, base, plan))
 
     sizes = [size(n) for n in names]
     budget = max(sizes, default=0)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mergelens-reader") as pool:
-        ahead: Future[_TensorSet] | None = pool.submit(read, names[0]) if names else None
+    window: deque[_Set] = deque()
+    opened = held = 0
+    try:
         for i in range(len(names)):
-            assert ahead is not None
-            current, ahead = ahead.result(), None
-            if i + 1 < len(names) and sizes[i] + sizes[i + 1] <= budget:
-                ahead = pool.submit(read, names[i + 1])
-            yield current
-            del current
-            if ahead is None and i + 1 < len(names):
-                ahead = pool.submit(read, names[i + 1])
+            while opened < len(names) and (not window or held + sizes[opened] <= budget):
+                window.append(_open_set(names[opened], models, base, plan, device, options, pairs, pool))
+                held += sizes[opened]
+                opened += 1
+            current = window.popleft()
+            try:
+                measured = _finish_set(current, pairs)
+            finally:
+                _release(current)
+            held -= sizes[i]
+            yield measured
+    finally:
+        for pending in window:
+            for job in _jobs(pending):
+                job.cancel()
+        for pending in window:
+            for job in _jobs(pending):
+                if not job.cancelled():
+                    job.exception()  # wait: the views must outlive the jobs that read them
+            _release(pending)
 
 
-def _read_set(
+def _checkpoints(name: str, models: list[Checkpoint], base: Checkpoint | None, plan: Plan) -> list[Checkpoint]:
+    """The checkpoints one tensor is read from: every model's, and the base's where it pairs with them."""
+    return [*models, *([base] if base is not None and name in plan.base_tensors else [])]
+
+
+def _jobs(current: _Set) -> list[Future[Any]]:
+    return [*([current.elementwise] if current.elementwise is not None else []), *current.svds]
+
+
+def _open_set(
     name: str,
     models: list[Checkpoint],
     base: Checkpoint | None,
     plan: Plan,
     device: torch.device,
     options: AnalysisOptions,
-) -> _TensorSet:
-    """Read one tensor set and decompose its weight matrices: the SVDs are the bulk of the work, and making
-    the weights' here and the task vectors' on the analysing thread splits it between two cores."""
-    if models[0].tensors[name].numel >= TRIM_ELEMENTS:
-        _trim_heap()
+    pairs: list[tuple[int, int]],
+    pool: ThreadPoolExecutor,
+) -> _Set:
+    """View one tensor of every model in place and queue its jobs: the elementwise pass and one SVD per
+    matrix operand (a set found to hold NaN or Inf is measured again once its values are cleaned)."""
     rows = plan.row_limits.get(name)
-    nonfinite: dict[str, int] = {}
-    weights, norms = [], []
-    for m in models:
-        tensor, norm = _read(m, name, rows, device, torch.float32, nonfinite)
-        weights.append(tensor)
-        norms.append(norm)
-    base_tensor = base_norm = None
-    if base is not None and name in plan.base_tensors:
-        base_tensor, base_norm = _scan_base(base, name, weights[0].numel(), nonfinite)
-    ops = [_operand(t, options, norm=n) for t, n in zip(weights, norms, strict=True)]
-    for op in ops:
-        if op.is_matrix:
-            _ = op.svd
-    return _TensorSet(name, weights, ops, base_tensor, base_norm, nonfinite)
+    checkpoints = _checkpoints(name, models, base, plan)
+    if models[0].tensors[name].numel >= LARGE:
+        _trim_heap()
+    for ckpt in checkpoints:
+        ckpt.prefetch(name)
+    views = [_view(ckpt, name, rows, device) for ckpt in checkpoints]
+    base_view = views.pop() if len(checkpoints) > len(models) else None
+    current = _Set(name, checkpoints, [], [], None, {})
+    _make_operands(current, views, base_view, options)
+    current.elementwise = pool.submit(_elementwise, current, pairs, True)
+    current.svds = [pool.submit(_svd, op) for op in [*current.weights, *current.tasks] if op.is_matrix]
+    return current
 
 
-def _scan_base(
-    base: Checkpoint, name: str, count: int, nonfinite: dict[str, int]
-) -> tuple[_BaseTensor, float]:
-    """The base tensor's norm from one streamed pass; a second pass counts NaN/Inf only if not finite."""
-    norm = _blocks_norm(b.float() for b in base.blocks(name, count))
-    if math.isfinite(norm):
-        return _BaseTensor(base, name, count, False), norm
-    bad = sum(int((~torch.isfinite(b)).sum()) for b in base.blocks(name, count))
-    if bad:
-        nonfinite[base.label] = nonfinite.get(base.label, 0) + bad
-    clean = (torch.nan_to_num(b.double(), nan=0.0, posinf=0.0, neginf=0.0) for b in base.blocks(name, count))
-    return _BaseTensor(base, name, count, bool(bad)), _blocks_norm(clean)
+def _svd(op: Operand) -> SVD:
+    """The operand's SVD. A task vector's needs a bfloat16 copy of it (a stored matrix's is its own view):
+    for large ones, one such copy at a time, so peak memory is one copy above the tensor set's."""
+    if op.base is None or op.numel < LARGE:
+        return op.svd
+    with _ONE_LARGE_SKETCH:
+        return op.svd
 
 
-def _subtract_base(weights: list[torch.Tensor], base: _BaseTensor, device: torch.device) -> None:
-    """weights[i] -= base for every i, one block of the base at a time."""
-    flats, start = [w.view(-1) for w in weights], 0
-    for block in base.blocks(device):
-        for flat in flats:
-            flat[start:start + block.numel()].sub_(block)
-        start += block.numel()
-
-
-def _read(
-    ckpt: Checkpoint, name: str, rows: int | None, device: torch.device, dtype: torch.dtype,
-    nonfinite: dict[str, int],
-) -> tuple[torch.Tensor, float]:
-    """A tensor and its norm; NaN/Inf (whose presence makes the norm non-finite) are counted and read as 0."""
-    tensor = ckpt.read(name, device, dtype)
+def _view(ckpt: Checkpoint, name: str, rows: int | None, device: torch.device) -> torch.Tensor:
+    tensor = ckpt.view(name)
     if rows is not None and tensor.dim() >= 1 and tensor.shape[0] > rows:
         tensor = tensor[:rows]
-    norm = _norm(tensor)
-    if not math.isfinite(norm):
-        bad = ~torch.isfinite(tensor)
-        count = int(bad.sum())
-        if count:
-            nonfinite[ckpt.label] = nonfinite.get(ckpt.label, 0) + count
-            tensor = torch.where(bad, torch.zeros_like(tensor), tensor)
-        del bad
-        norm = _norm(tensor, torch.float64)  # without NaN/Inf, only an overflow in float32 is left
-    return tensor, norm
+    if tensor.dim() > 2:
+        tensor = tensor.reshape(tensor.shape[0], -1)
+    return tensor.to(device)
+
+
+def _make_operands(
+    current: _Set, views: list[torch.Tensor], base_view: torch.Tensor | None, options: AnalysisOptions
+) -> None:
+    def operand(tensor: torch.Tensor, base: torch.Tensor | None = None) -> Operand:
+        return Operand(tensor, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements, base=base)
+
+    current.weights = [operand(v) for v in views]
+    current.base = operand(base_view) if base_view is not None else None
+    current.tasks = [operand(v, base_view) for v in views] if base_view is not None else []
+
+
+def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> list[dict[str, float]] | None:
+    """Every metric but the spectral ones, for every pair; with `check`, None (and nothing more measured) if a
+    norm is not finite: the set then holds NaN or Inf."""
+    reference = current.base.norm if current.base is not None else 0.0
+    for op in current.tasks:
+        op.reference_norm = reference
+    for i, j in pairs:
+        if current.tasks:
+            weight_and_task_sums(current.weights[i], current.weights[j], current.tasks[i], current.tasks[j])
+        else:
+            pair_sums(current.weights[i], current.weights[j])
+    if check and not (all(math.isfinite(op.norm) for op in current.weights) and math.isfinite(reference)):
+        return None
+    return [_metrics(current, i, j, spectral=False) for i, j in pairs]
+
+
+def _metrics(current: _Set, i: int, j: int, spectral: bool) -> dict[str, float]:
+    """The pair's metrics that read the SVDs (`spectral`) or those that do not."""
+    found = {}
+    for m in REGISTRY.values():
+        group = current.tasks if m.needs_base else current.weights
+        if group and m.matrix_only == spectral and m.applies_to(group[i]):
+            found[m.name] = m(group[i], group[j])
+    return found
+
+
+def _finish_set(current: _Set, pairs: list[tuple[int, int]]) -> _Measured:
+    """Wait for the set's jobs (cleaning and measuring it again here if it held NaN or Inf), then add the
+    spectral metrics of every pair from the SVDs."""
+    assert current.elementwise is not None
+    values = current.elementwise.result()
+    if values is not None:
+        svds = [job.result() for job in current.svds]
+    else:
+        for job in current.svds:
+            job.exception()  # wait; the SVDs of non-finite values are discarded
+        _clean(current)
+        values = _elementwise(current, pairs, check=False)
+        assert values is not None
+        svds = [op.svd for op in [*current.weights, *current.tasks] if op.is_matrix]
+    for found, (i, j) in zip(values, pairs, strict=True):
+        found.update(_metrics(current, i, j, spectral=True))
+    first = current.weights[0]
+    return _Measured(current.name, first.numel, first.is_matrix, values, svds, current.nonfinite)
+
+
+def _clean(current: _Set) -> None:
+    """Replace NaN and Inf with 0 in copies of the views that hold them, counting them per checkpoint."""
+    views = [op.tensor for op in current.weights]
+    if current.base is not None:
+        views.append(current.base.tensor)
+    cleaned = []
+    for ckpt, view in zip(current.checkpoints, views, strict=True):
+        bad = int((~torch.isfinite(view)).sum())
+        if bad:
+            current.nonfinite[ckpt.label] = current.nonfinite.get(ckpt.label, 0) + bad
+            view = torch.nan_to_num(view, nan=0.0, posinf=0.0, neginf=0.0)
+        cleaned.append(view)
+    base_view = cleaned.pop() if current.base is not None else None
+    first = current.weights[0]
+    _make_operands(current, cleaned, base_view, AnalysisOptions(
+        svd_rank=first.rank, exact_svd_max_elements=first.exact_max_elements
+    ))
+
+
+def _release(current: _Set) -> None:
+    """Drop the set's pages from this process's mappings (the page cache keeps them)."""
+    current.weights, current.tasks, current.base = [], [], None
+    for ckpt in current.checkpoints:
+        ckpt.release(current.name)
 
 
 def _trim_heap() -> None:
-    """Give the C heap's free pages back to the OS before a large set is read (glibc only; else a no-op).
+    """Give the C heap's free pages back to the OS before a large set is opened (glibc only; else a no-op).
 
-    Blocks freed by earlier tensors otherwise stay resident as fragments, and peak memory would creep up
-    through a run instead of following the largest tensor.
+    Blocks freed by earlier tensors otherwise stay resident as fragments in the worker threads' arenas, and
+    peak memory would creep up through a run instead of following the largest tensor set.
     """
     global _MALLOC_TRIM
     if _MALLOC_TRIM is None:
@@ -379,32 +444,6 @@ def _trim_heap() -> None:
             _MALLOC_TRIM = False
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
-
-
-def _norm(tensor: torch.Tensor, dtype: torch.dtype = torch.float32) -> float:
-    """L2 norm as `Operand.norm` measures it (`dot64`), a block at a time in `dtype` if stored otherwise."""
-    flat = tensor.reshape(-1)
-    if flat.dtype == dtype:
-        return math.sqrt(max(dot64(flat, flat), 0.0))
-    return _blocks_norm(flat[i:i + BLOCK].to(dtype) for i in range(0, flat.numel(), BLOCK))
-
-
-def _blocks_norm(blocks: Iterable[torch.Tensor]) -> float:
-    return math.sqrt(max(sum(dot64(b, b) for b in blocks), 0.0))
-
-
-def _operand(
-    tensor: torch.Tensor,
-    options: AnalysisOptions,
-    reference_norm: float | None = None,
-    norm: float | None = None,
-) -> Operand:
-    if tensor.dim() > 2:
-        tensor = tensor.reshape(tensor.shape[0], -1)
-    return Operand(
-        tensor, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements,
-        reference_norm=reference_norm, norm=norm,
-    )
 
 
 def _role_of(s: _Sums, roles: dict[str, TensorRole]) -> TensorRole:

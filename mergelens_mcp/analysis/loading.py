@@ -216,6 +216,36 @@ class Checkpoint:
             start += block.numel()
         return out
 
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as stored, viewed in place in the mapped file: no copy, its pages load as they are
+        touched (`release` drops them again). Dtypes torch cannot view are read as float32 through safetensors.
+        The mapping is private: a write would stay in this process, and nothing here writes.
+        """
+        info = self.tensors[name]
+        if info.dtype not in TORCH_DTYPES or info.numel == 0:
+            return self._read_with_safetensors(name, torch.device("cpu"))
+        mapped = self._map(info.file)
+        try:
+            flat = torch.frombuffer(mapped, dtype=TORCH_DTYPES[info.dtype], count=info.numel, offset=info.offset)
+        except (ValueError, RuntimeError) as exc:
+            raise CheckpointFormatError(f"{self.label}: cannot read tensor {name!r}: {exc}") from None
+        return flat.view(info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading the tensor's bytes from disk (a no-op for cached files)."""
+        info = self.tensors[name]
+        if info.dtype in TORCH_DTYPES and info.numel:
+            mapped = self._map(info.file)
+            start = info.offset - info.offset % PAGE
+            mapped.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
+
+    def release(self, name: str) -> None:
+        """Drop the whole pages of a viewed tensor from this process's mapping (they stay in the page cache)."""
+        info = self.tensors[name]
+        mapped = self._maps.get(info.file)
+        if mapped is not None and info.numel:
+            self._release(mapped, info.offset, info.offset + info.nbytes)
+
     def blocks(self, name: str, limit: int | None = None) -> Iterator[torch.Tensor]:
         """The tensor's first `limit` (default: all) values, flat and as stored, in consecutive CPU blocks.
 

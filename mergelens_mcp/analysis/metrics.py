@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -22,8 +22,9 @@ KL_SMOOTHING = 0.5
 TOP_DENSITY = 0.2
 SAMPLE_SIZE = 1 << 20  # values drawn (a fixed stride) for the KL histograms
 TOP_SAMPLE_SIZE = 1 << 18  # values drawn (a fixed stride) to place the TIES threshold
-CHUNK = 1 << 18  # elements per step of the pairwise passes: temporaries stay small and in cache
+CHUNK = 1 << 17  # elements per step of the pairwise passes: temporaries stay small and in cache
 EPS = 1e-12
+PROMOTED = (torch.float32, torch.bfloat16, torch.float16)  # float32 - these is float32, no copy made
 
 
 def dot64(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -40,27 +41,28 @@ def dot64(x: torch.Tensor, y: torch.Tensor) -> float:
     return sum(float((x[i:i + step] * y[i:i + step]).sum()) for i in range(0, x.numel(), step))
 
 
-def distance64(x: torch.Tensor, y: torch.Tensor) -> float:
-    """|x - y| of two flat float32 tensors, the squares summed as in `dot64`.
+class memo:  # noqa: N801 - used as a decorator, like functools.cached_property
+    """`functools.cached_property` without its lock: before Python 3.12 that lock is one per class, so two
+    threads computing the SVDs of two different operands waited for each other."""
 
-    The difference itself is taken in float32: it is exact for values within a factor 2 of each other, and
-    otherwise off by a relative 6e-8, which a distance (unlike 1 - cos) does not amplify.
-    """
-    if x.device.type != "cpu":
-        d = x.double() - y.double()
-        return math.sqrt(float((d * d).sum()))
-    total = 0.0
-    for i in range(0, x.numel(), CHUNK):
-        d = x[i:i + CHUNK] - y[i:i + CHUNK]
-        total += float((d * d).sum())
-    return math.sqrt(total)
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
 
 
 class Operand:
-    """One tensor of one model (or its task vector) with lazily cached statistics.
+    """One tensor of one model, or a task vector (model - base), with lazily cached statistics.
 
-    Whatever several metrics or pairs share is computed once here (norm, value range, TIES threshold, SVD);
-    the pairwise passes stream over both tensors in CHUNK-sized slices, so no full-size temporary is made.
+    The tensor may be in its stored dtype (a view of the mapped checkpoint): values are upcast to float32 a
+    CHUNK at a time, and a task vector is formed chunk by chunk from the model's and the base's values, so
+    no full-size float32 copy is made. Whatever several metrics or pairs share is computed once here (norm,
+    value range, samples, TIES threshold, SVD, the pairwise sums).
     """
 
     def __init__(
@@ -71,64 +73,200 @@ class Operand:
         exact_max_elements: int = EXACT_MAX_ELEMENTS,
         reference_norm: float | None = None,
         norm: float | None = None,
+        base: torch.Tensor | None = None,
     ) -> None:
+        if base is not None and base.shape != tensor.shape:
+            raise ValueError(f"base shape {tuple(base.shape)} differs from the tensor's {tuple(tensor.shape)}")
         self.tensor = tensor
+        self.base = base  # set: this operand is tensor - base
         self.rank = rank
         self.exact_max_elements = exact_max_elements
         self.reference_norm = reference_norm  # the base tensor's norm, for task vectors
-        if norm is not None:  # the caller measured it while reading
+        if norm is not None:  # the caller measured it
             self.__dict__["norm"] = norm
 
-    @cached_property
-    def flat(self) -> torch.Tensor:
-        return self.tensor.reshape(-1)
-
-    @cached_property
-    def norm(self) -> float:
-        return math.sqrt(max(dot64(self.flat, self.flat), 0.0))
+    @property
+    def numel(self) -> int:
+        return self.tensor.numel()
 
     @property
     def is_matrix(self) -> bool:
         return self.tensor.dim() == 2 and min(self.tensor.shape) > 1
 
-    @cached_property
+    def values(self, index: slice) -> torch.Tensor:
+        """float32 values of the flattened operand at `index` (a view where nothing needs converting)."""
+        x = self.tensor.reshape(-1)[index].float()
+        if self.base is None:
+            return x
+        base = self.base.reshape(-1)[index]
+        return x - (base if base.dtype in PROMOTED else base.float())
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """The operand's float32 values in consecutive CHUNK-sized pieces (one piece on a GPU)."""
+        n = self.numel
+        step = n if self.tensor.device.type != "cpu" else CHUNK
+        for start in range(0, n, max(step, 1)):
+            yield self.values(slice(start, start + step))
+
+    @memo
+    def norm(self) -> float:
+        return math.sqrt(max(sum(float((x * x).sum()) for x in self.chunks()), 0.0))
+
+    @memo
     def svd(self) -> SVD:
-        return decompose(self.tensor, self.rank, self.exact_max_elements, energy=self.norm**2)
+        energy = self.__dict__.get("norm")
+        return decompose(
+            self.tensor, self.rank, self.exact_max_elements,
+            energy=None if energy is None else energy**2, minus=self.base,
+        )
 
-    @cached_property
+    @memo
     def value_range(self) -> tuple[float, float]:
-        lo, hi = torch.aminmax(self.flat)
-        return float(lo), float(hi)
+        if self.base is None:
+            lo, hi = torch.aminmax(self.tensor.reshape(-1))
+            return float(lo), float(hi)
+        ranges = [torch.aminmax(x) for x in self.chunks()]
+        return min(float(r.min) for r in ranges), max(float(r.max) for r in ranges)
 
-    @cached_property
+    def strided(self, size: int) -> torch.Tensor:
+        """Every s-th value in float32, at most `size` of them (all of them for smaller operands)."""
+        step = -(-self.numel // size) if self.numel > size else 1
+        return self.values(slice(None, None, step))
+
+    @memo
     def sample(self) -> torch.Tensor:
         """Every s-th value, at most SAMPLE_SIZE of them (all of them for smaller tensors)."""
-        return _strided(self.flat, SAMPLE_SIZE)
+        return self.strided(SAMPLE_SIZE)
 
-    @cached_property
+    @memo
+    def magnitudes(self) -> torch.Tensor:
+        """|values| of a fixed-stride sample of at most TOP_SAMPLE_SIZE values (all of them for smaller
+        operands), ascending. Sorted as int32 bit patterns, which order non-negative floats as their values:
+        about ten times faster than a float sort on a CPU."""
+        magnitude = self.strided(TOP_SAMPLE_SIZE).abs()
+        return magnitude.view(torch.int32).sort().values.view(torch.float32)
+
+    @memo
     def top_threshold(self) -> float:
         """Magnitude at or above which a value survives TIES-style trimming to the top TOP_DENSITY fraction.
 
         Exact up to TOP_SAMPLE_SIZE values; above, the same quantile of a fixed-stride sample (the standard
         error of the kept density is then about 0.0008), which avoids a selection over the whole tensor.
         """
-        magnitude = _strided(self.flat, TOP_SAMPLE_SIZE).abs()
+        magnitude = self.magnitudes
         keep = max(1, int(math.ceil(TOP_DENSITY * magnitude.numel())))
         if keep >= magnitude.numel():
             return 0.0
-        return float(torch.kthvalue(magnitude, magnitude.numel() - keep + 1).values)
+        return float(magnitude[magnitude.numel() - keep])
 
 
-def _strided(flat: torch.Tensor, size: int) -> torch.Tensor:
-    return flat[:: -(-flat.numel() // size)] if flat.numel() > size else flat
+@dataclass(frozen=True)
+class PairSums:
+    """What the elementwise pairwise metrics need, from one pass over both operands."""
+
+    dot: float  # <a, b>
+    distance_sq: float  # |a - b|^2, the difference taken in float32
+    signs: tuple[float, float, float, float] | None  # see `pair_sums`
 
 
-def chunks(a: Operand, b: Operand) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Aligned CHUNK-sized slices of two equally sized operands (one slice on a GPU)."""
-    n = a.flat.numel()
-    step = n if a.flat.device.type != "cpu" else CHUNK
+class _Accumulator:
+    """Running sums of one pairwise pass, fed chunk by chunk.
+
+    Chunk sums are taken by torch's pairwise reduction and added in float64 (see `dot64`). The sign counts
+    use float arithmetic only (on a CPU, torch's comparisons into bool tensors cost several times more):
+    sign(x y) is 1 where the signs agree, -1 where they conflict and 0 where either value is 0 (or the
+    product is under float32's smallest subnormal, |x y| < 1.4e-45), so the sum of its absolute values
+    counts the coordinates non-zero in both and its sum is agreements - conflicts. A coordinate is above
+    both TIES thresholds where min(|x| / t_x, |y| / t_y) >= 1, which floor(min(., 1)) turns into 1 or 0.
+    """
+
+    def __init__(self, thresholds: tuple[float, float] | None) -> None:
+        self.thresholds = thresholds  # set: count signs, over all coordinates and above both TIES thresholds
+        self.dot = self.distance = self.x_sq = self.y_sq = 0.0
+        self.counts = [0.0, 0.0, 0.0, 0.0]  # non-zero in both, agreements - conflicts; the same above thresholds
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, difference: torch.Tensor | None = None) -> None:
+        product = x * y
+        self.dot += float(product.sum())
+        self.x_sq += float((x * x).sum())
+        self.y_sq += float((y * y).sum())
+        d = x - y if difference is None else difference
+        self.distance += float((d * d).sum())
+        if self.thresholds is None:
+            return
+        signs = product.sign_()
+        self.counts[0] += float(signs.abs().sum())
+        self.counts[1] += float(signs.sum())
+        above = _ratio(x, self.thresholds[0])
+        other = _ratio(y, self.thresholds[1])
+        if above is None or other is None:
+            above = other if above is None else above
+        else:
+            above = torch.minimum(above, other)
+        if above is not None:
+            signs *= above.clamp_(max=1.0).floor_()
+        self.counts[2] += float(signs.abs().sum())
+        self.counts[3] += float(signs.sum())
+
+    def store(self, a: Operand, b: Operand) -> PairSums:
+        """The sums as `a`'s cached PairSums for `b`; the norms of both operands come with them."""
+        a.__dict__.setdefault("norm", math.sqrt(max(self.x_sq, 0.0)))
+        b.__dict__.setdefault("norm", math.sqrt(max(self.y_sq, 0.0)))
+        signs = None
+        if self.thresholds is not None:
+            both, balance, both_top, balance_top = self.counts
+            signs = (both, (both - balance) / 2, both_top, (both_top - balance_top) / 2)
+        found = PairSums(self.dot, self.distance, signs)
+        a.__dict__.setdefault("_pairs", {})[id(b)] = (b, found)
+        return found
+
+
+def _ratio(x: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """|x| / threshold; None for a threshold of 0, which every value passes."""
+    return None if threshold <= 0 else x.abs().div_(threshold)
+
+
+def _cached_pair(a: Operand, b: Operand, signs: bool) -> PairSums | None:
+    hit = a.__dict__.get("_pairs", {}).get(id(b))
+    if hit is not None and hit[0] is b and (hit[1].signs is not None or not signs):
+        return hit[1]
+    return None
+
+
+def pair_sums(a: Operand, b: Operand, signs: bool = False) -> PairSums:
+    """<a, b>, |a - b|^2 and (with `signs`) the sign counts, in one pass; kept on `a` for this `b`.
+
+    The difference is taken in float32: exact for values within a factor 2 of each other and otherwise off by
+    a relative 6e-8, which a distance (unlike 1 - cos) does not amplify.
+    """
+    cached = _cached_pair(a, b, signs)
+    if cached is not None:
+        return cached
+    sums = _Accumulator((a.top_threshold, b.top_threshold) if signs else None)
+    for x, y in zip(a.chunks(), b.chunks(), strict=True):
+        sums.add(x, y)
+    return sums.store(a, b)
+
+
+def weight_and_task_sums(a: Operand, b: Operand, task_a: Operand, task_b: Operand) -> None:
+    """`pair_sums(a, b)` and `pair_sums(task_a, task_b, signs=True)` in one pass over the three tensors, for
+    task vectors of these weights over one base; the task vectors' distance is the weights' ((a - base) -
+    (b - base) = a - b), and their norms and the base's come out of the same pass."""
+    base = task_a.base
+    if task_a.tensor is not a.tensor or task_b.tensor is not b.tensor or base is None or task_b.base is not base:
+        raise ValueError("task_a and task_b must be a - base and b - base over one base")
+    weights, tasks = _Accumulator(None), _Accumulator((task_a.top_threshold, task_b.top_threshold))
+    n = a.numel
+    step = n if a.tensor.device.type != "cpu" else CHUNK
     for start in range(0, n, max(step, 1)):
-        yield a.flat[start:start + step], b.flat[start:start + step]
+        index = slice(start, start + step)
+        x, y = a.values(index), b.values(index)
+        z = base.reshape(-1)[index].float()
+        d = x - y
+        weights.add(x, y, d)
+        tasks.add(x - z, y - z, d)
+    weights.store(a, b)
+    tasks.store(task_a, task_b)
 
 
 MetricFn = Callable[[Operand, Operand], float]
@@ -188,41 +326,24 @@ def _cosine(a: Operand, b: Operand) -> float:
         return 1.0
     if a.norm < EPS or b.norm < EPS:
         return 0.0
-    return max(-1.0, min(1.0, dot64(a.flat, b.flat) / (a.norm * b.norm)))
+    dot = pair_sums(a, b).dot
+    return max(-1.0, min(1.0, dot / (a.norm * b.norm)))
 
 
 def _normalized_l2(a: Operand, b: Operand) -> float:
+    distance = math.sqrt(max(pair_sums(a, b).distance_sq, 0.0))
     denominator = a.norm + b.norm
     if denominator < EPS:
         return 0.0
-    return min(1.0, distance64(a.flat, b.flat) / denominator)
+    return min(1.0, distance / denominator)
 
 
 def _sign_conflict(a: Operand, b: Operand, top: bool) -> float:
     """Share of coordinates non-zero in both (with `top`: above both TIES thresholds) whose signs differ."""
-    both, conflicts = _sign_counts(a, b)[2 if top else 0:][:2]
+    counts = pair_sums(a, b, signs=True).signs
+    assert counts is not None
+    both, conflicts = counts[2 if top else 0:][:2]
     return 0.0 if both == 0 else conflicts / both
-
-
-def _sign_counts(a: Operand, b: Operand) -> tuple[float, float, float, float]:
-    """(both non-zero, opposite signs) over all coordinates, then over those above both TIES thresholds.
-
-    One pass serves both sign metrics; the result is kept on `a` for this `b`.
-    """
-    cached = a.__dict__.setdefault("_sign_counts", {}).get(id(b))
-    if cached is not None and cached[0] is b:
-        return cached[1]
-    both = balance = both_top = balance_top = 0.0
-    for x, y in chunks(a, b):
-        product = torch.sign(x) * torch.sign(y)  # -1 conflict, 1 agreement, 0 where either is 0
-        both += float(torch.count_nonzero(product))
-        balance += float(product.sum())  # agreements - conflicts, exact (integers below 2^24 per chunk)
-        product *= (x.abs() >= a.top_threshold) & (y.abs() >= b.top_threshold)
-        both_top += float(torch.count_nonzero(product))
-        balance_top += float(product.sum())
-    counts = (both, (both - balance) / 2, both_top, (both_top - balance_top) / 2)
-    a.__dict__["_sign_counts"][id(b)] = (b, counts)
-    return counts
 
 
 def _subspace_overlap(x: SVD, y: SVD) -> float:
@@ -277,7 +398,7 @@ def kl_divergence(a: Operand, b: Operand) -> float:
     hi = max(a.value_range[1], b.value_range[1])
     if hi - lo < EPS:
         return 0.0
-    bins = int(min(KL_MAX_BINS, max(KL_MIN_BINS, math.sqrt(a.flat.numel()) / 4)))
+    bins = int(min(KL_MAX_BINS, max(KL_MIN_BINS, math.sqrt(a.numel) / 4)))
     p = torch.histc(a.sample, bins, lo, hi).double() + KL_SMOOTHING
     q = torch.histc(b.sample, bins, lo, hi).double() + KL_SMOOTHING
     p, q = p / p.sum(), q / q.sum()
@@ -381,16 +502,14 @@ def task_drift(a: Operand, b: Operand) -> float:
 
 
 MASS_SHARE = 0.9
-MASS_SAMPLE = 1 << 18  # a sort is the cost here: 2^18 float32 values sort ~5x faster than 2^20 doubles
-
-
 def _mass_fraction(x: Operand) -> float:
-    """Smallest share of coordinates holding MASS_SHARE of the L1 mass (a strided sample above MASS_SAMPLE
-    values: the share's standard error is then about 0.001). Kept on the operand for its other pairs."""
+    """Smallest share of coordinates holding MASS_SHARE of the L1 mass (from the operand's sorted magnitude
+    sample above TOP_SAMPLE_SIZE values: the share's standard error is then about 0.001). Kept on the operand
+    for its other pairs."""
     cached = x.__dict__.get("_mass_fraction")
     if cached is not None:
         return float(cached)
-    magnitude = _strided(x.flat, MASS_SAMPLE).abs().sort(descending=True).values.double()
+    magnitude = x.magnitudes.flip(0).double()
     total = float(magnitude.sum())
     if total < EPS:
         fraction = 0.0
