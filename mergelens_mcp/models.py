@@ -181,8 +181,8 @@ class Coverage(Frozen):
     exact_svd_tensors: int
     randomized_svd_tensors: int
     svd_rank: int = Field(description="top-k singular directions used by the spectral metrics")
-    svd_oversample: int = Field(default=8, description="extra sketch columns of the randomized SVD")
-    svd_power_iterations: int = Field(default=2, description="subspace iterations of the randomized SVD")
+    svd_oversample: int = Field(default=16, description="extra sketch columns of the randomized SVD")
+    svd_power_iterations: int = Field(default=1, description="subspace iterations of the randomized SVD")
     exact_svd_max_elements: int = Field(
         default=512 * 512, description="matrices up to this many elements get an exact SVD, larger ones a randomized"
     )

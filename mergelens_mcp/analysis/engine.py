@@ -127,6 +127,7 @@ def analyze(
     tensors = [] if plan.fatal else plan.tensors
     previous_threads = torch.get_num_threads()
     workers = 1 if device.type != "cpu" else options.threads or default_threads()
+    _tune_heap()
     if device.type == "cpu":
         torch.set_num_threads(1)  # one core per worker thread
     try:
@@ -361,14 +362,15 @@ def _make_operands(
 def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> list[dict[str, float]] | None:
     """Every metric but the spectral ones, for every pair; with `check`, None (and nothing more measured) if a
     norm is not finite: the set then holds NaN or Inf."""
+    for i, j in pairs:
+        if current.base is not None:
+            weights, tasks = current.weights, current.tasks
+            weight_and_task_sums(weights[i], weights[j], tasks[i], tasks[j], current.base)
+        else:
+            pair_sums(current.weights[i], current.weights[j])
     reference = current.base.norm if current.base is not None else 0.0
     for op in current.tasks:
         op.reference_norm = reference
-    for i, j in pairs:
-        if current.tasks:
-            weight_and_task_sums(current.weights[i], current.weights[j], current.tasks[i], current.tasks[j])
-        else:
-            pair_sums(current.weights[i], current.weights[j])
     if check and not (all(math.isfinite(op.norm) for op in current.weights) and math.isfinite(reference)):
         return None
     return [_metrics(current, i, j, spectral=False) for i, j in pairs]
@@ -428,6 +430,31 @@ def _release(current: _Set) -> None:
     current.weights, current.tasks, current.base = [], [], None
     for ckpt in current.checkpoints:
         ckpt.release(current.name)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+HEAP_THRESHOLD = 32 << 20
+_HEAP_TUNED = False
+
+
+def _tune_heap() -> None:
+    """Keep blocks up to HEAP_THRESHOLD on the C heap, and its freed top unless that exceeds it (glibc only).
+
+    The passes allocate and free the same chunk-sized temporaries thousands of times. With glibc's defaults a
+    freed block of a few MB is often handed back to the OS and the next one faulted in again page by page,
+    which made a float32 product over row blocks three times slower than its arithmetic. `_trim_heap` still
+    returns freed memory before each large tensor set, so peak memory keeps following the largest set.
+    """
+    global _HEAP_TUNED
+    if _HEAP_TUNED:
+        return
+    _HEAP_TUNED = True
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * HEAP_THRESHOLD)
+    except (AttributeError, OSError):
+        pass
 
 
 def _trim_heap() -> None:

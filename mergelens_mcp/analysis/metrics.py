@@ -172,58 +172,58 @@ class PairSums:
 class _Accumulator:
     """Running sums of one pairwise pass, fed chunk by chunk.
 
-    Chunk sums are taken by torch's pairwise reduction and added in float64 (see `dot64`). The sign counts
-    use float arithmetic only (on a CPU, torch's comparisons into bool tensors cost several times more):
-    sign(x y) is 1 where the signs agree, -1 where they conflict and 0 where either value is 0 (or the
-    product is under float32's smallest subnormal, |x y| < 1.4e-45), so the sum of its absolute values
-    counts the coordinates non-zero in both and its sum is agreements - conflicts. A coordinate is above
-    both TIES thresholds where min(|x| / t_x, |y| / t_y) >= 1, which floor(min(., 1)) turns into 1 or 0.
+    Chunk sums are taken by torch's pairwise reduction and added in float64 (see `dot64`), all of a chunk's
+    read back at once. The sign counts use float arithmetic only (on a CPU, torch's comparisons into bool
+    tensors cost several times more): sign(x y) is 1 where the signs agree, -1 where they conflict and 0
+    where either value is 0 (or the product is under float32's smallest subnormal, |x y| < 1.4e-45), so
+    the sum of its squares counts the coordinates non-zero in both and its sum is agreements - conflicts. A
+    coordinate is above both TIES thresholds where min(x^2 / t_x^2, y^2 / t_y^2) >= 1, which floor(min(., 1))
+    turns into 1 or 0.
     """
 
     def __init__(self, thresholds: tuple[float, float] | None) -> None:
-        self.thresholds = thresholds  # set: count signs, over all coordinates and above both TIES thresholds
-        self.dot = self.distance = self.x_sq = self.y_sq = 0.0
-        self.counts = [0.0, 0.0, 0.0, 0.0]  # non-zero in both, agreements - conflicts; the same above thresholds
+        self.squared = None if thresholds is None else tuple(t * t for t in thresholds)
+        self.totals = [0.0] * (4 if thresholds is None else 8)
+        # dot, x^2, y^2, (x - y)^2; then non-zero in both, agreements - conflicts, the same above thresholds
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, difference: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, difference: torch.Tensor | None) -> None:
+        """One chunk; `difference` is x - y, or None when the distance comes from elsewhere."""
         product = x * y
-        self.dot += float(product.sum())
-        self.x_sq += float((x * x).sum())
-        self.y_sq += float((y * y).sum())
-        d = x - y if difference is None else difference
-        self.distance += float((d * d).sum())
-        if self.thresholds is None:
-            return
-        signs = product.sign_()
-        self.counts[0] += float(signs.abs().sum())
-        self.counts[1] += float(signs.sum())
-        above = _ratio(x, self.thresholds[0])
-        other = _ratio(y, self.thresholds[1])
-        if above is None or other is None:
-            above = other if above is None else above
-        else:
-            above = torch.minimum(above, other)
-        if above is not None:
-            signs *= above.clamp_(max=1.0).floor_()
-        self.counts[2] += float(signs.abs().sum())
-        self.counts[3] += float(signs.sum())
+        xx, yy = x * x, y * y
+        terms = [product.sum(), xx.sum(), yy.sum()]
+        terms.append(torch.zeros((), device=x.device) if difference is None else (difference * difference).sum())
+        if self.squared is not None:
+            signs = product.sign_()
+            terms += [torch.dot(signs, signs), signs.sum()]
+            above = _ratio(xx, self.squared[0])
+            other = _ratio(yy, self.squared[1])
+            if above is None or other is None:
+                above = other if above is None else above
+            else:
+                above = torch.minimum(above, other, out=above)
+            if above is not None:
+                signs *= above.clamp_(max=1.0).floor_()
+            terms += [torch.dot(signs, signs), signs.sum()]
+        for i, value in enumerate(torch.stack(terms).tolist()):
+            self.totals[i] += value
 
-    def store(self, a: Operand, b: Operand) -> PairSums:
+    def store(self, a: Operand, b: Operand, distance_sq: float | None = None) -> PairSums:
         """The sums as `a`'s cached PairSums for `b`; the norms of both operands come with them."""
-        a.__dict__.setdefault("norm", math.sqrt(max(self.x_sq, 0.0)))
-        b.__dict__.setdefault("norm", math.sqrt(max(self.y_sq, 0.0)))
+        dot, x_sq, y_sq, distance = self.totals[:4]
+        a.__dict__.setdefault("norm", math.sqrt(max(x_sq, 0.0)))
+        b.__dict__.setdefault("norm", math.sqrt(max(y_sq, 0.0)))
         signs = None
-        if self.thresholds is not None:
-            both, balance, both_top, balance_top = self.counts
+        if self.squared is not None:
+            both, balance, both_top, balance_top = self.totals[4:]
             signs = (both, (both - balance) / 2, both_top, (both_top - balance_top) / 2)
-        found = PairSums(self.dot, self.distance, signs)
+        found = PairSums(dot, distance if distance_sq is None else distance_sq, signs)
         a.__dict__.setdefault("_pairs", {})[id(b)] = (b, found)
         return found
 
 
-def _ratio(x: torch.Tensor, threshold: float) -> torch.Tensor | None:
-    """|x| / threshold; None for a threshold of 0, which every value passes."""
-    return None if threshold <= 0 else x.abs().div_(threshold)
+def _ratio(squares: torch.Tensor, threshold_sq: float) -> torch.Tensor | None:
+    """squares / threshold^2, in place; None for a threshold of 0, which every value passes."""
+    return None if threshold_sq <= 0 else squares.div_(threshold_sq)
 
 
 def _cached_pair(a: Operand, b: Operand, signs: bool) -> PairSums | None:
@@ -244,29 +244,31 @@ def pair_sums(a: Operand, b: Operand, signs: bool = False) -> PairSums:
         return cached
     sums = _Accumulator((a.top_threshold, b.top_threshold) if signs else None)
     for x, y in zip(a.chunks(), b.chunks(), strict=True):
-        sums.add(x, y)
+        sums.add(x, y, x - y)
     return sums.store(a, b)
 
 
-def weight_and_task_sums(a: Operand, b: Operand, task_a: Operand, task_b: Operand) -> None:
-    """`pair_sums(a, b)` and `pair_sums(task_a, task_b, signs=True)` in one pass over the three tensors, for
-    task vectors of these weights over one base; the task vectors' distance is the weights' ((a - base) -
-    (b - base) = a - b), and their norms and the base's come out of the same pass."""
-    base = task_a.base
-    if task_a.tensor is not a.tensor or task_b.tensor is not b.tensor or base is None or task_b.base is not base:
-        raise ValueError("task_a and task_b must be a - base and b - base over one base")
+def weight_and_task_sums(a: Operand, b: Operand, task_a: Operand, task_b: Operand, base: Operand) -> None:
+    """`pair_sums(a, b)`, `pair_sums(task_a, task_b, signs=True)` and the base's norm in one pass over the
+    three tensors, for task vectors of these weights over this base. The task vectors' distance is the
+    weights' ((a - base) - (b - base) = a - b); every norm comes out of the same pass."""
+    if not (task_a.tensor is a.tensor and task_b.tensor is b.tensor and task_a.base is base.tensor
+            and task_b.base is base.tensor):
+        raise ValueError("task_a and task_b must be a - base and b - base")
     weights, tasks = _Accumulator(None), _Accumulator((task_a.top_threshold, task_b.top_threshold))
+    base_sq = 0.0
     n = a.numel
     step = n if a.tensor.device.type != "cpu" else CHUNK
     for start in range(0, n, max(step, 1)):
         index = slice(start, start + step)
-        x, y = a.values(index), b.values(index)
-        z = base.reshape(-1)[index].float()
-        d = x - y
-        weights.add(x, y, d)
-        tasks.add(x - z, y - z, d)
-    weights.store(a, b)
-    tasks.store(task_a, task_b)
+        x, y, z = a.values(index), b.values(index), base.values(index)
+        weights.add(x, y, x - y)
+        if "norm" not in base.__dict__:
+            base_sq += float((z * z).sum())
+        tasks.add(x - z, y - z, None)
+    distance = weights.store(a, b).distance_sq
+    tasks.store(task_a, task_b, distance)
+    base.__dict__.setdefault("norm", math.sqrt(max(base_sq, 0.0)))
 
 
 MetricFn = Callable[[Operand, Operand], float]

@@ -1,30 +1,34 @@
 """Singular value decompositions for the spectral metrics: exact below a size cap, randomized above it.
 
-Every 2-D parameter gets one; none is skipped for its size. The randomized path is Halko, Martinsson &
-Tropp (2011), Algorithm 4.4: a Gaussian sketch of `rank + OVERSAMPLE` columns (16 + 8 by default),
-`POWER_ITERS` (2) subspace iterations with QR re-orthonormalisation, then an exact SVD of the small projected
-matrix: 2 + 2 * POWER_ITERS thin matrix products over the matrix, so its cost is linear in the matrix's size.
-It uses its own seeded generator, so results are deterministic and threads do not share random state. Its
-error against the exact SVD on matrices with decaying spectra is bounded in tests/test_spectral.py.
+Every 2-D parameter gets one; none is skipped for its size. The randomized path is a randomized subspace
+iteration (Halko, Martinsson & Tropp, 2011, Algorithm 4.4): a Gaussian sketch of `rank + OVERSAMPLE`
+columns (16 + 16 by default), alternating products with A^T and A re-orthonormalised by QR (`POWER_ITERS`
+= 1 full iteration, then the half that ends on the right singular subspace Z), and a Rayleigh-Ritz step on
+Z: A Z = Q R and an SVD of the small R. That is four thin products in bfloat16 and one in float32, so the
+cost is linear in the matrix's size. It uses its own seeded generator, so results are deterministic and
+threads do not share random state. Its error against the exact SVD on matrices with decaying spectra is
+bounded in tests/test_spectral.py: on the hard case there (s_i = 1/i) the top-16 singular values are within
+0.1%, five times closer than the 16 + 8 columns and two full iterations used before, at less cost.
 
-Precision: the range finder (the sketch and the power iterations, all but one of the products) runs in
-bfloat16, which the CPU multiplies three to four times faster than float32 and which is how checkpoints are
-usually stored, so a stored matrix is used as it is. Only the subspace comes from these products; the final
-projection Q^T A, which the singular values and vectors come from, is float32 against the exact values, one
-row block at a time. A matrix can be given as a difference (a task vector, model - base): it is then never
-formed whole in float32, only rounded once to bfloat16 for the range finder.
+Precision: the sketch and the iterations run in bfloat16, which the CPU multiplies three to four times
+faster than float32 and which is how checkpoints are usually stored, so a stored matrix is used as it is.
+Only the subspace comes from these products; the product A Z that the singular values and vectors come
+from is float32 against the exact values, one row block at a time. A matrix can be given as a difference
+(a task vector, model - base): it is then never formed whole in float32, only rounded once to bfloat16 for
+the iterations.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 DEFAULT_RANK = 16
-OVERSAMPLE = 8
-POWER_ITERS = 2
+OVERSAMPLE = 16
+POWER_ITERS = 1
 EXACT_MAX_ELEMENTS = 512 * 512
 TAIL_BISECTIONS = 30
 LOW = torch.bfloat16  # the range finder's dtype
@@ -105,8 +109,14 @@ def decompose(
 def randomized_svd(
     a: torch.Tensor, q: int, power_iters: int, seed: int, minus: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """Top-q singular triplets of `a` (- `minus`) by a seeded randomized range finder with power iterations,
-    and the squared Frobenius norm measured in the final projection."""
+    """Top-q singular triplets of `a` (- `minus`) by a seeded randomized subspace iteration, and the squared
+    Frobenius norm measured in the final product.
+
+    Y = A Omega, then (A^T, A) `power_iters` times, then A^T once more, every product in bfloat16 and
+    re-orthonormalised by QR, leave an orthonormal basis Z of the dominant right singular subspace. The one
+    float32 product A Z = Q R and an SVD of the small R = U_r S V_r^T give the triplets (Q U_r, S, Z V_r):
+    a Rayleigh-Ritz step on that subspace, so no singular value comes out above the true one.
+    """
     generator = torch.Generator(device=a.device).manual_seed(seed)
     omega = torch.randn(a.shape[1], q, generator=generator, device=a.device)
     low = _low_precision(a, minus)
@@ -114,10 +124,12 @@ def randomized_svd(
     for _ in range(power_iters):
         z = _orthonormal(low.T @ basis.to(LOW))
         basis = _orthonormal(low @ z.to(LOW))
+    z = _orthonormal(low.T @ basis.to(LOW))
     del low
-    small, energy = _project(basis, a, minus)  # (q, n) = basis^T (a - minus), in float32
-    ub, s, vh = torch.linalg.svd(small, full_matrices=False)
-    return basis @ ub, s, vh.T, energy
+    product, energy = _times(a, minus, z)  # (m, q) = (a - minus) z, in float32
+    left, r = torch.linalg.qr(product)
+    ur, s, vrh = torch.linalg.svd(r)
+    return left @ ur, s, z @ vrh.T, energy
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
@@ -149,12 +161,36 @@ def _low_precision(a: torch.Tensor, minus: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def _project(basis: torch.Tensor, a: torch.Tensor, minus: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-    """(basis^T (a - minus), |a - minus|_F^2), both from float32 values, one row block at a time."""
-    small = torch.zeros(basis.shape[1], a.shape[1], device=a.device)
+def _times(a: torch.Tensor, minus: torch.Tensor | None, z: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """((a - minus) z, |a - minus|_F^2), both from float32 values, one row block at a time."""
+    out = torch.empty(a.shape[0], z.shape[1], device=a.device)
+    zt = z.T.contiguous()
     energy, step = 0.0, _row_step(a)
     for start in range(0, a.shape[0], step):
         rows = _rows(a, minus, start, start + step)
-        small.addmm_(basis[start:start + step].T, rows)
+        out[start:start + step] = _matmul_t(rows, zt)
         energy += float(torch.linalg.vector_norm(rows)) ** 2
-    return small, energy
+    return out, energy
+
+
+def _matmul_t(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """x @ wt^T in float32. On a CPU, oneDNN's linear runs this about twice as fast as the BLAS torch.mm uses
+    (MKL, which does not use AVX-512 on AMD CPUs); the result is the same to float32 rounding (a test checks)."""
+    if x.device.type == "cpu" and _ONEDNN_LINEAR is not None:
+        return _ONEDNN_LINEAR(x, wt, None, "none", [], "")
+    return x @ wt.T
+
+
+def _find_onednn_linear() -> Any:
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        probe = torch.ones(2, 3)
+        works = torch.equal(op(probe, probe, None, "none", [], ""), probe @ probe.T)
+        if torch.backends.mkldnn.is_available() and works:
+            return op
+    except (AttributeError, RuntimeError):
+        pass
+    return None
+
+
+_ONEDNN_LINEAR = _find_onednn_linear()

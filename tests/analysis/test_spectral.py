@@ -36,7 +36,7 @@ def test_small_matrices_get_the_exact_svd() -> None:
 
 
 def test_a_rank_close_to_the_dimension_stays_exact_even_above_the_cap() -> None:
-    assert decompose(decaying(40, 20), rank=16, exact_max_elements=0).exact  # 16 + 8 oversampling >= 20
+    assert decompose(decaying(40, 20), rank=16, exact_max_elements=0).exact  # 16 + 16 oversampling >= 20
 
 
 def test_the_randomized_svd_matches_the_exact_one_on_a_decaying_spectrum() -> None:
@@ -57,7 +57,7 @@ def test_randomized_singular_values_never_exceed_the_exact_ones_even_on_a_flat_s
     approx = decompose(m, rank=8, exact_max_elements=0)
     q = approx.s.numel()
     assert bool((approx.s <= exact[:q] * (1 + 1e-5)).all())  # a projection can only shrink them
-    assert float(((exact[:8] - approx.s[:8]) / exact[:8]).max()) < 0.15  # 2 power iterations bound the loss
+    assert float(((exact[:8] - approx.s[:8]) / exact[:8]).max()) < 0.15  # the power iteration bounds the loss
 
 
 def test_the_randomized_spectrum_keeps_the_total_energy() -> None:
@@ -91,13 +91,9 @@ def test_top_k_metrics_barely_move_between_the_exact_and_the_randomized_path(nam
     assert approx == pytest.approx(exact, abs=0.01)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: above the exact-SVD cap (every matrix of a real LLM) the spectrum past the top "
-    "k+8 values is a power-law tail fitted to the computed ones; the entropy effective rank ratio of this "
-    "pair still comes out 0.76 instead of 0.84 (it was 0.67 with an even spread); a better tail model is needed",
-)
 def test_effective_rank_ratio_barely_moves_between_the_exact_and_the_randomized_path() -> None:
+    # above the exact-SVD cap the spectrum past the k + 16 computed values is a power-law tail fitted to them:
+    # 0.83 against 0.84 exact here (0.76 with 8 oversampled values, 0.67 with the residual spread evenly)
     a = decaying(seed=1)
     b = a + 0.05 * decaying(seed=2)
     exact, approx = exact_and_randomized("effective_rank_ratio", a, b)

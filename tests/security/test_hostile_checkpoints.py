@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fixtures.checkpoints import random_model, save
+from fixtures.checkpoints import Shape, make_checkpoint, random_model, save
 from fixtures.hostile import TINY, Sandbox, in_bounded_thread, safetensors_bytes, tiny_model
 from mergelens_mcp.analysis import loading
 from mergelens_mcp.analysis.loading import Checkpoint, load_checkpoint, read_header
@@ -203,10 +203,11 @@ def test_a_nested_or_broken_config_json_is_ignored_with_a_warning(
 def test_tensors_above_the_exact_svd_cap_use_the_randomized_path_and_the_result_says_so(
     sandbox: Sandbox,
 ) -> None:
-    models = [str(sandbox.model_a), str(sandbox.model_b)]
+    shape = Shape(hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, vocab=64)
+    models = [str(make_checkpoint(sandbox.root / f"wide_{seed}", shape, seed)) for seed in (1, 2)]
     randomized = compare(models, settings=Settings(svd_rank=2, exact_svd_max_elements=0))
-    # per model: q, o, gate, up, down in each of 2 blocks, plus embed and lm_head; k and v (8 x 16) stay exact
-    # because rank 2 + oversampling 8 already covers their 8 singular values
+    # per model: q, o, gate, up, down in each of 2 blocks, plus embed and lm_head; k and v (16 x 32) stay exact
+    # because rank 2 + oversampling 16 already covers their 16 singular values
     assert (randomized.coverage.randomized_svd_tensors, randomized.coverage.exact_svd_tensors) == (
         2 * 12,
         2 * 4,
