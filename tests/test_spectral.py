@@ -146,3 +146,38 @@ def test_exact_and_randomized_paths_give_close_metrics_on_the_fixture_family(fam
     exact, randomized = run(10**9), run(0)
     for name in ("spectral_overlap", "tsv_interference", "task_vector_energy", "effective_rank_ratio"):
         assert randomized[name] == pytest.approx(exact[name], abs=0.05), name
+
+
+def test_a_difference_decomposes_like_the_float32_difference_without_being_formed() -> None:
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(700, 520, generator=g).to(torch.bfloat16)
+    update = torch.randn(700, 6, generator=g) @ torch.randn(6, 520, generator=g) * 0.02
+    model = (base.float() + update).to(torch.bfloat16)
+    difference = model.float() - base.float()
+    direct = decompose(difference, RANK, exact_max_elements=0)
+    streamed = decompose(model, RANK, exact_max_elements=0, minus=base)
+    assert not streamed.exact
+    torch.testing.assert_close(streamed.s[:6], direct.s[:6], rtol=1e-3, atol=0)
+    assert streamed.total_energy == pytest.approx(float(difference.double().pow(2).sum()), rel=1e-5)
+    overlap = float(((streamed.u[:, :6].double().T @ direct.u[:, :6].double()) ** 2).sum()) / 6
+    assert overlap > 0.999
+
+
+def test_a_matrix_stored_in_bfloat16_decomposes_like_its_float32_values() -> None:
+    stored = with_spectrum(640, 480, 0.8 ** torch.arange(200, dtype=torch.float64), seed=9).to(torch.bfloat16)
+    as_stored = decompose(stored, RANK, exact_max_elements=0)
+    upcast = decompose(stored.float(), RANK, exact_max_elements=0)
+    torch.testing.assert_close(as_stored.s, upcast.s, rtol=1e-6, atol=0)
+    exact = torch.linalg.svdvals(stored.double())
+    assert float(((as_stored.s[:RANK].double() - exact[:RANK]).abs() / exact[:RANK]).max()) < 1e-4
+
+
+def test_the_float32_product_gives_what_torch_mm_gives() -> None:
+    from mergelens_mcp.analysis import spectral
+
+    g = torch.Generator().manual_seed(10)
+    x, w = torch.randn(300, 257, generator=g), torch.randn(33, 257, generator=g)
+    reference = x.double() @ w.double().T
+    ours = spectral._matmul_t(x, w)
+    assert ours.dtype == torch.float32 and ours.shape == (300, 33)
+    assert float((ours.double() - reference).abs().max() / reference.abs().max()) < 1e-6

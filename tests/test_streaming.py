@@ -125,3 +125,55 @@ def test_analysis_restores_the_torch_thread_count(family: Family) -> None:
     models = [load_checkpoint(str(family.finetune_a), "a"), load_checkpoint(str(family.finetune_b), "b")]
     analyze(models, load_checkpoint(str(family.base), "base"), AnalysisOptions(device="cpu", threads=1))
     assert torch.get_num_threads() == before
+
+
+def test_the_fused_pass_gives_what_separate_passes_give() -> None:
+    from mergelens_mcp.analysis.metrics import pair_sums, weight_and_task_sums
+
+    g = torch.Generator().manual_seed(3)
+    n = 2 * CHUNK + 999
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    a = (base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16)
+    b = (base.float() + 0.01 * torch.randn(n, generator=g)).to(torch.bfloat16)
+    fused = [Operand(a), Operand(b), Operand(a, base=base), Operand(b, base=base), Operand(base)]
+    weight_and_task_sums(*fused)
+    ta, tb = a.float() - base.float(), b.float() - base.float()
+    alone = [Operand(a.float()), Operand(b.float()), Operand(ta), Operand(tb)]
+    weights, tasks = pair_sums(alone[0], alone[1]), pair_sums(alone[2], alone[3], signs=True)
+    got_w, got_t = pair_sums(fused[0], fused[1]), pair_sums(fused[2], fused[3], signs=True)
+    assert got_w == weights
+    assert got_t.dot == pytest.approx(tasks.dot, rel=1e-9) and got_t.signs == tasks.signs
+    assert got_t.distance_sq == pytest.approx(tasks.distance_sq, rel=1e-6)  # the weights' a - b, same values
+    for op, ref in zip(fused[:4], alone, strict=True):
+        assert op.norm == pytest.approx(ref.norm, rel=1e-9)
+    assert fused[4].norm == pytest.approx(float(base.double().norm()), rel=1e-7)
+
+
+def test_magnitude_buckets_give_the_order_statistics_and_mass_prefix_of_a_full_sort() -> None:
+    from mergelens_mcp.analysis.metrics import Magnitudes
+
+    g = torch.Generator().manual_seed(4)
+    rounded = torch.randn(5000, generator=g).to(torch.bfloat16).float() - torch.randn(5000, generator=g).to(
+        torch.bfloat16
+    ).float()  # few distinct values, many ties, some zeros
+    for values in (torch.randn(20_000, generator=g), rounded, torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 2.0])):
+        found, ordered = Magnitudes(values), values.abs().sort(descending=True).values
+        for rank in (1, 2, values.numel() // 5, values.numel()):
+            assert found.largest(rank) == float(ordered[rank - 1])
+        running = ordered.double().cumsum(0)
+        target = torch.tensor([0.9 * float(running[-1])], dtype=torch.float64)
+        assert found.count_holding(0.9) == int(torch.searchsorted(running, target)) + 1
+
+
+def test_samples_are_evenly_spaced_runs_at_the_same_positions_in_every_operand() -> None:
+    from mergelens_mcp.analysis.metrics import SAMPLE_RUN
+
+    n = 1000 * SAMPLE_RUN
+    values = torch.arange(n, dtype=torch.float32)
+    sample = Operand(values).sampled(100 * SAMPLE_RUN)
+    assert sample.numel() == 100 * SAMPLE_RUN
+    starts = sample.view(100, SAMPLE_RUN)[:, 0]
+    assert torch.equal(starts, torch.arange(0, n, 10 * SAMPLE_RUN, dtype=torch.float32))
+    assert torch.equal(sample.view(100, SAMPLE_RUN)[3], values[30 * SAMPLE_RUN:31 * SAMPLE_RUN])
+    task = Operand(values, base=torch.ones(n)).sampled(100 * SAMPLE_RUN)
+    assert torch.equal(task, sample - 1)
