@@ -28,20 +28,6 @@ EPS = 1e-12
 PROMOTED = (torch.float32, torch.bfloat16, torch.float16)  # float32 - these is float32, no copy made
 
 
-def dot64(x: torch.Tensor, y: torch.Tensor) -> float:
-    """<x, y> of two flat float32 tensors: products summed by torch's pairwise reduction per CHUNK, and the
-    chunk sums in float64.
-
-    A plain float32 dot (BLAS sdot) over millions of near-identical weights loses the signal: for
-    all-MiniLM-L6-v2 against a fine-tune it put 1 - cos off by 2x on a 590k-element matrix. This keeps 1 - cos
-    within about 1e-8 of a full float64 dot at a twentieth of its cost, with chunk-sized temporaries.
-    """
-    if x.device.type != "cpu":
-        return float((x.double() * y.double()).sum())
-    step = CHUNK
-    return sum(float((x[i:i + step] * y[i:i + step]).sum()) for i in range(0, x.numel(), step))
-
-
 class memo:  # noqa: N801 - used as a decorator, like functools.cached_property
     """`functools.cached_property` without its lock: before Python 3.12 that lock is one per class, so two
     threads computing the SVDs of two different operands waited for each other."""
@@ -94,20 +80,21 @@ class Operand:
     def is_matrix(self) -> bool:
         return self.tensor.dim() == 2 and min(self.tensor.shape) > 1
 
-    def values(self, index: slice) -> torch.Tensor:
-        """float32 values of the flattened operand at `index` (a view where nothing needs converting)."""
-        x = self.tensor.reshape(-1)[index].float()
+    def values(self, index: slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The flattened operand's values at `index` in `dtype` (a view where nothing needs converting)."""
+        x = self.tensor.reshape(-1)[index].to(dtype)
         if self.base is None:
             return x
         base = self.base.reshape(-1)[index]
-        return x - (base if base.dtype in PROMOTED else base.float())
+        return x - (base if dtype == torch.float32 and base.dtype in PROMOTED else base.to(dtype))
 
     def chunks(self) -> Iterator[torch.Tensor]:
-        """The operand's float32 values in consecutive CHUNK-sized pieces (one piece on a GPU)."""
-        n = self.numel
-        step = n if self.tensor.device.type != "cpu" else CHUNK
-        for start in range(0, n, max(step, 1)):
-            yield self.values(slice(start, start + step))
+        """The operand's values in consecutive CHUNK-sized float32 pieces; on a GPU, one float64 piece."""
+        if self.tensor.device.type != "cpu":
+            yield self.values(slice(None), torch.float64)
+            return
+        for start in range(0, self.numel, CHUNK):
+            yield self.values(slice(start, start + CHUNK))
 
     @memo
     def norm(self) -> float:
@@ -132,11 +119,11 @@ class Operand:
     def sampled(self, size: int) -> torch.Tensor:
         """At most `size` float32 values (all of them for smaller operands): runs of SAMPLE_RUN consecutive
         values at evenly spaced offsets, the same positions in every operand of this size. Runs of whole
-        cache lines read a thousandth of the tensor where single values at a fixed stride would touch every
-        line of it."""
+        cache lines read only the sampled lines (2^18 values: 2% of a 5632 x 2048 matrix), where single
+        values at a fixed stride touch every line of the tensor."""
         n = self.numel
         if n <= size:
-            return self.values(slice(None))
+            return self.values(slice(None))  # float32 on every device: `Magnitudes` reads its bits
         runs = size // SAMPLE_RUN
         stride = n // runs
 
@@ -225,13 +212,16 @@ class PairSums:
 class _Accumulator:
     """Running sums of one pairwise pass, fed chunk by chunk.
 
-    Chunk sums are taken by torch's pairwise reduction and added in float64 (see `dot64`), all of a chunk's
-    read back at once. The sign counts use float arithmetic only (on a CPU, torch's comparisons into bool
-    tensors cost several times more): sign(x y) is 1 where the signs agree, -1 where they conflict and 0
-    where either value is 0 (or the product is under float32's smallest subnormal, |x y| < 1.4e-45), so
-    the sum of its squares counts the coordinates non-zero in both and its sum is agreements - conflicts. A
-    coordinate is above both TIES thresholds where min(x^2 / t_x^2, y^2 / t_y^2) >= 1, which floor(min(., 1))
-    turns into 1 or 0.
+    Chunk sums are taken by torch's pairwise reduction and added in float64, all of a chunk's read back at
+    once. A plain float32 dot (BLAS sdot) over millions of near-identical weights loses the signal: for
+    all-MiniLM-L6-v2 against a fine-tune it put 1 - cos off by 2x on a 590k-element matrix; this keeps 1 - cos
+    within about 1e-8 of a full float64 dot. On a GPU the one chunk is float64.
+
+    The sign counts use float arithmetic only (on a CPU, torch's comparisons into bool tensors cost several
+    times more): sign(x y) is 1 where the signs agree, -1 where they conflict and 0 where either value is 0
+    (or the product is under float32's smallest subnormal, |x y| < 1.4e-45), so the sum of its squares counts
+    the coordinates non-zero in both and its sum is agreements - conflicts. A coordinate is above both TIES
+    thresholds where min(x^2 / t_x^2, y^2 / t_y^2) >= 1, which floor(min(., 1)) turns into 1 or 0.
     """
 
     def __init__(self, thresholds: tuple[float, float] | None) -> None:
@@ -244,7 +234,7 @@ class _Accumulator:
         product = x * y
         xx, yy = x * x, y * y
         terms = [product.sum(), xx.sum(), yy.sum()]
-        terms.append(torch.zeros((), device=x.device) if difference is None else (difference * difference).sum())
+        terms.append(x.new_zeros(()) if difference is None else (difference * difference).sum())
         if self.squared is not None:
             signs = product.sign_()
             terms += [torch.dot(signs, signs), signs.sum()]
@@ -311,10 +301,11 @@ def weight_and_task_sums(a: Operand, b: Operand, task_a: Operand, task_b: Operan
     weights, tasks = _Accumulator(None), _Accumulator((task_a.top_threshold, task_b.top_threshold))
     base_sq = 0.0
     n = a.numel
-    step = n if a.tensor.device.type != "cpu" else CHUNK
-    for start in range(0, n, max(step, 1)):
+    on_cpu = a.tensor.device.type == "cpu"
+    step, dtype = (CHUNK, torch.float32) if on_cpu else (max(n, 1), torch.float64)
+    for start in range(0, n, step):
         index = slice(start, start + step)
-        x, y, z = a.values(index), b.values(index), base.values(index)
+        x, y, z = a.values(index, dtype), b.values(index, dtype), base.values(index, dtype)
         weights.add(x, y, x - y)
         if "norm" not in base.__dict__:
             base_sq += float((z * z).sum())
