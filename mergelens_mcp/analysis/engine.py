@@ -280,6 +280,8 @@ def _measured_sets(
             try:
                 measured = _finish_set(current, pairs)
             finally:
+                for job in _jobs(current):
+                    job.cancel()  # only on an error: otherwise all are done
                 _release(current)
             held -= sizes[i]
             yield measured
