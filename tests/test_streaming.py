@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fixtures.checkpoints import Family
+from fixtures.checkpoints import Family, Shape, combine, random_model, save, task_vector
 from mergelens_mcp import compare_models
 from mergelens_mcp.analysis.engine import AnalysisOptions, analyze
 from mergelens_mcp.analysis.loading import load_checkpoint
@@ -177,3 +177,28 @@ def test_samples_are_evenly_spaced_runs_at_the_same_positions_in_every_operand()
     assert torch.equal(sample.view(100, SAMPLE_RUN)[3], values[30 * SAMPLE_RUN:31 * SAMPLE_RUN])
     task = Operand(values, base=torch.ones(n)).sampled(100 * SAMPLE_RUN)
     assert torch.equal(task, sample - 1)
+
+
+def test_the_stored_dtype_does_not_change_the_answer(tmp_path: Path) -> None:
+    shape = Shape(hidden=64, layers=2, intermediate=128, vocab=256)
+    base = random_model(shape, 0)
+    family = {"base": base}
+    family.update({name: combine(base, (1.0, task_vector(base, seed))) for name, seed in (("a", 1), ("b", 2))})
+    found = {}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        # the same values in every dtype: rounded through bfloat16 first
+        paths = {
+            name: save({k: v.to(torch.bfloat16).to(dtype) for k, v in sd.items()}, tmp_path / f"{name}-{dtype}",
+                       shape, dtype=dtype)
+            for name, sd in family.items()
+        }
+        models = [load_checkpoint(str(paths["a"]), "a"), load_checkpoint(str(paths["b"]), "b")]
+        result = analyze(models, load_checkpoint(str(paths["base"]), "base"), AnalysisOptions("cpu", 4, 0))
+        assert result.coverage.randomized_svd_tensors > 0
+        found[dtype] = [lm.metrics for lm in result.layer_metrics]
+    reference = found[torch.float32]
+    for dtype in (torch.bfloat16, torch.float16):
+        for got, want in zip(found[dtype], reference, strict=True):
+            assert got.keys() == want.keys()
+            for name, value in want.items():
+                assert got[name] == pytest.approx(value, abs=1e-5), (dtype, name)
