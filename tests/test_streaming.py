@@ -202,3 +202,22 @@ def test_the_stored_dtype_does_not_change_the_answer(tmp_path: Path) -> None:
             assert got.keys() == want.keys()
             for name, value in want.items():
                 assert got[name] == pytest.approx(value, abs=1e-5), (dtype, name)
+
+
+def test_the_gpu_paths_give_the_cpu_answers(family: Family, monkeypatch: pytest.MonkeyPatch) -> None:
+    # no GPU here: run the whole-tensor, float64-sum, torch.mm paths a GPU takes on the CPU
+    from mergelens_mcp.analysis import spectral
+
+    def run() -> list[dict[str, float]]:
+        models = [load_checkpoint(str(family.finetune_a), "a"), load_checkpoint(str(family.finetune_b), "b")]
+        result = analyze(models, load_checkpoint(str(family.base), "base"), AnalysisOptions("cpu", 8, 0))
+        assert result.coverage.randomized_svd_tensors > 0
+        return [lm.metrics for lm in result.layer_metrics]
+
+    chunked = run()
+    monkeypatch.setattr(spectral, "on_accelerator", lambda t: True)
+    whole = run()
+    for got, want in zip(whole, chunked, strict=True):
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, abs=1e-5), name

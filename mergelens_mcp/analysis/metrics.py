@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import spectral
 from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, SVD, decompose
 
 KL_MAX_BINS = 64
@@ -90,7 +91,7 @@ class Operand:
 
     def chunks(self) -> Iterator[torch.Tensor]:
         """The operand's values in consecutive CHUNK-sized float32 pieces; on a GPU, one float64 piece."""
-        if self.tensor.device.type != "cpu":
+        if spectral.on_accelerator(self.tensor):
             yield self.values(slice(None), torch.float64)
             return
         for start in range(0, self.numel, CHUNK):
@@ -301,8 +302,8 @@ def weight_and_task_sums(a: Operand, b: Operand, task_a: Operand, task_b: Operan
     weights, tasks = _Accumulator(None), _Accumulator((task_a.top_threshold, task_b.top_threshold))
     base_sq = 0.0
     n = a.numel
-    on_cpu = a.tensor.device.type == "cpu"
-    step, dtype = (CHUNK, torch.float32) if on_cpu else (max(n, 1), torch.float64)
+    whole = spectral.on_accelerator(a.tensor)
+    step, dtype = (max(n, 1), torch.float64) if whole else (CHUNK, torch.float32)
     for start in range(0, n, step):
         index = slice(start, start + step)
         x, y, z = a.values(index, dtype), b.values(index, dtype), base.values(index, dtype)

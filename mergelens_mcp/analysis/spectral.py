@@ -137,8 +137,15 @@ def _orthonormal(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y.float()).Q
 
 
+def on_accelerator(t: torch.Tensor) -> bool:
+    """Whether `t` lives on a GPU: work there is done on whole tensors (in float64 where sums need it) rather
+    than in cache-sized pieces, and products go through torch.mm. The one place that decides it, so tests can
+    run those paths on a CPU."""
+    return t.device.type != "cpu"
+
+
 def _row_step(a: torch.Tensor) -> int:
-    return a.shape[0] if a.device.type != "cpu" else max(1, ROW_BLOCK_ELEMENTS // max(1, a.shape[1]))
+    return a.shape[0] if on_accelerator(a) else max(1, ROW_BLOCK_ELEMENTS // max(1, a.shape[1]))
 
 
 def _rows(a: torch.Tensor, minus: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
@@ -177,7 +184,7 @@ def _times(a: torch.Tensor, minus: torch.Tensor | None, z: torch.Tensor) -> tupl
 def _matmul_t(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """x @ wt^T in float32. On a CPU, oneDNN's linear runs this about twice as fast as the BLAS torch.mm uses
     (MKL, which does not use AVX-512 on AMD CPUs); the result is the same to float32 rounding (a test checks)."""
-    if x.device.type == "cpu" and _ONEDNN_LINEAR is not None:
+    if not on_accelerator(x) and _ONEDNN_LINEAR is not None:
         return _ONEDNN_LINEAR(x, wt, None, "none", [], "")
     return x @ wt.T
 
