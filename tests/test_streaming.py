@@ -185,10 +185,11 @@ def test_the_stored_dtype_does_not_change_the_answer(tmp_path: Path) -> None:
     family = {"base": base}
     family.update({name: combine(base, (1.0, task_vector(base, seed))) for name, seed in (("a", 1), ("b", 2))})
     found = {}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        # the same values in every dtype: rounded through bfloat16 first
+    dtypes = (torch.float8_e4m3fn, torch.bfloat16, torch.float16, torch.float32)
+    for dtype in dtypes:
+        # the same values in every dtype: rounded through float8 first (then exact in the others)
         paths = {
-            name: save({k: v.to(torch.bfloat16).to(dtype) for k, v in sd.items()}, tmp_path / f"{name}-{dtype}",
+            name: save({k: v.to(torch.float8_e4m3fn).to(dtype) for k, v in sd.items()}, tmp_path / f"{name}-{dtype}",
                        shape, dtype=dtype)
             for name, sd in family.items()
         }
@@ -197,7 +198,7 @@ def test_the_stored_dtype_does_not_change_the_answer(tmp_path: Path) -> None:
         assert result.coverage.randomized_svd_tensors > 0
         found[dtype] = [lm.metrics for lm in result.layer_metrics]
     reference = found[torch.float32]
-    for dtype in (torch.bfloat16, torch.float16):
+    for dtype in dtypes[:-1]:
         for got, want in zip(found[dtype], reference, strict=True):
             assert got.keys() == want.keys()
             for name, value in want.items():

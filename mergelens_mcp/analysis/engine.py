@@ -44,7 +44,7 @@ from . import score as mci
 from .compat import Plan, plan_comparison
 from .layers import TensorRole, classify, group_sort_key, position
 from .loading import Checkpoint
-from .metrics import REGISTRY, Operand, pair_sums, task_metrics, weight_and_task_sums
+from .metrics import NATIVE, REGISTRY, Operand, pair_sums, task_metrics, weight_and_task_sums
 from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, POWER_ITERS, SVD
 from .zones import detect_conflict_zones
 
@@ -415,6 +415,8 @@ def _clean(current: _Set) -> None:
         views.append(current.base.tensor)
     cleaned = []
     for ckpt, view in zip(current.checkpoints, views, strict=True):
+        if view.dtype not in NATIVE:  # float8: torch has no finiteness test for it
+            view = view.float()
         bad = int((~torch.isfinite(view)).sum())
         if bad:
             current.nonfinite[ckpt.label] = current.nonfinite.get(ckpt.label, 0) + bad

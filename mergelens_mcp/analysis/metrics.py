@@ -26,7 +26,8 @@ TOP_SAMPLE_SIZE = 1 << 18  # values drawn to place the TIES threshold and measur
 SAMPLE_RUN = 64  # consecutive values per run of a sample
 CHUNK = 1 << 17  # elements per step of the pairwise passes: temporaries stay small and in cache
 EPS = 1e-12
-PROMOTED = (torch.float32, torch.bfloat16, torch.float16)  # float32 - these is float32, no copy made
+PROMOTED = (torch.float32, torch.bfloat16, torch.float16)  # float32 minus these stays float32, with no copy
+NATIVE = (*PROMOTED, torch.float64)  # dtypes torch reduces (min/max) as stored; float8 ones are upcast first
 
 
 class memo:  # noqa: N801 - used as a decorator, like functools.cached_property
@@ -111,7 +112,7 @@ class Operand:
 
     @memo
     def value_range(self) -> tuple[float, float]:
-        if self.base is None:
+        if self.base is None and self.tensor.dtype in NATIVE:
             lo, hi = torch.aminmax(self.tensor.reshape(-1))
             return float(lo), float(hi)
         ranges = [torch.aminmax(x) for x in self.chunks()]
