@@ -14,6 +14,7 @@ from cleaned copies.
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import logging
 import math
@@ -54,7 +55,6 @@ Progress = Callable[[int, int, str], None]
 Cancelled = Callable[[], bool]
 VERSION = "0.1.0"
 LARGE = 1 << 24  # elements: such sets first return freed heap memory to the OS, and build one sketch at a time
-_MALLOC_TRIM: Any = None
 _ONE_LARGE_SKETCH = threading.Lock()
 
 
@@ -132,7 +132,7 @@ def analyze(
         torch.set_num_threads(1)  # one core per worker thread
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergelens-worker") as pool:
-            stream = _measured_sets(tensors, models, base, plan, device, options, pairs, pool)
+            stream = _measured_sets(tensors, _Run(models, base, plan, device, options, pairs, pool))
             for done, measured in enumerate(stream):
                 if cancelled is not None and cancelled():
                     stream.close()
@@ -221,6 +221,23 @@ def analyze(
     )
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every tensor set of one analysis is measured with."""
+
+    models: list[Checkpoint]
+    base: Checkpoint | None
+    plan: Plan
+    device: torch.device
+    options: AnalysisOptions
+    pairs: list[tuple[int, int]]
+    pool: ThreadPoolExecutor
+
+    def checkpoints(self, name: str) -> list[Checkpoint]:
+        """The checkpoints one tensor is read from: every model's, and the base's where it pairs with them."""
+        return [*self.models, *([self.base] if self.base is not None and name in self.plan.base_tensors else [])]
+
+
 @dataclass
 class _Set:
     """One tensor of every model (and the base), viewed as stored, its operands and the jobs measuring them."""
@@ -247,38 +264,26 @@ class _Measured:
     nonfinite: dict[str, int]
 
 
-def _measured_sets(
-    names: Sequence[str],
-    models: list[Checkpoint],
-    base: Checkpoint | None,
-    plan: Plan,
-    device: torch.device,
-    options: AnalysisOptions,
-    pairs: list[tuple[int, int]],
-    pool: ThreadPoolExecutor,
-) -> Iterator[_Measured]:
+def _measured_sets(names: Sequence[str], run: _Run) -> Iterator[_Measured]:
     """Each tensor set measured, in order, by the pool's workers.
 
     A set's elementwise pass and each of its SVDs are separate jobs, so the workers share a set's work and
     start on the next set while the last SVD of this one runs. Sets are opened ahead while their stored bytes
     together stay within the largest set's, so memory follows the largest tensor set.
     """
-    def size(name: str) -> int:
-        return sum(c.tensors[name].nbytes for c in _checkpoints(name, models, base, plan))
-
-    sizes = [size(n) for n in names]
+    sizes = [sum(c.tensors[n].nbytes for c in run.checkpoints(n)) for n in names]
     budget = max(sizes, default=0)
     window: deque[_Set] = deque()
     opened = held = 0
     try:
         for i in range(len(names)):
             while opened < len(names) and (not window or held + sizes[opened] <= budget):
-                window.append(_open_set(names[opened], models, base, plan, device, options, pairs, pool))
+                window.append(_open_set(names[opened], run))
                 held += sizes[opened]
                 opened += 1
             current = window.popleft()
             try:
-                measured = _finish_set(current, pairs)
+                measured = _finish_set(current, run)
             finally:
                 for job in _jobs(current):
                     job.cancel()  # only on an error: otherwise all are done
@@ -296,39 +301,25 @@ def _measured_sets(
             _release(pending)
 
 
-def _checkpoints(name: str, models: list[Checkpoint], base: Checkpoint | None, plan: Plan) -> list[Checkpoint]:
-    """The checkpoints one tensor is read from: every model's, and the base's where it pairs with them."""
-    return [*models, *([base] if base is not None and name in plan.base_tensors else [])]
-
-
 def _jobs(current: _Set) -> list[Future[Any]]:
     return [*([current.elementwise] if current.elementwise is not None else []), *current.svds]
 
 
-def _open_set(
-    name: str,
-    models: list[Checkpoint],
-    base: Checkpoint | None,
-    plan: Plan,
-    device: torch.device,
-    options: AnalysisOptions,
-    pairs: list[tuple[int, int]],
-    pool: ThreadPoolExecutor,
-) -> _Set:
+def _open_set(name: str, run: _Run) -> _Set:
     """View one tensor of every model in place and queue its jobs: the elementwise pass and one SVD per
     matrix operand (a set found to hold NaN or Inf is measured again once its values are cleaned)."""
-    rows = plan.row_limits.get(name)
-    checkpoints = _checkpoints(name, models, base, plan)
-    if models[0].tensors[name].numel >= LARGE:
+    rows = run.plan.row_limits.get(name)
+    checkpoints = run.checkpoints(name)
+    if run.models[0].tensors[name].numel >= LARGE:
         _trim_heap()
     for ckpt in checkpoints:
         ckpt.prefetch(name)
-    views = [_view(ckpt, name, rows, device) for ckpt in checkpoints]
-    base_view = views.pop() if len(checkpoints) > len(models) else None
+    views = [_view(ckpt, name, rows, run.device) for ckpt in checkpoints]
+    base_view = views.pop() if len(checkpoints) > len(run.models) else None
     current = _Set(name, checkpoints, [], [], None, {})
-    _make_operands(current, views, base_view, options)
-    current.elementwise = pool.submit(_elementwise, current, pairs, True)
-    current.svds = [pool.submit(_svd, op) for op in [*current.weights, *current.tasks] if op.is_matrix]
+    _make_operands(current, views, base_view, run.options)
+    current.elementwise = run.pool.submit(_elementwise, current, run.pairs, True)
+    current.svds = [run.pool.submit(_svd, op) for op in [*current.weights, *current.tasks] if op.is_matrix]
     return current
 
 
@@ -364,12 +355,12 @@ def _make_operands(
 def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> list[dict[str, float]] | None:
     """Every metric but the spectral ones, for every pair; with `check`, None (and nothing more measured) if a
     norm is not finite: the set then holds NaN or Inf."""
+    weights, tasks = current.weights, current.tasks
     for i, j in pairs:
         if current.base is not None:
-            weights, tasks = current.weights, current.tasks
             weight_and_task_sums(weights[i], weights[j], tasks[i], tasks[j], current.base)
         else:
-            pair_sums(current.weights[i], current.weights[j])
+            pair_sums(weights[i], weights[j])
     reference = current.base.norm if current.base is not None else 0.0
     for op in current.tasks:
         op.reference_norm = reference
@@ -388,7 +379,7 @@ def _metrics(current: _Set, i: int, j: int, spectral: bool) -> dict[str, float]:
     return found
 
 
-def _finish_set(current: _Set, pairs: list[tuple[int, int]]) -> _Measured:
+def _finish_set(current: _Set, run: _Run) -> _Measured:
     """Wait for the set's jobs (cleaning and measuring it again here if it held NaN or Inf), then add the
     spectral metrics of every pair from the SVDs."""
     assert current.elementwise is not None
@@ -398,17 +389,17 @@ def _finish_set(current: _Set, pairs: list[tuple[int, int]]) -> _Measured:
     else:
         for job in current.svds:
             job.exception()  # wait; the SVDs of non-finite values are discarded
-        _clean(current)
-        values = _elementwise(current, pairs, check=False)
+        _clean(current, run.options)
+        values = _elementwise(current, run.pairs, check=False)
         assert values is not None
         svds = [op.svd for op in [*current.weights, *current.tasks] if op.is_matrix]
-    for found, (i, j) in zip(values, pairs, strict=True):
+    for found, (i, j) in zip(values, run.pairs, strict=True):
         found.update(_metrics(current, i, j, spectral=True))
     first = current.weights[0]
     return _Measured(current.name, first.numel, first.is_matrix, values, svds, current.nonfinite)
 
 
-def _clean(current: _Set) -> None:
+def _clean(current: _Set, options: AnalysisOptions) -> None:
     """Replace NaN and Inf with 0 in copies of the views that hold them, counting them per checkpoint."""
     views = [op.tensor for op in current.weights]
     if current.base is not None:
@@ -423,10 +414,7 @@ def _clean(current: _Set) -> None:
             view = torch.nan_to_num(view, nan=0.0, posinf=0.0, neginf=0.0)
         cleaned.append(view)
     base_view = cleaned.pop() if current.base is not None else None
-    first = current.weights[0]
-    _make_operands(current, cleaned, base_view, AnalysisOptions(
-        svd_rank=first.rank, exact_svd_max_elements=first.exact_max_elements
-    ))
+    _make_operands(current, cleaned, base_view, options)
 
 
 def _release(current: _Set) -> None:
@@ -438,7 +426,6 @@ def _release(current: _Set) -> None:
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 HEAP_THRESHOLD = 32 << 20
-_HEAP_TUNED = False
 
 
 def _tune_heap() -> None:
@@ -449,16 +436,10 @@ def _tune_heap() -> None:
     which made a float32 product over row blocks three times slower than its arithmetic. `_trim_heap` still
     returns freed memory before each large tensor set, so peak memory keeps following the largest set.
     """
-    global _HEAP_TUNED
-    if _HEAP_TUNED:
-        return
-    _HEAP_TUNED = True
-    try:
-        libc = ctypes.CDLL(None)
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(M_MMAP_THRESHOLD, HEAP_THRESHOLD)
         libc.mallopt(M_TRIM_THRESHOLD, 2 * HEAP_THRESHOLD)
-    except (AttributeError, OSError):
-        pass
 
 
 def _trim_heap() -> None:
@@ -467,14 +448,18 @@ def _trim_heap() -> None:
     Blocks freed by earlier tensors otherwise stay resident as fragments in the worker threads' arenas, and
     peak memory would creep up through a run instead of following the largest tensor set.
     """
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (AttributeError, OSError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library this process runs on (None where it cannot be loaded); glibc has the heap controls."""
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
 
 
 def _role_of(s: _Sums, roles: dict[str, TensorRole]) -> TensorRole:

@@ -224,12 +224,7 @@ class Checkpoint:
         info = self.tensors[name]
         if info.dtype not in TORCH_DTYPES or info.numel == 0:
             return self._read_with_safetensors(name, torch.device("cpu"))
-        mapped = self._map(info.file)
-        try:
-            flat = torch.frombuffer(mapped, dtype=TORCH_DTYPES[info.dtype], count=info.numel, offset=info.offset)
-        except (ValueError, RuntimeError) as exc:
-            raise CheckpointFormatError(f"{self.label}: cannot read tensor {name!r}: {exc}") from None
-        return flat.view(info.shape)
+        return self._mapped(name, info.numel)[1].view(info.shape)
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading the tensor's bytes from disk (a no-op for cached files)."""
@@ -258,17 +253,23 @@ class Checkpoint:
         if info.dtype not in TORCH_DTYPES or count == 0:
             yield self._read_with_safetensors(name, torch.device("cpu")).reshape(-1)[:count]
             return
-        mapped = self._map(info.file)
-        try:
-            view = torch.frombuffer(mapped, dtype=TORCH_DTYPES[info.dtype], count=count, offset=info.offset)
-        except (ValueError, RuntimeError) as exc:
-            raise CheckpointFormatError(f"{self.label}: cannot read tensor {name!r}: {exc}") from None
+        mapped, view = self._mapped(name, count)
         width = DTYPE_BYTES[info.dtype]
         step = max(PAGE, READ_BLOCK_BYTES // width)
         for start in range(0, count, step):
             stop = min(count, start + step)
             yield view[start:stop]
             self._release(mapped, info.offset + start * width, info.offset + stop * width)
+
+    def _mapped(self, name: str, count: int) -> tuple[mmap.mmap, torch.Tensor]:
+        """The tensor's first `count` stored values, flat, viewed in its mapped file; and the mapping."""
+        info = self.tensors[name]
+        mapped = self._map(info.file)
+        try:
+            flat = torch.frombuffer(mapped, dtype=TORCH_DTYPES[info.dtype], count=count, offset=info.offset)
+        except (ValueError, RuntimeError) as exc:
+            raise CheckpointFormatError(f"{self.label}: cannot read tensor {name!r}: {exc}") from None
+        return mapped, flat
 
     @staticmethod
     def _release(mapped: mmap.mmap, start: int, stop: int) -> None:

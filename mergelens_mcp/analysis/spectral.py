@@ -21,6 +21,7 @@ the iterations.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -185,12 +186,13 @@ def _matmul_t(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     """x @ wt^T in float32. On a CPU, oneDNN's linear runs this about twice as fast as the BLAS torch.mm uses
     (on this AMD CPU: 150 against MKL's 70 GFLOP/s for these shapes); the result is the same to float32
     rounding (a test checks)."""
-    if not on_accelerator(x) and _ONEDNN_LINEAR is not None:
-        return _ONEDNN_LINEAR(x, wt, None, "none", [], "")
-    return x @ wt.T
+    linear = None if on_accelerator(x) else _onednn_linear()
+    return x @ wt.T if linear is None else linear(x, wt, None, "none", [], "")
 
 
-def _find_onednn_linear() -> Any:
+@functools.cache
+def _onednn_linear() -> Any:
+    """oneDNN's float32 linear when this torch has it and it works (probed once, on first use)."""
     try:
         op = torch.ops.mkldnn._linear_pointwise
         probe = torch.ones(2, 3)
@@ -200,6 +202,3 @@ def _find_onednn_linear() -> Any:
     except (AttributeError, RuntimeError):
         pass
     return None
-
-
-_ONEDNN_LINEAR = _find_onednn_linear()
