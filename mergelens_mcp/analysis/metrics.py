@@ -163,7 +163,7 @@ class Magnitudes:
     For a non-negative float32 the top 16 bits are its value truncated to bfloat16, so buckets are in value
     order: an order statistic or a prefix of the largest values needs only the one bucket it falls in sorted.
     Sorting the whole sample instead cost 5 ms for 2^18 task-vector values (they hold few distinct values, a
-    slow case for torch's sort), this a few tenths of that; the results are the same.
+    slow case for torch's sort); the two bucket counts take about 0.6 ms; the results are the same.
     """
 
     BUCKETS = 1 << 15  # sign bit 0: the top 16 bits of a non-negative float32 are below 2^15
@@ -240,13 +240,9 @@ class _Accumulator:
         if self.squared is not None:
             signs = product.sign_()
             terms += [torch.dot(signs, signs), signs.sum()]
-            above = _ratio(xx, self.squared[0])
-            other = _ratio(yy, self.squared[1])
-            if above is None or other is None:
-                above = other if above is None else above
-            else:
-                above = torch.minimum(above, other, out=above)
-            if above is not None:
+            ratios = [r for r in (_ratio(xx, self.squared[0]), _ratio(yy, self.squared[1])) if r is not None]
+            if ratios:
+                above = torch.minimum(ratios[0], ratios[-1], out=ratios[0])
                 signs *= above.clamp_(max=1.0).floor_()
             terms += [torch.dot(signs, signs), signs.sum()]
         for i, value in enumerate(torch.stack(terms).tolist()):
