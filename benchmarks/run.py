@@ -189,7 +189,7 @@ def measure(
     folders: dict[str, Path], out: Path, device: str, repeat: int
 ) -> tuple[tuple[float, float], Run, dict]:
     """The I/O floor and our run, each measured `repeat` times, alternating so both see the same machine;
-    the medians by wall time (the shared machine's noise moved single floors between 0.6 and 1.7 s)."""
+    the medians by wall time (the shared machine's noise moved single floors between 0.6 and 3.1 s)."""
     floors, runs = [], []
     for _ in range(repeat):
         floors.append(io_floor(folders))
