@@ -45,17 +45,40 @@ def diagnose_config(config: str) -> ConfigDiagnosis:
 
 
 def generate_report(
-    models: Sequence[str], output: str | Path, base: str | None = None, *, device: str = "auto",
+    models: Sequence[str] | None = None, output: str | Path | None = None, base: str | None = None, *,
+    compare_result: CompareResult | None = None, output_path: str | Path | None = None, device: str = "auto",
     overwrite: bool = False,
 ) -> Path:
-    """Compare the checkpoints and write the interactive HTML report to `output`; return its path.
+    """Write the interactive HTML report to `output` (or `output_path`); return its path.
+
+    From checkpoints (compared first) or from a result already computed, without reading the weights again:
 
     >>> generate_report(["ft_a/", "ft_b/"], "report.html", base="base/")
+    >>> result = compare_models(["ft_a/", "ft_b/"], base="base/")
+    >>> generate_report(compare_result=result, output_path="dashboard.html")
     """
+    if (output is None) == (output_path is None):
+        raise TypeError("generate_report needs the report's file name once: pass `output` or `output_path`")
+    target = Path(str(output if output is not None else output_path)).expanduser().resolve()
+    if compare_result is not None:
+        if models is not None or base is not None:
+            raise TypeError(
+                "generate_report takes either `models` (and `base`) to compare, or `compare_result` already "
+                "computed, not both: drop `models`/`base`, or drop `compare_result`"
+            )
+        if not isinstance(compare_result, CompareResult):
+            raise TypeError(
+                f"compare_result must be the CompareResult of compare_models(), not "
+                f"{type(compare_result).__name__} (for JSON, pass CompareResult.model_validate_json(text))"
+            )
+        from .report import write_report
+
+        return write_report(compare_result, target, overwrite=overwrite)
+    if models is None:
+        raise TypeError("generate_report needs `models` to compare, or `compare_result` already computed")
     from .service import generate_report as generate
     from .settings import Settings
 
-    target = Path(output).expanduser().resolve()
     models = models if isinstance(models, str) else list(models)
     path, _ = generate(models, base, target, settings=Settings(device=device), overwrite=overwrite)
     return path

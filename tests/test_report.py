@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -292,6 +293,37 @@ def test_python_api_generate_report_is_public(tiny: Family, tmp_path: Path) -> N
     assert "generate_report" in mergelens_mcp.__all__
     path = mergelens_mcp.generate_report([str(tiny.finetune_a), str(tiny.finetune_b)], tmp_path / "api.html")
     assert path == tmp_path / "api.html" and report.is_report(path)
+
+
+def test_python_api_writes_a_report_from_a_result_already_computed_without_reading_the_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    family = make_family(tmp_path / "models", Shape(hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32,
+                                                     vocab=32))
+    result = mergelens_mcp.compare_models([str(family.finetune_a), str(family.flipped)], base=str(family.base))
+    shutil.rmtree(tmp_path / "models")  # any read of a checkpoint now fails
+    monkeypatch.chdir(tmp_path)
+    path = mergelens_mcp.generate_report(compare_result=result, output_path="dashboard.html")
+    assert path == tmp_path.resolve() / "dashboard.html" and report.is_report(path)
+    assert f'<meta name="mergelens-mci" content="{result.mci.score:.2f}">' in path.read_text()
+    again = mergelens_mcp.generate_report(compare_result=result, output=tmp_path / "again.html")
+    assert again.read_text() == path.read_text()
+
+
+def test_python_api_generate_report_says_which_arguments_to_pass(tiny: Family, tmp_path: Path) -> None:
+    result = make_result()
+    with pytest.raises(TypeError, match="either `models` .* or `compare_result`"):
+        mergelens_mcp.generate_report([str(tiny.finetune_a), str(tiny.finetune_b)], compare_result=result,
+                                      output_path=tmp_path / "r.html")
+    with pytest.raises(TypeError, match="pass `output` or `output_path`"):
+        mergelens_mcp.generate_report(compare_result=result)
+    with pytest.raises(TypeError, match="pass `output` or `output_path`"):
+        mergelens_mcp.generate_report(compare_result=result, output="a.html", output_path="b.html")
+    with pytest.raises(TypeError, match="compare_result must be the CompareResult of compare_models"):
+        mergelens_mcp.generate_report(compare_result=result.model_dump(), output_path=tmp_path / "r.html")
+    with pytest.raises(TypeError, match="needs `models` to compare, or `compare_result`"):
+        mergelens_mcp.generate_report(output=tmp_path / "r.html")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_compare_with_report_writes_the_report(tiny: Family, tmp_path: Path) -> None:
