@@ -14,7 +14,6 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import plotly.graph_objects as go
 import plotly.offline
@@ -24,7 +23,16 @@ from plotly.utils import PlotlyJSONEncoder
 
 from .analysis.zones import ZONE_THRESHOLD
 from .errors import InputError, MergeLensError
-from .models import CompareResult, ConflictZone, FindingLevel, LayerMetrics, PairScore, Verdict
+from .models import (
+    CompareResult,
+    ConfigDiagnosis,
+    ConflictZone,
+    Finding,
+    FindingLevel,
+    LayerMetrics,
+    PairScore,
+    Verdict,
+)
 from .security.paths import open_regular
 
 GENERATOR = "mergelens-mcp"
@@ -314,7 +322,7 @@ def _span(zone: ConflictZone, many: bool) -> str:
 # ---------------------------------------------------------------------------------------------------- html
 
 
-def render_report(result: CompareResult, *, diagnosis: object | None = None) -> str:
+def render_report(result: CompareResult, *, diagnosis: ConfigDiagnosis | None = None) -> str:
     """The whole report as one HTML document (about 5 MB: Plotly's JavaScript is inlined)."""
     figures = Figures()
     mci = result.mci
@@ -394,24 +402,15 @@ def _models(result: CompareResult) -> str:
     )
 
 
-def _field(obj: Any, name: str, default: Any = None) -> Any:
-    """`obj.name`, or `obj[name]` for a mapping (a diagnosis may come as a model or as its JSON)."""
-    if isinstance(obj, Mapping):
-        return obj.get(name, default)
-    return getattr(obj, name, default)
-
-
-def _finding_items(findings: Iterable[Any]) -> str:
+def _finding_items(findings: Iterable[Finding]) -> str:
     items = []
     for f in findings:
-        level = _field(f, "level", "info")
-        level = getattr(level, "value", level)
-        code, fix, path = _field(f, "code", ""), _field(f, "fix"), _field(f, "path")
+        level = f.level.value
         items.append(
             f'<li class="finding {esc(level)}"><span class="badge lvl-{esc(level)}">{esc(level)}</span> '
-            f'<code class="code">{esc(code)}</code> {esc(_field(f, "message", f))}'
-            + (f' <span class="muted">at <code>{esc(path)}</code></span>' if path else "")
-            + (f'<div class="fix">fix: {esc(fix)}</div>' if fix else "")
+            f'<code class="code">{esc(f.code)}</code> {esc(f.message)}'
+            + (f' <span class="muted">at <code>{esc(f.path)}</code></span>' if f.path else "")
+            + (f'<div class="fix">fix: {esc(f.fix)}</div>' if f.fix else "")
             + "</li>"
         )
     return "".join(items)
@@ -463,34 +462,31 @@ def interference_figure(scores: Mapping[str, float]) -> go.Figure:
     return fig
 
 
-def _diagnosis(diagnosis: object | None, figures: Figures) -> str:
-    """A mergekit config diagnosis, read by duck typing (attributes or mapping keys): `findings`, and where
-    present `merge_method`, `valid`, `overall_interference`, `interference_scores` and `notes`."""
+def _diagnosis(diagnosis: ConfigDiagnosis | None, figures: Figures) -> str:
+    """A mergekit config diagnosis: method and validity, simulated interference overall and per layer (when the
+    models could be read), the models read, findings and notes."""
     if diagnosis is None:
         return ""
     parts = ['<section class="card" id="diagnosis"><h2>Merge configuration diagnosis</h2>']
-    method, valid = _field(diagnosis, "merge_method"), _field(diagnosis, "valid")
-    if method or isinstance(valid, bool):
-        state = "" if not isinstance(valid, bool) else (
-            ' <span class="badge" style="background:#1a9850">valid</span>' if valid
-            else ' <span class="badge lvl-error">will not run</span>')
-        badge = f'<span class="badge method">{esc(method)}</span>' if method else ""
-        parts.append(f"<p>{badge}{state}</p>")
-    interference = _field(diagnosis, "overall_interference")
-    if isinstance(interference, (int, float)):
-        parts.append(f"<p>Simulated interference of this configuration: <b>{float(interference):.3f}</b> "
-                     '<span class="muted">(0 = nothing lost, 1 = the models cancel out)</span></p>')
-    summary = _field(diagnosis, "summary")
-    if isinstance(summary, str) and summary:
-        parts.append(f"<p>{esc(summary)}</p>")
-    items = _finding_items(_field(diagnosis, "findings") or [])
+    state = (' <span class="badge" style="background:#1a9850">valid</span>' if diagnosis.valid
+             else ' <span class="badge lvl-error">will not run</span>')
+    method = diagnosis.merge_method
+    badge = f'<span class="badge method">{esc(method)}</span>' if method else ""
+    parts.append(f"<p>{badge}{state}</p>")
+    if diagnosis.overall_interference is not None:
+        parts.append(f"<p>Simulated interference of this configuration: <b>{diagnosis.overall_interference:.3f}"
+                     '</b> <span class="muted">(0 = nothing lost, 1 = the models cancel out)</span></p>')
+    if diagnosis.models_checked:
+        read = ", ".join(f"<code>{esc(m)}</code>" for m in diagnosis.models_checked)
+        parts.append(f'<p class="muted">Simulated on the weights of {read}.</p>')
+    items = _finding_items(diagnosis.findings)
     items = items or '<li class="finding ok">No problems found in the configuration.</li>'
     parts.append(f'<ul class="findings">{items}</ul>')
-    notes = "".join(f'<li class="note">{esc(n)}</li>' for n in _field(diagnosis, "notes") or [])
+    notes = "".join(f'<li class="note">{esc(n)}</li>' for n in diagnosis.notes)
     if notes:
         parts.append(f'<ul class="findings">{notes}</ul>')
-    scores = _field(diagnosis, "interference_scores")
-    if isinstance(scores, Mapping) and scores:
+    if diagnosis.layers:
+        scores = {layer.layer_name: layer.interference for layer in diagnosis.layers}
         parts.append("<h3>Interference per layer</h3>"
                      + figures.add(interference_figure(scores), "interference", 300))
     parts.append("</section>")
@@ -700,7 +696,7 @@ def check_output(path: Path, *, overwrite: bool = False) -> Path:
 
 
 def write_report(
-    result: CompareResult, path: Path, *, overwrite: bool = False, diagnosis: object | None = None
+    result: CompareResult, path: Path, *, overwrite: bool = False, diagnosis: ConfigDiagnosis | None = None
 ) -> Path:
     """Write the report to `path` (atomically) and return it. Replaces an earlier mergelens report without
     asking; any other existing file only with ``overwrite=True``."""

@@ -4,16 +4,26 @@ import json
 import re
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+import yaml
 
 import mergelens_mcp
 from fixtures.checkpoints import Family, Shape, make_family
+from fixtures.configs import ties_config
 from fixtures.results import make_result
 from mergelens_mcp import cli, report, service
 from mergelens_mcp.errors import InputError, PathNotAllowedError
-from mergelens_mcp.models import CompareResult, Finding, FindingLevel, MergeMethod, Strategy, Verdict
+from mergelens_mcp.models import (
+    CompareResult,
+    ConfigDiagnosis,
+    Finding,
+    FindingLevel,
+    LayerInterference,
+    MergeMethod,
+    Strategy,
+    Verdict,
+)
 from mergelens_mcp.security.paths import PathGuard
 from mergelens_mcp.settings import Settings
 
@@ -214,31 +224,53 @@ def test_strings_from_files_and_users_are_escaped_in_html_and_in_figure_json() -
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in figs["pairwise"]["data"][0]["customdata"][0][1]
 
 
-def test_diagnosis_section_is_read_by_duck_typing() -> None:
-    diagnosis = SimpleNamespace(
-        merge_method="ties", valid=False, overall_interference=0.4213,
-        findings=[SimpleNamespace(level="warning", code="weights_sum", message="weights sum to 1.6 <not 1>",
-                                  fix="normalize: true", path="parameters.weight")],
-        interference_scores={"layers.0": 0.1, "layers.1": 0.8},
-    )
+def test_diagnosis_section_shows_method_validity_findings_and_interference_per_layer() -> None:
+    finding = Finding(level=FindingLevel.WARNING, code="weights_sum", message="weights sum to 1.6 <not 1>",
+                      fix="normalize: true", path="parameters.weight")
+    layers = [LayerInterference(layer_name=f"layers.{i}", layer_index=i, n_params=100, interference=v)
+              for i, v in enumerate((0.1, 0.8))]
+    diagnosis = ConfigDiagnosis(valid=False, merge_method="ties", findings=[finding], overall_interference=0.4213,
+                                layers=layers,
+                                models_checked=["/m/a", "/m/<b>"], notes=["simulated on 2 of 2 models"])
     page = report.render_report(make_result(), diagnosis=diagnosis)
     section = page[page.index('id="diagnosis"'):]
     assert '<span class="badge method">ties</span> <span class="badge lvl-error">will not run</span>' \
         in section
     assert "Simulated interference of this configuration: <b>0.421</b>" in section
+    assert "Simulated on the weights of <code>/m/a</code>, <code>/m/&lt;b&gt;</code>." in section
     assert "weights sum to 1.6 &lt;not 1&gt;" in section and "<code>parameters.weight</code>" in section
+    assert '<div class="fix">fix: normalize: true</div>' in section
+    assert '<li class="note">simulated on 2 of 2 models</li>' in section
     bars = figures(page)["interference"]["data"][0]
     assert (bars["type"], bars["x"], bars["y"]) == ("bar", ["layers.0", "layers.1"], [0.1, 0.8])
     assert 'id="diagnosis"' not in report.render_report(make_result())
 
 
-def test_diagnosis_may_come_as_json() -> None:
-    finding = {"level": "info", "code": "dtype", "message": "dtype is float16"}
-    diagnosis = {"valid": True, "findings": [finding], "overall_interference": None}
-    section = report.render_report(make_result(), diagnosis=diagnosis).split('id="diagnosis"')[1]
-    assert '<span class="badge" style="background:#1a9850">valid</span>' in section
+def test_diagnosis_section_shows_the_real_diagnosis_of_a_config(family: Family, tmp_path: Path) -> None:
+    config = tmp_path / "merge.yaml"
+    models = (str(family.finetune_a), str(family.flipped), str(family.base))
+    config.write_text(yaml.safe_dump(ties_config(*models)))
+    diagnosis = service.diagnose(str(config))
+    assert diagnosis.overall_interference is not None and len(diagnosis.layers) == 7
+    page = report.render_report(make_result(), diagnosis=diagnosis)
+    section = page[page.index('id="diagnosis"'):]
+    assert '<span class="badge method">ties</span> <span class="badge" style="background:#1a9850">valid</span>' \
+        in section
+    assert f"<b>{diagnosis.overall_interference:.3f}</b>" in section
+    assert all(f"<code>{m}</code>" in section for m in models)
+    bars = figures(page)["interference"]["data"][0]
+    assert bars["x"] == [layer.layer_name for layer in diagnosis.layers]
+    assert bars["y"] == [layer.interference for layer in diagnosis.layers]
+
+
+def test_a_diagnosis_read_back_from_json_without_simulation_shows_no_interference() -> None:
+    text = json.dumps({"valid": True, "merge_method": None, "overall_interference": None,
+                       "findings": [{"level": "info", "code": "dtype", "message": "dtype is float16"}]})
+    section = report.render_report(make_result(), diagnosis=ConfigDiagnosis.model_validate_json(text)) \
+        .split('id="diagnosis"')[1]
+    assert '<p> <span class="badge" style="background:#1a9850">valid</span></p>' in section
     assert '<code class="code">dtype</code> dtype is float16' in section
-    assert "Simulated interference" not in section and "interference" not in figures(section)
+    assert "Simulated" not in section and "interference" not in figures(section)
 
 
 def test_write_report_refuses_to_overwrite_a_file_that_is_not_a_report(tmp_path: Path) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from fixtures import browser
 from fixtures.results import make_result
-from mergelens_mcp.models import Finding, FindingLevel, MergeMethod, Strategy
+from mergelens_mcp.models import ConfigDiagnosis, Finding, FindingLevel, LayerInterference, MergeMethod, Strategy
 from mergelens_mcp.report import write_report
 
 CHROMIUM = browser.find_chromium()
@@ -33,8 +32,10 @@ def report_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     yaml = "merge_method: ties\n# </script><script>document.title='pwned'</script>"
     strategy = Strategy(method=MergeMethod.TIES, confidence=0.7, rationale=["signs conflict"],
                         mergekit_yaml=yaml)
-    diagnosis = SimpleNamespace(merge_method="ties", valid=True, overall_interference=0.2,
-                                findings=[finding], interference_scores={"layers.0": 0.1, "layers.1": 0.7})
+    layers = [LayerInterference(layer_name=f"layers.{i}", layer_index=i, n_params=100, interference=v)
+              for i, v in enumerate((0.1, 0.7))]
+    diagnosis = ConfigDiagnosis(merge_method="ties", valid=True, overall_interference=0.2, findings=[finding],
+                                layers=layers)
     path = tmp_path_factory.mktemp("browser") / "report.html"
     return write_report(result.model_copy(update={"strategy": strategy}), path, diagnosis=diagnosis)
 
