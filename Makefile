@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(PY) -m fixtures.generate $(DEMO_DIR)
+	$(PY) -m mergelens_mcp.demo $(DEMO_DIR)
 	$(VENV)/bin/mergelens compare $(DEMO_DIR)/finetune_a $(DEMO_DIR)/finetune_b --base $(DEMO_DIR)/base \
 		--report $(DEMO_DIR)/report.html --json $(DEMO_DIR)/result.json --overwrite
 	$(PY) -c "import json; print(json.load(open('$(DEMO_DIR)/result.json'))['strategy']['mergekit_yaml'])" \
@@ -46,13 +46,13 @@ bench-peer: install  ## mergelens 2.0.3 side by side, in its own venv (.bench/pe
 	TORCH_SPEC="$(TORCH_SPEC)" $(PY) -m benchmarks.peer
 
 lint: install
-	$(VENV)/bin/ruff check mergelens_mcp tests fixtures benchmarks
+	$(VENV)/bin/ruff check mergelens_mcp tests benchmarks
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info
 
 docs-screenshot: install  ## regenerate docs/report.png (needs chromium)
-	$(PY) -m fixtures.demo_report docs/report.png
+	PYTHONPATH=tests $(PY) -m fixtures.demo_report docs/report.png
 
 bench-validity: install  ## the mergeability benchmark: does the MCI predict merge outcomes? (~15-30 min)
 	$(PY) -m benchmarks.mergeability.run --out .bench/mergeability

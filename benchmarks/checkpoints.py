@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 import torch
 
-from fixtures.checkpoints import Shape
+from mergelens_mcp.demo import Shape
 
 BENCH_SHAPE = Shape(hidden=2048, layers=8, heads=16, kv_heads=4, intermediate=5632, vocab=32000)
 MODELS = ("base", "ft_a", "ft_b")

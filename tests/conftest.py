@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.checkpoints import Family, make_family
+from mergelens_mcp.demo import Family, make_family
 
 # Tiny tensors: one thread is fastest, and two busy cores make torch's thread pool spin for nothing.
 torch.set_num_threads(1)

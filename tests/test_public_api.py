@@ -1,4 +1,5 @@
-"""The public Python API: `__all__`, the attribute names mergelens users know, frozen results, stable JSON."""
+"""The public Python API: `__all__`, the attribute names mergelens users know, frozen results, stable JSON, and
+the verdicts `compare_models` gives on the seeded family."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ def test_compare_models_answers_with_the_attribute_names_mergelens_users_know(
 ) -> None:
     result = flipped_result
     assert result.version == mergelens_mcp.__version__
-    assert isinstance(result.mci.score, float) and 0 <= result.mci.score <= 100
-    assert result.mci.verdict in (Verdict.RISKY, Verdict.INCOMPATIBLE, Verdict.COMPATIBLE)
+    assert result.mci.score is not None and 55 <= result.mci.score < 75  # 68.2 on this family
+    assert result.mci.verdict is Verdict.COMPATIBLE
     layer = result.layer_metrics[0]
     assert layer.layer_name == "embed"
     assert layer.cosine_similarity == layer.metrics["cosine_similarity"]
@@ -49,7 +50,7 @@ def test_compare_models_answers_with_the_attribute_names_mergelens_users_know(
     assert names == ["embed", "layers.0", "layers.1", "layers.2", "layers.3", "norm", "lm_head"]
     [zone] = result.conflict_zones
     assert (zone.start_layer, zone.end_layer) == (2, 2)
-    assert zone.severity.value in {s.value for s in Severity}
+    assert zone.severity is Severity.MEDIUM
     assert zone.recommendation.startswith("layers.2 (score ")
 
 
@@ -84,3 +85,36 @@ def test_compare_models_refuses_a_single_path_string_instead_of_iterating_its_ch
         compare_models(str(family.finetune_a))  # type: ignore[arg-type]
     with pytest.raises(mergelens_mcp.errors.InputError, match="at least two models"):
         compare_models([str(family.finetune_a)])
+
+
+def test_identical_models_score_100(family: Family) -> None:
+    result = compare_models([str(family.finetune_a), str(family.finetune_a)], base=str(family.base))
+    assert result.mci.score == 100.0
+    assert result.mci.verdict is Verdict.HIGHLY_COMPATIBLE
+    assert result.conflict_zones == []
+
+
+def test_unrelated_model_of_same_shape_scores_below_35(family: Family) -> None:
+    result = compare_models([str(family.finetune_a), str(family.unrelated)])
+    assert result.mci.score is not None and result.mci.score < 35
+    assert result.mci.verdict is Verdict.INCOMPATIBLE
+
+
+def test_finetune_against_its_own_base_is_highly_compatible(family: Family) -> None:
+    result = compare_models([str(family.finetune_a), str(family.base)])
+    assert result.mci.verdict is Verdict.HIGHLY_COMPATIBLE
+
+
+def test_finetunes_pulling_in_opposite_directions_are_not_compatible(family: Family) -> None:
+    result = compare_models([str(family.finetune_a), str(family.opposed)], base=str(family.base))
+    assert result.mci.score is not None and 35 <= result.mci.score < 55  # 40.5 on this family
+    assert result.mci.verdict is Verdict.RISKY
+
+
+def test_a_flipped_layer_becomes_a_conflict_zone_driven_by_task_vector_conflict(family: Family) -> None:
+    result = compare_models([str(family.finetune_a), str(family.flipped)], base=str(family.base))
+    assert [(z.start_layer, z.end_layer) for z in result.conflict_zones] == [(2, 2)]
+    zone = result.conflict_zones[0]
+    assert {"alignment", "sign_agreement"} <= set(zone.driving_metrics)
+    layer2 = next(lm for lm in result.layer_metrics if lm.layer_name == "layers.2")
+    assert layer2.task_cosine is not None and layer2.task_cosine < -0.5
