@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks.mergeability.merge import METHODS
-from benchmarks.mergeability.run import api_available, main
+from benchmarks.mergeability.run import main
 
 ARGS = ["--tasks", "copy,shift", "--pretrain-tasks", "copy", "--steps", "100,40", "--lrs", "2e-3,4e-3",
         "--test-size", "24", "--min-acc", "0", "--seed", "1"]
@@ -73,8 +73,6 @@ def test_a_second_run_reuses_the_cached_checkpoints_and_outcomes(smoke):
 
 
 def test_every_pair_gets_an_mci_and_per_layer_metrics_from_the_public_api(smoke):
-    if not api_available():
-        pytest.skip("mergelens_mcp.compare_models is not importable yet")
     _, results = smoke
     assert results["mci_available"] is True
     for row in results["pairs"]:
@@ -90,8 +88,6 @@ def test_every_pair_gets_an_mci_and_per_layer_metrics_from_the_public_api(smoke)
 
 
 def test_the_mci_recomputed_from_the_saved_layers_equals_the_apis(smoke):
-    if not api_available():
-        pytest.skip("mergelens_mcp.compare_models is not importable yet")
     from benchmarks.mergeability.calibration import recompute_mci
 
     _, results = smoke

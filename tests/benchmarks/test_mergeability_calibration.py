@@ -11,8 +11,6 @@ from benchmarks.mergeability.calibration import (
     select,
 )
 
-score = pytest.importorskip("mergelens_mcp.analysis.score")
-
 LAYERS = [
     {"n_params": 4096, "metrics": {"cosine_similarity": 0.9, "l2_distance": 0.2, "spectral_overlap": 0.8,
                                    "task_cosine": 0.1, "sign_disagreement": 0.4, "task_drift": 0.3}},
