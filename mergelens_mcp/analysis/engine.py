@@ -513,21 +513,12 @@ def _mci(
                used_base=used_base, reasons=reasons)
 
 
-DESCRIPTIONS = {
-    "direction": "weight directions (cosine)", "distance": "weight distance (L2)",
-    "subspace": "top singular subspaces", "rank": "spectrum shapes (effective rank)",
-    "distribution": "weight value distributions (KL)", "alignment": "task-vector alignment",
-    "sign_agreement": "task-vector sign agreement", "interference": "singular-direction interference (TSV)",
-    "balance": "task-vector magnitude balance", "drift": "distance moved from the base",
-    "representation": "activation similarity (CKA)",
-}
-
-
 def _component_reasons(means: dict[str, float]) -> list[str]:
     if not means:
         return []
     ranked = sorted(means.items(), key=lambda kv: kv[1])
-    reasons = [f"weakest: {DESCRIPTIONS[n]} at {v:.2f} (1 = ideal)" for n, v in ranked[:2] if v < 0.8]
+    words = mci.CATALOGUE
+    reasons = [f"weakest: {words[n].description} at {v:.2f} (1 = ideal)" for n, v in ranked[:2] if v < 0.8]
     best, value = ranked[-1]
-    reasons.append(f"strongest: {DESCRIPTIONS[best]} at {value:.2f}")
+    reasons.append(f"strongest: {words[best].description} at {value:.2f}")
     return reasons
