@@ -125,7 +125,8 @@ class Catalogue:
     def replace(self, name: str, **changes: object) -> Catalogue:
         """A copy with one component's fields changed, e.g. `replace("distance", weight=1.2, scale=0.2)`."""
         target = self[name]
-        return Catalogue(tuple(dataclasses.replace(c, **changes) if c is target else c for c in self.entries))  # type: ignore[arg-type]
+        changed = dataclasses.replace(target, **changes)  # type: ignore[arg-type]
+        return Catalogue(tuple(changed if c is target else c for c in self.entries))
 
 
 _DECLARED: list[Component] = []
@@ -149,6 +150,8 @@ def component(
     def register(fn: Transform) -> Transform:
         if fn.__name__ != name or any(c.name == name for c in _DECLARED):
             raise ValueError(f"component {name!r} must be declared once, by a function of that name")
+        if "CATALOGUE" in globals():
+            raise ValueError(f"component {name!r} must be declared in analysis/score.py, before CATALOGUE")
         formula = " ".join((fn.__doc__ or "").split())
         _DECLARED.append(Component(
             name, group, metrics, fn, weight, label, description, meaning, matters, advice, formula, scale,

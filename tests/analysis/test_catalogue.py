@@ -33,7 +33,7 @@ def weak_layer(c: Component, name: str = "layers.1", score: float = 30.0) -> Lay
     )
 
 
-def test_the_catalogue_holds_eleven_components_in_scoring_order_with_the_todays_weights() -> None:
+def test_the_catalogue_holds_eleven_components_in_scoring_order_with_todays_weights() -> None:
     assert [(c.name, c.group, c.weight) for c in CATALOGUE] == [
         ("direction", "origin", 0.50), ("distance", "origin", 0.80), ("subspace", "origin", 0.30),
         ("representation", "origin", 0.40), ("rank", "shape", 0.60), ("distribution", "shape", 0.40),
@@ -109,6 +109,17 @@ def test_a_tuned_copy_changes_the_score_and_leaves_the_catalogue_as_it_was() -> 
         CATALOGUE.replace("nonsense", weight=1.0)
     with pytest.raises(ValueError, match="positive weight"):
         CATALOGUE.replace("balance", weight=0.0)
+
+
+def test_a_component_declared_after_the_catalogue_is_refused() -> None:
+    from mergelens_mcp.analysis.score import TASK, component
+
+    def late(task_cosine: float) -> float:
+        return task_cosine
+
+    with pytest.raises(ValueError, match="before CATALOGUE"):
+        component("late", group=TASK, metrics=("task_cosine",), weight=1.0, label="l", description="d",
+                  meaning="m", matters="w", advice="a")(late)
 
 
 def _probe_with_different_behaviour_in(layer: int, n_layers: int) -> object:
