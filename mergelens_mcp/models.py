@@ -68,6 +68,11 @@ class LayerMetrics(Frozen):
     metrics: dict[str, float] = Field(description="metric name -> value; see mergelens_mcp.analysis.metrics")
     components: dict[str, float] = Field(description="MCI component name -> 0..1 score (1 = good for merging)")
     score: float = Field(description="this layer's compatibility, 0-100")
+    unavailable: dict[str, str] = Field(
+        default_factory=dict,
+        description="metric name -> why it could not be computed on some of this layer's tensors (absent from "
+        "`metrics` where it failed on all of them; never read as a number)",
+    )
 
     def _get(self, name: str) -> float | None:
         return self.metrics.get(name)

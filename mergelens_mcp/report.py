@@ -21,6 +21,7 @@ from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 from plotly.utils import PlotlyJSONEncoder
 
+from .analysis.score import CATALOGUE
 from .analysis.zones import ZONE_THRESHOLD
 from .errors import InputError, MergeLensError
 from .models import (
@@ -40,18 +41,7 @@ MARKER = f'<meta name="generator" content="{GENERATOR}">'
 MAX_HOVER_TENSORS = 12
 
 # MCI components (1 = good for merging): label, and the raw metrics shown beside the 0..1 value.
-COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "direction": ("direction (cosine)", ("cosine_similarity",)),
-    "distance": ("distance (L2)", ("l2_distance",)),
-    "subspace": ("subspace overlap", ("spectral_overlap",)),
-    "rank": ("spectrum shape (rank)", ("effective_rank_ratio",)),
-    "distribution": ("value distribution (KL)", ("kl_divergence",)),
-    "alignment": ("task alignment", ("task_cosine",)),
-    "sign_agreement": ("sign agreement", ("sign_disagreement",)),
-    "interference": ("interference (TSV)", ("tsv_interference", "task_cosine")),
-    "balance": ("magnitude balance", ("magnitude_ratio",)),
-    "drift": ("drift from base", ("task_drift", "task_cosine")),
-}
+COMPONENTS: dict[str, tuple[str, tuple[str, ...]]] = {c.name: (c.label, c.metrics) for c in CATALOGUE}
 LINE_METRICS = {
     "cosine_similarity": ("weight cosine", "#1f77b4"),
     "spectral_overlap": ("subspace overlap", "#17becf"),

@@ -7,18 +7,22 @@ mean Spearman over merge methods is selected on the pairs without that task, and
 on the pairs with it.
 
 The MCI is recomputed from the per-layer metrics saved in `results.json`, through the product's own
-`components`, `layer_score` and `overall_score` with the constants swapped in, so the formula cannot drift
-from the product's; `recompute_mci` at the product's current constants must give back `r.mci.score`.
+`components`, `layer_score` and `overall_score` given a tuned copy of the product's catalogue
+(`Constants.catalogue()`), so the formula cannot drift from the product's and nothing of the product is
+patched; `recompute_mci` with the product's own catalogue must give back `r.mci.score`.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .stats import mean, spearman
+
+if TYPE_CHECKING:
+    from mergelens_mcp.analysis.score import Catalogue
 
 
 @dataclass(frozen=True)
@@ -32,12 +36,21 @@ class Constants:
         return (f"distance exp(-l2/{self.distance_scale:g}) x{self.distance_weight:g}, "
                 f"drift scale {self.drift_scale:g} x{self.drift_weight:g}")
 
+    def catalogue(self) -> Catalogue:
+        """The product's component catalogue with these constants in its `distance` and `drift` entries."""
+        from mergelens_mcp.analysis.score import CATALOGUE
+
+        return CATALOGUE.replace("distance", scale=self.distance_scale, weight=self.distance_weight).replace(
+            "drift", scale=self.drift_scale, weight=self.drift_weight
+        )
+
 
 def current_constants() -> Constants:
-    from mergelens_mcp.analysis import score
+    from mergelens_mcp.analysis.score import CATALOGUE
 
-    distance, drift = score.ORIGIN["distance"][1], score.TASK["drift"][1]
-    return Constants(score.DISTANCE_SCALE, distance, score.DRIFT_SCALE, drift)
+    distance, drift = CATALOGUE["distance"], CATALOGUE["drift"]
+    assert distance.scale is not None and drift.scale is not None
+    return Constants(distance.scale, distance.weight, drift.scale, drift.weight)
 
 
 GRID = [
@@ -48,29 +61,16 @@ GRID = [
 ]
 
 
-@contextmanager
-def calibrated(constants: Constants) -> Iterator[None]:
-    """The product's score module with `constants` swapped in, restored on exit."""
+def recompute_mci(layers: Sequence[dict], catalogue: Catalogue | None = None) -> float:
+    """The MCI of one pair from its saved layers (`metrics`, `n_params`), as the engine computes it, with
+    `catalogue` (default: the product's own)."""
     from mergelens_mcp.analysis import score
 
-    saved = (score.DISTANCE_SCALE, score.DRIFT_SCALE, score.ORIGIN["distance"], score.TASK["drift"])
-    score.DISTANCE_SCALE, score.DRIFT_SCALE = constants.distance_scale, constants.drift_scale
-    score.ORIGIN["distance"] = (saved[2][0], constants.distance_weight)
-    score.TASK["drift"] = (saved[3][0], constants.drift_weight)
-    try:
-        yield
-    finally:
-        score.DISTANCE_SCALE, score.DRIFT_SCALE, score.ORIGIN["distance"], score.TASK["drift"] = saved
-
-
-def recompute_mci(layers: Sequence[dict]) -> float:
-    """The MCI of one pair from its saved layers (`metrics`, `n_params`), as the engine computes it."""
-    from mergelens_mcp.analysis import score
-
+    catalogue = score.CATALOGUE if catalogue is None else catalogue
     layer_scores = []
     for layer in layers:
-        parts = {k: round(v, 6) for k, v in score.components(layer["metrics"]).items()}
-        layer_scores.append(round(100 * score.layer_score(parts), 2) / 100)
+        parts = {k: round(v, 6) for k, v in score.components(layer["metrics"], catalogue).items()}
+        layer_scores.append(round(100 * score.layer_score(parts, catalogue), 2) / 100)
     return score.overall_score(layer_scores, [layer["n_params"] for layer in layers])
 
 
@@ -78,8 +78,8 @@ def grid_scores(pairs: Sequence[dict], grid: Sequence[Constants] = GRID) -> dict
     """The MCI of every pair at every grid point."""
     out = {}
     for constants in grid:
-        with calibrated(constants):
-            out[constants] = [recompute_mci(p["score"]["layers"]) for p in pairs]
+        catalogue = constants.catalogue()
+        out[constants] = [recompute_mci(p["score"]["layers"], catalogue) for p in pairs]
     return out
 
 

@@ -45,7 +45,7 @@ from . import score as mci
 from .compat import Plan, plan_comparison
 from .layers import TensorRole, classify, group_sort_key, position
 from .loading import Checkpoint
-from .metrics import NATIVE, REGISTRY, Operand, pair_sums, task_metrics, weight_and_task_sums
+from .metrics import NATIVE, REGISTRY, UNAVAILABLE, Operand, pair_sums, task_metrics, weight_and_task_sums
 from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, POWER_ITERS, SVD
 from .zones import detect_conflict_zones
 
@@ -89,8 +89,12 @@ class _Sums:
     weights: dict[str, float] = field(default_factory=dict)
     n_params: int = 0
     tensors: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # metric -> tensors where it could not be computed
 
-    def add(self, name: str, value: float, weight: float) -> None:
+    def add(self, name: str, value: float | None, weight: float) -> None:
+        if value is None:  # not computable on this tensor: it adds nothing to the layer's mean
+            self.skipped[name] = self.skipped.get(name, 0) + 1
+            return
         self.values[name] = self.values.get(name, 0.0) + value * weight
         self.weights[name] = self.weights.get(name, 0.0) + weight
 
@@ -186,7 +190,7 @@ def analyze(
             pair_layers.append(LayerMetrics(
                 model_a=labels[i], model_b=labels[j], layer_name=layer_name, layer_index=role.layer_index,
                 kind=role.kind, n_params=s.n_params, tensor_names=s.tensors, metrics=metrics,
-                components=parts, score=round(100 * mci.layer_score(parts), 2),
+                components=parts, score=round(100 * mci.layer_score(parts), 2), unavailable=_unavailable(s),
             ))
         layer_metrics.extend(pair_layers)
         zones.extend(detect_conflict_zones(pair_layers, positions))
@@ -198,7 +202,7 @@ def analyze(
     infos = [_model_info(m, nonfinite[m.label]) for m in models]
     base_info = _model_info(base, nonfinite[base.label]) if base else None
     used_base = bool(base and plan.base_tensors and not plan.fatal)
-    notes = _notes(base, used_base)
+    notes = _notes(base, used_base) + _unavailable_notes(layer_metrics)
     coverage = Coverage(
         tensors_compared=len(tensors), tensors_total=len(models[0].tensors), params_compared=params_compared,
         matrix_params=matrix_params, spectral_params=spectral_params, exact_svd_tensors=exact,
@@ -369,9 +373,9 @@ def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> li
     return [_metrics(current, i, j, spectral=False) for i, j in pairs]
 
 
-def _metrics(current: _Set, i: int, j: int, spectral: bool) -> dict[str, float]:
-    """The pair's metrics that read the SVDs (`spectral`) or those that do not."""
-    found = {}
+def _metrics(current: _Set, i: int, j: int, spectral: bool) -> dict[str, float | None]:
+    """The pair's metrics that read the SVDs (`spectral`) or those that do not (None: not computable)."""
+    found: dict[str, float | None] = {}
     for m in REGISTRY.values():
         group = current.tasks if m.needs_base else current.weights
         if group and m.matrix_only == spectral and m.applies_to(group[i]):
@@ -486,6 +490,27 @@ def _notes(base: Checkpoint | None, used_base: bool) -> list[str]:
     return [f"the base model could not be paired with the candidates: {skipped} were skipped"]
 
 
+def _unavailable(s: _Sums) -> dict[str, str]:
+    """Why each metric that some of the layer's tensors could not give is partial or absent in the layer."""
+    out = {}
+    for name, count in s.skipped.items():
+        where = f"{UNAVAILABLE} on {count} of the layer's {len(s.tensors)} tensors"
+        out[name] = f"{where}; the value averages the others" if name in s.weights else f"{where}; left out"
+    return out
+
+
+def _unavailable_notes(layers: list[LayerMetrics]) -> list[str]:
+    counts: dict[str, int] = {}
+    for lm in layers:
+        for name in lm.unavailable:
+            counts[name] = counts.get(name, 0) + 1
+    return [
+        f"{name} could not be computed on some tensors of {n} layer(s) ({UNAVAILABLE}): they are left out of "
+        "its mean, never read as a number; each layer's `unavailable` says where"
+        for name, n in counts.items()
+    ]
+
+
 def _mci(
     pair_scores: list[PairScore], layers: list[LayerMetrics], plan: Plan, used_base: bool, findings: list[Finding]
 ) -> MCI:
@@ -513,21 +538,12 @@ def _mci(
                used_base=used_base, reasons=reasons)
 
 
-DESCRIPTIONS = {
-    "direction": "weight directions (cosine)", "distance": "weight distance (L2)",
-    "subspace": "top singular subspaces", "rank": "spectrum shapes (effective rank)",
-    "distribution": "weight value distributions (KL)", "alignment": "task-vector alignment",
-    "sign_agreement": "task-vector sign agreement", "interference": "singular-direction interference (TSV)",
-    "balance": "task-vector magnitude balance", "drift": "distance moved from the base",
-    "representation": "activation similarity (CKA)",
-}
-
-
 def _component_reasons(means: dict[str, float]) -> list[str]:
     if not means:
         return []
     ranked = sorted(means.items(), key=lambda kv: kv[1])
-    reasons = [f"weakest: {DESCRIPTIONS[n]} at {v:.2f} (1 = ideal)" for n, v in ranked[:2] if v < 0.8]
+    words = mci.CATALOGUE
+    reasons = [f"weakest: {words[n].description} at {v:.2f} (1 = ideal)" for n, v in ranked[:2] if v < 0.8]
     best, value = ranked[-1]
-    reasons.append(f"strongest: {DESCRIPTIONS[best]} at {value:.2f}")
+    reasons.append(f"strongest: {words[best].description} at {value:.2f}")
     return reasons

@@ -314,6 +314,7 @@ def weight_and_task_sums(a: Operand, b: Operand, task_a: Operand, task_b: Operan
 
 
 MetricFn = Callable[[Operand, Operand], float]
+UNAVAILABLE = "its computation gave NaN or Inf"  # why a metric is None: see `Metric.__call__`
 
 
 @dataclass(frozen=True)
@@ -329,9 +330,11 @@ class Metric:
     def applies_to(self, a: Operand) -> bool:
         return a.is_matrix or not self.matrix_only
 
-    def __call__(self, a: Operand, b: Operand) -> float:
+    def __call__(self, a: Operand, b: Operand) -> float | None:
+        """The metric's value, or None when it cannot be computed (the computation gave NaN or Inf, see
+        UNAVAILABLE): such a metric is absent from the result, never read as a number."""
         value = float(self.fn(a, b))
-        return value if math.isfinite(value) else 0.0
+        return value if math.isfinite(value) else None
 
 
 REGISTRY: dict[str, Metric] = {}

@@ -3,32 +3,11 @@
 from __future__ import annotations
 
 from ..models import ConflictZone, LayerMetrics, Severity
+from .score import CATALOGUE
 
 ZONE_THRESHOLD = 55.0
 OUTLIER_DROP = 15.0
 SEVERITIES = ((20.0, Severity.CRITICAL), (35.0, Severity.HIGH), (ZONE_THRESHOLD, Severity.MEDIUM))
-
-ADVICE = {
-    "alignment": "the task vectors pull in opposite directions here: take these layers from one model "
-    "(a passthrough slice or a layer-wise weight gradient of 0/1) rather than averaging them",
-    "sign_agreement": "many coordinates conflict in sign: merge with ties or dare_ties so sign election "
-    "resolves them, with density around 0.5",
-    "interference": "both fine-tunes write into the same singular directions in different ways: use ties "
-    "or dare_ties and lower the weight of the weaker model in these layers",
-    "drift": "these layers moved far from the base: lower their merge weight (e.g. 0.3) or keep the base's "
-    "values via a gradient",
-    "balance": "one fine-tune changed these layers much more than the other: weight them unequally or use "
-    "task_arithmetic with per-model weights",
-    "direction": "the weights point in different directions: these layers do not share an origin; take them "
-    "from one model or use slerp with t near 0 or 1 here",
-    "distance": "the weights are far apart: interpolate gently (slerp t near 0 or 1) or take these layers "
-    "from one model",
-    "subspace": "the dominant singular directions differ: linear merging will blur them; use a small weight "
-    "for one model or take these layers from one model",
-    "rank": "the spectra have different shapes (effective rank): check that both models were trained "
-    "from the same base",
-    "distribution": "the weight distributions differ in scale: check dtypes and that both come from the same base",
-}
 
 
 def severity_for(score: float) -> Severity:
@@ -71,7 +50,8 @@ def _zone(run: list[LayerMetrics], positions: dict[str, int]) -> ConflictZone:
         drivers = [max(totals, key=lambda n: totals[n])]
     first, last = positions[run[0].layer_name], positions[run[-1].layer_name]
     span = run[0].layer_name if len(run) == 1 else f"{run[0].layer_name} to {run[-1].layer_name}"
-    advice = "; ".join(ADVICE[d] for d in drivers[:2]) or "inspect these layers before merging"
+    advice = "; ".join(CATALOGUE[d].advice for d in drivers[:2] if d in CATALOGUE)
+    advice = advice or "inspect these layers before merging"
     return ConflictZone(
         model_a=run[0].model_a,
         model_b=run[0].model_b,

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..analysis.score import CATALOGUE, WEAK_BELOW
 from ..models import (
     CompareResult,
     ConfigDiagnosis,
@@ -23,7 +24,10 @@ from ..models import (
 
 WORST_LAYERS = 5
 SCORE_DOC = "Merge Compatibility Index 0-100, higher is safer (None: the models cannot be compared at all)"
-WEAK_COMPONENT = 0.55
+WEAK_COMPONENT = WEAK_BELOW
+COMPONENTS_DOC = "mean 0..1 score of each MCI component (1 = ideal): " + "; ".join(
+    f"{c.name}: {c.description}" for c in CATALOGUE
+)
 
 
 class View(BaseModel):
@@ -42,7 +46,9 @@ class LayerBrief(View):
     model_b: str
     layer_name: str
     score: float = Field(description="0-100, higher is safer to merge")
-    weak_components: list[str] = Field(description="MCI components below 0.55 in this layer, worst first")
+    weak_components: list[str] = Field(
+        description=f"MCI components below {WEAK_COMPONENT} in this layer, worst first"
+    )
 
 
 class StrategyBrief(View):
@@ -62,7 +68,7 @@ class Comparison(View):
     models: list[ModelBrief]
     base: ModelBrief | None
     pairwise: list[PairScore]
-    components: dict[str, float] = Field(description="mean 0..1 score of each MCI component (1 = ideal)")
+    components: dict[str, float] = Field(description=COMPONENTS_DOC)
     conflict_zones: list[ConflictZone]
     worst_layers: list[LayerBrief] = Field(description=f"the {WORST_LAYERS} lowest-scoring layers")
     findings: list[Finding]

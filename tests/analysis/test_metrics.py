@@ -65,8 +65,13 @@ def _operand(t: torch.Tensor, rank: int, reference: float) -> Operand:
 
 
 def _call(m: Metric, a: torch.Tensor, b: torch.Tensor, rank: int, reference: float) -> float | None:
+    """The metric's value, or None where it does not apply; finite inputs must give a finite value."""
     x, y = _operand(a, rank, reference), _operand(b, rank, reference)
-    return m(x, y) if m.applies_to(x) else None
+    if not m.applies_to(x):
+        return None
+    value = m(x, y)
+    assert value is not None and math.isfinite(value), f"{m.name} gave no finite value on finite inputs"
+    return value
 
 
 def test_the_registry_holds_the_metrics_the_issue_names_and_each_key_is_its_function_name() -> None:
@@ -235,9 +240,17 @@ def test_magnitude_ratio_and_task_drift_by_hand() -> None:
     assert value("task_drift", [3.0, 4.0], [0.0, 2.0]) == 0.0  # no base norm known
 
 
-def test_a_metric_that_computes_nan_reports_zero_instead() -> None:
-    m = Metric("nan_metric", lambda a, b: float("nan"), (0.0, 1.0), None, False, False, "")
-    assert m(*ops([1.0], [1.0])) == 0.0
+def test_a_metric_that_computes_nan_or_inf_is_absent_not_zero() -> None:
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        m = Metric("broken", lambda a, b, bad=bad: bad, (0.0, None), None, False, False, "")
+        assert m(*ops([1.0], [1.0])) is None
+    assert Metric("fine", lambda a, b: 0.25, (0.0, 1.0), None, False, False, "")(*ops([1.0], [1.0])) == 0.25
+
+
+def test_the_property_checks_fail_for_a_metric_that_computes_nan() -> None:
+    broken = Metric("broken", lambda a, b: float("nan"), (0.0, 1.0), 0.0, False, False, "")
+    with pytest.raises(AssertionError, match="broken gave no finite value"):
+        _call(broken, torch.ones(3), torch.ones(3), 1, 1.0)
 
 
 def test_matrix_only_metrics_skip_vectors_and_single_rows() -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mergelens_mcp.analysis.zones import ADVICE, detect_conflict_zones, severity_for
+from mergelens_mcp.analysis.score import CATALOGUE
+from mergelens_mcp.analysis.zones import detect_conflict_zones, severity_for
 from mergelens_mcp.models import LayerMetrics, Severity
 
 GOOD = {"direction": 1.0, "distance": 0.9, "alignment": 1.0, "sign_agreement": 0.95}
@@ -43,7 +44,8 @@ def test_a_contiguous_run_of_low_layers_is_one_zone_with_its_worst_score() -> No
     assert zone.severity is Severity.HIGH
     assert zone.driving_metrics == ["alignment", "sign_agreement"]  # losses 0.9, 0.6 per layer
     assert zone.recommendation.startswith("layers.1 to layers.2 (score 30): ")
-    assert ADVICE["alignment"] in zone.recommendation and ADVICE["sign_agreement"] in zone.recommendation
+    assert CATALOGUE["alignment"].advice in zone.recommendation
+    assert CATALOGUE["sign_agreement"].advice in zone.recommendation
 
 
 def test_separate_low_layers_make_separate_zones_in_depth_order() -> None:
@@ -75,7 +77,7 @@ def test_a_zone_whose_components_all_look_fine_still_names_its_biggest_loss() ->
     mild = {"direction": 0.9, "distance": 0.95}  # losses 0.1 and 0.05: under the 0.15 bar
     [zone] = detect_conflict_zones([layer("layers.0", 40, mild), layer("layers.1", 90)], positions(2))
     assert zone.driving_metrics == ["direction"]
-    assert ADVICE["direction"] in zone.recommendation
+    assert CATALOGUE["direction"].advice in zone.recommendation
 
 
 def test_no_layers_no_zones() -> None:

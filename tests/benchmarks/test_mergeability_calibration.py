@@ -4,7 +4,6 @@ import pytest
 
 from benchmarks.mergeability.calibration import (
     Constants,
-    calibrated,
     current_constants,
     leave_one_task_out,
     recompute_mci,
@@ -18,14 +17,22 @@ LAYERS = [
 ]
 
 
-def test_swapping_constants_changes_the_score_and_restores_the_product_afterwards():
+def test_a_tuned_catalogue_changes_the_score_and_leaves_the_products_untouched():
     before = current_constants()
     at_product = recompute_mci(LAYERS)
-    with calibrated(Constants(distance_scale=10.0, distance_weight=5.0, drift_scale=0.3, drift_weight=0.4)):
-        lenient = recompute_mci(LAYERS)
+    tuned = Constants(distance_scale=10.0, distance_weight=5.0, drift_scale=0.3, drift_weight=0.4)
+    lenient = recompute_mci(LAYERS, tuned.catalogue())
     assert lenient > at_product
     assert current_constants() == before
     assert recompute_mci(LAYERS) == at_product
+    assert (score.CATALOGUE["distance"].scale, score.CATALOGUE["distance"].weight) == (0.1, 0.8)
+    assert (tuned.catalogue()["distance"].scale, tuned.catalogue()["distance"].weight) == (10.0, 5.0)
+
+
+def test_the_products_constants_tuned_back_in_give_the_products_score():
+    layers = [{"n_params": 4096 * (i + 1), "metrics": {**LAYERS[0]["metrics"], "l2_distance": 0.05 * i}}
+              for i in range(4)]
+    assert recompute_mci(layers, current_constants().catalogue()) == recompute_mci(layers)
 
 
 def test_the_recomputed_mci_follows_the_products_formula_on_a_hand_layer():
