@@ -9,6 +9,7 @@ from benchmarks.mergeability.calibration import (
     recompute_mci,
     select,
 )
+from mergelens_mcp.analysis import score
 
 LAYERS = [
     {"n_params": 4096, "metrics": {"cosine_similarity": 0.9, "l2_distance": 0.2, "spectral_overlap": 0.8,
