@@ -7,7 +7,7 @@ import yaml
 from pydantic import ValidationError
 
 from fixtures.configs import linear_config, passthrough_slices, slerp_config, ties_config
-from mergelens_mcp.analysis.mergekit_schema import METHODS, MergeConfig, method_spec
+from mergelens_mcp.mergekit.schema import METHODS, MergeConfig, method_spec
 from mergelens_mcp.models import MergeMethod
 
 

@@ -14,13 +14,13 @@ import mergelens_mcp
 from fixtures.checkpoints import Family, Shape, random_model, save
 from fixtures.configs import broken_configs, linear_config, slerp_config, ties_config
 from mergelens_mcp import diagnose_config
-from mergelens_mcp.analysis.simulation import trim
 from mergelens_mcp.errors import AnalysisCancelledError, ConfigError, PathNotAllowedError
+from mergelens_mcp.mergekit.simulate import trim
 from mergelens_mcp.models import ConfigDiagnosis, FindingLevel
 from mergelens_mcp.security.paths import PathGuard
 from mergelens_mcp.service import diagnose
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TENSOR = "model.layers.0.mlp.down_proj.weight"
 
 
