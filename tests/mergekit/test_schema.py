@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import ast
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from fixtures.configs import linear_config, passthrough_slices, slerp_config, ties_config
-from mergelens_mcp.mergekit.schema import METHODS, MergeConfig, method_spec
-from mergelens_mcp.models import MergeMethod
+import mergelens_mcp
+from fixtures.configs import broken_configs, linear_config, passthrough_slices, slerp_config, ties_config
+from mergelens_mcp import diagnose_config
+from mergelens_mcp.mergekit.schema import BOUNDS, METHODS, SLERP_LINEAR_FALLBACK, MergeConfig, method_spec
+from mergelens_mcp.models import FindingLevel, MergeMethod
 
 
 def validate(config: dict[str, Any]) -> MergeConfig:
@@ -58,14 +62,18 @@ def test_filtered_lists_gradients_and_model_reference_forms_validate() -> None:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda c: c.update(models=[{"model": "a"}, {"model": "b"}, {"model": "c"}]), "exactly 2 input models"),
-    (lambda c: c.pop("base_model"), "needs a base_model"),
-    (lambda c: c["parameters"].update(density=0.5), "takes no parameter density"),
-    (lambda c: c.update(slices=[{"sources": [{"model": "a", "layer_range": [0, 2]}]}]), "exactly one of"),
-    (lambda c: c.update(tokenizer_source="union", tokenizer={"source": "union"}), "not both"),
-    (lambda c: c.update(dtype="fp8"), "dtype 'fp8'"),
-    (lambda c: c.update(paramters={}), "Extra inputs are not permitted"),
-    (lambda c: c.pop("parameters"), "needs 't'"),
+    (lambda c: c.update(models=[{"model": "a"}, {"model": "b"}, {"model": "c"}]),
+     "model_count at models: slerp takes exactly 2 input models"),
+    (lambda c: c.pop("base_model"), "missing_base at base_model: slerp needs a base_model"),
+    (lambda c: c["parameters"].update(density=0.5),
+     "unknown_parameter at parameters.density: slerp takes no parameter 'density'"),
+    (lambda c: c.update(slices=[{"sources": [{"model": "a", "layer_range": [0, 2]}]}]),
+     "models_and_slices at slices: the config has both models and slices"),
+    (lambda c: c.update(tokenizer_source="union", tokenizer={"source": "union"}), "tokenizer_conflict"),
+    (lambda c: c.update(dtype="fp8"), "unknown_dtype at dtype: dtype 'fp8'"),
+    (lambda c: c.update(paramters={}), "unknown_key at paramters.*did you mean 'parameters'"),
+    (lambda c: c.pop("parameters"), "missing_parameter at models: slerp needs `t` for a, b"),
+    (lambda c: c["parameters"].update(t=1.5), "out_of_range at parameters.t: t = 1.5 is outside"),
 ])
 def test_the_mirror_refuses_what_mergekit_would_ignore_or_fail_on_late(change: Any, message: str) -> None:
     config = slerp_config("a", "b")
@@ -75,18 +83,18 @@ def test_the_mirror_refuses_what_mergekit_would_ignore_or_fail_on_late(change: A
 
 
 def test_slices_need_ordered_ranges_of_one_length_and_the_base_among_their_sources() -> None:
-    with pytest.raises(ValidationError, match="0 <= start <= end"):
+    with pytest.raises(ValidationError, match="invalid_layer_range at slices.0..sources.0..layer_range"):
         validate(passthrough_slices("a", "b", ((3, 1), (0, 2))))
     uneven = {"merge_method": "linear", "slices": [{"sources": [
         {"model": "a", "layer_range": [0, 2], "parameters": {"weight": 1.0}},
         {"model": "b", "layer_range": [0, 3], "parameters": {"weight": 1.0}},
     ]}]}
-    with pytest.raises(ValidationError, match="same number of layers"):
+    with pytest.raises(ValidationError, match="slice_length_mismatch at slices.0..sources"):
         validate(uneven)
     no_base = {"merge_method": "ties", "base_model": "base", "parameters": {"weight": 0.5}, "slices": [
         {"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 2]}]},
     ]}
-    with pytest.raises(ValidationError, match="must be one of the sources"):
+    with pytest.raises(ValidationError, match="base_not_in_slice at slices.0..sources"):
         validate(no_base)
 
 
@@ -101,7 +109,59 @@ def test_model_stock_needs_two_finetunes_besides_the_base() -> None:
 def test_weight_must_reach_every_model_from_the_model_or_the_top_level() -> None:
     config = ties_config("a", "b", "base")
     del config["models"][1]["parameters"]["weight"]
-    with pytest.raises(ValidationError, match="needs 'weight' for models\\[1\\]"):
+    with pytest.raises(ValidationError, match="missing_parameter at models: ties needs `weight` for b"):
         validate(config)
     config["parameters"]["weight"] = 0.5
     assert validate(config).parameters == {"normalize": True, "weight": 0.5}
+
+
+@pytest.mark.parametrize("code", sorted(broken_configs()))
+def test_the_mirror_refuses_exactly_what_the_diagnosis_reports_above_info(code: str) -> None:
+    """One rulebook: our YAML (MergeConfig) and a user's (diagnose_config) are held to the same rules."""
+    text = broken_configs()[code]
+    reported = {f.code for f in diagnose_config(text).findings if f.level is not FindingLevel.INFO}
+    if not reported:  # rules that need the model files (layer counts): the mirror has no files
+        assert code in ("gradient_too_long", "slice_out_of_range")
+        assert MergeConfig.model_validate(yaml.safe_load(text)).merge_method
+        return
+    with pytest.raises(ValidationError) as info:
+        MergeConfig.model_validate(yaml.safe_load(text))
+    assert code in reported
+    assert {c for c in reported if f"{c} at " in str(info.value)} == reported
+
+
+def test_a_parameters_range_is_declared_once_and_read_by_both_paths() -> None:
+    density = BOUNDS["density"]
+    assert METHODS["ties"].parameter("density").bounds is density  # type: ignore[union-attr]
+    assert (density.contains(1.0), density.contains(0.0), density.contains(0.5)) == (True, False, True)
+    config = ties_config("a", "b", "base")
+    config["models"][0]["parameters"]["density"] = 0.0
+    with pytest.raises(ValidationError, match="density_out_of_range at models.0..parameters.density"):
+        validate(config)
+    found = diagnose_config(yaml.safe_dump(config)).findings
+    assert [(f.code, f.path) for f in found] == [("density_out_of_range", "models[0].parameters.density")]
+
+
+PACKAGE = Path(mergelens_mcp.__file__).parent
+
+
+def _module_constants(path: Path) -> dict[str, object]:
+    """Module-level NAME = literal assignments of one module."""
+    found: dict[str, object] = {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            found.update({t.id: node.value.value for t in node.targets if isinstance(t, ast.Name)})
+    return found
+
+
+def test_mergekit_constants_and_model_keys_have_one_home_in_the_package() -> None:
+    homes: dict[object, list[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for literal in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(literal, ast.Constant) and literal.value == SLERP_LINEAR_FALLBACK:
+                homes.setdefault(SLERP_LINEAR_FALLBACK, []).append(path.relative_to(PACKAGE).as_posix())
+        assert "def model_key" not in path.read_text(encoding="utf-8"), path
+    assert homes == {0.9995: ["mergekit/schema.py"]}
+    assert _module_constants(PACKAGE / "mergekit" / "schema.py")["SLERP_LINEAR_FALLBACK"] == 0.9995
+    for module in ("simulate.py", "recommend.py", "diagnose.py"):
+        assert "SLERP_LINEAR_FALLBACK" not in _module_constants(PACKAGE / "mergekit" / module)
