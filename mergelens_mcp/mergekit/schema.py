@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import to_jsonable_python
 
 from ..models import Finding, FindingLevel
 
@@ -347,8 +348,8 @@ class MergeConfig(Strict):
     @classmethod
     def _follows_the_rules(cls, data: Any) -> Any:
         if isinstance(data, dict):
-            report = Report()
-            check_structure(data, report)
+            report = Report()  # the rules read plain YAML data: models given as objects are dumped first
+            check_structure(to_jsonable_python(data, exclude_none=True), report)
             refused = [f for f in report.findings if f.level in REFUSED_IN_OURS]
             if refused:
                 raise ValueError("; ".join(

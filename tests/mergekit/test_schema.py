@@ -11,7 +11,15 @@ from pydantic import ValidationError
 import mergelens_mcp
 from fixtures.configs import broken_configs, linear_config, passthrough_slices, slerp_config, ties_config
 from mergelens_mcp import diagnose_config
-from mergelens_mcp.mergekit.schema import BOUNDS, METHODS, SLERP_LINEAR_FALLBACK, MergeConfig, method_spec
+from mergelens_mcp.mergekit.schema import (
+    BOUNDS,
+    METHODS,
+    SLERP_LINEAR_FALLBACK,
+    InputModel,
+    MergeConfig,
+    ModelReference,
+    method_spec,
+)
 from mergelens_mcp.models import FindingLevel, MergeMethod
 
 
@@ -165,3 +173,14 @@ def test_mergekit_constants_and_model_keys_have_one_home_in_the_package() -> Non
     assert _module_constants(PACKAGE / "mergekit" / "schema.py")["SLERP_LINEAR_FALLBACK"] == 0.9995
     for module in ("simulate.py", "recommend.py", "diagnose.py"):
         assert "SLERP_LINEAR_FALLBACK" not in _module_constants(PACKAGE / "mergekit" / module)
+
+
+def test_a_config_built_from_objects_is_held_to_the_same_rules() -> None:
+    def slerp(*names: str) -> MergeConfig:
+        models = [InputModel(model=ModelReference.model_validate(n)) for n in names]
+        return MergeConfig(merge_method="slerp", base_model=ModelReference(model="a"), models=models,
+                           parameters={"t": 0.5})
+
+    assert slerp("a", "b+org/lora").models[1].model.key == "b"  # type: ignore[index]
+    with pytest.raises(ValidationError, match="model_count at models: slerp takes exactly 2"):
+        slerp("a", "b", "c")
