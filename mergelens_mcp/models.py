@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from enum import Enum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, GetCoreSchemaHandler
+from pydantic_core import CoreSchema, core_schema
 
 
 class Frozen(BaseModel):
@@ -257,6 +259,40 @@ class LayerInterference(Frozen):
     )
 
 
+class LayerScore(str):
+    """One layer's interference, as met when iterating `ConfigDiagnosis.interference_scores`: the entry has
+    `.layer_name` and `.score`, and is itself the layer's name (a `str`), so code that iterates the names
+    (`scores[name]`, `list(scores) == ["embed", ...]`) keeps working."""
+
+    score: float
+
+    def __new__(cls, layer_name: str, score: float) -> LayerScore:
+        entry = super().__new__(cls, layer_name)
+        entry.score = score
+        return entry
+
+    @property
+    def layer_name(self) -> str:
+        return str(self)
+
+    def __getnewargs__(self) -> tuple[str, float]:  # type: ignore[override]
+        return str(self), self.score
+
+
+class InterferenceScores(dict[str, float]):
+    """layer name -> interference (0..1): a dict in every way (indexing, `.items()`, `len`, `in`, JSON: a plain
+    object), except that iterating it yields `LayerScore` entries, so both
+    `for s in scores: print(s.layer_name, s.score)` and `for name in scores: scores[name]` work."""
+
+    def __iter__(self) -> Iterator[LayerScore]:  # type: ignore[override]
+        return (LayerScore(name, score) for name, score in dict.items(self))
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        # validated and serialized as dict[str, float] (the same JSON and JSON schema), then wrapped
+        return core_schema.no_info_after_validator_function(cls, handler(dict[str, float]))
+
+
 class ConfigDiagnosis(Frozen):
     """A mergekit YAML checked before merging, and its merge simulated where the models can be read."""
 
@@ -269,8 +305,8 @@ class ConfigDiagnosis(Frozen):
     overall_interference: float | None = Field(
         description="parameter-weighted mean of the layers' interference; None when not simulated"
     )
-    interference_scores: dict[str, float] = Field(
-        default_factory=dict, description="layer name -> interference, 0..1"
+    interference_scores: InterferenceScores = Field(
+        default_factory=InterferenceScores, description="layer name -> interference, 0..1"
     )
     layers: list[LayerInterference] = Field(default_factory=list)
     models_checked: list[str] = Field(default_factory=list, description="model references that were read")

@@ -89,7 +89,7 @@ def suggest_strategy(
 
 def with_strategy(result: CompareResult) -> CompareResult:
     """The result with its recommended merge strategy, when the models could be compared at all."""
-    from .analysis.strategy import recommend_strategy
+    from .mergekit.recommend import recommend_strategy
 
     if result.mci.score is None or result.strategy is not None:
         return result
@@ -105,7 +105,7 @@ def diagnose(
     cancelled: Cancelled | None = None,
 ) -> ConfigDiagnosis:
     """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it on the readable models."""
-    from .analysis.config import diagnose as diagnose_config
+    from .mergekit.diagnose import diagnose as diagnose_config
 
     settings = settings or Settings()
     return redact_model(diagnose_config(

@@ -63,6 +63,31 @@ def test_analysis_never_imports_tools_server_mcp_anyio_or_plotly(path: Path) -> 
     assert imports_any(path, (*ours, *MCP_SIDE, "anyio", "plotly")) == []
 
 
+@pytest.mark.parametrize("path", [p for p in MODULES if rel(p).startswith("analysis/")], ids=rel)
+def test_analysis_never_imports_the_mergekit_subpackage(path: Path) -> None:
+    assert imports_any(path, ("mergelens_mcp.mergekit",)) == []
+
+
+MERGEKIT_MAY_IMPORT = ("mergelens_mcp.mergekit", "mergelens_mcp.analysis", "mergelens_mcp.models",
+                       "mergelens_mcp.errors", "mergelens_mcp.security")
+
+
+@pytest.mark.parametrize("path", [p for p in MODULES if rel(p).startswith("mergekit/")], ids=rel)
+def test_mergekit_imports_only_analysis_models_errors_and_security_of_ours(path: Path) -> None:
+    ours = [i for i in imports_any(path, ("mergelens_mcp",)) if i != "mergelens_mcp"]
+    assert [i for i in ours if not i.startswith(tuple(f"{p}." for p in MERGEKIT_MAY_IMPORT))
+            and i not in MERGEKIT_MAY_IMPORT] == []
+
+
+def test_the_mergekit_subpackage_holds_schema_diagnose_simulate_and_recommend() -> None:
+    assert {"schema.py", "diagnose.py", "simulate.py", "recommend.py"} <= {
+        p.name for p in (PACKAGE / "mergekit").glob("*.py")
+    }
+    moved = ("mergekit_schema.py", "config.py", "simulation.py", "strategy.py")
+    assert [name for name in moved if (PACKAGE / "analysis" / name).exists()] == []
+    assert "mergelens_mcp.mergekit.diagnose" in imports_of(PACKAGE / "service.py")
+
+
 @pytest.mark.parametrize("path", MODULES, ids=rel)
 def test_only_tools_and_server_import_mcp(path: Path) -> None:
     if rel(path).startswith("tools/") or rel(path) == "server.py":

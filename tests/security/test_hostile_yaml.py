@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import yaml
@@ -11,8 +13,10 @@ from hypothesis import strategies as st
 
 from fixtures.hostile import Sandbox, in_bounded_thread
 from mergelens_mcp import service
-from mergelens_mcp.errors import ConfigError, MergeLensError
+from mergelens_mcp.errors import ConfigError, MergeLensError, PathNotAllowedError
+from mergelens_mcp.mergekit import diagnose as diagnose_module
 from mergelens_mcp.models import ConfigDiagnosis
+from mergelens_mcp.security import paths
 from mergelens_mcp.security.paths import PathGuard
 
 
@@ -141,3 +145,48 @@ def test_random_text_as_a_config_gives_a_diagnosis_or_a_config_error(text: str) 
         service.diagnose(text, guard=PathGuard([Path.cwd()]))
     except MergeLensError as exc:
         assert str(exc)
+
+
+def test_a_config_swapped_for_a_symlink_after_the_path_check_is_not_followed(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is opened without following a last-component link, as checkpoint files are: a link swapped in
+    between the guard's check and the read cannot lead outside the roots."""
+    (sandbox.outside / "secret.yaml").write_text("merge_method: linear\nmodels: [{model: org/secret}]\n")
+    link = sandbox.root / "merge.yaml"
+    link.symlink_to(sandbox.outside / "secret.yaml")
+    guard = PathGuard([sandbox.root])
+    monkeypatch.setattr(guard, "check", lambda raw, what="path", **_: link)  # the check saw a regular file
+    with pytest.raises(PathNotAllowedError, match="cannot open .*merge.yaml.*refused"):
+        service.diagnose(str(link), guard=guard)
+
+
+def test_a_fifo_or_an_oversized_config_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "merge.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(MergeLensError, match="not a file|not a regular file"):
+        in_bounded_thread(lambda: service.diagnose(str(fifo), guard=PathGuard([tmp_path])), timeout=30)
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"merge_method: linear\n" + b"#" * (1 << 20))
+    with pytest.raises(ConfigError, match="big.yaml is over 1 MiB"):
+        service.diagnose(str(big), guard=PathGuard([tmp_path]))
+
+
+def test_a_config_file_is_read_no_further_than_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that grows after its size was looked at (or whose size lies, as /proc files do) is still read
+    at most one byte past the cap."""
+    path = tmp_path / "merge.yaml"
+    path.write_bytes(b"merge_method: linear\n" + b"#" * (3 << 20))
+    asked: list[int] = []
+    real_open = paths.open_regular
+
+    def spying_open(target: Path, what: str) -> BinaryIO:
+        fh = real_open(target, what)
+        read = fh.read
+        fh.read = lambda n=-1: asked.append(n) or read(n)  # type: ignore[method-assign]
+        return fh
+
+    monkeypatch.setattr(diagnose_module, "open_regular", spying_open)
+    with pytest.raises(ConfigError, match="over 1 MiB"):
+        service.diagnose(str(path))
+    assert asked == [(1 << 20) + 1]

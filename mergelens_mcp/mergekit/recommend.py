@@ -49,7 +49,7 @@ import yaml
 
 from ..errors import IncompatibleModelsError
 from ..models import CompareResult, FindingLevel, LayerMetrics, MergeMethod, Strategy
-from .mergekit_schema import METHODS, MergeConfig
+from .schema import METHODS, SLERP_LINEAR_FALLBACK, MergeConfig
 
 NO_ORIGIN_COSINE = 0.3
 OPPOSED_TASK_COSINE = -0.5
@@ -59,7 +59,6 @@ SIGN_CONFLICT_ABOVE_CHANCE = 0.55
 CONCENTRATED_ENERGY = 0.5
 HIGH_COSINE = 0.95
 LOW_OVERLAP = 0.5
-SLERP_LINEAR_FALLBACK = 0.9995
 MIN_DENSITY, MAX_DENSITY, MIN_DARE_DENSITY = 0.1, 0.9, 0.3
 DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float32"}
 

@@ -17,25 +17,22 @@ Layer scores are parameter-weighted means over the layer's tensors; the overall 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..analysis.compat import block_count
+from ..analysis.layers import ANY_INDEX, BLOCK_INDEX, classify, group_sort_key
+from ..analysis.loading import Checkpoint
 from ..errors import AnalysisCancelledError
 from ..models import Finding, FindingLevel, LayerInterference
-from .compat import block_count
-from .layers import ANY_INDEX, BLOCK_INDEX, classify, group_sort_key
-from .loading import Checkpoint
-from .mergekit_schema import MethodSpec
+from .schema import NUMBER_STRING, SLERP_LINEAR_FALLBACK, MethodSpec
 
 Progress = Callable[[int, int, str], None]
 Cancelled = Callable[[], bool]
 Lookup = Callable[[str, "str | None", str, float, Any], Any]  # name, model, tensor, t, default -> value
-NUMBER_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-SLERP_LINEAR_FALLBACK = 0.9995
 HIGH_SIGN_CONFLICT = 0.3
 LOW_SURVIVAL = 0.5
 SEED = 0

@@ -8,10 +8,10 @@ import yaml
 
 from fixtures.checkpoints import Family, Shape, combine, random_model, save, task_vector
 from mergelens_mcp import compare_models, diagnose_config
-from mergelens_mcp.analysis.mergekit_schema import MergeConfig
 from mergelens_mcp.analysis.metrics import Operand, task_mass_fraction
-from mergelens_mcp.analysis.strategy import mergekit_yaml, needs_separate_base, recommend_strategy
 from mergelens_mcp.errors import IncompatibleModelsError
+from mergelens_mcp.mergekit.recommend import mergekit_yaml, needs_separate_base, recommend_strategy
+from mergelens_mcp.mergekit.schema import MergeConfig
 from mergelens_mcp.models import CompareResult, MergeMethod
 from mergelens_mcp.service import suggest_strategy
 
@@ -66,7 +66,7 @@ def test_close_compatible_finetunes_get_slerp_not_a_sign_election_at_chance_leve
 
 
 def test_unremarkable_finetunes_with_a_base_get_a_plain_average_with_dare_as_runner_up_when_concentrated() -> None:
-    from mergelens_mcp.analysis.strategy import Profile, choose
+    from mergelens_mcp.mergekit.recommend import Profile, choose
 
     profile = Profile(
         n_models=2, has_base=True, cosine=0.93, min_cosine=0.90, overlap=0.85, task_cosine=0.02, sign=0.49,

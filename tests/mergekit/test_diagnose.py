@@ -14,13 +14,13 @@ import mergelens_mcp
 from fixtures.checkpoints import Family, Shape, random_model, save
 from fixtures.configs import broken_configs, linear_config, slerp_config, ties_config
 from mergelens_mcp import diagnose_config
-from mergelens_mcp.analysis.simulation import trim
 from mergelens_mcp.errors import AnalysisCancelledError, ConfigError, PathNotAllowedError
+from mergelens_mcp.mergekit.simulate import trim
 from mergelens_mcp.models import ConfigDiagnosis, FindingLevel
 from mergelens_mcp.security.paths import PathGuard
 from mergelens_mcp.service import diagnose
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TENSOR = "model.layers.0.mlp.down_proj.weight"
 
 
@@ -246,3 +246,59 @@ def test_trimming_keeps_the_largest_values_and_breadcrumbs_also_drops_the_top_ga
     big = torch.randn(5_000_000, generator=generator)  # above the exact-threshold size: a sampled cut
     kept = trim(big, 0.2, "magnitude", 0.0, generator)
     assert float((kept != 0).float().mean()) == pytest.approx(0.2, abs=0.01)
+
+
+def test_the_seed_loop_over_interference_scores_and_the_mapping_uses_both_work(
+    tmp_path: Path, family: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "merge.yaml").write_text(
+        yaml.safe_dump(ties_config(str(family.finetune_a), str(family.flipped), str(family.base)))
+    )
+    scores = mergelens_mcp.diagnose_config("merge.yaml").interference_scores
+    printed = [(s.layer_name, s.score) for s in scores]  # the seed API's loop, as documented
+    assert printed == list(scores.items()) and len(printed) == len(scores) == 7
+    assert printed[3][0] == "layers.2" and printed[3][1] == scores["layers.2"] > 0.2
+    assert list(scores) == list(scores.keys()) == [name for name, _ in printed]
+    assert list(scores.values()) == [score for _, score in printed]
+    assert "layers.2" in scores and max(scores, key=lambda name: scores[name]) == "layers.2"
+    assert scores == dict(scores.items()) and isinstance(scores, dict)
+
+
+def test_the_diagnosis_json_keeps_interference_scores_a_plain_object(family: Family) -> None:
+    result = diagnose_config(yaml.safe_dump(ties_config(str(family.finetune_a), str(family.flipped),
+                                                       str(family.base))))
+    dumped = json.loads(result.model_dump_json())
+    assert dumped["interference_scores"] == dict(result.interference_scores.items())
+    assert type(result.model_dump()["interference_scores"]) is dict
+    assert ConfigDiagnosis.model_validate_json(result.model_dump_json()) == result
+    schema = ConfigDiagnosis.model_json_schema()["properties"]["interference_scores"]
+    assert schema["type"] == "object" and schema["additionalProperties"] == {"type": "number"}
+
+
+def test_model_references_are_read_as_mergekit_reads_them_in_both_forms() -> None:
+    """The mapping form `model: {model: {path, revision}}` and `path+lora` are model references; a bare
+    `model: {path: ...}` is not (mergekit has no such form). Keys are `ModelReference.key`."""
+    config = {"merge_method": "linear", "models": [
+        {"model": {"model": {"path": "org/a", "revision": "v1"}}, "parameters": {"weight": 0.5}},
+        {"model": {"model": "org/b", "lora": "org/lora"}, "parameters": {"weight": 0.5}},
+    ]}
+    result = diagnose_config(yaml.safe_dump(config))
+    assert result.valid and result.findings == [], result.findings
+    assert any("org/a@v1: not a local path" in n for n in result.notes)
+    config["models"][0]["model"] = {"path": "org/a"}
+    found = [(f.code, f.path) for f in diagnose_config(yaml.safe_dump(config)).findings]
+    assert found == [("invalid_model", "models[0]")]
+
+
+def test_a_module_with_both_models_and_slices_is_an_error_at_its_path() -> None:
+    config = {"merge_method": "linear", "modules": {"text": {
+        "models": [{"model": "org/a", "parameters": {"weight": 1.0}}],
+        "slices": [{"sources": [{"model": "org/a", "layer_range": [0, 2]}]}],
+    }}}
+    result = diagnose_config(yaml.safe_dump(config))
+    assert [(f.level, f.code, f.path) for f in result.findings] == [
+        (FindingLevel.INFO, "modules_not_checked", "modules"),
+        (FindingLevel.ERROR, "models_and_slices", "modules.text.slices"),
+    ]
+    assert not result.valid
