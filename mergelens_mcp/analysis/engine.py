@@ -43,7 +43,6 @@ from .zones import detect_conflict_zones
 
 log = logging.getLogger(__name__)
 
-__all__ = ["VERSION", "AnalysisOptions", "analyze", "resolve_device"]
 StrategyFor = Callable[[CompareResult], "Strategy | None"]  # the draft result -> its recommended strategy
 
 

@@ -33,7 +33,6 @@ from .loading import Checkpoint
 from .mergekit_schema import MethodSpec
 from .types import Cancelled, Progress
 
-__all__ = ["Cancelled", "Progress", "simulate"]  # config.py imports the callbacks' types from here
 CPU = torch.device("cpu")
 Lookup = Callable[[str, "str | None", str, float, Any], Any]  # name, model, tensor, t, default -> value
 NUMBER_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
