@@ -3,6 +3,7 @@ one with the value and the choices, before any checkpoint file is opened."""
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +96,18 @@ def test_serve_takes_a_device_and_refuses_cuda_without_a_gpu_before_serving(
     assert main(["serve", "--device", "cuda"]) == EXIT_BAD_INPUT
     assert "no CUDA GPU" in capsys.readouterr().err
     assert len(served) == 1
+
+
+def test_settings_and_the_tools_take_the_shared_types_from_types_not_from_the_engine() -> None:
+    package = Path(__file__).parents[2] / "mergelens_mcp"
+    importers = []
+    for path in [package / "settings.py", *(package / "tools").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("analysis.engine"):
+                importers.append(path.name)
+    assert importers == []
+    declared = [path.name for path in (package / "analysis").glob("*.py")
+                if any(isinstance(node, ast.Assign) and any(getattr(t, "id", "") in ("Progress", "Cancelled")
+                                                            for t in node.targets)
+                       for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))))]
+    assert declared == ["types.py"]
