@@ -188,8 +188,12 @@ def measured_sets(names: Sequence[str], run: Run) -> Iterator[Measured]:
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergelens-worker") as pool:
             sets = [run.tensor_set(n) for n in names]
-            for current in schedule(sets, functools.partial(_open_set, run=run, pool=pool), _close, _cancel):
-                yield _finish_set(current, run)
+            opened = schedule(sets, functools.partial(_open_set, run=run, pool=pool), _close, _cancel)
+            try:
+                for current in opened:
+                    yield _finish_set(current, run)
+            finally:
+                opened.close()  # cancel the sets opened ahead before the pool waits for its jobs
     finally:
         torch.set_num_threads(previous_threads)
 
