@@ -111,3 +111,12 @@ def test_settings_and_the_tools_take_the_shared_types_from_types_not_from_the_en
                                                             for t in node.targets)
                        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))))]
     assert declared == ["types.py"]
+
+
+def test_the_cli_refuses_cuda_without_a_gpu_before_opening_any_checkpoint(
+    tmp_path: Path, opened: list[str], no_gpu: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in (["compare"], ["report", "-o", str(tmp_path / "r.html")]):
+        code = main([*command, str(tmp_path / "nowhere_a"), str(tmp_path / "nowhere_b"), "--device", "cuda"])
+        assert code == EXIT_BAD_INPUT and "no CUDA GPU" in capsys.readouterr().err
+    assert opened == []
