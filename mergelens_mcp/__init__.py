@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import errors
+from ._version import VERSION as __version__  # noqa: F401 (a module attribute, not part of __all__)
 from .errors import MergeLensError
 from .models import MCI, CompareResult, ConfigDiagnosis, ConflictZone, LayerMetrics, Strategy, Verdict
 
@@ -14,7 +15,6 @@ __all__ = [
     "compare_models", "errors", "generate_report",
     "ConfigDiagnosis", "diagnose_config",
 ]
-__version__ = "0.1.0"
 
 
 def compare_models(

@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a folder the server may read models from (repeatable; default: cwd)")
     serve.add_argument("--output-dir", type=Path, metavar="DIR",
                        help="where generate_report writes HTML (default: the first allowed folder)")
+    serve.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                       help="where the tools measure tensors (default: MERGELENS_DEVICE, else auto)")
     serve.add_argument("--auth-token-file", type=Path, metavar="FILE",
                        help="a file holding the bearer token HTTP clients must send (or set "
                             "MERGELENS_AUTH_TOKEN); required to bind anything but 127.0.0.1")
@@ -132,6 +134,7 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_serve(args: argparse.Namespace, console: Console) -> int:
+    from .analysis.types import Device
     from .server import endpoint, run
     from .settings import Settings
 
@@ -140,7 +143,10 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
         overrides["allowed_roots"] = args.allow_dir
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
+    if args.device:
+        overrides["device"] = args.device
     settings = Settings(**overrides)  # type: ignore[arg-type]
+    Device.parse(settings.device)  # refused at start-up, not at the first tool call: cuda needs a GPU
     token = read_token_file(args.auth_token_file) if args.auth_token_file else None
     if args.transport != "stdio":
         url = endpoint(args.transport, args.host, args.port)

@@ -20,7 +20,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .analysis.engine import VERSION
+from ._version import VERSION
 from .errors import InputError
 from .security import redact
 from .settings import Settings

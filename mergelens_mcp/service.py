@@ -9,8 +9,9 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .analysis.activations import Probe, activation_cka, hf_probe
-from .analysis.engine import Cancelled, Progress, analyze
+from .analysis.engine import analyze
 from .analysis.loading import Checkpoint, load_checkpoint
+from .analysis.types import AnalysisOptions, Cancelled, Device, Progress
 from .errors import IncompatibleModelsError, InputError
 from .models import CompareResult, ConfigDiagnosis, Strategy
 from .security.paths import PathGuard
@@ -44,7 +45,7 @@ def compare(
     *,
     settings: Settings | None = None,
     guard: PathGuard | None = None,
-    device: str | None = None,
+    device: Device | str | None = None,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
     activations: bool | Probe = False,
@@ -53,17 +54,33 @@ def compare(
 
     `activations=True` also runs each model on the shipped probe texts (Hugging Face checkpoints, needs
     transformers) and adds per-layer activation CKA to the metrics and the MCI; a `Probe` callable supplies
-    representations for other models.
+    representations for other models. The device is checked before any file is opened.
     """
     settings = settings or Settings()
+    options = settings.analysis_options(device)
     with ExitStack() as stack:
         opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
-        cka = None
-        if activations:
-            probe = hf_probe() if activations is True else activations
-            cka = activation_cka([c.root for c in opened], probe)
-        result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled, cka)
-    return redact_model(with_strategy(result))
+        return compare_checkpoints(
+            opened, base_ckpt, options, progress=progress, cancelled=cancelled, activations=activations
+        )
+
+
+def compare_checkpoints(
+    models: list[Checkpoint],
+    base: Checkpoint | None,
+    options: AnalysisOptions,
+    *,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+    activations: bool | Probe = False,
+) -> CompareResult:
+    """The comparison of checkpoints already opened (their headers read once, by `open_checkpoints`),
+    with its recommended strategy; the result is built once, redacted."""
+    cka = None
+    if activations:
+        probe = hf_probe() if activations is True else activations
+        cka = activation_cka(models, probe)
+    return analyze(models, base, options, progress, cancelled, cka, strategy=recommend)
 
 
 def suggest_strategy(
@@ -72,7 +89,7 @@ def suggest_strategy(
     *,
     settings: Settings | None = None,
     guard: PathGuard | None = None,
-    device: str | None = None,
+    device: Device | str | None = None,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
 ) -> Strategy:
@@ -87,13 +104,11 @@ def suggest_strategy(
     return result.strategy
 
 
-def with_strategy(result: CompareResult) -> CompareResult:
-    """The result with its recommended merge strategy, when the models could be compared at all."""
+def recommend(result: CompareResult) -> Strategy | None:
+    """The recommended merge strategy for a comparison, when the models could be compared at all."""
     from .mergekit.recommend import recommend_strategy
 
-    if result.mci.score is None or result.strategy is not None:
-        return result
-    return result.model_copy(update={"strategy": recommend_strategy(result)})
+    return recommend_strategy(result) if result.mci.score is not None else None
 
 
 def diagnose(
@@ -114,29 +129,25 @@ def diagnose(
 
 
 def fingerprint(
-    models: Sequence[str],
-    base: str | None = None,
-    *,
-    settings: Settings | None = None,
-    guard: PathGuard | None = None,
-    device: str | None = None,
+    models: Sequence[Checkpoint], base: Checkpoint | None, options: AnalysisOptions, settings: Settings
 ) -> tuple[object, ...]:
-    """What a comparison depends on: each checkpoint's resolved files with their sizes and mtimes, the
-    options, and the order of the models. Reads headers only; equal fingerprints give equal results."""
-    settings = settings or Settings()
-    with ExitStack() as stack:
-        opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
-        return (
-            tuple(_files_state(c) for c in opened),
-            _files_state(base_ckpt) if base_ckpt else None,
-            settings.analysis_options(device),
-            settings.limits(),
-        )
+    """What a comparison of these opened checkpoints depends on: each one's resolved files with their
+    device, inode, size, mtime and ctime (a rewrite that keeps the size and restores the mtime still changes
+    the inode or the ctime), the options, the limits and the order of the models. Equal fingerprints give
+    equal results. Reads no header: the caller compares the checkpoints it opened for this."""
+    return (
+        tuple(_files_state(c) for c in models),
+        _files_state(base) if base else None,
+        options,
+        settings.limits(),
+    )
 
 
-def _files_state(ckpt: Checkpoint) -> tuple[tuple[str, int, int], ...]:
+def _files_state(ckpt: Checkpoint) -> tuple[tuple[str, int, int, int, int, int], ...]:
     paths = [*ckpt.files, *(p for p in (ckpt.root / "config.json",) if p.is_file())]
-    return tuple((str(p), (st := p.stat()).st_size, st.st_mtime_ns) for p in paths)
+    return tuple(
+        (str(p), (st := p.stat()).st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p in paths
+    )
 
 
 def generate_report(

@@ -9,8 +9,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .analysis.engine import AnalysisOptions
 from .analysis.spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS
+from .analysis.types import AnalysisOptions, Device
 from .security.limits import Limits
 from .security.paths import PathGuard
 
@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     )
     include_hf_cache: bool = True
     output_dir: Path | None = Field(default=None, description="where reports are written; default: first root")
-    device: str = "auto"
+    device: Device = Field(default=Device.AUTO, description="auto, cpu or cuda (auto: CUDA when torch sees a GPU)")
     svd_rank: int = Field(default=DEFAULT_RANK, ge=1, le=256)
     exact_svd_max_elements: int = Field(default=EXACT_MAX_ELEMENTS, ge=0)
     threads: int | None = Field(
@@ -54,6 +54,13 @@ class Settings(BaseSettings):
             return [part for part in value.split(os.pathsep) if part.strip()]
         return value
 
+    @field_validator("device", mode="before")
+    @classmethod
+    def _parse_device(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() not in {d.value for d in Device}:
+            raise ValueError(f"device {value!r} is not one of {', '.join(d.value for d in Device)}")
+        return value.strip().lower() if isinstance(value, str) else value
+
     @property
     def roots(self) -> list[Path]:
         roots = [p.expanduser().resolve() for p in self.allowed_roots] or [Path.cwd().resolve()]
@@ -71,7 +78,9 @@ class Settings(BaseSettings):
     def limits(self) -> Limits:
         return Limits(self.max_header_bytes, self.max_tensors, self.max_tensor_elements, self.max_request_bytes)
 
-    def analysis_options(self, device: str | None = None) -> AnalysisOptions:
+    def analysis_options(self, device: Device | str | None = None) -> AnalysisOptions:
+        """The options of one analysis; `device` (else the setting) is validated here, before any file is
+        opened: an InputError names a value that is not auto, cpu or cuda, or cuda without a GPU."""
         return AnalysisOptions(
-            device or self.device, self.svd_rank, self.exact_svd_max_elements, self.threads
+            Device.parse(device or self.device), self.svd_rank, self.exact_svd_max_elements, self.threads
         )

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointFormatError, InputError
+from ..security.limits import Limits
+from ..security.paths import PathGuard
+from .loading import Checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +82,17 @@ def layer_names(count: int) -> list[str]:
     return ["embed", *(f"layers.{i}" for i in range(count - 1))]
 
 
-def activation_cka(folders: Sequence[Path], probe: Probe) -> dict[tuple[int, int], dict[str, float]]:
-    """Per-layer linear CKA for every pair of models, keyed by (i, j) model indices and layer name."""
+def activation_cka(
+    models: Sequence[Checkpoint | Path | str], probe: Probe, *, guard: PathGuard | None = None,
+    limits: Limits | None = None,
+) -> dict[tuple[int, int], dict[str, float]]:
+    """Per-layer linear CKA for every pair of models, keyed by (i, j) model indices and layer name.
+
+    Each model is a checkpoint already opened by `load_checkpoint`, or a folder, file or Hub id that is read
+    through it here, with `guard` and `limits`: its paths are resolved inside the allowed roots and its
+    headers checked against the caps before the probe (transformers) touches any of its files.
+    """
+    folders = [_checked_folder(model, f"model {i}", guard, limits) for i, model in enumerate(models)]
     reps = [probe(folder) for folder in folders]
     out: dict[tuple[int, int], dict[str, float]] = {}
     for i in range(len(reps)):
@@ -94,3 +106,11 @@ def activation_cka(folders: Sequence[Path], probe: Probe) -> dict[tuple[int, int
             names = layer_names(len(reps[i]))
             out[(i, j)] = {name: round(linear_cka(a, b), 6) for name, a, b in zip(names, reps[i], reps[j], strict=True)}
     return out
+
+
+def _checked_folder(model: Checkpoint | Path | str, label: str, guard: PathGuard | None, limits: Limits | None) -> Path:
+    """The folder of a checkpoint read through the guarded loader (headers within the caps)."""
+    if isinstance(model, Checkpoint):
+        return model.root
+    with load_checkpoint(str(model), label, guard=guard, limits=limits) as ckpt:
+        return ckpt.root

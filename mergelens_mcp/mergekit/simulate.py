@@ -23,15 +23,16 @@ from typing import Any
 
 import torch
 
+from ..analysis import stream
 from ..analysis.compat import block_count
 from ..analysis.layers import ANY_INDEX, BLOCK_INDEX, classify, group_sort_key
 from ..analysis.loading import Checkpoint
+from ..analysis.types import Cancelled, Progress
 from ..errors import AnalysisCancelledError
 from ..models import Finding, FindingLevel, LayerInterference
 from .schema import NUMBER_STRING, SLERP_LINEAR_FALLBACK, MethodSpec
 
-Progress = Callable[[int, int, str], None]
-Cancelled = Callable[[], bool]
+CPU = torch.device("cpu")
 Lookup = Callable[[str, "str | None", str, float, Any], Any]  # name, model, tensor, t, default -> value
 HIGH_SIGN_CONFLICT = 0.3
 LOW_SURVIVAL = 0.5
@@ -150,6 +151,11 @@ class Job:
     t: float  # relative depth inside the slice, for gradients
     lookup: Lookup
 
+    @property
+    def sources(self) -> list[tuple[str, str]]:
+        """(model, tensor name) of every tensor the job reads: the inputs, then the base."""
+        return [*self.inputs, *([self.base] if self.base else [])]
+
 
 @dataclass(frozen=True)
 class SliceSpec:
@@ -256,23 +262,32 @@ def simulate(
     spec: MethodSpec, jobs: list[Job], ckpts: dict[str, Checkpoint],
     progress: Progress | None = None, cancelled: Cancelled | None = None,
 ) -> Simulation:
-    """Run the merge's arithmetic job by job (one tensor of each input at a time) and keep per-layer sums."""
+    """Run the merge's arithmetic job by job and keep per-layer sums. The input tensors of each job come
+    from the one tensor stream (stream.schedule), read once, as compare reads them."""
     generator = torch.Generator().manual_seed(SEED)
     sums: dict[str, _LayerSums] = {}
     roles = {}
-    for done, job in enumerate(jobs):
-        if cancelled is not None and cancelled():
-            raise AnalysisCancelledError(f"diagnosis cancelled after {done} of {len(jobs)} tensors")
-        role = classify(job.output)
-        roles[role.layer_name] = role
-        layer = sums.setdefault(role.layer_name, _LayerSums(role.layer_index))
-        tensors = [(m, ckpts[m].read(name)) for m, name in job.inputs]
-        base = ckpts[job.base[0]].read(job.base[1]) if job.base else None
-        numel = tensors[0][1].numel()
-        layer.n_params += numel
-        _tensor(spec, job, tensors, base, layer, numel, generator)
-        if progress is not None:
-            progress(done + 1, len(jobs), job.output)
+    sets = [stream.TensorSet(job.output, [(ckpts[m], name) for m, name in job.sources]) for job in jobs]
+    opened = stream.schedule(sets, lambda current: current.open(CPU))
+    try:
+        for done, current in enumerate(opened):
+            if cancelled is not None and cancelled():
+                raise AnalysisCancelledError(f"diagnosis cancelled after {done} of {len(jobs)} tensors")
+            job = jobs[done]
+            role = classify(job.output)
+            roles[role.layer_name] = role
+            layer = sums.setdefault(role.layer_name, _LayerSums(role.layer_index))
+            views = [view.float() for view in current.views]  # float32, as stored values convert
+            base = views.pop() if job.base else None
+            tensors = [(m, view) for (m, _), view in zip(job.inputs, views, strict=True)]
+            numel = tensors[0][1].numel()
+            layer.n_params += numel
+            _tensor(spec, job, tensors, base, layer, numel, generator)
+            del tensors, views, base
+            if progress is not None:
+                progress(done + 1, len(jobs), job.output)
+    finally:
+        opened.close()
     ordered = sorted(sums.items(), key=lambda kv: group_sort_key(roles[kv[0]]))
     layers = [_layer(name, s, spec) for name, s in ordered]
     total = sum(lm.n_params for lm in layers)

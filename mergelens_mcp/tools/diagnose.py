@@ -8,7 +8,7 @@ from mcp.server.mcpserver import MCPServer
 from pydantic import Field
 
 from .. import service
-from ..analysis.engine import Cancelled, Progress
+from ..analysis.types import Cancelled, Progress
 from ..models import ConfigDiagnosis
 from . import views
 from .params import READ_ONLY, Detail

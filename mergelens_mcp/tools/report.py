@@ -13,7 +13,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
 from pydantic import Field
 
-from ..analysis.engine import Cancelled, Progress
+from ..analysis.types import Cancelled, Progress
 from ..errors import MergeLensError, PathNotAllowedError
 from ..security.paths import PathGuard
 from ..security.redact import redact

