@@ -1,0 +1,1 @@
+"""Everything that speaks mergekit: its rules, its merge methods, diagnosis, simulation and recommendations."""
