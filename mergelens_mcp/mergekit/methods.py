@@ -174,9 +174,9 @@ def keep_largest(tau: Tensor, density: float) -> Tensor:
     if density <= 0.0:
         return torch.zeros_like(tau)
     flat = tau.flatten()
-    k = max(1, int(density * flat.numel()))
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.abs().argsort(descending=True)[:k]] = True
+    n = flat.numel()
+    k = max(1, int(density * n))
+    keep = _window(flat.abs(), n - k, n, lambda mag: mag.argsort(descending=True)[:k])
     return (flat * keep).view_as(tau)
 
 
@@ -189,9 +189,24 @@ def keep_middle(tau: Tensor, density: float, gamma: float) -> Tensor:
     n = flat.numel()
     k = max(0, int(density * n))
     top = min(int(gamma * n), n - k)
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.abs().argsort()[n - top - k:n - top]] = True
+    keep = _window(flat.abs(), n - top - k, n - top, lambda mag: mag.argsort()[n - top - k:n - top])
     return (flat * keep).view_as(tau)
+
+
+def _window(mag: Tensor, start: int, stop: int, order: Callable[[Tensor], Tensor]) -> Tensor:
+    """Mask of the entries at ascending ranks [start, stop) of `mag`. Two selections (O(n)) find the bounds;
+    only when a run of equal values straddles a bound does `order` (the unstable sort mergekit uses, whose
+    order among equal values decides which of them are kept) pick the entries."""
+    keep = torch.zeros_like(mag, dtype=torch.bool)
+    if stop <= start:
+        return keep
+    low = mag.kthvalue(start + 1).values
+    high = mag.kthvalue(stop).values if stop < mag.numel() else mag.max()
+    window = (mag >= low) & (mag <= high)
+    if int(window.sum()) == stop - start:
+        return window
+    keep[order(mag)] = True
+    return keep
 
 
 def keep_random(tau: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
