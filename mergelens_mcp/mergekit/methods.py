@@ -147,7 +147,8 @@ def resolve_parameters(spec: MergeMethod, given: Mapping[str, Any], count: int) 
     for p in spec.parameters:
         value = given.get(p.name, p.default)
         if value is REQUIRED:
-            raise ConfigError(f"{spec.name} needs `{p.name}` for every model; add it under `parameters:`")
+            where = " for every model" if p.per_model else ""
+            raise ConfigError(f"{spec.name} needs `{p.name}`{where}; add it under `parameters:`")
         if p.per_model:
             values = list(value) if isinstance(value, (list, tuple)) else [value] * count
             if len(values) != count:

@@ -222,3 +222,24 @@ def test_every_method_merging_a_model_with_itself_at_full_strength_returns_that_
         given = params.get(name, {"weight": 0.5, "normalize": True})
         out = merge_tensors(name, tensors, base=BASE, parameters=given, generator=seeded_stream(0))
         assert torch.allclose(out, A, atol=1e-6), name
+
+
+def test_the_registry_holds_mergekits_methods_with_its_defaults():
+    def default(method, name):
+        return METHODS[method].parameter(name).default
+
+    assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+            "della", "della_linear", "slerp", "model_stock", "passthrough"} == set(METHODS)
+    normalizing = sorted(m for m in METHODS if METHODS[m].parameter("normalize") and default(m, "normalize"))
+    assert normalizing == ["della", "linear", "ties"]
+    assert sorted(m for m in METHODS if METHODS[m].parameter("rescale") and default(m, "rescale")) == [
+        "dare_linear", "dare_ties", "della", "della_linear"]
+    assert default("breadcrumbs", "gamma") == 0.01 and default("della", "epsilon") == 0.15
+    assert default("ties", "density") == 1.0 and default("ties", "lambda") == 1.0
+    assert sorted(m for m in METHODS if METHODS[m].random) == ["dare_linear", "dare_ties", "della", "della_linear"]
+    assert sorted(m for m in METHODS if not METHODS[m].needs_base) == ["linear", "passthrough"]
+
+
+def test_slerp_without_t_is_refused_naming_the_parameter():
+    with pytest.raises(ConfigError, match="slerp needs `t`; add it"):
+        merge("slerp", [A])
