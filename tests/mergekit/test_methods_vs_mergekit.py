@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures.checkpoints import Family
-from mergelens_mcp.mergekit.methods import METHODS, merge_tensors, seeded_stream
+from mergelens_mcp.mergekit.methods import METHODS, SLERP_LINEAR_FALLBACK, merge_tensors, seeded_stream
 
 ROOT = Path(__file__).resolve().parents[2]
 MERGEKIT_YAML = ROOT / ".bench" / "mergekit-venv" / "bin" / "mergekit-yaml"
@@ -199,3 +199,11 @@ def test_every_registered_method_of_the_brief_is_checked_against_mergekit():
     checked = {method_of(case) for case in CASES}
     assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp", "model_stock",
             "breadcrumbs", "della", "passthrough"} <= checked
+
+
+def test_the_slerp_case_takes_both_the_spherical_and_the_linear_branch(family):
+    inputs = load_inputs(family)
+    cosines = [float(torch.nn.functional.cosine_similarity(
+        inputs["base"][n].float().flatten(), inputs["finetune_b"][n].float().flatten(), dim=0)) for n in inputs["base"]]
+    assert any(abs(c) > SLERP_LINEAR_FALLBACK for c in cosines)
+    assert any(abs(c) <= SLERP_LINEAR_FALLBACK for c in cosines)
