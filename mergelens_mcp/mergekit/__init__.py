@@ -10,6 +10,8 @@ Where knowledge lives:
 - `diagnose.py`: reading and parsing a user's YAML (guarded open, size and alias caps), the checks that need the
   models (layer counts, shapes, vocabularies), and the simulation's inputs.
 - `simulate.py`: how each method combines tensors (trimming, sign election, SLERP), per layer.
+- `methods.py`: the merge methods themselves, in memory, one tensor set at a time (`METHODS` registry,
+  `merge_tensors`), checked against mergekit 0.1.5 tensor by tensor (tests/mergekit/test_methods_vs_mergekit.py).
 - `recommend.py`: which method and parameters to recommend from a comparison, rendered as mergekit YAML.
 
 This package may import `analysis/`, `models`, `errors` and `security/`; `analysis/` never imports it.

@@ -1,0 +1,401 @@
+"""mergekit 0.1.5's merge methods, in memory, one tensor set at a time: one registry, name -> method.
+
+Reimplemented from mergekit's documentation and from running mergekit 0.1.5 on crafted tensors (no mergekit
+code; it is LGPL). `tests/mergekit/test_methods_vs_mergekit.py` runs `mergekit-yaml` on generated checkpoints
+and compares. A method receives the tensors of one parameter name: those of the models being merged, in config
+order, and the base model's, plus the method's parameters resolved for that tensor (a gradient or a filter is
+resolved by the caller); `merge_tensors` returns the merged tensor.
+
+What running mergekit 0.1.5 showed, beyond its documentation:
+- Precision: inputs are upcast to float32 (float64 if any input is float64), the result is cast to
+  `out_dtype` (default: the inputs' promoted dtype). mergekit does that for linear and slerp always, and for
+  the task-vector methods when the config says `dtype: float32`; without it those compute in bfloat16 on
+  bfloat16 checkpoints (up to ~10 ulp away), which we do not mimic.
+- Task-vector methods (task_arithmetic, ties, dare_*, breadcrumbs*, della*): tau_i = model_i - base;
+  tau_i is sparsified at its own `density` (magnitude: the k = max(1, int(density * numel)) largest |tau|,
+  ties broken as an unstable descending argsort breaks them; random: a Bernoulli(density) mask;
+  magnitude_outliers: the int(gamma * numel) largest are dropped, then all but the int(density * numel) next
+  ones; della: Bernoulli with p from density - epsilon (smallest |tau| of a row, the last dimension) to
+  density + epsilon (largest), linear in the rank); density >= 1 keeps everything, density <= 0 nothing.
+  `rescale` multiplies a sparsified tau by sum|tau| / sum|kept| (the L1 mass, per tensor; not 1/density).
+  Then delta_i = weight_i * kept_i; with sign consensus ("sum") the elected sign is that of sum_i delta_i
+  (zero counts as +) and only the deltas of that sign (non-zero) are kept; `normalize` divides by the sum of
+  the weights of the kept deltas (consensus) or of all weights (no consensus), a divisor below 1e-8 counting
+  as 1; the result is base + lambda * that. `int8_mask` only saves memory in mergekit: results are equal.
+- Random draws: `mergekit-yaml --random-seed S` seeds torch's generator once; each tensor, in name order,
+  draws one mask per model in config order (`torch.bernoulli`). Passing one `torch.Generator().manual_seed(S)`
+  through the tensors in sorted name order reproduces its masks exactly (single-threaded, same torch).
+- slerp: over the whole tensor flattened (not per row): both normalized (norm floored at 1e-8); where
+  |cos| > 0.9995 it interpolates linearly; t = 0 gives the base model.
+- model_stock: cos = mean pairwise cosine of the task vectors (per row with `filter_wise`), N models,
+  t = N cos / (1 + (N - 1) cos), result t * mean(models) + (1 - t) * base; it takes no weights.
+- passthrough: the one input, times `scale` when given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, IncompatibleModelsError
+
+# The cosine above which mergekit's SLERP interpolates linearly. Defined here until it moves to
+# mergekit/schema.py (another change does that); then this module imports it from there.
+SLERP_LINEAR_FALLBACK = 0.9995
+NORM_EPS = 1e-8  # slerp's floor on a norm; also the smallest divisor `normalize` accepts
+REQUIRED: Any = object()  # a parameter's default when the config must give it
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One of a method's parameters, as mergekit names it."""
+
+    name: str
+    default: Any = REQUIRED
+    per_model: bool = False  # one value per merged model (a list in input order, or one broadcast value)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One tensor set: the merged models' tensors (compute dtype), the base's, and resolved parameters."""
+
+    tensors: list[Tensor]
+    base: Tensor | None
+    params: dict[str, Any]
+    generator: torch.Generator | None
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One entry of the registry: what mergekit calls the method, its parameters and its input contract."""
+
+    name: str
+    merge: Callable[[Inputs], Tensor]
+    parameters: tuple[Parameter, ...]
+    needs_base: bool
+    random: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    description: str = ""
+
+    def parameter(self, name: str) -> Parameter | None:
+        return next((p for p in self.parameters if p.name == name), None)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    METHODS[method.name] = method
+    return method
+
+
+def merge_tensors(
+    method: str,
+    tensors: Sequence[Tensor],
+    *,
+    base: Tensor | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The merged tensor of one parameter name.
+
+    `tensors` are the merged models' tensors in config order (without the base); `base` the base model's
+    (required by the task-vector methods, slerp and model_stock; ignored by linear and passthrough, as
+    mergekit ignores it). `parameters`: a per-model parameter is one value or a list with one per tensor.
+    `generator` drives the random methods (None: torch's global generator, as mergekit without a seed).
+    """
+    spec = METHODS.get(method)
+    if spec is None:
+        raise ConfigError(f"unknown merge method {method!r}; known: {', '.join(sorted(METHODS))}")
+    count = len(tensors)
+    if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
+        most = "" if spec.max_models is None else f" and at most {spec.max_models}"
+        raise ConfigError(f"{method} merges at least {spec.min_models}{most} models besides the base; got {count}")
+    if spec.needs_base and base is None:
+        raise ConfigError(f"{method} needs a base model: name one with `base_model:`")
+    used = [*tensors, *([base] if spec.needs_base and base is not None else [])]
+    shapes = {tuple(t.shape) for t in used}
+    if len(shapes) > 1:
+        raise IncompatibleModelsError(f"{method}: the tensors to merge have different shapes {sorted(shapes)}")
+    params = resolve_parameters(spec, parameters or {}, count)
+    work = torch.float64 if any(t.dtype == torch.float64 for t in used) else torch.float32
+    result_dtype = out_dtype or _promoted(used)
+    inputs = Inputs(
+        tensors=[t.to(work) for t in tensors],
+        base=base.to(work) if spec.needs_base and base is not None else None,
+        params=params,
+        generator=generator,
+    )
+    return spec.merge(inputs).to(result_dtype)
+
+
+def resolve_parameters(spec: MergeMethod, given: Mapping[str, Any], count: int) -> dict[str, Any]:
+    """The method's parameters for one tensor set: defaults filled, per-model values as lists of `count`."""
+    unknown = sorted(set(given) - {p.name for p in spec.parameters})
+    if unknown:
+        known = ", ".join(p.name for p in spec.parameters) or "none"
+        raise ConfigError(f"{spec.name} has no parameter {', '.join(unknown)}; its parameters: {known}")
+    out: dict[str, Any] = {}
+    for p in spec.parameters:
+        value = given.get(p.name, p.default)
+        if value is REQUIRED:
+            where = " for every model" if p.per_model else ""
+            raise ConfigError(f"{spec.name} needs `{p.name}`{where}; add it under `parameters:`")
+        if p.per_model:
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+            if len(values) != count:
+                raise ConfigError(f"{spec.name}: `{p.name}` has {len(values)} values for {count} models")
+            value = values
+        out[p.name] = value
+    return out
+
+
+def _promoted(tensors: Sequence[Tensor]) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# ---- sparsification of task vectors -----------------------------------------------------------------------
+
+
+def keep_largest(tau: Tensor, density: float) -> Tensor:
+    """TIES trimming: the max(1, int(density * numel)) entries of largest |tau|, mergekit's tie order."""
+    if density >= 1.0:
+        return tau
+    if density <= 0.0:
+        return torch.zeros_like(tau)
+    flat = tau.flatten()
+    n = flat.numel()
+    k = max(1, int(density * n))
+    keep = _window(flat.abs(), n - k, n, lambda mag: mag.argsort(descending=True)[:k])
+    return (flat * keep).view_as(tau)
+
+
+def keep_middle(tau: Tensor, density: float, gamma: float) -> Tensor:
+    """Breadcrumbs: drop the int(gamma * numel) largest |tau| (at most numel - k), keep the k =
+    int(density * numel) next ones."""
+    if density >= 1.0:
+        return tau
+    flat = tau.flatten()
+    n = flat.numel()
+    k = max(0, int(density * n))
+    top = min(int(gamma * n), n - k)
+    keep = _window(flat.abs(), n - top - k, n - top, lambda mag: mag.argsort()[n - top - k:n - top])
+    return (flat * keep).view_as(tau)
+
+
+def _window(mag: Tensor, start: int, stop: int, order: Callable[[Tensor], Tensor]) -> Tensor:
+    """Mask of the entries at ascending ranks [start, stop) of `mag`. Two selections (O(n)) find the bounds;
+    only when a run of equal values straddles a bound does `order` (the unstable sort mergekit uses, whose
+    order among equal values decides which of them are kept) pick the entries."""
+    keep = torch.zeros_like(mag, dtype=torch.bool)
+    if stop <= start:
+        return keep
+    low = mag.kthvalue(start + 1).values
+    high = mag.kthvalue(stop).values if stop < mag.numel() else mag.max()
+    window = (mag >= low) & (mag <= high)
+    if int(window.sum()) == stop - start:
+        return window
+    keep[order(mag)] = True
+    return keep
+
+
+def keep_random(tau: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
+    """DARE: each entry kept with probability `density` (one Bernoulli draw per entry, even at density 0)."""
+    if density >= 1.0:
+        return tau
+    return tau * torch.bernoulli(torch.full_like(tau, density), generator=generator)
+
+
+def keep_by_rank(tau: Tensor, density: float, epsilon: float, generator: torch.Generator | None) -> Tensor:
+    """DELLA: Bernoulli with p linear in each entry's |tau| rank within its row, density -/+ epsilon."""
+    if density >= 1.0:
+        return tau
+    if not (0.0 < density - epsilon and density + epsilon < 1.0):
+        raise ConfigError(
+            f"della: density {density} +/- epsilon {epsilon} must stay inside (0, 1); lower epsilon"
+        )
+    rows = tau.reshape(-1, tau.shape[-1]) if tau.dim() else tau.reshape(1, 1)
+    n = rows.shape[-1]
+    rank = rows.abs().argsort(dim=-1).argsort(dim=-1).to(tau.dtype)
+    p = density - epsilon + 2.0 * epsilon * rank / (n - 1) if n > 1 else torch.full_like(rows, density)
+    return tau * torch.bernoulli(p, generator=generator).view_as(tau)
+
+
+def rescale_l1(tau: Tensor, kept: Tensor) -> Tensor:
+    """`rescale`: the kept entries scaled so the task vector keeps its L1 mass."""
+    mass = kept.abs().sum()
+    return kept * (tau.abs().sum() / mass) if float(mass) > 0 else kept
+
+
+# ---- the methods ----------------------------------------------------------------------------------------
+
+Sparsify = Callable[[Tensor, int, Inputs], Tensor]  # (tau, model index, inputs) -> kept
+
+
+def _task_vector_merge(sparsify: Sparsify | None, consensus: bool) -> Callable[[Inputs], Tensor]:
+    def merge(x: Inputs) -> Tensor:
+        assert x.base is not None
+        p = x.params
+        kept = []
+        for i, tensor in enumerate(x.tensors):
+            tau = tensor - x.base
+            if sparsify is not None:
+                trimmed = sparsify(tau, i, x)
+                tau = rescale_l1(tau, trimmed) if p.get("rescale") else trimmed
+            kept.append(tau)
+        shape = (-1, *([1] * x.base.dim()))
+        weights = torch.tensor(p["weight"], dtype=x.base.dtype).view(shape)
+        deltas = torch.stack(kept) * weights
+        if consensus:
+            sign = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+            mask = deltas.sign() == sign
+            mixed = (deltas * mask).sum(dim=0)
+            divisor = (weights * mask).sum(dim=0)
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum()
+        if p["normalize"]:
+            divisor = torch.where(divisor.abs() < NORM_EPS, torch.ones_like(divisor), divisor)
+            mixed = mixed / divisor
+        return x.base + p["lambda"] * mixed
+
+    return merge
+
+
+def _task_vector_parameters(normalize: bool, rescale: bool, *extra: Parameter) -> tuple[Parameter, ...]:
+    return (
+        Parameter("weight", per_model=True),
+        Parameter("density", 1.0, per_model=True),
+        *extra,
+        Parameter("lambda", 1.0),
+        Parameter("normalize", normalize),
+        Parameter("rescale", rescale),
+        Parameter("int8_mask", False),
+    )
+
+
+def _magnitude(tau: Tensor, i: int, x: Inputs) -> Tensor:
+    return keep_largest(tau, x.params["density"][i])
+
+
+def _random(tau: Tensor, i: int, x: Inputs) -> Tensor:
+    return keep_random(tau, x.params["density"][i], x.generator)
+
+
+def _outliers(tau: Tensor, i: int, x: Inputs) -> Tensor:
+    return keep_middle(tau, x.params["density"][i], x.params["gamma"][i])
+
+
+def _della(tau: Tensor, i: int, x: Inputs) -> Tensor:
+    return keep_by_rank(tau, x.params["density"][i], x.params["epsilon"][i], x.generator)
+
+
+GAMMA = Parameter("gamma", 0.01, per_model=True)
+EPSILON = Parameter("epsilon", 0.15, per_model=True)
+_TASK_VECTOR_METHODS = (
+    # name, sparsification, sign consensus, normalize, rescale, extra parameters, description
+    ("task_arithmetic", None, False, False, False, (), "base + lambda * sum of weighted task vectors"),
+    ("ties", _magnitude, True, True, False, (), "magnitude trimming, sign election, disjoint mean"),
+    ("dare_ties", _random, True, False, True, (), "random drop with rescale, then sign election"),
+    ("dare_linear", _random, False, False, True, (), "random drop with rescale, summed"),
+    ("breadcrumbs", _outliers, False, False, False, (GAMMA,), "largest and smallest changes dropped"),
+    ("breadcrumbs_ties", _outliers, True, False, False, (GAMMA,), "breadcrumbs, then sign election"),
+    ("della", _della, True, True, True, (EPSILON,), "rank-weighted random drop, then sign election"),
+    ("della_linear", _della, False, False, True, (EPSILON,), "rank-weighted random drop, summed"),
+)
+for _name, _sparsify, _consensus, _normalize, _rescale, _extra, _description in _TASK_VECTOR_METHODS:
+    register(MergeMethod(
+        name=_name,
+        merge=_task_vector_merge(_sparsify, _consensus),
+        parameters=_task_vector_parameters(_normalize, _rescale, *_extra),
+        needs_base=True,
+        random=_sparsify in (_random, _della),
+        description=_description,
+    ))
+
+
+def _linear(x: Inputs) -> Tensor:
+    weights = x.params["weight"]
+    mixed = sum(w * t for w, t in zip(weights, x.tensors, strict=True))
+    assert isinstance(mixed, Tensor)
+    return mixed / sum(weights) if x.params["normalize"] else mixed
+
+
+register(MergeMethod(
+    "linear", _linear, (Parameter("weight", per_model=True), Parameter("normalize", True)), needs_base=False,
+    description="weighted mean of the models",
+))
+
+
+def slerp(t: float, v0: Tensor, v1: Tensor) -> Tensor:
+    """Spherical interpolation of two tensors seen as flat vectors; linear where |cos| > 0.9995."""
+    n0 = v0 / max(float(v0.norm()), NORM_EPS)
+    n1 = v1 / max(float(v1.norm()), NORM_EPS)
+    dot = float((n0 * n1).sum())
+    if abs(dot) > SLERP_LINEAR_FALLBACK:
+        return (1.0 - t) * v0 + t * v1
+    theta = math.acos(max(-1.0, min(1.0, dot)))
+    sin_theta = math.sin(theta)
+    return (math.sin((1.0 - t) * theta) / sin_theta) * v0 + (math.sin(t * theta) / sin_theta) * v1
+
+
+def _slerp(x: Inputs) -> Tensor:
+    assert x.base is not None
+    return slerp(float(x.params["t"]), x.base, x.tensors[0])
+
+
+register(MergeMethod(
+    "slerp", _slerp, (Parameter("t"),), needs_base=True, min_models=1, max_models=1,
+    description="spherical interpolation from the base (t = 0) to the other model (t = 1)",
+))
+
+
+def _model_stock(x: Inputs) -> Tensor:
+    assert x.base is not None
+    taus = [t - x.base for t in x.tensors]
+    rowwise = bool(x.params["filter_wise"]) and x.base.dim() > 1
+    cosines = [
+        torch.nn.functional.cosine_similarity(a, b, dim=-1) if rowwise
+        else torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
+        for a, b in itertools.combinations(taus, 2)
+    ]
+    cos = torch.stack(cosines).mean(dim=0)
+    if rowwise:
+        cos = cos.unsqueeze(-1)
+    n = len(taus)
+    t = n * cos / (1 + (n - 1) * cos)
+    return t * torch.stack(x.tensors).mean(dim=0) + (1 - t) * x.base
+
+
+register(MergeMethod(
+    "model_stock", _model_stock, (Parameter("filter_wise", False),), needs_base=True, min_models=2,
+    description="the models' mean pulled towards the base by the geometry of their task vectors",
+))
+
+
+def _passthrough(x: Inputs) -> Tensor:
+    scale = x.params["scale"][0]
+    return x.tensors[0] if scale is None else x.tensors[0] * float(scale)
+
+
+register(MergeMethod(
+    "passthrough", _passthrough, (Parameter("scale", None, per_model=True),), needs_base=False,
+    max_models=1, description="one model's tensor, optionally scaled",
+))
+
+
+def seeded_stream(seed: int) -> torch.Generator:
+    """The generator that reproduces `mergekit-yaml --random-seed seed` when passed through every tensor in
+    sorted name order (see the module docstring)."""
+    return torch.Generator().manual_seed(seed)
