@@ -141,8 +141,10 @@ def _promoted(tensors: Sequence[Tensor]) -> torch.dtype:
 # ---- sparsification of task vectors -----------------------------------------------------------------------
 
 
-def keep_largest(tau: Tensor, density: float) -> Tensor:
-    """TIES trimming: the max(1, int(density * numel)) entries of largest |tau|, mergekit's tie order."""
+def keep_largest(tau: Tensor, density: float, *, mergekit_ties: bool = True) -> Tensor:
+    """TIES trimming: the max(1, int(density * numel)) entries of largest |tau|, mergekit's tie order
+    (`mergekit_ties=False`: equal values straddling the cut are taken in storage order, in O(n), for
+    measurements on huge tensors where which of them mergekit keeps does not matter)."""
     if density >= 1.0:
         return tau
     if density <= 0.0:
@@ -150,27 +152,30 @@ def keep_largest(tau: Tensor, density: float) -> Tensor:
     flat = tau.flatten()
     n = flat.numel()
     k = max(1, int(density * n))
-    keep = _window(flat.abs(), n - k, n, lambda mag: mag.argsort(descending=True)[:k])
+    order = (lambda mag: mag.argsort(descending=True)[:k]) if mergekit_ties else None
+    keep = _window(flat.abs(), n - k, n, order)
     return (flat * keep).view_as(tau)
 
 
-def keep_middle(tau: Tensor, density: float, gamma: float) -> Tensor:
+def keep_middle(tau: Tensor, density: float, gamma: float, *, mergekit_ties: bool = True) -> Tensor:
     """Breadcrumbs: drop the int(gamma * numel) largest |tau| (at most numel - k), keep the k =
-    int(density * numel) next ones."""
+    int(density * numel) next ones (`mergekit_ties` as in `keep_largest`)."""
     if density >= 1.0:
         return tau
     flat = tau.flatten()
     n = flat.numel()
     k = max(0, int(density * n))
     top = min(int(gamma * n), n - k)
-    keep = _window(flat.abs(), n - top - k, n - top, lambda mag: mag.argsort()[n - top - k:n - top])
+    order = (lambda mag: mag.argsort()[n - top - k:n - top]) if mergekit_ties else None
+    keep = _window(flat.abs(), n - top - k, n - top, order)
     return (flat * keep).view_as(tau)
 
 
-def _window(mag: Tensor, start: int, stop: int, order: Callable[[Tensor], Tensor]) -> Tensor:
+def _window(mag: Tensor, start: int, stop: int, order: Callable[[Tensor], Tensor] | None) -> Tensor:
     """Mask of the entries at ascending ranks [start, stop) of `mag`. Two selections (O(n)) find the bounds;
     only when a run of equal values straddles a bound does `order` (the unstable sort mergekit uses, whose
-    order among equal values decides which of them are kept) pick the entries."""
+    order among equal values decides which of them are kept) pick the entries; without `order`, the first
+    equal values in storage order fill the window."""
     keep = torch.zeros_like(mag, dtype=torch.bool)
     if stop <= start:
         return keep
@@ -179,8 +184,20 @@ def _window(mag: Tensor, start: int, stop: int, order: Callable[[Tensor], Tensor
     window = (mag >= low) & (mag <= high)
     if int(window.sum()) == stop - start:
         return window
-    keep[order(mag)] = True
+    if order is not None:
+        keep[order(mag)] = True
+        return keep
+    keep = (mag > low) & (mag < high)
+    if bool(low == high):
+        _take_first(keep, mag == low, stop - start)
+    else:
+        _take_first(keep, mag == low, int((mag <= low).sum()) - start)
+        _take_first(keep, mag == high, stop - int((mag < high).sum()))
     return keep
+
+
+def _take_first(keep: Tensor, candidates: Tensor, count: int) -> None:
+    keep[candidates.nonzero().flatten()[:max(0, count)]] = True
 
 
 def keep_random(tau: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
@@ -217,7 +234,7 @@ Sparsify = Callable[[Tensor, int, Inputs], Tensor]  # (tau, model index, inputs)
 
 
 def _magnitude(tau: Tensor, i: int, x: Inputs) -> Tensor:
-    return keep_largest(tau, x.params["density"][i])
+    return keep_largest(tau, x.params["density"][i], mergekit_ties=x.params.get("mergekit_ties", True))
 
 
 def _random(tau: Tensor, i: int, x: Inputs) -> Tensor:
@@ -225,7 +242,8 @@ def _random(tau: Tensor, i: int, x: Inputs) -> Tensor:
 
 
 def _outliers(tau: Tensor, i: int, x: Inputs) -> Tensor:
-    return keep_middle(tau, x.params["density"][i], x.params["gamma"][i])
+    return keep_middle(tau, x.params["density"][i], x.params["gamma"][i],
+                       mergekit_ties=x.params.get("mergekit_ties", True))
 
 
 def _della(tau: Tensor, i: int, x: Inputs) -> Tensor:
@@ -240,13 +258,15 @@ SPARSIFIERS: dict[str, Sparsify] = {
 
 def sparsify(
     kind: str | None, tau: Tensor, *, density: float, gamma: float = 0.01, epsilon: float = 0.15,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, mergekit_ties: bool = True,
 ) -> Tensor:
     """The kept part of one task vector under the sparsification `kind` (a `MethodSpec.sparsification`;
-    None keeps everything), before any rescaling: the merge's own code, for callers outside a merge."""
+    None keeps everything), before any rescaling: the merge's own code, for callers outside a merge (the
+    simulation). `mergekit_ties=False` breaks ties at a magnitude cut in storage order (O(n), see
+    `keep_largest`)."""
     if kind is None:
         return tau
-    params = {"density": [density], "gamma": [gamma], "epsilon": [epsilon]}
+    params = {"density": [density], "gamma": [gamma], "epsilon": [epsilon], "mergekit_ties": mergekit_ties}
     return SPARSIFIERS[kind](tau, 0, Inputs([tau], None, params, generator))
 
 
@@ -302,11 +322,17 @@ def _linear(x: Inputs) -> Tensor:
 
 
 
-def slerp(t: float, v0: Tensor, v1: Tensor) -> Tensor:
-    """Spherical interpolation of two tensors seen as flat vectors; linear where |cos| > 0.9995."""
+def slerp_cosine(v0: Tensor, v1: Tensor) -> float:
+    """The cosine slerp decides on: of the two whole tensors flattened, norms floored at NORM_EPS (mergekit
+    interpolates linearly where its absolute value exceeds SLERP_LINEAR_FALLBACK)."""
     n0 = v0 / max(float(v0.norm()), NORM_EPS)
     n1 = v1 / max(float(v1.norm()), NORM_EPS)
-    dot = float((n0 * n1).sum())
+    return float((n0 * n1).sum())
+
+
+def slerp(t: float, v0: Tensor, v1: Tensor) -> Tensor:
+    """Spherical interpolation of two tensors seen as flat vectors; linear where |cos| > 0.9995."""
+    dot = slerp_cosine(v0, v1)
     if abs(dot) > SLERP_LINEAR_FALLBACK:
         return (1.0 - t) * v0 + t * v1
     theta = math.acos(max(-1.0, min(1.0, dot)))
