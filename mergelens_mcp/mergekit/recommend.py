@@ -221,7 +221,7 @@ def recommend_strategy(result: CompareResult) -> Strategy:
         if method is MergeMethod.SLERP and p.degenerate_layers:
             warnings.append(
                 f"mergekit's SLERP falls back to linear interpolation where |cos| > {SLERP_LINEAR_FALLBACK} "
-                f"(per output row in mergekit 0.1.5, per flattened tensor before): "
+                f"(mergekit 0.1.5 decides per whole tensor, flattened): "
                 f"{len(p.degenerate_layers)} layer(s) here, e.g. {', '.join(p.degenerate_layers[:4])}, are "
                 "merged linearly"
             )
