@@ -21,6 +21,14 @@ class Verdict(str, Enum):
     INCOMPATIBLE = "incompatible"
 
 
+class MergeAdvice(str, Enum):
+    """The decision, said once: merge (yes), merge and check the result (with_care), or do not (no)."""
+
+    YES = "yes"
+    WITH_CARE = "with_care"
+    NO = "no"
+
+
 class Severity(str, Enum):
     LOW = "low"
     MEDIUM = "medium"
@@ -123,7 +131,8 @@ class LayerMetrics(Frozen):
 class ConflictZone(Frozen):
     model_a: str
     model_b: str
-    start_layer: int = Field(description="first layer index of the zone (-1 for embeddings)")
+    start_layer: int = Field(description="first layer index of the zone (-1: the embeddings; the block count: "
+                             "the final norm and lm_head)")
     end_layer: int = Field(description="last layer index, inclusive")
     layer_names: list[str]
     severity: Severity
@@ -235,6 +244,10 @@ class CompareResult(Frozen):
     notes: list[str] = Field(default_factory=list)
     strategy: Strategy | None = None
     elapsed_s: float
+    merge_advised: MergeAdvice | None = Field(
+        default=None, description="the decision: yes, with_care or no (from the verdict, findings and strategy)"
+    )
+    answer: str | None = Field(default=None, description="the decision in one sentence, to quote")
 
 
 class LayerInterference(Frozen):

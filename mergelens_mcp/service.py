@@ -88,12 +88,10 @@ def suggest_strategy(
 
 
 def with_strategy(result: CompareResult) -> CompareResult:
-    """The result with its recommended merge strategy, when the models could be compared at all."""
-    from .mergekit.recommend import recommend_strategy
+    """The result with its recommended merge strategy (when one makes sense) and the decision (`advise`)."""
+    from .mergekit.advice import advise
 
-    if result.mci.score is None or result.strategy is not None:
-        return result
-    return result.model_copy(update={"strategy": recommend_strategy(result)})
+    return advise(result)
 
 
 def diagnose(
