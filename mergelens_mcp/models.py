@@ -146,11 +146,11 @@ class MetricReading(Frozen):
 
     name: str
     value: float
-    meaning: str = Field(description="what the metric measures")
+    meaning: str | None = Field(default=None, description="what the metric measures (left out when said once)")
     component: str | None = Field(default=None, description="the MCI component it feeds, if any")
     component_score: float | None = Field(default=None, description="that component, 0..1 (1 = good)")
     assessment: str = Field(description="'good', 'acceptable', 'risky', 'bad' or 'informational'")
-    why: str
+    why: str | None = Field(default=None, description="why the value helps or hurts a merge")
 
 
 class LayerExplanation(Frozen):

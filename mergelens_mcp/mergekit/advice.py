@@ -52,8 +52,8 @@ def advise(result: CompareResult) -> CompareResult:
 def decide(result: CompareResult) -> tuple[MergeAdvice, str]:
     """The decision and its sentence."""
     mci, strategy = result.mci, result.strategy
-    blocking = [f for f in result.findings if f.code in BLOCKING or f.level is FindingLevel.ERROR]
-    if blocking:
+    blocking = [f for f in result.findings if f.code in (SAME_CHECKPOINT, MODEL_IS_BASE)]
+    if blocking and mci.score is not None:
         first = blocking[0]
         return MergeAdvice.NO, f"No: {first.message}" + (f"; {first.fix}" if first.fix else "") + "."
     if mci.score is None:
@@ -97,7 +97,7 @@ def _keep_one(zone: ConflictZone) -> ConflictZone:
 def _new_findings(result: CompareResult) -> list[Finding]:
     found: list[Finding] = []
     for a, b in combinations(result.models, 2):
-        if _same_files(a, b) or _identical_weights(result, a.label, b.label):
+        if _same_files(a, b) or _identical_weights(result, a, b):
             found.append(Finding(
                 level=FindingLevel.WARNING, code=SAME_CHECKPOINT,
                 message=f"{a.label} and {b.label} are the same checkpoint ({a.source}), so there is nothing to "
@@ -131,8 +131,12 @@ def _same_files(a: ModelInfo, b: ModelInfo) -> bool:
         return False
 
 
-def _identical_weights(result: CompareResult, a: str, b: str) -> bool:
-    layers = [lm for lm in result.layer_metrics if (lm.model_a, lm.model_b) == (a, b)]
+def _identical_weights(result: CompareResult, a: ModelInfo, b: ModelInfo) -> bool:
+    """Same tensors, same sizes, and every compared layer at distance 0 (only shared rows are compared when the
+    vocabularies differ, hence the sizes)."""
+    if (a.n_tensors, a.n_params) != (b.n_tensors, b.n_params):
+        return False
+    layers = [lm for lm in result.layer_metrics if (lm.model_a, lm.model_b) == (a.label, b.label)]
     return bool(layers) and all(lm.metrics.get("l2_distance", 1.0) <= IDENTICAL_L2 for lm in layers)
 
 

@@ -3,8 +3,9 @@ per-layer detail only on request. Each is a pydantic model, so every tool publis
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..analysis.score import CATALOGUE, WEAK_BELOW
@@ -16,13 +17,18 @@ from ..models import (
     LayerExplanation,
     LayerInterference,
     LayerMetrics,
+    MergeAdvice,
     MergeMethod,
     ModelInfo,
     PairScore,
     Verdict,
 )
 
+T = TypeVar("T")
 WORST_LAYERS = 5
+DETAIL_PAGE = 8  # layer entries per page of `detail` output
+ADVISED_DOC = "the decision: yes, with_care or no (read this first)"
+ANSWER_DOC = "the decision in one sentence, to quote to the user"
 SCORE_DOC = "Merge Compatibility Index 0-100, higher is safer (None: the models cannot be compared at all)"
 WEAK_COMPONENT = WEAK_BELOW
 COMPONENTS_DOC = "mean 0..1 score of each MCI component (1 = ideal): " + "; ".join(
@@ -55,11 +61,15 @@ class StrategyBrief(View):
     method: MergeMethod
     confidence: float
     runner_up: MergeMethod | None
+    why: str = Field(description="the rule that chose the method (suggest_strategy has the full rationale)")
+    warnings: list[str]
 
 
 class Comparison(View):
     """The answer to 'can these models be merged?' in a few hundred tokens."""
 
+    merge_advised: MergeAdvice | None = Field(description=ADVISED_DOC)
+    answer: str | None = Field(description=ANSWER_DOC)
     score: float | None = Field(description=SCORE_DOC)
     verdict: Verdict
     confidence: str
@@ -77,11 +87,15 @@ class Comparison(View):
     cached: bool = Field(description="true when the analysis came from the server's cache (no weights read)")
     elapsed_s: float = Field(description="seconds the analysis took when it ran")
     layers: list[LayerMetrics] | None = Field(
-        default=None, description="every layer's metrics (detail=true only)"
+        default=None, description=f"detail=true only: one page of {DETAIL_PAGE} layers' metrics (see `page`)"
     )
+    page: int | None = Field(default=None, description="detail=true only: this page's number (from 1)")
+    pages: int | None = Field(default=None, description="detail=true only: how many pages there are")
 
 
 class Score(View):
+    merge_advised: MergeAdvice | None = Field(description=ADVISED_DOC)
+    answer: str | None = Field(description=ANSWER_DOC)
     score: float | None = Field(description=SCORE_DOC)
     verdict: Verdict
     confidence: str
@@ -92,6 +106,8 @@ class Score(View):
 
 
 class Zones(View):
+    merge_advised: MergeAdvice | None = Field(description=ADVISED_DOC)
+    answer: str | None = Field(description=ANSWER_DOC)
     score: float | None
     verdict: Verdict
     zones: list[ConflictZone] = Field(
@@ -100,11 +116,15 @@ class Zones(View):
     layers_scored: int = Field(description="layers (per pair) that were scored")
     cached: bool
     layers: list[LayerMetrics] | None = Field(
-        default=None, description="metrics of every layer inside a zone (detail=true only)"
+        default=None, description=f"detail=true only: one page of {DETAIL_PAGE} zone layers' metrics"
     )
+    page: int | None = None
+    pages: int | None = None
 
 
 class StrategyAdvice(View):
+    merge_advised: MergeAdvice | None = Field(description=ADVISED_DOC)
+    answer: str | None = Field(description=ANSWER_DOC)
     method: MergeMethod
     confidence: float = Field(description="0..1")
     rationale: list[str]
@@ -122,6 +142,9 @@ class StrategyAdvice(View):
 class LayerReport(View):
     layer: str
     explanations: list[LayerExplanation] = Field(description="one per pair of models")
+    definitions: dict[str, str] | None = Field(
+        default=None, description="detail=true only: what each metric measures, once for all pairs"
+    )
     cached: bool
 
 
@@ -184,36 +207,83 @@ def worst_layers(result: CompareResult, count: int = WORST_LAYERS) -> list[Layer
     ]
 
 
-def comparison(result: CompareResult, cached: bool, detail: bool) -> Comparison:
-    mci, strategy = result.mci, result.strategy
+def paged(items: list[T], page: int) -> tuple[list[T], int, int]:
+    """One page of `items` (pages of DETAIL_PAGE, from 1), the page number and the page count."""
+    pages = max(1, -(-len(items) // DETAIL_PAGE))
+    page = min(max(page, 1), pages)
+    return items[(page - 1) * DETAIL_PAGE:page * DETAIL_PAGE], page, pages
+
+
+def strategy_brief(result: CompareResult) -> StrategyBrief | None:
+    s = result.strategy
+    if s is None:
+        return None
+    return StrategyBrief(method=s.method, confidence=s.confidence, runner_up=s.runner_up,
+                         why=s.rationale[0] if s.rationale else "", warnings=s.warnings)
+
+
+def comparison(result: CompareResult, cached: bool, detail: bool, page: int = 1) -> Comparison:
+    mci = result.mci
+    layers, page, pages = paged(result.layer_metrics, page) if detail else (None, None, None)
     return Comparison(
+        merge_advised=result.merge_advised, answer=result.answer,
         score=mci.score, verdict=mci.verdict, confidence=mci.confidence, reasons=mci.reasons,
         used_base=mci.used_base, models=[brief(m) for m in result.models],
         base=brief(result.base) if result.base else None, pairwise=result.pairwise, components=mci.components,
         conflict_zones=result.conflict_zones, worst_layers=worst_layers(result), findings=result.findings,
-        strategy=StrategyBrief(
-            method=strategy.method, confidence=strategy.confidence, runner_up=strategy.runner_up
-        ) if strategy else None,
-        notes=result.notes, cached=cached, elapsed_s=result.elapsed_s,
-        layers=result.layer_metrics if detail else None,
+        strategy=strategy_brief(result), notes=result.notes, cached=cached, elapsed_s=result.elapsed_s,
+        layers=layers, page=page, pages=pages,
     )
 
 
 def score(result: CompareResult, cached: bool) -> Score:
     mci = result.mci
-    return Score(score=mci.score, verdict=mci.verdict, confidence=mci.confidence, reasons=mci.reasons,
+    return Score(merge_advised=result.merge_advised, answer=result.answer, score=mci.score,
+                 verdict=mci.verdict, confidence=mci.confidence, reasons=mci.reasons,
                  used_base=mci.used_base, pairwise=result.pairwise, cached=cached)
 
 
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 
 
-def zones(result: CompareResult, cached: bool, detail: bool) -> Zones:
+def zones(result: CompareResult, cached: bool, detail: bool, page: int = 1) -> Zones:
     ordered = sorted(result.conflict_zones, key=lambda z: (SEVERITY_ORDER[z.severity.value], z.score))
     inside = {(z.model_a, z.model_b, name) for z in ordered for name in z.layer_names}
     layers = [lm for lm in result.layer_metrics if (lm.model_a, lm.model_b, lm.layer_name) in inside]
-    return Zones(score=result.mci.score, verdict=result.mci.verdict, zones=ordered,
-                 layers_scored=len(result.layer_metrics), cached=cached, layers=layers if detail else None)
+    shown, page, pages = paged(layers, page) if detail else (None, None, None)
+    return Zones(merge_advised=result.merge_advised, answer=result.answer, score=result.mci.score,
+                 verdict=result.mci.verdict, zones=ordered, layers_scored=len(result.layer_metrics),
+                 cached=cached, layers=shown, page=page, pages=pages)
+
+
+def strategy_advice(result: CompareResult, cached: bool) -> StrategyAdvice:
+    s = result.strategy
+    assert s is not None
+    return StrategyAdvice(
+        merge_advised=result.merge_advised, answer=result.answer, method=s.method, confidence=s.confidence,
+        rationale=s.rationale, runner_up=s.runner_up, parameters=s.parameters, warnings=s.warnings,
+        mergekit_yaml=s.mergekit_yaml, score=result.mci.score, verdict=result.mci.verdict, cached=cached,
+    )
+
+
+def layer_report(found: list[LayerExplanation], cached: bool, detail: bool) -> LayerReport:
+    """The explanations; each metric's meaning once (detail only), never repeated per reading."""
+    definitions = {r.name: r.meaning for e in found for r in e.readings if r.meaning} if detail else None
+    explanations = [
+        e.model_copy(update={"readings": [
+            r.model_copy(update={"meaning": None, "why": r.why if detail else None}) for r in e.readings
+        ]})
+        for e in found
+    ]
+    return LayerReport(layer=found[0].layer_name, explanations=explanations, definitions=definitions,
+                       cached=cached)
+
+
+def reply(view: View, headline: str) -> CallToolResult:
+    """The tool result: a one-line headline, then the view as compact JSON (text), and the view (structured)."""
+    data = view.model_dump(mode="json")
+    text = headline.strip() + "\n" + view.model_dump_json(exclude_none=True)
+    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
 
 
 def summary(result: CompareResult) -> str:

@@ -186,13 +186,14 @@ async def test_explain_layer_says_in_words_why_the_flipped_layer_is_bad_for_merg
     shared: MCPServer[AppState], flipped_pair: dict[str, Any]
 ) -> None:
     async with Client(shared) as client:
-        result = await call(client, "explain_layer", flipped_pair | {"layer": "2"})
+        result = await call(client, "explain_layer", flipped_pair | {"layer": "2", "detail": True})
     out = result.structured_content
     assert out["layer"] == "layers.2" and len(out["explanations"]) == 1
     layer = out["explanations"][0]
     readings = {r["name"]: r for r in layer["readings"]}
     assert readings["task_cosine"]["value"] < -0.5 and readings["task_cosine"]["assessment"] == "bad"
-    assert readings["task_cosine"]["meaning"].startswith("Cosine of the two task vectors")
+    assert out["definitions"]["task_cosine"].startswith("Cosine of the two task vectors")
+    assert readings["task_cosine"]["meaning"] is None  # said once, in `definitions`
     assert "opposite ones cancel" in readings["task_cosine"]["why"]
     assert readings["cosine_similarity"]["assessment"] == "good"
     assert readings["task_l2_distance"]["assessment"] == "informational"
