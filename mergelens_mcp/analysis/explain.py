@@ -7,6 +7,7 @@ from ..models import LayerExplanation, LayerMetrics, MetricReading, Verdict
 from . import score as mci
 from .metrics import REGISTRY
 from .score import CATALOGUE
+from .zones import OPPOSED_ADVICE, opposed
 
 ASSESSMENT = {
     Verdict.HIGHLY_COMPATIBLE: "good", Verdict.COMPATIBLE: "acceptable", Verdict.RISKY: "risky",
@@ -55,8 +56,16 @@ def explain(lm: LayerMetrics) -> LayerExplanation:
         model_a=lm.model_a, model_b=lm.model_b, layer_name=lm.layer_name, layer_index=lm.layer_index,
         kind=lm.kind, n_params=lm.n_params, score=lm.score, verdict=verdict,
         summary=_summary(lm, verdict, weakest),
-        readings=readings, advice=[f"{n}: {CATALOGUE[n].advice}" for _, n in weakest if n in CATALOGUE],
+        readings=readings, advice=_advice(lm, weakest),
     )
+
+
+def _advice(lm: LayerMetrics, weakest: list[tuple[float, str]]) -> list[str]:
+    """What to do about the weak components, worst first; where the task vectors are opposed, only the keep-one
+    advice (no merge method recovers task vectors that cancel)."""
+    if opposed([lm]):
+        return [f"alignment: {OPPOSED_ADVICE}"]
+    return [f"{n}: {CATALOGUE[n].advice}" for _, n in weakest if n in CATALOGUE]
 
 
 def _reading(name: str, value: float, components: dict[str, float]) -> MetricReading:

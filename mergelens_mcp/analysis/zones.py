@@ -52,7 +52,7 @@ def _zone(run: list[LayerMetrics], positions: dict[str, int]) -> ConflictZone:
         drivers = [max(totals, key=lambda n: totals[n])]
     first, last = positions[run[0].layer_name], positions[run[-1].layer_name]
     span = describe_span([lm.layer_name for lm in run], positions)
-    if _opposed(run):
+    if opposed(run):
         advice = OPPOSED_ADVICE
     else:
         advice = "; ".join(CATALOGUE[d].advice for d in drivers[:2] if d in CATALOGUE)
@@ -77,7 +77,7 @@ def describe_span(names: list[str], positions: dict[str, int]) -> str:
     return names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
 
 
-def _opposed(run: list[LayerMetrics]) -> bool:
+def opposed(run: list[LayerMetrics]) -> bool:
     """Whether the run's task vectors point opposite ways (parameter-weighted task cosine below the limit)."""
     pairs = [(lm.metrics["task_cosine"], lm.n_params) for lm in run if "task_cosine" in lm.metrics]
     total = sum(n for _, n in pairs)

@@ -45,7 +45,10 @@ def advise(result: CompareResult) -> CompareResult:
     if blocked and result.strategy is not None:
         result = result.model_copy(update={"strategy": None})
     advised, answer = decide(result)
-    zones = result.conflict_zones if advised is not MergeAdvice.NO else [_keep_one(z) for z in result.conflict_zones]
+    keep_one = result.mci.verdict is Verdict.INCOMPATIBLE or (
+        result.strategy is not None and result.strategy.method is MergeMethod.PASSTHROUGH
+    )
+    zones = [_keep_one(z) for z in result.conflict_zones] if keep_one else result.conflict_zones
     return result.model_copy(update={"merge_advised": advised, "answer": answer, "conflict_zones": zones})
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
-from mcp.types import CallToolResult
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult
 from pydantic import Field
 
 from ..analysis.explain import LAYER_NUMBERING, explain, find_layer
@@ -17,7 +17,6 @@ from ..security.redact import redact
 from . import views
 from .params import READ_ONLY, BaseModelPath, Detail, Models
 from .runtime import AppContext, analyse
-
 
 Page = Annotated[int, Field(ge=1, description="with detail=true: which page of layers to return (from 1; "
                                               "the answer says how many pages there are)")]

@@ -26,6 +26,9 @@ from ..models import (
 
 T = TypeVar("T")
 WORST_LAYERS = 5
+WEAK_ASSESSMENTS = ("risky", "bad")
+EXAMPLES = 3  # findings of one kind, and reasons, shown before a count of the rest (detail=true: all)
+MAX_REASONS = 6
 DETAIL_PAGE = 8  # layer entries per page of `detail` output
 ADVISED_DOC = "the decision: yes, with_care or no (read this first)"
 ANSWER_DOC = "the decision in one sentence, to quote to the user"
@@ -141,7 +144,9 @@ class StrategyAdvice(View):
 
 class LayerReport(View):
     layer: str
-    explanations: list[LayerExplanation] = Field(description="one per pair of models")
+    explanations: list[LayerExplanation] = Field(
+        description="one per pair of models; its readings are the risky or bad ones unless detail=true"
+    )
     definitions: dict[str, str] | None = Field(
         default=None, description="detail=true only: what each metric measures, once for all pairs"
     )
@@ -222,15 +227,44 @@ def strategy_brief(result: CompareResult) -> StrategyBrief | None:
                          why=s.rationale[0] if s.rationale else "", warnings=s.warnings)
 
 
+def summarised(findings: list[Finding]) -> list[Finding]:
+    """At most EXAMPLES findings of each kind, then one that counts the rest (a shape mismatch lists every
+    tensor otherwise)."""
+    by_code: dict[str, list[Finding]] = {}
+    for f in findings:
+        by_code.setdefault(f.code, []).append(f)
+    out: list[Finding] = []
+    for code, group in by_code.items():
+        out.extend(group[:EXAMPLES])
+        if len(group) > EXAMPLES:
+            out.append(Finding(level=group[0].level, code=code, fix=group[0].fix,
+                               message=f"... and {len(group) - EXAMPLES} more {code} findings like these "
+                                       "(detail=true lists them)"))
+    return out
+
+
+def short_reasons(reasons: list[str], findings: list[Finding]) -> list[str]:
+    """The reasons, with those repeating a summarised-away finding left out, at most MAX_REASONS."""
+    kept = {f.message for f in summarised(findings)}
+    hidden = {f.message for f in findings} - kept
+    shown = [r for r in reasons if r not in hidden]
+    if len(shown) > MAX_REASONS or len(shown) < len(reasons):
+        rest = len(reasons) - len(shown[:MAX_REASONS])
+        return [*shown[:MAX_REASONS], f"... and {rest} more (see findings; detail=true lists them)"]
+    return shown
+
+
 def comparison(result: CompareResult, cached: bool, detail: bool, page: int = 1) -> Comparison:
     mci = result.mci
+    findings = result.findings if detail else summarised(result.findings)
+    reasons = mci.reasons if detail else short_reasons(mci.reasons, result.findings)
     layers, page, pages = paged(result.layer_metrics, page) if detail else (None, None, None)
     return Comparison(
         merge_advised=result.merge_advised, answer=result.answer,
-        score=mci.score, verdict=mci.verdict, confidence=mci.confidence, reasons=mci.reasons,
+        score=mci.score, verdict=mci.verdict, confidence=mci.confidence, reasons=reasons,
         used_base=mci.used_base, models=[brief(m) for m in result.models],
         base=brief(result.base) if result.base else None, pairwise=result.pairwise, components=mci.components,
-        conflict_zones=result.conflict_zones, worst_layers=worst_layers(result), findings=result.findings,
+        conflict_zones=result.conflict_zones, worst_layers=worst_layers(result), findings=findings,
         strategy=strategy_brief(result), notes=result.notes, cached=cached, elapsed_s=result.elapsed_s,
         layers=layers, page=page, pages=pages,
     )
@@ -239,7 +273,7 @@ def comparison(result: CompareResult, cached: bool, detail: bool, page: int = 1)
 def score(result: CompareResult, cached: bool) -> Score:
     mci = result.mci
     return Score(merge_advised=result.merge_advised, answer=result.answer, score=mci.score,
-                 verdict=mci.verdict, confidence=mci.confidence, reasons=mci.reasons,
+                 verdict=mci.verdict, confidence=mci.confidence, reasons=short_reasons(mci.reasons, result.findings),
                  used_base=mci.used_base, pairwise=result.pairwise, cached=cached)
 
 
@@ -267,11 +301,13 @@ def strategy_advice(result: CompareResult, cached: bool) -> StrategyAdvice:
 
 
 def layer_report(found: list[LayerExplanation], cached: bool, detail: bool) -> LayerReport:
-    """The explanations; each metric's meaning once (detail only), never repeated per reading."""
+    """The explanations; each metric's meaning once (detail only), never repeated per reading. By default only
+    the readings that hurt the merge (risky or bad), the others with detail."""
     definitions = {r.name: r.meaning for e in found for r in e.readings if r.meaning} if detail else None
     explanations = [
         e.model_copy(update={"readings": [
             r.model_copy(update={"meaning": None, "why": r.why if detail else None}) for r in e.readings
+            if detail or r.assessment in WEAK_ASSESSMENTS
         ]})
         for e in found
     ]

@@ -1,0 +1,217 @@
+"""Answers an assistant can act on, through the in-process client: one decision (`merge_advised`, `answer`) said
+the same way by every tool, the should_i_merge conversation played on the fixture cases, and the size of every
+tool's default answer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import yaml
+from mcp import Client
+from mcp.server.mcpserver import MCPServer
+
+from fixtures.checkpoints import Family, Shape, make_gpt2, random_model, save
+from fixtures.configs import linear_config, ties_config
+from mergelens_mcp.server import build_server
+from mergelens_mcp.settings import Settings
+from mergelens_mcp.tools.runtime import AppState
+
+TIMEOUT_S = 60
+MAX_ANSWER = 4_000
+ADVISING_TOOLS = ("compare_models", "get_compatibility_score", "get_conflict_zones")
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def shared(settings: Settings) -> MCPServer[AppState]:
+    return build_server(settings)
+
+
+def cases(f: Family) -> dict[str, tuple[list[str], str | None]]:
+    """The fixture cases of the conversation: models and base."""
+    a, b = str(f.finetune_a), str(f.finetune_b)
+    return {
+        "two fine-tunes": ([a, b], str(f.base)),
+        "opposed": ([a, str(f.opposed)], str(f.base)),
+        "unrelated": ([a, str(f.unrelated)], str(f.base)),
+        "three models": ([a, b, str(f.flipped)], str(f.base)),
+        "base given as a model": ([str(f.base), a], str(f.base)),
+        "the same model twice": ([a, a], str(f.base)),
+    }
+
+
+# merge_advised, and what suggest_strategy says: a method, or an error naming why
+EXPECTED = {
+    "two fine-tunes": ("yes", {"slerp", "linear"}),
+    "opposed": ("no", {"passthrough"}),
+    "unrelated": ("no", {"passthrough"}),
+    "three models": ("with_care", {"model_stock", "ties", "linear"}),
+    "base given as a model": ("no", "is the base model itself"),
+    "the same model twice": ("no", "are the same checkpoint"),
+}
+
+
+async def call(client: Client, tool: str, arguments: dict[str, Any]) -> Any:
+    with anyio.fail_after(TIMEOUT_S):
+        return await client.call_tool(tool, arguments)
+
+
+def text_of(result: Any) -> str:
+    return " ".join(c.text for c in result.content)
+
+
+async def play(client: Client, models: list[str], base: str | None) -> dict[str, Any]:
+    """Follow the should_i_merge prompt as an assistant would; return what it would tell the user."""
+    prompt = await client.get_prompt("should_i_merge", {"models": ", ".join(models), "base_model": base or ""})
+    steps = prompt.messages[0].content.text
+    assert steps.index("compare_models") < steps.index("suggest_strategy")
+    args: dict[str, Any] = {"models": models, "base_model": base}
+    compared = (await call(client, "compare_models", args)).structured_content
+    told: dict[str, Any] = {"advised": compared["merge_advised"], "answer": compared["answer"], "method": None}
+    strategy = await call(client, "suggest_strategy", args)  # the prompt says: whatever the decision
+    if strategy.is_error:
+        told["refusal"] = text_of(strategy)
+    else:
+        told["method"] = strategy.structured_content["method"]
+        assert strategy.structured_content["merge_advised"] == told["advised"]
+    if told["advised"] == "with_care":
+        told["zones"] = (await call(client, "get_conflict_zones", args)).structured_content["zones"]
+    return told
+
+
+async def test_the_should_i_merge_conversation_ends_at_the_right_advice_in_every_fixture_case(
+    shared: MCPServer[AppState], family: Family
+) -> None:
+    async with Client(shared) as client:
+        for name, (models, base) in cases(family).items():
+            told = await play(client, models, base)
+            advised, strategy = EXPECTED[name]
+            assert told["advised"] == advised, (name, told)
+            assert told["answer"].lower().startswith({"yes": "yes", "with_care": "with care", "no": "no"}[advised])
+            if isinstance(strategy, set):
+                assert told["method"] in strategy, (name, told)
+            else:
+                assert strategy in told["refusal"] and told["refusal"].count("\n") == 0, (name, told)
+            if advised == "with_care":
+                assert told["zones"] and "layers.2" in told["answer"], (name, told)
+
+
+async def test_every_analysis_tool_says_the_same_decision_and_answer(
+    shared: MCPServer[AppState], family: Family
+) -> None:
+    models, base = cases(family)["opposed"]
+    async with Client(shared) as client:
+        outs = [(await call(client, tool, {"models": models, "base_model": base})).structured_content
+                for tool in ADVISING_TOOLS]
+        strategy = (await call(client, "suggest_strategy", {"models": models, "base_model": base}))
+    decisions = {(o["merge_advised"], o["answer"]) for o in [*outs, strategy.structured_content]}
+    [(advised, answer)] = decisions
+    assert advised == "no" and "undo each other" in answer
+    compared, _, zones = outs
+    assert compared["strategy"]["method"] == "passthrough"
+    assert "undo each other" in compared["strategy"]["why"] and compared["strategy"]["warnings"]
+    assert strategy.structured_content["runner_up"] is None  # no method rescues task vectors that cancel
+    for zone in [*compared["conflict_zones"], *zones["zones"]]:
+        assert "ties" not in zone["recommendation"] and "keep one model" in zone["recommendation"]
+
+
+async def test_the_text_content_starts_with_the_answer_then_compact_json(
+    shared: MCPServer[AppState], family: Family
+) -> None:
+    models, base = cases(family)["two fine-tunes"]
+    async with Client(shared) as client:
+        result = await call(client, "compare_models", {"models": models, "base_model": base})
+    headline, _, body = text_of(result).partition("\n")
+    assert headline == result.structured_content["answer"] and headline.startswith("Yes (MCI ")
+    assert "\n" not in body and "  " not in body
+    assert json.loads(body)["merge_advised"] == "yes"
+
+
+async def test_the_same_model_twice_and_the_base_as_a_model_are_findings_not_scores_to_trust(
+    shared: MCPServer[AppState], family: Family
+) -> None:
+    async with Client(shared) as client:
+        twice = await call(client, "get_compatibility_score", {"models": [str(family.finetune_a)] * 2})
+        as_base = await call(client, "compare_models",
+                             {"models": [str(family.base), str(family.finetune_b)], "base_model": str(family.base)})
+    assert not twice.is_error and twice.structured_content["merge_advised"] == "no"
+    assert "same checkpoint" in twice.structured_content["answer"]
+    out = as_base.structured_content
+    assert out["merge_advised"] == "no" and out["strategy"] is None
+    assert [f["code"] for f in out["findings"]] == ["model_is_base"]
+
+
+async def test_models_without_a_finite_weight_get_no_score(shared: MCPServer[AppState], scratch: Path) -> None:
+    import torch
+
+    shape = Shape(hidden=16, layers=2, heads=2, kv_heads=1, intermediate=32, vocab=32)
+    for name in ("nan_a", "nan_b"):
+        state = {k: torch.full_like(v, float("nan")) for k, v in random_model(shape, 0).items()}
+        save(state, scratch / name, shape, dtype=torch.float32)
+    async with Client(shared) as client:
+        result = await call(client, "get_compatibility_score",
+                            {"models": [str(scratch / "nan_a"), str(scratch / "nan_b")]})
+    out = result.structured_content
+    assert out["score"] is None and out["verdict"] == "incompatible" and out["merge_advised"] == "no"
+    assert "no finite weight" in out["answer"]
+
+
+async def test_explain_layer_takes_the_zone_numbering_and_names_in_any_case(
+    shared: MCPServer[AppState], family: Family
+) -> None:
+    args = {"models": [str(family.finetune_a), str(family.flipped)], "base_model": str(family.base)}
+    async with Client(shared) as client:
+        embed = await call(client, "explain_layer", args | {"layer": -1})
+        named = await call(client, "explain_layer", args | {"layer": "Layers.2"})
+        head = await call(client, "explain_layer", args | {"layer": 4})  # the block count: norm and lm_head
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert embed.structured_content["layer"] == "embed"
+    assert named.structured_content["layer"] == "layers.2"
+    assert [e["layer_name"] for e in head.structured_content["explanations"]] == ["norm", "lm_head"]
+    assert "-1 the embeddings" in json.dumps(tools["explain_layer"].input_schema)
+
+
+async def test_detail_is_paged(shared: MCPServer[AppState], family: Family) -> None:
+    models, base = cases(family)["three models"]
+    async with Client(shared) as client:
+        first = await call(client, "compare_models", {"models": models, "base_model": base, "detail": True})
+        last = await call(client, "compare_models",
+                          {"models": models, "base_model": base, "detail": True, "page": 99})
+    one, end = first.structured_content, last.structured_content
+    assert one["page"] == 1 and one["pages"] == end["page"] == -(-21 // 8)  # 3 pairs x 7 layers
+    assert len(one["layers"]) == 8 and len(end["layers"]) == 21 - 8 * 2
+
+
+async def test_every_tool_default_answer_stays_under_4000_characters(
+    shared: MCPServer[AppState], family: Family, scratch: Path
+) -> None:
+    gpt2 = make_gpt2(scratch / "gpt2")
+    smaller = save(random_model(Shape(hidden=32, layers=6, intermediate=64), 5), scratch / "smaller",
+                   Shape(hidden=32, layers=6, intermediate=64))  # every tensor's shape differs: 43 findings
+    all_cases = cases(family) | {
+        "other architecture": ([str(family.finetune_a), str(gpt2)], None),
+        "other shape": ([str(family.finetune_a), str(smaller)], None),
+    }
+    f = family
+    configs = {
+        "ties": ties_config(str(f.finetune_a), str(f.finetune_b), str(f.base)),
+        "linear opposed": linear_config(str(f.finetune_a), str(f.opposed)),
+    }
+    sizes: dict[tuple[str, str], int] = {}
+    async with Client(shared) as client:
+        for name, (models, base) in all_cases.items():
+            args = {"models": models, "base_model": base}
+            for tool in ("compare_models", "get_compatibility_score", "get_conflict_zones", "suggest_strategy"):
+                sizes[(name, tool)] = len(text_of(await call(client, tool, args)))
+            sizes[(name, "explain_layer")] = len(text_of(await call(client, "explain_layer", args | {"layer": 2})))
+        for name, config in configs.items():
+            result = await call(client, "diagnose_merge", {"config": yaml.safe_dump(config)})
+            sizes[(name, "diagnose_merge")] = len(text_of(result))
+    for (case, tool), size in sorted(sizes.items(), key=lambda kv: -kv[1]):
+        print(f"{size:6d}  {tool:24s} {case}")
+    assert max(sizes.values()) < MAX_ANSWER, max(sizes.items(), key=lambda kv: kv[1])
