@@ -102,10 +102,24 @@ def _check_expanded_size(data: Any, where: str) -> None:
             stack.extend(item)
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader whose scalars that cannot be built (`2001-02-30`, `!!int abc`, a 5000-digit integer) fail
+    with the line they are on, like any other YAML error, instead of a bare ValueError."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as exc:
+            value = node.value if isinstance(node, yaml.ScalarNode) else node.tag
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            problem = f"{shown!r} cannot be read as {node.tag.rsplit(':', 1)[-1]} ({str(exc)[:120]})"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
 def parse_config(text: str, where: str = "config") -> dict[str, Any]:
     """yaml.safe_load, with errors that name the line and the fix."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
     except RecursionError:
         raise ConfigError(f"{where}: is nested too deeply to be a mergekit config") from None
     except yaml.MarkedYAMLError as exc:
