@@ -101,13 +101,15 @@ def diagnose(
     guard: PathGuard | None = None,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
+    base: str | None = None,
 ) -> ConfigDiagnosis:
-    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it on the readable models."""
+    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it on the readable models
+    (`base`: the models' common base, for a config that names none)."""
     from .mergekit.diagnose import diagnose as diagnose_config
 
     settings = settings or Settings()
     return redact_model(diagnose_config(
-        config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled
+        config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled, base=base
     ))
 
 

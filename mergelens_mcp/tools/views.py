@@ -191,6 +191,18 @@ def diagnosis(result: ConfigDiagnosis, detail: bool) -> Diagnosis:
     )
 
 
+def diagnosis_headline(view: Diagnosis) -> str:
+    """One line: will mergekit run it, how many problems, what the simulation found."""
+    errors = [f for f in view.findings if f.level.value == "error"]
+    warnings = [f for f in view.findings if f.level.value == "warning"]
+    head = "Valid: mergekit should run it" if view.valid else f"Will fail or misbehave: {len(errors)} error(s)"
+    head += f", {len(warnings)} warning(s)" if warnings else ""
+    if view.overall_interference is not None:
+        head += f"; simulated interference {view.overall_interference:.2f} (0 = nothing lost)"
+    first = (errors or warnings or [None])[0]
+    return head + (f". First: {first.message}" if first is not None else ".")
+
+
 def brief(info: ModelInfo) -> ModelBrief:
     return ModelBrief(
         label=info.label, source=info.source, architecture=info.architecture, n_params=info.n_params

@@ -215,3 +215,46 @@ async def test_every_tool_default_answer_stays_under_4000_characters(
     for (case, tool), size in sorted(sizes.items(), key=lambda kv: -kv[1]):
         print(f"{size:6d}  {tool:24s} {case}")
     assert max(sizes.values()) < MAX_ANSWER, max(sizes.items(), key=lambda kv: kv[1])
+
+
+async def test_a_misspelt_method_does_not_hide_the_other_findings(shared: MCPServer[AppState]) -> None:
+    config = ("merge_method: tie\nbase_model: org/base\nmodels:\n"
+              "  - model: org/a\n    parameters: {weight: 0.5, density: 1.5}\n"
+              "  - model: org/b\n    parameters: {weight: \"1e-3\", densty: 0.5}\n")
+    async with Client(shared) as client:
+        result = await call(client, "diagnose_merge", {"config": config})
+    out = result.structured_content
+    codes = {f["code"]: f for f in out["findings"]}
+    assert {"unknown_method", "density_out_of_range", "string_number", "unknown_parameter"} <= set(codes)
+    assert "checked against ties's parameters" in codes["unknown_method"]["message"]
+    assert out["valid"] is False and text_of(result).startswith("Will fail or misbehave: 2 error(s)")
+
+
+@pytest.mark.parametrize(
+    "config, line",
+    [("merge_method: ties\nx: 2001-02-30\n", 2), ("merge_method: !!int abc\n", 1),
+     ("merge_method: ties\nx: !!float abc\n", 2), ("merge_method: ties\nx: " + "9" * 5000 + "\n", 2)],
+    ids=["impossible-date", "int-tag", "float-tag", "5000-digits"],
+)
+async def test_hostile_yaml_is_a_one_line_error_with_its_line(
+    shared: MCPServer[AppState], config: str, line: int
+) -> None:
+    async with Client(shared) as client:
+        result = await call(client, "diagnose_merge", {"config": config})
+    assert result.is_error
+    message = text_of(result)
+    assert f"invalid YAML at line {line}" in message and "\n" not in message and len(message) < 400
+
+
+async def test_diagnose_merge_takes_a_base_hint_and_warns_when_the_merge_cancels_the_fine_tunes(
+    shared: MCPServer[AppState], family: Family
+) -> None:
+    config = yaml.safe_dump(linear_config(str(family.finetune_a), str(family.opposed)))
+    async with Client(shared) as client:
+        blind = (await call(client, "diagnose_merge", {"config": config})).structured_content
+        seen = (await call(client, "diagnose_merge",
+                           {"config": config, "base_model": str(family.base)})).structured_content
+    assert [f["code"] for f in blind["findings"]] == ["no_base_for_cancellation"]
+    assert blind["overall_interference"] < 0.05
+    assert seen["overall_interference"] > 0.9
+    assert [f["code"] for f in seen["findings"]] == ["high_interference"]
