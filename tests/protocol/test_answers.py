@@ -258,3 +258,23 @@ async def test_diagnose_merge_takes_a_base_hint_and_warns_when_the_merge_cancels
     assert blind["overall_interference"] < 0.05
     assert seen["overall_interference"] > 0.9
     assert [f["code"] for f in seen["findings"]] == ["high_interference"]
+
+
+@pytest.mark.parametrize(
+    "tool, arguments, expected",
+    [
+        ("compare_models", {"models": ["only-one"]}, "compare_models: invalid arguments: models: list should have "
+                                                     "at least 2 items after validation, not 1 (expected: two or more"),
+        ("explain_layer", {"models": ["a", "b"]}, "explain_layer: invalid arguments: layer: field required "
+                                                  "(expected: the layer to explain: layers are numbered"),
+        ("diagnose_merge", {}, "diagnose_merge: invalid arguments: config: field required (expected: a mergekit"),
+    ],
+)
+async def test_invalid_arguments_get_a_one_line_fix_not_pydantic_s_report(
+    shared: MCPServer[AppState], tool: str, arguments: dict[str, Any], expected: str
+) -> None:
+    async with Client(shared) as client:
+        result = await call(client, tool, arguments)
+    message = text_of(result)
+    assert result.is_error and message.startswith(expected)
+    assert "\n" not in message and "pydantic.dev" not in message and "input_value" not in message
