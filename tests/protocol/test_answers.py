@@ -278,3 +278,21 @@ async def test_invalid_arguments_get_a_one_line_fix_not_pydantic_s_report(
     message = text_of(result)
     assert result.is_error and message.startswith(expected)
     assert "\n" not in message and "pydantic.dev" not in message and "input_value" not in message
+
+
+async def test_a_path_typo_shaped_like_a_hub_id_gets_both_readings_and_near_matches(
+    settings: Settings, family: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(family.base.parent.parent)
+    folder = family.base.parent.name
+    async with Client(build_server(settings)) as client:
+        result = await call(client, "get_compatibility_score",
+                            {"models": [f"{folder}/finetune_a", f"{folder}/finetune_bb"]})
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    message = text_of(result)
+    assert result.is_error and "\n" not in message
+    assert "is a Hub id" in message
+    assert f"relative paths resolve against the server's folder '{Path.cwd()}'" in message
+    assert f"did you mean '{family.finetune_b}'" in message
+    schema = json.dumps(tools["compare_models"].input_schema)
+    assert "relative ones resolve against the server's working folder" in schema
