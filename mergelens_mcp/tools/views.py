@@ -266,6 +266,19 @@ def short_reasons(reasons: list[str], findings: list[Finding]) -> list[str]:
     return shown
 
 
+CLI_WORDS = {"pass --base": "pass base_model"}  # the engine's notes name the CLI flag; tools take base_model
+
+
+def tool_notes(notes: list[str]) -> list[str]:
+    """The result's notes, in the words of the tools' parameters."""
+    out = []
+    for note in notes:
+        for cli, tool in CLI_WORDS.items():
+            note = note.replace(cli, tool)
+        out.append(note)
+    return out
+
+
 def comparison(result: CompareResult, cached: bool, detail: bool, page: int = 1) -> Comparison:
     mci = result.mci
     findings = result.findings if detail else summarised(result.findings)
@@ -277,7 +290,7 @@ def comparison(result: CompareResult, cached: bool, detail: bool, page: int = 1)
         used_base=mci.used_base, models=[brief(m) for m in result.models],
         base=brief(result.base) if result.base else None, pairwise=result.pairwise, components=mci.components,
         conflict_zones=result.conflict_zones, worst_layers=worst_layers(result), findings=findings,
-        strategy=strategy_brief(result), notes=result.notes, cached=cached, elapsed_s=result.elapsed_s,
+        strategy=strategy_brief(result), notes=tool_notes(result.notes), cached=cached, elapsed_s=result.elapsed_s,
         layers=layers, page=page, pages=pages,
     )
 

@@ -296,3 +296,12 @@ async def test_a_path_typo_shaped_like_a_hub_id_gets_both_readings_and_near_matc
     assert f"did you mean '{family.finetune_b}'" in message
     schema = json.dumps(tools["compare_models"].input_schema)
     assert "relative ones resolve against the server's working folder" in schema
+
+
+async def test_the_note_about_a_missing_base_names_the_tool_parameter_not_the_cli_flag(
+    shared: MCPServer[AppState], family: Family
+) -> None:
+    async with Client(shared) as client:
+        result = await call(client, "compare_models", {"models": [str(family.finetune_a), str(family.finetune_b)]})
+    notes = result.structured_content["notes"]
+    assert any("pass base_model for them" in n for n in notes) and not any("--base" in n for n in notes)
