@@ -53,7 +53,7 @@ class Finding(Frozen):
 
 
 class ModelInfo(Frozen):
-    label: str = Field(description="'model_a', 'model_b', ... or 'base'")
+    label: str = Field(description="the model's short name in the results: its folder's name, unique ('base' for the base)")
     source: str = Field(description="what the caller gave: a path or a Hub id")
     resolved: str = Field(description="the local folder or file that was read")
     architecture: str | None = None
@@ -248,6 +248,9 @@ class CompareResult(Frozen):
         default=None, description="the decision: yes, with_care or no (from the verdict, findings and strategy)"
     )
     answer: str | None = Field(default=None, description="the decision in one sentence, to quote")
+    names: dict[str, str] = Field(
+        default_factory=dict, description="each model's short name (its folder's name; 'base') -> what the caller gave"
+    )
 
 
 class LayerInterference(Frozen):

@@ -13,6 +13,7 @@ from .analysis.engine import Cancelled, Progress, analyze
 from .analysis.loading import Checkpoint, load_checkpoint
 from .errors import IncompatibleModelsError, InputError
 from .models import CompareResult, ConfigDiagnosis, Strategy
+from .naming import model_names
 from .security.paths import PathGuard
 from .security.redact import redact_model
 from .settings import Settings
@@ -31,7 +32,7 @@ def open_checkpoints(
     limits = settings.limits()
     opened = [
         stack.enter_context(load_checkpoint(str(src), label, guard=guard, limits=limits))
-        for src, label in zip(models, model_labels(len(models)), strict=True)
+        for src, label in zip(models, model_names([str(m) for m in models]), strict=True)
     ]
     base_ckpt = stack.enter_context(load_checkpoint(str(base), "base", guard=guard, limits=limits)) if base else None
     limits.check_request(sum(c.nbytes for c in [*opened, *([base_ckpt] if base_ckpt else [])]))

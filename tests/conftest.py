@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures.setup import pytest_terminal_summary  # noqa: F401 - a hook: names `make test-deps` after skips
 from mergelens_mcp.demo import Family, make_family
 
 # Tiny tensors: one thread is fastest, and two busy cores make torch's thread pool spin for nothing.
@@ -28,15 +29,3 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
-
-SETUP_COMMAND = "make test-deps"
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """End a run that skipped tests for want of Chromium or the MCP Inspector with the one command that adds them."""
-    skipped = [r for r in terminalreporter.stats.get("skipped", []) if SETUP_COMMAND in str(r.longrepr)]
-    if skipped:
-        terminalreporter.write_line(
-            f"{len(skipped)} test(s) skipped for want of Chromium or the MCP Inspector: `{SETUP_COMMAND}` installs "
-            "them, then run the tests again", yellow=True, bold=True,
-        )

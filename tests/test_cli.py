@@ -70,7 +70,7 @@ def test_three_models_give_three_pairs(
     assert code == EXIT_OK
     result = CompareResult.model_validate_json(out_file.read_text())
     assert [(p.model_a, p.model_b) for p in result.pairwise] == [
-        ("model_a", "model_b"), ("model_a", "model_c"), ("model_b", "model_c")
+        ("a", "b"), ("a", "c"), ("b", "c")  # named by their folders
     ]
     assert {(lm.model_a, lm.model_b) for lm in result.layer_metrics} == {
         (p.model_a, p.model_b) for p in result.pairwise
@@ -82,7 +82,7 @@ def test_three_models_give_three_pairs(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["{missing}", "{a}"], "model_a: '{missing}' is neither an existing path nor a Hugging Face Hub id"),
+        (["{missing}", "{a}"], "nope: '{missing}' is neither an existing path nor a Hugging Face Hub id"),
         (["{a}"], "compare needs at least two models"),
         (["{a}", "{pickle}"], "pytorch_model.bin is a pickle-based checkpoint"),
         (["{a}", "{empty}"], "holds no .safetensors files"),
@@ -148,7 +148,7 @@ def test_incompatible_models_print_the_verdict_and_the_reason_and_exit_0(
     out = capsys.readouterr().out
     assert code == EXIT_OK
     assert "Merge Compatibility Index: n/a  incompatible" in out
-    assert "model_b is GPT2LMHeadModel, model_a is LlamaForCausalLM" in out
+    assert "gpt2 is GPT2LMHeadModel, a is LlamaForCausalLM" in out
     assert "Per layer" not in out
 
 
@@ -159,7 +159,7 @@ def test_compare_prints_the_answer_first_and_the_same_model_twice_is_a_clear_no_
     out = capsys.readouterr().out
     assert code == EXIT_OK
     first = next(line for line in out.splitlines() if line.strip())
-    assert first.startswith("No: model_a and model_b are the same checkpoint")
+    assert first.startswith("No: a and a-2 are the same checkpoint")
     assert "Recommended merge" not in out
 
 

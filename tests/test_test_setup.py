@@ -7,8 +7,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-import conftest
-from fixtures import browser
+from fixtures import browser, setup
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,6 +29,6 @@ def test_the_skip_reasons_and_the_end_of_the_run_name_make_test_deps() -> None:
     skipped = [SimpleNamespace(longrepr=("x.py", 1, f"Skipped: no Chromium: {browser.INSTALL_HINT}")),
                SimpleNamespace(longrepr=("y.py", 2, "Skipped: unrelated"))]
     reporter = SimpleNamespace(stats={"skipped": skipped}, write_line=lambda text, **_: lines.append(text))
-    conftest.pytest_terminal_summary(reporter)  # type: ignore[arg-type]
+    setup.pytest_terminal_summary(reporter)  # type: ignore[arg-type]
     assert lines == ["1 test(s) skipped for want of Chromium or the MCP Inspector: `make test-deps` installs "
                      "them, then run the tests again"]

@@ -49,7 +49,9 @@ def advise(result: CompareResult) -> CompareResult:
         result.strategy is not None and result.strategy.method is MergeMethod.PASSTHROUGH
     )
     zones = [_keep_one(z) for z in result.conflict_zones] if keep_one else result.conflict_zones
-    return result.model_copy(update={"merge_advised": advised, "answer": answer, "conflict_zones": zones})
+    names = {m.label: m.source for m in [*result.models, *([result.base] if result.base else [])]}
+    return result.model_copy(update={"merge_advised": advised, "answer": answer, "conflict_zones": zones,
+                                     "names": names})
 
 
 def decide(result: CompareResult) -> tuple[MergeAdvice, str]:

@@ -44,7 +44,7 @@ class View(BaseModel):
 
 
 class ModelBrief(View):
-    label: str = Field(description="how the results name this model: 'model_a', 'model_b', ... or 'base'")
+    label: str = Field(description="how the results name this model: its folder's name, made unique, or 'base'")
     source: str
     architecture: str | None
     n_params: int

@@ -48,7 +48,7 @@ def test_a_sign_flipped_layer_with_a_base_gets_ties_and_the_flipped_model_is_lef
     assert strategy is not None
     assert strategy.method in (MergeMethod.TIES, MergeMethod.DARE_TIES)
     assert strategy.runner_up is not None and strategy.runner_up is not strategy.method
-    assert strategy.parameters["weights_per_layer"] == {"model_b": [0.5, 0.5, 0.0, 0.5]}
+    assert strategy.parameters["weights_per_layer"] == {"flipped": [0.5, 0.5, 0.0, 0.5]}
     config = yaml.safe_load(strategy.mergekit_yaml)
     assert config["base_model"] == str(family.base)
     assert [m["model"] for m in config["models"]] == [str(family.finetune_a), str(family.flipped)]

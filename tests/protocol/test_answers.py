@@ -305,3 +305,19 @@ async def test_the_note_about_a_missing_base_names_the_tool_parameter_not_the_cl
         result = await call(client, "compare_models", {"models": [str(family.finetune_a), str(family.finetune_b)]})
     notes = result.structured_content["notes"]
     assert any("pass base_model for them" in n for n in notes) and not any("--base" in n for n in notes)
+
+
+async def test_models_are_named_by_their_folders_with_the_full_paths_in_one_map(
+    shared: MCPServer[AppState], family: Family
+) -> None:
+    models, base = cases(family)["three models"]
+    async with Client(shared) as client:
+        out = (await call(client, "compare_models", {"models": models, "base_model": base})).structured_content
+        twice = (await call(client, "compare_models", {"models": [models[0], models[0]]})).structured_content
+    assert [(p["model_a"], p["model_b"]) for p in out["pairwise"]] == [
+        ("finetune_a", "finetune_b"), ("finetune_a", "flipped"), ("finetune_b", "flipped")]
+    assert {m["label"]: m["source"] for m in out["models"]} == dict(zip(
+        ["finetune_a", "finetune_b", "flipped"], models, strict=True))
+    assert out["base"]["label"] == "base"
+    assert [m["label"] for m in twice["models"]] == ["finetune_a", "finetune_a-2"]
+

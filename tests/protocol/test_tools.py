@@ -89,7 +89,7 @@ async def test_compare_models_returns_a_compact_structured_answer_with_the_flipp
         result = await call(client, "compare_models", flipped_pair)
     assert not result.is_error
     out = result.structured_content
-    assert out["pairwise"] == [{"model_a": "model_a", "model_b": "model_b", "score": out["score"],
+    assert out["pairwise"] == [{"model_a": "finetune_a", "model_b": "flipped", "score": out["score"],
                                 "verdict": out["verdict"]}]
     assert out["verdict"] == verdict_for(out["score"]).value and out["score"] < 100
     assert [(z["start_layer"], z["end_layer"]) for z in out["conflict_zones"]] == [(2, 2)]
