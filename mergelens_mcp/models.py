@@ -53,7 +53,7 @@ class Finding(Frozen):
 
 
 class ModelInfo(Frozen):
-    label: str = Field(description="the model's short name in the results: its folder's name, unique ('base' for the base)")
+    label: str = Field(description="the model's short name in results: its folder's name, unique ('base': the base)")
     source: str = Field(description="what the caller gave: a path or a Hub id")
     resolved: str = Field(description="the local folder or file that was read")
     architecture: str | None = None
