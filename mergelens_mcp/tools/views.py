@@ -154,6 +154,8 @@ class LayerReport(View):
 
 
 class Report(View):
+    merge_advised: MergeAdvice | None = Field(default=None, description=ADVISED_DOC)
+    answer: str | None = Field(default=None, description=ANSWER_DOC)
     path: str = Field(description="the HTML file written")
     bytes: int
     score: float | None

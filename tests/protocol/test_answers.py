@@ -109,7 +109,9 @@ async def test_every_analysis_tool_says_the_same_decision_and_answer(
         outs = [(await call(client, tool, {"models": models, "base_model": base})).structured_content
                 for tool in ADVISING_TOOLS]
         strategy = (await call(client, "suggest_strategy", {"models": models, "base_model": base}))
-    decisions = {(o["merge_advised"], o["answer"]) for o in [*outs, strategy.structured_content]}
+        report = (await call(client, "generate_report", {"models": models, "base_model": base}))
+    decisions = {(o["merge_advised"], o["answer"])
+                 for o in [*outs, strategy.structured_content, report.structured_content]}
     [(advised, answer)] = decisions
     assert advised == "no" and "undo each other" in answer
     compared, _, zones = outs
