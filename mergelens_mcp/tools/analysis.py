@@ -82,11 +82,13 @@ def register(server: MCPServer) -> None:
         compare_models, name="compare_models", title="Compare models before merging", annotations=READ_ONLY,
         description=(
             "Answer 'can these models be merged, and where will it break?' before running a merge. Reads two "
-            "or more checkpoints (and ideally their common base) and returns the Merge Compatibility Index "
+            "or more checkpoints (and ideally their common base) and returns the decision, merge_advised "
+            "(yes / with_care / no) with a one-sentence answer to quote, the Merge Compatibility Index "
             "(0-100) with a verdict (highly_compatible / compatible / risky / incompatible), the reasons, "
             "the conflict zones (runs of layers that would merge badly, with a fix), the worst layers, "
             "findings about architecture or vocabulary, and the recommended merge method when available. "
-            "Start here. Compact by default; set detail=true only if you need every layer's raw metrics. "
+            "Start here. Compact by default; set detail=true (paged) only if you need every layer's raw metrics. "
+            "Relative paths resolve against the server's folder. "
             "Repeated calls on the same files are served from a cache."
         ),
     )
@@ -94,9 +96,9 @@ def register(server: MCPServer) -> None:
         get_compatibility_score, name="get_compatibility_score", title="Merge compatibility score",
         annotations=READ_ONLY,
         description=(
-            "Just the Merge Compatibility Index (0-100, higher is safer) and its verdict for two or more "
-            "models, with the reasons and a score per pair. Use for a quick yes/no; use compare_models for "
-            "the full picture."
+            "The quick yes/no: merge_advised (yes / with_care / no) and a one-sentence answer, with the Merge "
+            "Compatibility Index (0-100, higher is safer), its verdict, the reasons and a score per pair. Use "
+            "compare_models for the full picture."
         ),
     )
     server.add_tool(
@@ -104,7 +106,8 @@ def register(server: MCPServer) -> None:
         description=(
             "The layers where these models would merge badly: contiguous runs of low-scoring layers, each "
             "with its severity, the components that pulled it down and a concrete recommendation (e.g. take "
-            "these layers from one model, or use ties). Use to plan a layer-wise merge."
+            "these layers from one model, or use ties); the advice agrees with merge_advised and the "
+            "recommended method. Use to plan a layer-wise merge."
         ),
     )
     server.add_tool(
