@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
+from mcp.types import INVALID_PARAMS
 from pydantic import Field
 
 
@@ -15,7 +17,8 @@ def should_i_merge(
 ) -> str:
     names = [m.strip() for m in models.replace("\n", ",").split(",") if m.strip()]
     if len(names) < 2:
-        raise ValueError(f"should_i_merge needs two or more models, got {len(names)}: pass them separated by commas")
+        raise MCPError(INVALID_PARAMS, f"should_i_merge needs two or more models, got {len(names)}: pass them "
+                                       "separated by commas")  # MCPError: its text reaches the client
     listed = ", ".join(repr(n) for n in names)
     base = repr(base_model.strip()) if base_model.strip() else "none given (ask the user; it matters)"
     return (

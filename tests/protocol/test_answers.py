@@ -323,3 +323,15 @@ async def test_models_are_named_by_their_folders_with_the_full_paths_in_one_map(
     assert out["base"]["label"] == "base"
     assert [m["label"] for m in twice["models"]] == ["finetune_a", "finetune_a-2"]
 
+
+
+async def test_the_prompt_refuses_fewer_than_two_models_and_the_score_tool_promises_the_decision(
+    shared: MCPServer[AppState],
+) -> None:
+    from mcp.shared.exceptions import MCPError
+
+    async with Client(shared) as client:
+        with pytest.raises(MCPError, match="should_i_merge needs two or more models, got 1"):
+            await client.get_prompt("should_i_merge", {"models": "org/only-one"})
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert (tools["get_compatibility_score"].description or "").startswith("The quick yes/no: merge_advised")
