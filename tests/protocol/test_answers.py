@@ -214,6 +214,9 @@ async def test_every_tool_default_answer_stays_under_4000_characters(
         for name, config in configs.items():
             result = await call(client, "diagnose_merge", {"config": yaml.safe_dump(config)})
             sizes[(name, "diagnose_merge")] = len(text_of(result))
+        shapes = (await call(client, "compare_models", {"models": all_cases["other shape"][0]})).structured_content
+    mismatches = [f["message"] for f in shapes["findings"] if f["code"] == "shape_mismatch"]
+    assert len(mismatches) == 4 and mismatches[-1].startswith("... and ")  # three examples, then a count
     for (case, tool), size in sorted(sizes.items(), key=lambda kv: -kv[1]):
         print(f"{size:6d}  {tool:24s} {case}")
     assert max(sizes.values()) < MAX_ANSWER, max(sizes.items(), key=lambda kv: kv[1])
