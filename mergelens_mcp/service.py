@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import string
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,10 +16,6 @@ from .naming import model_names
 from .security.paths import PathGuard
 from .security.redact import redact_model
 from .settings import Settings
-
-
-def model_labels(count: int) -> list[str]:
-    return [f"model_{string.ascii_lowercase[i]}" if i < 26 else f"model_{i}" for i in range(count)]
 
 
 def open_checkpoints(
