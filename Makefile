@@ -8,7 +8,7 @@ DEMO_DIR ?= .demo
 
 REAL_WEIGHTS ?= .cache/real-weights
 
-.PHONY: install demo test test-deps bench bench-peer bench-validity security lint clean real-weights docs-screenshot
+.PHONY: install demo test bench bench-peer bench-validity security lint clean real-weights docs-screenshot
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,7 @@ $(REAL_WEIGHTS)/.done:
 		&& touch $@ || echo "real weights unavailable: the tests that need them will skip"
 
 # Headless Chromium and the MCP Inspector: the tests that need them skip without, and the run names this target.
+.PHONY: test-deps
 test-deps:
 	.ci/test-deps
 
