@@ -469,9 +469,10 @@ def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | 
         if value is not None and str(value).removeprefix("torch.") not in DTYPES:
             report.add(ERR, "unknown_dtype", key, f"{key} {value!r} is not a dtype mergekit knows",
                        f"use one of {', '.join(DTYPES[:3])}")
-    if spec is not None:
-        _check_inputs(spec, inputs, report)
-        _check_parameters(spec, inputs, report)
+    checked = spec or closest_method(data)  # a misspelt method still gets its parameters checked
+    if checked is not None:
+        _check_inputs(checked, inputs, report)
+        _check_parameters(checked, inputs, report)
     return spec, inputs
 
 
@@ -515,10 +516,19 @@ def _check_method(data: dict[str, Any], report: Report) -> MethodSpec | None:
         return None
     if not isinstance(method, str) or method not in METHODS:
         close = difflib.get_close_matches(str(method), list(METHODS), n=1)
-        report.add(ERR, "unknown_method", "merge_method", f"merge_method {method!r} is not a mergekit method",
+        assumed = f"; the rest of the config is checked against {close[0]}'s parameters" if close else ""
+        report.add(ERR, "unknown_method", "merge_method",
+                   f"merge_method {method!r} is not a mergekit method{assumed}",
                    f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(sorted(METHODS))}")
         return None
     return METHODS[method]
+
+
+def closest_method(data: dict[str, Any]) -> MethodSpec | None:
+    """The known method closest to an unknown `merge_method` (a typo like 'tie'), to check the rest against."""
+    method = data.get("merge_method")
+    close = difflib.get_close_matches(str(method), list(METHODS), n=1) if method is not None else []
+    return METHODS[close[0]] if close else None
 
 
 def _check_models(models: Any, base: str | None, report: Report, inputs: Inputs) -> None:
