@@ -39,10 +39,17 @@ INSTRUCTIONS = (
 def build_server(settings: Settings | None = None) -> MCPServer[AppState]:
     """The MCP server with every tool and the prompt registered."""
     state = AppState.create(settings or Settings())
+    running = [0]  # lifespans open now: one per server run (in-memory clients each open one)
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
-        yield state
+        running[0] += 1
+        try:
+            yield state
+        finally:  # no analysis outlives the server (and a running one must not hold up its exit)
+            running[0] -= 1
+            if state.pool is not None and running[0] == 0:
+                state.pool.close()
 
     server: MCPServer[AppState] = MCPServer(
         "mergelens", title="mergelens", version=VERSION, instructions=INSTRUCTIONS, lifespan=lifespan,

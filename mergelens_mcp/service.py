@@ -22,6 +22,12 @@ def model_labels(count: int) -> list[str]:
     return [f"model_{string.ascii_lowercase[i]}" if i < 26 else f"model_{i}" for i in range(count)]
 
 
+def labelled(models: Sequence[str], base: str | None) -> dict[str, str]:
+    """Each model under the label its messages use (model_a, model_b, ..., base)."""
+    named = dict(zip(model_labels(len(models)), map(str, models), strict=True))
+    return named | ({"base": str(base)} if base else {})
+
+
 def open_checkpoints(
     models: Sequence[str], base: str | None, settings: Settings, guard: PathGuard | None, stack: ExitStack
 ) -> tuple[list[Checkpoint], Checkpoint | None]:

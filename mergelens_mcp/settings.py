@@ -24,6 +24,15 @@ def hf_cache_dir() -> Path:
     return Path(hub_cache_dir() or constants.HF_HUB_CACHE)
 
 
+def default_worker_memory_mb() -> int | None:
+    """Three quarters of the machine's physical memory, in MiB (None where it cannot be known)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return max(16, total * 3 // 4 // 2**20)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MERGELENS_", frozen=True, extra="ignore")
 
@@ -45,6 +54,18 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=Limits.max_request_bytes, ge=1)
     workers: int = Field(default=2, ge=1, le=64, description="analyses that may run at once")
     cache_size: int = Field(default=16, ge=0, description="analyses kept in the server's cache")
+    worker_processes: bool = Field(
+        default=True, description="run analyses in killable worker processes (false: in threads of the server, "
+        "where a file truncated mid-read can crash it; only for debugging)",
+    )
+    worker_memory_mb: int | None = Field(
+        default_factory=default_worker_memory_mb, ge=16,
+        description="anonymous memory one analysis worker may hold before it is stopped; default: 3/4 of RAM",
+    )
+    worker_cpu_seconds: float | None = Field(
+        default=86_400.0, gt=0, description="CPU seconds (all threads) one analysis may use; None: no cap",
+    )
+    max_models: int = Field(default=16, ge=2, le=4096, description="models one request may name, base included")
     auth_token: SecretStr | None = None
 
     @field_validator("allowed_roots", mode="before")

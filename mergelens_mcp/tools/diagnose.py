@@ -25,8 +25,8 @@ async def diagnose_merge(
     guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> ConfigDiagnosis:
-        return service.diagnose(config, settings=state.settings, guard=guard, progress=progress,
-                                cancelled=cancelled)
+        return state.isolated(service.diagnose, config, settings=state.settings, guard=guard, progress=progress,
+                              cancelled=cancelled)
 
     return views.diagnosis(await run_in_worker(ctx, job), detail)
 
