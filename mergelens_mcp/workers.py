@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import AnalysisCancelledError, LimitExceededError, MergeLensError
+from .security.redact import registered_secrets
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,19 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _call(job: int, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], report: bool) -> T:
-    """In the worker: run `fn`, sending its progress to the parent when the parent listens."""
+def _call(
+    job: int, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any], report: bool,
+    environ: dict[str, str], secrets: list[str],
+) -> T:
+    """In the worker: run `fn` in the caller's environment (HF_TOKEN, HF_HUB_CACHE, ... as the parent has them
+    now) and with its registered secrets redacted, sending its progress to the parent when the parent listens."""
+    from .security import redact
+
+    if environ != os.environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    for secret in secrets:
+        redact.register_secret(secret)
     if report:
         def progress(done: int, total: int, message: str) -> None:
             _progress_queue.put((job, done, total, message))
@@ -245,8 +257,9 @@ class WorkerPool:
                 self._jobs += 1
                 job = self._jobs
             try:
-                result = self._watch(slot, job, slot.executor.submit(_call, job, fn, args, kwargs,
-                                                                     progress is not None), progress, cancelled)
+                submitted = slot.executor.submit(_call, job, fn, args, kwargs, progress is not None,
+                                                 dict(os.environ), registered_secrets())
+                result = self._watch(slot, job, submitted, progress, cancelled)
             except BaseException as exc:
                 if isinstance(exc, WorkerCrashedError) or not self._reusable(slot, exc):
                     self._discard(slot)
@@ -313,17 +326,14 @@ class WorkerPool:
 
     @staticmethod
     def _forward(slot: _Slot, job: int, progress: Progress | None) -> None:
-        """Hand the newest progress message of this job to the caller (older ones are already stale)."""
-        latest = None
+        """Hand this job's progress messages that arrived so far to the caller, in order."""
         while True:
             try:
                 message = slot.queue.get_nowait()
             except (queue.Empty, OSError, ValueError, EOFError):
-                break
-            if message[0] == job:
-                latest = message
-        if latest is not None and progress is not None:
-            progress(*latest[1:])
+                return
+            if message[0] == job and progress is not None:
+                progress(*message[1:])
 
     def _give_back(self, slot: _Slot) -> None:
         with self._lock:
