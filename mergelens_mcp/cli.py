@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -23,6 +24,7 @@ VERDICT_STYLE = {
 }
 
 Command = Callable[[argparse.Namespace, Console], int]
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +84,7 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
     path = Path(args.config)
     if not path.is_file():
         raise InputError(f"--config {args.config!r} is not a file; pass the YAML you give mergekit-yaml")
-    result = _with_progress(console, "simulating", lambda progress: diagnose(str(path), progress=progress))
+    result = _with_progress(console, "simulating", lambda progress: isolated(diagnose, str(path), progress=progress))
     out = Console()
     status = "[bold green]valid[/]" if result.valid else "[bold red]will fail[/]"
     out.print(f"\n[bold]mergekit config:[/] {path}  merge_method: {result.merge_method or '?'}  {status}")
@@ -104,7 +106,7 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_compare(args: argparse.Namespace, console: Console) -> int:
-    from .service import compare
+    from .service import compare, labelled
 
     if len(args.models) < 2:
         raise InputError("compare needs at least two models")
@@ -116,8 +118,8 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
         check_output(args.report, overwrite=args.overwrite)
     result = _with_progress(
         console, "reading tensors",
-        lambda progress: compare(args.models, args.base, device=args.device, progress=progress,
-                                 activations=args.activations),
+        lambda progress: isolated(compare, args.models, args.base, device=args.device, progress=progress,
+                                  activations=args.activations, about=labelled(args.models, args.base)),
     )
     print_result(result, Console(), max_layers=args.layers)
     if args.json:
@@ -163,21 +165,37 @@ def read_token_file(path: Path) -> str:
 
 
 def run_report(args: argparse.Namespace, console: Console) -> int:
-    from .service import generate_report
+    from .service import generate_report, labelled
     from .settings import Settings
 
     if len(args.models) < 2:
         raise InputError("report needs at least two models")
     path, result = _with_progress(
         console, "reading tensors",
-        lambda progress: generate_report(
-            args.models, args.base, args.output.expanduser().resolve(), settings=Settings(device=args.device),
-            overwrite=args.overwrite, progress=progress,
+        lambda progress: isolated(
+            generate_report, args.models, args.base, args.output.expanduser().resolve(),
+            settings=Settings(device=args.device), overwrite=args.overwrite, progress=progress,
+            about=labelled(args.models, args.base),
         ),
     )
     print_result(result, Console(), max_layers=0)
     console.print(f"report written to {path}")
     return EXIT_OK
+
+
+def isolated(fn: Callable[..., T], *args: object, progress: Callable[[int, int, str], None],
+             about: dict[str, str] | None = None, **kwargs: object) -> T:
+    """`fn(*args, **kwargs)` in one worker process (see workers.py): a checkpoint truncated or replaced while
+    it is read (SIGBUS), or a native crash, ends that worker and becomes a clear error here (exit 2), where
+    in this process it would kill the CLI with exit 135. MERGELENS_WORKER_PROCESSES=0 runs it in-process."""
+    from .settings import Settings
+    from .workers import WorkerPool
+
+    settings = Settings()
+    if not settings.worker_processes:
+        return fn(*args, progress=progress, **kwargs)
+    with WorkerPool.from_settings(settings, size=1) as pool:
+        return pool.run(fn, *args, progress=progress, about=about, **kwargs)
 
 
 def _interference_table(result: ConfigDiagnosis, console: Console) -> None:

@@ -264,7 +264,7 @@ class WorkerPool:
                 if isinstance(exc, WorkerCrashedError) or not self._reusable(slot, exc):
                     self._discard(slot)
                     if isinstance(exc, WorkerCrashedError) and about:
-                        raise WorkerCrashedError(_named(about, str(exc))) from None
+                        raise WorkerCrashedError(_named(about, str(exc), kwargs.get("guard"))) from None
                 else:
                     self._give_back(slot)
                 raise
@@ -363,19 +363,23 @@ class WorkerPool:
         self.close()
 
 
-def _named(about: Mapping[str, str], problem: str) -> str:
-    """The crash message with the models it read; a model whose header no longer matches its file (the
-    usual result of a truncation or a copy over it) is named first."""
+def _named(about: Mapping[str, str], problem: str, guard: Any) -> str:
+    """The crash message with the models the job read. A local model whose files no longer match their headers
+    (what a truncation or a copy over it leaves) is named as the one that changed; the guard of the request
+    applies, and Hub ids are not looked up again."""
     from .analysis.loading import load_checkpoint
     from .security.paths import shown
 
     changed = []
     for label, source in about.items():
+        if not os.path.exists(source):
+            continue
         try:
-            load_checkpoint(source, label).close()
+            load_checkpoint(source, label, guard=guard).close()
         except MergeLensError:
             changed.append(f"{label} ({shown(source)})")
     if changed:
-        return f"{' and '.join(changed)} changed while it was read; {problem}; run the call again once the files stop changing"
+        return (f"{' and '.join(changed)} changed on disk while it was read, and {problem}; run the call again "
+                "once the files stop changing")
     models = ", ".join(f"{label} ({shown(source)})" for label, source in about.items())
     return f"analysing {models}: {problem}"
