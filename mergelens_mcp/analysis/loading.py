@@ -7,6 +7,7 @@ tensor byte is read. Pickle-based formats are never opened.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import mmap
@@ -169,9 +170,10 @@ class Checkpoint:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
-    @property
+    @functools.cached_property
     def float_tensors(self) -> dict[str, TensorInfo]:
-        """The tensors the metrics can use: floating point, with at least one element."""
+        """The tensors the metrics can use: floating point, with at least one element. Built once (the table
+        never changes): callers ask per tensor name, and a rebuild per name made planning quadratic."""
         return {n: t for n, t in self.tensors.items() if t.is_float and t.numel > 0}
 
     @property
