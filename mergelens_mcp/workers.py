@@ -163,10 +163,11 @@ class _Slot:
             text = Path(self.fault_file).read_text(errors="replace")
         except OSError:
             text = ""
-        for line in text.splitlines():
-            if line.startswith("Fatal Python error:"):
-                signal_name = line.removeprefix("Fatal Python error:").strip()
-                return CAUSES.get(signal_name, f"a native crash ({signal_name})")
+        for signal_name, cause in CAUSES.items():  # threads faulting at once may interleave their records
+            if f"Fatal Python error: {signal_name}" in text or (signal_name in text and "Fatal Python error" in text):
+                return cause
+        if "Fatal Python error" in text:
+            return "a native crash in the tensor code"
         return KILLED
 
     def usage(self) -> tuple[int, float] | None:

@@ -1,0 +1,156 @@
+"""The server's sandbox through a real MCP client: a crash, a disconnect or a planted token in a tensor name
+stays inside one call."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+from mcp import Client
+
+from fixtures.checkpoints import TINY, Shape, make_checkpoint, make_finetune
+from fixtures.hostile import Sandbox
+from mergelens_mcp.server import build_server
+from mergelens_mcp.settings import Settings
+from mergelens_mcp.tools import runtime
+from mergelens_mcp.tools.runtime import AppState
+from mergelens_mcp.workers import _alive
+
+TIMEOUT_S = 120
+MEDIUM = Shape(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=1024, vocab=2048)
+HF_TOKEN = "hf_" + "Pl4nt3dT0k3n" * 3
+
+
+@pytest.fixture
+def medium(sandbox: Sandbox) -> dict[str, Path]:
+    """Models big enough that an analysis is still reading well after its first progress message."""
+    root = sandbox.root
+    return {
+        "base": make_checkpoint(root / "m_base", MEDIUM, 0),
+        "a": make_finetune(root / "m_a", MEDIUM, 0, task_seed=1),
+        "b": make_finetune(root / "m_b", MEDIUM, 0, task_seed=2),
+        "victim": make_finetune(root / "m_victim", MEDIUM, 0, task_seed=3),
+    }
+
+
+@pytest.fixture
+def states(monkeypatch: pytest.MonkeyPatch) -> list[AppState]:
+    """The state of every server built in the test (its worker pool and cache)."""
+    built: list[AppState] = []
+    real = AppState.create.__func__  # type: ignore[attr-defined]
+
+    def create(cls: type[AppState], settings: Settings) -> AppState:
+        built.append(real(cls, settings))
+        return built[-1]
+
+    monkeypatch.setattr(runtime.AppState, "create", classmethod(create))
+    return built
+
+
+def settings_for(sandbox: Sandbox, **changes: Any) -> Settings:
+    return Settings(allowed_roots=[sandbox.root], include_hf_cache=False, device="cpu", **changes)
+
+
+def args(*models: Path, base: Path | None = None) -> dict[str, Any]:
+    return {"models": [str(m) for m in models]} | ({"base_model": str(base)} if base else {})
+
+
+async def test_a_model_truncated_mid_call_is_a_clear_tool_error_while_another_session_and_tools_list_carry_on(
+    sandbox: Sandbox, medium: dict[str, Path]
+) -> None:
+    server = build_server(settings_for(sandbox, workers=2, cache_size=0))
+    victim = medium["victim"] / "model.safetensors"
+    results: dict[str, Any] = {}
+    other_started = anyio.Event()
+
+    async def truncate(progress: float, total: float | None, message: str | None) -> None:
+        if victim.stat().st_size > 4096:
+            victim.write_bytes(victim.read_bytes()[:4096])  # cut short in place, as a failed copy leaves it
+
+    async def other_started_now(progress: float, total: float | None, message: str | None) -> None:
+        other_started.set()
+
+    async def crashing_session() -> None:
+        async with Client(server) as client:
+            await other_started.wait()
+            results["crash"] = await client.call_tool(
+                "compare_models", args(medium["a"], medium["victim"], base=medium["base"]), progress_callback=truncate
+            )
+            results["listed"] = await client.list_tools()
+            results["again"] = await client.call_tool("get_compatibility_score", args(medium["a"], medium["b"]))
+
+    async def other_session() -> None:
+        async with Client(server) as client:
+            results["other"] = await client.call_tool(
+                "compare_models", args(medium["a"], medium["b"], base=medium["base"]),
+                progress_callback=other_started_now,
+            )
+
+    with anyio.fail_after(TIMEOUT_S):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other_session)
+            tg.start_soon(crashing_session)
+    text = " ".join(c.text for c in results["crash"].content)
+    assert results["crash"].is_error
+    assert f"model_b ({str(medium['victim'])!r}) changed on disk while it was read" in text
+    assert "SIGBUS" in text
+    assert len(results["listed"].tools) == 7
+    assert not results["other"].is_error and results["other"].structured_content["score"] is not None
+    assert not results["again"].is_error and results["again"].structured_content["score"] is not None
+
+
+async def test_a_client_that_disconnects_mid_call_has_its_worker_killed_within_a_second_and_nothing_cached(
+    sandbox: Sandbox, medium: dict[str, Path], states: list[AppState]
+) -> None:
+    server = build_server(settings_for(sandbox, workers=1, cache_size=16))
+    pool = states[0].pool
+    assert pool is not None
+    reading = threading.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reading.set()
+
+    async def session() -> None:
+        async with Client(server) as client:
+            await client.call_tool("compare_models", args(medium["a"], medium["b"], base=medium["base"]),
+                                   progress_callback=on_progress)
+
+    with anyio.fail_after(TIMEOUT_S):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(session)
+            assert await anyio.to_thread.run_sync(reading.wait, TIMEOUT_S)
+            (pid,) = pool.pids()
+            tg.cancel_scope.cancel()  # the client goes away, its transport with it
+        left = time.monotonic()
+        while _alive(pid) and time.monotonic() - left < 10:
+            await anyio.sleep(0.01)
+        gone = time.monotonic() - left
+    assert not _alive(pid) and gone < 1.0
+    assert len(states[0].cache) == 0
+
+
+async def test_a_token_in_a_tensor_name_never_reaches_progress_notifications_or_results(
+    sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    planted = {f"model.layers.0.{HF_TOKEN}.weight": torch.ones(4)}
+    a = make_checkpoint(sandbox.root / "planted_a", TINY, 1, extra=planted)
+    b = make_checkpoint(sandbox.root / "planted_b", TINY, 2, extra=planted)
+    messages: list[str] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        messages.append(message or "")
+
+    async with Client(build_server(settings_for(sandbox))) as client:
+        with anyio.fail_after(TIMEOUT_S):
+            result = await client.call_tool("compare_models", args(a, b) | {"detail": True},
+                                            progress_callback=on_progress)
+    everything = "\n".join(messages) + result.model_dump_json()
+    assert not result.is_error
+    assert HF_TOKEN not in everything and "hf_Pl4nt3d" not in everything
+    assert "model.layers.0.[REDACTED].weight" in messages
