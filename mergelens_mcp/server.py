@@ -10,9 +10,10 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from mcp.server.mcpserver import MCPServer
@@ -27,6 +28,7 @@ from .settings import Settings
 from .tools import register_all
 from .tools.runtime import AppState
 
+log = logging.getLogger(__name__)
 Transport = Literal["stdio", "http", "sse"]
 INSTRUCTIONS = (
     "mergelens answers 'should I merge these models, and how?' before a merge runs. Start with "
@@ -60,14 +62,17 @@ def build_server(settings: Settings | None = None) -> MCPServer[AppState]:
 
 
 def endpoint(transport: Transport, host: str, port: int) -> str:
-    return f"http://{host}:{port}" + ("/mcp" if transport == "http" else "/sse")
+    shown = f"[{host.strip('[]')}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+    return f"http://{shown}:{port}" + ("/mcp" if transport == "http" else "/sse")
 
 
 def build_http_app(
-    server: MCPServer[AppState], transport: Transport, host: str, auth_token: str | None = None
+    server: MCPServer[AppState], transport: Transport, host: str, auth_token: str | None = None,
+    body_timeout_s: float | None = None,
 ) -> ASGIApp:
     """The ASGI app for an HTTP transport: streamable HTTP at /mcp, or SSE at /sse (+ /messages/), with Host
-    and Origin checks for `host`, behind a bearer-token check when `auth_token` is given."""
+    and Origin checks for `host`, behind a bearer-token check when `auth_token` is given. With
+    `body_timeout_s`, a request body that has not fully arrived in that time reads as a disconnect."""
     security = transport_security(host)
     app: Starlette
     if transport == "http":
@@ -76,7 +81,8 @@ def build_http_app(
         app = server.sse_app(host=host, transport_security=security)
     else:
         raise ValueError(f"transport {transport!r} has no HTTP app; use one of http, sse")
-    return BearerTokenMiddleware(app, auth_token) if auth_token else app
+    wrapped: ASGIApp = BodyDeadlineMiddleware(app, body_timeout_s) if body_timeout_s else app
+    return BearerTokenMiddleware(wrapped, auth_token) if auth_token else wrapped
 
 
 # ------------------------------------------------------------------------------------------- HTTP exposure
@@ -182,7 +188,95 @@ def run(transport: Transport = "stdio", host: str = "127.0.0.1", port: int = 800
         return
     import uvicorn
 
-    app = build_http_app(server, transport, host, auth_token)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning")  # configures uvicorn's loggers
+    app = build_http_app(server, transport, host, auth_token, settings.http_body_timeout_s)
+    config = uvicorn.Config(  # configures uvicorn's loggers
+        app, host=host.strip("[]"), port=port, log_level="warning",  # "[::1]" binds as ::1
+        http=guarded_h11(settings.http_header_timeout_s, settings.http_max_connections),
+        timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        backlog=ACCEPT_BATCH,  # asyncio accepts up to `backlog` sockets at once: the overshoot past the cap
+    )
     redact.install(["", "uvicorn", "uvicorn.error", "uvicorn.access"])
     uvicorn.Server(config).run()
+
+
+# ------------------------------------------------------------------------------------------- HTTP limits
+
+MAX_HEADER_BYTES = 16 * 1024  # a request line and headers larger than this are answered 400 by h11
+ACCEPT_BATCH = 128  # connections accepted before the cap is applied to them; keeps cap + batch under 1,024 handles
+
+
+def guarded_h11(header_timeout_s: float, max_connections: int) -> type[Any]:
+    """uvicorn's h11 protocol with what uvicorn lacks against slow clients: a connection must finish each
+    request's headers within `header_timeout_s` (uvicorn only times out idle keep-alive connections), and
+    when more than `max_connections` are open, the oldest one still sending headers is closed for the new one,
+    so connections that never finish their headers cannot hold every file handle and starve a real client.
+    (uvicorn's `limit_concurrency` would answer that real client 503 instead.)"""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._answered: object = None  # the request whose headers arrived last
+            self._arm()
+            if len(self.connections) > max_connections:  # closed ones stay counted until their loss is handled
+                waiting = [c for c in self.connections
+                           if c is not self and getattr(c, "_waiting_since", None) and not c.transport.is_closing()]
+                if waiting:
+                    min(waiting, key=lambda c: c._waiting_since)._too_slow()
+
+        def _arm(self) -> None:
+            self._waiting_since: float | None = self.loop.time()
+            self._deadline = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def _too_slow(self) -> None:
+            if self._waiting_since is not None and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and self.cycle is not self._answered:  # a request's headers are in
+                self._answered, self._waiting_since = self.cycle, None
+                self._deadline.cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():  # keep-alive: the next request's headers get the same time
+                self._deadline.cancel()
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._waiting_since = None
+            self._deadline.cancel()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+class BodyDeadlineMiddleware:
+    """An HTTP request body must arrive in full within `seconds` of its headers; after that the app's
+    `receive` reports a disconnect, so a client trickling a body cannot hold a request open."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = anyio.current_time() + self.seconds
+        complete = False
+
+        async def timed_receive() -> Any:
+            nonlocal complete
+            if complete:
+                return await receive()
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                message = await receive()
+                complete = message["type"] != "http.request" or not message.get("more_body", False)
+                return message
+            complete = True
+            log.warning("an HTTP request body did not arrive within %.0f s; the request is dropped", self.seconds)
+            return {"type": "http.disconnect"}
+
+        await self.app(scope, timed_receive, send)

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
     worker_cpu_seconds: float | None = Field(
         default=86_400.0, gt=0, description="CPU seconds (all threads) one analysis may use; None: no cap",
     )
+    http_header_timeout_s: float = Field(default=10.0, gt=0, description="time an HTTP client has to send "
+                                         "each request's headers")
+    http_body_timeout_s: float = Field(default=30.0, gt=0, description="time an HTTP request body has to arrive")
+    http_max_connections: int = Field(default=512, ge=1, description="open HTTP connections before the oldest "
+                                      "one still sending headers is closed for a new one")
     max_models: int = Field(default=16, ge=2, le=4096, description="models one request may name, base included")
     auth_token: SecretStr | None = None
 
