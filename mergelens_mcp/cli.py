@@ -147,7 +147,7 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
     if args.transport != "stdio":
         url = endpoint(args.transport, args.host, args.port)
         roots = ", ".join(str(r) for r in settings.roots)
-        console.print(f"mergelens MCP server ({args.transport}) on {url}; models under {roots}",
+        console.print(redact.redact(f"mergelens MCP server ({args.transport}) on {url}; models under {roots}"),
                       markup=False, highlight=False)
     run(args.transport, args.host, args.port, settings, auth_token=token)
     return EXIT_OK

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     http_body_timeout_s: float = Field(default=30.0, gt=0, description="time an HTTP request body has to arrive")
     http_max_connections: int = Field(default=512, ge=1, description="open HTTP connections before the oldest "
                                       "one still sending headers is closed for a new one")
+    allow_hardlinks: bool = Field(
+        default=False, description="read files with more than one hard link (another of its names may lie "
+        "outside the allowed roots: containment cannot be checked for it)",
+    )
     max_models: int = Field(default=16, ge=2, le=4096, description="models one request may name, base included")
     auth_token: SecretStr | None = None
 
@@ -92,7 +96,7 @@ class Settings(BaseSettings):
         return (self.output_dir or self.roots[0]).expanduser().resolve()
 
     def guard(self) -> PathGuard:
-        return PathGuard(self.roots)
+        return PathGuard(self.roots, allow_hardlinks=self.allow_hardlinks)
 
     def limits(self) -> Limits:
         return Limits(self.max_header_bytes, self.max_tensors, self.max_tensor_elements, self.max_request_bytes)

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, InputError, PathNotAllowedError
 from ..security.limits import Limits
 from ..security.paths import PathGuard, looks_like_hub_id, open_regular, parse_hub_id, shown
+from ..security.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,9 @@ def read_header(path: Path, limits: Limits, where: str) -> dict[str, TensorInfo]
         (header_len,) = struct.unpack("<Q", prefix)
         limits.check_header(header_len, f"{where}: {path.name}")
         if 8 + header_len > size:
-            raise CheckpointFormatError(
-                f"{where}: {path.name} declares a {header_len:,}-byte header but the file has {size:,} "
-                "bytes; the file is truncated or not safetensors"
+            raise CheckpointFormatError(  # the declared length is the file's own bytes: never shown
+                f"{where}: {path.name} declares a header longer than the file ({size:,} bytes); the file is "
+                "truncated or not safetensors"
             )
         raw = fh.read(header_len)
     header = _parse_json(raw, f"{where}: {path.name} has an unreadable header")
@@ -152,6 +153,7 @@ def _short(value: Any) -> str:
         text = repr(value)
     except RecursionError:
         return "(too deeply nested)"
+    text = redact(text)  # before the cut, so no half token survives it
     return text if len(text) <= 80 else text[:80] + "..."
 
 
