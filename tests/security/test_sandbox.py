@@ -154,3 +154,60 @@ async def test_a_token_in_a_tensor_name_never_reaches_progress_notifications_or_
     assert not result.is_error
     assert HF_TOKEN not in everything and "hf_Pl4nt3d" not in everything
     assert "model.layers.0.[REDACTED].weight" in messages
+
+
+def test_stdio_eof_mid_analysis_ends_the_server_and_its_worker_within_2_s(
+    sandbox: Sandbox, medium: dict[str, Path]
+) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mergelens_mcp", "serve", "--allow-dir", str(sandbox.root)], cwd=repo,
+        env=dict(os.environ, PYTHONPATH=str(repo)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdin is not None and process.stdout is not None
+
+    def send(message: dict[str, Any]) -> None:
+        process.stdin.write((json.dumps(message) + "\n").encode())  # type: ignore[union-attr]
+        process.stdin.flush()  # type: ignore[union-attr]
+
+    def until(predicate: Any) -> dict[str, Any]:
+        for line in process.stdout:  # type: ignore[union-attr]  # bounded: the server answers or exits
+            message = json.loads(line)
+            if predicate(message):
+                return message  # type: ignore[no-any-return]
+        pytest.fail("the server closed stdout before the expected message")
+
+    try:
+        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}})
+        until(lambda m: m.get("id") == 1)
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "compare_models", "arguments": args(medium["a"], medium["b"], base=medium["base"]),
+            "_meta": {"progressToken": "p"}}})
+        until(lambda m: m.get("method") == "notifications/progress")  # a worker is reading tensors
+        workers = descendants(process.pid)  # the fork server and the worker it forked
+        closed = time.monotonic()
+        process.stdin.close()
+        process.wait(timeout=30)
+        while any(_alive(pid) for pid in workers) and time.monotonic() - closed < 10:
+            time.sleep(0.01)  # the fork server sees its parent's pipe close a moment later
+        exited = time.monotonic() - closed
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    assert exited < 2.0
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_text() for pid in workers if _alive(pid)}
+    assert len(workers) >= 2 and not left, left
+
+
+def descendants(pid: int) -> list[int]:
+    children = [int(p) for task in Path(f"/proc/{pid}/task").iterdir()
+                for p in (task / "children").read_text().split()]
+    return [*children, *(d for child in children for d in descendants(child))]
