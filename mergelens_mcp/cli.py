@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -150,6 +151,11 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
         console.print(redact.redact(f"mergelens MCP server ({args.transport}) on {url}; models under {roots}"),
                       markup=False, highlight=False)
     run(args.transport, args.host, args.port, settings, auth_token=token)
+    if args.transport == "stdio":  # the client closed stdin: be gone at once, not after a second or more of
+        logging.shutdown()  # torch's teardown (every worker is already stopped, and nothing is left to save)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 

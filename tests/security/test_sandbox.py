@@ -192,22 +192,26 @@ def test_stdio_eof_mid_analysis_ends_the_server_and_its_worker_within_2_s(
             "name": "compare_models", "arguments": args(medium["a"], medium["b"], base=medium["base"]),
             "_meta": {"progressToken": "p"}}})
         until(lambda m: m.get("method") == "notifications/progress")  # a worker is reading tensors
-        workers = descendants(process.pid)  # the fork server and the worker it forked
+        helpers = descendants(process.pid, deep=False)  # the fork server and multiprocessing's resource tracker
+        servers = [pid for pid in helpers if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        workers = [pid for server in servers for pid in descendants(server)]  # forked by the fork server
         closed = time.monotonic()
         process.stdin.close()
         process.wait(timeout=30)
-        while any(_alive(pid) for pid in workers) and time.monotonic() - closed < 10:
-            time.sleep(0.01)  # the fork server sees its parent's pipe close a moment later
         exited = time.monotonic() - closed
+        left = [pid for pid in workers if _alive(pid)]
+        while any(_alive(pid) for pid in helpers) and time.monotonic() - closed < 10:
+            time.sleep(0.01)  # the idle helpers see their parent's pipes close and exit on their own
     finally:
         process.kill()
         process.wait(timeout=30)
     assert exited < 2.0
-    left = {pid: Path(f"/proc/{pid}/cmdline").read_text() for pid in workers if _alive(pid)}
-    assert len(workers) >= 2 and not left, left
+    assert len(servers) == 1 and len(workers) == 1
+    assert left == []  # the worker that was reading tensors died with the server
+    assert not any(_alive(pid) for pid in helpers)
 
 
-def descendants(pid: int) -> list[int]:
+def descendants(pid: int, deep: bool = True) -> list[int]:
     children = [int(p) for task in Path(f"/proc/{pid}/task").iterdir()
                 for p in (task / "children").read_text().split()]
-    return [*children, *(d for child in children for d in descendants(child))]
+    return [*children, *(d for child in children if deep for d in descendants(child))]
