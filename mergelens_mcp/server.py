@@ -81,7 +81,8 @@ def build_http_app(
         app = server.sse_app(host=host, transport_security=security)
     else:
         raise ValueError(f"transport {transport!r} has no HTTP app; use one of http, sse")
-    wrapped: ASGIApp = BodyDeadlineMiddleware(app, body_timeout_s) if body_timeout_s else app
+    wrapped: ASGIApp = DisconnectCancelsMiddleware(app) if transport == "http" else app
+    wrapped = BodyDeadlineMiddleware(wrapped, body_timeout_s) if body_timeout_s else wrapped
     return BearerTokenMiddleware(wrapped, auth_token) if auth_token else wrapped
 
 
@@ -280,3 +281,68 @@ class BodyDeadlineMiddleware:
             return {"type": "http.disconnect"}
 
         await self.app(scope, timed_receive, send)
+
+
+class DisconnectCancelsMiddleware:
+    """A client that closes its connection while a tools/call it POSTed is running cancels that call, as if it
+    had sent `notifications/cancelled`: the streamable HTTP transport would otherwise run it to the end (and
+    cache its result). The cancellation goes through the session's own cancel path (the worker is killed)."""
+
+    def __init__(self, app: ASGIApp, max_body: int = 4 * 2**20) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        answered = False
+
+        async def watched_receive() -> Any:
+            message = await receive()
+            if message["type"] == "http.request" and len(body) <= self.max_body:
+                body.extend(message.get("body", b""))
+            elif message["type"] == "http.disconnect" and not answered:
+                await self._cancel(scope, bytes(body))
+            return message
+
+        async def watched_send(message: Any) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        await self.app(scope, watched_receive, watched_send)
+
+    async def _cancel(self, scope: Scope, body: bytes) -> None:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return
+        calls = [m for m in (parsed if isinstance(parsed, list) else [parsed])
+                 if isinstance(m, dict) and m.get("method") == "tools/call" and "id" in m]
+        keep = {b"mcp-session-id", b"mcp-protocol-version", b"host", b"authorization"}
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() in keep]
+        headers += [(b"content-type", b"application/json"), (b"accept", b"application/json, text/event-stream")]
+        for call in calls:
+            notice = json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                 "params": {"requestId": call["id"], "reason": "the client disconnected"}}).encode()
+            with anyio.move_on_after(5):
+                await self._post({**scope, "headers": headers}, notice)
+
+    async def _post(self, scope: Scope, body: bytes) -> None:
+        """Hand the app one more request on this session, whose answer nobody reads."""
+        sent = False
+
+        async def one_message() -> Any:
+            nonlocal sent
+            if sent:
+                await anyio.sleep_forever()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def discard(message: Any) -> None:
+            return None
+
+        await self.app(scope, one_message, discard)

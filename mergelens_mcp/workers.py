@@ -17,7 +17,8 @@ A worker that dies on its own (SIGBUS when a mapped file is truncated or replace
 killer, a native crash) fails only its own job, with a `WorkerCrashedError` naming the cause; its slot is
 replaced, and the other slots, the server and its cache never notice. Each worker records fatal signals with
 `faulthandler` in a file of its own, which is how the cause is known; workers offer themselves first to the
-OOM killer and die with their parent.
+OOM killer, and end as soon as the process that owns them is gone (a pidfd watch: their parent is the fork
+server, which they keep alive, so PR_SET_PDEATHSIG would never fire).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import select
 import signal
 import sys
 import tempfile
@@ -73,20 +75,38 @@ class WorkerCrashedError(MergeLensError):
 _progress_queue: Any = None  # in a worker: the slot's progress queue
 
 
-def _initialise(progress_queue: Any, fault_file: str) -> None:
-    """Run once in each new worker: progress channel, fault record, and the signals it must not take."""
+def _initialise(progress_queue: Any, fault_file: str, owner: int) -> None:
+    """Run once in each new worker: progress channel, fault record, the signals it must not take, and a watch
+    on the process that owns it."""
     global _progress_queue
     _progress_queue = progress_queue
     faulthandler.enable(open(fault_file, "w"), all_threads=False)  # noqa: SIM115 (open for the process' life)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which kills us
+    threading.Thread(target=_die_with, args=(owner,), name="mergelens-owner-watch", daemon=True).start()
     if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
         with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as fh:
             fh.write("1000")  # under memory pressure the kernel kills a worker, never the server
     __import__(PRELOAD[0])
+
+
+def _die_with(owner: int) -> None:
+    """End this worker as soon as `owner` (the server or CLI) is gone, even if it was SIGKILLed. Its parent is
+    the fork server, which the workers keep alive in turn, so PR_SET_PDEATHSIG would never fire."""
+    try:
+        pidfd = os.pidfd_open(owner)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (not Linux 5.3+): look once a second
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass
+    select.select([pidfd], [], [])  # readable once the owner has exited
+    os._exit(1)
 
 
 def _ready() -> int:
@@ -136,7 +156,7 @@ class _Slot:
         os.close(fd)
         self.queue = ctx.Queue()
         self.executor = ProcessPoolExecutor(1, mp_context=ctx, initializer=_initialise,
-                                            initargs=(self.queue, self.fault_file))
+                                            initargs=(self.queue, self.fault_file, os.getpid()))
         self.pid = 0
         try:
             started = self.executor.submit(_ready)

@@ -171,3 +171,34 @@ def test_the_cli_turns_a_model_truncated_mid_read_into_exit_2_with_a_clear_messa
     assert code == cli.EXIT_BAD_INPUT
     assert f"model_b ({str(victim)!r}) changed on disk while it was read" in err
     assert "SIGBUS" in err
+
+
+def test_workers_end_when_the_process_that_owns_them_is_killed() -> None:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    script = (
+        "import sys\n"
+        "from mergelens_mcp import service\n"
+        "from mergelens_mcp.workers import WorkerPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = WorkerPool(1)\n"
+        "    pool.run(service.labelled, ['x', 'y'], None)\n"
+        "    print(pool.pids()[0], flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", script], cwd=repo, env=dict(os.environ, PYTHONPATH=str(repo)),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(owner.stdout.readline())  # type: ignore[union-attr]
+        assert _alive(worker)
+        owner.kill()  # no cleanup runs: SIGKILL
+        owner.wait(timeout=30)
+        killed = time.monotonic()
+        while _alive(worker) and time.monotonic() - killed < 30:
+            time.sleep(0.01)
+        assert not _alive(worker) and time.monotonic() - killed < 2.0
+    finally:
+        owner.kill()
+        owner.wait(timeout=30)

@@ -129,3 +129,43 @@ async def test_a_request_body_that_does_not_arrive_in_time_reads_as_a_disconnect
     with anyio.fail_after(10):
         await BodyDeadlineMiddleware(app, 0.2)({"type": "http"}, trickle, None)  # type: ignore[arg-type]
     assert seen == [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}]
+
+
+def test_an_http_client_that_disconnects_mid_call_has_its_worker_killed_within_1_s_and_nothing_cached(
+    sandbox: Sandbox, stopped_at_end: list[subprocess.Popen[bytes]]
+) -> None:
+    from fixtures.checkpoints import Shape, make_checkpoint, make_finetune
+    from mergelens_mcp.workers import _alive
+
+    medium = Shape(hidden=256, layers=8, heads=4, kv_heads=2, intermediate=1024, vocab=2048)
+    models = {"models": [str(make_finetune(sandbox.root / "m_a", medium, 0, task_seed=1)),
+                         str(make_finetune(sandbox.root / "m_b", medium, 0, task_seed=2))],
+              "base_model": str(make_checkpoint(sandbox.root / "m_base", medium, 0))}
+    port = free_port()
+    process = serve(sandbox, "127.0.0.1", port)
+    stopped_at_end.append(process)
+    wait_until_listening(process, ("127.0.0.1", port))
+    url = f"http://127.0.0.1:{port}/mcp"
+    with httpx.Client(timeout=STARTUP_S) as client:
+        opened = client.post(url, json=INITIALIZE, headers=HEADERS)
+        session = HEADERS | {"mcp-session-id": opened.headers["mcp-session-id"], "mcp-protocol-version": "2025-06-18"}
+        client.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+            "name": "compare_models", "arguments": models, "_meta": {"progressToken": "p"}}}
+        with client.stream("POST", url, json=call, headers=session) as streamed:
+            for line in streamed.iter_lines():  # bounded: the call answers or the server closes the stream
+                if "notifications/progress" in line:
+                    break
+            forked = [pid for helper in children(process.pid) for pid in children(helper)]
+        left = time.monotonic()  # the stream is closed: the client is gone
+        while any(_alive(pid) for pid in forked) and time.monotonic() - left < 30:
+            time.sleep(0.01)
+        gone = time.monotonic() - left
+        again = client.post(url, headers=session, json={"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+            "name": "get_compatibility_score", "arguments": models}})
+    assert len(forked) == 1 and gone < 1.0
+    assert '"cached":false' in again.text.replace(" ", "") and '"isError":false' in again.text.replace(" ", "")
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for task in Path(f"/proc/{pid}/task").iterdir() for p in (task / "children").read_text().split()]
