@@ -232,7 +232,8 @@ def _with_progress(console: Console, label: str, job: Callable[[Callable[[int, i
         task = bar.add_task(label, total=None)
 
         def progress(done: int, total: int, message: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"{label}: {message[-60:]}")
+            shown = redact.redact(message)[-60:]  # tensor names come from untrusted headers
+            bar.update(task, completed=done, total=total, description=f"{label}: {shown}")
 
         return job(progress)
 

@@ -74,3 +74,21 @@ def test_the_server_refuses_a_hard_link_into_an_allowed_folder_and_the_cli_reads
     allowed = Settings(allowed_roots=[sandbox.root], include_hf_cache=False, allow_hardlinks=True, device="cpu")
     assert service.compare([str(linked), str(sandbox.model_a)], settings=allowed, guard=allowed.guard()).mci
     assert service.compare([str(linked), str(sandbox.model_a)], settings=allowed).mci  # no guard: the CLI's user
+
+
+def test_the_cli_progress_line_shows_tensor_names_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from rich.console import Console
+
+    monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=200)
+
+    def job(progress: cli.Callable[[int, int, str], None]) -> int:
+        progress(1, 2, f"model.layers.0.{HF_TOKEN}.weight")
+        console.print("")  # a refresh of the live bar
+        return 7
+
+    assert cli._with_progress(console, "reading tensors", job) == 7
+    assert HF_TOKEN not in out.getvalue() and "[REDACTED]" in out.getvalue()
