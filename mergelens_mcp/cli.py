@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -23,6 +25,7 @@ VERDICT_STYLE = {
 }
 
 Command = Callable[[argparse.Namespace, Console], int]
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +89,7 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
     path = Path(args.config)
     if not path.is_file():
         raise InputError(f"--config {args.config!r} is not a file; pass the YAML you give mergekit-yaml")
-    result = _with_progress(console, "simulating", lambda progress: diagnose(str(path), progress=progress,
+    result = _with_progress(console, "simulating", lambda progress: isolated(diagnose, str(path), progress=progress,
                                                                           base=args.base))
     out = Console()
     status = "[bold green]valid[/]" if result.valid else "[bold red]will fail[/]"
@@ -109,7 +112,7 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_compare(args: argparse.Namespace, console: Console) -> int:
-    from .service import compare
+    from .service import compare, labelled
 
     if len(args.models) < 2:
         raise InputError("compare needs at least two models")
@@ -121,8 +124,8 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
         check_output(args.report, overwrite=args.overwrite)
     result = _with_progress(
         console, "reading tensors",
-        lambda progress: compare(args.models, args.base, device=args.device, progress=progress,
-                                 activations=args.activations),
+        lambda progress: isolated(compare, args.models, args.base, device=args.device, progress=progress,
+                                  activations=args.activations, about=labelled(args.models, args.base)),
     )
     print_result(result, Console(), max_layers=args.layers)
     if args.json:
@@ -154,9 +157,14 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
     if args.transport != "stdio":
         url = endpoint(args.transport, args.host, args.port)
         roots = ", ".join(str(r) for r in settings.roots)
-        console.print(f"mergelens MCP server ({args.transport}) on {url}; models under {roots}",
+        console.print(redact.redact(f"mergelens MCP server ({args.transport}) on {url}; models under {roots}"),
                       markup=False, highlight=False)
     run(args.transport, args.host, args.port, settings, auth_token=token)
+    if args.transport == "stdio" and args.process_exit:  # the client closed stdin: be gone at once, not after
+        logging.shutdown()  # a second or more of torch's teardown (every worker is already stopped, nothing
+        sys.stdout.flush()  # is left to save). Only as the `mergelens` process: a caller of main() gets a code.
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
     return EXIT_OK
 
 
@@ -172,21 +180,37 @@ def read_token_file(path: Path) -> str:
 
 
 def run_report(args: argparse.Namespace, console: Console) -> int:
-    from .service import generate_report
+    from .service import generate_report, labelled
     from .settings import Settings
 
     if len(args.models) < 2:
         raise InputError("report needs at least two models")
     path, result = _with_progress(
         console, "reading tensors",
-        lambda progress: generate_report(
-            args.models, args.base, args.output.expanduser().resolve(), settings=Settings(device=args.device),
-            overwrite=args.overwrite, progress=progress,
+        lambda progress: isolated(
+            generate_report, args.models, args.base, args.output.expanduser().resolve(),
+            settings=Settings(device=args.device), overwrite=args.overwrite, progress=progress,
+            about=labelled(args.models, args.base),
         ),
     )
     print_result(result, Console(), max_layers=0)
     console.print(f"report written to {path}")
     return EXIT_OK
+
+
+def isolated(fn: Callable[..., T], *args: object, progress: Callable[[int, int, str], None],
+             about: dict[str, str] | None = None, **kwargs: object) -> T:
+    """`fn(*args, **kwargs)` in one worker process (see workers.py): a checkpoint truncated or replaced while
+    it is read (SIGBUS), or a native crash, ends that worker and becomes a clear error here (exit 2), where
+    in this process it would kill the CLI with exit 135. MERGELENS_WORKER_PROCESSES=0 runs it in-process."""
+    from .settings import Settings
+    from .workers import WorkerPool
+
+    settings = Settings()
+    if not settings.worker_processes:
+        return fn(*args, progress=progress, **kwargs)
+    with WorkerPool.from_settings(settings, size=1) as pool:
+        return pool.run(fn, *args, progress=progress, about=about, **kwargs)
 
 
 def _interference_table(result: ConfigDiagnosis, console: Console) -> None:
@@ -217,7 +241,8 @@ def _with_progress(console: Console, label: str, job: Callable[[Callable[[int, i
         task = bar.add_task(label, total=None)
 
         def progress(done: int, total: int, message: str) -> None:
-            bar.update(task, completed=done, total=total, description=f"{label}: {message[-60:]}")
+            shown = redact.redact(message)[-60:]  # tensor names come from untrusted headers
+            bar.update(task, completed=done, total=total, description=f"{label}: {shown}")
 
         return job(progress)
 
@@ -283,9 +308,17 @@ def _layer_table(result: CompareResult, console: Console, max_layers: int) -> No
         console.print(f"... {len(rows) - max_layers} more layers (see --json or --report)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run() -> None:
+    """The `mergelens` command (and `python -m mergelens_mcp`): `main` as the whole process."""
+    raise SystemExit(main(process_exit=True))
+
+
+def main(argv: Sequence[str] | None = None, *, process_exit: bool = False) -> int:
+    """The CLI; returns its exit code. `process_exit`: this call is the whole process, so a stdio server may
+    end it at once when the client closes stdin."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.process_exit = process_exit
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     redact.install()

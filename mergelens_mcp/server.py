@@ -10,9 +10,10 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 from mcp.server.mcpserver import MCPServer
@@ -27,6 +28,7 @@ from .settings import Settings
 from .tools import register_all
 from .tools.runtime import AppState
 
+log = logging.getLogger(__name__)
 Transport = Literal["stdio", "http", "sse"]
 INSTRUCTIONS = (
     "mergelens answers 'should I merge these models, and how?' before a merge runs. Start with "
@@ -39,10 +41,17 @@ INSTRUCTIONS = (
 def build_server(settings: Settings | None = None) -> MCPServer[AppState]:
     """The MCP server with every tool and the prompt registered."""
     state = AppState.create(settings or Settings())
+    running = [0]  # lifespans open now: one per server run (in-memory clients each open one)
 
     @asynccontextmanager
     async def lifespan(_: MCPServer[AppState]) -> AsyncIterator[AppState]:
-        yield state
+        running[0] += 1
+        try:
+            yield state
+        finally:  # no analysis outlives the server (and a running one must not hold up its exit)
+            running[0] -= 1
+            if state.pool is not None and running[0] == 0:
+                state.pool.close()
 
     server: MCPServer[AppState] = MCPServer(
         "mergelens", title="mergelens", version=VERSION, instructions=INSTRUCTIONS, lifespan=lifespan,
@@ -53,14 +62,17 @@ def build_server(settings: Settings | None = None) -> MCPServer[AppState]:
 
 
 def endpoint(transport: Transport, host: str, port: int) -> str:
-    return f"http://{host}:{port}" + ("/mcp" if transport == "http" else "/sse")
+    shown = f"[{host.strip('[]')}]" if ":" in host else host  # an IPv6 address in a URL is bracketed
+    return f"http://{shown}:{port}" + ("/mcp" if transport == "http" else "/sse")
 
 
 def build_http_app(
-    server: MCPServer[AppState], transport: Transport, host: str, auth_token: str | None = None
+    server: MCPServer[AppState], transport: Transport, host: str, auth_token: str | None = None,
+    body_timeout_s: float | None = None,
 ) -> ASGIApp:
     """The ASGI app for an HTTP transport: streamable HTTP at /mcp, or SSE at /sse (+ /messages/), with Host
-    and Origin checks for `host`, behind a bearer-token check when `auth_token` is given."""
+    and Origin checks for `host`, behind a bearer-token check when `auth_token` is given. With
+    `body_timeout_s`, a request body that has not fully arrived in that time reads as a disconnect."""
     security = transport_security(host)
     app: Starlette
     if transport == "http":
@@ -69,7 +81,9 @@ def build_http_app(
         app = server.sse_app(host=host, transport_security=security)
     else:
         raise ValueError(f"transport {transport!r} has no HTTP app; use one of http, sse")
-    return BearerTokenMiddleware(app, auth_token) if auth_token else app
+    wrapped: ASGIApp = DisconnectCancelsMiddleware(app) if transport == "http" else app
+    wrapped = BodyDeadlineMiddleware(wrapped, body_timeout_s) if body_timeout_s else wrapped
+    return BearerTokenMiddleware(wrapped, auth_token) if auth_token else wrapped
 
 
 # ------------------------------------------------------------------------------------------- HTTP exposure
@@ -175,7 +189,160 @@ def run(transport: Transport = "stdio", host: str = "127.0.0.1", port: int = 800
         return
     import uvicorn
 
-    app = build_http_app(server, transport, host, auth_token)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning")  # configures uvicorn's loggers
+    app = build_http_app(server, transport, host, auth_token, settings.http_body_timeout_s)
+    config = uvicorn.Config(  # configures uvicorn's loggers
+        app, host=host.strip("[]"), port=port, log_level="warning",  # "[::1]" binds as ::1
+        http=guarded_h11(settings.http_header_timeout_s, settings.http_max_connections),
+        timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        backlog=ACCEPT_BATCH,  # asyncio accepts up to `backlog` sockets at once: the overshoot past the cap
+    )
     redact.install(["", "uvicorn", "uvicorn.error", "uvicorn.access"])
     uvicorn.Server(config).run()
+
+
+# ------------------------------------------------------------------------------------------- HTTP limits
+
+MAX_HEADER_BYTES = 16 * 1024  # a request line and headers larger than this are answered 400 by h11
+ACCEPT_BATCH = 128  # connections accepted before the cap is applied to them; keeps cap + batch under 1,024 handles
+
+
+def guarded_h11(header_timeout_s: float, max_connections: int) -> type[Any]:
+    """uvicorn's h11 protocol with what uvicorn lacks against slow clients: a connection must finish each
+    request's headers within `header_timeout_s` (uvicorn only times out idle keep-alive connections), and
+    when more than `max_connections` are open, the oldest one still sending headers is closed for the new one,
+    so connections that never finish their headers cannot hold every file handle and starve a real client.
+    (uvicorn's `limit_concurrency` would answer that real client 503 instead.)"""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._answered: object = None  # the request whose headers arrived last
+            self._arm()
+            if len(self.connections) > max_connections:  # closed ones stay counted until their loss is handled
+                waiting = [c for c in self.connections
+                           if c is not self and getattr(c, "_waiting_since", None) and not c.transport.is_closing()]
+                if waiting:
+                    min(waiting, key=lambda c: c._waiting_since)._too_slow()
+
+        def _arm(self) -> None:
+            self._waiting_since: float | None = self.loop.time()
+            self._deadline = self.loop.call_later(header_timeout_s, self._too_slow)
+
+        def _too_slow(self) -> None:
+            if self._waiting_since is not None and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.cycle is not None and self.cycle is not self._answered:  # a request's headers are in
+                self._answered, self._waiting_since = self.cycle, None
+                self._deadline.cancel()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():  # keep-alive: the next request's headers get the same time
+                self._deadline.cancel()
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._waiting_since = None
+            self._deadline.cancel()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+class BodyDeadlineMiddleware:
+    """An HTTP request body must arrive in full within `seconds` of its headers; after that the app's
+    `receive` reports a disconnect, so a client trickling a body cannot hold a request open."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        deadline = anyio.current_time() + self.seconds
+        complete = False
+
+        async def timed_receive() -> Any:
+            nonlocal complete
+            if complete:
+                return await receive()
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                message = await receive()
+                complete = message["type"] != "http.request" or not message.get("more_body", False)
+                return message
+            complete = True
+            log.warning("an HTTP request body did not arrive within %.0f s; the request is dropped", self.seconds)
+            return {"type": "http.disconnect"}
+
+        await self.app(scope, timed_receive, send)
+
+
+class DisconnectCancelsMiddleware:
+    """A client that closes its connection while a tools/call it POSTed is running cancels that call, as if it
+    had sent `notifications/cancelled`: the streamable HTTP transport would otherwise run it to the end (and
+    cache its result). The cancellation goes through the session's own cancel path (the worker is killed)."""
+
+    def __init__(self, app: ASGIApp, max_body: int = 4 * 2**20) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body = bytearray()
+        answered = False
+
+        async def watched_receive() -> Any:
+            message = await receive()
+            if message["type"] == "http.request" and len(body) <= self.max_body:
+                body.extend(message.get("body", b""))
+            elif message["type"] == "http.disconnect" and not answered:
+                await self._cancel(scope, bytes(body))
+            return message
+
+        async def watched_send(message: Any) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        await self.app(scope, watched_receive, watched_send)
+
+    async def _cancel(self, scope: Scope, body: bytes) -> None:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            return
+        calls = [m for m in (parsed if isinstance(parsed, list) else [parsed])
+                 if isinstance(m, dict) and m.get("method") == "tools/call" and "id" in m]
+        keep = {b"mcp-session-id", b"mcp-protocol-version", b"host", b"authorization"}
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() in keep]
+        headers += [(b"content-type", b"application/json"), (b"accept", b"application/json, text/event-stream")]
+        for call in calls:
+            notice = json.dumps({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                 "params": {"requestId": call["id"], "reason": "the client disconnected"}}).encode()
+            with anyio.move_on_after(5):
+                await self._post({**scope, "headers": headers}, notice)
+
+    async def _post(self, scope: Scope, body: bytes) -> None:
+        """Hand the app one more request on this session, whose answer nobody reads."""
+        sent = False
+
+        async def one_message() -> Any:
+            nonlocal sent
+            if sent:
+                await anyio.sleep_forever()
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def discard(message: Any) -> None:
+            return None
+
+        await self.app(scope, one_message, discard)

@@ -11,7 +11,7 @@ from .analysis.activations import Probe, activation_cka, hf_probe
 from .analysis.engine import analyze
 from .analysis.loading import Checkpoint, load_checkpoint
 from .analysis.types import AnalysisOptions, Cancelled, Device, Progress
-from .errors import IncompatibleModelsError, InputError
+from .errors import CheckpointFormatError, IncompatibleModelsError, InputError, LimitExceededError
 from .models import CompareResult, ConfigDiagnosis, Strategy
 from .naming import model_names
 from .security.paths import PathGuard
@@ -19,20 +19,50 @@ from .security.redact import redact_model
 from .settings import Settings
 
 
+def labelled(models: Sequence[str], base: str | None) -> dict[str, str]:
+    """Each model under the name its messages use (its folder's name, made unique; `base`)."""
+    named = dict(zip(model_names([str(m) for m in models]), map(str, models), strict=True))
+    return named | ({"base": str(base)} if base else {})
+
+
+def check_request(models: Sequence[str], base: str | None, settings: Settings) -> None:
+    """Refuse, before anything is read, a request naming too few or too many models."""
+    if isinstance(models, str) or len(models) < 2:
+        raise InputError("compare needs at least two models (a list of paths or Hub ids)")
+    count = len(models) + (1 if base else 0)
+    if count > settings.max_models:
+        raise LimitExceededError(
+            f"this request names {count:,} models (base included), over the cap of {settings.max_models}; "
+            "compare fewer at once or raise MERGELENS_MAX_MODELS"
+        )
+
+
 def open_checkpoints(
     models: Sequence[str], base: str | None, settings: Settings, guard: PathGuard | None, stack: ExitStack
 ) -> tuple[list[Checkpoint], Checkpoint | None]:
-    """Resolve and read the headers of every checkpoint; check the request's total size."""
-    if isinstance(models, str) or len(models) < 2:
-        raise InputError("compare needs at least two models (a list of paths or Hub ids)")
+    """Check the request's caps, then resolve and read the headers of every checkpoint, one at a time, with
+    the request's byte cap checked after each. A model listed twice is read once (its repeat shares the
+    header table under its own label)."""
+    check_request(models, base, settings)
     limits = settings.limits()
-    opened = [
-        stack.enter_context(load_checkpoint(str(src), label, guard=guard, limits=limits))
-        for src, label in zip(models, model_names([str(m) for m in models]), strict=True)
-    ]
-    base_ckpt = stack.enter_context(load_checkpoint(str(base), "base", guard=guard, limits=limits)) if base else None
-    limits.check_request(sum(c.nbytes for c in [*opened, *([base_ckpt] if base_ckpt else [])]))
-    return opened, base_ckpt
+    named: list[tuple[str, str]] = [*zip(model_names([str(m) for m in models]), models, strict=True)]
+    if base:
+        named.append(("base", base))
+    opened: list[Checkpoint] = []
+    parsed: dict[str, Checkpoint] = {}
+    total = 0
+    for label, source in named:
+        key = os.path.normpath(source) if isinstance(source, str) else ""
+        first = parsed.get(key) if key else None
+        if first is None:
+            ckpt = stack.enter_context(load_checkpoint(str(source), label, guard=guard, limits=limits))
+            parsed[key] = ckpt
+        else:
+            ckpt = stack.enter_context(first.reopened(label))
+        total += ckpt.nbytes
+        limits.check_request(total)
+        opened.append(ckpt)
+    return (opened[:-1], opened[-1]) if base else (opened, None)
 
 
 def compare(
@@ -125,6 +155,30 @@ def diagnose(
     return redact_model(diagnose_config(
         config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled, base=base
     ))
+
+
+def compare_keyed(
+    models: Sequence[Checkpoint],
+    base: Checkpoint | None,
+    options: AnalysisOptions,
+    settings: Settings,
+    key: tuple[object, ...],
+    *,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> CompareResult:
+    """`compare_checkpoints` on checkpoints whose headers the caller read and keyed (`fingerprint`), possibly
+    in another process: each is reopened from its header table (no header is read twice), and the files must
+    still be as the key says, so a file replaced in between is refused rather than read with a stale table."""
+    with ExitStack() as stack:
+        copies = [stack.enter_context(m.reopened()) for m in models]
+        base_copy = stack.enter_context(base.reopened()) if base is not None else None
+        if fingerprint(copies, base_copy, options, settings) != key:
+            raise CheckpointFormatError(
+                "a checkpoint file changed after its header was read (rewritten, replaced or touched); "
+                "run the request again once the files are complete"
+            )
+        return compare_checkpoints(copies, base_copy, options, progress=progress, cancelled=cancelled)
 
 
 def fingerprint(

@@ -24,6 +24,15 @@ def hf_cache_dir() -> Path:
     return Path(hub_cache_dir() or constants.HF_HUB_CACHE)
 
 
+def default_worker_memory_mb() -> int | None:
+    """Three quarters of the machine's physical memory, in MiB (None where it cannot be known)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return max(16, total * 3 // 4 // 2**20)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MERGELENS_", frozen=True, extra="ignore")
 
@@ -45,6 +54,27 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=Limits.max_request_bytes, ge=1)
     workers: int = Field(default=2, ge=1, le=64, description="analyses that may run at once")
     cache_size: int = Field(default=16, ge=0, description="analyses kept in the server's cache")
+    worker_processes: bool = Field(
+        default=True, description="run analyses in killable worker processes (false: in threads of the server, "
+        "where a file truncated mid-read can crash it; only for debugging)",
+    )
+    worker_memory_mb: int | None = Field(
+        default_factory=default_worker_memory_mb, ge=16,
+        description="anonymous memory one analysis worker may hold before it is stopped; default: 3/4 of RAM",
+    )
+    worker_cpu_seconds: float | None = Field(
+        default=86_400.0, gt=0, description="CPU seconds (all threads) one analysis may use; None: no cap",
+    )
+    http_header_timeout_s: float = Field(default=10.0, gt=0, description="time an HTTP client has to send "
+                                         "each request's headers")
+    http_body_timeout_s: float = Field(default=30.0, gt=0, description="time an HTTP request body has to arrive")
+    http_max_connections: int = Field(default=512, ge=1, description="open HTTP connections before the oldest "
+                                      "one still sending headers is closed for a new one")
+    allow_hardlinks: bool = Field(
+        default=False, description="read files with more than one hard link (another of its names may lie "
+        "outside the allowed roots: containment cannot be checked for it)",
+    )
+    max_models: int = Field(default=16, ge=2, le=4096, description="models one request may name, base included")
     auth_token: SecretStr | None = None
 
     @field_validator("allowed_roots", mode="before")
@@ -73,7 +103,7 @@ class Settings(BaseSettings):
         return (self.output_dir or self.roots[0]).expanduser().resolve()
 
     def guard(self) -> PathGuard:
-        return PathGuard(self.roots)
+        return PathGuard(self.roots, allow_hardlinks=self.allow_hardlinks)
 
     def limits(self) -> Limits:
         return Limits(self.max_header_bytes, self.max_tensors, self.max_tensor_elements, self.max_request_bytes)

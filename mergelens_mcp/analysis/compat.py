@@ -109,10 +109,11 @@ def _compare_block_counts(plan: Plan, a: Checkpoint, b: Checkpoint) -> None:
 
 
 def _shared_tensors(plan: Plan, models: list[Checkpoint]) -> None:
+    floats = [m.float_tensors for m in models]  # each table built once: lookups below are per name
     union: dict[str, None] = {}
-    for m in models:
-        union.update(dict.fromkeys(m.float_tensors))
-    common = [n for n in models[0].float_tensors if all(n in m.float_tensors for m in models[1:])]
+    for table in floats:
+        union.update(dict.fromkeys(table))
+    common = [n for n in floats[0] if all(n in table for table in floats[1:])]
     if union and len(common) < MIN_SHARED_FRACTION * len(union):
         plan.add(
             FindingLevel.ERROR, "tensor_mismatch",
@@ -120,8 +121,8 @@ def _shared_tensors(plan: Plan, models: list[Checkpoint]) -> None:
             "merge fine-tunes of the same base model",
         )
         return
-    for m in models:
-        missing = [n for n in union if n not in m.float_tensors]
+    for m, table in zip(models, floats, strict=True):
+        missing = [n for n in union if n not in table]
         if missing:
             plan.add(
                 FindingLevel.WARNING, "missing_tensors",
@@ -189,8 +190,9 @@ def _plan_base(plan: Plan, reference: Checkpoint, base: Checkpoint) -> None:
         )
         return
     assert len(plan.fatal) == before
+    base_floats = base.float_tensors
     for name in plan.tensors:
-        info = base.float_tensors.get(name)
+        info = base_floats.get(name)
         if info is None:
             continue
         ref_shape = reference.tensors[name].shape

@@ -7,6 +7,8 @@ tensor byte is read. Pickle-based formats are never opened.
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import logging
 import mmap
@@ -25,6 +27,7 @@ from safetensors import safe_open
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, InputError, PathNotAllowedError
 from ..security.limits import Limits
 from ..security.paths import PathGuard, looks_like_hub_id, open_regular, parse_hub_id, shown
+from ..security.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
 MAX_JSON_BYTES = 64 * 2**20  # config.json and the shard index; real ones are a few hundred KB at most
 HUB_PATTERNS = ["*.safetensors", INDEX_NAME, "config.json"]
+UNMAPPABLE = frozenset({errno.ENOMEM, errno.EOVERFLOW, errno.EFBIG})  # mapping impossible: read in chunks instead
 
 
 @dataclass(frozen=True)
@@ -81,9 +85,9 @@ def read_header(path: Path, limits: Limits, where: str) -> dict[str, TensorInfo]
         (header_len,) = struct.unpack("<Q", prefix)
         limits.check_header(header_len, f"{where}: {path.name}")
         if 8 + header_len > size:
-            raise CheckpointFormatError(
-                f"{where}: {path.name} declares a {header_len:,}-byte header but the file has {size:,} "
-                "bytes; the file is truncated or not safetensors"
+            raise CheckpointFormatError(  # the declared length is the file's own bytes: never shown
+                f"{where}: {path.name} declares a header longer than the file ({size:,} bytes); the file is "
+                "truncated or not safetensors"
             )
         raw = fh.read(header_len)
     header = _parse_json(raw, f"{where}: {path.name} has an unreadable header")
@@ -151,6 +155,7 @@ def _short(value: Any) -> str:
         text = repr(value)
     except RecursionError:
         return "(too deeply nested)"
+    text = redact(text)  # before the cut, so no half token survives it
     return text if len(text) <= 80 else text[:80] + "..."
 
 
@@ -166,12 +171,14 @@ class Checkpoint:
     config: dict[str, Any] | None
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _maps: dict[Path, mmap.mmap] = field(default_factory=dict, repr=False)
+    _unmapped: set[Path] = field(default_factory=set, repr=False)  # files that cannot be mapped: read in chunks
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stack: ExitStack = field(default_factory=ExitStack, repr=False)
 
-    @property
+    @functools.cached_property
     def float_tensors(self) -> dict[str, TensorInfo]:
-        """The tensors the metrics can use: floating point, with at least one element."""
+        """The tensors the metrics can use: floating point, with at least one element. Built once (the table
+        never changes): callers ask per tensor name, and a rebuild per name made planning quadratic."""
         return {n: t for n, t in self.tensors.items() if t.is_float and t.numel > 0}
 
     @property
@@ -219,7 +226,9 @@ class Checkpoint:
     def view(self, name: str) -> torch.Tensor:
         """The tensor as stored, viewed in place in the mapped file: no copy, its pages load as they are
         touched (`release` drops them again). Dtypes torch cannot view are read as float32 through safetensors.
-        The mapping is private: a write would stay in this process, and nothing here writes.
+        The mapping is private: a write would stay in this process, and nothing here writes. A file that cannot
+        be mapped (ENOMEM: larger than the address space or the memory the kernel will commit) is read instead,
+        in bounded chunks, into a tensor of its own.
         """
         info = self.tensors[name]
         if info.dtype not in TORCH_DTYPES or info.numel == 0:
@@ -231,6 +240,8 @@ class Checkpoint:
         info = self.tensors[name]
         if info.dtype in TORCH_DTYPES and info.numel:
             mapped = self._map(info.file)
+            if mapped is None:
+                return
             start = info.offset - info.offset % PAGE
             mapped.madvise(mmap.MADV_WILLNEED, start, info.offset + info.nbytes - start)
 
@@ -253,18 +264,26 @@ class Checkpoint:
         if info.dtype not in TORCH_DTYPES or count == 0:
             yield self._read_with_safetensors(name, torch.device("cpu")).reshape(-1)[:count]
             return
-        mapped, view = self._mapped(name, count)
         width = DTYPE_BYTES[info.dtype]
         step = max(PAGE, READ_BLOCK_BYTES // width)
+        if self._map(info.file) is None:  # no mapping: each block is read on its own
+            for start in range(0, count, step):
+                yield self._read_values(info, start, min(count, start + step))
+            return
+        mapped, view = self._mapped(name, count)
+        assert mapped is not None
         for start in range(0, count, step):
             stop = min(count, start + step)
             yield view[start:stop]
             self._release(mapped, info.offset + start * width, info.offset + stop * width)
 
-    def _mapped(self, name: str, count: int) -> tuple[mmap.mmap, torch.Tensor]:
-        """The tensor's first `count` stored values, flat, viewed in its mapped file; and the mapping."""
+    def _mapped(self, name: str, count: int) -> tuple[mmap.mmap | None, torch.Tensor]:
+        """The tensor's first `count` stored values, flat, viewed in its mapped file; and the mapping. For a
+        file that cannot be mapped: the values read into memory, in bounded chunks, and no mapping."""
         info = self.tensors[name]
         mapped = self._map(info.file)
+        if mapped is None:
+            return None, self._read_values(info, 0, count)
         try:
             flat = torch.frombuffer(mapped, dtype=TORCH_DTYPES[info.dtype], count=count, offset=info.offset)
         except (ValueError, RuntimeError) as exc:
@@ -279,21 +298,52 @@ class Checkpoint:
         if last > first:
             mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
 
-    def _map(self, path: Path) -> mmap.mmap:
+    def _map(self, path: Path) -> mmap.mmap | None:
+        """The file's mapping, or None when it cannot be mapped (larger than the address space or than the
+        memory the kernel will commit): its tensors are then read with `_read_values`."""
         with self._lock:  # the engine's reader thread and its main thread may both open a file
             return self._map_locked(path)
 
-    def _map_locked(self, path: Path) -> mmap.mmap:
+    def _map_locked(self, path: Path) -> mmap.mmap | None:
         mapped = self._maps.get(path)
-        if mapped is None:
+        if mapped is None and path not in self._unmapped:
             try:
                 with path.open("rb") as fh:
                     # a private (copy-on-write) mapping is writable for torch.frombuffer, never written back
                     mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
-            except (OSError, ValueError) as exc:
+            except OSError as exc:
+                if exc.errno not in UNMAPPABLE:
+                    raise CheckpointFormatError(f"{self.label}: cannot open {path.name}: {exc}") from None
+                log.info("%s: %s cannot be mapped (%s); reading it in chunks", self.label, path.name, exc.strerror)
+                self._unmapped.add(path)
+                return None
+            except ValueError as exc:
                 raise CheckpointFormatError(f"{self.label}: cannot open {path.name}: {exc}") from None
             self._maps[path] = mapped
         return mapped
+
+    def _read_values(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Stored values [start, stop) of a tensor, flat, read from its file in chunks of READ_BLOCK_BYTES (no
+        mapping). A file shorter than its header says (changed since) is a format error, never a crash."""
+        width = DTYPE_BYTES[info.dtype]
+        buffer = bytearray((stop - start) * width)
+        view = memoryview(buffer)
+        try:
+            with open_regular(info.file, self.label) as fh:
+                fh.seek(info.offset + start * width)
+                done = 0
+                while done < len(buffer):
+                    got = fh.readinto(view[done:done + READ_BLOCK_BYTES])
+                    if not got:
+                        raise CheckpointFormatError(
+                            f"{self.label}: {info.file.name} is shorter than its header says: the file changed "
+                            "while it was read; run again once it stops changing"
+                        )
+                    done += got
+        except OSError as exc:
+            raise CheckpointFormatError(f"{self.label}: cannot read {info.file.name}: {exc.strerror}") from None
+        return torch.frombuffer(buffer, dtype=TORCH_DTYPES[info.dtype]) if buffer else torch.empty(
+            0, dtype=TORCH_DTYPES[info.dtype])
 
     def _read_with_safetensors(self, name: str, device: torch.device) -> torch.Tensor:
         info = self.tensors[name]
@@ -319,6 +369,15 @@ class Checkpoint:
         self._maps.clear()
         self._handles.clear()
         self._stack.close()
+
+    def reopened(self, label: str | None = None) -> Checkpoint:
+        """A new, unopened checkpoint on the same files and header table (no header is read again): it maps
+        the files itself. For another label of the same files, or for another process."""
+        return Checkpoint(label or self.label, self.source, self.root, self.files, self.tensors, self.config)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its header table and paths only: the copy maps the files itself when it reads."""
+        return (Checkpoint, (self.label, self.source, self.root, self.files, self.tensors, self.config))
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -470,8 +529,8 @@ def _safetensors_files(path: Path, label: str, guard: PathGuard) -> tuple[list[P
 
 
 def _read_json_file(path: Path, label: str) -> Any:
-    with open_regular(path, label) as fh:
-        raw = fh.read(MAX_JSON_BYTES + 1)
+    with open_regular(path, label) as fh:  # sized first: a read of the cap would allocate the cap
+        raw = fh.read(min(os.fstat(fh.fileno()).st_size, MAX_JSON_BYTES) + 1)
     if len(raw) > MAX_JSON_BYTES:
         raise CheckpointFormatError(f"{label}: {path.name} is over {MAX_JSON_BYTES:,} bytes; refused")
     return _parse_json(raw, f"{label}: {path.name} is not valid JSON")

@@ -19,10 +19,12 @@ class Limits:
     max_request_bytes: int = 2**42
 
     def check_header(self, size: int, where: str) -> None:
+        """`size` comes from the file's first 8 bytes: it is never shown (a file that is not safetensors would
+        have its first bytes printed as a number)."""
         if size > self.max_header_bytes:
             raise LimitExceededError(
-                f"{where}: safetensors header of {size:,} bytes is over the cap of "
-                f"{self.max_header_bytes:,}; raise MERGELENS_MAX_HEADER_BYTES if this file is trusted"
+                f"{where}: the safetensors header length is over the cap of {self.max_header_bytes:,} bytes; the "
+                "file is not safetensors, or raise MERGELENS_MAX_HEADER_BYTES if this file is trusted"
             )
 
     def check_tensor_count(self, count: int, where: str) -> None:
@@ -66,4 +68,7 @@ class Limits:
 
 
 def _name(name: str) -> str:
+    from .redact import redact
+
+    name = redact(name)  # before the cut: a token straddling it would otherwise show its first half
     return repr(name if len(name) <= 120 else name[:120] + "...")

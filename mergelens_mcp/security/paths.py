@@ -7,7 +7,10 @@ on a FIFO. Hub ids are validated by `parse_hub_id` before anything touches the n
 
 What is refused, always with `PathNotAllowedError` (an `InputError`) naming the path and the fix: NUL bytes,
 `..` or absolute paths that land outside the roots, symlinks pointing out, `~` and `~user` forms that expand
-outside the roots, symlink loops, names too long for the file system, device files, FIFOs and sockets.
+outside the roots, symlink loops, names too long for the file system, device files, FIFOs and sockets, and
+(with `allow_hardlinks=False`, the server's default) regular files with more than one hard link: another name
+of the file may lie outside the roots, and nothing can tell where. Paths in messages are redacted before
+they are cut short (`shown`).
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ MAX_SHOWN = 200
 
 
 def shown(value: str | os.PathLike[str]) -> str:
-    """A path or name as it may appear in an error message: quoted and cut to a readable length."""
-    text = str(value)
+    """A path or name as it may appear in an error message: redacted, then quoted and cut to a readable length
+    (redacted first: a token straddling the cut would show its first half, which no later pass recognises)."""
+    from .redact import redact
+
+    text = redact(str(value))
     return repr(text if len(text) <= MAX_SHOWN else text[:MAX_SHOWN] + "...")
 
 
@@ -71,7 +77,8 @@ def _client_root_path(root: str | os.PathLike[str]) -> Path | None:
 class PathGuard:
     """Resolves user-given paths (symlinks followed) and refuses any that leave the allowed roots."""
 
-    def __init__(self, roots: Iterable[str | os.PathLike[str]]) -> None:
+    def __init__(self, roots: Iterable[str | os.PathLike[str]], *, allow_hardlinks: bool = True) -> None:
+        self.allow_hardlinks = allow_hardlinks
         resolved = []
         for r in roots:
             is_uri = isinstance(r, str) and "://" in r
@@ -100,7 +107,7 @@ class PathGuard:
                     narrowed.append(path)
                 elif root.is_relative_to(path):
                     narrowed.append(root)
-        return PathGuard(narrowed)
+        return PathGuard(narrowed, allow_hardlinks=self.allow_hardlinks)
 
     def contains(self, path: Path) -> bool:
         """Whether an already resolved path lies inside (or is) one of the roots."""
@@ -150,7 +157,8 @@ class PathGuard:
         text, resolved = self._resolve(raw, what)
         if must_exist:
             try:
-                mode = resolved.stat().st_mode
+                st = resolved.stat()
+                mode = st.st_mode
             except FileNotFoundError:
                 raise CheckpointNotFoundError(
                     f"{what}: {shown(text)} does not exist ({shown(resolved)})"
@@ -158,6 +166,12 @@ class PathGuard:
             except OSError as exc:
                 raise PathNotAllowedError(f"{what}: cannot read {shown(resolved)} ({_reason(exc)})") from None
             require_regular_or_dir(mode, resolved, what)
+            if stat.S_ISREG(mode) and st.st_nlink > 1 and not self.allow_hardlinks:
+                raise PathNotAllowedError(
+                    f"{what}: {shown(text)} is a hard link ({st.st_nlink} names for one file), and another name "
+                    "may lie outside the allowed roots; refused. Copy the file, or set "
+                    "MERGELENS_ALLOW_HARDLINKS=1 if every hard link on this machine is trusted"
+                )
         return resolved
 
     def check_file(self, raw: str | os.PathLike[str], what: str = "path") -> Path:

@@ -55,6 +55,12 @@ def register_secret(value: str | None) -> None:
             _registered.add(value.strip())
 
 
+def registered_secrets() -> list[str]:
+    """The values given to `register_secret` so far (a worker process is handed them with each job)."""
+    with _lock:
+        return sorted(_registered)
+
+
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Every value to redact literally, longest first, with its URL- and JSON-escaped forms."""
     environ = os.environ if environ is None else environ

@@ -29,8 +29,8 @@ async def diagnose_merge(
     guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> ConfigDiagnosis:
-        return service.diagnose(config, settings=state.settings, guard=guard, progress=progress,
-                                cancelled=cancelled, base=base_model)
+        return state.isolated(service.diagnose, config, settings=state.settings, guard=guard, progress=progress,
+                              cancelled=cancelled, base=base_model)
 
     view = views.diagnosis(await run_in_worker(ctx, job), detail)
     return views.reply(view, views.diagnosis_headline(view))

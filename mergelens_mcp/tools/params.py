@@ -9,10 +9,13 @@ from pydantic import Field
 
 READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=True, openWorldHint=False)
 
+MAX_LISTED = 4096  # schema bounds; the server's own cap (MERGELENS_MAX_MODELS, default 16) is checked first
+MAX_SOURCE_CHARS = 4096  # a path or Hub id: PATH_MAX
+
 Models = Annotated[
-    list[str],
+    list[Annotated[str, Field(max_length=MAX_SOURCE_CHARS)]],
     Field(
-        min_length=2,
+        min_length=2, max_length=MAX_LISTED,
         description="two or more checkpoints to merge: local folders, .safetensors files or Hugging Face "
         "Hub ids (owner/name or owner/name@revision); local paths must be under the server's allowed folders "
         "(relative ones resolve against the server's working folder; absolute paths are safest)",

@@ -72,7 +72,7 @@ async def generate_report(
     result, cached = await analyse(ctx, models, base_model)
 
     def job(progress: Progress, cancelled: Cancelled) -> Path:
-        return write_report(result, target, overwrite=overwrite)
+        return state_of(ctx).isolated(write_report, result, target, overwrite=overwrite)
 
     path = await run_in_worker(ctx, job)
     return views.Report(merge_advised=result.merge_advised, answer=result.answer,

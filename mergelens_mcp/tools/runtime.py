@@ -23,6 +23,7 @@ from ..models import CompareResult
 from ..security.paths import PathGuard
 from ..security.redact import redact
 from ..settings import Settings
+from ..workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,25 @@ class AppState:
     guard: PathGuard
     limiter: anyio.CapacityLimiter
     cache: AnalysisCache
+    pool: WorkerPool | None = None  # the sandbox; None runs analyses in threads (settings.worker_processes)
 
     @classmethod
     def create(cls, settings: Settings) -> AppState:
+        pool = WorkerPool.from_settings(settings) if settings.worker_processes else None
         return cls(settings, settings.guard(), anyio.CapacityLimiter(settings.workers),
-                   AnalysisCache(settings.cache_size))
+                   AnalysisCache(settings.cache_size), pool)
+
+    def isolated(self, fn: Callable[..., T], *args: Any, progress: Progress | None = None,
+                 cancelled: Cancelled | None = None, about: dict[str, str] | None = None, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` in one of the server's worker processes (killed when `cancelled()`), or in
+        this thread when the settings turn worker processes off. Call it from a worker thread."""
+        if self.pool is None:
+            if progress is not None:
+                kwargs["progress"] = progress
+            if cancelled is not None:
+                kwargs["cancelled"] = cancelled
+            return fn(*args, **kwargs)
+        return self.pool.run(fn, *args, progress=progress, cancelled=cancelled, about=about, **kwargs)
 
 
 AppContext = Context[AppState, Any]
@@ -136,8 +151,8 @@ async def run_in_worker(ctx: AppContext, job: Job[T]) -> T:
     finished = threading.Event()
 
     def progress(done: int, total: int, message: str) -> None:
-        if not stop.is_set():
-            anyio.from_thread.run(ctx.report_progress, done, total, message)
+        if not stop.is_set():  # tensor names come from untrusted headers: redacted like every other output
+            anyio.from_thread.run(ctx.report_progress, done, total, redact(message))
 
     def work() -> T:
         try:
@@ -200,11 +215,12 @@ async def analyse(ctx: AppContext, models: Sequence[str], base: str | None) -> t
 
     def job(progress: Progress, cancelled: Cancelled) -> tuple[CompareResult, bool]:
         options = state.settings.analysis_options()  # the server's device, checked before any file is opened
-        with ExitStack() as stack:  # each header is read once: the checkpoints keyed are the ones compared
+        with ExitStack() as stack:  # each header is read once, here: the worker gets the tables keyed
             opened, base_ckpt = service.open_checkpoints(sources, base, state.settings, guard, stack)
             key = service.fingerprint(opened, base_ckpt, options, state.settings)
-            return state.cache.get_or_compute(key, lambda: service.compare_checkpoints(
-                opened, base_ckpt, options, progress=progress, cancelled=cancelled,
+            return state.cache.get_or_compute(key, lambda: state.isolated(
+                service.compare_keyed, opened, base_ckpt, options, state.settings, key, progress=progress,
+                cancelled=cancelled, about=service.labelled(sources, base),
             ), cancelled)
 
     return await run_in_worker(ctx, job)

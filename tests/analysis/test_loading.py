@@ -287,7 +287,7 @@ def test_a_file_shorter_than_the_length_prefix_is_refused(tmp_path: Path) -> Non
 def test_a_file_truncated_inside_its_header_says_truncated(tmp_path: Path) -> None:
     source = make_checkpoint(tmp_path / "m") / "model.safetensors"
     path = write_truncated(tmp_path / "cut.safetensors", source, keep=100)
-    message = r"declares a [\d,]+-byte header but the file has 100 bytes; the file is truncated"
+    message = r"declares a header longer than the file \(100 bytes\); the file is truncated"
     with pytest.raises(CheckpointFormatError, match=message):
         load_checkpoint(str(path), "model_a")
 
@@ -303,13 +303,13 @@ def test_a_file_truncated_inside_its_data_is_refused_before_any_read(tmp_path: P
 
 def test_a_header_length_larger_than_the_file_is_refused(tmp_path: Path) -> None:
     path = write_safetensors_bytes(tmp_path / "m.safetensors", {}, header_len=4096)
-    with pytest.raises(CheckpointFormatError, match="declares a 4,096-byte header but the file has 10 bytes"):
+    with pytest.raises(CheckpointFormatError, match=r"declares a header longer than the file \(10 bytes\)"):
         load_checkpoint(str(path), "model_a")
 
 
 def test_an_absurd_header_length_hits_the_header_cap_first(tmp_path: Path) -> None:
     path = write_safetensors_bytes(tmp_path / "m.safetensors", {}, header_len=2**60)
-    with pytest.raises(LimitExceededError, match="header of .* bytes is over the cap"):
+    with pytest.raises(LimitExceededError, match="header length is over the cap"):
         load_checkpoint(str(path), "model_a")
 
 

@@ -40,6 +40,11 @@ def shared(settings: Settings) -> MCPServer[AppState]:
     return build_server(settings)
 
 
+def in_threads(settings: Settings) -> Settings:
+    """The settings with analyses in threads of the test process, where a patched `service.compare` runs."""
+    return settings.model_copy(update={"worker_processes": False})
+
+
 @pytest.fixture
 def engine_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     """Records every comparison that reads weights (service.compare_checkpoints), with its models."""
@@ -131,7 +136,7 @@ async def test_an_analysis_reports_progress_once_per_tensor(
 async def test_a_second_tool_on_the_same_models_is_answered_from_the_cache_without_reading_weights(
     settings: Settings, flipped_pair: dict[str, Any], engine_calls: list[list[str]]
 ) -> None:
-    async with Client(build_server(settings)) as client:
+    async with Client(build_server(in_threads(settings))) as client:
         first = await call(client, "compare_models", flipped_pair)
         zones = await call(client, "get_conflict_zones", flipped_pair)
         score = await call(client, "get_compatibility_score", flipped_pair)
@@ -149,7 +154,7 @@ async def test_rewriting_a_checkpoint_invalidates_its_cached_analysis(
     shape = Shape()
     ckpt = save(random_model(shape, seed=7), scratch / "changing", shape)
     args = {"models": [str(family.finetune_a), str(ckpt)]}
-    async with Client(build_server(settings)) as client:
+    async with Client(build_server(in_threads(settings))) as client:
         before = await call(client, "get_compatibility_score", args)
         weights = ckpt / "model.safetensors"
         stat = weights.stat()
@@ -275,7 +280,7 @@ async def test_cancelling_a_call_stops_the_analysis_between_tensors(
             stopped.set()
 
     monkeypatch.setattr(service, "compare_checkpoints", watched)
-    async with Client(build_server(settings)) as client:
+    async with Client(build_server(in_threads(settings))) as client:
         with anyio.CancelScope() as scope:
 
             async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -382,7 +387,7 @@ async def test_two_tools_called_at_once_on_the_same_models_read_the_weights_once
     settings: Settings, flipped_pair: dict[str, Any], engine_calls: list[list[str]]
 ) -> None:
     results: dict[str, Any] = {}
-    async with Client(build_server(settings)) as client:
+    async with Client(build_server(in_threads(settings))) as client:
 
         async def run(tool: str) -> None:
             results[tool] = await call(client, tool, flipped_pair)

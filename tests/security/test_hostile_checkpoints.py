@@ -42,7 +42,7 @@ def f32(shape: list[int], start: int) -> dict[str, Any]:
 
 def test_a_header_length_larger_than_the_file_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path, safetensors_bytes({"w": f32([2], 0)}, bytes(8), header_len=10_000))
-    with pytest.raises(CheckpointFormatError, match="declares a 10,000-byte header but the file has"):
+    with pytest.raises(CheckpointFormatError, match="declares a header longer than the file"):
         load_checkpoint(str(path), "model_a")
 
 

@@ -270,7 +270,7 @@ async def test_cancelling_a_call_mid_analysis_frees_the_only_worker(
 ) -> None:
     started, finished, outcomes = gate_first_analysis(monkeypatch)
     args = pair(sandbox, sandbox.model_a)
-    async with Client(make_server(sandbox, workers=1, cache_size=0)) as client:
+    async with Client(make_server(sandbox, workers=1, cache_size=0, worker_processes=False)) as client:
         with anyio.CancelScope() as scope:
 
             async def on_progress(progress: float, total: float | None, message: str | None) -> None:
@@ -289,7 +289,7 @@ async def test_a_client_that_disconnects_mid_analysis_leaves_no_work_running(
     sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     started, finished, outcomes = gate_first_analysis(monkeypatch)
-    server = make_server(sandbox, workers=1, cache_size=0)
+    server = make_server(sandbox, workers=1, cache_size=0, worker_processes=False)
     with anyio.fail_after(TIMEOUT_S):
         async with anyio.create_task_group() as tg:
 
@@ -347,7 +347,7 @@ async def test_twenty_concurrent_calls_queue_behind_the_limiter_and_equal_sequen
 
     monkeypatch.setattr(service, "compare_checkpoints", counted)
     answers: list[Any] = [None] * len(calls)
-    async with Client(make_server(sandbox, workers=2, cache_size=0)) as client:
+    async with Client(make_server(sandbox, workers=2, cache_size=0, worker_processes=False)) as client:
 
         async def one(i: int, tool: str, args: dict[str, Any]) -> None:
             answers[i] = await call(client, tool, args)
