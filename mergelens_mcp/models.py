@@ -193,6 +193,9 @@ class Coverage(Frozen):
     exact_svd_max_elements: int = Field(
         default=512 * 512, description="matrices up to this many elements get an exact SVD, larger ones a randomized"
     )
+    low_rank_tensors: int = Field(
+        default=0, description="tensors measured from LoRA factors (exact algebra; element-wise on sampled rows)"
+    )
 
 
 class MergeMethod(str, Enum):

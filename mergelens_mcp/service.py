@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
+from .analysis.adapters import shared_base
 from .analysis.activations import Probe, activation_cka, hf_probe
 from .analysis.engine import analyze
 from .analysis.loading import Checkpoint, load_checkpoint
@@ -30,11 +31,13 @@ def open_checkpoints(
     if isinstance(models, str) or len(models) < 2:
         raise InputError("compare needs at least two models (a list of paths or Hub ids)")
     limits = settings.limits()
-    opened = [
-        stack.enter_context(load_checkpoint(str(src), label, guard=guard, limits=limits))
+    base_ckpt = stack.enter_context(load_checkpoint(str(base), "base", guard=guard, limits=limits)) if base else None
+    opened = [  # a LoRA adapter is opened over the base given, else over the one its config names
+        stack.enter_context(load_checkpoint(str(src), label, guard=guard, limits=limits, base=base_ckpt))
         for src, label in zip(models, model_labels(len(models)), strict=True)
     ]
-    base_ckpt = stack.enter_context(load_checkpoint(str(base), "base", guard=guard, limits=limits)) if base else None
+    if base_ckpt is None:
+        base_ckpt = shared_base(opened)
     limits.check_request(sum(c.nbytes for c in [*opened, *([base_ckpt] if base_ckpt else [])]))
     return opened, base_ckpt
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .adapters import lift
 from .compat import Plan
 from .loading import Checkpoint
 from .metrics import NATIVE, REGISTRY, Operand, pair_sums, weight_and_task_sums
@@ -247,6 +248,7 @@ def _make_operands(
     current.weights = [operand(v) for v in views]
     current.base = operand(base_view) if base_view is not None else None
     current.tasks = [operand(v, base_view) for v in views] if base_view is not None else []
+    lift(current.sources, current.weights, current.tasks, current.base, options)  # LoRA adapters: exact factors
 
 
 def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> list[dict[str, float | None]] | None:
@@ -254,7 +256,10 @@ def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> li
     norm is not finite: the set then holds NaN or Inf."""
     weights, tasks = current.weights, current.tasks
     for i, j in pairs:
-        if current.base is not None:
+        if current.base is not None and (tasks[i].low_rank or tasks[j].low_rank):
+            pair_sums(weights[i], weights[j])
+            pair_sums(tasks[i], tasks[j], signs=True)
+        elif current.base is not None:
             weight_and_task_sums(weights[i], weights[j], tasks[i], tasks[j], current.base)
         else:
             pair_sums(weights[i], weights[j])
