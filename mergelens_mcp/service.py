@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
-from .analysis.adapters import shared_base
 from .analysis.activations import Probe, activation_cka, hf_probe
+from .analysis.adapters import shared_base
 from .analysis.engine import analyze
 from .analysis.loading import Checkpoint, load_checkpoint
 from .analysis.types import AnalysisOptions, Cancelled, Device, Progress

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, InputError
-from ..models import Finding, FindingLevel
+from ..models import AdapterInfo, Finding, FindingLevel
 from ..security.limits import Limits
 from ..security.paths import PathGuard, shown
 from .loading import Checkpoint, _read_json_file, load_checkpoint, read_header
@@ -375,6 +375,19 @@ def adapter_findings(models: list[Checkpoint], base: Checkpoint | None) -> list[
                 fix="merge DoRA adapters with PEFT, which applies the magnitudes",
             ))
     return out
+
+
+def adapter_info(ckpt: Checkpoint) -> AdapterInfo | None:
+    """What the result says about a model that is a LoRA adapter (None for a full checkpoint)."""
+    if not isinstance(ckpt, AdapterCheckpoint):
+        return None
+    config = ckpt.adapter_config
+    return AdapterInfo(
+        base=ckpt.base_checkpoint.source, ranks=sorted({f.rank for f in ckpt.adapted.values()}),
+        lora_alpha=config.lora_alpha, use_rslora=config.use_rslora, use_dora=config.use_dora,
+        target_modules=sorted(ckpt.target_modules), modules_to_save=list(config.modules_to_save),
+        adapted_tensors=len(ckpt.adapted),
+    )
 
 
 def coverage_note(models: list[Checkpoint], tensors: list[str]) -> list[str]:

@@ -33,7 +33,7 @@ from ..models import (
 from ..security.redact import redact_json
 from . import score as mci
 from . import stream
-from .adapters import adapter_findings, coverage_note, low_rank_count
+from .adapters import adapter_findings, adapter_info, coverage_note, low_rank_count
 from .compat import Plan, plan_comparison
 from .layers import TensorRole, classify, group_sort_key, position
 from .loading import Checkpoint
@@ -218,6 +218,7 @@ def _model_info(ckpt: Checkpoint, nonfinite: int) -> ModelInfo:
         label=ckpt.label, source=ckpt.source, resolved=str(ckpt.root if len(ckpt.files) > 1 else ckpt.files[0]),
         architecture=ckpt.architecture, n_tensors=len(ckpt.tensors), n_params=ckpt.n_params, dtypes=dtypes,
         files=len(ckpt.files), skipped_tensors=ckpt.skipped_tensors, nonfinite_values=nonfinite,
+        adapter=adapter_info(ckpt),
     )
 
 
