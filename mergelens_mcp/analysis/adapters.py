@@ -187,7 +187,7 @@ def open_adapter(
             raise type(exc)(f"{exc} (the base of the LoRA adapter {label}; pass it with --base)") from None
     factors_file = _FactorFile(read_header(weights, limits, label), weights)
     adapter = AdapterCheckpoint(
-        label=label, source=source, root=folder, files=[weights, *base.files], tensors=dict(base.tensors),
+        label=label, source=source, root=folder, files=[weights, config_path, *base.files], tensors=dict(base.tensors),
         config=base.config, adapter_config=config, base_checkpoint=base,
     )
     adapter.owns_base = owns_base

@@ -34,13 +34,17 @@ def model_reference(model: ModelInfo) -> str:
 
 
 def combination_type(result: CompareResult, method: MergeMethod) -> tuple[str, str]:
-    """PEFT's combination type for the recommended method and why."""
+    """PEFT's combination type for the recommended method and why: the trimming types work on the factors
+    themselves when the ranks are equal, and on the deltas (their `_svd` forms) when they differ."""
     chosen = PEFT_TYPES.get(method)
     if chosen is None:
         return "svd", f"PEFT has no {method.value}: svd refactors the exact weighted sum of the deltas"
     if chosen == "cat":
         return "cat", "cat stacks the weighted factors: the exact weighted sum of the deltas, at any ranks"
-    return chosen, f"{chosen} trims the summed deltas as {method.value} does, then refactors them by SVD"
+    ranks = {tuple(m.adapter.ranks) for m in result.models if m.adapter is not None}
+    if len(ranks) > 1:
+        return f"{chosen}_svd", f"{chosen}_svd trims the deltas as {method.value} does, then refactors them by SVD"
+    return chosen, f"{chosen} trims the factors as {method.value} does (the adapters' ranks are equal)"
 
 
 def peft_snippet(result: CompareResult, method: MergeMethod, params: dict[str, Any]) -> str | None:
@@ -56,7 +60,7 @@ def peft_snippet(result: CompareResult, method: MergeMethod, params: dict[str, A
     ranks = {tuple(a.ranks) for a in adapters if a is not None}
     arguments = [f"adapters={labels!r}", f"weights={values!r}", f"adapter_name={MERGED_NAME!r}",
                  f"combination_type={kind!r}"]
-    if kind in DENSITY_TYPES:
+    if kind.removesuffix("_svd") in DENSITY_TYPES:
         arguments.append(f"density={float(params.get('density', 0.5))!r}")
     lines = [
         f"# {why}" + ("" if len(ranks) == 1 else "; the ranks differ, so `linear` is not available"),

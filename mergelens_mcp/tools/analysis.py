@@ -48,7 +48,7 @@ async def suggest_strategy(
         raise ToolError(f"no merge strategy: these models cannot be merged tensor by tensor ({reasons})")
     return views.StrategyAdvice(
         method=s.method, confidence=s.confidence, rationale=s.rationale, runner_up=s.runner_up,
-        parameters=s.parameters, warnings=s.warnings, mergekit_yaml=s.mergekit_yaml,
+        parameters=s.parameters, warnings=s.warnings, mergekit_yaml=s.mergekit_yaml, peft_snippet=s.peft_snippet,
         score=result.mci.score, verdict=result.mci.verdict, cached=cached,
     )
 

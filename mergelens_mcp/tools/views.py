@@ -114,6 +114,9 @@ class StrategyAdvice(View):
     mergekit_yaml: str = Field(
         description="a mergekit config to start from; check the paths before running it"
     )
+    peft_snippet: str | None = Field(
+        default=None, description="for LoRA adapters: PEFT code that merges them with add_weighted_adapter"
+    )
     score: float | None
     verdict: Verdict
     cached: bool

@@ -135,7 +135,8 @@ def test_sign_conflict_is_exact_on_the_seeded_row_sample_of_a_large_task_vector(
 
 def test_the_low_rank_svd_has_the_dense_singular_values_and_subspace() -> None:
     g = torch.Generator().manual_seed(7)
-    left, right = torch.randn(30, 5, generator=g, dtype=torch.float64), torch.randn(5, 20, generator=g, dtype=torch.float64)
+    left = torch.randn(30, 5, generator=g, dtype=torch.float64)
+    right = torch.randn(5, 20, generator=g, dtype=torch.float64)
     svd = low_rank_svd(left, right, rank=16)
     s = torch.linalg.svdvals(left @ right)
     assert torch.allclose(svd.s[:5].double(), s[:5], atol=1e-5)
@@ -248,7 +249,8 @@ def test_dense_delta_of_the_fixture_matches_peft_merge_and_unload(made: dict[str
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(made["base"])), str(made["r8_all_rslora"]))
+    base_model = AutoModelForCausalLM.from_pretrained(str(made["base"]))
+    model = PeftModel.from_pretrained(base_model, str(made["r8_all_rslora"]))
     merged = model.merge_and_unload().state_dict()
     base = load_file(str(made["base"] / "model.safetensors"))
     for name, delta in dense_delta(made["r8_all_rslora"]).items():
