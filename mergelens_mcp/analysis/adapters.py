@@ -640,6 +640,16 @@ def sampled_signs(a: Operand, b: Operand) -> tuple[float, float, float, float]:
     return both, (both - balance) / 2, both_top, (both_top - balance_top) / 2
 
 
+def with_delta(ckpt: Checkpoint, name: str, view: torch.Tensor) -> torch.Tensor:
+    """The model's tensor in float32: for a LoRA adapter's adapted tensor, base + scale * B @ A (a merge
+    simulation needs the weights themselves); otherwise the stored values."""
+    found = ckpt.factors(name, view.device) if isinstance(ckpt, AdapterCheckpoint) else None
+    if found is None:
+        return view.float()
+    left, right, _ = found
+    return (view.double() + left[: view.shape[0]] @ right).float()
+
+
 def lift(
     sources: list[tuple[Any, str]], weights: list[Operand], tasks: list[Operand], base: Operand | None,
     options: Any,
