@@ -229,6 +229,14 @@ class AdapterCheckpoint(Checkpoint):
         for key, info in file.tensors.items():
             name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
             match = _PART.match(name)
+            if match is None and ".base_layer." in name:  # the frozen base layer PEFT saves for embedding targets
+                target = self._base_name(name.replace(".base_layer.", "."), name, shape=info.shape)
+                if tuple(info.shape) != self.tensors[target].shape:
+                    raise CheckpointFormatError(
+                        f"{self.label}: {shown(key)} has shape {list(info.shape)}, the base's {target} "
+                        f"{list(self.tensors[target].shape)}: adapters over a resized vocabulary are not supported"
+                    )
+                continue  # frozen during training: the base's own tensor
             if match is None:  # a modules_to_save tensor: dense, in place of the base's
                 target = self._base_name(name, name, shape=info.shape)
                 if tuple(info.shape) != self.tensors[target].shape:

@@ -37,6 +37,7 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "r2_qk_head": dict(seed=3, r=2, alpha=16.0, targets=("q_proj", "k_proj"), modules_to_save=("lm_head",)),
         "r4_dora": dict(seed=4, r=4, alpha=4.0, targets=("q_proj", "v_proj", "down_proj"), dora=True),
         "r4_qv_b": dict(seed=5, r=4, alpha=8.0, targets=("q_proj", "v_proj")),
+        "r3_embed_head": dict(seed=6, r=3, alpha=6.0, targets=("embed_tokens", "lm_head", "q_proj")),
     }
     out = {"base": base}
     for name, spec in specs.items():
@@ -59,6 +60,7 @@ def assert_same_metrics(lowrank: object, dense: object) -> int:
 
 @pytest.mark.parametrize("pair", [
     ("r4_qv", "r8_all_rslora"), ("r2_qk_head", "r4_dora"), ("r4_qv", "r4_qv_b"), ("r8_all_rslora", "r2_qk_head"),
+    ("r3_embed_head", "r2_qk_head"),
 ])
 def test_every_metric_of_two_adapters_equals_the_dense_comparison_of_base_plus_delta(
     made: dict[str, Path], pair: tuple[str, str]
@@ -244,14 +246,18 @@ def test_an_adapter_for_another_architecture_is_refused_against_its_base(made: d
         load_checkpoint(str(made["r4_qv"]), "model_a", base=load_checkpoint(str(other), "base"))
 
 
-def test_dense_delta_of_the_fixture_matches_peft_merge_and_unload(made: dict[str, Path]) -> None:
-    """The reference itself: base + scale * B @ A is what peft's merge_and_unload builds."""
+@pytest.mark.parametrize("adapter", ["r8_all_rslora", "r3_embed_head"])
+def test_dense_delta_of_the_fixture_matches_peft_merge_and_unload(made: dict[str, Path], adapter: str) -> None:
+    """The reference itself: base + scale * B @ A (transposed for an Embedding) is what peft's merge_and_unload
+    builds."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     base_model = AutoModelForCausalLM.from_pretrained(str(made["base"]))
-    model = PeftModel.from_pretrained(base_model, str(made["r8_all_rslora"]))
+    model = PeftModel.from_pretrained(base_model, str(made[adapter]))
     merged = model.merge_and_unload().state_dict()
     base = load_file(str(made["base"] / "model.safetensors"))
-    for name, delta in dense_delta(made["r8_all_rslora"]).items():
+    deltas = dense_delta(made[adapter])
+    assert adapter != "r3_embed_head" or {"model.embed_tokens.weight", "lm_head.weight"} <= set(deltas)
+    for name, delta in deltas.items():
         assert torch.allclose(merged[name].double() - base[name].double(), delta, atol=1e-6), name
