@@ -223,7 +223,8 @@ def _open_set(current: _Set, run: Run, pool: ThreadPoolExecutor) -> None:
     base_view = views.pop() if len(current.sources) > len(run.models) else None
     _make_operands(current, views, base_view, run.options)
     current.elementwise = pool.submit(_elementwise, current, run.pairs, True)
-    current.svds = [pool.submit(_svd, op) for op in [*current.weights, *current.tasks] if op.is_matrix]
+    operands = dict.fromkeys([*current.weights, *current.tasks])  # an adapter's untouched weights are the base's
+    current.svds = [pool.submit(_svd, op) for op in operands if op.is_matrix]
 
 
 def _flat2d(tensor: torch.Tensor) -> torch.Tensor:
