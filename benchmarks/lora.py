@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import struct
 import sys
 import time
@@ -96,38 +95,38 @@ def child(root: Path) -> None:
     from mergelens_mcp.analysis.loading import load_checkpoint
     from mergelens_mcp.analysis.metrics import Operand, task_metrics
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # one core: the product runs one torch thread per worker too
     folders = {"base": root / "base", "a": root / "adapter_a", "b": root / "adapter_b"}
     metrics = [m for m in task_metrics() if m.name != "task_drift"]
+    cpu = torch.device("cpu")
     started = time.perf_counter()
     with load_checkpoint(str(folders["base"]), "base") as base:
         a = load_checkpoint(str(folders["a"]), "model_a", base=base)
         b = load_checkpoint(str(folders["b"]), "model_b", base=base)
-        cpu = torch.device("cpu")
         values: dict[str, float] = {}
-        dense_s = 0.0
         for name in a.adapted:
             la, lb = a.factors(name, cpu), b.factors(name, cpu)
             ta = LowRankOperand(la[0], la[1], None, rank=16, exact_max_elements=512 * 512)
             tb = LowRankOperand(lb[0], lb[1], None, rank=16, exact_max_elements=512 * 512)
             for m in metrics:
                 values[m.name] = values.get(m.name, 0.0) + float(m(ta, tb) or 0.0)
-            if ".layers.0." in name:  # the dense comparison of the same tensor, for the projection
-                t0 = time.perf_counter()
-                da, db = Operand((la[0] @ la[1]).float()), Operand((lb[0] @ lb[1]).float())
-                for m in metrics:
-                    m(da, db)
-                dense_s += time.perf_counter() - t0
-        wall = time.perf_counter() - started - dense_s
-        read_from_base = sum(1 for _ in base._maps) + sum(1 for _ in a._maps) + sum(1 for _ in b._maps)
+        wall = time.perf_counter() - started
+        with open("/proc/self/status") as fh:
+            peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+        mapped = len(base._maps) + len(a._maps) + len(b._maps)  # a view of a base tensor would map its file
+        started = time.perf_counter()  # the dense comparison of layer 0's tensors, for the projection
+        for name in [n for n in a.adapted if ".layers.0." in n]:
+            la, lb = a.factors(name, cpu), b.factors(name, cpu)
+            da, db = Operand((la[0] @ la[1]).float()), Operand((lb[0] @ lb[1]).float())
+            for m in metrics:
+                m(da, db)
+        dense_s = time.perf_counter() - started
+        n = len(a.adapted)
         a.close()
         b.close()
-    with open("/proc/self/status") as fh:
-        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
-    n = len(a.adapted)
     print(json.dumps({
         "tensors": n, "low_rank_wall_s": round(wall, 2), "peak_rss_gb": round(peak / 1e9, 2),
-        "files_mapped_for_tensor_data": read_from_base,
+        "files_mapped_for_tensor_data": mapped,
         "dense_one_layer_s": round(dense_s, 2), "dense_projected_32_layers_s": round(dense_s * SHAPE_7B.layers, 1),
         "mean_task_cosine": round(values["task_cosine"] / n, 5),
     }))

@@ -261,3 +261,14 @@ def test_dense_delta_of_the_fixture_matches_peft_merge_and_unload(made: dict[str
     assert adapter != "r3_embed_head" or {"model.embed_tokens.weight", "lm_head.weight"} <= set(deltas)
     for name, delta in deltas.items():
         assert torch.allclose(merged[name].double() - base[name].double(), delta, atol=1e-6), name
+
+
+def test_the_low_rank_svd_stays_exact_for_ill_conditioned_and_rank_deficient_factors() -> None:
+    g = torch.Generator().manual_seed(11)
+    left = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    left[:, 3] = left[:, 2] * (1 + 1e-9)  # nearly dependent columns: Householder QR, not Cholesky
+    right = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    right[1] = 0.0  # a zero row: rank 2 in all
+    svd = low_rank_svd(left, right, rank=16)
+    assert torch.allclose(svd.s.double()[:4], torch.linalg.svdvals(left @ right)[:4], atol=1e-6)
+    assert svd.total_energy == pytest.approx(float((left @ right).pow(2).sum()), rel=1e-6)
