@@ -510,9 +510,12 @@ class LowRankOperand(Operand):
 
     def _decompose(self) -> SVD:
         m, n = self.shape
-        if self.dense is not None:  # weights are not low-rank: formed densely for their SVD only
-            full = (dense_rows(self.dense, torch.arange(m, device=self.left.device)).double()
-                    + self.left @ self.right).float()
+        if self.dense is not None:  # weights are not low-rank: formed densely (float32, by row blocks) for their SVD
+            full = torch.empty(m, n, device=self.left.device)
+            step = max(1, ROW_BLOCK_VALUES // max(n, 1))
+            for start in range(0, m, step):
+                index = torch.arange(start, min(m, start + step), device=self.left.device)
+                full[index] = self.rows(index)
             return decompose(full, self.rank, self.exact_max_elements, energy=self.norm**2)
         return low_rank_svd(self.left, self.right, self.rank)
 
