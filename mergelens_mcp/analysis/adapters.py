@@ -246,6 +246,11 @@ class AdapterCheckpoint(Checkpoint):
                 self.tensors[target] = info
                 self.saved.append(target)
                 continue
+            if (match["rest"] or "").endswith("bias"):
+                raise CheckpointFormatError(
+                    f"{self.label}: {shown(key)} is a LoRA bias (lora_bias=True), which mergelens does not compare; "
+                    "compare adapters trained without lora_bias"
+                )
             parts.setdefault(match["module"], {})[match["part"]] = key
             self._factor_infos[key] = info
         for module, found in parts.items():

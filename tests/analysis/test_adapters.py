@@ -272,3 +272,13 @@ def test_the_low_rank_svd_stays_exact_for_ill_conditioned_and_rank_deficient_fac
     svd = low_rank_svd(left, right, rank=16)
     assert torch.allclose(svd.s.double()[:4], torch.linalg.svdvals(left @ right)[:4], atol=1e-6)
     assert svd.total_energy == pytest.approx(float((left @ right).pow(2).sum()), rel=1e-6)
+
+
+def test_a_lora_bias_is_refused_by_name(made: dict[str, Path], tmp_path: Path) -> None:
+    folder = copy_adapter(made["r4_qv"], tmp_path / "a")
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    key = next(k for k in state if k.endswith("q_proj.lora_B.weight"))
+    state[key.replace(".weight", ".bias")] = torch.zeros(state[key].shape[0])
+    save_file(state, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointFormatError, match="LoRA bias"):
+        load_checkpoint(str(folder), "model_a")
