@@ -374,6 +374,14 @@ def adapter_findings(models: list[Checkpoint], base: Checkpoint | None) -> list[
             fix="PEFT's linear combination needs equal ranks; cat and svd do not",
         ))
     for m in adapters:
+        declared = m.adapter_config.base_model
+        if declared and not _same_source(declared, m.base_checkpoint):
+            out.append(Finding(
+                level=FindingLevel.WARNING, code="adapter_declared_base",
+                message=f"{m.label}'s adapter_config.json names base {declared}; it was compared over "
+                f"{m.base_checkpoint.source}, as given",
+                fix="check that the adapter was trained on the base given (its shapes match it)",
+            ))
         if m.adapter_config.use_dora:
             out.append(Finding(
                 level=FindingLevel.WARNING, code="dora_magnitude_ignored",
@@ -382,6 +390,15 @@ def adapter_findings(models: list[Checkpoint], base: Checkpoint | None) -> list[
                 fix="merge DoRA adapters with PEFT, which applies the magnitudes",
             ))
     return out
+
+
+def _same_source(declared: str, base: Checkpoint) -> bool:
+    if declared == base.source:
+        return True
+    try:
+        return Path(declared).expanduser().resolve() == base.root.resolve()
+    except (OSError, ValueError):
+        return False
 
 
 def adapter_info(ckpt: Checkpoint) -> AdapterInfo | None:

@@ -282,3 +282,14 @@ def test_a_lora_bias_is_refused_by_name(made: dict[str, Path], tmp_path: Path) -
     save_file(state, str(folder / "adapter_model.safetensors"))
     with pytest.raises(CheckpointFormatError, match="LoRA bias"):
         load_checkpoint(str(folder), "model_a")
+
+
+def test_an_adapter_compared_over_another_base_than_its_config_names_is_a_finding(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    twin = make_base(tmp_path / "twin", SHAPE)  # same bytes as the base, another folder
+    result = service.compare([str(made["r4_qv"]), str(made["r4_qv_b"])], str(twin), device="cpu")
+    found = [f for f in result.findings if f.code == "adapter_declared_base"]
+    assert len(found) == 2 and str(made["base"]) in found[0].message
+    plain = service.compare([str(made["r4_qv"]), str(made["r4_qv_b"])], str(made["base"]), device="cpu")
+    assert not [f for f in plain.findings if f.code == "adapter_declared_base"]
