@@ -175,6 +175,7 @@ def open_adapter(
         )
     config = parse_config(_read_json_file(guard.check_file(config_path, label), label), label)
     weights = guard.check_file(weights_path, label)
+    factors = read_header(weights, limits, label)  # before the base is opened: a bad file leaves nothing open
     owns_base = base is None
     if base is None:
         if not config.base_model:
@@ -185,24 +186,21 @@ def open_adapter(
             base = load_checkpoint(config.base_model, f"{label} base", guard=guard, limits=limits)
         except (CheckpointNotFoundError, InputError) as exc:
             raise type(exc)(f"{exc} (the base of the LoRA adapter {label}; pass it with --base)") from None
-    factors_file = _FactorFile(read_header(weights, limits, label), weights)
+    if isinstance(base, AdapterCheckpoint):
+        if owns_base:
+            base.close()
+        raise InputError(f"{label}: its base {shown(base.source)} is itself a LoRA adapter; pass a full base model")
     adapter = AdapterCheckpoint(
         label=label, source=source, root=folder, files=[weights, config_path, *base.files], tensors=dict(base.tensors),
         config=base.config, adapter_config=config, base_checkpoint=base,
     )
     adapter.owns_base = owns_base
     try:
-        adapter._index(factors_file)
+        adapter._index(factors)
     except BaseException:
         adapter.close()
         raise
     return adapter
-
-
-@dataclass
-class _FactorFile:
-    tensors: dict[str, Any]
-    path: Path
 
 
 class AdapterCheckpoint(Checkpoint):
@@ -223,9 +221,9 @@ class AdapterCheckpoint(Checkpoint):
         """The adapted modules' short names (q_proj, ...): what `target_modules` matched."""
         return {f.module.rsplit(".", 1)[-1] for f in self.adapted.values()}
 
-    def _index(self, file: _FactorFile) -> None:
+    def _index(self, factors: dict[str, Any]) -> None:
         parts: dict[str, dict[str, str]] = {}
-        for key, info in file.tensors.items():
+        for key, info in factors.items():
             name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
             match = _PART.match(name)
             if match is None and ".base_layer." in name:  # the frozen base layer PEFT saves for embedding targets

@@ -17,7 +17,7 @@ from mergelens_mcp.analysis import adapters
 from mergelens_mcp.analysis.adapters import LowRankOperand, low_rank_svd
 from mergelens_mcp.analysis.loading import load_checkpoint
 from mergelens_mcp.analysis.metrics import REGISTRY, Operand, pair_sums
-from mergelens_mcp.errors import CheckpointFormatError, CheckpointNotFoundError, PathNotAllowedError
+from mergelens_mcp.errors import CheckpointFormatError, CheckpointNotFoundError, InputError, PathNotAllowedError
 from mergelens_mcp.security.paths import PathGuard
 
 TOLERANCE = 1e-4
@@ -293,3 +293,10 @@ def test_an_adapter_compared_over_another_base_than_its_config_names_is_a_findin
     assert len(found) == 2 and str(made["base"]) in found[0].message
     plain = service.compare([str(made["r4_qv"]), str(made["r4_qv_b"])], str(made["base"]), device="cpu")
     assert not [f for f in plain.findings if f.code == "adapter_declared_base"]
+
+
+def test_an_adapter_whose_base_is_an_adapter_is_refused(made: dict[str, Path], tmp_path: Path) -> None:
+    folder = copy_adapter(made["r4_qv"], tmp_path / "a")
+    edit_config(folder, base_model_name_or_path=str(made["r4_qv_b"]))
+    with pytest.raises(InputError, match="is itself a LoRA adapter"):
+        load_checkpoint(str(folder), "model_a")
