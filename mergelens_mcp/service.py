@@ -9,7 +9,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .analysis.activations import Probe, activation_cka, hf_probe
-from .analysis.adapters import shared_base
+from .analysis.adapters import AdapterCheckpoint, shared_base
 from .analysis.engine import analyze
 from .analysis.loading import Checkpoint, load_checkpoint
 from .analysis.types import AnalysisOptions, Cancelled, Device, Progress
@@ -80,6 +80,11 @@ def compare_checkpoints(
     """The comparison of checkpoints already opened (their headers read once, by `open_checkpoints`),
     with its recommended strategy; the result is built once, redacted."""
     cka = None
+    if activations is True and any(isinstance(m, AdapterCheckpoint) for m in models):  # hf_probe loads full models
+        raise InputError(
+            "activation similarity runs full models: it is not available for LoRA adapters; compare without "
+            "activations, or merge each adapter into its base first (PeftModel.merge_and_unload)"
+        )
     if activations:
         probe = hf_probe() if activations is True else activations
         cka = activation_cka(models, probe)

@@ -14,7 +14,9 @@ Models = Annotated[
     Field(
         min_length=2,
         description="two or more checkpoints to merge: local folders, .safetensors files or Hugging Face "
-        "Hub ids (owner/name or owner/name@revision); local paths must be under the server's allowed folders",
+        "Hub ids (owner/name or owner/name@revision); PEFT LoRA adapter folders or ids (their base from "
+        "base_model or the adapter's config), or mergekit's base+adapter; local paths must be under the "
+        "server's allowed folders",
     ),
 ]
 BaseModelPath = Annotated[

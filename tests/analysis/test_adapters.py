@@ -300,3 +300,8 @@ def test_an_adapter_whose_base_is_an_adapter_is_refused(made: dict[str, Path], t
     edit_config(folder, base_model_name_or_path=str(made["r4_qv_b"]))
     with pytest.raises(InputError, match="is itself a LoRA adapter"):
         load_checkpoint(str(folder), "model_a")
+
+
+def test_activation_similarity_of_adapters_is_refused_with_the_way_out(made: dict[str, Path]) -> None:
+    with pytest.raises(InputError, match="merge_and_unload"):
+        service.compare([str(made["r4_qv"]), str(made["r4_qv_b"])], device="cpu", activations=True)
