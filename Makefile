@@ -58,8 +58,9 @@ $(MERGEKIT_VENV)/.installed:
 test-deps:
 	.ci/test-deps
 
-bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints
+bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints; LoRA at 7B
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.lora
 
 bench-peer: install  ## mergelens 2.0.3 side by side, in its own venv (.bench/peer-venv), torch pinned first
 	TORCH_SPEC="$(TORCH_SPEC)" $(PY) -m benchmarks.peer

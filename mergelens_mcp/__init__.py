@@ -20,7 +20,8 @@ __all__ = [
 def compare_models(
     models: Sequence[str], base: str | None = None, *, device: str = "auto", activations: bool = False
 ) -> CompareResult:
-    """Compare two or more checkpoints (folders, .safetensors files or Hub ids), optionally with their base.
+    """Compare two or more checkpoints (folders, .safetensors files, Hub ids, PEFT LoRA adapters or mergekit's
+    `base+adapter`), optionally with their base (an adapter's defaults to the one its config names).
 
     `activations=True` adds per-layer activation CKA on a shipped probe set (needs the `activations` extra).
 

@@ -284,7 +284,10 @@ def print_result(result: CompareResult, console: Console, max_layers: int = 40) 
                       f"(confidence {s.confidence:.2f}{runner_up})")
         for line in [*s.rationale, *(f"warning: {w}" for w in s.warnings)]:
             console.print(f"  - {line}", markup=False, highlight=False)
-        console.print(s.mergekit_yaml, markup=False, highlight=False)
+        console.print(s.mergekit_yaml, markup=False, highlight=False, soft_wrap=True)
+        if s.peft_snippet:
+            console.print("[bold]Or merge the adapters with PEFT:[/]")
+            console.print(s.peft_snippet, markup=False, highlight=False, soft_wrap=True)  # code: never wrapped
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False, style="dim")
 

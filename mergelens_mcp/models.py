@@ -63,6 +63,20 @@ class ModelInfo(Frozen):
     files: int
     skipped_tensors: list[str] = Field(default_factory=list, description="non-float tensors, not compared")
     nonfinite_values: int = Field(default=0, description="NaN/Inf values found; they were read as 0")
+    adapter: AdapterInfo | None = Field(default=None, description="set when this model is a PEFT LoRA adapter")
+
+
+class AdapterInfo(Frozen):
+    """A PEFT LoRA adapter's settings, as its adapter_config.json and factors give them."""
+
+    base: str = Field(description="the base it was opened over: --base, or its base_model_name_or_path")
+    ranks: list[int] = Field(description="the distinct ranks of its factors")
+    lora_alpha: float
+    use_rslora: bool = False
+    use_dora: bool = False
+    target_modules: list[str] = Field(description="the short names of the modules it adapts")
+    modules_to_save: list[str] = Field(default_factory=list)
+    adapted_tensors: int
 
 
 class LayerMetrics(Frozen):
@@ -202,6 +216,9 @@ class Coverage(Frozen):
     exact_svd_max_elements: int = Field(
         default=512 * 512, description="matrices up to this many elements get an exact SVD, larger ones a randomized"
     )
+    low_rank_tensors: int = Field(
+        default=0, description="tensors measured from LoRA factors (exact algebra; element-wise on sampled rows)"
+    )
 
 
 class MergeMethod(str, Enum):
@@ -226,6 +243,9 @@ class Strategy(Frozen):
     parameters: dict[str, Any] = Field(default_factory=dict)
     warnings: list[str] = Field(default_factory=list)
     mergekit_yaml: str
+    peft_snippet: str | None = Field(
+        default=None, description="for LoRA adapters: PEFT code merging them with add_weighted_adapter"
+    )
 
 
 class CompareResult(Frozen):

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from .analysis.activations import Probe, activation_cka, hf_probe
+from .analysis.adapters import AdapterCheckpoint, shared_base
 from .analysis.engine import analyze
 from .analysis.loading import Checkpoint, load_checkpoint
 from .analysis.types import AnalysisOptions, Cancelled, Device, Progress
@@ -45,24 +46,25 @@ def open_checkpoints(
     header table under its own label)."""
     check_request(models, base, settings)
     limits = settings.limits()
-    named: list[tuple[str, str]] = [*zip(model_names([str(m) for m in models]), models, strict=True)]
-    if base:
-        named.append(("base", base))
+    base_ckpt = stack.enter_context(load_checkpoint(str(base), "base", guard=guard, limits=limits)) if base else None
+    total = base_ckpt.nbytes if base_ckpt is not None else 0
+    limits.check_request(total)
     opened: list[Checkpoint] = []
     parsed: dict[str, Checkpoint] = {}
-    total = 0
-    for label, source in named:
+    for label, source in zip(model_names([str(m) for m in models]), models, strict=True):
         key = os.path.normpath(source) if isinstance(source, str) else ""
         first = parsed.get(key) if key else None
-        if first is None:
-            ckpt = stack.enter_context(load_checkpoint(str(source), label, guard=guard, limits=limits))
+        if first is None:  # a LoRA adapter is opened over the base given, else over the one its config names
+            ckpt = stack.enter_context(load_checkpoint(str(source), label, guard=guard, limits=limits, base=base_ckpt))
             parsed[key] = ckpt
-        else:
-            ckpt = stack.enter_context(first.reopened(label))
+        else:  # the same model listed again: its header is not read twice
+            ckpt = stack.enter_context(first.reopened(label, base=base_ckpt))
         total += ckpt.nbytes
         limits.check_request(total)
         opened.append(ckpt)
-    return (opened[:-1], opened[-1]) if base else (opened, None)
+    if base_ckpt is None:
+        base_ckpt = shared_base(opened)
+    return opened, base_ckpt
 
 
 def compare(
@@ -103,6 +105,11 @@ def compare_checkpoints(
     """The comparison of checkpoints already opened (their headers read once, by `open_checkpoints`),
     with its recommended strategy; the result is built once, redacted."""
     cka = None
+    if activations is True and any(isinstance(m, AdapterCheckpoint) for m in models):  # hf_probe loads full models
+        raise InputError(
+            "activation similarity runs full models: it is not available for LoRA adapters; compare without "
+            "activations, or merge each adapter into its base first (PeftModel.merge_and_unload)"
+        )
     if activations:
         probe = hf_probe() if activations is True else activations
         cka = activation_cka(models, probe)
@@ -171,14 +178,19 @@ def compare_keyed(
     in another process: each is reopened from its header table (no header is read twice), and the files must
     still be as the key says, so a file replaced in between is refused rather than read with a stale table."""
     with ExitStack() as stack:
-        copies = [stack.enter_context(m.reopened()) for m in models]
         base_copy = stack.enter_context(base.reopened()) if base is not None else None
+        copies = [stack.enter_context(m.reopened(base=base_copy if _over(m, base) else None)) for m in models]
         if fingerprint(copies, base_copy, options, settings) != key:
             raise CheckpointFormatError(
                 "a checkpoint file changed after its header was read (rewritten, replaced or touched); "
                 "run the request again once the files are complete"
             )
         return compare_checkpoints(copies, base_copy, options, progress=progress, cancelled=cancelled)
+
+
+def _over(model: Checkpoint, base: Checkpoint | None) -> bool:
+    """Whether `model` is an adapter read over `base` itself (its copy then reads over the base's copy)."""
+    return base is not None and isinstance(model, AdapterCheckpoint) and model.base_checkpoint is base
 
 
 def fingerprint(

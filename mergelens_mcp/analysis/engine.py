@@ -32,6 +32,7 @@ from ..models import (
 from ..security.redact import redact_json
 from . import score as mci
 from . import stream
+from .adapters import adapter_findings, adapter_info, coverage_note, low_rank_count
 from .compat import Plan, plan_comparison
 from .layers import TensorRole, classify, group_sort_key, position
 from .loading import Checkpoint
@@ -92,6 +93,8 @@ def analyze(
     started = time.perf_counter()
     device = resolve_device(options.device)
     plan = plan_comparison(models, base)
+    for found in adapter_findings(models, base):  # LoRA adapters: bases, targets, ranks, DoRA
+        plan.add(found.level, found.code, found.message, found.fix)
     findings = list(plan.findings)
     labels = [m.label for m in models]
     pairs = list(itertools.combinations(range(len(models)), 2))
@@ -168,12 +171,13 @@ def analyze(
     infos = [_model_info(m, nonfinite[m.label]) for m in models]
     base_info = _model_info(base, nonfinite[base.label]) if base else None
     used_base = bool(base and plan.base_tensors and not plan.fatal)
-    notes = _notes(base, used_base) + _unavailable_notes(layer_metrics)
+    notes = _notes(base, used_base) + _unavailable_notes(layer_metrics) + coverage_note(models, tensors)
     coverage = Coverage(
         tensors_compared=len(tensors), tensors_total=len(models[0].tensors), params_compared=params_compared,
         matrix_params=matrix_params, spectral_params=spectral_params, exact_svd_tensors=exact,
         randomized_svd_tensors=randomized, svd_rank=options.svd_rank, svd_oversample=OVERSAMPLE,
         svd_power_iterations=POWER_ITERS, exact_svd_max_elements=options.exact_svd_max_elements,
+        low_rank_tensors=low_rank_count(models, tensors),
     )
     if randomized:
         notes.append(
@@ -212,6 +216,7 @@ def _model_info(ckpt: Checkpoint, nonfinite: int) -> ModelInfo:
         label=ckpt.label, source=ckpt.source, resolved=str(ckpt.root if len(ckpt.files) > 1 else ckpt.files[0]),
         architecture=ckpt.architecture, n_tensors=len(ckpt.tensors), n_params=ckpt.n_params, dtypes=dtypes,
         files=len(ckpt.files), skipped_tensors=ckpt.skipped_tensors, nonfinite_values=nonfinite,
+        adapter=adapter_info(ckpt),
     )
 
 

@@ -45,7 +45,7 @@ READ_BLOCK_BYTES = 4 << 20  # converted per step, then its pages are dropped
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
 MAX_JSON_BYTES = 64 * 2**20  # config.json and the shard index; real ones are a few hundred KB at most
-HUB_PATTERNS = ["*.safetensors", INDEX_NAME, "config.json"]
+HUB_PATTERNS = ["*.safetensors", INDEX_NAME, "config.json", "adapter_config.json"]
 UNMAPPABLE = frozenset({errno.ENOMEM, errno.EOVERFLOW, errno.EFBIG})  # mapping impossible: read in chunks instead
 
 
@@ -370,9 +370,10 @@ class Checkpoint:
         self._handles.clear()
         self._stack.close()
 
-    def reopened(self, label: str | None = None) -> Checkpoint:
+    def reopened(self, label: str | None = None, base: Checkpoint | None = None) -> Checkpoint:
         """A new, unopened checkpoint on the same files and header table (no header is read again): it maps
-        the files itself. For another label of the same files, or for another process."""
+        the files itself. For another label of the same files, or for another process. `base`: the copy of
+        the checkpoint this one is read over (an adapter's base); a full checkpoint has none."""
         return Checkpoint(label or self.label, self.source, self.root, self.files, self.tensors, self.config)
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -387,21 +388,42 @@ class Checkpoint:
 
 
 def load_checkpoint(
-    source: str, label: str, *, guard: PathGuard | None = None, limits: Limits | None = None
+    source: str, label: str, *, guard: PathGuard | None = None, limits: Limits | None = None,
+    base: Checkpoint | None = None,
 ) -> Checkpoint:
-    """Resolve `source` (folder, .safetensors file, sharded folder or Hub id) and read its headers.
+    """Resolve `source` (folder, .safetensors file, sharded folder, Hub id, a PEFT LoRA adapter folder or
+    mergekit's `base+adapter`) and read its headers. An adapter is opened over `base` when given, else over
+    the base its adapter_config.json names (analysis/adapters.py); `base` is ignored by full checkpoints.
 
     Without a guard every path is allowed (the CLI and the Python API act for their user), but symlinks are
     still resolved and devices, FIFOs and sockets still refused.
     """
+    from .adapters import is_adapter_folder, open_adapter
+
     limits = limits or Limits()
     guard = guard or PathGuard([Path(os.sep)])
+    if isinstance(source, str) and "+" in source and not os.path.lexists(source):  # mergekit's base+adapter
+        base_source, adapter_source = source.rsplit("+", 1)
+        explicit = load_checkpoint(base_source, f"{label} base", guard=guard, limits=limits)
+        try:
+            adapter = load_checkpoint(adapter_source, label, guard=guard, limits=limits, base=explicit)
+        except BaseException:
+            explicit.close()
+            raise
+        if not hasattr(adapter, "adapter_config"):
+            adapter.close()
+            explicit.close()
+            raise InputError(f"{label}: {shown(adapter_source)} in {shown(source)} is not a LoRA adapter folder")
+        adapter.owns_base = True  # type: ignore[attr-defined]
+        return adapter
     local = _resolve_local(source, label, guard)
     if local is None:
         try:
             local = _resolve_hub(source, label, guard)
         except (CheckpointNotFoundError, PathNotAllowedError) as exc:  # 'bf16/ft_a' may be a mistyped path
             raise type(exc)(f"{exc}. {local_reading(source, guard)}") from None
+    if is_adapter_folder(local):
+        return open_adapter(local, source, label, guard=guard, limits=limits, base=base)
     files, root = _safetensors_files(local, label, guard)
     tensors: dict[str, TensorInfo] = {}
     for f in files:

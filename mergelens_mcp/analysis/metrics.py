@@ -54,6 +54,8 @@ class Operand:
     value range, samples, TIES threshold, SVD, the pairwise sums).
     """
 
+    low_rank = False  # a LoRA operand (analysis/adapters.py) measures its pairs exactly from its factors
+
     def __init__(
         self,
         tensor: torch.Tensor,
@@ -97,6 +99,10 @@ class Operand:
             return
         for start in range(0, self.numel, CHUNK):
             yield self.values(slice(start, start + CHUNK))
+
+    def exact_pair_sums(self, other: Operand, signs: bool) -> PairSums | None:
+        """The pair's sums from a closed form, where this kind of operand has one (None: one pass over both)."""
+        return None
 
     @memo
     def norm(self) -> float:
@@ -283,6 +289,10 @@ def pair_sums(a: Operand, b: Operand, signs: bool = False) -> PairSums:
     cached = _cached_pair(a, b, signs)
     if cached is not None:
         return cached
+    found = a.exact_pair_sums(b, signs) if a.low_rank else b.exact_pair_sums(a, signs) if b.low_rank else None
+    if found is not None:
+        a.__dict__.setdefault("_pairs", {})[id(b)] = (b, found)
+        return found
     sums = _Accumulator((a.top_threshold, b.top_threshold) if signs else None)
     for x, y in zip(a.chunks(), b.chunks(), strict=True):
         sums.add(x, y, x - y)

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .adapters import lift
 from .compat import Plan
 from .loading import Checkpoint
 from .metrics import NATIVE, REGISTRY, Operand, pair_sums, weight_and_task_sums
@@ -224,7 +225,8 @@ def _open_set(current: _Set, run: Run, pool: ThreadPoolExecutor) -> None:
     base_view = views.pop() if len(current.sources) > len(run.models) else None
     _make_operands(current, views, base_view, run.options)
     current.elementwise = pool.submit(_elementwise, current, run.pairs, True)
-    current.svds = [pool.submit(_svd, op) for op in [*current.weights, *current.tasks] if op.is_matrix]
+    operands = dict.fromkeys([*current.weights, *current.tasks])  # an adapter's untouched weights are the base's
+    current.svds = [pool.submit(_svd, op) for op in operands if op.is_matrix]
 
 
 def _flat2d(tensor: torch.Tensor) -> torch.Tensor:
@@ -249,6 +251,7 @@ def _make_operands(
     current.weights = [operand(v) for v in views]
     current.base = operand(base_view) if base_view is not None else None
     current.tasks = [operand(v, base_view) for v in views] if base_view is not None else []
+    lift(current.sources, current.weights, current.tasks, current.base, options)  # LoRA adapters: exact factors
 
 
 def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> list[dict[str, float | None]] | None:
@@ -256,7 +259,10 @@ def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> li
     norm is not finite: the set then holds NaN or Inf."""
     weights, tasks = current.weights, current.tasks
     for i, j in pairs:
-        if current.base is not None:
+        if current.base is not None and (tasks[i].low_rank or tasks[j].low_rank):
+            pair_sums(weights[i], weights[j])
+            pair_sums(tasks[i], tasks[j], signs=True)
+        elif current.base is not None:
             weight_and_task_sums(weights[i], weights[j], tasks[i], tasks[j], current.base)
         else:
             pair_sums(weights[i], weights[j])

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ..analysis.adapters import adapter_findings
 from ..analysis.compat import block_count, plan_comparison
 from ..analysis.loading import Checkpoint, load_checkpoint
 from ..errors import (
@@ -288,6 +289,7 @@ def diagnose(
         too_big = _over_limit(ckpts, limits)
         check_layer_counts(inputs, data, counts, report)
         check_compatibility(inputs, data, ckpts, report)
+        adapter_checks(ckpts, report)
         layers: list[LayerInterference] = []
         overall = None
         needed = _simulation_inputs(spec, inputs)
@@ -361,7 +363,11 @@ def _open(
     notes: list[str],
 ) -> Checkpoint | None:
     try:  # with a guard, containment comes first: nothing is revealed about paths outside the roots
-        exists = guard.check(name, name).exists() if guard else Path(name).expanduser().exists()
+        exists = _exists(name, guard)
+    except _AdapterMissing as exc:
+        report.add(WARN, "adapter_missing", None, f"{name}: the LoRA adapter {exc} does not exist",
+                   "fix the adapter's path (mergekit's `base+adapter` names a base and a PEFT adapter folder)")
+        return None
     except PathNotAllowedError as exc:
         if looks_like_hub_id(name):
             exists = False
@@ -380,6 +386,37 @@ def _open(
         report.add(WARN, "model_unreadable", None, f"{name} could not be read: {exc}",
                    "the structural checks still apply; fix the path to simulate the merge")
         return None
+
+
+class _AdapterMissing(Exception):
+    pass
+
+
+def _exists(name: str, guard: PathGuard | None) -> bool:
+    """Whether the model `name` is local; for mergekit's `base+adapter`, both parts (an _AdapterMissing when the
+    base is local and the adapter is no path nor Hub id)."""
+    def local(path: str) -> bool:
+        return guard.check(path, name).exists() if guard else Path(path).expanduser().exists()
+
+    if "+" not in name or local(name):
+        return local(name)
+    base, adapter = name.rsplit("+", 1)
+    if not local(base):
+        return False
+    try:
+        found = local(adapter)
+    except CheckpointNotFoundError:
+        found = False
+    if not found and not looks_like_hub_id(adapter):
+        raise _AdapterMissing(adapter)
+    return found
+
+
+def adapter_checks(ckpts: dict[str, Checkpoint], report: Report) -> None:
+    """The LoRA adapters among the models: different bases, targets and ranks, DoRA (analysis/adapters.py)."""
+    models = list(ckpts.values())
+    for found in adapter_findings(models, None):
+        report.add(found.level, found.code, None, found.message, found.fix)
 
 
 def _layer_count(ckpt: Checkpoint) -> int:

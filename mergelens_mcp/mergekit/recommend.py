@@ -50,6 +50,7 @@ import yaml
 from ..analysis.zones import OPPOSED_TASK_COSINE
 from ..errors import IncompatibleModelsError
 from ..models import CompareResult, FindingLevel, LayerMetrics, MergeMethod, Strategy
+from .adapters import model_reference, peft_snippet
 from .schema import METHODS, SLERP_LINEAR_FALLBACK, MergeConfig
 
 NO_ORIGIN_COSINE = 0.3
@@ -236,6 +237,7 @@ def recommend_strategy(result: CompareResult) -> Strategy:
     return Strategy(
         method=choice.method, confidence=confidence, rationale=rationale,
         runner_up=choice.runner_up, parameters=params, warnings=warnings, mergekit_yaml=text,
+        peft_snippet=peft_snippet(result, choice.method, params),
     )
 
 
@@ -363,7 +365,7 @@ def _dtype(result: CompareResult) -> str:
 
 def _config(result: CompareResult, method: MergeMethod, params: dict[str, Any], p: Profile) -> dict[str, Any]:
     """The mergekit YAML as a dict, models named as the user gave them."""
-    sources = {m.label: m.source for m in result.models}
+    sources = {m.label: model_reference(m) for m in result.models}  # a LoRA adapter: base+adapter
     labels = list(sources)
     config: dict[str, Any] = {"merge_method": method.value}
     M = MergeMethod

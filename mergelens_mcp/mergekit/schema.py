@@ -310,11 +310,14 @@ class ModelReference(Strict):
 
     @property
     def key(self) -> str:
-        """The path or id, with its revision, as mergekit names the model."""
-        ref = self.model if isinstance(self.model, str) else (
-            self.model.path + (f"@{self.model.revision}" if self.model.revision else "")
-        )
-        return ref
+        """The path or id, with its revision and its `+lora`, as mergekit names the model (two adapters over
+        one base are two models)."""
+        ref = _path_key(self.model)
+        return ref if self.lora is None else f"{ref}+{_path_key(self.lora)}"
+
+
+def _path_key(path: str | ModelPath) -> str:
+    return path if isinstance(path, str) else path.path + (f"@{path.revision}" if path.revision else "")
 
 
 def reference_key(value: Any) -> str | None:

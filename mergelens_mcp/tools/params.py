@@ -17,8 +17,10 @@ Models = Annotated[
     Field(
         min_length=2, max_length=MAX_LISTED,
         description="two or more checkpoints to merge: local folders, .safetensors files or Hugging Face "
-        "Hub ids (owner/name or owner/name@revision); local paths must be under the server's allowed folders "
-        "(relative ones resolve against the server's working folder; absolute paths are safest)",
+        "Hub ids (owner/name or owner/name@revision); PEFT LoRA adapter folders or ids (their base from "
+        "base_model or the adapter's config), or mergekit's base+adapter; local paths must be under the "
+        "server's allowed folders (relative ones resolve against the server's working folder; absolute paths "
+        "are safest)",
     ),
 ]
 BaseModelPath = Annotated[

@@ -137,6 +137,9 @@ class StrategyAdvice(View):
     mergekit_yaml: str = Field(
         description="a mergekit config to start from; check the paths before running it"
     )
+    peft_snippet: str | None = Field(
+        default=None, description="for LoRA adapters: PEFT code that merges them with add_weighted_adapter"
+    )
     score: float | None
     verdict: Verdict
     cached: bool
@@ -323,7 +326,8 @@ def strategy_advice(result: CompareResult, cached: bool) -> StrategyAdvice:
     return StrategyAdvice(
         merge_advised=result.merge_advised, answer=result.answer, method=s.method, confidence=s.confidence,
         rationale=s.rationale, runner_up=s.runner_up, parameters=s.parameters, warnings=s.warnings,
-        mergekit_yaml=s.mergekit_yaml, score=result.mci.score, verdict=result.mci.verdict, cached=cached,
+        mergekit_yaml=s.mergekit_yaml, peft_snippet=s.peft_snippet, score=result.mci.score,
+        verdict=result.mci.verdict, cached=cached,
     )
 
 

@@ -424,7 +424,7 @@ def test_a_revision_missing_from_the_offline_cache_is_not_found(hub_cache: Path)
         load_checkpoint("owner/tiny-llama@v9", "model_a")
 
 
-def test_hub_downloads_ask_only_for_safetensors_the_index_and_config_with_the_environment_token(
+def test_hub_downloads_ask_only_for_safetensors_the_index_and_configs_with_the_environment_token(
     hub_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import huggingface_hub
@@ -442,7 +442,9 @@ def test_hub_downloads_ask_only_for_safetensors_the_index_and_config_with_the_en
     with load_checkpoint("owner/tiny-llama@main", "model_a") as ckpt:
         assert len(ckpt.tensors) == N_TENSORS
     assert seen["repo_id"] == "owner/tiny-llama" and seen["revision"] == "main"
-    assert sorted(seen["allow_patterns"]) == ["*.safetensors", "config.json", "model.safetensors.index.json"]
+    assert sorted(seen["allow_patterns"]) == [  # adapter_config.json: a Hub id may name a LoRA adapter
+        "*.safetensors", "adapter_config.json", "config.json", "model.safetensors.index.json"
+    ]
     assert seen["token"] == "hf_test_token"
     assert str(seen["cache_dir"]) == str(hub_cache) and seen["local_files_only"] is False
 

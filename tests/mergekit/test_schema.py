@@ -181,6 +181,6 @@ def test_a_config_built_from_objects_is_held_to_the_same_rules() -> None:
         return MergeConfig(merge_method="slerp", base_model=ModelReference(model="a"), models=models,
                            parameters={"t": 0.5})
 
-    assert slerp("a", "b+org/lora").models[1].model.key == "b"  # type: ignore[index]
+    assert slerp("a", "b+org/lora").models[1].model.key == "b+org/lora"  # type: ignore[index]
     with pytest.raises(ValidationError, match="model_count at models: slerp takes exactly 2"):
         slerp("a", "b", "c")
