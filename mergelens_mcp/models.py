@@ -212,6 +212,18 @@ class Strategy(Frozen):
     mergekit_yaml: str
 
 
+class MethodPrediction(Frozen):
+    """The expected outcome of merging with one method, from mergelens_mcp.analysis.predict."""
+
+    retention: float = Field(ge=0.0, le=1.0, description="expected merged accuracy / each input's own, averaged")
+    low: float = Field(ge=0.0, le=1.0, description="lower end of the 80% interval")
+    high: float = Field(ge=0.0, le=1.0, description="upper end of the 80% interval")
+    used_base: bool = Field(description="task-vector evidence (with a base) or weight-space evidence alone")
+    contributions: dict[str, float] = Field(
+        default_factory=dict, description="feature -> its push on the retention against the fit's average pair"
+    )
+
+
 class CompareResult(Frozen):
     """Everything `compare_models` found. For N models, layer metrics and zones cover every pair."""
 
@@ -228,6 +240,9 @@ class CompareResult(Frozen):
     notes: list[str] = Field(default_factory=list)
     strategy: Strategy | None = None
     elapsed_s: float
+    predictions: dict[str, MethodPrediction] = Field(
+        default_factory=dict, description="merge method -> predicted retention with its interval (two models)"
+    )
 
 
 class LayerInterference(Frozen):
