@@ -63,7 +63,9 @@ def compare(
             probe = hf_probe() if activations is True else activations
             cka = activation_cka([c.root for c in opened], probe)
         result = analyze(opened, base_ckpt, settings.analysis_options(device), progress, cancelled, cka)
-    return redact_model(with_strategy(result))
+    from .analysis.predict import with_predictions
+
+    return redact_model(with_predictions(with_strategy(result)))
 
 
 def suggest_strategy(

@@ -46,7 +46,7 @@ def test_the_fit_recovers_that_far_moved_fine_tunes_merge_worse(tmp_path: Path) 
     predictor = fit_predictor(rows, METHODS, {"source": "test"})
     model = predictor.with_base["linear"]
     assert model.features == WITH_BASE
-    assert model.coef[model.features.index("far_drift")] < 0
+    assert model.coef[model.features.index("first_far")] < 0
     assert model.residual_low <= 0 <= model.residual_high
     assert predictor.nearest_distance == pytest.approx(min(r["distance"] for r in rows))
 

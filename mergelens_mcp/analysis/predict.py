@@ -7,7 +7,9 @@ Coefficients, feature means and scales, residual quantiles and the provenance of
 commit, date) ship in `mergelens_mcp/data/predictor.json`, written by `benchmarks/mergeability/fit.py`.
 
 Two models per method: one on task-vector evidence (needs the base), one on weight-space evidence alone
-(no base): the latter's residuals are larger, so its intervals are wider, and the result's notes say so.
+(no base). Without a base the two models may not share one as every fitted pair did, so the no-base interval
+is the union of both models' residual ranges widened by a quarter (a stated choice, not fitted), and the
+result's notes say so.
 
 One prior is not fitted: merging a model with itself by an idempotent method (linear, slerp) returns that model,
 so for pairs closer than any pair the fit saw, those methods' predictions are drawn toward 1 in proportion
@@ -36,12 +38,12 @@ IDEMPOTENT = frozenset({"linear", "slerp"})  # merging a model with itself retur
 # ties to the simpler method: earlier in this list = simpler
 SIMPLICITY = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 
-Layer = tuple[int, Mapping[str, float]]  # (parameters, metric -> value) of one layer
+Layer = tuple[str, int, Mapping[str, float]]  # (layer name, parameters, metric -> value) of one layer
 
 
 def _weighted_mean(layers: Iterable[Layer], value: Callable[[Mapping[str, float]], float | None]) -> float | None:
     total = weight = 0.0
-    for n, metrics in layers:
+    for _, n, metrics in layers:
         v = value(metrics)
         if v is None or not math.isfinite(v):
             continue
@@ -84,9 +86,18 @@ class Feature:
     compute: Callable[[list[Layer]], float | None]
 
 
-def _mean_of(value: Callable[[Mapping[str, float]], float | None], log: bool = False) -> Callable[
-        [list[Layer]], float | None]:
+def _mean_of(value: Callable[[Mapping[str, float]], float | None], log: bool = False,
+             first_block: bool = False) -> Callable[[list[Layer]], float | None]:
+    """Parameter-weighted mean over the layers (with `first_block`: over the first decoder block only)."""
+
     def compute(layers: list[Layer]) -> float | None:
+        if first_block:
+            blocks = [(int(name.rsplit(".", 1)[1]), name) for name, _, _ in layers
+                      if name.startswith("layers.") and name.rsplit(".", 1)[1].isdigit()]
+            if not blocks:
+                return None
+            first = min(blocks)[1]
+            layers = [row for row in layers if row[0] == first]
         m = _weighted_mean(layers, value)
         return _log(m) if log else m
 
@@ -94,6 +105,10 @@ def _mean_of(value: Callable[[Mapping[str, float]], float | None], log: bool = F
 
 
 FEATURES: dict[str, Feature] = {f.name: f for f in (
+    Feature("first_far", True, "log relative distance the farther-moved fine-tune went in the first block",
+            _mean_of(_model_drift(far=True), log=True, first_block=True)),
+    Feature("first_near", True, "log relative distance the nearer fine-tune went in the first block",
+            _mean_of(_model_drift(far=False), log=True, first_block=True)),
     Feature("far_drift", True, "log relative distance the farther-moved fine-tune went from the base",
             _mean_of(_model_drift(far=True), log=True)),
     Feature("near_drift", True, "log relative distance the nearer fine-tune went from the base",
@@ -121,7 +136,7 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
 
 def pair_features(layers: Iterable[Layer]) -> dict[str, float]:
     """Every feature the layers' metrics allow (parameter-weighted over the layers that have the metric)."""
-    rows = [(int(n), metrics) for n, metrics in layers]
+    rows = [(name, int(n), metrics) for name, n, metrics in layers]
     out = {}
     for name, feature in FEATURES.items():
         value = feature.compute(rows)
@@ -240,9 +255,9 @@ def predict_result(result: CompareResult, predictor: Predictor | None = None) ->
     """The predictions of a two-model compare (empty for three or more models, or when nothing was compared)."""
     if len(result.models) != 2 or not result.layer_metrics:
         return {}
-    layers = [(lm.n_params, lm.metrics) for lm in result.layer_metrics]
+    layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
     features = pair_features(layers)
-    with_base = result.mci.used_base and "far_drift" in features
+    with_base = result.mci.used_base and "drift" in features
     return (predictor or load_predictor()).predict(features, raw_distance(layers), with_base=with_base)
 
 
