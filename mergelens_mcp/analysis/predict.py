@@ -34,6 +34,7 @@ from ..models import CompareResult, MethodPrediction
 PREDICTOR_PATH = Path(__file__).resolve().parent.parent / "data" / "predictor.json"
 LOG_FLOOR = 1e-6
 INTERVAL = (0.1, 0.9)  # residual quantiles of the stated interval: 80%
+OUTSIDE_SD = 3.0  # a feature this many standard deviations from the fit's pairs: the note says "extrapolated"
 IDEMPOTENT = frozenset({"linear", "slerp"})  # merging a model with itself returns it
 # ties to the simpler method: earlier in this list = simpler
 SIMPLICITY = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -261,8 +262,23 @@ def predict_result(result: CompareResult, predictor: Predictor | None = None) ->
     return (predictor or load_predictor()).predict(features, raw_distance(layers), with_base=with_base)
 
 
+def outside_fit(result: CompareResult, predictor: Predictor | None = None) -> tuple[str, float] | None:
+    """The feature of this pair farthest from the fit's pairs, in standard deviations, when beyond OUTSIDE_SD."""
+    predictor = predictor or load_predictor()
+    layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
+    features = pair_features(layers)
+    with_base = result.mci.used_base and "drift" in features
+    model = next(iter((predictor.with_base if with_base else predictor.without_base).values()))
+    z = {f: (features[f] - m) / s for f, m, s in zip(model.features, model.mean, model.scale, strict=True)
+         if f in features}
+    if not z:
+        return None
+    name = max(z, key=lambda f: abs(z[f]))
+    return (name, round(z[name], 1)) if abs(z[name]) > OUTSIDE_SD else None
+
+
 def with_predictions(result: CompareResult) -> CompareResult:
-    """The result with `predictions` and a note on their scope."""
+    """The result with `predictions` and a note on their scope (and on extrapolation, where it applies)."""
     if result.predictions:
         return result
     predictions = predict_result(result)
@@ -273,4 +289,8 @@ def with_predictions(result: CompareResult) -> CompareResult:
             "not a measurement of this merge")
     if not next(iter(predictions.values())).used_base:
         note += "; without a base they rest on weight-space evidence alone, with wider intervals"
+    far = outside_fit(result)
+    if far is not None:
+        note += (f"; this pair lies outside the fitted range ({far[0]} is {far[1]:+.1f} standard deviations from "
+                 "the fit's pairs), so they are extrapolated and uncertain beyond their stated intervals")
     return result.model_copy(update={"predictions": predictions, "notes": [*result.notes, note]})

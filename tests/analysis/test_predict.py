@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -12,6 +13,7 @@ from mergelens_mcp.analysis.predict import (
     Predictor,
     best_method,
     load_predictor,
+    outside_fit,
     pair_features,
     raw_distance,
 )
@@ -142,3 +144,21 @@ def test_three_models_get_no_pair_predictions(family: Family) -> None:
 def test_a_predictor_round_trips_through_its_dict() -> None:
     p = load_predictor()
     assert Predictor.from_dict(p.to_dict()) == p
+
+
+def test_a_pair_far_outside_the_fitted_range_is_said_to_be_extrapolated(
+    family: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergelens_mcp.analysis import predict
+
+    shipped = load_predictor()
+    result = compare_models([str(family.finetune_a), str(family.finetune_b)], base=str(family.base))
+    assert outside_fit(result, shipped) is None  # the fixture pair lies within 3 deviations of the fit's pairs
+    # a fit whose pairs spread ten times less: the same pair is now far outside
+    narrow = replace(shipped, with_base={m: replace(v, scale=tuple(s / 10 for s in v.scale))
+                                         for m, v in shipped.with_base.items()})
+    feature, sd = outside_fit(result, narrow)
+    assert abs(sd) > 3 and feature in narrow.with_base["linear"].features
+    monkeypatch.setattr(predict, "load_predictor", lambda: narrow)
+    noted = predict.with_predictions(result.model_copy(update={"predictions": {}}))
+    assert any(f"{feature} is {sd:+.1f} standard deviations" in n for n in noted.notes)
