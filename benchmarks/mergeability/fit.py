@@ -181,8 +181,12 @@ def evaluate_loto(rows: list[dict], methods: Sequence[str], provenance: dict, wi
 
 
 def git_head() -> str | None:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    return done.stdout.strip() or None
+    """HEAD, `+dirty` when the predictor's code or the benchmark has uncommitted changes."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks", "mergelens_mcp/analysis"],
+                           capture_output=True, text=True, check=False)
+    commit = head.stdout.strip()
+    return (commit + ("+dirty" if dirty.stdout.strip() else "")) if commit else None
 
 
 def _f(v: float | None, pct: bool = False) -> str:
