@@ -248,6 +248,18 @@ class Strategy(Frozen):
     )
 
 
+class MethodPrediction(Frozen):
+    """The expected outcome of merging with one method, from mergelens_mcp.analysis.predict."""
+
+    retention: float = Field(ge=0.0, le=1.0, description="expected merged accuracy / each input's own, averaged")
+    low: float = Field(ge=0.0, le=1.0, description="lower end of the 80% interval")
+    high: float = Field(ge=0.0, le=1.0, description="upper end of the 80% interval")
+    used_base: bool = Field(description="task-vector evidence (with a base) or weight-space evidence alone")
+    contributions: dict[str, float] = Field(
+        default_factory=dict, description="feature -> its push on the retention against the fit's average pair"
+    )
+
+
 class CompareResult(Frozen):
     """Everything `compare_models` found. For N models, layer metrics and zones cover every pair."""
 
@@ -271,6 +283,15 @@ class CompareResult(Frozen):
     names: dict[str, str] = Field(
         default_factory=dict, description="each model's short name (its folder's name; 'base') -> what the caller gave"
     )
+    predictions: dict[str, MethodPrediction] = Field(
+        default_factory=dict, description="merge method -> predicted retention with its interval (two models)"
+    )
+
+    def drafted(self, **updates: Any) -> CompareResult:
+        """This result with `updates`, unvalidated: one step of completing a result that is validated once,
+        when it is built (the engine's draft, completed by the strategy, the decision and the predictions)."""
+        fields = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_construct(**{**fields, **updates})
 
 
 class LayerInterference(Frozen):

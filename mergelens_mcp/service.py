@@ -139,10 +139,12 @@ def suggest_strategy(
 
 def finish(draft: CompareResult) -> CompareResult:
     """A comparison's draft completed before it is built: the findings no metric shows, its recommended
-    strategy when one makes sense, and the decision (`merge_advised`, `answer`)."""
+    strategy when one makes sense, the decision (`merge_advised`, `answer`) and the predicted retention per
+    merge method."""
+    from .analysis.predict import with_predictions
     from .mergekit.advice import advise
 
-    return advise(draft)
+    return with_predictions(advise(draft))
 
 
 def diagnose(

@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", default="1800,1000", help="PRETRAIN,FINETUNE optimizer steps")
     parser.add_argument("--lrs", default="1e-3,2e-3", help="fine-tuning learning rates (comma-separated)")
     parser.add_argument("--methods", default=",".join(METHODS), help="merge methods (comma-separated)")
+    parser.add_argument("--hidden", type=int, default=64, help="model width (MLP width scales with it)")
+    parser.add_argument("--layers", type=int, default=2, help="number of decoder layers")
     parser.add_argument("--test-size", type=int, default=200, help="held-out examples per task")
     parser.add_argument("--min-acc", type=float, default=0.9, help="drop fine-tunes below this on their task")
     parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, cache and results")
@@ -80,7 +82,7 @@ def _names(text: str, known: tuple[str, ...], flag: str) -> list[str]:
 
 def settings_of(args: argparse.Namespace) -> dict:
     """What the checkpoints depend on; a cache made with other settings is not reused."""
-    return {
+    settings = {
         "tasks": args.tasks,
         "pretrain_tasks": args.pretrain_tasks,
         "seed": args.seed,
@@ -89,6 +91,10 @@ def settings_of(args: argparse.Namespace) -> dict:
         "lrs": args.lrs,
         "test_size": args.test_size,
     }
+    # the model's size is named only when it is not the default, so caches made before the flags stay valid
+    if (args.hidden, args.layers) != (64, 2):
+        settings |= {"hidden": args.hidden, "layers": args.layers}
+    return settings
 
 
 def read_json(path: Path) -> dict | None:
@@ -121,7 +127,8 @@ def train_checkpoints(args: argparse.Namespace, tests: dict[str, TestSet]) -> di
     folder = args.out / "checkpoints"
     held_out = list(tests.values())
     started = time.perf_counter()
-    base = pretrain(args.pretrain_tasks, args.seed, args.pretrain_steps, held_out)
+    base = pretrain(args.pretrain_tasks, args.seed, args.pretrain_steps, held_out, hidden=args.hidden,
+                    layers=args.layers)
     base_seconds = time.perf_counter() - started
     save_checkpoint(base, folder / "base")
     base_acc = {t: accuracy(base, tests[t]) for t in tests}

@@ -45,10 +45,15 @@ def fit(
     return model
 
 
-def pretrain(tasks: list[str], seed: int, steps: int, held_out: list[TestSet], lr: float = 3e-3) -> TinyLlama:
-    """The base model: trained from a seeded init on `tasks` only."""
+def pretrain(
+    tasks: list[str], seed: int, steps: int, held_out: list[TestSet], lr: float = 3e-3, hidden: int = 64,
+    layers: int = 2,
+) -> TinyLlama:
+    """The base model: trained from a seeded init on `tasks` only; `hidden` wide (MLP 172/64 x), `layers` deep."""
     torch.manual_seed(seed)
-    model = TinyLlama(TinyConfig(vocab_size=VOCAB_SIZE))
+    intermediate = round(hidden * 172 / 64)
+    model = TinyLlama(TinyConfig(vocab_size=VOCAB_SIZE, hidden_size=hidden, num_hidden_layers=layers,
+                                 intermediate_size=intermediate))
     return fit(model, Sampler(tasks, seed, held_out), steps, lr, seed)
 
 

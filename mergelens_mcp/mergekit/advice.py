@@ -39,27 +39,21 @@ def advise(result: CompareResult) -> CompareResult:
     `result` may be an unvalidated draft (`CompareResult.model_construct`): each step makes a new draft, so a
     comparison's result is still validated once, by the engine."""
     findings = [*result.findings, *_new_findings(result)]
-    result = _draft(result, findings=findings)
+    result = result.drafted(findings=findings)
     if any(f.code == NO_FINITE_WEIGHTS for f in findings):
         result = _unscored(result)
     blocked = any(f.code in BLOCKING for f in findings)
     if not blocked and result.mci.score is not None and result.strategy is None:
-        result = _draft(result, strategy=recommend_strategy(result))
+        result = result.drafted(strategy=recommend_strategy(result))
     if blocked and result.strategy is not None:
-        result = _draft(result, strategy=None)
+        result = result.drafted(strategy=None)
     advised, answer = decide(result)
     keep_one = result.mci.verdict is Verdict.INCOMPATIBLE or (
         result.strategy is not None and result.strategy.method is MergeMethod.PASSTHROUGH
     )
     zones = [_keep_one(z) for z in result.conflict_zones] if keep_one else result.conflict_zones
     names = {m.label: m.source for m in [*result.models, *([result.base] if result.base else [])]}
-    return _draft(result, merge_advised=advised, answer=answer, conflict_zones=zones, names=names)
-
-
-def _draft(result: CompareResult, **updates: object) -> CompareResult:
-    """`result` with `updates`, unvalidated: a draft for the next step (the engine validates the last one)."""
-    fields = {name: getattr(result, name) for name in CompareResult.model_fields}
-    return CompareResult.model_construct(**{**fields, **updates})
+    return result.drafted(merge_advised=advised, answer=answer, conflict_zones=zones, names=names)
 
 
 def decide(result: CompareResult) -> tuple[MergeAdvice, str]:
@@ -164,4 +158,4 @@ def _unscored(result: CompareResult) -> CompareResult:
         if {p.model_a, p.model_b} & empty else p
         for p in result.pairwise
     ]
-    return _draft(result, mci=mci, pairwise=pairwise, conflict_zones=[], strategy=None)
+    return result.drafted(mci=mci, pairwise=pairwise, conflict_zones=[], strategy=None)

@@ -1,0 +1,266 @@
+"""Fit the product's merge-outcome predictor on one benchmark run and score it on others.
+
+    python -m benchmarks.mergeability.fit --fit .bench/seed0/results.json \\
+        --score .bench/seed2/results.json --score .bench/h96l3/results.json \\
+        --write mergelens_mcp/data/predictor.json --out .bench/fit.json
+
+The fit (ridge per method on a few standardized features of `mergelens_mcp.analysis.predict`, interval from
+leave-one-task-out residuals) uses only the --fit run. Every score, on the fit run's held-out tasks and on the
+--score runs, is computed by the product's own `Predictor.predict`, beside the baselines: `norms_only`
+(-(|tau_a| + |tau_b|)), the MCI, the product's current recommender and each fixed rule ("always linear", ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mergelens_mcp.analysis.predict import (
+    INTERVAL,
+    MethodModel,
+    Predictor,
+    best_method,
+    pair_features,
+    raw_distance,
+)
+
+from .stats import hit_rate, mean, spearman, within_group_spearman
+
+# chosen on the fit run's leave-one-task-out figures only, before any unseen setting was scored (README):
+# how far each fine-tune moved in the first block, and both overall; task cosine and TSV conflict, tried too,
+# lowered the held-out-task figures (they identify tasks rather than generalise across them)
+WITH_BASE = ("first_far", "first_near", "drift")
+WITHOUT_BASE = ("distance", "direction", "subspace")
+ALPHA = 1.0
+NO_BASE_WIDENING = 1.25  # a choice, not fitted: the no-base interval is both residual ranges' union x this
+TOLERANCE = 0.02
+
+
+def load_rows(path: Path) -> tuple[dict, list[dict]]:
+    """The run's results and one row per pair: features, outcomes, tasks, norms, MCI and recommendation."""
+    results = json.loads(Path(path).read_text())
+    rows = []
+    for r in results["pairs"]:
+        layers = [(layer["layer_name"], layer["n_params"], layer["metrics"])
+                  for layer in r["score"].get("layers", [])]
+        rows.append({
+            "pair": r["pair"], "a": r["a"], "b": r["b"], "tasks": (r["task_a"], r["task_b"]),
+            "features": pair_features(layers), "distance": raw_distance(layers),
+            "y": {m: v["normalized"] for m, v in r["merged"].items()},
+            "norms_only": -(r["tv"]["norm_a"] + r["tv"]["norm_b"]), "mci": r.get("mci"),
+            "recommended": r.get("recommended"),
+        })
+    return results, rows
+
+
+def _quantile(values: Sequence[float], q: float) -> float:
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def fit_model(xs: list[dict], y: list[float], features: Sequence[str], alpha: float = ALPHA) -> MethodModel:
+    """Ridge on standardized features (no residual interval yet: residual_low = residual_high = 0)."""
+    import torch
+
+    x = torch.tensor([[row[f] for f in features] for row in xs], dtype=torch.float64)
+    t = torch.tensor(y, dtype=torch.float64)
+    mu, sd = x.mean(0), x.std(0, correction=0).clamp_min(1e-12)
+    z = (x - mu) / sd
+    w = torch.linalg.solve(z.T @ z + alpha * torch.eye(len(features), dtype=torch.float64), z.T @ (t - t.mean()))
+    return MethodModel(tuple(features), tuple(mu.tolist()), tuple(sd.tolist()), tuple(w.tolist()),
+                       float(t.mean()), 0.0, 0.0)
+
+
+def _clip(v: float) -> float:
+    return min(1.0, max(0.0, v))
+
+
+def loto_predictions(rows: list[dict], method: str, features: Sequence[str]) -> list[float | None]:
+    """Each pair predicted by a fit that never saw its first task (clipped to 0..1)."""
+    out: list[float | None] = [None] * len(rows)
+    for task in sorted({t for r in rows for t in r["tasks"]}):
+        train = [r for r in rows if task not in r["tasks"]]
+        test = [i for i, r in enumerate(rows) if r["tasks"][0] == task]
+        if len(train) < len(features) + 2 or not test:
+            continue
+        model = fit_model([r["features"] for r in train], [r["y"][method] for r in train], features)
+        for i in test:
+            out[i] = _clip(model.raw(rows[i]["features"]))
+    return out
+
+
+def fit_predictor(rows: list[dict], methods: Sequence[str], provenance: dict) -> Predictor:
+    """Per method, a with-base and a without-base model; intervals from leave-one-task-out residuals (without a
+    base: the union of both models' ranges, widened by NO_BASE_WIDENING)."""
+    models: dict[str, dict[str, MethodModel]] = {"with_base": {}, "without_base": {}}
+    for kind, features in (("with_base", WITH_BASE), ("without_base", WITHOUT_BASE)):
+        for method in methods:
+            y = [r["y"][method] for r in rows]
+            model = fit_model([r["features"] for r in rows], y, features)
+            held_out = loto_predictions(rows, method, features)
+            residuals = [t - p for t, p in zip(y, held_out, strict=True) if p is not None]
+            lo, hi = (_quantile(residuals, q) for q in INTERVAL) if residuals else (0.0, 0.0)
+            models[kind][method] = MethodModel(model.features, model.mean, model.scale, model.coef,
+                                               model.intercept, lo, hi)
+    for method, model in models["without_base"].items():
+        # without a base the pair may not share one as the fit's pairs did: never narrower than with a base
+        ref = models["with_base"][method]
+        lo = min(model.residual_low, ref.residual_low) * NO_BASE_WIDENING
+        hi = max(model.residual_high, ref.residual_high) * NO_BASE_WIDENING
+        models["without_base"][method] = MethodModel(model.features, model.mean, model.scale, model.coef,
+                                                     model.intercept, lo, hi)
+    nearest = min(r["distance"] for r in rows if r["distance"] is not None)
+    return Predictor(models["with_base"], models["without_base"], nearest, provenance)
+
+
+def predict_rows(predictor: Predictor, rows: list[dict], with_base: bool = True) -> list[dict]:
+    """The product's own predictions (Predictor.predict) of every row."""
+    return [predictor.predict(r["features"], r["distance"], with_base=with_base) for r in rows]
+
+
+def evaluate(preds: list[dict], rows: list[dict], methods: Sequence[str], with_base: bool = True) -> dict:
+    """Every figure of the issue's targets on these rows, given each row's predictions."""
+    groups = [r["tasks"] for r in rows]
+    out: dict = {"n_pairs": len(rows), "with_base": with_base, "methods": {}}
+    for method in methods:
+        y = [r["y"][method] for r in rows]
+        p = [pr[method].retention for pr in preds]
+        inside = [pr[method].low <= t <= pr[method].high for pr, t in zip(preds, y, strict=True)]
+        out["methods"][method] = {
+            "spearman": spearman(p, y),
+            "norms_only_spearman": spearman([r["norms_only"] for r in rows], y),
+            "mci_spearman": spearman([r["mci"] for r in rows], y) if all(r["mci"] is not None for r in rows)
+            else None,
+            "within_task_spearman": within_group_spearman(groups, p, y)[0],
+            "norms_only_within_task": within_group_spearman(groups, [r["norms_only"] for r in rows], y)[0],
+            "mae": mean([abs(a - b) for a, b in zip(p, y, strict=True)]),
+            "interval_coverage": sum(inside) / len(inside),
+            "mean_interval_width": mean([pr[method].high - pr[method].low for pr in preds]),
+            "mean_outcome": mean(y), "mean_prediction": mean(p),
+        }
+    per = out["methods"].values()
+    out["mean_spearman"] = mean([m["spearman"] for m in per])
+    out["mean_norms_only_spearman"] = mean([m["norms_only_spearman"] for m in per])
+    out["min_margin_over_norms_only"] = min(m["spearman"] - m["norms_only_spearman"] for m in per)
+    out["mean_within_task_spearman"] = mean([m["within_task_spearman"] for m in per])
+    out["mean_mae"] = mean([m["mae"] for m in per])
+    out["mean_interval_coverage"] = mean([m["interval_coverage"] for m in per])
+    outcomes = [{m: r["y"][m] for m in methods} for r in rows]
+    chosen = [best_method({m: pr[m] for m in methods if m in pr}) for pr in preds]
+    rules = {f"always {m}": hit_rate([m] * len(rows), outcomes, TOLERANCE)[0] for m in methods}
+    out["recommendation"] = {
+        "predicted_best_hit_rate": hit_rate(chosen, outcomes, TOLERANCE)[0],
+        "current_recommender_hit_rate": hit_rate([r["recommended"] for r in rows], outcomes, TOLERANCE)[0],
+        "fixed_rules": rules,
+        "best_fixed_rule": max(rules.items(), key=lambda kv: kv[1] or 0.0),
+        "chosen_counts": {m: chosen.count(m) for m in sorted({str(c) for c in chosen})},
+        "mean_outcome_of_choice": mean([o[c] for o, c in zip(outcomes, chosen, strict=True) if c in o]),
+        "mean_outcome_of_best": mean([max(o.values()) for o in outcomes]),
+    }
+    return out
+
+
+def evaluate_loto(rows: list[dict], methods: Sequence[str], provenance: dict, with_base: bool = True) -> dict:
+    """The fit run's own pairs, each scored by a predictor fitted without its first task."""
+    scored, preds = [], []
+    for task in sorted({t for r in rows for t in r["tasks"]}):
+        train = [r for r in rows if task not in r["tasks"]]
+        test = [r for r in rows if r["tasks"][0] == task]
+        if test:
+            scored += test
+            preds += predict_rows(fit_predictor(train, methods, provenance), test, with_base)
+    return evaluate(preds, scored, methods, with_base)
+
+
+def git_head() -> str | None:
+    """HEAD, `+dirty` when the predictor's code or the benchmark has uncommitted changes."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "benchmarks", "mergelens_mcp/analysis"],
+                           capture_output=True, text=True, check=False)
+    commit = head.stdout.strip()
+    return (commit + ("+dirty" if dirty.stdout.strip() else "")) if commit else None
+
+
+def _f(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.1%}" if pct else f"{v:+.2f}"
+
+
+def render(name: str, e: dict) -> str:
+    lines = [f"### {name} ({e['n_pairs']} pairs, {'with' if e['with_base'] else 'without'} base)", "",
+             "| method | Spearman | norms_only | MCI | within-task | norms_only within-task | MAE "
+             "| 80% interval coverage | mean width |", "|---|---|---|---|---|---|---|---|---|"]
+    for m, v in e["methods"].items():
+        lines.append(f"| {m} | {_f(v['spearman'])} | {_f(v['norms_only_spearman'])} | {_f(v['mci_spearman'])} "
+                     f"| {_f(v['within_task_spearman'])} | {_f(v['norms_only_within_task'])} | {v['mae']:.3f} "
+                     f"| {v['interval_coverage']:.0%} | {v['mean_interval_width']:.2f} |")
+    rec = e["recommendation"]
+    rule, rate = rec["best_fixed_rule"]
+    lines += [
+        "",
+        f"Mean Spearman {_f(e['mean_spearman'])} (norms_only {_f(e['mean_norms_only_spearman'])}); "
+        f"smallest margin over norms_only {_f(e['min_margin_over_norms_only'])}; "
+        f"mean within-task {_f(e['mean_within_task_spearman'])}; "
+        f"mean MAE {e['mean_mae']:.3f}; mean coverage {e['mean_interval_coverage']:.0%}.",
+        f"Recommendation (best predicted, ties to the simpler) within 2 points of the best: "
+        f"{_f(rec['predicted_best_hit_rate'], True)}; "
+        f"current recommender {_f(rec['current_recommender_hit_rate'], True)}; "
+        f"best fixed rule {rule} {_f(rate, True)}; chosen {rec['chosen_counts']}; mean outcome of the choice "
+        f"{rec['mean_outcome_of_choice']:.3f} (best possible {rec['mean_outcome_of_best']:.3f}).",
+        "Fixed rules: " + ", ".join(f"{k} {_f(v, True)}" for k, v in rec["fixed_rules"].items()), "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.mergeability.fit", description=__doc__)
+    parser.add_argument("--fit", type=Path, required=True, help="results.json of the run to fit on")
+    parser.add_argument("--score", type=Path, action="append", default=[], help="results.json of a run to score")
+    parser.add_argument("--write", type=Path, help="write the fitted predictor here (the product's data file)")
+    parser.add_argument("--out", type=Path, help="write every figure here as JSON")
+    args = parser.parse_args(argv)
+    fit_results, rows = load_rows(args.fit)
+    methods = list(fit_results["methods"])
+    provenance = {
+        "benchmark": "benchmarks/mergeability", "fit_on": str(args.fit), "settings": fit_results["settings"],
+        "results_commit": fit_results.get("git_commit"), "fit_commit": git_head(),
+        "date": datetime.date.today().isoformat(), "n_pairs": len(rows), "alpha": ALPHA,
+        "interval": list(INTERVAL), "residuals": "leave-one-task-out on the fit run",
+        "scope": "synthetic tasks on tiny Llama-style models; pairs of fine-tunes of one base",
+    }
+    predictor = fit_predictor(rows, methods, provenance)
+    report: dict = {"provenance": provenance, "runs": {}}
+    text = []
+    for with_base in (True, False):
+        label = f"fit run, leave one task out ({fit_results['settings']})"
+        e = evaluate_loto(rows, methods, provenance, with_base)
+        report["runs"][f"loto{'' if with_base else '_no_base'}"] = e
+        text.append(render(label, e))
+    for path in args.score:
+        results, score_rows = load_rows(path)
+        for with_base in (True, False):
+            e = evaluate(predict_rows(predictor, score_rows, with_base), score_rows,
+                         [m for m in methods if m in results["methods"]], with_base)
+            report["runs"][f"{path}{'' if with_base else ' no_base'}"] = e
+            text.append(render(f"{path} ({results['settings']})", e))
+    print("\n".join(text))
+    if args.write:
+        args.write.write_text(json.dumps(predictor.to_dict(), indent=1, sort_keys=True) + "\n")
+        print(f"wrote {args.write}", file=sys.stderr)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1, sort_keys=True, default=str) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Predicted merge outcome per method: the expected retention (merged accuracy / each fine-tune's own, averaged
+over the inputs, 0..1) with an 80% interval, from the per-layer metrics a compare already computed.
+
+The model is small and readable: per method, a ridge fit on a handful of standardized pair features (below),
+clipped to 0..1; the interval adds the 10th and 90th percentiles of the fit's leave-one-task-out residuals.
+Coefficients, feature means and scales, residual quantiles and the provenance of the fit (benchmark settings,
+commit, date) ship in `mergelens_mcp/data/predictor.json`, written by `benchmarks/mergeability/fit.py`.
+
+Two models per method: one on task-vector evidence (needs the base), one on weight-space evidence alone
+(no base). Without a base the two models may not share one as every fitted pair did, so the no-base interval
+is the union of both models' residual ranges widened by a quarter (a stated choice, not fitted), and the
+result's notes say so.
+
+One prior is not fitted: merging a model with itself by an idempotent method (linear, slerp) returns that model,
+so for pairs closer than any pair the fit saw, those methods' predictions are drawn toward 1 in proportion
+(`IDEMPOTENT`, `Predictor.nearest_distance`).
+
+Scope: fitted on the mergeability benchmark (synthetic tasks, tiny Llama-style models, pairs of fine-tunes of
+one base); for two models only. benchmarks/mergeability/README.md gives its figures on settings the fit never
+saw.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..models import CompareResult, MethodPrediction
+
+PREDICTOR_PATH = Path(__file__).resolve().parent.parent / "data" / "predictor.json"
+LOG_FLOOR = 1e-6
+INTERVAL = (0.1, 0.9)  # residual quantiles of the stated interval: 80%
+OUTSIDE_SD = 3.0  # a feature this many standard deviations from the fit's pairs: the note says "extrapolated"
+IDEMPOTENT = frozenset({"linear", "slerp"})  # merging a model with itself returns it
+# ties to the simpler method: earlier in this list = simpler
+SIMPLICITY = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+
+Layer = tuple[str, int, Mapping[str, float]]  # (layer name, parameters, metric -> value) of one layer
+
+
+def _weighted_mean(layers: Iterable[Layer], value: Callable[[Mapping[str, float]], float | None]) -> float | None:
+    total = weight = 0.0
+    for _, n, metrics in layers:
+        v = value(metrics)
+        if v is None or not math.isfinite(v):
+            continue
+        total += n * v
+        weight += n
+    return total / weight if weight > 0 else None
+
+
+def _metric(name: str) -> Callable[[Mapping[str, float]], float | None]:
+    return lambda m: m.get(name)
+
+
+def _model_drift(far: bool) -> Callable[[Mapping[str, float]], float | None]:
+    """Each layer's relative movement of the farther (or nearer) moved fine-tune, from drift and balance:
+    drift = (|t_a| + |t_b|) / 2|w_base| and ratio = min / max give max = 2 drift / (1 + ratio)."""
+
+    def value(m: Mapping[str, float]) -> float | None:
+        drift, ratio = m.get("task_drift"), m.get("magnitude_ratio")
+        if drift is None or ratio is None:
+            return None
+        return 2 * drift / (1 + ratio) * (1.0 if far else ratio)
+
+    return value
+
+
+def _conflict(m: Mapping[str, float]) -> float | None:
+    tsv, cosine = m.get("tsv_interference"), m.get("task_cosine")
+    return None if tsv is None or cosine is None else tsv * (1 - cosine) / 2
+
+
+def _log(x: float | None) -> float | None:
+    return None if x is None else math.log(max(x, LOG_FLOOR))
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    needs_base: bool
+    meaning: str
+    compute: Callable[[list[Layer]], float | None]
+
+
+def _mean_of(value: Callable[[Mapping[str, float]], float | None], log: bool = False,
+             first_block: bool = False) -> Callable[[list[Layer]], float | None]:
+    """Parameter-weighted mean over the layers (with `first_block`: over the first decoder block only)."""
+
+    def compute(layers: list[Layer]) -> float | None:
+        if first_block:
+            blocks = [(int(name.rsplit(".", 1)[1]), name) for name, _, _ in layers
+                      if name.startswith("layers.") and name.rsplit(".", 1)[1].isdigit()]
+            if not blocks:
+                return None
+            first = min(blocks)[1]
+            layers = [row for row in layers if row[0] == first]
+        m = _weighted_mean(layers, value)
+        return _log(m) if log else m
+
+    return compute
+
+
+FEATURES: dict[str, Feature] = {f.name: f for f in (
+    Feature("first_far", True, "log relative distance the farther-moved fine-tune went in the first block",
+            _mean_of(_model_drift(far=True), log=True, first_block=True)),
+    Feature("first_near", True, "log relative distance the nearer fine-tune went in the first block",
+            _mean_of(_model_drift(far=False), log=True, first_block=True)),
+    Feature("far_drift", True, "log relative distance the farther-moved fine-tune went from the base",
+            _mean_of(_model_drift(far=True), log=True)),
+    Feature("near_drift", True, "log relative distance the nearer fine-tune went from the base",
+            _mean_of(_model_drift(far=False), log=True)),
+    Feature("drift", True, "log mean relative distance both fine-tunes went from the base",
+            _mean_of(_metric("task_drift"), log=True)),
+    Feature("task_cosine", True, "cosine of the two task vectors (1 = they pull the same way)",
+            _mean_of(_metric("task_cosine"))),
+    Feature("conflict", True, "TSV interference where the task vectors disagree: tsv x (1 - cos) / 2",
+            _mean_of(_conflict)),
+    Feature("sign_conflict_top", True, "sign conflict among the coordinates TIES keeps",
+            _mean_of(_metric("sign_disagreement_top"))),
+    Feature("mass_fraction", True, "share of coordinates holding 90% of each task vector's mass",
+            _mean_of(_metric("task_mass_fraction"))),
+    Feature("balance", True, "min/max of the two task vectors' norms (1 = moved equally far)",
+            _mean_of(_metric("magnitude_ratio"))),
+    Feature("distance", False, "log relative weight distance |a - b| / (|a| + |b|) of the two models",
+            _mean_of(_metric("l2_distance"), log=True)),
+    Feature("direction", False, "log (1 - cosine similarity) of the two models' weights",
+            _mean_of(lambda m: None if "cosine_similarity" not in m else 1 - m["cosine_similarity"], log=True)),
+    Feature("subspace", False, "overlap of the two models' dominant singular directions",
+            _mean_of(_metric("spectral_overlap"))),
+)}
+
+
+def pair_features(layers: Iterable[Layer]) -> dict[str, float]:
+    """Every feature the layers' metrics allow (parameter-weighted over the layers that have the metric)."""
+    rows = [(name, int(n), metrics) for name, n, metrics in layers]
+    out = {}
+    for name, feature in FEATURES.items():
+        value = feature.compute(rows)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def raw_distance(layers: Iterable[Layer]) -> float | None:
+    """Parameter-weighted mean l2_distance (0 for identical models)."""
+    return _weighted_mean(list(layers), _metric("l2_distance"))
+
+
+@dataclass(frozen=True)
+class MethodModel:
+    """retention = clip(intercept + sum coef_j (x_j - mean_j) / scale_j, 0, 1); interval from residuals."""
+
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    coef: tuple[float, ...]
+    intercept: float
+    residual_low: float
+    residual_high: float
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> MethodModel:
+        return cls(tuple(d["features"]), tuple(d["mean"]), tuple(d["scale"]), tuple(d["coef"]),
+                   float(d["intercept"]), float(d["residual_low"]), float(d["residual_high"]))
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
+                "coef": list(self.coef), "intercept": self.intercept, "residual_low": self.residual_low,
+                "residual_high": self.residual_high}
+
+    def contributions(self, x: Mapping[str, float]) -> dict[str, float]:
+        """Each feature's push on the retention (before clipping), against the fit's average pair."""
+        return {f: c * (x[f] - m) / s for f, m, s, c in zip(self.features, self.mean, self.scale, self.coef,
+                                                               strict=True)}
+
+    def raw(self, x: Mapping[str, float]) -> float:
+        return self.intercept + sum(self.contributions(x).values())
+
+
+def _clip(v: float) -> float:
+    return min(1.0, max(0.0, v))
+
+
+@dataclass(frozen=True)
+class Predictor:
+    with_base: dict[str, MethodModel]
+    without_base: dict[str, MethodModel]
+    nearest_distance: float  # the smallest pair distance the fit saw
+    provenance: dict
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Predictor:
+        return cls({m: MethodModel.from_dict(v) for m, v in d["with_base"].items()},
+                   {m: MethodModel.from_dict(v) for m, v in d["without_base"].items()},
+                   float(d["nearest_distance"]), dict(d["provenance"]))
+
+    def to_dict(self) -> dict:
+        return {"provenance": self.provenance, "nearest_distance": self.nearest_distance,
+                "with_base": {m: v.to_dict() for m, v in self.with_base.items()},
+                "without_base": {m: v.to_dict() for m, v in self.without_base.items()}}
+
+    def predict(self, features: Mapping[str, float], distance: float | None = None,
+                with_base: bool = True) -> dict[str, MethodPrediction]:
+        """Per method: retention, 80% interval and contributions. `distance` (raw_distance) enables the
+        identity prior of idempotent methods. A method whose features are missing is left out."""
+        models = self.with_base if with_base else self.without_base
+        out = {}
+        for method, model in models.items():
+            if any(f not in features for f in model.features):
+                continue
+            raw = model.raw(features)
+            low, high = raw + model.residual_low, raw + model.residual_high
+            if method in IDEMPOTENT and distance is not None and distance < self.nearest_distance:
+                # closer than any pair the fit saw: shrink the expected loss toward 0 at identity
+                keep = max(distance, 0.0) / self.nearest_distance
+                raw, low, high = (1 - (1 - v) * keep for v in (raw, low, high))
+            contributions = {k: round(v, 4) for k, v in sorted(model.contributions(features).items(),
+                                                                 key=lambda kv: -abs(kv[1]))}
+            retention = _clip(raw)
+            out[method] = MethodPrediction(retention=round(retention, 4), low=round(min(_clip(low), retention), 4),
+                                           high=round(max(_clip(high), retention), 4), used_base=with_base,
+                                           contributions=contributions)
+        return out
+
+
+@functools.cache
+def load_predictor(path: Path = PREDICTOR_PATH) -> Predictor:
+    return Predictor.from_dict(json.loads(Path(path).read_text()))
+
+
+def best_method(predictions: Mapping[str, MethodPrediction], tolerance: float = 0.005) -> str | None:
+    """The method with the highest predicted retention; within `tolerance` of it, the simplest."""
+    if not predictions:
+        return None
+    top = max(p.retention for p in predictions.values())
+    close = [m for m, p in predictions.items() if p.retention >= top - tolerance]
+    return min(close, key=lambda m: SIMPLICITY.index(m) if m in SIMPLICITY else len(SIMPLICITY))
+
+
+def predicted_mci(predictions: Mapping[str, MethodPrediction]) -> tuple[float, str] | None:
+    """(100 x the predicted retention of the best predicted method, that method); None without predictions.
+
+    Not wired into the MCI: benchmarks/mergeability/README.md says on which settings it does and does not beat
+    the current score.
+    """
+    method = best_method(predictions)
+    return None if method is None else (round(100 * predictions[method].retention, 2), method)
+
+
+def predict_result(result: CompareResult, predictor: Predictor | None = None) -> dict[str, MethodPrediction]:
+    """The predictions of a two-model compare (empty for three or more models, or when nothing was compared)."""
+    if len(result.models) != 2 or not result.layer_metrics:
+        return {}
+    layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
+    features = pair_features(layers)
+    with_base = result.mci.used_base and "drift" in features
+    return (predictor or load_predictor()).predict(features, raw_distance(layers), with_base=with_base)
+
+
+def outside_fit(result: CompareResult, predictor: Predictor | None = None) -> tuple[str, float] | None:
+    """The feature of this pair farthest from the fit's pairs, in standard deviations, when beyond OUTSIDE_SD."""
+    predictor = predictor or load_predictor()
+    layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
+    features = pair_features(layers)
+    with_base = result.mci.used_base and "drift" in features
+    model = next(iter((predictor.with_base if with_base else predictor.without_base).values()))
+    z = {f: (features[f] - m) / s for f, m, s in zip(model.features, model.mean, model.scale, strict=True)
+         if f in features}
+    if not z:
+        return None
+    name = max(z, key=lambda f: abs(z[f]))
+    return (name, round(z[name], 1)) if abs(z[name]) > OUTSIDE_SD else None
+
+
+def with_predictions(result: CompareResult) -> CompareResult:
+    """The result with `predictions` and a note on their scope (and on extrapolation, where it applies); an
+    unvalidated draft, as the engine's `finish` step wants it."""
+    if result.predictions:
+        return result
+    predictions = predict_result(result)
+    if not predictions:
+        return result
+    note = ("predicted retention per method (merged accuracy / each fine-tune's own, 0..1, 80% interval): "
+            "fitted on synthetic tasks with tiny Llama-style models (benchmarks/mergeability); a yardstick, "
+            "not a measurement of this merge")
+    if not next(iter(predictions.values())).used_base:
+        note += "; without a base they rest on weight-space evidence alone, with wider intervals"
+    far = outside_fit(result)
+    if far is not None:
+        note += (f"; this pair lies outside the fitted range ({far[0]} is {far[1]:+.1f} standard deviations from "
+                 "the fit's pairs), so they are extrapolated and uncertain beyond their stated intervals")
+    return result.drafted(predictions=predictions, notes=[*result.notes, note])

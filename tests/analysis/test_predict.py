@@ -1,0 +1,164 @@
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from fixtures.checkpoints import Family
+from mergelens_mcp import compare_models
+from mergelens_mcp.analysis.predict import (
+    FEATURES,
+    MethodModel,
+    Predictor,
+    best_method,
+    load_predictor,
+    outside_fit,
+    pair_features,
+    raw_distance,
+)
+from mergelens_mcp.models import MethodPrediction
+
+SIX = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"}
+
+
+def average_pair(model: MethodModel) -> dict[str, float]:
+    return dict(zip(model.features, model.mean, strict=True))
+
+
+def test_the_shipped_coefficients_load_with_their_provenance() -> None:
+    p = load_predictor()
+    assert set(p.with_base) == SIX and set(p.without_base) == SIX
+    for key in ("settings", "fit_commit", "results_commit", "date", "n_pairs", "scope"):
+        assert p.provenance[key], key
+    assert p.provenance["n_pairs"] >= 98
+    for model in (*p.with_base.values(), *p.without_base.values()):
+        assert set(model.features) <= set(FEATURES)
+        assert all(s > 0 for s in model.scale)
+        assert model.residual_low <= 0 <= model.residual_high
+
+
+@pytest.mark.parametrize("shift", [-10.0, -2.0, 0.0, 2.0, 10.0])
+def test_every_prediction_is_in_0_1_with_low_le_retention_le_high(shift: float) -> None:
+    p = load_predictor()
+    for with_base, models in ((True, p.with_base), (False, p.without_base)):
+        for model in models.values():
+            x = {f: m + shift * s for f, m, s in zip(model.features, model.mean, model.scale, strict=True)}
+            for pred in p.predict(x, with_base=with_base).values():
+                assert 0.0 <= pred.low <= pred.retention <= pred.high <= 1.0
+
+
+def test_fine_tunes_that_moved_further_are_predicted_to_merge_worse_with_every_method() -> None:
+    p = load_predictor()
+    drifts = ("first_far", "first_near", "drift")
+    for method, model in p.with_base.items():
+        assert set(drifts) <= set(model.features), method
+        x = average_pair(model)
+        retentions = [p.predict(x | {f: x[f] + d for f in drifts})[method].retention
+                      for d in (-1.0, -0.5, 0.0, 0.5, 1.0)]
+        assert retentions == sorted(retentions, reverse=True), method
+        assert retentions[0] > retentions[-1], method
+
+
+def test_without_a_base_the_intervals_are_wider() -> None:
+    p = load_predictor()
+    for method in SIX:
+        with_base, without = p.with_base[method], p.without_base[method]
+        assert (without.residual_high - without.residual_low) > (with_base.residual_high - with_base.residual_low)
+
+
+def test_a_model_merged_with_itself_is_predicted_to_keep_everything_by_linear_and_slerp() -> None:
+    p = load_predictor()
+    x = average_pair(p.with_base["linear"])
+    near = p.predict(x, distance=0.0)
+    assert near["linear"].retention == 1.0 and near["slerp"].retention == 1.0
+    assert near["linear"].low == 1.0
+    halfway = p.predict(x, distance=p.nearest_distance / 2)["linear"].retention
+    far = p.predict(x, distance=p.nearest_distance)["linear"].retention
+    assert far < halfway < 1.0
+    assert halfway == pytest.approx(1 - (1 - far) / 2, abs=1e-3)
+
+
+def test_contributions_add_up_to_the_prediction_before_clipping() -> None:
+    p = load_predictor()
+    model = p.with_base["ties"]
+    x = {f: m + 0.3 * s for f, m, s in zip(model.features, model.mean, model.scale, strict=True)}
+    pred = p.predict(x)["ties"]
+    raw = model.intercept + sum(pred.contributions.values())
+    assert pred.retention == pytest.approx(min(1.0, max(0.0, raw)), abs=1e-3)
+    assert list(pred.contributions) == sorted(pred.contributions, key=lambda k: -abs(pred.contributions[k]))
+
+
+def test_pair_features_weight_layers_by_parameters_and_recover_each_fine_tunes_drift() -> None:
+    # layer 1: drift 0.1, ratio 1 -> both moved 0.1; layer 2 (3x the parameters): drift 0.2, ratio 0.5
+    layers = [("layers.0", 100, {"task_drift": 0.1, "magnitude_ratio": 1.0, "l2_distance": 0.1}),
+              ("layers.1", 300, {"task_drift": 0.2, "magnitude_ratio": 0.5, "l2_distance": 0.3})]
+    f = pair_features(layers)
+    far = (0.1 + 3 * (2 * 0.2 / 1.5)) / 4
+    near = (0.1 + 3 * (2 * 0.2 * 0.5 / 1.5)) / 4
+    assert f["far_drift"] == pytest.approx(math.log(far))
+    assert f["near_drift"] == pytest.approx(math.log(near))
+    assert f["drift"] == pytest.approx(math.log(0.175))
+    assert f["first_far"] == pytest.approx(math.log(0.1)) and f["first_near"] == pytest.approx(math.log(0.1))
+    assert raw_distance(layers) == pytest.approx(0.25)
+    assert "task_cosine" not in f
+
+
+def test_best_method_prefers_the_simpler_one_within_the_tolerance() -> None:
+    def pred(r: float) -> MethodPrediction:
+        return MethodPrediction(retention=r, low=r, high=r, used_base=True)
+
+    assert best_method({"ties": pred(0.70), "linear": pred(0.698), "slerp": pred(0.5)}) == "linear"
+    assert best_method({"ties": pred(0.70), "linear": pred(0.60)}) == "ties"
+    assert best_method({}) is None
+
+
+def test_compare_with_a_base_carries_task_vector_predictions_for_every_method(family: Family) -> None:
+    result = compare_models([str(family.finetune_a), str(family.finetune_b)], base=str(family.base))
+    assert set(result.predictions) == SIX
+    assert all(p.used_base for p in result.predictions.values())
+    assert any("predicted retention" in n for n in result.notes)
+
+
+def test_compare_without_a_base_says_its_predictions_rest_on_weight_space_evidence(family: Family) -> None:
+    result = compare_models([str(family.finetune_a), str(family.finetune_b)])
+    assert set(result.predictions) == SIX
+    assert not any(p.used_base for p in result.predictions.values())
+    assert any("weight-space evidence alone" in n for n in result.notes)
+
+
+def test_identical_models_are_predicted_to_keep_everything_and_unrelated_ones_almost_nothing(
+    family: Family
+) -> None:
+    same = compare_models([str(family.finetune_a), str(family.finetune_a)], base=str(family.base))
+    assert same.predictions["linear"].retention == 1.0
+    unrelated = compare_models([str(family.finetune_a), str(family.unrelated)])
+    assert max(p.retention for p in unrelated.predictions.values()) < 0.35
+
+
+def test_three_models_get_no_pair_predictions(family: Family) -> None:
+    result = compare_models([str(family.finetune_a), str(family.finetune_b), str(family.base)])
+    assert result.predictions == {}
+
+
+def test_a_predictor_round_trips_through_its_dict() -> None:
+    p = load_predictor()
+    assert Predictor.from_dict(p.to_dict()) == p
+
+
+def test_a_pair_far_outside_the_fitted_range_is_said_to_be_extrapolated(
+    family: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergelens_mcp.analysis import predict
+
+    shipped = load_predictor()
+    result = compare_models([str(family.finetune_a), str(family.finetune_b)], base=str(family.base))
+    assert outside_fit(result, shipped) is None  # the fixture pair lies within 3 deviations of the fit's pairs
+    # a fit whose pairs spread ten times less: the same pair is now far outside
+    narrow = replace(shipped, with_base={m: replace(v, scale=tuple(s / 10 for s in v.scale))
+                                         for m, v in shipped.with_base.items()})
+    feature, sd = outside_fit(result, narrow)
+    assert abs(sd) > 3 and feature in narrow.with_base["linear"].features
+    monkeypatch.setattr(predict, "load_predictor", lambda: narrow)
+    noted = predict.with_predictions(result.model_copy(update={"predictions": {}}))
+    assert any(f"{feature} is {sd:+.1f} standard deviations" in n for n in noted.notes)
