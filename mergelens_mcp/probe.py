@@ -74,6 +74,28 @@ MAX_PROBES = 512
 MAX_PROBE_BYTES = 4 << 20
 
 
+class Phases:
+    """One monotonic progress over several phases (reading, merging, running the probes), each of which
+    reports its own (done, total): phase i covers [i, i + 1) of `count` on a scale of STEPS per phase."""
+
+    STEPS = 1000
+
+    def __init__(self, progress: Progress | None, count: int) -> None:
+        self.progress, self.count, self.next = progress, max(count, 1), 0
+
+    def phase(self, label: str) -> Progress | None:
+        if self.progress is None:
+            return None
+        index, report = self.next, self.progress
+        self.next += 1
+
+        def progress(done: int, total: int, message: str) -> None:
+            step = index * self.STEPS + (self.STEPS * done // total if total else 0)
+            report(min(step, self.count * self.STEPS), self.count * self.STEPS, f"{label}: {message}")
+
+        return progress
+
+
 # ---- configs: a mergekit YAML as jobs, each merged by the registry ------------------------------------------
 
 
@@ -412,7 +434,10 @@ def verdict_of(findings: list[Finding], layers: list[LayerMatch], behaviour: lis
         steps.append(f"take {none[0]} from one source (a slice or a weight gradient), or check that the right "
                      "models and base were merged")
     for s in behaviour:
-        if kind == "encoder":
+        if s.retention == 0.0 and s.kl is None and s.perplexity is None and kind == "causal_lm":
+            failed = True
+            reasons.append(f"on {s.source}'s probes the merged model's outputs are not finite (NaN/Inf)")
+        elif kind == "encoder":
             sim = s.embedding_similarity or 0.0
             if sim < ENCODER_FAILED:
                 failed = True
@@ -468,11 +493,12 @@ def verify_merge(
         if config is not None:  # checked before any tensor is read
             opened = dict(zip(sources, srcs, strict=True)) | ({base: base_ckpt} if base and base_ckpt else {})
             merge = open_config(config, stack, guard=guard, limits=limits, opened=opened)
+        phases = Phases(progress, 1 + (merge is not None) + (0 if behaviour is False else 2 * (len(srcs) + 1)))
         findings = header_findings(out, srcs)
-        fits, nonfinite = fit_layers(out, srcs, base_ckpt, progress, cancelled)
+        fits, nonfinite = fit_layers(out, srcs, base_ckpt, phases.phase("weights"), cancelled)
         findings.extend(nonfinite)
         if merge is not None:
-            findings.extend(check_config(out, merge, fits, progress, cancelled))
+            findings.extend(check_config(out, merge, fits, phases.phase("config"), cancelled))
         layers = layer_matches(fits, labels, base_ckpt is not None, merge is not None)
         measured: list[SourceRetention] = []
         kind = None
@@ -480,7 +506,7 @@ def verify_merge(
             try:
                 records = read_probes(probe, guard) if probe else shipped_probes()
                 kind, measured = _behaviour(out, srcs, records, settings, options.device.torch_name,
-                                            progress, cancelled)
+                                            phases, cancelled)
             except (CheckpointFormatError, InputError) as exc:
                 if behaviour:
                     raise
@@ -637,16 +663,18 @@ def _materialise_buffers(model: torch.nn.Module) -> None:
 
 
 def stored_tensors(
-    ckpt: Checkpoint, cancelled: Cancelled | None = None
+    ckpt: Checkpoint, cancelled: Cancelled | None = None, progress: Progress | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """One checkpoint's float tensors through the stream, each copied out as float32 (the views die)."""
     sets = [stream.TensorSet(n, [(ckpt, n)]) for n in ckpt.float_tensors]
     opened = stream.schedule(sets, lambda current: current.open(CPU))
     try:
-        for current in opened:
+        for done, current in enumerate(opened):
             if cancelled is not None and cancelled():
                 raise AnalysisCancelledError(f"{ckpt.label}: cancelled while loading")
             yield current.key, current.views[0].float().clone()
+            if progress is not None:
+                progress(done + 1, len(sets), current.key)
     finally:
         opened.close()
 
@@ -738,7 +766,8 @@ class Outputs:
 
 
 def run_probes(
-    model: torch.nn.Module, batch: Batch, kind: str, device: str, cancelled: Cancelled | None = None
+    model: torch.nn.Module, batch: Batch, kind: str, device: str, cancelled: Cancelled | None = None,
+    progress: Progress | None = None,
 ) -> Outputs:
     model.to(device)
     out = Outputs()
@@ -762,6 +791,9 @@ def run_probes(
                     h = hidden[row, :n].cpu()
                     out.hidden.append(h)
                     out.embeddings.append(h.mean(0))
+            if progress is not None:
+                done = min(first + BATCH, batch.ids.shape[0])
+                progress(done, batch.ids.shape[0], f"{done} of {batch.ids.shape[0]} probes")
     model.to("cpu")
     return out
 
@@ -802,8 +834,10 @@ def measure(
                 agree.append((p.argmax(-1) == q.argmax(-1)).float())
             kl = float(torch.cat(kl_parts).mean()) if kl_parts else 0.0
             best = min((x for x in (_perplexity(s, rows) for s in sources) if x is not None), default=None)
+            finite = math.isfinite(kl)  # NaN/Inf weights give NaN outputs: nothing of the source is kept
             out.append(SourceRetention(
-                source=label, probes=len(rows), retention=round(math.exp(-max(kl, 0.0)), 6), kl=round(kl, 6),
+                source=label, probes=len(rows), retention=round(math.exp(-max(kl, 0.0)), 6) if finite else 0.0,
+                kl=round(kl, 6) if finite else None,
                 agreement=round(float(torch.cat(agree).mean()), 6) if agree else None,
                 perplexity=_round(_perplexity(merged, rows)), source_perplexity=_round(_perplexity(src, rows)),
                 best_source_perplexity=_round(best),
@@ -813,42 +847,42 @@ def measure(
             hidden = float(torch.cat([cos(merged.hidden[i], src.hidden[i], dim=-1) for i in rows]).mean())
             embed = float(torch.stack([cos(merged.embeddings[i], src.embeddings[i], dim=0) for i in rows]).mean())
             out.append(SourceRetention(
-                source=label, probes=len(rows), retention=round(max(0.0, embed), 6),
-                hidden_similarity=round(hidden, 6), embedding_similarity=round(embed, 6),
+                source=label, probes=len(rows), retention=round(max(0.0, embed), 6) if math.isfinite(embed) else 0.0,
+                hidden_similarity=_round(hidden), embedding_similarity=_round(embed) if math.isfinite(embed) else 0.0,
             ))
     return out
 
 
 def _round(x: float | None) -> float | None:
-    return None if x is None else round(x, 6)
+    return None if x is None or not math.isfinite(x) else round(x, 6)
 
 
 def source_outputs(
     srcs: list[Checkpoint], skeleton: Skeleton, batch: Batch, settings: Settings, device: str,
-    progress: Progress | None, cancelled: Cancelled | None,
+    phases: Phases, cancelled: Cancelled | None,
 ) -> list[Outputs]:
     """Each source built, run on the probes and dropped, one at a time; their outputs kept."""
     outputs = []
-    for i, ckpt in enumerate(srcs):
+    for ckpt in srcs:
         check_fits(ckpt, settings)
-        model = fill(skeleton.empty(), stored_tensors(ckpt, cancelled), ckpt.label)
-        outputs.append(run_probes(model, batch, skeleton.kind, device, cancelled))
+        model = fill(skeleton.empty(), stored_tensors(ckpt, cancelled, phases.phase(f"reading {ckpt.label}")),
+                     ckpt.label)
+        outputs.append(run_probes(model, batch, skeleton.kind, device, cancelled,
+                                  phases.phase(f"probes on {ckpt.label}")))
         del model
-        if progress is not None:
-            progress(i + 1, len(srcs), f"{ckpt.label}: probes run")
     return outputs
 
 
 def _behaviour(
     merged: Checkpoint, srcs: list[Checkpoint], records: list[ProbeRecord], settings: Settings, device: str,
-    progress: Progress | None, cancelled: Cancelled | None,
+    phases: Phases, cancelled: Cancelled | None,
 ) -> tuple[str, list[SourceRetention]]:
     skeleton = skeleton_of(srcs[0])
     batch = tokenize(records, skeleton)
-    outputs = source_outputs(srcs, skeleton, batch, settings, device, progress, cancelled)
+    outputs = source_outputs(srcs, skeleton, batch, settings, device, phases, cancelled)
     check_fits(merged, settings)
-    model = fill(skeleton.empty(), stored_tensors(merged, cancelled), merged.label)
-    mine = run_probes(model, batch, skeleton.kind, device, cancelled)
+    model = fill(skeleton.empty(), stored_tensors(merged, cancelled, phases.phase("reading merged")), merged.label)
+    mine = run_probes(model, batch, skeleton.kind, device, cancelled, phases.phase("probes on merged"))
     del model
     return skeleton.kind, measure(mine, outputs, [c.label for c in srcs], [c.source for c in srcs], batch,
                                   skeleton.kind)
@@ -910,26 +944,29 @@ def preview_merge(
         skeleton = skeleton_of(srcs[0])
         for ckpt in srcs:
             check_fits(ckpt, settings)
-        result = compare_checkpoints(srcs, base_ckpt, options, cancelled=cancelled)
+        given = len(set(methods)) if methods else 3
+        phases = Phases(progress, 1 + 2 * len(srcs) + 2 * given)
+        result = compare_checkpoints(srcs, base_ckpt, options, cancelled=cancelled,
+                                     progress=phases.phase("comparing the weights"))
         candidates = candidate_configs(result, methods)
         batch = tokenize(records, skeleton)
         device_name = options.device.torch_name
-        outputs = source_outputs(srcs, skeleton, batch, settings, device_name, progress, cancelled)
+        outputs = source_outputs(srcs, skeleton, batch, settings, device_name, phases, cancelled)
         opened = {str(m): c for m, c in zip(models, srcs, strict=True)} | (
             {str(base): base_ckpt} if base and base_ckpt else {})
         previews = []
-        for number, (method, text) in enumerate(candidates):
+        for method, text in candidates:
             merge = open_config(text, stack, guard=guard, limits=settings.limits(), opened=opened)
-            tensors = ((job.output, tensor) for job, tensor, _ in merged_tensors(merge, cancelled=cancelled))
+            tensors = ((job.output, tensor) for job, tensor, _ in merged_tensors(
+                merge, cancelled=cancelled, progress=phases.phase(f"merging {method}")))
             model = fill(skeleton.empty(), tensors, f"the {method} merge")
-            mine = run_probes(model, batch, skeleton.kind, device_name, cancelled)
+            mine = run_probes(model, batch, skeleton.kind, device_name, cancelled,
+                              phases.phase(f"probes on {method}"))
             del model
             measured = measure(mine, outputs, [c.label for c in srcs], [str(m) for m in models], batch,
                                skeleton.kind)
             overall = sum(s.retention for s in measured) / len(measured) if measured else 0.0
             previews.append((overall, method, measured, text))
-            if progress is not None:
-                progress(number + 1, len(candidates), f"{method}: previewed")
     previews.sort(key=lambda p: -p[0])
     ranked = [MethodPreview(method=m, rank=i + 1, retention=round(r, 6), sources=s, mergekit_yaml=t)
               for i, (r, m, s, t) in enumerate(previews)]

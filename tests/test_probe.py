@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fixtures.checkpoints import Family, Shape, make_family, save
+from fixtures.checkpoints import Family, Shape, save
 from mergelens_mcp.errors import LimitExceededError
 from mergelens_mcp.mergekit.methods import merge_tensors
 from mergelens_mcp.models import SourceRetention
@@ -19,11 +19,6 @@ from mergelens_mcp.probe import read_probes, verdict_of, verify_merge
 from mergelens_mcp.settings import Settings
 
 SHAPE = Shape()
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> Family:
-    return make_family(tmp_path_factory.mktemp("family"))
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:
@@ -303,3 +298,13 @@ def test_real_minilm_merge_written_by_our_methods_verifies_against_its_config(tm
     assert changed and all(lm.coefficients["model_a"] == pytest.approx(0.5, abs=0.02) for lm in changed)
     assert [s.source for s in result.behaviour] == ["model_a", "model_b"]
     assert all(s.embedding_similarity > 0.5 for s in result.behaviour)
+
+
+def test_a_merge_whose_outputs_are_nan_fails_on_the_probes_with_a_retention_of_zero(family, tmp_path, probe_file):
+    good = linear(state(family.finetune_a), state(family.finetune_b))
+    good["model.norm.weight"][:] = float("nan")
+    result = verify_merge(str(save(good, tmp_path / "m", SHAPE)), [str(family.finetune_a)], str(family.base),
+                          probe=probe_file, behaviour=True)
+    assert result.verdict == "failed"
+    assert result.behaviour[0].retention == 0.0 and result.behaviour[0].kl is None
+    assert any("not finite" in r for r in result.reasons)

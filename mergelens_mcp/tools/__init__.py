@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from mcp.server.mcpserver import MCPServer
 
-from . import analysis, diagnose, prompts, report
+from . import analysis, diagnose, merge, prompts, report
 
 TOOL_NAMES = (
     "compare_models", "get_compatibility_score", "get_conflict_zones", "suggest_strategy", "explain_layer",
-    "diagnose_merge", "generate_report",
+    "diagnose_merge", "generate_report", "preview_merge", "verify_merge",
 )
 
 
 def register_all(server: MCPServer) -> None:
-    for module in (analysis, diagnose, report, prompts):
+    for module in (analysis, diagnose, report, merge, prompts):
         module.register(server)
