@@ -62,8 +62,9 @@ SEED = 0
 NONE_RESIDUAL = 0.5  # a layer whose change the sources explain less than half of matches none of them
 ONE_SOURCE_SHARE = 0.95  # a layer whose coefficients are this much one source's matches that source only
 SAME_RESIDUAL = 0.05
-# |merged - re-merged| / |re-merged - origin| (L2 over the layer; origin: the base, else the first input) above
-# which a layer is not what the config gives: rounding to bfloat16 stays far below, 0.9/0.1 for 0.5/0.5 gives 0.8
+# |merged - re-merged| beyond one ulp of the written dtype, over |re-merged - origin| (L2 over the layer; origin:
+# the base, else the first input), above which a layer is not what the config gives: mergekit's rounding differs
+# from ours by at most one ulp, so it counts 0; weights 0.9/0.1 written for 0.5/0.5 give 0.8
 CONFIG_TOLERANCE = 0.1
 RANDOM_TOLERANCE = 0.1  # random methods (other seeds draw other masks): task-vector norms within 10%
 PPL_WARNING, PPL_FAILED = 1.10, 2.0  # the practice's rules: merged perplexity vs the best source's
@@ -334,7 +335,7 @@ def check_config(
     progress: Progress | None = None, cancelled: Cancelled | None = None,
 ) -> list[Finding]:
     """Merge every tensor of the config again and compare it with MERGED's tensor of the same output name;
-    a layer is off when |difference| exceeds CONFIG_TOLERANCE of |re-merged - origin| (L2 over the layer)
+    a layer is off when |difference| beyond one ulp exceeds CONFIG_TOLERANCE of |re-merged - origin| (L2)
     (random methods: when |merged - base| and |re-merged - base| differ by over RANDOM_TOLERANCE)."""
     findings: list[Finding] = []
     random = registry.METHODS[merge.method].random
@@ -354,7 +355,8 @@ def check_config(
             s[0] = math.inf
             continue
         origin = origin.double() if merge.method != "passthrough" else torch.zeros_like(want)
-        s[0] += float((got - want).pow(2).sum())
+        slack = torch.maximum(ulp(got, views[-1].dtype), ulp(want, views[-1].dtype))
+        s[0] += float(((got - want).abs() - slack).clamp_min(0).pow(2).sum())
         s[1] += float((want - origin).pow(2).sum())
         s[2] += float((got - origin).pow(2).sum())
     off = []
@@ -386,6 +388,16 @@ def check_config(
             fix="the merged model was not made by this config (other slices?): merge again from it",
         ))
     return findings
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of each value of x in `dtype` (the written tensor's): mergekit and our
+    methods may round a value differently by that much."""
+    if not dtype.is_floating_point:
+        return torch.zeros_like(x)
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(x.abs().clamp_min(info.tiny))
+    return torch.ldexp(torch.full_like(x, info.eps), exponent - 1)
 
 
 def layer_matches(fits: dict[str, _LayerFit], labels: list[str], has_base: bool, with_config: bool) -> list[LayerMatch]:

@@ -99,7 +99,7 @@ def test_a_task_arithmetic_merge_made_on_the_wrong_base_is_caught_in_every_layer
     assert result.verdict == "failed"
     mismatch = next(f for f in result.findings if f.code == "config_mismatch")
     assert mismatch.message.startswith(f"{SHAPE.layers + 3} layer(s)")  # embed, the blocks, norm, lm_head
-    assert all(lm.config_error > 0.5 for lm in result.layers)
+    assert all(lm.config_error > 0.2 for lm in result.layers), [lm.config_error for lm in result.layers]
 
 
 def test_a_slice_off_by_one_is_caught_in_the_layers_it_shifted(family, tmp_path):
@@ -308,3 +308,32 @@ def test_a_merge_whose_outputs_are_nan_fails_on_the_probes_with_a_retention_of_z
     assert result.verdict == "failed"
     assert result.behaviour[0].retention == 0.0 and result.behaviour[0].kl is None
     assert any("not finite" in r for r in result.reasons)
+
+
+MERGEKIT_YAML = Path(__file__).resolve().parents[1] / ".bench" / "mergekit-venv" / "bin" / "mergekit-yaml"
+
+
+@pytest.mark.skipif(not MERGEKIT_YAML.exists(), reason="mergekit 0.1.5 is not installed at .bench/mergekit-venv: "
+                                                       "build it with `make mergekit-venv`")
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_a_merge_written_by_mergekit_itself_verifies_ok_against_its_config(family, tmp_path, probe_file, method):
+    import os
+    import subprocess
+
+    parameters = "{weight: 0.6, density: 0.5}" if method == "ties" else "{weight: 0.6}"
+    config = tmp_path / "merge.yaml"
+    base = f"base_model: {family.base}\n" if method == "ties" else ""  # mergekit merges a linear base in too
+    config.write_text(f"merge_method: {method}\n{base}models:\n"
+                      f"- model: {family.finetune_a}\n  parameters: {parameters}\n"
+                      f"- model: {family.finetune_b}\n  parameters: {parameters}\n"
+                      f"dtype: {'float32' if method == 'ties' else 'bfloat16'}\n")  # ties in bf16: ~10 ulp off
+    out = tmp_path / "out"
+    done = subprocess.run([str(MERGEKIT_YAML), str(config), str(out), "--no-copy-tokenizer", "--quiet",
+                           "--no-write-model-card"], capture_output=True, text=True, timeout=600, check=False,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = verify_merge(str(out), [str(family.finetune_a), str(family.finetune_b)], str(family.base),
+                          config=str(config), probe=probe_file, behaviour=True)
+    assert result.verdict == "ok", result.reasons
+    assert all(lm.config_error < 0.02 for lm in result.layers)
+    assert [s.source for s in result.behaviour] == ["model_a", "model_b"]

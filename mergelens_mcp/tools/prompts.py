@@ -24,7 +24,9 @@ def should_i_merge(
         "3. If the verdict is compatible or better, call suggest_strategy and show the mergekit YAML. If it "
         "is risky, propose the zone recommendations (e.g. take those layers from one model). If it is "
         "incompatible, advise against merging and say why.\n"
-        "4. Offer generate_report for an HTML report to open in a browser."
+        "4. Offer generate_report for an HTML report to open in a browser.\n"
+        "5. If the user has prompts of their own, call preview_merge with them as probe_file to rank the "
+        "candidate methods on those prompts before merging (and verify_merge on the merged model after)."
     )
 
 
