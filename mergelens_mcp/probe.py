@@ -96,6 +96,10 @@ class Phases:
 
         return progress
 
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress(self.count * self.STEPS, self.count * self.STEPS, "done")
+
 
 # ---- configs: a mergekit YAML as jobs, each merged by the registry ------------------------------------------
 
@@ -707,7 +711,8 @@ def available_memory() -> int | None:
 
 
 def check_fits(ckpt: Checkpoint, settings: Settings, outputs: int = 0) -> None:
-    """Refuse up front a model that would not fit: the settings' cap, then the machine's available memory."""
+    """Refuse up front a model that would not fit (with `outputs` bytes of cached probe outputs beside it):
+    the settings' cap, then the machine's available memory."""
     need = model_bytes(ckpt) * 6 // 5 + outputs
     cap = settings.max_probe_model_bytes
     free = available_memory()
@@ -869,14 +874,23 @@ def _round(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else round(x, 6)
 
 
+def outputs_bytes(skeleton: Skeleton, batch: Batch, models: int) -> int:
+    """What the cached probe outputs of `models` models take: float32 log-probs over the vocabulary per
+    scored token (causal LM), or the hidden states (encoder)."""
+    width = getattr(skeleton.config, "vocab_size" if skeleton.kind == "causal_lm" else "hidden_size", 0) or 0
+    return 4 * int(batch.mask.sum()) * int(width) * models
+
+
 def source_outputs(
     srcs: list[Checkpoint], skeleton: Skeleton, batch: Batch, settings: Settings, device: str,
     phases: Phases, cancelled: Cancelled | None,
 ) -> list[Outputs]:
-    """Each source built, run on the probes and dropped, one at a time; their outputs kept."""
+    """Each source built, run on the probes and dropped, one at a time; their outputs kept (the memory
+    check counts them: the last model is built while every source's outputs are held)."""
     outputs = []
+    cached = outputs_bytes(skeleton, batch, len(srcs) + 1)
     for ckpt in srcs:
-        check_fits(ckpt, settings)
+        check_fits(ckpt, settings, cached)
         model = fill(skeleton.empty(), stored_tensors(ckpt, cancelled, phases.phase(f"reading {ckpt.label}")),
                      ckpt.label)
         outputs.append(run_probes(model, batch, skeleton.kind, device, cancelled,
@@ -892,7 +906,7 @@ def _behaviour(
     skeleton = skeleton_of(srcs[0])
     batch = tokenize(records, skeleton)
     outputs = source_outputs(srcs, skeleton, batch, settings, device, phases, cancelled)
-    check_fits(merged, settings)
+    check_fits(merged, settings, outputs_bytes(skeleton, batch, len(srcs) + 1))
     model = fill(skeleton.empty(), stored_tensors(merged, cancelled, phases.phase("reading merged")), merged.label)
     mine = run_probes(model, batch, skeleton.kind, device, cancelled, phases.phase("probes on merged"))
     del model
@@ -954,14 +968,14 @@ def preview_merge(
     with ExitStack() as stack:
         srcs, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
         skeleton = skeleton_of(srcs[0])
-        for ckpt in srcs:
-            check_fits(ckpt, settings)
+        batch = tokenize(records, skeleton)
+        for ckpt in srcs:  # refused before any tensor is read
+            check_fits(ckpt, settings, outputs_bytes(skeleton, batch, len(srcs) + 1))
         given = len(set(methods)) if methods else 3
         phases = Phases(progress, 1 + 2 * len(srcs) + 2 * given)
         result = compare_checkpoints(srcs, base_ckpt, options, cancelled=cancelled,
                                      progress=phases.phase("comparing the weights"))
         candidates = candidate_configs(result, methods)
-        batch = tokenize(records, skeleton)
         device_name = options.device.torch_name
         outputs = source_outputs(srcs, skeleton, batch, settings, device_name, phases, cancelled)
         opened = {str(m): c for m, c in zip(models, srcs, strict=True)} | (
@@ -979,6 +993,7 @@ def preview_merge(
                                skeleton.kind)
             overall = sum(s.retention for s in measured) / len(measured) if measured else 0.0
             previews.append((overall, method, measured, text))
+        phases.finish()
     previews.sort(key=lambda p: -p[0])
     ranked = [MethodPreview(method=m, rank=i + 1, retention=round(r, 6), sources=s, mergekit_yaml=t)
               for i, (r, m, s, t) in enumerate(previews)]

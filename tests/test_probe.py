@@ -337,3 +337,16 @@ def test_a_merge_written_by_mergekit_itself_verifies_ok_against_its_config(famil
     assert result.verdict == "ok", result.reasons
     assert all(lm.config_error < 0.02 for lm in result.layers)
     assert [s.source for s in result.behaviour] == ["model_a", "model_b"]
+
+
+def test_preview_refuses_a_model_over_the_cap_before_comparing_or_reading_tensors(family, monkeypatch):
+    from mergelens_mcp import service
+    from mergelens_mcp.probe import preview_merge
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the weights were read before the memory check")
+
+    monkeypatch.setattr(service, "compare_checkpoints", never)
+    with pytest.raises(LimitExceededError, match="model_a: building it for the probes needs"):
+        preview_merge([str(family.finetune_a), str(family.finetune_b)], str(family.base),
+                      settings=Settings(max_probe_model_bytes=100_000))

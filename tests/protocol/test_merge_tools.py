@@ -103,3 +103,42 @@ async def test_verify_merge_refuses_a_merged_model_outside_the_allowed_folders(
                                                      "sources": [str(family.finetune_a)]})
     assert result.is_error
     assert "allowed" in " ".join(c.text for c in result.content)
+
+
+async def test_cancelling_verify_merge_stops_it_between_tensors(
+    settings: Settings, family: Family, nan_merge: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    from mergelens_mcp import probe
+    from mergelens_mcp.errors import AnalysisCancelledError
+
+    stopped = threading.Event()
+    outcome: list[BaseException | None] = []
+    real = probe.verify_merge
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        try:
+            result = real(*args, **kwargs)
+        except AnalysisCancelledError as exc:
+            outcome.append(exc)
+            raise
+        else:
+            outcome.append(None)
+            return result
+        finally:
+            stopped.set()
+
+    monkeypatch.setattr(probe, "verify_merge", watched)
+    arguments = {"merged_model": nan_merge, "sources": [str(family.finetune_a), str(family.finetune_b)],
+                 "base_model": str(family.base)}
+    async with Client(build_server(settings)) as client:
+        with anyio.CancelScope() as scope:
+
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                scope.cancel()
+
+            await call(client, "verify_merge", arguments, progress_callback=on_progress)
+        assert scope.cancelled_caught
+        assert await anyio.to_thread.run_sync(stopped.wait, TIMEOUT_S)
+    assert isinstance(outcome[0], AnalysisCancelledError)
