@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import InputError, MergeLensError
-from .models import CompareResult, ConfigDiagnosis, PreviewResult, SourceRetention, Verdict, VerifyResult
+from .models import CompareResult, ConfigDiagnosis, SourceRetention, Verdict, VerifyResult
 from .security import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "with an optional source (default: the shipped generic probes)")
     preview.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     preview.add_argument("--json", type=Path, help="write the full result as JSON here")
+    preview.add_argument("--report", type=Path, help="write the HTML report (comparison + preview) here")
+    preview.add_argument("--overwrite", action="store_true",
+                         help="replace a --report file even if it is not a mergelens report")
     preview.set_defaults(run=run_preview)
 
     verify = sub.add_parser("verify", help="check a written merge against its sources, its config and on probes")
@@ -128,11 +131,15 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
 
 
 def run_preview(args: argparse.Namespace, console: Console) -> int:
-    from .probe import preview_merge
+    from .probe import preview_with_comparison
 
     if len(args.models) < 2:
         raise InputError("preview needs at least two models to merge")
-    result: PreviewResult = _with_progress(console, "previewing", lambda progress: preview_merge(
+    if args.report:
+        from .report import check_output
+
+        check_output(args.report, overwrite=args.overwrite)
+    result, comparison = _with_progress(console, "previewing", lambda progress: preview_with_comparison(
         args.models, args.base, methods=args.methods, probe=args.probe, device=args.device, progress=progress))
     out = Console()
     out.print(f"\n[bold]Preview[/] on {result.probes} probes ({result.probe_set}), {result.kind}: "
@@ -147,6 +154,11 @@ def run_preview(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
         console.print(f"JSON written to {args.json}")
+    if args.report:
+        from .report import write_report
+
+        write_report(comparison, args.report, overwrite=args.overwrite, preview=result)
+        console.print(f"report written to {args.report}")
     return EXIT_OK
 
 

@@ -45,6 +45,7 @@ from .mergekit.diagnose import parse_config, read_config_text
 from .mergekit.schema import Report, check_structure
 from .mergekit.simulate import Job
 from .models import (
+    CompareResult,
     Finding,
     FindingLevel,
     LayerMatch,
@@ -959,6 +960,16 @@ def preview_merge(
 ) -> PreviewResult:
     """Merge each candidate in memory, run it on the probes and rank the candidates by how much of each
     source's behaviour they keep (see `SourceRetention`)."""
+    return preview_with_comparison(models, base, methods=methods, probe=probe, settings=settings, guard=guard,
+                                   device=device, progress=progress, cancelled=cancelled)[0]
+
+
+def preview_with_comparison(
+    models: Sequence[str], base: str | None = None, *, methods: Sequence[str] | None = None,
+    probe: str | None = None, settings: Settings | None = None, guard: PathGuard | None = None,
+    device: str | None = None, progress: Progress | None = None, cancelled: Cancelled | None = None,
+) -> tuple[PreviewResult, CompareResult]:
+    """`preview_merge`, with the comparison its candidates came from (for the report)."""
     from .service import compare_checkpoints, open_checkpoints
 
     started = time.perf_counter()
@@ -1004,4 +1015,4 @@ def preview_merge(
         models=[str(m) for m in models], base=base, kind=skeleton.kind, probes=len(records),
         probe_set=Path(probe).name if probe else "shipped", methods=ranked,
         best=ranked[0].method if ranked else "", notes=notes, elapsed_s=round(time.perf_counter() - started, 3),
-    )
+    ), result

@@ -350,3 +350,41 @@ def test_preview_refuses_a_model_over_the_cap_before_comparing_or_reading_tensor
     with pytest.raises(LimitExceededError, match="model_a: building it for the probes needs"):
         preview_merge([str(family.finetune_a), str(family.finetune_b)], str(family.base),
                       settings=Settings(max_probe_model_bytes=100_000))
+
+
+def test_the_report_shows_the_preview_ranking_and_the_verification_with_names_escaped(family, tmp_path):
+    from fixtures.results import make_result
+    from mergelens_mcp.models import LayerMatch, MethodPreview, PreviewResult, VerifyResult
+    from mergelens_mcp.report import render_report
+
+    sources = [SourceRetention(source="model_a", probes=3, retention=0.97, kl=0.03, agreement=0.9, perplexity=12.0),
+               SourceRetention(source="<b>model_b</b>", probes=3, retention=0.81, kl=0.2, agreement=0.7,
+                               perplexity=15.0)]
+    preview = PreviewResult(models=["a", "b"], base=None, kind="causal_lm", probes=3, probe_set="mine.jsonl",
+                            methods=[MethodPreview(method="ties", rank=1, retention=0.89, sources=sources,
+                                                   mergekit_yaml="merge_method: ties")],
+                            best="ties", elapsed_s=1.0)
+    verify = VerifyResult(merged="out/<merged>", sources=["a", "b"], base=None, verdict="failed",
+                          reasons=["3 NaN/Inf values in layers.2"], next_steps=["merge again in float32"],
+                          findings=[], layers=[LayerMatch(layer_name="layers.0", coefficients={"model_a": 0.5},
+                                                          residual=0.01, matches="all")], elapsed_s=1.0)
+    page = render_report(make_result(), preview=preview, verify=verify)
+    assert 'id="preview"' in page and 'id="verify"' in page
+    assert "mine.jsonl" in page and "0.8900" in page and "3 NaN/Inf values in layers.2" in page
+    assert "&lt;b&gt;model_b&lt;/b&gt;" in page and "out/&lt;merged&gt;" in page
+    assert "<b>model_b</b>" not in page.split("<script")[0]
+
+
+def test_the_preview_command_prints_the_ranking_and_writes_json_and_the_report(family, tmp_path, probe_file, capsys):
+    from mergelens_mcp.cli import main
+
+    out, page = tmp_path / "preview.json", tmp_path / "report.html"
+    code = main(["preview", str(family.finetune_a), str(family.finetune_b), "--base", str(family.base),
+                 "--methods", "linear", "ties", "--probe", probe_file, "--json", str(out), "--report", str(page)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert sorted(m["method"] for m in saved["methods"]) == ["linear", "ties"]
+    assert f"best {saved['best']}" in printed
+    html = page.read_text()
+    assert 'id="preview"' in html and 'id="verify"' not in html
