@@ -498,6 +498,7 @@ def verify_merge(
     if isinstance(sources, str) or len(sources) < 1:
         raise InputError("verify needs the merge's sources: a list of one or more paths or Hub ids")
     options = settings.analysis_options(device)
+    records = [] if behaviour is False else read_probes(probe, guard) if probe else shipped_probes()
     notes: list[str] = []
     with ExitStack() as stack:
         out = stack.enter_context(load_checkpoint(merged, "merged", guard=guard, limits=limits))
@@ -510,7 +511,20 @@ def verify_merge(
         if config is not None:  # checked before any tensor is read
             opened = dict(zip(sources, srcs, strict=True)) | ({base: base_ckpt} if base and base_ckpt else {})
             merge = open_config(config, stack, guard=guard, limits=limits, opened=opened)
-        phases = Phases(progress, 1 + (merge is not None) + (0 if behaviour is False else 2 * (len(srcs) + 1)))
+        runnable = None
+        check_probe_sources(records, labels, list(sources))
+        if behaviour is not False:  # whether the probes can run, also checked before any tensor is read
+            try:
+                skeleton = skeleton_of(srcs[0])
+                batch = tokenize(records, skeleton)
+                for ckpt in [*srcs, out]:
+                    check_fits(ckpt, settings, outputs_bytes(skeleton, batch, len(srcs) + 1))
+                runnable = skeleton, batch
+            except (CheckpointFormatError, InputError, LimitExceededError) as exc:
+                if behaviour:
+                    raise
+                notes.append(f"behaviour not measured: {exc}")
+        phases = Phases(progress, 1 + (merge is not None) + (0 if runnable is None else 2 * (len(srcs) + 1)))
         findings = header_findings(out, srcs)
         fits, nonfinite = fit_layers(out, srcs, base_ckpt, phases.phase("weights"), cancelled)
         findings.extend(nonfinite)
@@ -519,15 +533,9 @@ def verify_merge(
         layers = layer_matches(fits, labels, base_ckpt is not None, merge is not None)
         measured: list[SourceRetention] = []
         kind = None
-        if behaviour is not False:
-            try:
-                records = read_probes(probe, guard) if probe else shipped_probes()
-                kind, measured = _behaviour(out, srcs, records, settings, options.device.torch_name,
-                                            phases, cancelled)
-            except (CheckpointFormatError, InputError) as exc:
-                if behaviour:
-                    raise
-                notes.append(f"behaviour not measured: {exc}")
+        if runnable is not None:
+            kind, measured = _behaviour(out, srcs, *runnable, settings, options.device.torch_name, phases,
+                                        cancelled)
     verdict, reasons, steps = verdict_of(findings, layers, measured, kind)
     return VerifyResult(
         merged=merged, sources=list(sources), base=base, verdict=verdict, reasons=reasons, next_steps=steps,
@@ -901,18 +909,24 @@ def source_outputs(
 
 
 def _behaviour(
-    merged: Checkpoint, srcs: list[Checkpoint], records: list[ProbeRecord], settings: Settings, device: str,
-    phases: Phases, cancelled: Cancelled | None,
+    merged: Checkpoint, srcs: list[Checkpoint], skeleton: Skeleton, batch: Batch, settings: Settings,
+    device: str, phases: Phases, cancelled: Cancelled | None,
 ) -> tuple[str, list[SourceRetention]]:
-    skeleton = skeleton_of(srcs[0])
-    batch = tokenize(records, skeleton)
     outputs = source_outputs(srcs, skeleton, batch, settings, device, phases, cancelled)
-    check_fits(merged, settings, outputs_bytes(skeleton, batch, len(srcs) + 1))
     model = fill(skeleton.empty(), stored_tensors(merged, cancelled, phases.phase("reading merged")), merged.label)
     mine = run_probes(model, batch, skeleton.kind, device, cancelled, phases.phase("probes on merged"))
     del model
     return skeleton.kind, measure(mine, outputs, [c.label for c in srcs], [c.source for c in srcs], batch,
                                   skeleton.kind)
+
+
+def check_probe_sources(records: list[ProbeRecord], labels: list[str], given: list[str]) -> None:
+    """Every "source" a probe record names must name one of the models (its label or the path given)."""
+    known = {*labels, *given, *(Path(g).name for g in given)}
+    unknown = sorted({r.source for r in records if r.source is not None and r.source not in known})
+    if unknown:
+        raise InputError(f"probe records name source {', '.join(map(repr, unknown[:3]))}, which is none of the "
+                         f"models; name them {', '.join(labels)} or by the path given")
 
 
 # ---- preview -------------------------------------------------------------------------------------------------
@@ -980,6 +994,7 @@ def preview_with_comparison(
         srcs, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
         skeleton = skeleton_of(srcs[0])
         batch = tokenize(records, skeleton)
+        check_probe_sources(records, [c.label for c in srcs], [str(m) for m in models])
         for ckpt in srcs:  # refused before any tensor is read
             check_fits(ckpt, settings, outputs_bytes(skeleton, batch, len(srcs) + 1))
         given = len(set(methods)) if methods else 3

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from fixtures.checkpoints import Family, Shape, save
-from mergelens_mcp.errors import LimitExceededError
+from mergelens_mcp.errors import InputError, LimitExceededError
 from mergelens_mcp.mergekit.methods import merge_tensors
 from mergelens_mcp.models import SourceRetention
 from mergelens_mcp.probe import read_probes, verdict_of, verify_merge
@@ -388,3 +388,21 @@ def test_the_preview_command_prints_the_ranking_and_writes_json_and_the_report(f
     assert f"best {saved['best']}" in printed
     html = page.read_text()
     assert 'id="preview"' in html and 'id="verify"' not in html
+
+
+def test_a_probe_record_naming_no_model_is_refused_with_the_names_to_use(family, tmp_path):
+    path = tmp_path / "probes.jsonl"
+    path.write_text(json.dumps({"text": "x", "source": "model_z"}) + "\n")
+    with pytest.raises(InputError, match="'model_z', which is none of the models; name them model_a, model_b"):
+        verify_merge(str(family.finetune_a), [str(family.finetune_a), str(family.finetune_b)], probe=str(path))
+
+
+def test_verify_without_a_config_json_still_checks_the_weights_and_says_why_behaviour_was_skipped(family, tmp_path):
+    merged = save(linear(state(family.finetune_a), state(family.finetune_b)), tmp_path / "m", SHAPE)
+    (family.finetune_a / "config.json").rename(tmp_path / "config.json")
+    try:
+        result = verify_merge(str(merged), [str(family.finetune_a), str(family.finetune_b)], str(family.base))
+    finally:
+        (tmp_path / "config.json").rename(family.finetune_a / "config.json")
+    assert result.verdict == "ok" and result.behaviour == []
+    assert "behaviour not measured" in result.notes[0] and "config.json" in result.notes[0]
