@@ -53,6 +53,11 @@ $(MERGEKIT_VENV)/.installed:
 		&& $(MERGEKIT_VENV)/bin/python -c "import mergekit.merge_methods" \
 		&& touch $@ || echo "mergekit 0.1.5 could not be installed (see above): the tests against mergekit will skip"
 
+# Headless Chromium and the MCP Inspector: the tests that need them skip without, and the run names this target.
+.PHONY: test-deps
+test-deps:
+	.ci/test-deps
+
 bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints
 	$(PY) -m benchmarks.run
 

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose = sub.add_parser("diagnose", help="check a mergekit YAML before merging, and simulate it")
     diagnose.add_argument("--config", required=True, help="the mergekit .yaml file")
     diagnose.add_argument("--json", type=Path, help="write the full diagnosis as JSON here")
+    diagnose.add_argument("--base", help="the models' common base, when the YAML names none (linear, slerp): "
+                                         "then the simulation sees whether the fine-tunes' changes cancel")
     diagnose.set_defaults(run=run_diagnose)
 
     preview = sub.add_parser("preview", help="merge candidates in memory and measure them on probe inputs")
@@ -109,7 +111,8 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
     path = Path(args.config)
     if not path.is_file():
         raise InputError(f"--config {args.config!r} is not a file; pass the YAML you give mergekit-yaml")
-    result = _with_progress(console, "simulating", lambda progress: diagnose(str(path), progress=progress))
+    result = _with_progress(console, "simulating", lambda progress: diagnose(str(path), progress=progress,
+                                                                          base=args.base))
     out = Console()
     status = "[bold green]valid[/]" if result.valid else "[bold red]will fail[/]"
     out.print(f"\n[bold]mergekit config:[/] {path}  merge_method: {result.merge_method or '?'}  {status}")
@@ -322,6 +325,8 @@ def print_result(result: CompareResult, console: Console, max_layers: int = 40) 
     mci = result.mci
     score = "n/a" if mci.score is None else f"{mci.score:.1f}/100"
     style = VERDICT_STYLE[mci.verdict]
+    if result.answer:
+        console.print(f"\n{result.answer}", markup=False, highlight=False, style="bold", soft_wrap=True)
     console.print(f"\n[bold]Merge Compatibility Index:[/] [{style}]{score}  {mci.verdict.value.replace('_', ' ')}[/]"
                   f"  (confidence: {mci.confidence})")
     for reason in mci.reasons:

@@ -21,6 +21,14 @@ class Verdict(str, Enum):
     INCOMPATIBLE = "incompatible"
 
 
+class MergeAdvice(str, Enum):
+    """The decision, said once: merge (yes), merge and check the result (with_care), or do not (no)."""
+
+    YES = "yes"
+    WITH_CARE = "with_care"
+    NO = "no"
+
+
 class Severity(str, Enum):
     LOW = "low"
     MEDIUM = "medium"
@@ -45,7 +53,7 @@ class Finding(Frozen):
 
 
 class ModelInfo(Frozen):
-    label: str = Field(description="'model_a', 'model_b', ... or 'base'")
+    label: str = Field(description="the model's short name in results: its folder's name, unique ('base': the base)")
     source: str = Field(description="what the caller gave: a path or a Hub id")
     resolved: str = Field(description="the local folder or file that was read")
     architecture: str | None = None
@@ -123,7 +131,8 @@ class LayerMetrics(Frozen):
 class ConflictZone(Frozen):
     model_a: str
     model_b: str
-    start_layer: int = Field(description="first layer index of the zone (-1 for embeddings)")
+    start_layer: int = Field(description="first layer index of the zone (-1: the embeddings; the block count: "
+                             "the final norm and lm_head)")
     end_layer: int = Field(description="last layer index, inclusive")
     layer_names: list[str]
     severity: Severity
@@ -137,11 +146,11 @@ class MetricReading(Frozen):
 
     name: str
     value: float
-    meaning: str = Field(description="what the metric measures")
+    meaning: str | None = Field(default=None, description="what the metric measures (left out when said once)")
     component: str | None = Field(default=None, description="the MCI component it feeds, if any")
     component_score: float | None = Field(default=None, description="that component, 0..1 (1 = good)")
     assessment: str = Field(description="'good', 'acceptable', 'risky', 'bad' or 'informational'")
-    why: str
+    why: str | None = Field(default=None, description="why the value helps or hurts a merge")
 
 
 class LayerExplanation(Frozen):
@@ -235,6 +244,13 @@ class CompareResult(Frozen):
     notes: list[str] = Field(default_factory=list)
     strategy: Strategy | None = None
     elapsed_s: float
+    merge_advised: MergeAdvice | None = Field(
+        default=None, description="the decision: yes, with_care or no (from the verdict, findings and strategy)"
+    )
+    answer: str | None = Field(default=None, description="the decision in one sentence, to quote")
+    names: dict[str, str] = Field(
+        default_factory=dict, description="each model's short name (its folder's name; 'base') -> what the caller gave"
+    )
 
 
 class LayerInterference(Frozen):
@@ -319,7 +335,7 @@ class ConfigDiagnosis(Frozen):
 class SourceRetention(Frozen):
     """How much of one source's behaviour a merged model keeps on the probe inputs that test that source."""
 
-    source: str = Field(description="the source's label: 'model_a', 'model_b', ...")
+    source: str = Field(description="the source's name, as compare names it (its folder name)")
     probes: int = Field(description="probe records judged for this source")
     retention: float = Field(description="0..1: exp(-KL) for a language model, the sentence-embedding cosine "
                                          "for an encoder; 1 = the source's behaviour kept")

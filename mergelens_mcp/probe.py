@@ -42,7 +42,7 @@ from .errors import (
 from .mergekit import methods as registry
 from .mergekit.diagnose import _jobs as config_jobs
 from .mergekit.diagnose import parse_config, read_config_text
-from .mergekit.schema import Report, check_structure
+from .mergekit.schema import MethodSpec, Report, check_structure
 from .mergekit.simulate import Job
 from .models import (
     CompareResult,
@@ -150,7 +150,7 @@ def open_config(
                            out_dtype if isinstance(out_dtype, torch.dtype) else None, text)
 
 
-def job_parameters(method: registry.MergeMethod, job: Job, models: Sequence[str]) -> dict[str, Any]:
+def job_parameters(method: MethodSpec, job: Job, models: Sequence[str]) -> dict[str, Any]:
     """The method's parameters for one tensor, resolved by the config's lookup (gradients, filters, the
     model's block before its slice's before the top level's); absent ones keep the registry's default."""
     missing = object()
@@ -160,6 +160,9 @@ def job_parameters(method: registry.MergeMethod, job: Job, models: Sequence[str]
             values = [job.lookup(p.name, m, job.output, job.t, missing) for m in models]
             if all(v is missing for v in values):
                 continue
+            lacking = [m for m, v in zip(models, values, strict=True) if v is missing]
+            if lacking and p.required:
+                raise ConfigError(f"{method.name} needs `{p.name}` for {lacking[0]} too; add it to its parameters")
             out[p.name] = [p.default if v is missing else v for v in values]
         else:
             value = job.lookup(p.name, None, job.output, job.t, missing)
@@ -490,7 +493,7 @@ def verify_merge(
 ) -> VerifyResult:
     """Check a written merge: its weights against the sources (and the config), then, where transformers can
     build it (`behaviour` None: when it can; True: required; False: skipped), its behaviour on the probes."""
-    from .service import model_labels
+    from .naming import model_names
 
     started = time.perf_counter()
     settings = settings or Settings()
@@ -502,7 +505,7 @@ def verify_merge(
     notes: list[str] = []
     with ExitStack() as stack:
         out = stack.enter_context(load_checkpoint(merged, "merged", guard=guard, limits=limits))
-        labels = model_labels(len(sources))
+        labels = model_names(sources)
         srcs = [stack.enter_context(load_checkpoint(s, lab, guard=guard, limits=limits))
                 for s, lab in zip(sources, labels, strict=True)]
         base_ckpt = stack.enter_context(load_checkpoint(base, "base", guard=guard, limits=limits)) if base else None
@@ -564,7 +567,7 @@ def shipped_probes() -> list[ProbeRecord]:
 
 def read_probes(path: str, guard: PathGuard | None = None) -> list[ProbeRecord]:
     """Probe records from a file: text lines, or JSONL records {"text"} / {"prompt", "completion"}, each with
-    an optional "source" (a model's label, or the path given for it)."""
+    an optional "source" (a model's name as compare gives it, or the path given for it)."""
     resolved = guard.check(path, "probe file") if guard else Path(path).expanduser().resolve()
     if not resolved.is_file():
         raise InputError(f"probe file {path!r} is not a file; give text lines or JSONL records")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import string
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -14,13 +13,10 @@ from .analysis.loading import Checkpoint, load_checkpoint
 from .analysis.types import AnalysisOptions, Cancelled, Device, Progress
 from .errors import IncompatibleModelsError, InputError
 from .models import CompareResult, ConfigDiagnosis, Strategy
+from .naming import model_names
 from .security.paths import PathGuard
 from .security.redact import redact_model
 from .settings import Settings
-
-
-def model_labels(count: int) -> list[str]:
-    return [f"model_{string.ascii_lowercase[i]}" if i < 26 else f"model_{i}" for i in range(count)]
 
 
 def open_checkpoints(
@@ -32,7 +28,7 @@ def open_checkpoints(
     limits = settings.limits()
     opened = [
         stack.enter_context(load_checkpoint(str(src), label, guard=guard, limits=limits))
-        for src, label in zip(models, model_labels(len(models)), strict=True)
+        for src, label in zip(models, model_names([str(m) for m in models]), strict=True)
     ]
     base_ckpt = stack.enter_context(load_checkpoint(str(base), "base", guard=guard, limits=limits)) if base else None
     limits.check_request(sum(c.nbytes for c in [*opened, *([base_ckpt] if base_ckpt else [])]))
@@ -80,7 +76,7 @@ def compare_checkpoints(
     if activations:
         probe = hf_probe() if activations is True else activations
         cka = activation_cka(models, probe)
-    return analyze(models, base, options, progress, cancelled, cka, strategy=recommend)
+    return analyze(models, base, options, progress, cancelled, cka, finish=finish)
 
 
 def suggest_strategy(
@@ -104,11 +100,12 @@ def suggest_strategy(
     return result.strategy
 
 
-def recommend(result: CompareResult) -> Strategy | None:
-    """The recommended merge strategy for a comparison, when the models could be compared at all."""
-    from .mergekit.recommend import recommend_strategy
+def finish(draft: CompareResult) -> CompareResult:
+    """A comparison's draft completed before it is built: the findings no metric shows, its recommended
+    strategy when one makes sense, and the decision (`merge_advised`, `answer`)."""
+    from .mergekit.advice import advise
 
-    return recommend_strategy(result) if result.mci.score is not None else None
+    return advise(draft)
 
 
 def diagnose(
@@ -118,13 +115,15 @@ def diagnose(
     guard: PathGuard | None = None,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
+    base: str | None = None,
 ) -> ConfigDiagnosis:
-    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it on the readable models."""
+    """Diagnose a mergekit YAML (a .yaml/.yml path or the YAML text); simulate it on the readable models
+    (`base`: the models' common base, for a config that names none)."""
     from .mergekit.diagnose import diagnose as diagnose_config
 
     settings = settings or Settings()
     return redact_model(diagnose_config(
-        config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled
+        config, guard=guard, limits=settings.limits(), progress=progress, cancelled=cancelled, base=base
     ))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures.setup import pytest_terminal_summary  # noqa: F401 - a hook: names `make test-deps` after skips
 from mergelens_mcp.demo import Family, make_family
 
 # Tiny tensors: one thread is fastest, and two busy cores make torch's thread pool spin for nothing.
@@ -27,3 +28,4 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A clean working directory (the default allowed root)."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+

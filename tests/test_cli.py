@@ -70,7 +70,7 @@ def test_three_models_give_three_pairs(
     assert code == EXIT_OK
     result = CompareResult.model_validate_json(out_file.read_text())
     assert [(p.model_a, p.model_b) for p in result.pairwise] == [
-        ("model_a", "model_b"), ("model_a", "model_c"), ("model_b", "model_c")
+        ("a", "b"), ("a", "c"), ("b", "c")  # named by their folders
     ]
     assert {(lm.model_a, lm.model_b) for lm in result.layer_metrics} == {
         (p.model_a, p.model_b) for p in result.pairwise
@@ -82,7 +82,7 @@ def test_three_models_give_three_pairs(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["{missing}", "{a}"], "model_a: '{missing}' is neither an existing path nor a Hugging Face Hub id"),
+        (["{missing}", "{a}"], "nope: '{missing}' is neither an existing path nor a Hugging Face Hub id"),
         (["{a}"], "compare needs at least two models"),
         (["{a}", "{pickle}"], "pytorch_model.bin is a pickle-based checkpoint"),
         (["{a}", "{empty}"], "holds no .safetensors files"),
@@ -148,5 +148,38 @@ def test_incompatible_models_print_the_verdict_and_the_reason_and_exit_0(
     out = capsys.readouterr().out
     assert code == EXIT_OK
     assert "Merge Compatibility Index: n/a  incompatible" in out
-    assert "model_b is GPT2LMHeadModel, model_a is LlamaForCausalLM" in out
+    assert "gpt2 is GPT2LMHeadModel, a is LlamaForCausalLM" in out
     assert "Per layer" not in out
+
+
+def test_compare_prints_the_answer_first_and_the_same_model_twice_is_a_clear_no_not_a_crash(
+    trio: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["compare", trio["a"], trio["a"] + "/", "--device", "cpu"])  # two spellings, one checkpoint
+    out = capsys.readouterr().out
+    assert code == EXIT_OK
+    first = next(line for line in out.splitlines() if line.strip())
+    assert first.startswith("No: a and a-2 are the same checkpoint")
+    assert "Recommended merge" not in out
+
+
+def test_diagnose_with_a_base_hint_warns_that_a_linear_merge_of_opposed_fine_tunes_cancels_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from mergelens_mcp.demo import make_family
+
+    f = make_family(tmp_path / "family")
+    config = tmp_path / "linear.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "bfloat16", "models": [
+        {"model": str(f.finetune_a), "parameters": {"weight": 0.5}},
+        {"model": str(f.opposed), "parameters": {"weight": 0.5}},
+    ]}))
+    main(["diagnose", "--config", str(config)])
+    blind = capsys.readouterr().out
+    main(["diagnose", "--config", str(config), "--base", str(f.base)])
+    seen = capsys.readouterr().out
+    assert "no base model: the simulation measures how the weights average" in blind
+    assert "high_interference" not in blind and "cancel or discard" not in blind
+    assert "the merge would cancel or discard 98% of the models' changes (warned above 50%)" in seen

@@ -46,8 +46,8 @@ def test_a_linear_merge_written_by_our_methods_verifies_ok_with_half_of_each_tas
     blocks = [lm for lm in result.layers if lm.layer_name.startswith("layers.")]
     assert len(blocks) == SHAPE.layers
     for lm in blocks:
-        assert lm.coefficients["model_a"] == pytest.approx(0.5, abs=0.02)
-        assert lm.coefficients["model_b"] == pytest.approx(0.5, abs=0.02)
+        assert lm.coefficients["finetune_a"] == pytest.approx(0.5, abs=0.02)
+        assert lm.coefficients["finetune_b"] == pytest.approx(0.5, abs=0.02)
         assert lm.residual < 0.02 and lm.matches == "all"
         assert lm.config_error is not None and lm.config_error < 0.05
 
@@ -74,8 +74,8 @@ def test_weights_of_point_nine_and_point_one_against_a_half_and_half_config_are_
     mismatch = next(f for f in result.findings if f.code == "config_mismatch")
     assert f"{SHAPE.layers} layer(s)" in mismatch.message or "layers.0" in mismatch.message
     layer0 = next(lm for lm in result.layers if lm.layer_name == "layers.0")
-    assert layer0.coefficients["model_a"] == pytest.approx(0.9, abs=0.02)
-    assert layer0.coefficients["model_b"] == pytest.approx(0.1, abs=0.02)
+    assert layer0.coefficients["finetune_a"] == pytest.approx(0.9, abs=0.02)
+    assert layer0.coefficients["finetune_b"] == pytest.approx(0.1, abs=0.02)
 
 
 def test_a_nan_tensor_fails_the_merge_with_its_layer_named(family, tmp_path):
@@ -218,14 +218,14 @@ def test_probe_records_naming_a_source_judge_that_source_only(family, tmp_path):
 
     path = tmp_path / "probes.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [
-        {"prompt": "Q: what is 2 + 2?", "completion": " 4", "source": "model_a"},
-        {"text": "def f(x): return x", "source": "model_a"},
+        {"prompt": "Q: what is 2 + 2?", "completion": " 4", "source": "finetune_a"},
+        {"text": "def f(x): return x", "source": "finetune_a"},
         {"text": "The cat sat on the mat.", "source": str(family.finetune_b)},
     ]) + "\n")
     result = preview_merge([str(family.finetune_a), str(family.finetune_b)], str(family.base), methods=["linear"],
                            probe=str(path))
     probes = {s.source: s.probes for s in result.methods[0].sources}
-    assert probes == {"model_a": 2, "model_b": 1}
+    assert probes == {"finetune_a": 2, "finetune_b": 1}
 
 
 def test_verify_measures_a_good_merge_against_each_source_on_the_probes(family, tmp_path, probe_file):
@@ -233,7 +233,7 @@ def test_verify_measures_a_good_merge_against_each_source_on_the_probes(family, 
     result = verify_merge(str(merged), [str(family.finetune_a), str(family.finetune_b)], str(family.base),
                           probe=probe_file, behaviour=True)
     assert result.verdict == "ok", result.reasons
-    assert [s.source for s in result.behaviour] == ["model_a", "model_b"]
+    assert [s.source for s in result.behaviour] == ["finetune_a", "finetune_b"]
     for s in result.behaviour:
         assert s.perplexity / s.best_source_perplexity < 1.1 and s.retention > 0.99
 
@@ -294,9 +294,9 @@ def test_real_minilm_merge_written_by_our_methods_verifies_against_its_config(tm
     assert result.verdict != "failed", result.reasons
     assert not any(f.code == "config_mismatch" for f in result.findings)
     assert all(lm.config_error < 1e-6 for lm in result.layers)
-    changed = [lm for lm in result.layers if lm.coefficients["model_a"] != pytest.approx(1.0, abs=0.01)]
-    assert changed and all(lm.coefficients["model_a"] == pytest.approx(0.5, abs=0.02) for lm in changed)
-    assert [s.source for s in result.behaviour] == ["model_a", "model_b"]
+    changed = [lm for lm in result.layers if lm.coefficients["model"] != pytest.approx(1.0, abs=0.01)]
+    assert changed and all(lm.coefficients["model"] == pytest.approx(0.5, abs=0.02) for lm in changed)
+    assert [s.source for s in result.behaviour] == ["model", "model_weights"]
     assert all(s.embedding_similarity > 0.5 for s in result.behaviour)
 
 
@@ -336,7 +336,7 @@ def test_a_merge_written_by_mergekit_itself_verifies_ok_against_its_config(famil
                           config=str(config), probe=probe_file, behaviour=True)
     assert result.verdict == "ok", result.reasons
     assert all(lm.config_error < 0.02 for lm in result.layers)
-    assert [s.source for s in result.behaviour] == ["model_a", "model_b"]
+    assert [s.source for s in result.behaviour] == ["finetune_a", "finetune_b"]
 
 
 def test_preview_refuses_a_model_over_the_cap_before_comparing_or_reading_tensors(family, monkeypatch):
@@ -347,7 +347,7 @@ def test_preview_refuses_a_model_over_the_cap_before_comparing_or_reading_tensor
         raise AssertionError("the weights were read before the memory check")
 
     monkeypatch.setattr(service, "compare_checkpoints", never)
-    with pytest.raises(LimitExceededError, match="model_a: building it for the probes needs"):
+    with pytest.raises(LimitExceededError, match="finetune_a: building it for the probes needs"):
         preview_merge([str(family.finetune_a), str(family.finetune_b)], str(family.base),
                       settings=Settings(max_probe_model_bytes=100_000))
 
@@ -393,7 +393,7 @@ def test_the_preview_command_prints_the_ranking_and_writes_json_and_the_report(f
 def test_a_probe_record_naming_no_model_is_refused_with_the_names_to_use(family, tmp_path):
     path = tmp_path / "probes.jsonl"
     path.write_text(json.dumps({"text": "x", "source": "model_z"}) + "\n")
-    with pytest.raises(InputError, match="'model_z', which is none of the models; name them model_a, model_b"):
+    with pytest.raises(InputError, match="'model_z', which is none of the models; name them finetune_a, finetune_b"):
         verify_merge(str(family.finetune_a), [str(family.finetune_a), str(family.finetune_b)], probe=str(path))
 
 

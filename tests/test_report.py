@@ -318,7 +318,7 @@ def test_generate_report_writes_the_report_and_returns_the_result(tiny: Family, 
     assert result.mci.used_base and result.mci.score is not None
     page = path.read_text()
     assert f'<meta name="mergelens-mci" content="{result.mci.score:.2f}">' in page
-    assert list(figures(page)) == ["gauge", "heatmap-model_a-model_b", "lines-model_a-model_b"]
+    assert list(figures(page)) == ["gauge", "heatmap-finetune_a-flipped", "lines-finetune_a-flipped"]
 
 
 def test_python_api_generate_report_is_public(tiny: Family, tmp_path: Path) -> None:

@@ -27,7 +27,6 @@ from ..models import (
     LayerMetrics,
     ModelInfo,
     PairScore,
-    Strategy,
     Verdict,
 )
 from ..security.redact import redact_json
@@ -43,7 +42,7 @@ from .zones import detect_conflict_zones
 
 log = logging.getLogger(__name__)
 
-StrategyFor = Callable[[CompareResult], "Strategy | None"]  # the draft result -> its recommended strategy
+Finish = Callable[[CompareResult], CompareResult]  # an unvalidated draft -> the draft completed (strategy, advice)
 
 
 def resolve_device(device: Device | str) -> torch.device:
@@ -80,14 +79,14 @@ def analyze(
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
     activations: Mapping[tuple[int, int], Mapping[str, float]] | None = None,
-    strategy: StrategyFor | None = None,
+    finish: Finish | None = None,
 ) -> CompareResult:
     """Compare two or more checkpoints (optionally against their common base) in one pass.
 
     `activations` optionally holds per-layer activation CKA for each pair of model indices (see
     analysis/activations.py); it joins each layer's metrics as `activation_cka` and enters the MCI.
-    `strategy` gives the recommended merge strategy of the result (it reads an unvalidated draft); the result
-    is then built once, with every string redacted.
+    `finish` completes an unvalidated draft of the result (the caller's strategy and decision); the result is
+    then built once, with every string redacted.
     """
     options = options or AnalysisOptions()
     started = time.perf_counter()
@@ -182,7 +181,7 @@ def analyze(
             f"(rank {options.svd_rank} + {OVERSAMPLE} oversampling, {POWER_ITERS} power iterations); "
             "smaller ones were exact"
         )
-    return _assemble(strategy, dict(
+    return _assemble(finish, dict(
         version=VERSION, models=infos, base=base_info, device=str(device),
         mci=_mci(pair_scores, layer_metrics, plan, used_base, findings).model_copy(
             update={"used_activations": bool(activations)}
@@ -192,14 +191,13 @@ def analyze(
     ))
 
 
-def _assemble(strategy: StrategyFor | None, fields: dict[str, Any]) -> CompareResult:
-    """The result, built once: the strategy reads an unvalidated draft of it, and every string of the
-    result (paths, tensor names, messages, the strategy's YAML) is redacted as it is built."""
+def _assemble(finish: Finish | None, fields: dict[str, Any]) -> CompareResult:
+    """The result, built once: `finish` completes an unvalidated draft of it (the strategy, the decision), and
+    every string of the result (paths, tensor names, messages, the strategy's YAML) is redacted as it is built."""
     draft = CompareResult.model_construct(**fields, strategy=None)
-    chosen = strategy(draft) if strategy is not None else None
-    data = draft.model_dump(mode="json")
-    data["strategy"] = chosen.model_dump(mode="json") if chosen is not None else None
-    return CompareResult.model_validate(redact_json(data))
+    if finish is not None:
+        draft = finish(draft)
+    return CompareResult.model_validate(redact_json(draft.model_dump(mode="json")))
 
 
 def _role_of(s: _Sums, roles: dict[str, TensorRole]) -> TensorRole:

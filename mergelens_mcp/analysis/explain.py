@@ -7,6 +7,7 @@ from ..models import LayerExplanation, LayerMetrics, MetricReading, Verdict
 from . import score as mci
 from .metrics import REGISTRY
 from .score import CATALOGUE
+from .zones import OPPOSED_ADVICE, opposed
 
 ASSESSMENT = {
     Verdict.HIGHLY_COMPATIBLE: "good", Verdict.COMPATIBLE: "acceptable", Verdict.RISKY: "risky",
@@ -15,18 +16,34 @@ ASSESSMENT = {
 ADVICE_BELOW = mci.WEAK_BELOW  # a component under this gets advice
 
 
+LAYER_NUMBERING = (
+    "layers are numbered as in conflict zones: -1 the embeddings, 0..N-1 the blocks, N (the block count) the "
+    "final norm and lm_head; names ('layers.12', 'embed', 'norm', 'lm_head') are case-insensitive"
+)
+
+
 def find_layer(layers: list[LayerMetrics], layer: str) -> list[LayerMetrics]:
-    """Every pair's metrics for `layer`: a name ('layers.3', 'embed', 'norm', 'lm_head') or a block index."""
-    wanted = layer.strip()
+    """Every pair's metrics for `layer`: a name ('layers.3', 'embed', 'norm', 'lm_head', any case) or a number
+    in the conflict zones' numbering (-1 the embeddings, 0..N-1 the blocks, N the final norm and lm_head)."""
+    wanted = layer.strip().lower()
+    n_blocks = 1 + max((lm.layer_index for lm in layers if lm.kind == "block" and lm.layer_index is not None),
+                       default=-1)
     if wanted.lstrip("-").isdigit():
-        found = [lm for lm in layers if lm.layer_index == int(wanted) and lm.kind == "block"]
+        number = int(wanted)
+        if number == -1:
+            found = [lm for lm in layers if lm.kind == "embed"]
+        elif number == n_blocks:
+            found = [lm for lm in layers if lm.kind in ("norm", "lm_head")]
+        else:
+            found = [lm for lm in layers if lm.layer_index == number and lm.kind == "block"]
     else:
         name = wanted.removeprefix("model.")
-        found = [lm for lm in layers if lm.layer_name == name]
+        found = [lm for lm in layers if lm.layer_name.lower() == name]
     if not found:
         names = list(dict.fromkeys(lm.layer_name for lm in layers))
         shown = ", ".join(names[:8]) + (f", ... ({len(names)} layers)" if len(names) > 8 else "")
-        raise InputError(f"layer {layer!r} is not in these models; use a block index or one of: {shown}")
+        raise InputError(f"layer {layer!r} is not in these models ({n_blocks} blocks); use a number from -1 to "
+                         f"{n_blocks} or one of: {shown}")
     return found
 
 
@@ -39,8 +56,16 @@ def explain(lm: LayerMetrics) -> LayerExplanation:
         model_a=lm.model_a, model_b=lm.model_b, layer_name=lm.layer_name, layer_index=lm.layer_index,
         kind=lm.kind, n_params=lm.n_params, score=lm.score, verdict=verdict,
         summary=_summary(lm, verdict, weakest),
-        readings=readings, advice=[f"{n}: {CATALOGUE[n].advice}" for _, n in weakest if n in CATALOGUE],
+        readings=readings, advice=_advice(lm, weakest),
     )
+
+
+def _advice(lm: LayerMetrics, weakest: list[tuple[float, str]]) -> list[str]:
+    """What to do about the weak components, worst first; where the task vectors are opposed, only the keep-one
+    advice (no merge method recovers task vectors that cancel)."""
+    if opposed([lm]):
+        return [f"alignment: {OPPOSED_ADVICE}"]
+    return [f"{n}: {CATALOGUE[n].advice}" for _, n in weakest if n in CATALOGUE]
 
 
 def _reading(name: str, value: float, components: dict[str, float]) -> MetricReading:

@@ -339,7 +339,10 @@ def load_checkpoint(
     guard = guard or PathGuard([Path(os.sep)])
     local = _resolve_local(source, label, guard)
     if local is None:
-        local = _resolve_hub(source, label, guard)
+        try:
+            local = _resolve_hub(source, label, guard)
+        except (CheckpointNotFoundError, PathNotAllowedError) as exc:  # 'bf16/ft_a' may be a mistyped path
+            raise type(exc)(f"{exc}. {local_reading(source, guard)}") from None
     files, root = _safetensors_files(local, label, guard)
     tensors: dict[str, TensorInfo] = {}
     for f in files:
@@ -351,6 +354,35 @@ def load_checkpoint(
         raise CheckpointFormatError(f"{label}: {local} holds no tensors")
     limits.check_tensor_count(len(tensors), label)
     return Checkpoint(label, source, root, files, tensors, _read_config(root, label, guard))
+
+
+NEAR_MATCHES = 3
+MAX_LISTED = 500  # entries of a folder read to find near matches
+
+
+def local_reading(source: str, guard: PathGuard) -> str:
+    """What `source` would be as a local path: the resolved place (relative paths resolve against the server's
+    folder) and near matches that exist there, said only where that place is inside the allowed roots."""
+    path = Path(source).expanduser()
+    resolved = Path(os.path.abspath(path if path.is_absolute() else Path.cwd() / path))
+    if not guard.contains(resolved):
+        return (f"Read as a local path it would be {shown(resolved)} (relative paths resolve against the server's "
+                f"folder {shown(Path.cwd())}), outside the allowed roots")
+    folder, wanted = resolved.parent, resolved.name
+    while not folder.is_dir() and guard.contains(folder.parent) and folder != folder.parent:
+        wanted, folder = folder.name, folder.parent
+    near: list[str] = []
+    if folder.is_dir():
+        import difflib
+
+        try:
+            names = [e.name for _, e in zip(range(MAX_LISTED), os.scandir(folder), strict=False)]
+        except OSError:
+            names = []
+        near = [str(folder / n) for n in difflib.get_close_matches(wanted, names, n=NEAR_MATCHES, cutoff=0.5)]
+    hint = f"; did you mean {', '.join(shown(n) for n in near)}?" if near else ""
+    return (f"Read as a local path it is {shown(resolved)} (relative paths resolve against the server's folder "
+            f"{shown(Path.cwd())}), which does not exist{hint}")
 
 
 def _resolve_local(source: str, label: str, guard: PathGuard) -> Path | None:

@@ -205,12 +205,14 @@ def _cancel(current: _Set) -> None:
 
 def _close(current: _Set) -> None:
     """Cancel the set's queued jobs (only after an error: otherwise all are done), wait for those running
-    (the views must outlive the jobs that read them), and release the set."""
+    (the views must outlive the jobs that read them), and release the set and its jobs: the scheduler's list
+    of sets lives as long as the run, so a closed set must not keep its SVD factors alive."""
     _cancel(current)
     for job in current.jobs():
         if not job.cancelled():
             job.exception()
     current.weights, current.tasks, current.base = [], [], None
+    current.elementwise, current.svds = None, []  # their results (SVD factors) are the Measured's to keep
     current.release()
 
 

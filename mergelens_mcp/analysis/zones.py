@@ -7,6 +7,8 @@ from .score import CATALOGUE
 
 ZONE_THRESHOLD = 55.0
 OUTLIER_DROP = 15.0
+OPPOSED_TASK_COSINE = -0.5  # task vectors this opposed cancel: no method recovers them (recommend's rule 2)
+OPPOSED_ADVICE = CATALOGUE["alignment"].advice  # the one advice for opposed layers: never TIES
 SEVERITIES = ((20.0, Severity.CRITICAL), (35.0, Severity.HIGH), (ZONE_THRESHOLD, Severity.MEDIUM))
 
 
@@ -49,8 +51,11 @@ def _zone(run: list[LayerMetrics], positions: dict[str, int]) -> ConflictZone:
     if not drivers and totals:
         drivers = [max(totals, key=lambda n: totals[n])]
     first, last = positions[run[0].layer_name], positions[run[-1].layer_name]
-    span = run[0].layer_name if len(run) == 1 else f"{run[0].layer_name} to {run[-1].layer_name}"
-    advice = "; ".join(CATALOGUE[d].advice for d in drivers[:2] if d in CATALOGUE)
+    span = describe_span([lm.layer_name for lm in run], positions)
+    if opposed(run):
+        advice = OPPOSED_ADVICE
+    else:
+        advice = "; ".join(CATALOGUE[d].advice for d in drivers[:2] if d in CATALOGUE)
     advice = advice or "inspect these layers before merging"
     return ConflictZone(
         model_a=run[0].model_a,
@@ -63,3 +68,17 @@ def _zone(run: list[LayerMetrics], positions: dict[str, int]) -> ConflictZone:
         driving_metrics=drivers,
         recommendation=f"{span} (score {worst:.0f}): {advice}.",
     )
+
+
+def describe_span(names: list[str], positions: dict[str, int]) -> str:
+    """'the whole model' when `names` cover every layer of `positions`, else 'layers.1' or 'embed to layers.3'."""
+    if len(names) > 1 and set(names) >= set(positions):
+        return "the whole model"
+    return names[0] if len(names) == 1 else f"{names[0]} to {names[-1]}"
+
+
+def opposed(run: list[LayerMetrics]) -> bool:
+    """Whether the run's task vectors point opposite ways (parameter-weighted task cosine below the limit)."""
+    pairs = [(lm.metrics["task_cosine"], lm.n_params) for lm in run if "task_cosine" in lm.metrics]
+    total = sum(n for _, n in pairs)
+    return total > 0 and sum(v * n for v, n in pairs) / total < OPPOSED_TASK_COSINE

@@ -102,10 +102,24 @@ def _check_expanded_size(data: Any, where: str) -> None:
             stack.extend(item)
 
 
+class _Loader(yaml.SafeLoader):
+    """yaml.SafeLoader whose scalars that cannot be built (`2001-02-30`, `!!int abc`, a 5000-digit integer) fail
+    with the line they are on, like any other YAML error, instead of a bare ValueError."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError, TypeError) as exc:
+            value = node.value if isinstance(node, yaml.ScalarNode) else node.tag
+            shown = value if len(value) <= 40 else value[:37] + "..."
+            problem = f"{shown!r} cannot be read as {node.tag.rsplit(':', 1)[-1]} ({str(exc)[:120]})"
+            raise yaml.constructor.ConstructorError(None, None, problem, node.start_mark) from None
+
+
 def parse_config(text: str, where: str = "config") -> dict[str, Any]:
     """yaml.safe_load, with errors that name the line and the fix."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
     except RecursionError:
         raise ConfigError(f"{where}: is nested too deeply to be a mergekit config") from None
     except yaml.MarkedYAMLError as exc:
@@ -241,16 +255,25 @@ def _jobs(spec: MethodSpec, inputs: Inputs, ckpts: dict[str, Checkpoint]) -> tup
 # ---- the whole diagnosis ----------------------------------------------------------------------------
 
 
+HIGH_INTERFERENCE = 0.5  # above this share of the models' changes lost, the diagnosis warns
+
+
 def diagnose(
     config: str, *, guard: PathGuard | None = None, limits: Limits | None = None,
-    progress: Progress | None = None, cancelled: Cancelled | None = None,
+    progress: Progress | None = None, cancelled: Cancelled | None = None, base: str | None = None,
 ) -> ConfigDiagnosis:
-    """Check a mergekit YAML (a .yaml path or the text) and simulate it on the models that can be read."""
+    """Check a mergekit YAML (a .yaml path or the text) and simulate it on the models that can be read.
+
+    `base` is a hint: the common base of the models, for a config that names none (a linear or SLERP merge):
+    the simulation then measures how much of the fine-tunes' changes cancel, which it cannot see without it.
+    """
     text, where = read_config_text(config, guard)
     data = parse_config(text, where)
     report = Report()
     spec, inputs = check_structure(data, report)
     notes: list[str] = []
+    if base and spec is not None and spec.name != "slerp":
+        inputs.groups = [(path, group, b or base, sliced) for path, group, b, sliced in inputs.groups]
     names = list(dict.fromkeys(
         [n for _, group, _, _ in inputs.groups for n in group]
         + [b for _, _, b, _ in inputs.groups if b is not None]
@@ -284,12 +307,32 @@ def diagnose(
             layers, overall = sim.layers, sim.overall
             report.findings.extend(sim.findings)
             notes.extend([*job_notes, *sim.notes])
+            _interference_findings(spec, inputs, layers, overall, report)
     return ConfigDiagnosis(
         valid=not report.has_errors, merge_method=spec.name if spec else _method_name(data),
         findings=report.findings, overall_interference=overall,
         interference_scores={lm.layer_name: lm.interference for lm in layers}, layers=layers,
         models_checked=list(ckpts), notes=notes,
     )
+
+
+def _interference_findings(
+    spec: MethodSpec, inputs: Inputs, layers: list[LayerInterference], overall: float | None, report: Report
+) -> None:
+    """A warning above HIGH_INTERFERENCE; without a base, what the simulation could not measure."""
+    if overall is not None and overall > HIGH_INTERFERENCE:
+        worst = sorted(layers, key=lambda lm: -lm.interference)[:3]
+        report.add(WARN, "high_interference", None,
+                   f"the merge would cancel or discard {overall:.0%} of the models' changes (warned above "
+                   f"{HIGH_INTERFERENCE:.0%}), most in {', '.join(lm.layer_name for lm in worst)}: the models "
+                   "undo each other there",
+                   "keep one model, or take the worst layers from one model (a weight gradient of 0/1); "
+                   "compare_models with the base shows where the fine-tunes conflict")
+    if spec.name != "passthrough" and all(b is None for _, _, b, _ in inputs.groups):
+        report.add(INFO, "no_base_for_cancellation", "base_model",
+                   "no base model: the simulation measures how the weights average, not whether the fine-tunes' "
+                   "changes cancel (that needs their task vectors, against the base)",
+                   "pass the common base (diagnose_merge's base_model, or base_model in the YAML) to measure it")
 
 
 def _over_limit(ckpts: dict[str, Checkpoint], limits: Limits | None) -> str | None:

@@ -1,4 +1,8 @@
-"""mergekit 0.1.5's merge methods, in memory, one tensor set at a time: one registry, name -> method.
+"""mergekit 0.1.5's merge methods, in memory, one tensor set at a time: the implementations of the rulebook's
+methods. A method is one entry of `schema.METHODS` (its parameters, defaults, base policy, input counts, sign
+consensus and sparsification); this module only attaches code to those names (`IMPLEMENTATIONS`; the
+task-vector family is driven by the spec's `sparsification` and `sign_consensus`). The rulebook's other
+methods (`UNIMPLEMENTED`) are refused by `merge_tensors`: mergekit can run them, mergelens does not.
 
 Reimplemented from mergekit's documentation and from running mergekit 0.1.5 on crafted tensors (no mergekit
 code; it is LGPL). `tests/mergekit/test_methods_vs_mergekit.py` runs `mergekit-yaml` on generated checkpoints
@@ -44,21 +48,10 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, IncompatibleModelsError
+from .schema import METHODS as RULEBOOK
+from .schema import SLERP_LINEAR_FALLBACK, MethodSpec
 
-# The cosine above which mergekit's SLERP interpolates linearly. Defined here until it moves to
-# mergekit/schema.py (another change does that); then this module imports it from there.
-SLERP_LINEAR_FALLBACK = 0.9995
 NORM_EPS = 1e-8  # slerp's floor on a norm; also the smallest divisor `normalize` accepts
-REQUIRED: Any = object()  # a parameter's default when the config must give it
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """One of a method's parameters, as mergekit names it."""
-
-    name: str
-    default: Any = REQUIRED
-    per_model: bool = False  # one value per merged model (a list in input order, or one broadcast value)
 
 
 @dataclass(frozen=True)
@@ -69,31 +62,6 @@ class Inputs:
     base: Tensor | None
     params: dict[str, Any]
     generator: torch.Generator | None
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """One entry of the registry: what mergekit calls the method, its parameters and its input contract."""
-
-    name: str
-    merge: Callable[[Inputs], Tensor]
-    parameters: tuple[Parameter, ...]
-    needs_base: bool
-    random: bool = False
-    min_models: int = 1
-    max_models: int | None = None
-    description: str = ""
-
-    def parameter(self, name: str) -> Parameter | None:
-        return next((p for p in self.parameters if p.name == name), None)
-
-
-METHODS: dict[str, MergeMethod] = {}
-
-
-def register(method: MergeMethod) -> MergeMethod:
-    METHODS[method.name] = method
-    return method
 
 
 def merge_tensors(
@@ -111,10 +79,15 @@ def merge_tensors(
     (required by the task-vector methods, slerp and model_stock; ignored by linear and passthrough, as
     mergekit ignores it). `parameters`: a per-model parameter is one value or a list with one per tensor.
     `generator` drives the random methods (None: torch's global generator, as mergekit without a seed).
+    The method's counts, parameters and base policy are the rulebook's (`schema.METHODS`).
     """
-    spec = METHODS.get(method)
-    if spec is None:
-        raise ConfigError(f"unknown merge method {method!r}; known: {', '.join(sorted(METHODS))}")
+    spec = RULEBOOK.get(method)
+    if spec is None or method not in IMPLEMENTATIONS:
+        known = ", ".join(sorted(IMPLEMENTATIONS))
+        if spec is None:
+            raise ConfigError(f"unknown merge method {method!r}; known: {known}")
+        raise ConfigError(f"merge method {method!r} is not implemented in mergelens' in-memory merge; mergekit "
+                          f"can run it (mergekit-yaml). Implemented here: {known}")
     count = len(tensors)
     if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
         most = "" if spec.max_models is None else f" and at most {spec.max_models}"
@@ -134,21 +107,21 @@ def merge_tensors(
         params=params,
         generator=generator,
     )
-    return spec.merge(inputs).to(result_dtype)
+    return IMPLEMENTATIONS[method](inputs).to(result_dtype)
 
 
-def resolve_parameters(spec: MergeMethod, given: Mapping[str, Any], count: int) -> dict[str, Any]:
+def resolve_parameters(spec: MethodSpec, given: Mapping[str, Any], count: int) -> dict[str, Any]:
     """The method's parameters for one tensor set: defaults filled, per-model values as lists of `count`."""
-    unknown = sorted(set(given) - {p.name for p in spec.parameters})
+    unknown = sorted(set(given) - set(spec.parameter_names))
     if unknown:
-        known = ", ".join(p.name for p in spec.parameters) or "none"
+        known = ", ".join(spec.parameter_names) or "none"
         raise ConfigError(f"{spec.name} has no parameter {', '.join(unknown)}; its parameters: {known}")
     out: dict[str, Any] = {}
     for p in spec.parameters:
-        value = given.get(p.name, p.default)
-        if value is REQUIRED:
+        if p.required and p.name not in given:
             where = " for every model" if p.per_model else ""
             raise ConfigError(f"{spec.name} needs `{p.name}`{where}; add it under `parameters:`")
+        value = given.get(p.name, p.default)
         if p.per_model:
             values = list(value) if isinstance(value, (list, tuple)) else [value] * count
             if len(values) != count:
@@ -168,8 +141,10 @@ def _promoted(tensors: Sequence[Tensor]) -> torch.dtype:
 # ---- sparsification of task vectors -----------------------------------------------------------------------
 
 
-def keep_largest(tau: Tensor, density: float) -> Tensor:
-    """TIES trimming: the max(1, int(density * numel)) entries of largest |tau|, mergekit's tie order."""
+def keep_largest(tau: Tensor, density: float, *, mergekit_ties: bool = True) -> Tensor:
+    """TIES trimming: the max(1, int(density * numel)) entries of largest |tau|, mergekit's tie order
+    (`mergekit_ties=False`: equal values straddling the cut are taken in storage order, in O(n), for
+    measurements on huge tensors where which of them mergekit keeps does not matter)."""
     if density >= 1.0:
         return tau
     if density <= 0.0:
@@ -177,27 +152,30 @@ def keep_largest(tau: Tensor, density: float) -> Tensor:
     flat = tau.flatten()
     n = flat.numel()
     k = max(1, int(density * n))
-    keep = _window(flat.abs(), n - k, n, lambda mag: mag.argsort(descending=True)[:k])
+    order = (lambda mag: mag.argsort(descending=True)[:k]) if mergekit_ties else None
+    keep = _window(flat.abs(), n - k, n, order)
     return (flat * keep).view_as(tau)
 
 
-def keep_middle(tau: Tensor, density: float, gamma: float) -> Tensor:
+def keep_middle(tau: Tensor, density: float, gamma: float, *, mergekit_ties: bool = True) -> Tensor:
     """Breadcrumbs: drop the int(gamma * numel) largest |tau| (at most numel - k), keep the k =
-    int(density * numel) next ones."""
+    int(density * numel) next ones (`mergekit_ties` as in `keep_largest`)."""
     if density >= 1.0:
         return tau
     flat = tau.flatten()
     n = flat.numel()
     k = max(0, int(density * n))
     top = min(int(gamma * n), n - k)
-    keep = _window(flat.abs(), n - top - k, n - top, lambda mag: mag.argsort()[n - top - k:n - top])
+    order = (lambda mag: mag.argsort()[n - top - k:n - top]) if mergekit_ties else None
+    keep = _window(flat.abs(), n - top - k, n - top, order)
     return (flat * keep).view_as(tau)
 
 
-def _window(mag: Tensor, start: int, stop: int, order: Callable[[Tensor], Tensor]) -> Tensor:
+def _window(mag: Tensor, start: int, stop: int, order: Callable[[Tensor], Tensor] | None) -> Tensor:
     """Mask of the entries at ascending ranks [start, stop) of `mag`. Two selections (O(n)) find the bounds;
     only when a run of equal values straddles a bound does `order` (the unstable sort mergekit uses, whose
-    order among equal values decides which of them are kept) pick the entries."""
+    order among equal values decides which of them are kept) pick the entries; without `order`, the first
+    equal values in storage order fill the window."""
     keep = torch.zeros_like(mag, dtype=torch.bool)
     if stop <= start:
         return keep
@@ -206,8 +184,20 @@ def _window(mag: Tensor, start: int, stop: int, order: Callable[[Tensor], Tensor
     window = (mag >= low) & (mag <= high)
     if int(window.sum()) == stop - start:
         return window
-    keep[order(mag)] = True
+    if order is not None:
+        keep[order(mag)] = True
+        return keep
+    keep = (mag > low) & (mag < high)
+    if bool(low == high):
+        _take_first(keep, mag == low, stop - start)
+    else:
+        _take_first(keep, mag == low, int((mag <= low).sum()) - start)
+        _take_first(keep, mag == high, stop - int((mag < high).sum()))
     return keep
+
+
+def _take_first(keep: Tensor, candidates: Tensor, count: int) -> None:
+    keep[candidates.nonzero().flatten()[:max(0, count)]] = True
 
 
 def keep_random(tau: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
@@ -243,23 +233,70 @@ def rescale_l1(tau: Tensor, kept: Tensor) -> Tensor:
 Sparsify = Callable[[Tensor, int, Inputs], Tensor]  # (tau, model index, inputs) -> kept
 
 
-def _task_vector_merge(sparsify: Sparsify | None, consensus: bool) -> Callable[[Inputs], Tensor]:
+def _magnitude(tau: Tensor, i: int, x: Inputs) -> Tensor:
+    return keep_largest(tau, x.params["density"][i], mergekit_ties=x.params.get("mergekit_ties", True))
+
+
+def _random(tau: Tensor, i: int, x: Inputs) -> Tensor:
+    return keep_random(tau, x.params["density"][i], x.generator)
+
+
+def _outliers(tau: Tensor, i: int, x: Inputs) -> Tensor:
+    return keep_middle(tau, x.params["density"][i], x.params["gamma"][i],
+                       mergekit_ties=x.params.get("mergekit_ties", True))
+
+
+def _della(tau: Tensor, i: int, x: Inputs) -> Tensor:
+    return keep_by_rank(tau, x.params["density"][i], x.params["epsilon"][i], x.generator)
+
+
+# the implementation of each `MethodSpec.sparsification` the rulebook names
+SPARSIFIERS: dict[str, Sparsify] = {
+    "magnitude": _magnitude, "random": _random, "magnitude_outliers": _outliers, "della": _della,
+}
+
+
+def sparsify(
+    kind: str | None, tau: Tensor, *, density: float, gamma: float = 0.01, epsilon: float = 0.15,
+    generator: torch.Generator | None = None, mergekit_ties: bool = True,
+) -> Tensor:
+    """The kept part of one task vector under the sparsification `kind` (a `MethodSpec.sparsification`;
+    None keeps everything), before any rescaling: the merge's own code, for callers outside a merge (the
+    simulation). `mergekit_ties=False` breaks ties at a magnitude cut in storage order (O(n), see
+    `keep_largest`)."""
+    if kind is None:
+        return tau
+    params = {"density": [density], "gamma": [gamma], "epsilon": [epsilon], "mergekit_ties": mergekit_ties}
+    return SPARSIFIERS[kind](tau, 0, Inputs([tau], None, params, generator))
+
+
+def elect_signs(deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """TIES sign election over stacked weighted deltas (model first): the elected sign of their sum (zero
+    counts as +) and the mask of the deltas that carry it (non-zero)."""
+    sign = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    return sign, deltas.sign() == sign
+
+
+def _task_vector_merge(spec: MethodSpec) -> Callable[[Inputs], Tensor]:
+    """base + lambda * the mix of the sparsified, weighted task vectors, driven by the spec's
+    `sparsification` and `sign_consensus`."""
+    sparsifier = None if spec.sparsification is None else SPARSIFIERS[spec.sparsification]
+
     def merge(x: Inputs) -> Tensor:
         assert x.base is not None
         p = x.params
         kept = []
         for i, tensor in enumerate(x.tensors):
             tau = tensor - x.base
-            if sparsify is not None:
-                trimmed = sparsify(tau, i, x)
+            if sparsifier is not None:
+                trimmed = sparsifier(tau, i, x)
                 tau = rescale_l1(tau, trimmed) if p.get("rescale") else trimmed
             kept.append(tau)
         shape = (-1, *([1] * x.base.dim()))
         weights = torch.tensor(p["weight"], dtype=x.base.dtype).view(shape)
         deltas = torch.stack(kept) * weights
-        if consensus:
-            sign = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-            mask = deltas.sign() == sign
+        if spec.sign_consensus:
+            _, mask = elect_signs(deltas)
             mixed = (deltas * mask).sum(dim=0)
             divisor = (weights * mask).sum(dim=0)
         else:
@@ -273,56 +310,8 @@ def _task_vector_merge(sparsify: Sparsify | None, consensus: bool) -> Callable[[
     return merge
 
 
-def _task_vector_parameters(normalize: bool, rescale: bool, *extra: Parameter) -> tuple[Parameter, ...]:
-    return (
-        Parameter("weight", per_model=True),
-        Parameter("density", 1.0, per_model=True),
-        *extra,
-        Parameter("lambda", 1.0),
-        Parameter("normalize", normalize),
-        Parameter("rescale", rescale),
-        Parameter("int8_mask", False),
-    )
-
-
-def _magnitude(tau: Tensor, i: int, x: Inputs) -> Tensor:
-    return keep_largest(tau, x.params["density"][i])
-
-
-def _random(tau: Tensor, i: int, x: Inputs) -> Tensor:
-    return keep_random(tau, x.params["density"][i], x.generator)
-
-
-def _outliers(tau: Tensor, i: int, x: Inputs) -> Tensor:
-    return keep_middle(tau, x.params["density"][i], x.params["gamma"][i])
-
-
-def _della(tau: Tensor, i: int, x: Inputs) -> Tensor:
-    return keep_by_rank(tau, x.params["density"][i], x.params["epsilon"][i], x.generator)
-
-
-GAMMA = Parameter("gamma", 0.01, per_model=True)
-EPSILON = Parameter("epsilon", 0.15, per_model=True)
-_TASK_VECTOR_METHODS = (
-    # name, sparsification, sign consensus, normalize, rescale, extra parameters, description
-    ("task_arithmetic", None, False, False, False, (), "base + lambda * sum of weighted task vectors"),
-    ("ties", _magnitude, True, True, False, (), "magnitude trimming, sign election, disjoint mean"),
-    ("dare_ties", _random, True, False, True, (), "random drop with rescale, then sign election"),
-    ("dare_linear", _random, False, False, True, (), "random drop with rescale, summed"),
-    ("breadcrumbs", _outliers, False, False, False, (GAMMA,), "largest and smallest changes dropped"),
-    ("breadcrumbs_ties", _outliers, True, False, False, (GAMMA,), "breadcrumbs, then sign election"),
-    ("della", _della, True, True, True, (EPSILON,), "rank-weighted random drop, then sign election"),
-    ("della_linear", _della, False, False, True, (EPSILON,), "rank-weighted random drop, summed"),
-)
-for _name, _sparsify, _consensus, _normalize, _rescale, _extra, _description in _TASK_VECTOR_METHODS:
-    register(MergeMethod(
-        name=_name,
-        merge=_task_vector_merge(_sparsify, _consensus),
-        parameters=_task_vector_parameters(_normalize, _rescale, *_extra),
-        needs_base=True,
-        random=_sparsify in (_random, _della),
-        description=_description,
-    ))
+TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                       "della", "della_linear")
 
 
 def _linear(x: Inputs) -> Tensor:
@@ -332,17 +321,18 @@ def _linear(x: Inputs) -> Tensor:
     return mixed / sum(weights) if x.params["normalize"] else mixed
 
 
-register(MergeMethod(
-    "linear", _linear, (Parameter("weight", per_model=True), Parameter("normalize", True)), needs_base=False,
-    description="weighted mean of the models",
-))
+
+def slerp_cosine(v0: Tensor, v1: Tensor) -> float:
+    """The cosine slerp decides on: of the two whole tensors flattened, norms floored at NORM_EPS (mergekit
+    interpolates linearly where its absolute value exceeds SLERP_LINEAR_FALLBACK)."""
+    n0 = v0 / max(float(v0.norm()), NORM_EPS)
+    n1 = v1 / max(float(v1.norm()), NORM_EPS)
+    return float((n0 * n1).sum())
 
 
 def slerp(t: float, v0: Tensor, v1: Tensor) -> Tensor:
     """Spherical interpolation of two tensors seen as flat vectors; linear where |cos| > 0.9995."""
-    n0 = v0 / max(float(v0.norm()), NORM_EPS)
-    n1 = v1 / max(float(v1.norm()), NORM_EPS)
-    dot = float((n0 * n1).sum())
+    dot = slerp_cosine(v0, v1)
     if abs(dot) > SLERP_LINEAR_FALLBACK:
         return (1.0 - t) * v0 + t * v1
     theta = math.acos(max(-1.0, min(1.0, dot)))
@@ -354,11 +344,6 @@ def _slerp(x: Inputs) -> Tensor:
     assert x.base is not None
     return slerp(float(x.params["t"]), x.base, x.tensors[0])
 
-
-register(MergeMethod(
-    "slerp", _slerp, (Parameter("t"),), needs_base=True, min_models=1, max_models=1,
-    description="spherical interpolation from the base (t = 0) to the other model (t = 1)",
-))
 
 
 def _model_stock(x: Inputs) -> Tensor:
@@ -378,21 +363,22 @@ def _model_stock(x: Inputs) -> Tensor:
     return t * torch.stack(x.tensors).mean(dim=0) + (1 - t) * x.base
 
 
-register(MergeMethod(
-    "model_stock", _model_stock, (Parameter("filter_wise", False),), needs_base=True, min_models=2,
-    description="the models' mean pulled towards the base by the geometry of their task vectors",
-))
-
 
 def _passthrough(x: Inputs) -> Tensor:
     scale = x.params["scale"][0]
     return x.tensors[0] if scale is None else x.tensors[0] * float(scale)
 
 
-register(MergeMethod(
-    "passthrough", _passthrough, (Parameter("scale", None, per_model=True),), needs_base=False,
-    max_models=1, description="one model's tensor, optionally scaled",
-))
+
+# the implementation of each method of the rulebook that mergelens merges in memory, by the rulebook's name
+IMPLEMENTATIONS: dict[str, Callable[[Inputs], Tensor]] = {
+    **{name: _task_vector_merge(RULEBOOK[name]) for name in TASK_VECTOR_METHODS},
+    "linear": _linear, "slerp": _slerp, "model_stock": _model_stock, "passthrough": _passthrough,
+}
+# the rulebook's methods that are refused on purpose: mergekit runs them, mergelens does not merge them
+UNIMPLEMENTED = ("nuslerp", "multislerp", "karcher", "sce", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
+# the rulebook's entries of the methods implemented here (the same MethodSpec objects, not a copy)
+METHODS: dict[str, MethodSpec] = {name: RULEBOOK[name] for name in IMPLEMENTATIONS}
 
 
 def seeded_stream(seed: int) -> torch.Generator:

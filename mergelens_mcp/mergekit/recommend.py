@@ -6,7 +6,7 @@ layers and pairs unless marked "min"):
 | # | when                                                      | method                 | runner-up     |
 |---|-----------------------------------------------------------|------------------------|---------------|
 | 1 | cosine_similarity < 0.3 (no shared origin)                | passthrough (keep one) | linear        |
-| 2 | base, task_cosine < -0.5 (the fine-tunes undo each other) | passthrough (keep one) | ties          |
+| 2 | base, task_cosine < -0.5 (the fine-tunes undo each other) | passthrough (keep one) | none          |
 | 3 | base, 3+ models, task_cosine > 0.2, sign conflict <= 0.3  | model_stock            | ties          |
 | 4 | base, sign_disagreement > 0.55 in a block (max) or overall| ties                   | dare_ties     |
 |   | (more conflict than independent task vectors show)        |                        |               |
@@ -47,12 +47,12 @@ from typing import Any
 
 import yaml
 
+from ..analysis.zones import OPPOSED_TASK_COSINE
 from ..errors import IncompatibleModelsError
 from ..models import CompareResult, FindingLevel, LayerMetrics, MergeMethod, Strategy
 from .schema import METHODS, SLERP_LINEAR_FALLBACK, MergeConfig
 
 NO_ORIGIN_COSINE = 0.3
-OPPOSED_TASK_COSINE = -0.5
 STOCK_TASK_COSINE = 0.2
 SIGN_CONFLICT = 0.30  # model_stock's ceiling
 SIGN_CONFLICT_ABOVE_CHANCE = 0.55
@@ -142,7 +142,7 @@ def choose(p: Profile) -> Choice:
         )
     if p.has_base and p.task_cosine is not None and task_cosine < OPPOSED_TASK_COSINE:
         return Choice(
-            M.PASSTHROUGH, M.TIES,
+            M.PASSTHROUGH, None,
             f"rule 2: task-vector cosine {task_cosine:.2f} < {OPPOSED_TASK_COSINE}: the fine-tunes undo each "
             "other, any merge cancels both; keep one",
             _margin(OPPOSED_TASK_COSINE - task_cosine, 0.5),
@@ -221,7 +221,7 @@ def recommend_strategy(result: CompareResult) -> Strategy:
         if method is MergeMethod.SLERP and p.degenerate_layers:
             warnings.append(
                 f"mergekit's SLERP falls back to linear interpolation where |cos| > {SLERP_LINEAR_FALLBACK} "
-                f"(per output row in mergekit 0.1.5, per flattened tensor before): "
+                f"(mergekit 0.1.5 decides per whole tensor, flattened): "
                 f"{len(p.degenerate_layers)} layer(s) here, e.g. {', '.join(p.degenerate_layers[:4])}, are "
                 "merged linearly"
             )

@@ -58,8 +58,11 @@ ERR, WARN, INFO = FindingLevel.ERROR, FindingLevel.WARNING, FindingLevel.INFO
 REFUSED_IN_OURS = (ERR, WARN)  # what `MergeConfig` refuses in the YAML we emit; INFO findings are remarks
 # YAML 1.1 reads `1e-3` (no dot before the exponent) as a string; mergekit 0.1.5 converts such strings
 NUMBER_STRING = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-# mergekit 0.1.5's SLERP interpolates linearly where |cos| of the two rows is above this (per output row)
+# mergekit 0.1.5's SLERP interpolates linearly where |cos| of the two tensors is above this; it decides once
+# per tensor, over the whole tensor flattened (not per output row: running mergekit showed it, see methods.py)
 SLERP_LINEAR_FALLBACK = 0.9995
+# the sparsifications that draw random masks (seeded by `mergekit-yaml --random-seed`)
+RANDOM_SPARSIFICATIONS = ("random", "della")
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,11 @@ class ParameterSpec:
         """The sound range of this parameter (declared once per name in `BOUNDS`), if it has one."""
         return BOUNDS.get(self.name)
 
+    @property
+    def per_model(self) -> bool:
+        """One value per model (`input` or `non_base` scope) rather than one for the whole merge."""
+        return self.scope != "shared"
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -130,6 +138,25 @@ class MethodSpec:
     @property
     def needs_base(self) -> bool:
         return self.base == "required"
+
+    @property
+    def random(self) -> bool:
+        """Whether the method draws random masks (its result depends on the seed)."""
+        return self.sparsification in RANDOM_SPARSIFICATIONS
+
+    @property
+    def min_models(self) -> int:
+        """The fewest models besides the base (at least one), from the input counts."""
+        counted = 1 if self.base == "required" else 0
+        return max(1, self.min_inputs - counted, self.min_non_base or 0)
+
+    @property
+    def max_models(self) -> int | None:
+        """The most models besides the base (None: no limit), from the input counts."""
+        counted = 1 if self.base == "required" else 0
+        limits = [n for n in (None if self.max_inputs is None else self.max_inputs - counted, self.max_non_base)
+                  if n is not None]
+        return min(limits) if limits else None
 
     def parameter(self, name: str) -> ParameterSpec | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -442,9 +469,10 @@ def check_structure(data: dict[str, Any], report: Report) -> tuple[MethodSpec | 
         if value is not None and str(value).removeprefix("torch.") not in DTYPES:
             report.add(ERR, "unknown_dtype", key, f"{key} {value!r} is not a dtype mergekit knows",
                        f"use one of {', '.join(DTYPES[:3])}")
-    if spec is not None:
-        _check_inputs(spec, inputs, report)
-        _check_parameters(spec, inputs, report)
+    checked = spec or closest_method(data)  # a misspelt method still gets its parameters checked
+    if checked is not None:
+        _check_inputs(checked, inputs, report)
+        _check_parameters(checked, inputs, report)
     return spec, inputs
 
 
@@ -488,10 +516,19 @@ def _check_method(data: dict[str, Any], report: Report) -> MethodSpec | None:
         return None
     if not isinstance(method, str) or method not in METHODS:
         close = difflib.get_close_matches(str(method), list(METHODS), n=1)
-        report.add(ERR, "unknown_method", "merge_method", f"merge_method {method!r} is not a mergekit method",
+        assumed = f"; the rest of the config is checked against {close[0]}'s parameters" if close else ""
+        report.add(ERR, "unknown_method", "merge_method",
+                   f"merge_method {method!r} is not a mergekit method{assumed}",
                    f"did you mean {close[0]!r}?" if close else f"use one of {', '.join(sorted(METHODS))}")
         return None
     return METHODS[method]
+
+
+def closest_method(data: dict[str, Any]) -> MethodSpec | None:
+    """The known method closest to an unknown `merge_method` (a typo like 'tie'), to check the rest against."""
+    method = data.get("merge_method")
+    close = difflib.get_close_matches(str(method), list(METHODS), n=1) if method is not None else []
+    return METHODS[close[0]] if close else None
 
 
 def _check_models(models: Any, base: str | None, report: Report, inputs: Inputs) -> None:

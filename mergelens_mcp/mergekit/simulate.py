@@ -2,15 +2,17 @@
 
 Per tensor (task vectors tau_i = model_i - base where the method has a base):
 - TIES family (`ties`, `dare_ties`, `breadcrumbs_ties`, `della`): each tau_i is trimmed at its configured
-  density (magnitude top-k for TIES; a seeded Bernoulli(density) mask for DARE and, approximately, DELLA;
-  the largest `gamma` and the smallest values removed for breadcrumbs); the sign of sum_i w_i kept_i is
-  elected; `sign_conflict` = the share of the kept weighted |.| mass whose sign loses. That is the
-  interference of these methods.
+  density by the merge's own sparsification (`methods.sparsify`: magnitude top-k for TIES; a seeded
+  Bernoulli(density) mask for DARE; DELLA's rank-weighted mask; the largest `gamma` and the smallest values
+  removed for breadcrumbs); the sign of sum_i w_i kept_i is elected as the merge elects it (zero counts as
+  +); `sign_conflict` = the share of the kept weighted |.| mass whose sign loses. That is the interference
+  of these methods.
 - Summing methods (`task_arithmetic`, `dare_linear`, `breadcrumbs`, `della_linear`, `linear`, ...):
   interference = 1 - sum|sum_i w_i x_i| / sum_i sum|w_i x_i|, the share of the weighted mass that cancels.
   `linear` ignores a base, but where the config names one its task vectors show the conflict better.
-- `slerp`: the same cancellation for the weights (1 - t, t), plus the share of matrix rows with
-  |cos| > 0.9995, where mergekit 0.1.5 interpolates linearly (it decides per output row).
+- `slerp`: the same cancellation for the weights (1 - t, t), plus the share of the layer's parameters in
+  tensors whose |cos| (whole tensor, flattened) exceeds SLERP_LINEAR_FALLBACK, where mergekit 0.1.5
+  interpolates linearly (it decides once per tensor, as `methods.slerp` does).
 - `survival[model]` = the share of tau_i's |.| mass that trimming / dropping keeps.
 Layer scores are parameter-weighted means over the layer's tensors; the overall score likewise over layers.
 """
@@ -30,6 +32,7 @@ from ..analysis.loading import Checkpoint
 from ..analysis.types import Cancelled, Progress
 from ..errors import AnalysisCancelledError
 from ..models import Finding, FindingLevel, LayerInterference
+from .methods import elect_signs, slerp_cosine, sparsify
 from .schema import NUMBER_STRING, SLERP_LINEAR_FALLBACK, MethodSpec
 
 CPU = torch.device("cpu")
@@ -37,7 +40,7 @@ Lookup = Callable[[str, "str | None", str, float, Any], Any]  # name, model, ten
 HIGH_SIGN_CONFLICT = 0.3
 LOW_SURVIVAL = 0.5
 SEED = 0
-EXACT_THRESHOLD_ELEMENTS = 1 << 22
+DELLA_MARGIN = 1e-6  # how far inside (0, 1) a narrowed DELLA window stays
 
 
 def resolve(setting: Any, tensor: str, t: float) -> float | bool | None:
@@ -68,39 +71,22 @@ def resolve(setting: Any, tensor: str, t: float) -> float | bool | None:
 
 
 def trim(
-    tau: torch.Tensor, density: float, method: str | None, gamma: float, generator: torch.Generator
+    tau: torch.Tensor, density: float, method: str | None, gamma: float, generator: torch.Generator,
+    epsilon: float = 0.15,
 ) -> torch.Tensor:
-    """The kept part of a task vector under mergekit's sparsification, before any rescaling.
-
-    Magnitude cuts use a k-th-value threshold (exact up to EXACT_THRESHOLD_ELEMENTS values, from a strided
-    sample above), not a full top-k, so a 7B model's tensors trim in seconds."""
+    """The kept part of a task vector under mergekit's sparsification `method`, before any rescaling: the
+    merge's own code (`methods.sparsify`), with ties at a magnitude cut taken in storage order (O(n) on a 7B
+    model's tensors; which of equal values mergekit keeps does not change the measurement). DELLA's
+    epsilon is narrowed to keep density +/- epsilon inside (0, 1), where the diagnosis already warns."""
     density = min(1.0, max(0.0, density))
-    n = tau.numel()
-    if method is None or density >= 1.0 or n == 0:
+    if method is None or density >= 1.0 or tau.numel() == 0:
         return tau
-    magnitude = tau.abs()
-    if method == "magnitude":
-        keep = magnitude >= _threshold(magnitude, int(density * n)) if int(density * n) > 0 else None
-    elif method == "magnitude_outliers":
-        top = min(int(gamma * n), int((1 - density) * n))
-        keep = magnitude >= _threshold(magnitude, top + int(density * n))
-        if top > 0:
-            keep &= magnitude < _threshold(magnitude, top)
-    else:  # random (DARE) and, approximately, DELLA
-        keep = torch.rand(tau.shape, generator=generator) < density
-    return torch.zeros_like(tau) if keep is None else torch.where(keep, tau, torch.zeros_like(tau))
-
-
-def _threshold(magnitude: torch.Tensor, k: int) -> float:
-    """The k-th largest value of `magnitude` (k >= 1), estimated on a strided sample for huge tensors."""
-    flat = magnitude.reshape(-1)
-    n = flat.numel()
-    k = max(1, min(k, n))
-    if n > EXACT_THRESHOLD_ELEMENTS:
-        stride = -(-n // EXACT_THRESHOLD_ELEMENTS)
-        flat = flat[::stride]
-        k = max(1, min(flat.numel(), round(k * flat.numel() / n)))
-    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    if density <= 0.0:
+        return torch.zeros_like(tau)
+    if method == "della":
+        epsilon = max(0.0, min(epsilon, (1 - DELLA_MARGIN) * min(density, 1.0 - density)))
+    return sparsify(method, tau, density=density, gamma=gamma, epsilon=epsilon, generator=generator,
+                    mergekit_ties=False)
 
 
 def cancellation(weighted: list[torch.Tensor]) -> float:
@@ -112,13 +98,14 @@ def cancellation(weighted: list[torch.Tensor]) -> float:
 
 
 def sign_election_loss(weighted: list[torch.Tensor]) -> float:
-    """Share of the weighted |.| mass whose sign differs from the elected sign of the sum (TIES)."""
+    """Share of the weighted |.| mass that loses TIES' sign election (the merge's `elect_signs`: the sign of
+    the sum, zero counting as +)."""
     stacked = torch.stack(weighted)
-    elected = torch.sign(stacked.sum(0))
     mass = float(stacked.abs().sum())
     if mass <= 0:
         return 0.0
-    lost = (torch.sign(stacked) != elected) & (stacked != 0)
+    _, carries = elect_signs(stacked)
+    lost = ~carries & (stacked != 0)
     return float(stacked.abs()[lost].sum()) / mass
 
 
@@ -128,8 +115,7 @@ class _LayerSums:
     n_params: int = 0
     interference: float = 0.0
     conflict: float | None = None
-    linear_rows: int = 0
-    rows: int = 0
+    linear_params: int = 0  # slerp: parameters of the tensors mergekit interpolates linearly
     survival: dict[str, list[float]] = field(default_factory=dict)  # model -> [kept mass, total mass]
 
 
@@ -301,7 +287,7 @@ def _layer(name: str, s: _LayerSums, spec: MethodSpec) -> LayerInterference:
         layer_name=name, layer_index=s.index, n_params=s.n_params, interference=round(s.interference / n, 6),
         sign_conflict=None if s.conflict is None else round(s.conflict / n, 6),
         survival={m: round(kept / total, 6) if total > 0 else 1.0 for m, (kept, total) in s.survival.items()},
-        slerp_linear_share=round(s.linear_rows / s.rows, 6) if spec.name == "slerp" and s.rows else None,
+        slerp_linear_share=round(s.linear_params / n, 6) if spec.name == "slerp" and s.n_params else None,
     )
 
 
@@ -313,11 +299,8 @@ def _tensor(
     if spec.name == "slerp":
         frac = float(lookup("t", None, name, t, 0.5))
         (_, a), (_, b) = tensors[0], tensors[-1]
-        if a.dim() >= 2:
-            rows = torch.nn.functional.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1),
-                                                         dim=1, eps=1e-8)
-            layer.linear_rows += int((rows.abs() > SLERP_LINEAR_FALLBACK).sum())
-            layer.rows += rows.numel()
+        if abs(slerp_cosine(a, b)) > SLERP_LINEAR_FALLBACK:  # mergekit decides per whole tensor
+            layer.linear_params += numel
         layer.interference += cancellation([(1 - frac) * a, frac * b]) * numel
         return
     weighted = []
@@ -330,8 +313,9 @@ def _tensor(
         kept = tau
         if spec.sparsification and base is not None:
             density = float(lookup("density", m, name, t, 1.0))
-            gamma = float(lookup("gamma", m, name, t, 0.01))
-            kept = trim(tau, density, spec.sparsification, gamma, generator)
+            gamma = float(lookup("gamma", m, name, t, _default(spec, "gamma")))
+            epsilon = float(lookup("epsilon", m, name, t, _default(spec, "epsilon")))
+            kept = trim(tau, density, spec.sparsification, gamma, generator, epsilon)
             entry = layer.survival.setdefault(m, [0.0, 0.0])
             entry[0] += float(kept.abs().sum())
             entry[1] += float(tau.abs().sum())
@@ -342,6 +326,11 @@ def _tensor(
         layer.interference += loss * numel
     else:
         layer.interference += cancellation(weighted) * numel
+
+
+def _default(spec: MethodSpec, name: str) -> float:
+    parameter = spec.parameter(name)
+    return 0.0 if parameter is None or parameter.default is None else float(parameter.default)
 
 
 def _findings(spec: MethodSpec, layers: list[LayerInterference]) -> list[Finding]:
@@ -370,8 +359,8 @@ def _findings(spec: MethodSpec, layers: list[LayerInterference]) -> list[Finding
     if degenerate:
         findings.append(Finding(
             level=FindingLevel.INFO, code="slerp_degenerate",
-            message=f"mergekit's SLERP interpolates linearly (|cos| > {SLERP_LINEAR_FALLBACK}) in most rows "
-            f"of {', '.join(degenerate[:5])}: the models are nearly parallel there",
+            message=f"mergekit's SLERP interpolates linearly (|cos| > {SLERP_LINEAR_FALLBACK}) in most of "
+            f"{', '.join(degenerate[:5])}: the models are nearly parallel there",
             fix="harmless; `linear` gives the same result in those layers",
         ))
     return findings

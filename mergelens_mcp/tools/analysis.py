@@ -7,66 +7,74 @@ from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult
 from pydantic import Field
 
-from ..analysis.explain import explain, find_layer
+from ..analysis.explain import LAYER_NUMBERING, explain, find_layer
 from ..errors import InputError
+from ..models import CompareResult
 from ..security.redact import redact
 from . import views
 from .params import READ_ONLY, BaseModelPath, Detail, Models
 from .runtime import AppContext, analyse
 
+Page = Annotated[int, Field(ge=1, description="with detail=true: which page of layers to return (from 1; "
+                                              "the answer says how many pages there are)")]
+LayerDetail = Annotated[bool, Field(description="also say what each metric measures (once) and why each value "
+                                                "helps or hurts; leave false for the compact answer")]
+
+
+def _headline(result: CompareResult) -> str:
+    return result.answer or views.summary(result)
+
 
 async def compare_models(
-    models: Models, ctx: AppContext, base_model: BaseModelPath = None, detail: Detail = False
-) -> views.Comparison:
+    models: Models, ctx: AppContext, base_model: BaseModelPath = None, detail: Detail = False, page: Page = 1
+) -> Annotated[CallToolResult, views.Comparison]:
     result, cached = await analyse(ctx, models, base_model)
-    return views.comparison(result, cached, detail)
+    return views.reply(views.comparison(result, cached, detail, page), _headline(result))
 
 
 async def get_compatibility_score(
     models: Models, ctx: AppContext, base_model: BaseModelPath = None
-) -> views.Score:
+) -> Annotated[CallToolResult, views.Score]:
     result, cached = await analyse(ctx, models, base_model)
-    return views.score(result, cached)
+    return views.reply(views.score(result, cached), _headline(result))
 
 
 async def get_conflict_zones(
-    models: Models, ctx: AppContext, base_model: BaseModelPath = None, detail: Detail = False
-) -> views.Zones:
+    models: Models, ctx: AppContext, base_model: BaseModelPath = None, detail: Detail = False, page: Page = 1
+) -> Annotated[CallToolResult, views.Zones]:
     result, cached = await analyse(ctx, models, base_model)
-    return views.zones(result, cached, detail)
+    view = views.zones(result, cached, detail, page)
+    n = len(view.zones)
+    return views.reply(view, f"{n} conflict zone{'s' if n != 1 else ''}. {_headline(result)}")
 
 
 async def suggest_strategy(
     models: Models, ctx: AppContext, base_model: BaseModelPath = None
-) -> views.StrategyAdvice:
+) -> Annotated[CallToolResult, views.StrategyAdvice]:
     result, cached = await analyse(ctx, models, base_model)
+    if result.strategy is None:
+        raise ToolError(f"no merge strategy. {_headline(result)}")
     s = result.strategy
-    if s is None:
-        reasons = "; ".join(result.mci.reasons[:3])
-        raise ToolError(f"no merge strategy: these models cannot be merged tensor by tensor ({reasons})")
-    return views.StrategyAdvice(
-        method=s.method, confidence=s.confidence, rationale=s.rationale, runner_up=s.runner_up,
-        parameters=s.parameters, warnings=s.warnings, mergekit_yaml=s.mergekit_yaml,
-        score=result.mci.score, verdict=result.mci.verdict, cached=cached,
-    )
+    return views.reply(views.strategy_advice(result, cached), f"{s.method.value}. {_headline(result)}")
 
 
 async def explain_layer(
     models: Models,
-    layer: Annotated[int | str, Field(description="a block index (12) or a layer name: 'layers.12', 'embed', "
-                                            "'norm', 'lm_head' (as in compare_models' worst_layers)")],
+    layer: Annotated[int | str, Field(description=f"the layer to explain: {LAYER_NUMBERING}")],
     ctx: AppContext,
     base_model: BaseModelPath = None,
-) -> views.LayerReport:
+    detail: LayerDetail = False,
+) -> Annotated[CallToolResult, views.LayerReport]:
     result, cached = await analyse(ctx, models, base_model)
     try:
         found = find_layer(result.layer_metrics, str(layer))
     except InputError as exc:
         raise ToolError(redact(str(exc))) from exc
-    explanations = [explain(lm) for lm in found]
-    return views.LayerReport(layer=found[0].layer_name, explanations=explanations, cached=cached)
+    view = views.layer_report([explain(lm) for lm in found], cached, detail)
+    return views.reply(view, " ".join(e.summary for e in view.explanations))
 
 
 def register(server: MCPServer) -> None:
@@ -74,11 +82,13 @@ def register(server: MCPServer) -> None:
         compare_models, name="compare_models", title="Compare models before merging", annotations=READ_ONLY,
         description=(
             "Answer 'can these models be merged, and where will it break?' before running a merge. Reads two "
-            "or more checkpoints (and ideally their common base) and returns the Merge Compatibility Index "
+            "or more checkpoints (and ideally their common base) and returns the decision, merge_advised "
+            "(yes / with_care / no) with a one-sentence answer to quote, the Merge Compatibility Index "
             "(0-100) with a verdict (highly_compatible / compatible / risky / incompatible), the reasons, "
             "the conflict zones (runs of layers that would merge badly, with a fix), the worst layers, "
             "findings about architecture or vocabulary, and the recommended merge method when available. "
-            "Start here. Compact by default; set detail=true only if you need every layer's raw metrics. "
+            "Start here. Compact by default; set detail=true (paged) only if you need every layer's raw metrics. "
+            "Relative paths resolve against the server's folder. "
             "Repeated calls on the same files are served from a cache."
         ),
     )
@@ -86,9 +96,9 @@ def register(server: MCPServer) -> None:
         get_compatibility_score, name="get_compatibility_score", title="Merge compatibility score",
         annotations=READ_ONLY,
         description=(
-            "Just the Merge Compatibility Index (0-100, higher is safer) and its verdict for two or more "
-            "models, with the reasons and a score per pair. Use for a quick yes/no; use compare_models for "
-            "the full picture."
+            "The quick yes/no: merge_advised (yes / with_care / no) and a one-sentence answer, with the Merge "
+            "Compatibility Index (0-100, higher is safer), its verdict, the reasons and a score per pair. Use "
+            "compare_models for the full picture."
         ),
     )
     server.add_tool(
@@ -96,7 +106,8 @@ def register(server: MCPServer) -> None:
         description=(
             "The layers where these models would merge badly: contiguous runs of low-scoring layers, each "
             "with its severity, the components that pulled it down and a concrete recommendation (e.g. take "
-            "these layers from one model, or use ties). Use to plan a layer-wise merge."
+            "these layers from one model, or use ties); the advice agrees with merge_advised and the "
+            "recommended method. Use to plan a layer-wise merge."
         ),
     )
     server.add_tool(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
+from mcp.types import CallToolResult
 from pydantic import Field
 
 from .. import service
@@ -19,16 +20,20 @@ async def diagnose_merge(
     config: Annotated[str, Field(description="a mergekit YAML config: a path to a .yml/.yaml file under the "
                                              "allowed folders, or the YAML text itself")],
     ctx: AppContext,
+    base_model: Annotated[str | None, Field(
+        description="the models' common base, when the YAML names none (linear, slerp): without it the "
+                    "simulation cannot see whether the fine-tunes' changes cancel")] = None,
     detail: Detail = False,
-) -> views.Diagnosis:
+) -> Annotated[CallToolResult, views.Diagnosis]:
     state = state_of(ctx)
     guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> ConfigDiagnosis:
         return service.diagnose(config, settings=state.settings, guard=guard, progress=progress,
-                                cancelled=cancelled)
+                                cancelled=cancelled, base=base_model)
 
-    return views.diagnosis(await run_in_worker(ctx, job), detail)
+    view = views.diagnosis(await run_in_worker(ctx, job), detail)
+    return views.reply(view, views.diagnosis_headline(view))
 
 
 def register(server: MCPServer) -> None:

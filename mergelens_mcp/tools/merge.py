@@ -19,7 +19,7 @@ ProbeFile = Annotated[
     str | None,
     Field(description="a probe file under the allowed folders: text lines, or JSONL records {\"text\": ...} or "
                       "{\"prompt\": ..., \"completion\": ...} with an optional \"source\" naming the model the "
-                      "record tests (model_a, model_b, ... or its path); default: the shipped generic probes"),
+                      "record tests (its name, e.g. its folder name, or its path); default: the shipped probes"),
 ]
 
 

@@ -14,7 +14,8 @@ Models = Annotated[
     Field(
         min_length=2,
         description="two or more checkpoints to merge: local folders, .safetensors files or Hugging Face "
-        "Hub ids (owner/name or owner/name@revision); local paths must be under the server's allowed folders",
+        "Hub ids (owner/name or owner/name@revision); local paths must be under the server's allowed folders "
+        "(relative ones resolve against the server's working folder; absolute paths are safest)",
     ),
 ]
 BaseModelPath = Annotated[

@@ -75,7 +75,8 @@ async def generate_report(
         return write_report(result, target, overwrite=overwrite)
 
     path = await run_in_worker(ctx, job)
-    return views.Report(path=str(path), bytes=path.stat().st_size, score=result.mci.score,
+    return views.Report(merge_advised=result.merge_advised, answer=result.answer,
+                        path=str(path), bytes=path.stat().st_size, score=result.mci.score,
                         verdict=result.mci.verdict, summary=views.summary(result), cached=cached)
 
 

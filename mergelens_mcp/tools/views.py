@@ -3,8 +3,9 @@ per-layer detail only on request. Each is a pydantic model, so every tool publis
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..analysis.score import CATALOGUE, WEAK_BELOW
@@ -16,13 +17,21 @@ from ..models import (
     LayerExplanation,
     LayerInterference,
     LayerMetrics,
+    MergeAdvice,
     MergeMethod,
     ModelInfo,
     PairScore,
     Verdict,
 )
 
+T = TypeVar("T")
 WORST_LAYERS = 5
+WEAK_ASSESSMENTS = ("risky", "bad")
+EXAMPLES = 3  # findings of one kind, and reasons, shown before a count of the rest (detail=true: all)
+MAX_REASONS = 6
+DETAIL_PAGE = 8  # layer entries per page of `detail` output
+ADVISED_DOC = "the decision: yes, with_care or no (read this first)"
+ANSWER_DOC = "the decision in one sentence, to quote to the user"
 SCORE_DOC = "Merge Compatibility Index 0-100, higher is safer (None: the models cannot be compared at all)"
 WEAK_COMPONENT = WEAK_BELOW
 COMPONENTS_DOC = "mean 0..1 score of each MCI component (1 = ideal): " + "; ".join(
@@ -35,7 +44,7 @@ class View(BaseModel):
 
 
 class ModelBrief(View):
-    label: str = Field(description="how the results name this model: 'model_a', 'model_b', ... or 'base'")
+    label: str = Field(description="how the results name this model: its folder's name, made unique, or 'base'")
     source: str
     architecture: str | None
     n_params: int
@@ -55,11 +64,15 @@ class StrategyBrief(View):
     method: MergeMethod
     confidence: float
     runner_up: MergeMethod | None
+    why: str = Field(description="the rule that chose the method (suggest_strategy has the full rationale)")
+    warnings: list[str]
 
 
 class Comparison(View):
     """The answer to 'can these models be merged?' in a few hundred tokens."""
 
+    merge_advised: MergeAdvice | None = Field(description=ADVISED_DOC)
+    answer: str | None = Field(description=ANSWER_DOC)
     score: float | None = Field(description=SCORE_DOC)
     verdict: Verdict
     confidence: str
@@ -77,11 +90,15 @@ class Comparison(View):
     cached: bool = Field(description="true when the analysis came from the server's cache (no weights read)")
     elapsed_s: float = Field(description="seconds the analysis took when it ran")
     layers: list[LayerMetrics] | None = Field(
-        default=None, description="every layer's metrics (detail=true only)"
+        default=None, description=f"detail=true only: one page of {DETAIL_PAGE} layers' metrics (see `page`)"
     )
+    page: int | None = Field(default=None, description="detail=true only: this page's number (from 1)")
+    pages: int | None = Field(default=None, description="detail=true only: how many pages there are")
 
 
 class Score(View):
+    merge_advised: MergeAdvice | None = Field(description=ADVISED_DOC)
+    answer: str | None = Field(description=ANSWER_DOC)
     score: float | None = Field(description=SCORE_DOC)
     verdict: Verdict
     confidence: str
@@ -92,6 +109,8 @@ class Score(View):
 
 
 class Zones(View):
+    merge_advised: MergeAdvice | None = Field(description=ADVISED_DOC)
+    answer: str | None = Field(description=ANSWER_DOC)
     score: float | None
     verdict: Verdict
     zones: list[ConflictZone] = Field(
@@ -100,11 +119,15 @@ class Zones(View):
     layers_scored: int = Field(description="layers (per pair) that were scored")
     cached: bool
     layers: list[LayerMetrics] | None = Field(
-        default=None, description="metrics of every layer inside a zone (detail=true only)"
+        default=None, description=f"detail=true only: one page of {DETAIL_PAGE} zone layers' metrics"
     )
+    page: int | None = None
+    pages: int | None = None
 
 
 class StrategyAdvice(View):
+    merge_advised: MergeAdvice | None = Field(description=ADVISED_DOC)
+    answer: str | None = Field(description=ANSWER_DOC)
     method: MergeMethod
     confidence: float = Field(description="0..1")
     rationale: list[str]
@@ -121,11 +144,18 @@ class StrategyAdvice(View):
 
 class LayerReport(View):
     layer: str
-    explanations: list[LayerExplanation] = Field(description="one per pair of models")
+    explanations: list[LayerExplanation] = Field(
+        description="one per pair of models; its readings are the risky or bad ones unless detail=true"
+    )
+    definitions: dict[str, str] | None = Field(
+        default=None, description="detail=true only: what each metric measures, once for all pairs"
+    )
     cached: bool
 
 
 class Report(View):
+    merge_advised: MergeAdvice | None = Field(default=None, description=ADVISED_DOC)
+    answer: str | None = Field(default=None, description=ANSWER_DOC)
     path: str = Field(description="the HTML file written")
     bytes: int
     score: float | None
@@ -163,6 +193,18 @@ def diagnosis(result: ConfigDiagnosis, detail: bool) -> Diagnosis:
     )
 
 
+def diagnosis_headline(view: Diagnosis) -> str:
+    """One line: will mergekit run it, how many problems, what the simulation found."""
+    errors = [f for f in view.findings if f.level.value == "error"]
+    warnings = [f for f in view.findings if f.level.value == "warning"]
+    head = "Valid: mergekit should run it" if view.valid else f"Will fail or misbehave: {len(errors)} error(s)"
+    head += f", {len(warnings)} warning(s)" if warnings else ""
+    if view.overall_interference is not None:
+        head += f"; simulated interference {view.overall_interference:.2f} (0 = nothing lost)"
+    first = (errors or warnings or [None])[0]
+    return head + (f". First: {first.message}" if first is not None else ".")
+
+
 def brief(info: ModelInfo) -> ModelBrief:
     return ModelBrief(
         label=info.label, source=info.source, architecture=info.architecture, n_params=info.n_params
@@ -184,36 +226,127 @@ def worst_layers(result: CompareResult, count: int = WORST_LAYERS) -> list[Layer
     ]
 
 
-def comparison(result: CompareResult, cached: bool, detail: bool) -> Comparison:
-    mci, strategy = result.mci, result.strategy
+def paged(items: list[T], page: int) -> tuple[list[T], int, int]:
+    """One page of `items` (pages of DETAIL_PAGE, from 1), the page number and the page count."""
+    pages = max(1, -(-len(items) // DETAIL_PAGE))
+    page = min(max(page, 1), pages)
+    return items[(page - 1) * DETAIL_PAGE:page * DETAIL_PAGE], page, pages
+
+
+def strategy_brief(result: CompareResult) -> StrategyBrief | None:
+    s = result.strategy
+    if s is None:
+        return None
+    return StrategyBrief(method=s.method, confidence=s.confidence, runner_up=s.runner_up,
+                         why=s.rationale[0] if s.rationale else "", warnings=s.warnings)
+
+
+def summarised(findings: list[Finding]) -> list[Finding]:
+    """At most EXAMPLES findings of each kind, then one that counts the rest (a shape mismatch lists every
+    tensor otherwise)."""
+    by_code: dict[str, list[Finding]] = {}
+    for f in findings:
+        by_code.setdefault(f.code, []).append(f)
+    out: list[Finding] = []
+    for code, group in by_code.items():
+        out.extend(group[:EXAMPLES])
+        if len(group) > EXAMPLES:
+            out.append(Finding(level=group[0].level, code=code, fix=group[0].fix,
+                               message=f"... and {len(group) - EXAMPLES} more {code} findings like these "
+                                       "(detail=true lists them)"))
+    return out
+
+
+def short_reasons(reasons: list[str], findings: list[Finding]) -> list[str]:
+    """The reasons, with those repeating a summarised-away finding left out, at most MAX_REASONS."""
+    kept = {f.message for f in summarised(findings)}
+    hidden = {f.message for f in findings} - kept
+    shown = [r for r in reasons if r not in hidden]
+    if len(shown) > MAX_REASONS or len(shown) < len(reasons):
+        rest = len(reasons) - len(shown[:MAX_REASONS])
+        return [*shown[:MAX_REASONS], f"... and {rest} more (see findings; detail=true lists them)"]
+    return shown
+
+
+CLI_WORDS = {"pass --base": "pass base_model"}  # the engine's notes name the CLI flag; tools take base_model
+
+
+def tool_notes(notes: list[str]) -> list[str]:
+    """The result's notes, in the words of the tools' parameters."""
+    out = []
+    for note in notes:
+        for cli, tool in CLI_WORDS.items():
+            note = note.replace(cli, tool)
+        out.append(note)
+    return out
+
+
+def comparison(result: CompareResult, cached: bool, detail: bool, page: int = 1) -> Comparison:
+    mci = result.mci
+    findings = result.findings if detail else summarised(result.findings)
+    reasons = mci.reasons if detail else short_reasons(mci.reasons, result.findings)
+    layers, page, pages = paged(result.layer_metrics, page) if detail else (None, None, None)
     return Comparison(
-        score=mci.score, verdict=mci.verdict, confidence=mci.confidence, reasons=mci.reasons,
+        merge_advised=result.merge_advised, answer=result.answer,
+        score=mci.score, verdict=mci.verdict, confidence=mci.confidence, reasons=reasons,
         used_base=mci.used_base, models=[brief(m) for m in result.models],
         base=brief(result.base) if result.base else None, pairwise=result.pairwise, components=mci.components,
-        conflict_zones=result.conflict_zones, worst_layers=worst_layers(result), findings=result.findings,
-        strategy=StrategyBrief(
-            method=strategy.method, confidence=strategy.confidence, runner_up=strategy.runner_up
-        ) if strategy else None,
-        notes=result.notes, cached=cached, elapsed_s=result.elapsed_s,
-        layers=result.layer_metrics if detail else None,
+        conflict_zones=result.conflict_zones, worst_layers=worst_layers(result), findings=findings,
+        strategy=strategy_brief(result), notes=tool_notes(result.notes), cached=cached, elapsed_s=result.elapsed_s,
+        layers=layers, page=page, pages=pages,
     )
 
 
 def score(result: CompareResult, cached: bool) -> Score:
     mci = result.mci
-    return Score(score=mci.score, verdict=mci.verdict, confidence=mci.confidence, reasons=mci.reasons,
+    return Score(merge_advised=result.merge_advised, answer=result.answer, score=mci.score,
+                 verdict=mci.verdict, confidence=mci.confidence, reasons=short_reasons(mci.reasons, result.findings),
                  used_base=mci.used_base, pairwise=result.pairwise, cached=cached)
 
 
 SEVERITY_ORDER = {"critical": 0, "high": 1, "medium": 2, "low": 3}
 
 
-def zones(result: CompareResult, cached: bool, detail: bool) -> Zones:
+def zones(result: CompareResult, cached: bool, detail: bool, page: int = 1) -> Zones:
     ordered = sorted(result.conflict_zones, key=lambda z: (SEVERITY_ORDER[z.severity.value], z.score))
     inside = {(z.model_a, z.model_b, name) for z in ordered for name in z.layer_names}
     layers = [lm for lm in result.layer_metrics if (lm.model_a, lm.model_b, lm.layer_name) in inside]
-    return Zones(score=result.mci.score, verdict=result.mci.verdict, zones=ordered,
-                 layers_scored=len(result.layer_metrics), cached=cached, layers=layers if detail else None)
+    shown, page, pages = paged(layers, page) if detail else (None, None, None)
+    return Zones(merge_advised=result.merge_advised, answer=result.answer, score=result.mci.score,
+                 verdict=result.mci.verdict, zones=ordered, layers_scored=len(result.layer_metrics),
+                 cached=cached, layers=shown, page=page, pages=pages)
+
+
+def strategy_advice(result: CompareResult, cached: bool) -> StrategyAdvice:
+    s = result.strategy
+    assert s is not None
+    return StrategyAdvice(
+        merge_advised=result.merge_advised, answer=result.answer, method=s.method, confidence=s.confidence,
+        rationale=s.rationale, runner_up=s.runner_up, parameters=s.parameters, warnings=s.warnings,
+        mergekit_yaml=s.mergekit_yaml, score=result.mci.score, verdict=result.mci.verdict, cached=cached,
+    )
+
+
+def layer_report(found: list[LayerExplanation], cached: bool, detail: bool) -> LayerReport:
+    """The explanations; each metric's meaning once (detail only), never repeated per reading. By default only
+    the readings that hurt the merge (risky or bad), the others with detail."""
+    definitions = {r.name: r.meaning for e in found for r in e.readings if r.meaning} if detail else None
+    explanations = [
+        e.model_copy(update={"readings": [
+            r.model_copy(update={"meaning": None, "why": r.why if detail else None}) for r in e.readings
+            if detail or r.assessment in WEAK_ASSESSMENTS
+        ]})
+        for e in found
+    ]
+    return LayerReport(layer=found[0].layer_name, explanations=explanations, definitions=definitions,
+                       cached=cached)
+
+
+def reply(view: View, headline: str) -> CallToolResult:
+    """The tool result: a one-line headline, then the view as compact JSON (text), and the view (structured)."""
+    data = view.model_dump(mode="json")
+    text = headline.strip() + "\n" + view.model_dump_json(exclude_none=True)
+    return CallToolResult(content=[TextContent(type="text", text=text)], structured_content=data)
 
 
 def summary(result: CompareResult) -> str:

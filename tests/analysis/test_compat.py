@@ -50,9 +50,9 @@ def test_different_architectures_give_an_incompatible_verdict_with_reasons_and_n
     assert result.layer_metrics == [] and result.conflict_zones == []
     arch = finding(result, "architecture_mismatch")
     assert arch.level is FindingLevel.ERROR
-    assert arch.message.startswith("model_b is GPT2LMHeadModel, model_a is LlamaForCausalLM: different arch")
+    assert arch.message.startswith("gpt2 is GPT2LMHeadModel, llama is LlamaForCausalLM: different arch")
     assert arch.message in result.mci.reasons
-    assert "model_b has hidden_size=24, model_a hidden_size=16" in codes(result)["config_mismatch"]
+    assert "gpt2 has hidden_size=24, llama hidden_size=16" in codes(result)["config_mismatch"]
     assert result.coverage.tensors_compared == 0
 
 
@@ -61,7 +61,7 @@ def test_a_different_hidden_size_in_the_same_architecture_is_incompatible(tmp_pa
     b = make_checkpoint(tmp_path / "b", variant(TINY, hidden=24, heads=2, kv_heads=1))
     result = compare_models([str(a), str(b)])
     assert result.mci.score is None and result.mci.verdict is Verdict.INCOMPATIBLE
-    assert "model_b has hidden_size=24, model_a hidden_size=16" in result.mci.reasons
+    assert "b has hidden_size=24, a hidden_size=16" in result.mci.reasons  # models named by their folders
     assert any(m.startswith("model.embed_tokens.weight has shape [32, 16] vs [32, 24]")
                for m in codes(result)["shape_mismatch"])
 
@@ -72,7 +72,7 @@ def test_a_layer_count_mismatch_names_both_counts(tmp_path: Path) -> None:
     result = compare_models([str(a), str(b)])
     assert result.mci.score is None and result.mci.verdict is Verdict.INCOMPATIBLE
     [message] = codes(result)["layer_count_mismatch"]
-    assert message.startswith("model_b has 6 layers, model_a 4")
+    assert message.startswith("b has 6 layers, a 4")
     assert message in result.mci.reasons
 
 
@@ -85,7 +85,7 @@ def test_a_tensor_shape_mismatch_is_fatal_and_names_the_tensor(tmp_path: Path) -
     assert result.mci.score is None and result.mci.verdict is Verdict.INCOMPATIBLE
     [message] = codes(result)["shape_mismatch"]
     name = "model.layers.1.mlp.down_proj.weight"
-    assert message == f"{name} has shape [16, 32] vs [16, 16] across model_a, model_b"
+    assert message == f"{name} has shape [16, 32] vs [16, 16] across a, b"
 
 
 def test_missing_and_extra_tensors_are_warned_about_and_the_shared_ones_compared(tmp_path: Path) -> None:
@@ -94,7 +94,7 @@ def test_missing_and_extra_tensors_are_warned_about_and_the_shared_ones_compared
     b = make_checkpoint(tmp_path / "b", extra=extra)
     result = compare_models([str(a), str(b)])
     [message] = codes(result)["missing_tensors"]
-    assert message == "model_a lacks 1 tensor(s) the others have, e.g. model.layers.0.mlp.extra.weight"
+    assert message == "a lacks 1 tensor(s) the others have, e.g. model.layers.0.mlp.extra.weight"
     assert finding(result, "missing_tensors").level is FindingLevel.WARNING
     assert result.mci.score == 100.0  # everything shared is identical
     assert result.coverage.tensors_compared == len(TINY.tensor_shapes())
@@ -120,7 +120,7 @@ def test_a_vocab_mismatch_compares_the_shared_rows_and_points_at_mergekits_token
     result = compare_models([str(a), str(b)])
     vocab = finding(result, "vocab_mismatch")
     assert vocab.level is FindingLevel.WARNING
-    assert vocab.message == "model_b has vocab_size=40, model_a 32"
+    assert vocab.message == "b has vocab_size=40, a 32"
     assert "tokenizer" in vocab.fix and "mergekit" in vocab.fix
     embed = next(lm for lm in result.layer_metrics if lm.layer_name == "embed")
     assert embed.cosine_similarity == pytest.approx(1.0)  # the 32 shared rows are the same
@@ -157,7 +157,7 @@ def test_tied_embeddings_are_noted(tmp_path: Path) -> None:
     result = compare_models([str(a), str(b)])
     note = finding(result, "tied_embeddings")
     assert note.level is FindingLevel.INFO
-    assert note.message.startswith("model_a ties its output head to the input embeddings")
+    assert note.message.startswith("a ties its output head to the input embeddings")
     assert not any(lm.layer_name == "lm_head" for lm in result.layer_metrics)
     assert result.mci.score is not None
 
@@ -168,7 +168,7 @@ def test_a_tied_and_an_untied_model_warn_about_the_missing_head(tmp_path: Path) 
     result = compare_models([str(a), str(b)])
     assert "tied_embeddings" in codes(result)
     [message] = codes(result)["missing_tensors"]
-    assert message == "model_a lacks 1 tensor(s) the others have, e.g. lm_head.weight"
+    assert message == "a lacks 1 tensor(s) the others have, e.g. lm_head.weight"
 
 
 def test_non_float_tensors_are_skipped_listed_and_not_compared(tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ def test_nan_and_inf_values_are_counted_reported_and_never_reach_the_scores(tmp_
     result = compare_models([str(bad), str(clean)], base=str(base))
     assert [m.nonfinite_values for m in result.models] == [5, 0]
     message = finding(result, "nonfinite_values").message
-    assert message == "model_a holds 5 NaN or Inf values; they were read as 0"
+    assert message == "bad holds 5 NaN or Inf values; they were read as 0"
     assert result.mci.score is not None and math.isfinite(result.mci.score)
     for lm in result.layer_metrics:
         assert all(math.isfinite(v) for v in [*lm.metrics.values(), *lm.components.values(), lm.score])
@@ -274,7 +274,7 @@ def test_a_different_rope_theta_is_a_warning_not_a_reason_to_refuse(tmp_path: Pa
     (b / "config.json").write_text(json.dumps(config))
     result = compare_models([str(a), str(b)])
     [message] = codes(result)["config_difference"]
-    assert message == "model_b has rope_theta=500000.0, model_a rope_theta=10000.0"
+    assert message == "b has rope_theta=500000.0, a rope_theta=10000.0"
     assert result.mci.score == 100.0
 
 
@@ -283,6 +283,6 @@ def test_an_unreadable_config_falls_back_to_tensor_names(tmp_path: Path) -> None
     (a / "config.json").write_text("{")
     (b / "config.json").write_text("[1, 2]")
     result = compare_models([str(a), str(b)])
-    assert [f.code for f in result.findings] == ["no_config", "no_config"]
+    assert [f.code for f in result.findings] == ["no_config", "no_config", "same_checkpoint"]  # same weights
     assert result.models[0].architecture is None
     assert result.mci.score == 100.0

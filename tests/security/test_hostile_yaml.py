@@ -42,6 +42,10 @@ def laughs(levels: int, fan: int = 9) -> str:
         ("---\nmerge_method: ties\n---\nmerge_method: slerp\n", "several YAML documents"),
         ("", "not a mapping|is empty"),
         ("merge_method: " + "x" * 2_000_000, "over 1,048,576 characters"),
+        ("merge_method: ties\nx: 2001-02-30\n", "invalid YAML at line 2.*2001-02-30"),
+        ("merge_method: !!int abc\n", "invalid YAML at line 1.*'abc' cannot be read as int"),
+        ("merge_method: ties\n\nx: !!float abc\n", "invalid YAML at line 3.*as float"),
+        ("merge_method: ties\nx: " + "9" * 5000 + "\n", "invalid YAML at line 2.*cannot be read as int"),
     ],
     ids=[
         "deep-list",
@@ -54,6 +58,10 @@ def laughs(levels: int, fan: int = 9) -> str:
         "multi-doc",
         "empty",
         "huge",
+        "impossible-date",
+        "int-tag",
+        "float-tag",
+        "5000-digits",
     ],
 )
 def test_hostile_yaml_text_gives_a_config_error_in_bounded_time(text: str, message: str) -> None:
