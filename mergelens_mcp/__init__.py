@@ -8,12 +8,23 @@ from pathlib import Path
 from . import errors
 from ._version import VERSION as __version__  # noqa: F401 (a module attribute, not part of __all__)
 from .errors import MergeLensError
-from .models import MCI, CompareResult, ConfigDiagnosis, ConflictZone, LayerMetrics, Strategy, Verdict
+from .models import (
+    MCI,
+    CompareResult,
+    ConfigDiagnosis,
+    ConflictZone,
+    LayerMetrics,
+    PreviewResult,
+    Strategy,
+    Verdict,
+    VerifyResult,
+)
 
 __all__ = [
     "CompareResult", "ConflictZone", "LayerMetrics", "MCI", "MergeLensError", "Strategy", "Verdict",
     "compare_models", "errors", "generate_report",
     "ConfigDiagnosis", "diagnose_config",
+    "PreviewResult", "VerifyResult", "preview_merge", "verify_merge",
 ]
 
 
@@ -83,3 +94,35 @@ def generate_report(
     models = models if isinstance(models, str) else list(models)
     path, _ = generate(models, base, target, settings=Settings(device=device), overwrite=overwrite)
     return path
+
+
+def preview_merge(
+    models: Sequence[str], base: str | None = None, *, methods: Sequence[str] | None = None,
+    probe: str | None = None, device: str = "auto",
+) -> PreviewResult:
+    """Merge candidate methods in memory and measure each on probe inputs against every source (needs the
+    `activations` extra). Default candidates: the recommended method, its runner-up and linear.
+
+    >>> preview = preview_merge(["ft_a/", "ft_b/"], base="base/", probe="my_prompts.jsonl")
+    >>> [(m.method, m.retention) for m in preview.methods]
+    """
+    from .probe import preview_merge as preview
+
+    models = models if isinstance(models, str) else list(models)
+    return preview(models, base, methods=methods, probe=probe, device=device)
+
+
+def verify_merge(
+    merged: str, sources: Sequence[str], base: str | None = None, *, config: str | None = None,
+    probe: str | None = None, device: str = "auto",
+) -> VerifyResult:
+    """Check a written merge against its sources (per-layer task-vector coefficients, NaN/Inf, shapes), its
+    mergekit config (every tensor merged again) and, where transformers can build it, on probe inputs.
+
+    >>> check = verify_merge("merged/", ["ft_a/", "ft_b/"], base="base/", config="merge.yaml")
+    >>> check.verdict, check.reasons
+    """
+    from .probe import verify_merge as verify
+
+    sources = sources if isinstance(sources, str) else list(sources)
+    return verify(merged, sources, base, config=config, probe=probe, device=device)

@@ -1,4 +1,4 @@
-"""`mergelens compare | diagnose | report | serve`: argument parsing and printing only."""
+"""`mergelens compare | diagnose | preview | verify | report | serve`: argument parsing and printing only."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .errors import InputError, MergeLensError
-from .models import CompareResult, ConfigDiagnosis, Verdict
+from .models import CompareResult, ConfigDiagnosis, SourceRetention, Verdict, VerifyResult
 from .security import redact
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
@@ -71,6 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
                                          "then the simulation sees whether the fine-tunes' changes cancel")
     diagnose.set_defaults(run=run_diagnose)
 
+    preview = sub.add_parser("preview", help="merge candidates in memory and measure them on probe inputs")
+    preview.add_argument("models", nargs="+", help="the models to merge (2 or more)")
+    preview.add_argument("--base", help="the base model they were fine-tuned from")
+    preview.add_argument("--methods", nargs="+", metavar="METHOD",
+                         help="merge methods to preview (default: the recommended one, its runner-up and linear)")
+    preview.add_argument("--probe", help="probe file: text lines, or JSONL {text} / {prompt, completion} records "
+                                         "with an optional source (default: the shipped generic probes)")
+    preview.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    preview.add_argument("--json", type=Path, help="write the full result as JSON here")
+    preview.add_argument("--report", type=Path, help="write the HTML report (comparison + preview) here")
+    preview.add_argument("--overwrite", action="store_true",
+                         help="replace a --report file even if it is not a mergelens report")
+    preview.set_defaults(run=run_preview)
+
+    verify = sub.add_parser("verify", help="check a written merge against its sources, its config and on probes")
+    verify.add_argument("merged", help="the merged model")
+    verify.add_argument("--sources", nargs="+", required=True, help="the models that were merged")
+    verify.add_argument("--base", help="the base model of the task vectors")
+    verify.add_argument("--config", help="the mergekit .yaml the merge was made with")
+    verify.add_argument("--probe", help="probe file (as for preview)")
+    verify.add_argument("--weights-only", action="store_true", help="skip the probe comparison")
+    verify.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    verify.add_argument("--json", type=Path, help="write the full result as JSON here")
+    verify.set_defaults(run=run_verify)
+
     report = sub.add_parser("report", help="compare checkpoints and write the interactive HTML report")
     report.add_argument("models", nargs="+", help="checkpoint folders, .safetensors files or Hub ids (2+)")
     report.add_argument("--base", help="the base model the candidates were fine-tuned from")
@@ -109,6 +134,80 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
         args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
         console.print(f"JSON written to {args.json}")
     return EXIT_OK if result.valid else EXIT_FAILED
+
+
+def run_preview(args: argparse.Namespace, console: Console) -> int:
+    from .probe import preview_with_comparison
+
+    if len(args.models) < 2:
+        raise InputError("preview needs at least two models to merge")
+    if args.report:
+        from .report import check_output
+
+        check_output(args.report, overwrite=args.overwrite)
+    result, comparison = _with_progress(console, "previewing", lambda progress: preview_with_comparison(
+        args.models, args.base, methods=args.methods, probe=args.probe, device=args.device, progress=progress))
+    out = Console()
+    out.print(f"\n[bold]Preview[/] on {result.probes} probes ({result.probe_set}), {result.kind}: "
+              f"best [bold]{result.best}[/]")
+    table = Table("rank", "method", "retention", *(s.source for s in result.methods[0].sources)
+                  if result.methods else ())
+    for m in result.methods:
+        table.add_row(str(m.rank), m.method, f"{m.retention:.4f}", *(_retention_cell(s) for s in m.sources))
+    out.print(table)
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False, highlight=False, style="dim")
+    if args.json:
+        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        console.print(f"JSON written to {args.json}")
+    if args.report:
+        from .report import write_report
+
+        write_report(comparison, args.report, overwrite=args.overwrite, preview=result)
+        console.print(f"report written to {args.report}")
+    return EXIT_OK
+
+
+def run_verify(args: argparse.Namespace, console: Console) -> int:
+    """Exit 0 for ok or warning, 1 for a failed merge, 2 on unreadable input."""
+    from .probe import verify_merge
+
+    result: VerifyResult = _with_progress(console, "verifying", lambda progress: verify_merge(
+        args.merged, args.sources, args.base, config=args.config, probe=args.probe,
+        behaviour=False if args.weights_only else None, device=args.device, progress=progress))
+    out = Console()
+    style = {"ok": "bold green", "warning": "yellow", "failed": "bold red"}[result.verdict]
+    out.print(f"\n[bold]Verdict:[/] [{style}]{result.verdict}[/]")
+    for reason in result.reasons:
+        out.print(f"  - {reason}", markup=False, highlight=False, soft_wrap=True)
+    for step in result.next_steps:
+        out.print(f"  try: {step}", markup=False, highlight=False, soft_wrap=True)
+    table = Table("layer", *result.layers[0].coefficients if result.layers else (), "residual", "matches",
+                  "vs config")
+    for lm in result.layers:
+        table.add_row(lm.layer_name, *(f"{c:.3f}" for c in lm.coefficients.values()), f"{lm.residual:.3f}",
+                      lm.matches, "-" if lm.config_error is None else f"{lm.config_error:.3f}")
+    out.print(table)
+    if result.behaviour:
+        probes = Table("source", "retention", "merged ppl", "source ppl", "KL", "agreement")
+        for s in result.behaviour:
+            probes.add_row(s.source, f"{s.retention:.4f}", _num(s.perplexity), _num(s.source_perplexity),
+                           _num(s.kl), _num(s.agreement))
+        out.print(probes)
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False, highlight=False, style="dim")
+    if args.json:
+        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        console.print(f"JSON written to {args.json}")
+    return EXIT_FAILED if result.verdict == "failed" else EXIT_OK
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _retention_cell(s: SourceRetention) -> str:
+    return f"{s.retention:.4f}" + (f" (ppl {s.perplexity:.3g})" if s.perplexity is not None else "")
 
 
 def run_compare(args: argparse.Namespace, console: Console) -> int:

@@ -368,3 +368,78 @@ class ConfigDiagnosis(Frozen):
     layers: list[LayerInterference] = Field(default_factory=list)
     models_checked: list[str] = Field(default_factory=list, description="model references that were read")
     notes: list[str] = Field(default_factory=list)
+
+
+# ---- preview and verify (probe.py): merged weights measured on probe inputs ---------------------------------
+
+
+class SourceRetention(Frozen):
+    """How much of one source's behaviour a merged model keeps on the probe inputs that test that source."""
+
+    source: str = Field(description="the source's name, as compare names it (its folder name)")
+    probes: int = Field(description="probe records judged for this source")
+    retention: float = Field(description="0..1: exp(-KL) for a language model, the sentence-embedding cosine "
+                                         "for an encoder; 1 = the source's behaviour kept")
+    kl: float | None = Field(default=None, description="mean next-token KL(source || merged), nats")
+    agreement: float | None = Field(default=None, description="share of positions with the same greedy token")
+    perplexity: float | None = Field(default=None, description="the merged model's perplexity on these probes")
+    source_perplexity: float | None = Field(default=None, description="the source's own perplexity on them")
+    best_source_perplexity: float | None = Field(
+        default=None, description="the lowest perplexity any source has on these probes")
+    hidden_similarity: float | None = Field(default=None, description="encoder: mean per-token cosine of the "
+                                                                      "last hidden states")
+    embedding_similarity: float | None = Field(default=None, description="encoder: mean cosine of the "
+                                                                         "mean-pooled sentence embeddings")
+
+
+class MethodPreview(Frozen):
+    """One candidate merge, merged in memory and run on the probes."""
+
+    method: str
+    rank: int = Field(description="1 = the highest overall retention")
+    retention: float = Field(description="mean of the sources' retention")
+    sources: list[SourceRetention]
+    mergekit_yaml: str = Field(description="the merge that was previewed")
+
+
+class PreviewResult(Frozen):
+    """Candidate merges measured on probe inputs before any merge is written."""
+
+    models: list[str]
+    base: str | None
+    kind: str = Field(description="'causal_lm' (next-token measures) or 'encoder' (similarity measures)")
+    probes: int
+    probe_set: str = Field(description="'shipped' or the probe file's name")
+    methods: list[MethodPreview] = Field(description="ranked, best first")
+    best: str
+    notes: list[str] = Field(default_factory=list)
+    elapsed_s: float
+
+
+class LayerMatch(Frozen):
+    """One layer of a merged model explained by the sources' (task) vectors, least squares over its tensors."""
+
+    layer_name: str
+    coefficients: dict[str, float] = Field(description="source -> coefficient of its task vector (of its "
+                                                       "weights without a base) in merged - base")
+    residual: float = Field(description="0..1 share of |merged - base|^2 the sources do not explain")
+    matches: str = Field(description="'all', 'base', 'none' or the one source the layer matches")
+    config_error: float | None = Field(
+        default=None, description="with a config: |merged - re-merged| / |re-merged - base| (L2 over the layer)")
+
+
+class VerifyResult(Frozen):
+    """A written merge checked against its sources, its config and, with transformers, on probe inputs."""
+
+    merged: str
+    sources: list[str]
+    base: str | None
+    verdict: str = Field(description="'ok', 'warning' or 'failed'")
+    reasons: list[str]
+    next_steps: list[str]
+    findings: list[Finding]
+    layers: list[LayerMatch]
+    behaviour: list[SourceRetention] = Field(default_factory=list,
+                                             description="the merged model against each source, on the probes")
+    notes: list[str] = Field(default_factory=list)
+    elapsed_s: float

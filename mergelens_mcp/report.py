@@ -32,7 +32,9 @@ from .models import (
     FindingLevel,
     LayerMetrics,
     PairScore,
+    PreviewResult,
     Verdict,
+    VerifyResult,
 )
 from .security.paths import open_regular
 
@@ -312,7 +314,10 @@ def _span(zone: ConflictZone, many: bool) -> str:
 # ---------------------------------------------------------------------------------------------------- html
 
 
-def render_report(result: CompareResult, *, diagnosis: ConfigDiagnosis | None = None) -> str:
+def render_report(
+    result: CompareResult, *, diagnosis: ConfigDiagnosis | None = None, preview: PreviewResult | None = None,
+    verify: VerifyResult | None = None,
+) -> str:
     """The whole report as one HTML document (about 5 MB: Plotly's JavaScript is inlined)."""
     figures = Figures()
     mci = result.mci
@@ -324,6 +329,8 @@ def render_report(result: CompareResult, *, diagnosis: ConfigDiagnosis | None = 
         _zones(result),
         _findings(result),
         _diagnosis(diagnosis, figures),
+        _preview(preview, figures),
+        _verify(verify, figures),
         _pairwise(result, figures),
         *_pairs(result, figures),
         _models(result),
@@ -479,6 +486,83 @@ def _diagnosis(diagnosis: ConfigDiagnosis | None, figures: Figures) -> str:
         scores = {layer.layer_name: layer.interference for layer in diagnosis.layers}
         parts.append("<h3>Interference per layer</h3>"
                      + figures.add(interference_figure(scores), "interference", 300))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def retention_figure(preview: PreviewResult) -> go.Figure:
+    """Per candidate merge, each source's retention on its probes (1 = its behaviour kept)."""
+    fig = go.Figure()
+    sources = [s.source for s in preview.methods[0].sources] if preview.methods else []
+    for k, source in enumerate(sources):
+        values = [next((s.retention for s in m.sources if s.source == source), None) for m in preview.methods]
+        fig.add_trace(go.Bar(x=[plot_text(m.method) for m in preview.methods], y=values, name=plot_text(source),
+                             hovertemplate=f"<b>%{{x}}</b> {plot_text(source)}: retention %{{y:.4f}}<extra></extra>",
+                             marker={"color": ["#4575b4", "#d73027", "#1a9850", "#984ea3"][k % 4]}))
+    fig.update_yaxes(title={"text": "retention"})
+    fig.update_layout(barmode="group", margin={"l": 60, "r": 20, "t": 10, "b": 40}, plot_bgcolor="#fafafa")
+    return fig
+
+
+def _preview(preview: PreviewResult | None, figures: Figures) -> str:
+    """Candidate merges measured on probe inputs: the ranking, per-source retention and the measures."""
+    if preview is None:
+        return ""
+    parts = ['<section class="card" id="preview"><h2>Preview: candidate merges on probe inputs</h2>',
+             f"<p>{preview.probes} probes ({esc(preview.probe_set)}), measured as a {esc(preview.kind)}; best: "
+             f'<span class="badge method">{esc(preview.best)}</span></p>']
+    rows = []
+    for m in preview.methods:
+        cells = "".join(
+            f"<td>{fmt(s.retention, 4)}"
+            + (f' <span class="muted">KL {fmt(s.kl, 4)}, agree {fmt(s.agreement, 3)}, ppl {fmt(s.perplexity, 4)}'
+               "</span>" if s.kl is not None else
+               f' <span class="muted">embedding cos {fmt(s.embedding_similarity, 4)}</span>')
+            + "</td>" for s in m.sources)
+        rows.append(f"<tr><td>{m.rank}</td><td>{esc(m.method)}</td><td>{fmt(m.retention, 4)}</td>{cells}</tr>")
+    heads = "".join(f"<th>{esc(s.source)}</th>" for s in (preview.methods[0].sources if preview.methods else []))
+    parts.append(f"<table><tr><th>rank</th><th>method</th><th>retention</th>{heads}</tr>{''.join(rows)}</table>")
+    if preview.methods:
+        parts.append(figures.add(retention_figure(preview), "preview", 280))
+    parts.extend(f'<p class="muted">{esc(n)}</p>' for n in preview.notes)
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def coefficients_figure(verify: VerifyResult) -> go.Figure:
+    """Per layer of a written merge, each source's coefficient in merged - base and the unexplained share."""
+    names = [plot_text(lm.layer_name) for lm in verify.layers]
+    fig = go.Figure()
+    for source in verify.layers[0].coefficients if verify.layers else []:
+        fig.add_trace(go.Scatter(x=names, y=[lm.coefficients[source] for lm in verify.layers], mode="lines+markers",
+                                 name=plot_text(source)))
+    fig.add_trace(go.Bar(x=names, y=[lm.residual for lm in verify.layers], name="unexplained",
+                         marker={"color": "#fdae61"}, opacity=0.6))
+    fig.update_xaxes(type="category", tickangle=-45 if len(names) > 12 else 0)
+    fig.update_layout(margin={"l": 60, "r": 20, "t": 10, "b": 60}, plot_bgcolor="#fafafa")
+    return fig
+
+
+def _verify(verify: VerifyResult | None, figures: Figures) -> str:
+    """A written merge checked: verdict, reasons, next steps, findings, per-layer coefficients, behaviour."""
+    if verify is None:
+        return ""
+    color = {"ok": "#1a9850", "warning": "#fdae61", "failed": "#a50026"}.get(verify.verdict, "#777")
+    parts = ['<section class="card" id="verify"><h2>Verification of the merged model</h2>',
+             f'<p><span class="badge" style="background:{color}">{esc(verify.verdict)}</span> '
+             f"<code>{esc(verify.merged)}</code></p>",
+             '<ul class="findings">' + "".join(f'<li class="note">{esc(r)}</li>' for r in verify.reasons)
+             + "".join(f'<li class="note">try: {esc(t)}</li>' for t in verify.next_steps) + "</ul>"]
+    items = _finding_items(verify.findings)
+    if items:
+        parts.append(f'<ul class="findings">{items}</ul>')
+    if verify.layers:
+        parts.append("<h3>Each source's share per layer</h3>" + figures.add(coefficients_figure(verify), "verify", 300))
+    if verify.behaviour:
+        rows = "".join(f"<tr><td>{esc(s.source)}</td><td>{fmt(s.retention, 4)}</td><td>{fmt(s.perplexity, 4)}</td>"
+                       f"<td>{fmt(s.best_source_perplexity, 4)}</td></tr>" for s in verify.behaviour)
+        parts.append("<h3>Each source vs merged, on the probes</h3><table><tr><th>source</th><th>retention</th>"
+                     f"<th>merged perplexity</th><th>best source perplexity</th></tr>{rows}</table>")
     parts.append("</section>")
     return "".join(parts)
 
@@ -686,12 +770,13 @@ def check_output(path: Path, *, overwrite: bool = False) -> Path:
 
 
 def write_report(
-    result: CompareResult, path: Path, *, overwrite: bool = False, diagnosis: ConfigDiagnosis | None = None
+    result: CompareResult, path: Path, *, overwrite: bool = False, diagnosis: ConfigDiagnosis | None = None,
+    preview: PreviewResult | None = None, verify: VerifyResult | None = None,
 ) -> Path:
     """Write the report to `path` (atomically) and return it. Replaces an earlier mergelens report without
     asking; any other existing file only with ``overwrite=True``."""
     path = check_output(Path(path), overwrite=overwrite)
-    text = render_report(result, diagnosis=diagnosis)
+    text = render_report(result, diagnosis=diagnosis, preview=preview, verify=verify)
     fd, tmp = tempfile.mkstemp(prefix=".mergelens-", suffix=".html.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

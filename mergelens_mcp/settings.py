@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     max_tensors: int = Field(default=Limits.max_tensors, ge=1)
     max_tensor_elements: int = Field(default=Limits.max_tensor_elements, ge=1)
     max_request_bytes: int = Field(default=Limits.max_request_bytes, ge=1)
+    max_probe_model_bytes: int = Field(
+        default=64 << 30, ge=1, description="preview/verify: the most one float32 model built for the probes may take"
+    )
     workers: int = Field(default=2, ge=1, le=64, description="analyses that may run at once")
     cache_size: int = Field(default=16, ge=0, description="analyses kept in the server's cache")
     worker_processes: bool = Field(

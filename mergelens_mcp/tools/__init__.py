@@ -4,19 +4,20 @@ from __future__ import annotations
 
 from mcp.server.mcpserver import MCPServer
 
-from . import analysis, diagnose, prompts, report
+from . import analysis, diagnose, merge, prompts, report
 from .arguments import one_line_argument_errors
 
 TOOL_FUNCTIONS = {  # name -> function; the one-line argument errors re-check the arguments against it
     "compare_models": analysis.compare_models, "get_compatibility_score": analysis.get_compatibility_score,
     "get_conflict_zones": analysis.get_conflict_zones, "suggest_strategy": analysis.suggest_strategy,
     "explain_layer": analysis.explain_layer, "diagnose_merge": diagnose.diagnose_merge,
-    "generate_report": report.generate_report,
+    "generate_report": report.generate_report, "preview_merge": merge.preview_merge,
+    "verify_merge": merge.verify_merge,
 }
 TOOL_NAMES = tuple(TOOL_FUNCTIONS)
 
 
 def register_all(server: MCPServer) -> None:
-    for module in (analysis, diagnose, report, prompts):
+    for module in (analysis, diagnose, report, merge, prompts):
         module.register(server)
     server.middleware.append(one_line_argument_errors(TOOL_FUNCTIONS))

@@ -32,7 +32,9 @@ def should_i_merge(
         "show the mergekit YAML.\n"
         "3. If merge_advised is with_care, call get_conflict_zones and say which layers conflict and what "
         "its recommendations say; call explain_layer on the worst one if the user wants to understand it.\n"
-        "4. Offer generate_report for an HTML report to open in a browser."
+        "4. Offer generate_report for an HTML report to open in a browser.\n"
+        "5. If the user has prompts of their own, call preview_merge with them as probe_file to rank the "
+        "candidate methods on those prompts before merging (and verify_merge on the merged model after)."
     )
 
 

@@ -69,7 +69,7 @@ def error_text(result: Any) -> str:
     return " ".join(c.text for c in result.content)
 
 
-async def test_the_server_lists_seven_tools_each_with_schemas_a_title_and_annotations(
+async def test_the_server_lists_nine_tools_each_with_schemas_a_title_and_annotations(
     shared: MCPServer[AppState],
 ) -> None:
     async with Client(shared) as client:

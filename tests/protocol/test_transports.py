@@ -75,7 +75,7 @@ def http_server(family: Family, request: pytest.FixtureRequest) -> Iterator[int]
 async def compare_through(client: Client, family: Family) -> dict[str, Any]:
     args = {"models": [str(family.finetune_a), str(family.flipped)], "base_model": str(family.base)}
     tools = await client.list_tools()
-    assert len(tools.tools) == 7
+    assert len(tools.tools) == 9
     result = await client.call_tool("compare_models", args)
     assert not result.is_error, result.content
     return result.structured_content
