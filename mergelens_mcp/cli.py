@@ -145,8 +145,9 @@ def run_preview(args: argparse.Namespace, console: Console) -> int:
         from .report import check_output
 
         check_output(args.report, overwrite=args.overwrite)
-    result, comparison = _with_progress(console, "previewing", lambda progress: preview_with_comparison(
-        args.models, args.base, methods=args.methods, probe=args.probe, device=args.device, progress=progress))
+    result, comparison = _with_progress(console, "previewing", lambda progress: isolated(
+        preview_with_comparison, args.models, args.base, methods=args.methods, probe=args.probe,
+        device=args.device, progress=progress))
     out = Console()
     out.print(f"\n[bold]Preview[/] on {result.probes} probes ({result.probe_set}), {result.kind}: "
               f"best [bold]{result.best}[/]")
@@ -172,8 +173,8 @@ def run_verify(args: argparse.Namespace, console: Console) -> int:
     """Exit 0 for ok or warning, 1 for a failed merge, 2 on unreadable input."""
     from .probe import verify_merge
 
-    result: VerifyResult = _with_progress(console, "verifying", lambda progress: verify_merge(
-        args.merged, args.sources, args.base, config=args.config, probe=args.probe,
+    result: VerifyResult = _with_progress(console, "verifying", lambda progress: isolated(
+        verify_merge, args.merged, args.sources, args.base, config=args.config, probe=args.probe,
         behaviour=False if args.weights_only else None, device=args.device, progress=progress))
     out = Console()
     style = {"ok": "bold green", "warning": "yellow", "failed": "bold red"}[result.verdict]

@@ -8,7 +8,7 @@ from typing import Annotated
 from mcp.server.mcpserver import MCPServer
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import probe
+from .. import probe, service
 from ..analysis.types import Cancelled, Progress
 from ..models import Finding, LayerMatch, PreviewResult, SourceRetention, VerifyResult
 from ..security.redact import redact_model
@@ -95,8 +95,9 @@ async def preview_merge(
     guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> PreviewResult:
-        return probe.preview_merge(models, base_model, methods=methods, probe=probe_file, settings=state.settings,
-                                   guard=guard, progress=progress, cancelled=cancelled)
+        return state.isolated(probe.preview_merge, models, base_model, methods=methods, probe=probe_file,
+                              settings=state.settings, guard=guard, progress=progress, cancelled=cancelled,
+                              about=service.labelled(models, base_model))
 
     return preview_view(redact_model(await run_in_worker(ctx, job)), detail)
 
@@ -116,8 +117,9 @@ async def verify_merge(
     guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> VerifyResult:
-        return probe.verify_merge(merged_model, sources, base_model, config=config, probe=probe_file,
-                                  settings=state.settings, guard=guard, progress=progress, cancelled=cancelled)
+        return state.isolated(probe.verify_merge, merged_model, sources, base_model, config=config,
+                              probe=probe_file, settings=state.settings, guard=guard, progress=progress,
+                              cancelled=cancelled, about=service.labelled([merged_model, *sources], base_model))
 
     return verify_view(redact_model(await run_in_worker(ctx, job)), detail)
 

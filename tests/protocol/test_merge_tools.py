@@ -132,7 +132,8 @@ async def test_cancelling_verify_merge_stops_it_between_tensors(
     monkeypatch.setattr(probe, "verify_merge", watched)
     arguments = {"merged_model": nan_merge, "sources": [str(family.finetune_a), str(family.finetune_b)],
                  "base_model": str(family.base)}
-    async with Client(build_server(settings)) as client:
+    in_threads = settings.model_copy(update={"worker_processes": False})  # where the patched function runs
+    async with Client(build_server(in_threads)) as client:
         with anyio.CancelScope() as scope:
 
             async def on_progress(progress: float, total: float | None, message: str | None) -> None:
