@@ -8,12 +8,13 @@ from pathlib import Path
 from . import errors
 from ._version import VERSION as __version__  # noqa: F401 (a module attribute, not part of __all__)
 from .errors import MergeLensError
-from .models import MCI, CompareResult, ConfigDiagnosis, ConflictZone, LayerMetrics, Strategy, Verdict
+from .models import MCI, CompareResult, ConfigDiagnosis, ConflictZone, LayerMetrics, Strategy, Verdict, ZooResult
 
 __all__ = [
     "CompareResult", "ConflictZone", "LayerMetrics", "MCI", "MergeLensError", "Strategy", "Verdict",
     "compare_models", "errors", "generate_report",
     "ConfigDiagnosis", "diagnose_config",
+    "ZooResult", "compare_zoo",
 ]
 
 
@@ -82,3 +83,19 @@ def generate_report(
     models = models if isinstance(models, str) else list(models)
     path, _ = generate(models, base, target, settings=Settings(device=device), overwrite=overwrite)
     return path
+
+
+def compare_zoo(
+    models: Sequence[str], base: str | None = None, *, target: str | None = None, top: int = 5, set_size: int = 3,
+    exact_top: int = 0, ray: str | None = None, cache_dir: str | Path | None = None,
+) -> ZooResult:
+    """Which of these models to merge: each read once into a cached sketch; every pair's MCI (with its bound),
+    near-duplicates, conflicts and the best sets. `models` may be one folder of model folders.
+
+    >>> zoo = compare_zoo(["zoo/"], base="base/", target="zoo/ft_a")
+    >>> [(s.models, s.mci) for s in zoo.best_sets]
+    """
+    from .zoo import compare_zoo as run
+
+    return run(models, base, target=target, top=top, set_size=set_size, exact_top=exact_top, ray=ray,
+               cache_dir=cache_dir)
