@@ -30,7 +30,7 @@ from .analysis import sketch as sk
 from .analysis.layers import classify
 from .analysis.loading import Checkpoint, load_checkpoint
 from .analysis.types import Cancelled, Progress
-from .errors import AnalysisCancelledError, InputError
+from .errors import AnalysisCancelledError, InputError, LimitExceededError
 from .models import Verdict, ZooModel, ZooPair, ZooResult, ZooSet
 from .security.limits import Limits
 from .security.paths import PathGuard
@@ -196,13 +196,15 @@ def local_backend(workers: int) -> Backend:
                 for future in pending:
                     future.cancel()
 
+    run.name = "local"  # type: ignore[attr-defined]
     return run
 
 
-def ray_backend(address: str | None = None, retries: int = 3) -> Backend:
+def ray_backend(address: str | None = None, retries: int = 3, timeout_s: float | None = None) -> Backend:
     """Draw the sketches as Ray tasks (one CPU each, retried on another node when theirs is lost); sketches
     come back as object references and are gathered on the driver. `address`: 'auto', a cluster address, or
-    None to use the Ray already initialised in this process (or start a local one)."""
+    None to use the Ray already initialised in this process (or start a local one). `timeout_s` bounds the
+    whole run (a LimitExceededError past it)."""
     try:
         import ray
     except ImportError as exc:
@@ -213,8 +215,12 @@ def ray_backend(address: str | None = None, retries: int = 3) -> Backend:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
         task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(draw_sketch)
         pending = {task.remote(job): job for job in jobs}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while pending:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise LimitExceededError(f"the Ray cluster did not sketch {len(pending)} model(s) within "
+                                             f"{timeout_s:.0f} s; check its nodes (ray status) or raise the timeout")
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
                 if cancelled is not None and cancelled():
                     raise AnalysisCancelledError(f"zoo cancelled with {len(pending)} sketches left")
@@ -229,6 +235,7 @@ def ray_backend(address: str | None = None, retries: int = 3) -> Backend:
             for ref in pending:
                 ray.cancel(ref)
 
+    run.name = "ray"  # type: ignore[attr-defined]
     return run
 
 
@@ -298,6 +305,7 @@ def compare_zoo(
     cache_dir: str | Path | None = None,
     ray: str | None = None,
     workers: int | None = None,
+    backend: Backend | None = None,
     params: sk.SketchParams | None = None,
     settings: Settings | None = None,
     guard: PathGuard | None = None,
@@ -351,8 +359,9 @@ def compare_zoo(
         if progress is not None:
             progress(len(sketches), total, f"sketched {job.label}")
 
-    backend = ray_backend(None if ray in (None, "", "local") else ray) if ray else \
-        local_backend(workers if workers is not None else min(2, os.cpu_count() or 1))
+    if backend is None:
+        backend = ray_backend(None if ray in (None, "", "local") else ray) if ray else \
+            local_backend(workers if workers is not None else min(2, os.cpu_count() or 1))
     backend(jobs, done, cancelled)
 
     pairs = []
@@ -381,7 +390,7 @@ def compare_zoo(
         clusters=[g for g in _groups(labels, [p for p in pairs if p.verdict in GOOD]) if len(g) > 1],
         near_duplicates=[g for g in dupes if len(g) > 1],
         conflicts=[[p.model_a, p.model_b] for p in pairs if p.verdict not in GOOD],
-        strategy=strategy, notes=notes, backend="ray" if ray else "local",
+        strategy=strategy, notes=notes, backend=getattr(backend, "name", "local"),
         elapsed_s=round(time.perf_counter() - started, 3),
     )
 

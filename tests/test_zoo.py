@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-from fixtures.zoo import Zoo, make_model, make_zoo
 
+from fixtures.zoo import Zoo, make_model, make_zoo
 from mergelens_mcp import service
 from mergelens_mcp.analysis import sketch as sk
 from mergelens_mcp.errors import AnalysisCancelledError, InputError, PathNotAllowedError
