@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.zoo import Zoo, make_zoo
 
+from fixtures.zoo import Zoo, make_zoo
 from mergelens_mcp.analysis import sketch as sk
 from mergelens_mcp.errors import PathNotAllowedError
 from mergelens_mcp.security.limits import Limits
@@ -30,15 +30,17 @@ WAIT_S = 120
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     temp = tempfile.mkdtemp(prefix="mlray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False, "temp_dir": temp})
+    c: Cluster | None = None
     try:
+        c = Cluster(initialize_head=True, head_node_args={**NODE, "include_dashboard": False, "temp_dir": temp})
         c.add_node(**NODE)
         c.wait_for_nodes(timeout=WAIT_S)
         ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
         yield c
     finally:
         ray.shutdown()
-        c.shutdown()
+        if c is not None:
+            c.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
 
 
