@@ -41,6 +41,7 @@ $(REAL_WEIGHTS)/.done:
 
 bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints
 	$(PY) -m benchmarks.run
+	nice -n 10 $(PY) -m benchmarks.zoo  ## 12 generated 0.056B fine-tunes: the zoo against the I/O floor
 
 bench-peer: install  ## mergelens 2.0.3 side by side, in its own venv (.bench/peer-venv), torch pinned first
 	TORCH_SPEC="$(TORCH_SPEC)" $(PY) -m benchmarks.peer

@@ -166,3 +166,19 @@ def test_tensors_no_larger_than_the_sketch_are_kept_whole_and_pair_exactly(zoo: 
     assert pair.cosine_bound == 0.0 and pair.task_cosine_bound == 0.0 and pair.sign_disagreement_bound == 0.0
     assert pair.mci == pytest.approx(exact.mci.score, abs=0.05)
     assert pair.cosine == pytest.approx(_weighted(exact.layer_metrics, "cosine_similarity"), abs=1e-5)
+
+
+def test_mergelens_zoo_prints_the_best_sets_and_writes_the_json(
+    zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergelens_mcp.cli import main
+
+    out = tmp_path / "zoo.json"
+    code = main(["zoo", str(zoo.folder), "--base", str(zoo.base), "--cache-dir", str(tmp_path / "c"),
+                 "--workers", "1", "--top", "2", "--target", "ft_1", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Best sets with ft_1" in printed and "near-duplicates: ft_0, ft_4" in printed
+    loaded = ZooResult.model_validate_json(out.read_text())
+    assert loaded.target == "ft_1" and len(loaded.best_sets) == 2 and len(loaded.pairs) == 15
+    assert main(["zoo", str(zoo.models[0]), "--cache-dir", str(tmp_path / "c")]) == 2  # one model: refused
