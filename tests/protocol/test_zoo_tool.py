@@ -10,9 +10,9 @@ from typing import Any
 
 import anyio
 import pytest
-from fixtures.zoo import Zoo, make_zoo
 from mcp import Client
 
+from fixtures.zoo import Zoo, make_zoo
 from mergelens_mcp.server import build_server
 from mergelens_mcp.settings import Settings
 
