@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--workers", type=int, help="local sketching processes (default: up to 2)")
     zoo.add_argument("--cache-dir", type=Path, help="the sketch cache (default ~/.cache/mergelens/sketches)")
     zoo.add_argument("--json", type=Path, help="write the full result as JSON here")
+    zoo.add_argument("--report", type=Path, help="write the HTML zoo view (pair matrix, best sets) here")
+    zoo.add_argument("--overwrite", action="store_true", help="replace a --report file that is not a report")
     zoo.set_defaults(run=run_zoo)
     return parser
 
@@ -94,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run_zoo(args: argparse.Namespace, console: Console) -> int:
     from .zoo import compare_zoo
 
+    if args.report:
+        from .report import check_output
+
+        check_output(args.report, overwrite=args.overwrite)
     result = _with_progress(console, "sketching", lambda progress: compare_zoo(
         args.models, args.base, target=args.target, top=args.top, set_size=args.set_size,
         exact_top=args.exact_top, ray=args.ray, workers=args.workers, cache_dir=args.cache_dir, progress=progress,
@@ -122,6 +128,11 @@ def run_zoo(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
         console.print(f"JSON written to {args.json}")
+    if args.report:
+        from .report import write_zoo_report
+
+        write_zoo_report(result, args.report, overwrite=args.overwrite)
+        console.print(f"report written to {args.report}")
     return EXIT_OK
 
 

@@ -175,10 +175,14 @@ def test_mergelens_zoo_prints_the_best_sets_and_writes_the_json(
 
     out = tmp_path / "zoo.json"
     code = main(["zoo", str(zoo.folder), "--base", str(zoo.base), "--cache-dir", str(tmp_path / "c"),
-                 "--workers", "1", "--top", "2", "--target", "ft_1", "--json", str(out)])
+                 "--workers", "1", "--top", "2", "--target", "ft_1", "--json", str(out),
+                 "--report", str(tmp_path / "zoo.html")])
     assert code == 0
     printed = capsys.readouterr().out
     assert "Best sets with ft_1" in printed and "near-duplicates: ft_0, ft_4" in printed
     loaded = ZooResult.model_validate_json(out.read_text())
     assert loaded.target == "ft_1" and len(loaded.best_sets) == 2 and len(loaded.pairs) == 15
+    page = (tmp_path / "zoo.html").read_text()
+    assert '<meta name="generator" content="mergelens-mcp">' in page and "zoo-matrix" in page
+    assert ", ".join(loaded.best_sets[0].models) in page and page.count('"ft_5"') >= 2  # matrix axes
     assert main(["zoo", str(zoo.models[0]), "--cache-dir", str(tmp_path / "c")]) == 2  # one model: refused
