@@ -186,3 +186,14 @@ def test_mergelens_zoo_prints_the_best_sets_and_writes_the_json(
     assert '<meta name="generator" content="mergelens-mcp">' in page and "zoo-matrix" in page
     assert ", ".join(loaded.best_sets[0].models) in page and page.count('"ft_5"') >= 2  # matrix axes
     assert main(["zoo", str(zoo.models[0]), "--cache-dir", str(tmp_path / "c")]) == 2  # one model: refused
+
+
+def test_exact_top_recomputes_the_best_pair_exactly_and_gives_the_top_sets_yaml(zoo: Zoo, tmp_path: Path) -> None:
+    sources = [str(m) for m in zoo.models[:3]]
+    found = compare_zoo(sources, str(zoo.base), cache_dir=tmp_path, workers=1, params=PARAMS, exact_top=1,
+                        set_size=2)
+    best = found.pairs[0]
+    exact = service.compare([str(zoo.folder / best.model_a), str(zoo.folder / best.model_b)], str(zoo.base))
+    assert best.exact_mci == exact.mci.score and best.mci_low <= best.exact_mci <= best.mci_high
+    assert all(p.exact_mci is None for p in found.pairs[1:])
+    assert found.strategy is not None and "merge_method:" in found.strategy.mergekit_yaml
