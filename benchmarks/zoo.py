@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     added, grown = zoo_child([*models, extra], base, cache, root / "added.json", args.workers)
     sketch_bytes = result["models"][0]["sketch_bytes"]
     pairs = len(result["pairs"])
-    per_model_s = cold.wall_s * args.workers / N_MODELS  # one worker's time per model
     figures = {
         "shape": shape.tensor_shapes()["model.layers.0.mlp.up_proj.weight"], "params_per_model": params,
         "model_bytes": nbytes, "io_floor_s": floor, "io_floor_cpu_s": floor_cpu,
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adding a 13th model to the cached zoo: {added.wall_s:.1f} s (reading it once: {one_floor:.2f} s; "
           f"{added.wall_s / one_floor:.1f}x; {figures['cached_after_add']} of 13 sketches from the cache)")
     print(f"sketch: {sketch_bytes / 1e6:.2f} MB per model, {100 * sketch_bytes / nbytes:.1f}% of its bytes")
-    rate = params / per_model_s  # params sketched per second per worker
+    rate = N_MODELS * params / cold.cpu_s  # params sketched per CPU-second (the wall is the machine's contention)
     projections = {}
     for n in (50, 200):
         for nodes in (1, 10):
@@ -105,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             secs = n * SEVEN_B / rate / cores
             projections[f"{n}x7B on {nodes} node(s) of {os.cpu_count()} cores"] = secs
             print(f"projection: {n} x 7B on {nodes} node(s) of {os.cpu_count()} cores: {secs / 3600:.1f} h "
-                  f"(sketching at {rate / 1e6:.1f} M params/s per core, as measured here)")
+                  f"(sketching at {rate / 1e6:.1f} M params per CPU-second, as measured here; the wall time on a "
+                  "contended machine is longer)")
     figures["projections_s"] = projections
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(figures, indent=2) + "\n")

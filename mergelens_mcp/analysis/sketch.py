@@ -39,7 +39,7 @@ from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, SVD
 from .stream import TensorSet, schedule
 from .types import Cancelled, Progress
 
-SKETCH_VERSION = 1
+SKETCH_VERSION = 2
 Z = 4.0  # standard errors per stated bound
 SPECTRAL_BOUND = 2e-3  # float16 storage of the singular vectors moves the spectral metrics by less than this
 HIGHER_IS_BETTER = ("cosine_similarity", "task_cosine", "spectral_overlap", "effective_rank_ratio")
@@ -79,7 +79,7 @@ class TensorSketch:
     value_range: tuple[float, float]
     projection: torch.Tensor  # float32: CountSketch buckets, or the whole flattened tensor when `whole`
     whole: bool
-    sample: torch.Tensor  # weights at the sampled coordinates (float32)
+    sample: torch.Tensor  # weights at the sampled coordinates (bfloat16: signs and stored values kept)
     svd: SVD | None = None
     # with a base:
     task_norm: float | None = None
@@ -95,11 +95,13 @@ class TensorSketch:
 
     @property
     def nbytes(self) -> int:
+        """Its size as stored (singular vectors as float16)."""
         tensors = [self.projection, self.sample, *([self.task_sample] if self.task_sample is not None else [])]
+        size = sum(t.numel() * t.element_size() for t in tensors)
         for svd in (self.svd, self.task_svd):
             if svd is not None:
-                tensors += [svd.u, svd.s, svd.v]
-        return sum(t.numel() * t.element_size() for t in tensors)
+                size += 2 * (svd.u.numel() + svd.v.numel()) + svd.s.numel() * svd.s.element_size()
+        return size
 
 
 @dataclass
@@ -169,15 +171,15 @@ def sketch_tensor(name: str, view: torch.Tensor, base_view: torch.Tensor | None,
     whole = numel <= width
     projection = flat.float().clone() if whole else count_sketch(flat, width, _seed(params, name, numel, "cs"))
     positions = sample_positions(numel, count, _seed(params, name, numel, "sample"))
-    sample = flat[positions].float()
-    found = TensorSketch(numel, tuple(view.shape), weights.norm, weights.value_range, projection, whole, sample,
-                         _svd_of(weights))
+    sample = flat[positions].float()  # float32 here; stored as bfloat16 below
+    found = TensorSketch(numel, tuple(view.shape), weights.norm, weights.value_range, projection, whole,
+                         sample.to(torch.bfloat16), _svd_of(weights))
     if base_view is not None and tuple(base_view.shape) == tuple(view.shape):
         base_view = base_view.reshape(view.shape)
         base = Operand(base_view)
         task = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements, base=base_view)
         found.task_norm, found.base_norm = task.norm, base.norm
-        found.task_sample = sample - base_view.reshape(-1)[positions].float()
+        found.task_sample = (sample - base_view.reshape(-1)[positions].float()).to(torch.bfloat16)
         found.top_threshold = task.top_threshold
         found.mass_fraction = _mass_fraction(task)
         found.task_svd = _svd_of(task)
@@ -236,8 +238,9 @@ def to_tensors(sketch: ModelSketch) -> tuple[dict[str, torch.Tensor], dict[str, 
             tensors[p + "task_sample"] = t.task_sample.contiguous()
         for what, svd in (("svd", t.svd), ("task_svd", t.task_svd)):
             if svd is not None:
-                tensors.update({p + what + ".u": svd.u.contiguous(), p + what + ".s": svd.s.contiguous(),
-                                p + what + ".v": svd.v.contiguous()})
+                tensors.update({p + what + ".u": svd.u.to(torch.float16).contiguous(),
+                                p + what + ".s": svd.s.contiguous(),
+                                p + what + ".v": svd.v.to(torch.float16).contiguous()})
                 entry[what] = [svd.total_energy, svd.full_dim, svd.exact]
         meta["tensors"][str(i)] = entry
     return tensors, meta
@@ -251,8 +254,8 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -
         def svd(what: str, entry: Mapping[str, Any] = entry, p: str = p) -> SVD | None:
             if what not in entry:
                 return None
-            energy, full_dim, exact = entry[what]
-            return SVD(tensors[p + what + ".u"], tensors[p + what + ".s"], tensors[p + what + ".v"],
+            energy, full_dim, exact = entry[what]  # float16 when stored, float32 in memory for the pairs
+            return SVD(tensors[p + what + ".u"].float(), tensors[p + what + ".s"], tensors[p + what + ".v"].float(),
                        float(energy), int(full_dim), bool(exact))
 
         out.tensors[entry["name"]] = TensorSketch(
@@ -336,7 +339,7 @@ def pair_metrics(a: TensorSketch, b: TensorSketch) -> Estimate:
     spread(_cosine_from, a.task_norm, b.task_norm, "task_cosine")
     spread(_l2_from, a.task_norm, b.task_norm, "task_l2_distance")
     assert a.task_sample is not None and b.task_sample is not None
-    x, y = a.task_sample, b.task_sample
+    x, y = a.task_sample.float(), b.task_sample.float()
     both = (x != 0) & (y != 0)
     conflict = both & ((x > 0) != (y > 0))
     values["sign_disagreement"], bounds["sign_disagreement"] = _share(int(conflict.sum()), int(both.sum()))
@@ -364,8 +367,8 @@ def _kl(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
     if hi - lo < EPS:
         return 0.0, 0.0
     bins = int(min(KL_MAX_BINS, max(KL_MIN_BINS, math.sqrt(a.numel) / 4)))
-    p = torch.histc(a.sample, bins, lo, hi).double() + KL_SMOOTHING
-    q = torch.histc(b.sample, bins, lo, hi).double() + KL_SMOOTHING
+    p = torch.histc(a.sample.float(), bins, lo, hi).double() + KL_SMOOTHING
+    q = torch.histc(b.sample.float(), bins, lo, hi).double() + KL_SMOOTHING
     p, q = p / p.sum(), q / q.sum()
     value = max(0.0, float(0.5 * ((p * (p / q).log()).sum() + (q * (q / p).log()).sum())))
     n = a.sample.numel()
