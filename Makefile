@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,activations]"
+	$(PY) -m pip install -q -e ".[dev,activations,distributed]"
 	touch $@
 
 demo: install
@@ -61,6 +61,7 @@ test-deps:
 bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints; LoRA at 7B
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.lora
+	nice -n 10 $(PY) -m benchmarks.zoo  ## 12 generated 0.056B fine-tunes: the zoo against the I/O floor
 
 bench-peer: install  ## mergelens 2.0.3 side by side, in its own venv (.bench/peer-venv), torch pinned first
 	TORCH_SPEC="$(TORCH_SPEC)" $(PY) -m benchmarks.peer

@@ -18,13 +18,14 @@ from .models import (
     Strategy,
     Verdict,
     VerifyResult,
+    ZooResult,
 )
 
 __all__ = [
     "CompareResult", "ConflictZone", "LayerMetrics", "MCI", "MergeLensError", "Strategy", "Verdict",
     "compare_models", "errors", "generate_report",
     "ConfigDiagnosis", "diagnose_config",
-    "PreviewResult", "VerifyResult", "preview_merge", "verify_merge",
+    "PreviewResult", "VerifyResult", "preview_merge", "verify_merge", "ZooResult", "compare_zoo",
 ]
 
 
@@ -126,3 +127,19 @@ def verify_merge(
 
     sources = sources if isinstance(sources, str) else list(sources)
     return verify(merged, sources, base, config=config, probe=probe, device=device)
+
+
+def compare_zoo(
+    models: Sequence[str], base: str | None = None, *, target: str | None = None, top: int = 5, set_size: int = 3,
+    exact_top: int = 0, ray: str | None = None, cache_dir: str | Path | None = None,
+) -> ZooResult:
+    """Which of these models to merge: each read once into a cached sketch; every pair's MCI (with its bound),
+    near-duplicates, conflicts and the best sets. `models` may be one folder of model folders.
+
+    >>> zoo = compare_zoo(["zoo/"], base="base/", target="zoo/ft_a")
+    >>> [(s.models, s.mci) for s in zoo.best_sets]
+    """
+    from .zoo import compare_zoo as run
+
+    return run(models, base, target=target, top=top, set_size=set_size, exact_top=exact_top, ray=ray,
+               cache_dir=cache_dir)

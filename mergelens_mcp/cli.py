@@ -104,7 +104,66 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--overwrite", action="store_true",
                         help="replace the output file even if it is not a mergelens report")
     report.set_defaults(run=run_report)
+
+    zoo = sub.add_parser("zoo", help="which of these N models to merge: every model read once into a sketch")
+    zoo.add_argument("models", nargs="+", help="model folders, .safetensors files or Hub ids, or one folder of them")
+    zoo.add_argument("--base", help="the base model they were fine-tuned from")
+    zoo.add_argument("--target", help="rank the best partners of this model (its path or name)")
+    zoo.add_argument("--top", type=int, default=5, help="best sets to list (default 5)")
+    zoo.add_argument("--set-size", type=int, default=3, help="the largest set of models to consider (default 3)")
+    zoo.add_argument("--exact-top", type=int, default=0,
+                     help="recompute the best N pairs exactly with compare, and the top set's YAML")
+    zoo.add_argument("--ray", metavar="auto|ADDRESS", help="draw the sketches on a Ray cluster (extra [distributed])")
+    zoo.add_argument("--workers", type=int, help="local sketching processes (default: up to 2)")
+    zoo.add_argument("--cache-dir", type=Path, help="the sketch cache (default ~/.cache/mergelens/sketches)")
+    zoo.add_argument("--json", type=Path, help="write the full result as JSON here")
+    zoo.add_argument("--report", type=Path, help="write the HTML zoo view (pair matrix, best sets) here")
+    zoo.add_argument("--overwrite", action="store_true", help="replace a --report file that is not a report")
+    zoo.set_defaults(run=run_zoo)
     return parser
+
+
+def run_zoo(args: argparse.Namespace, console: Console) -> int:
+    from .zoo import compare_zoo
+
+    if args.report:
+        from .report import check_output
+
+        check_output(args.report, overwrite=args.overwrite)
+    result = _with_progress(console, "sketching", lambda progress: compare_zoo(
+        args.models, args.base, target=args.target, top=args.top, set_size=args.set_size,
+        exact_top=args.exact_top, ray=args.ray, workers=args.workers, cache_dir=args.cache_dir, progress=progress,
+    ))
+    out = Console()
+    table = Table(title="Best sets" + (f" with {result.target}" if result.target else ""))
+    for col in ("models", "MCI (weakest pair)", "bound", "verdict"):
+        table.add_column(col)
+    for s in result.best_sets:
+        table.add_row(", ".join(s.models), f"{s.mci:.1f}", f">= {s.mci_low:.1f}", s.verdict.value)
+    out.print(table)
+    pairs = Table(title="Pairs (estimated from sketches)")
+    for col in ("model", "model", "MCI", "range", "cosine", "verdict"):
+        pairs.add_column(col)
+    for p in result.pairs[:20]:
+        pairs.add_row(p.model_a, p.model_b, f"{p.mci:.1f}", f"{p.mci_low:.1f}-{p.mci_high:.1f}",
+                      f"{p.cosine:.4f}+-{p.cosine_bound:.4f}", p.verdict.value)
+    out.print(pairs)
+    for title, groups in (("near-duplicates", result.near_duplicates), ("compatible groups", result.clusters)):
+        for g in groups:
+            out.print(f"{title}: {', '.join(g)}", markup=False, highlight=False)
+    if result.strategy is not None:
+        out.print(result.strategy.mergekit_yaml, markup=False, highlight=False)
+    for note in result.notes:
+        out.print(f"note: {note}", markup=False, highlight=False, style="dim")
+    if args.json:
+        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        console.print(f"JSON written to {args.json}")
+    if args.report:
+        from .report import write_zoo_report
+
+        write_zoo_report(result, args.report, overwrite=args.overwrite)
+        console.print(f"report written to {args.report}")
+    return EXIT_OK
 
 
 def run_diagnose(args: argparse.Namespace, console: Console) -> int:

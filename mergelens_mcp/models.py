@@ -443,3 +443,61 @@ class VerifyResult(Frozen):
                                              description="the merged model against each source, on the probes")
     notes: list[str] = Field(default_factory=list)
     elapsed_s: float
+
+
+# ---- zoo (issue 16): N models read once into sketches -------------------------------------------------------
+
+
+class ZooModel(Frozen):
+    label: str = Field(description="the model's name in the zoo (its folder name)")
+    source: str
+    n_params: int
+    sketch_bytes: int = Field(description="the sketch's size; the model's stored bytes are in `nbytes`")
+    nbytes: int
+    cached: bool = Field(description="the sketch came from the cache: the model was not read")
+
+
+class ZooPair(Frozen):
+    """One pair, estimated from the sketches: every number comes with its bound (the true value lies within
+    value +- bound, at about 4 standard errors of the estimate)."""
+
+    model_a: str
+    model_b: str
+    mci: float
+    mci_low: float
+    mci_high: float
+    verdict: Verdict
+    cosine: float = Field(description="weight cosine, averaged over tensors by size")
+    cosine_bound: float
+    task_cosine: float | None = Field(default=None, description="task-vector cosine (with a base)")
+    task_cosine_bound: float | None = None
+    sign_disagreement: float | None = None
+    sign_disagreement_bound: float | None = None
+    near_duplicate: bool = Field(description="the two models are (almost) the same fine-tune")
+    exact_mci: float | None = Field(default=None, description="the MCI recomputed exactly (--exact-top)")
+
+
+class ZooSet(Frozen):
+    models: list[str]
+    mci: float = Field(description="the weakest pair's MCI: a merge of all is as risky as its weakest pair")
+    mci_low: float
+    mean_mci: float
+    verdict: Verdict
+
+
+class ZooResult(Frozen):
+    """Which of these models to merge: pairs, groups and the best sets, from one read of each model."""
+
+    version: str
+    models: list[ZooModel]
+    base: str | None
+    target: str | None = None
+    pairs: list[ZooPair] = Field(description="every pair, best MCI first")
+    best_sets: list[ZooSet] = Field(description="the best sets of 2..set_size models, best first")
+    clusters: list[list[str]] = Field(description="groups whose members all pair at 'compatible' or better")
+    near_duplicates: list[list[str]] = Field(description="groups of (almost) identical fine-tunes")
+    conflicts: list[list[str]] = Field(description="pairs that are risky or incompatible to merge")
+    strategy: Strategy | None = Field(default=None, description="the top choice's merge, computed exactly")
+    notes: list[str] = Field(default_factory=list)
+    backend: str = Field(description="'local' (this machine's process pool) or 'ray'")
+    elapsed_s: float

@@ -35,6 +35,7 @@ from .models import (
     PreviewResult,
     Verdict,
     VerifyResult,
+    ZooResult,
 )
 from .security.paths import open_regular
 
@@ -776,7 +777,10 @@ def write_report(
     """Write the report to `path` (atomically) and return it. Replaces an earlier mergelens report without
     asking; any other existing file only with ``overwrite=True``."""
     path = check_output(Path(path), overwrite=overwrite)
-    text = render_report(result, diagnosis=diagnosis, preview=preview, verify=verify)
+    return _write_html(render_report(result, diagnosis=diagnosis, preview=preview, verify=verify), path)
+
+
+def _write_html(text: str, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".mergelens-", suffix=".html.tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -787,3 +791,59 @@ def write_report(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# ---- the zoo view (issue 16) -----------------------------------------------------------------------------------
+
+
+def zoo_matrix_figure(result: ZooResult) -> go.Figure:
+    """Every pair's estimated MCI, the models ordered group by group (compatible groups first)."""
+    order = list(dict.fromkeys([*(m for g in result.clusters for m in g), *(m.label for m in result.models)]))
+    index = {label: i for i, label in enumerate(order)}
+    z: list[list[float | None]] = [[100.0 if a == b else None for b in order] for a in order]
+    hover = [["" for _ in order] for _ in order]
+    for p in result.pairs:
+        i, j = index[p.model_a], index[p.model_b]
+        z[i][j] = z[j][i] = p.mci
+        text = (f"{plot_text(p.model_a)} + {plot_text(p.model_b)}<br>MCI {p.mci:.1f} "
+                f"({p.mci_low:.1f} to {p.mci_high:.1f})<br>{VERDICT_TEXT.get(p.verdict, p.verdict.value)}")
+        hover[i][j] = hover[j][i] = text
+    labels = [plot_text(m) for m in order]
+    fig = go.Figure(go.Heatmap(z=z, x=labels, y=labels, zmin=0, zmax=100, colorscale=GOOD_BAD, text=hover,
+                               hoverinfo="text", colorbar={"title": "MCI"}))
+    fig.update_layout(margin={"l": 10, "r": 10, "t": 30, "b": 10}, yaxis={"autorange": "reversed"},
+                      title="Estimated MCI of every pair (grouped)")
+    return fig
+
+
+def render_zoo_report(result: ZooResult) -> str:
+    """The zoo as one HTML document: the pair matrix, the best sets, the groups and the notes."""
+    figures = Figures()
+    rows = "".join(
+        f"<tr><td>{esc(', '.join(s.models))}</td><td>{s.mci:.1f}</td><td>{s.mci_low:.1f}</td>"
+        f"<td>{s.mean_mci:.1f}</td><td>{esc(VERDICT_TEXT.get(s.verdict, s.verdict.value))}</td></tr>"
+        for s in result.best_sets
+    )
+    groups = "".join(f"<li>{esc(title)}: {esc(', '.join(g))}</li>" for title, found in
+                     (("near-duplicates", result.near_duplicates), ("compatible group", result.clusters))
+                     for g in found)
+    body = [
+        f"<h1>MergeLens zoo: {len(result.models)} models</h1>",
+        figures.add(zoo_matrix_figure(result), "zoo-matrix", 120 + 28 * len(result.models)),
+        "<h2>Best sets</h2><table><tr><th>models</th><th>MCI (weakest pair)</th><th>at least</th>"
+        f"<th>mean</th><th>verdict</th></tr>{rows}</table>",
+        f"<h2>Groups</h2><ul>{groups}</ul>" if groups else "",
+        f"<pre>{esc(result.strategy.mergekit_yaml)}</pre>" if result.strategy else "",
+        "".join(f"<p class=note>{esc(n)}</p>" for n in result.notes),
+    ]
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', MARKER,
+        f"<title>MergeLens zoo ({len(result.models)} models)</title>", f"<style>{CSS}</style>",
+        f"<script>{plotly_js()}</script>", "</head><body><main>", *[b for b in body if b], "</main>",
+        figures.scripts(), f"<script>{_draw_js()}</script>", "</body></html>",
+    ])
+
+
+def write_zoo_report(result: ZooResult, path: Path, *, overwrite: bool = False) -> Path:
+    """Write the zoo view to `path` (atomically), with the same output checks as `write_report`."""
+    return _write_html(render_zoo_report(result), check_output(Path(path), overwrite=overwrite))

@@ -30,7 +30,7 @@ def test_all_lists_only_names_the_package_has_and_star_import_gives_exactly_them
 def test_all_holds_the_core_api() -> None:
     assert {
         "compare_models", "CompareResult", "ConflictZone", "LayerMetrics", "MCI", "Verdict", "MergeLensError",
-        "errors",
+        "errors", "compare_zoo", "ZooResult",
     } <= set(mergelens_mcp.__all__)
     assert issubclass(mergelens_mcp.errors.InputError, mergelens_mcp.MergeLensError)
 

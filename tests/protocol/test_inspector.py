@@ -50,11 +50,11 @@ def inspect(family: Family, tmp_path: Path, *options: str) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
-def test_the_mcp_inspector_lists_the_nine_tools(family: Family, tmp_path: Path) -> None:
+def test_the_mcp_inspector_lists_every_tool(family: Family, tmp_path: Path) -> None:
     listed = inspect(family, tmp_path, "--method", "tools/list")
     assert sorted(t["name"] for t in listed["tools"]) == sorted([
         "compare_models", "diagnose_merge", "explain_layer", "generate_report", "get_compatibility_score",
-        "get_conflict_zones", "preview_merge", "suggest_strategy", "verify_merge",
+        "get_conflict_zones", "preview_merge", "rank_merge_partners", "suggest_strategy", "verify_merge",
     ])
     assert all("outputSchema" in t for t in listed["tools"])
 

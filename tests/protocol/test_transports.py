@@ -19,6 +19,7 @@ from mcp import Client, StdioServerParameters
 from mcp.client.sse import sse_client
 
 from fixtures.checkpoints import Family
+from mergelens_mcp.tools import TOOL_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_S = 90  # importing torch on a loaded machine is slow
@@ -75,7 +76,7 @@ def http_server(family: Family, request: pytest.FixtureRequest) -> Iterator[int]
 async def compare_through(client: Client, family: Family) -> dict[str, Any]:
     args = {"models": [str(family.finetune_a), str(family.flipped)], "base_model": str(family.base)}
     tools = await client.list_tools()
-    assert len(tools.tools) == 9
+    assert len(tools.tools) == len(TOOL_NAMES)
     result = await client.call_tool("compare_models", args)
     assert not result.is_error, result.content
     return result.structured_content

@@ -17,6 +17,7 @@ from mergelens_mcp.analysis.loading import Checkpoint, TensorInfo
 from mergelens_mcp.errors import LimitExceededError
 from mergelens_mcp.server import build_server
 from mergelens_mcp.settings import Settings
+from mergelens_mcp.tools import TOOL_NAMES
 
 TIMEOUT_S = 120
 
@@ -45,7 +46,7 @@ async def test_ten_thousand_models_in_one_request_are_refused_before_any_header_
             listed = await client.list_tools()
     text = " ".join(c.text for c in result.content)
     assert result.is_error and "10000" in text.replace(",", "") and "4096" in text
-    assert header_reads == [] and len(listed.tools) == 7
+    assert header_reads == [] and len(listed.tools) == len(TOOL_NAMES)
 
 
 def test_more_models_than_the_cap_are_refused_naming_the_cap_and_the_setting(

@@ -17,7 +17,7 @@ from fixtures.checkpoints import TINY, Shape, make_checkpoint, make_finetune
 from fixtures.hostile import Sandbox
 from mergelens_mcp.server import build_server
 from mergelens_mcp.settings import Settings
-from mergelens_mcp.tools import runtime
+from mergelens_mcp.tools import TOOL_NAMES, runtime
 from mergelens_mcp.tools.runtime import AppState
 from mergelens_mcp.workers import _alive
 
@@ -99,7 +99,7 @@ async def test_a_model_truncated_mid_call_is_a_clear_tool_error_while_another_se
     assert results["crash"].is_error
     assert f"{medium['victim'].name} ({str(medium['victim'])!r}) changed on disk while it was read" in text
     assert "SIGBUS" in text
-    assert len(results["listed"].tools) == 7
+    assert len(results["listed"].tools) == len(TOOL_NAMES)
     assert not results["other"].is_error and results["other"].structured_content["score"] is not None
     assert not results["again"].is_error and results["again"].structured_content["score"] is not None
 

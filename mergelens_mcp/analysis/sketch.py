@@ -1,0 +1,403 @@
+"""Model sketches: each model read once into a small summary from which any pair's metrics are estimated.
+
+Per tensor (and per model, against the zoo's base when there is one) a sketch keeps:
+- exactly: the weight norm, the task-vector norm, the base norm, the value range, the TIES threshold and
+  mass fraction of the task vector (the same `Operand` code as compare), and the top singular triplets of the
+  weight and of the task matrix (the same `decompose`; factors stored as float16);
+- a seeded CountSketch of the weights (`width` signed buckets; linear, so the difference of two sketches is
+  the sketch of the difference): |w_a - w_b|^2 = |tau_a - tau_b|^2 is estimated with relative standard error
+  at most sqrt(2 / width), and every cosine and distance follows from it and the exact norms;
+- a seeded coordinate sample (the same positions in every model) of the weights and the task vector, for the
+  sign conflicts (binomial error) and the value histograms of the KL divergence.
+A tensor with at most `width` values is kept whole instead: its pair metrics are then exact.
+
+`pair_metrics` gives, per shared tensor, every registry metric the engine would give and a bound on each
+estimate: Z standard errors, so a bound fails with probability about 6e-5 per estimate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .loading import Checkpoint
+from .metrics import (
+    EPS,
+    KL_MAX_BINS,
+    KL_MIN_BINS,
+    KL_SMOOTHING,
+    REGISTRY,
+    Operand,
+    _mass_fraction,
+)
+from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, SVD
+from .stream import TensorSet, schedule
+from .types import Cancelled, Progress
+
+SKETCH_VERSION = 2
+Z = 4.0  # standard errors per stated bound
+SPECTRAL_BOUND = 2e-3  # float16 storage of the singular vectors moves the spectral metrics by less than this
+HIGHER_IS_BETTER = ("cosine_similarity", "task_cosine", "spectral_overlap", "effective_rank_ratio")
+ESTIMATED = ("cosine_similarity", "l2_distance", "task_cosine", "task_l2_distance", "sign_disagreement",
+             "sign_disagreement_top", "kl_divergence")
+
+
+@dataclass(frozen=True)
+class SketchParams:
+    """How a sketch is drawn: equal parameters (and equal files) give equal sketches, bit for bit."""
+
+    seed: int = 0
+    width: int = 8192  # CountSketch buckets per tensor, at least
+    width_share: float = 1 / 1024  # ... or this share of the tensor's values, when larger
+    samples: int = 8192  # sampled coordinates per tensor, at least
+    sample_share: float = 1 / 2048
+    rank: int = DEFAULT_RANK
+    exact_max_elements: int = EXACT_MAX_ELEMENTS
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.samples < 1 or self.rank < 1:
+            raise ValueError("width, samples and rank must be at least 1")
+        if not (0 <= self.width_share <= 1 and 0 <= self.sample_share <= 1):
+            raise ValueError("width_share and sample_share must be within 0..1")
+
+    def widths(self, numel: int) -> tuple[int, int]:
+        """(buckets, samples) for a tensor of `numel` values."""
+        return (max(self.width, math.ceil(numel * self.width_share)),
+                min(numel, max(self.samples, math.ceil(numel * self.sample_share))))
+
+
+@dataclass
+class TensorSketch:
+    numel: int
+    shape: tuple[int, ...]
+    norm: float
+    value_range: tuple[float, float]
+    projection: torch.Tensor  # float32: CountSketch buckets, or the whole flattened tensor when `whole`
+    whole: bool
+    sample: torch.Tensor  # weights at the sampled coordinates (bfloat16: signs and stored values kept)
+    svd: SVD | None = None
+    # with a base:
+    task_norm: float | None = None
+    base_norm: float | None = None
+    task_sample: torch.Tensor | None = None
+    top_threshold: float | None = None
+    mass_fraction: float | None = None
+    task_svd: SVD | None = None
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) == 2 and min(self.shape) > 1
+
+    @property
+    def nbytes(self) -> int:
+        """Its size as stored (singular vectors as float16)."""
+        tensors = [self.projection, self.sample, *([self.task_sample] if self.task_sample is not None else [])]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        for svd in (self.svd, self.task_svd):
+            if svd is not None:
+                size += 2 * (svd.u.numel() + svd.v.numel()) + svd.s.numel() * svd.s.element_size()
+        return size
+
+
+@dataclass
+class ModelSketch:
+    """Every float tensor of one model (against one base, or none)."""
+
+    label: str
+    key: str  # the content key of the files and parameters it was drawn from
+    n_params: int
+    nbytes: int  # the model's stored bytes
+    has_base: bool
+    tensors: dict[str, TensorSketch] = field(default_factory=dict)
+
+    @property
+    def sketch_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+# ------------------------------------------------------------------------------------------- drawing
+
+
+def _seed(params: SketchParams, name: str, numel: int, what: str) -> int:
+    digest = hashlib.sha256(f"{params.seed}:{what}:{name}:{numel}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+CHUNK = 1 << 20
+
+
+def count_sketch(values: torch.Tensor, width: int, seed: int) -> torch.Tensor:
+    """The CountSketch of the flattened `values` into `width` signed buckets (float64 sums, float32 out)."""
+    flat = values.reshape(-1)
+    out = torch.zeros(width, dtype=torch.float64)
+    for start in range(0, flat.numel(), CHUNK):
+        piece = flat[start:start + CHUNK].double()
+        g = torch.Generator().manual_seed(seed + start // CHUNK)
+        draw = torch.randint(0, 2 * width, (piece.numel(),), generator=g)
+        signs = 1.0 - 2.0 * (draw >= width).double()
+        out.index_add_(0, draw % width, piece * signs)
+    return out.float()
+
+
+def sample_positions(numel: int, count: int, seed: int) -> torch.Tensor:
+    """`count` distinct coordinates of a tensor of `numel` values, sorted (all of them when count >= numel)."""
+    if count >= numel:
+        return torch.arange(numel)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(numel, generator=g)[:count].sort().values if numel <= (1 << 24) else \
+        torch.unique(torch.randint(0, numel, (count,), generator=g))
+
+
+def _svd_of(op: Operand) -> SVD | None:
+    if not op.is_matrix:
+        return None
+    svd = op.svd
+    return SVD(svd.u.to(torch.float16), svd.s.float(), svd.v.to(torch.float16), svd.total_energy,
+               svd.full_dim, svd.exact)
+
+
+def sketch_tensor(name: str, view: torch.Tensor, base_view: torch.Tensor | None, params: SketchParams) -> TensorSketch:
+    """The sketch of one tensor of one model (`base_view`: the base's same tensor, or None)."""
+    view = view.reshape(view.shape[0], -1) if view.dim() > 2 else view
+    numel = view.numel()
+    width, count = params.widths(numel)
+    weights = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements)
+    flat = view.reshape(-1)
+    whole = numel <= width
+    projection = flat.float().clone() if whole else count_sketch(flat, width, _seed(params, name, numel, "cs"))
+    positions = sample_positions(numel, count, _seed(params, name, numel, "sample"))
+    sample = flat[positions].float()  # float32 here; stored as bfloat16 below
+    found = TensorSketch(numel, tuple(view.shape), weights.norm, weights.value_range, projection, whole,
+                         sample.to(torch.bfloat16), _svd_of(weights))
+    if base_view is not None and tuple(base_view.shape) == tuple(view.shape):
+        base_view = base_view.reshape(view.shape)
+        base = Operand(base_view)
+        task = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements, base=base_view)
+        found.task_norm, found.base_norm = task.norm, base.norm
+        found.task_sample = (sample - base_view.reshape(-1)[positions].float()).to(torch.bfloat16)
+        found.top_threshold = task.top_threshold
+        found.mass_fraction = _mass_fraction(task)
+        found.task_svd = _svd_of(task)
+    return found
+
+
+def sketch_model(
+    model: Checkpoint,
+    base: Checkpoint | None,
+    params: SketchParams,
+    key: str = "",
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> ModelSketch:
+    """Read `model` once (with the base's same tensors) through the tensor stream and sketch every float tensor."""
+    from ..errors import AnalysisCancelledError
+
+    names = list(model.float_tensors)
+    sets = []
+    for name in names:
+        sources = [(model, name)]
+        if base is not None and name in base.float_tensors and base.tensors[name].shape == model.tensors[name].shape:
+            sources.append((base, name))
+        sets.append(TensorSet(name, sources))
+    out = ModelSketch(model.label, key, model.n_params, model.nbytes, base is not None)
+    device = torch.device("cpu")
+    stream = schedule(sets, lambda s: s.open(device))
+    try:
+        for done, current in enumerate(stream):
+            if cancelled is not None and cancelled():
+                raise AnalysisCancelledError(f"sketching {model.label} cancelled after {done} of {len(sets)} tensors")
+            base_view = current.views[1] if len(current.views) > 1 else None
+            out.tensors[current.key] = sketch_tensor(current.key, current.views[0], base_view, params)
+            if progress is not None:
+                progress(done + 1, len(sets), current.key)
+    finally:
+        stream.close()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- storing
+
+
+def to_tensors(sketch: ModelSketch) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The sketch as named tensors and JSON-able metadata (for a safetensors file or a Ray object)."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"label": sketch.label, "key": sketch.key, "n_params": sketch.n_params,
+                            "nbytes": sketch.nbytes, "has_base": sketch.has_base, "tensors": {}}
+    for i, (name, t) in enumerate(sketch.tensors.items()):
+        p = f"{i}."
+        entry = {"name": name, "numel": t.numel, "shape": list(t.shape), "norm": t.norm,
+                 "value_range": list(t.value_range), "whole": t.whole, "task_norm": t.task_norm,
+                 "base_norm": t.base_norm, "top_threshold": t.top_threshold, "mass_fraction": t.mass_fraction}
+        tensors[p + "projection"], tensors[p + "sample"] = t.projection.contiguous(), t.sample.contiguous()
+        if t.task_sample is not None:
+            tensors[p + "task_sample"] = t.task_sample.contiguous()
+        for what, svd in (("svd", t.svd), ("task_svd", t.task_svd)):
+            if svd is not None:
+                tensors.update({p + what + ".u": svd.u.to(torch.float16).contiguous(),
+                                p + what + ".s": svd.s.contiguous(),
+                                p + what + ".v": svd.v.to(torch.float16).contiguous()})
+                entry[what] = [svd.total_energy, svd.full_dim, svd.exact]
+        meta["tensors"][str(i)] = entry
+    return tensors, meta
+
+
+def from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> ModelSketch:
+    out = ModelSketch(meta["label"], meta["key"], meta["n_params"], meta["nbytes"], meta["has_base"])
+    for i, entry in meta["tensors"].items():
+        p = f"{i}."
+
+        def svd(what: str, entry: Mapping[str, Any] = entry, p: str = p) -> SVD | None:
+            if what not in entry:
+                return None
+            energy, full_dim, exact = entry[what]  # float16 when stored, float32 in memory for the pairs
+            return SVD(tensors[p + what + ".u"].float(), tensors[p + what + ".s"], tensors[p + what + ".v"].float(),
+                       float(energy), int(full_dim), bool(exact))
+
+        out.tensors[entry["name"]] = TensorSketch(
+            int(entry["numel"]), tuple(entry["shape"]), float(entry["norm"]), tuple(entry["value_range"]),
+            tensors[p + "projection"], bool(entry["whole"]), tensors[p + "sample"], svd("svd"),
+            entry["task_norm"], entry["base_norm"], tensors.get(p + "task_sample"), entry["top_threshold"],
+            entry["mass_fraction"], svd("task_svd"),
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------- pairs
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A tensor pair's metrics and the half-width of each one's bound (0 where it is computed exactly)."""
+
+    values: dict[str, float]
+    bounds: dict[str, float]
+
+
+class _Spectral:
+    """What the registry's spectral metrics read from an operand: its SVD."""
+
+    def __init__(self, svd: SVD) -> None:
+        self.svd = SVD(svd.u.float(), svd.s.float(), svd.v.float(), svd.total_energy, svd.full_dim, svd.exact)
+
+
+def _distance_sq(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
+    """(|w_a - w_b|^2 estimated, its relative bound) from the two CountSketches (exact for whole tensors)."""
+    d = (a.projection.double() - b.projection.double())
+    value = float((d * d).sum())
+    if a.whole:
+        return value, 0.0
+    return value, Z * math.sqrt(2.0 / a.projection.numel())
+
+
+def _cosine_from(norm_a: float, norm_b: float, d_sq: float) -> float:
+    if norm_a < EPS and norm_b < EPS:
+        return 1.0
+    if norm_a < EPS or norm_b < EPS:
+        return 0.0
+    return max(-1.0, min(1.0, (norm_a**2 + norm_b**2 - d_sq) / (2 * norm_a * norm_b)))
+
+
+def _l2_from(norm_a: float, norm_b: float, d_sq: float) -> float:
+    denominator = norm_a + norm_b
+    return 0.0 if denominator < EPS else min(1.0, math.sqrt(max(d_sq, 0.0)) / denominator)
+
+
+def _share(hits: int, total: int) -> tuple[float, float]:
+    """A binomial share and Z standard errors of it (a one-count floor keeps small totals honest)."""
+    if total == 0:
+        return 0.0, 0.0
+    p = hits / total
+    return p, Z * math.sqrt(max(p * (1 - p), 1.0 / total) / total)
+
+
+def pair_metrics(a: TensorSketch, b: TensorSketch) -> Estimate:
+    """Every metric of the engine for one tensor of two sketched models, with bounds."""
+    values: dict[str, float] = {}
+    bounds: dict[str, float] = {}
+    d_sq, rel = _distance_sq(a, b)
+    d_lo, d_hi = max(d_sq / (1 + rel), 0.0), d_sq / (1 - rel) if rel < 1 else float("inf")
+
+    def spread(fn: Any, na: float, nb: float, name: str) -> None:
+        v = fn(na, nb, d_sq)
+        lo, hi = sorted((fn(na, nb, d_lo), fn(na, nb, min(d_hi, (na + nb) ** 2))))
+        values[name], bounds[name] = v, max(v - lo, hi - v)
+
+    spread(_cosine_from, a.norm, b.norm, "cosine_similarity")
+    spread(_l2_from, a.norm, b.norm, "l2_distance")
+    values["kl_divergence"], bounds["kl_divergence"] = _kl(a, b)
+    if a.is_matrix and a.svd is not None and b.svd is not None:
+        sa, sb = _Spectral(a.svd), _Spectral(b.svd)
+        for name in ("spectral_overlap", "effective_rank_ratio"):
+            values[name], bounds[name] = float(REGISTRY[name].fn(sa, sb)), SPECTRAL_BOUND  # type: ignore[arg-type]
+    if a.task_norm is None or b.task_norm is None:
+        return Estimate(values, bounds)
+    spread(_cosine_from, a.task_norm, b.task_norm, "task_cosine")
+    spread(_l2_from, a.task_norm, b.task_norm, "task_l2_distance")
+    assert a.task_sample is not None and b.task_sample is not None
+    x, y = a.task_sample.float(), b.task_sample.float()
+    both = (x != 0) & (y != 0)
+    conflict = both & ((x > 0) != (y > 0))
+    values["sign_disagreement"], bounds["sign_disagreement"] = _share(int(conflict.sum()), int(both.sum()))
+    top = both & (x.abs() >= (a.top_threshold or 0.0)) & (y.abs() >= (b.top_threshold or 0.0))
+    values["sign_disagreement_top"], bounds["sign_disagreement_top"] = _share(
+        int((conflict & top).sum()), int(top.sum()))
+    if a.sample.numel() == a.numel:  # every coordinate sampled: the shares are exact
+        bounds["sign_disagreement"] = bounds["sign_disagreement_top"] = 0.0
+    hi = max(a.task_norm, b.task_norm)
+    values["magnitude_ratio"] = 1.0 if hi < EPS else min(a.task_norm, b.task_norm) / hi
+    reference = a.base_norm or 0.0
+    values["task_drift"] = 0.0 if reference < EPS else (a.task_norm + b.task_norm) / (2 * reference)
+    values["task_mass_fraction"] = ((a.mass_fraction or 0.0) + (b.mass_fraction or 0.0)) / 2
+    bounds.update(magnitude_ratio=0.0, task_drift=0.0, task_mass_fraction=0.0)
+    if a.task_svd is not None and b.task_svd is not None:
+        ta, tb = _Spectral(a.task_svd), _Spectral(b.task_svd)
+        for name in ("tsv_interference", "task_vector_energy"):
+            values[name], bounds[name] = float(REGISTRY[name].fn(ta, tb)), SPECTRAL_BOUND  # type: ignore[arg-type]
+    return Estimate(values, bounds)
+
+
+def _kl(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
+    """The engine's symmetrised KL over shared bins, from the two samples (same coordinates in both)."""
+    lo, hi = min(a.value_range[0], b.value_range[0]), max(a.value_range[1], b.value_range[1])
+    if hi - lo < EPS:
+        return 0.0, 0.0
+    bins = int(min(KL_MAX_BINS, max(KL_MIN_BINS, math.sqrt(a.numel) / 4)))
+    p = torch.histc(a.sample.float(), bins, lo, hi).double() + KL_SMOOTHING
+    q = torch.histc(b.sample.float(), bins, lo, hi).double() + KL_SMOOTHING
+    p, q = p / p.sum(), q / q.sum()
+    value = max(0.0, float(0.5 * ((p * (p / q).log()).sum() + (q * (q / p).log()).sum())))
+    n = a.sample.numel()
+    exact = n == a.numel
+    return value, 0.0 if exact else Z * (bins / n + math.sqrt(2.0 * bins) / n)
+
+
+def shared_tensors(a: ModelSketch, b: ModelSketch) -> Iterator[str]:
+    """The tensors both sketches hold with the same shape, in `a`'s order."""
+    for name, t in a.tensors.items():
+        other = b.tensors.get(name)
+        if other is not None and other.shape == t.shape:
+            yield name
+
+
+def pessimistic(metrics: Mapping[str, float], bounds: Mapping[str, float], worse: bool) -> dict[str, float]:
+    """`metrics` each moved by its bound towards a worse merge (`worse`) or a better one, clamped to the
+    metric's range: the MCI is monotone in each, so the two give its bound."""
+    out = {}
+    for name, value in metrics.items():
+        step = bounds.get(name, 0.0)
+        down = (name in HIGHER_IS_BETTER) == worse
+        moved = value - step if down else value + step
+        lo, hi = REGISTRY[name].bounds if name in REGISTRY else (0.0, None)
+        out[name] = max(lo, moved) if hi is None else max(lo, min(hi, moved))
+    return out
+
+
+def weighted(items: Iterable[tuple[float, float]]) -> float | None:
+    pairs = list(items)
+    total = sum(w for _, w in pairs)
+    return None if total <= 0 else sum(v * w for v, w in pairs) / total

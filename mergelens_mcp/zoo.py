@@ -1,0 +1,476 @@
+"""Model zoos: which of these N models should I merge? Each model is read once into a sketch
+(analysis/sketch.py); every pair, the clusters and the best sets come from the sketches.
+
+Sketches are cached by content (the files' header hash, size and mtime, the base's, and the sketch
+parameters), so adding a model to a zoo of N costs one read plus N cheap pair computations. Missing sketches
+are drawn in a local process pool, or, with `ray`, as Ray tasks (each retried elsewhere when its node is lost;
+sketches already cached are never recomputed). Every worker applies the same path guard and limits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import struct
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import ExitStack
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from ._version import VERSION
+from .analysis import score as mci
+from .analysis import sketch as sk
+from .analysis.layers import classify
+from .analysis.loading import Checkpoint, load_checkpoint
+from .analysis.types import Cancelled, Progress
+from .errors import AnalysisCancelledError, InputError, LimitExceededError
+from .models import Verdict, ZooModel, ZooPair, ZooResult, ZooSet
+from .security.limits import Limits
+from .security.paths import PathGuard
+from .settings import Settings
+
+NEAR_DUPLICATE_TASK_COSINE = 0.98  # with a base: the two fine-tunes moved the base the same way
+NEAR_DUPLICATE_DISTANCE = 1e-3  # without: the weights are this close (l2_distance)
+GOOD = (Verdict.HIGHLY_COMPATIBLE, Verdict.COMPATIBLE)
+MAX_SET_CANDIDATES = 20_000  # sets scored exhaustively up to this many, greedily above
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MERGELENS_SKETCH_CACHE", "~/.cache/mergelens/sketches")).expanduser()
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+
+def expand_sources(models: Sequence[str]) -> list[str]:
+    """The zoo's model sources: a lone folder that holds model folders (and no weights) stands for them."""
+    if isinstance(models, str):
+        models = [models]
+    out: list[str] = []
+    for src in models:
+        path = Path(src).expanduser()
+        if path.is_dir() and not any(path.glob("*.safetensors")):
+            inner = sorted(p for p in path.iterdir() if p.is_dir() and any(p.glob("*.safetensors")))
+            if inner:
+                out.extend(str(p) for p in inner)
+                continue
+        out.append(str(src))
+    if len(out) < 2:
+        raise InputError("a zoo needs at least two models: pass two or more paths, or a folder of model folders")
+    return out
+
+
+def zoo_labels(sources: Sequence[str]) -> list[str]:
+    """Each model's name: its folder (or file) name, numbered where two are the same."""
+    names = [Path(s.rstrip("/")).name.removesuffix(".safetensors") or s for s in sources]
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if names.count(name) == 1 else f"{name}_{seen[name]}")
+    return out
+
+
+def file_identity(ckpt: Checkpoint) -> list[list[Any]]:
+    """Per file: the sha256 of its safetensors header, its size and mtime (ns): a change to any of them is a
+    changed file."""
+    out = []
+    for path in ckpt.files:
+        st = path.stat()
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = f.read(min(length, 1 << 30))
+        out.append([path.name, hashlib.sha256(header).hexdigest(), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def sketch_key(model: Checkpoint, base: Checkpoint | None, params: sk.SketchParams) -> str:
+    blob = json.dumps([sk.SKETCH_VERSION, vars(params) if hasattr(params, "__dict__") else repr(params),
+                       file_identity(model), file_identity(base) if base else None], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- the cache
+
+
+@dataclass(frozen=True)
+class SketchCache:
+    """Sketches on disk, one safetensors file per content key (no pickle: loading one runs no code)."""
+
+    folder: Path
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.safetensors"
+
+    def get(self, key: str, label: str) -> sk.ModelSketch | None:
+        from safetensors import safe_open
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["sketch"])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        except (OSError, KeyError, ValueError, json.JSONDecodeError):
+            return None  # a broken cache entry is drawn again
+        found = sk.from_tensors(tensors, meta)
+        found.label = label
+        return found
+
+    def put(self, key: str, payload: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors, meta = payload
+        tmp = self.path(key).with_suffix(f".{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata={"sketch": json.dumps(meta)})
+        os.replace(tmp, self.path(key))
+
+
+# ------------------------------------------------------------------------------------------- drawing sketches
+
+
+@dataclass(frozen=True)
+class SketchJob:
+    """Everything a worker needs to draw one sketch: it opens the files itself, under the same guard."""
+
+    source: str
+    label: str
+    base: str | None
+    roots: tuple[str, ...]
+    limits: Limits
+    params: sk.SketchParams
+    key: str
+
+
+def draw_sketch(job: SketchJob) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run on a worker (a local process or a Ray task): open the model and the base under the job's path
+    guard and limits (a path outside the roots is refused here), sketch it, and return it as tensors + meta."""
+    import torch
+
+    guard = PathGuard(job.roots)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core per worker, and the same float sums in every process: equal sketches
+    with ExitStack() as stack:
+        stack.callback(torch.set_num_threads, threads)
+        model = stack.enter_context(load_checkpoint(job.source, job.label, guard=guard, limits=job.limits))
+        base = stack.enter_context(load_checkpoint(job.base, "base", guard=guard, limits=job.limits)) \
+            if job.base else None
+        job.limits.check_request(model.nbytes + (base.nbytes if base else 0))
+        return sk.to_tensors(sk.sketch_model(model, base, job.params, job.key))
+
+
+Backend = Callable[[list[SketchJob], Callable[[SketchJob, tuple[dict[str, Any], dict[str, Any]]], None],
+                    Cancelled | None], None]
+
+
+def local_backend(workers: int) -> Backend:
+    """Draw the sketches in a pool of `workers` processes (spawned: no thread state is inherited), or in this
+    process for one worker."""
+
+    def run(jobs: list[SketchJob], done: Callable[..., None], cancelled: Cancelled | None) -> None:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                if cancelled is not None and cancelled():
+                    raise AnalysisCancelledError(f"zoo cancelled before sketching {job.label}")
+                done(job, draw_sketch(job))
+            return
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
+            pending: dict[Future[Any], SketchJob] = {pool.submit(draw_sketch, job): job for job in jobs}
+            try:
+                while pending:
+                    finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    if cancelled is not None and cancelled():
+                        raise AnalysisCancelledError(f"zoo cancelled with {len(pending)} sketches left")
+                    for future in finished:
+                        done(pending.pop(future), future.result())
+            finally:
+                for future in pending:
+                    future.cancel()
+
+    run.name = "local"  # type: ignore[attr-defined]
+    return run
+
+
+def ray_backend(address: str | None = None, retries: int = 3, timeout_s: float | None = None) -> Backend:
+    """Draw the sketches as Ray tasks (one CPU each, retried on another node when theirs is lost); sketches
+    come back as object references and are gathered on the driver. `address`: 'auto', a cluster address, or
+    None to use the Ray already initialised in this process (or start a local one). `timeout_s` bounds the
+    whole run (a LimitExceededError past it)."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise InputError("--ray needs Ray: pip install 'mergelens-mcp[distributed]'") from exc
+
+    def run(jobs: list[SketchJob], done: Callable[..., None], cancelled: Cancelled | None) -> None:
+        if not ray.is_initialized():
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(draw_sketch)
+        pending = {task.remote(job): job for job in jobs}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        try:
+            while pending:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise LimitExceededError(f"the Ray cluster did not sketch {len(pending)} model(s) within "
+                                             f"{timeout_s:.0f} s; check its nodes (ray status) or raise the timeout")
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
+                if cancelled is not None and cancelled():
+                    raise AnalysisCancelledError(f"zoo cancelled with {len(pending)} sketches left")
+                for ref in ready:
+                    job = pending.pop(ref)
+                    try:
+                        payload = ray.get(ref, timeout=60)
+                    except ray.exceptions.RayTaskError as exc:
+                        raise exc.as_instanceof_cause() from None
+                    done(job, payload)
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
+
+    run.name = "ray"  # type: ignore[attr-defined]
+    return run
+
+
+# ------------------------------------------------------------------------------------------- pairs
+
+
+@dataclass(frozen=True)
+class PairEstimate:
+    mci: float
+    low: float
+    high: float
+    metrics: dict[str, float]  # over all shared tensors, by size
+    bounds: dict[str, float]
+
+
+def estimate_pair(a: sk.ModelSketch, b: sk.ModelSketch) -> PairEstimate:
+    """The pair's MCI, as the engine computes it from per-layer metrics, and its bound (the MCI at every
+    metric's pessimistic and optimistic end), plus the size-weighted means of its metrics with bounds."""
+    layers: dict[str, dict[str, list[tuple[float, float, int]]]] = {}
+    sizes: dict[str, int] = {}
+    overall: dict[str, list[tuple[float, float, int]]] = {}
+    for name in sk.shared_tensors(a, b):
+        est = sk.pair_metrics(a.tensors[name], b.tensors[name])
+        layer = classify(name).layer_name
+        n = a.tensors[name].numel
+        sizes[layer] = sizes.get(layer, 0) + n
+        for metric, value in est.values.items():
+            entry = (value, est.bounds.get(metric, 0.0), n)
+            layers.setdefault(layer, {}).setdefault(metric, []).append(entry)
+            overall.setdefault(metric, []).append(entry)
+    if not layers:
+        raise InputError(f"{a.label} and {b.label} share no tensor of the same shape: they cannot be paired")
+    scores: dict[str, list[float]] = {"mid": [], "low": [], "high": []}
+    params = []
+    for layer, found in layers.items():
+        means = {m: _mean(v) for m, v in found.items()}
+        bounds = {m: _bound(v) for m, v in found.items()}
+        for which, metrics in (("mid", means), ("low", sk.pessimistic(means, bounds, True)),
+                               ("high", sk.pessimistic(means, bounds, False))):
+            scores[which].append(mci.layer_score(mci.components(metrics)))
+        params.append(sizes[layer])
+    mid, low, high = (mci.overall_score(scores[w], params) for w in ("mid", "low", "high"))
+    return PairEstimate(mid, min(low, mid), max(high, mid),
+                        {m: _mean(v) for m, v in overall.items()}, {m: _bound(v) for m, v in overall.items()})
+
+
+def _mean(values: list[tuple[float, float, int]]) -> float:
+    return sum(v * n for v, _, n in values) / sum(n for _, _, n in values)
+
+
+def _bound(values: list[tuple[float, float, int]]) -> float:
+    """The bound of a size-weighted mean of independent estimates: Z standard errors combine in quadrature."""
+    return math.sqrt(sum((b * n) ** 2 for _, b, n in values)) / sum(n for _, _, n in values)
+
+
+# ------------------------------------------------------------------------------------------- the zoo
+
+
+def compare_zoo(
+    models: Sequence[str],
+    base: str | None = None,
+    *,
+    target: str | None = None,
+    top: int = 5,
+    set_size: int = 3,
+    exact_top: int = 0,
+    cache_dir: str | Path | None = None,
+    ray: str | None = None,
+    workers: int | None = None,
+    backend: Backend | None = None,
+    params: sk.SketchParams | None = None,
+    settings: Settings | None = None,
+    guard: PathGuard | None = None,
+    progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> ZooResult:
+    """Which of these models to merge: every pair's estimated MCI (with its bound), the clusters, the
+    near-duplicates, the conflicting pairs and the best sets of up to `set_size` models (for `target`, its
+    best partners). `exact_top` recomputes the best N pairs exactly with compare; the top set's mergekit
+    YAML then comes from an exact comparison of it."""
+    started = time.perf_counter()
+    settings = settings or Settings()
+    params = params or sk.SketchParams(rank=settings.svd_rank, exact_max_elements=settings.exact_svd_max_elements)
+    if top < 1 or set_size < 2 or exact_top < 0:
+        raise InputError("top must be at least 1, set_size at least 2 and exact_top at least 0")
+    guard = guard or PathGuard([Path(os.sep)])
+    limits = settings.limits()
+    sources = expand_sources(models)
+    labels = zoo_labels(sources)
+    if target is not None and target not in labels and target not in sources:
+        raise InputError(f"target {target!r} is not one of the zoo's models: {', '.join(labels)}")
+    target_label = labels[sources.index(target)] if target in sources else target
+    cache = SketchCache(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
+
+    with ExitStack() as stack:  # headers only: the keys, the guard and the limits, before any tensor is read
+        opened = [stack.enter_context(load_checkpoint(s, label, guard=guard, limits=limits))
+                  for s, label in zip(sources, labels, strict=True)]
+        base_ckpt = stack.enter_context(load_checkpoint(base, "base", guard=guard, limits=limits)) if base else None
+        keys = [sketch_key(m, base_ckpt, params) for m in opened]
+        infos = [(m.n_params, m.nbytes) for m in opened]
+
+    sketches: dict[str, sk.ModelSketch] = {}
+    cached: set[str] = set()
+    for label, key in zip(labels, keys, strict=True):
+        found = cache.get(key, label)
+        if found is not None:
+            sketches[label] = found
+            cached.add(label)
+    roots = tuple(str(r) for r in guard.roots)
+    jobs = [SketchJob(s, label, base, roots, limits, params, key)
+            for s, label, key in zip(sources, labels, keys, strict=True) if label not in sketches]
+    total = len(labels)
+    if progress is not None and cached:
+        progress(len(cached), total, f"{len(cached)} sketches from the cache")
+
+    def done(job: SketchJob, payload: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        cache.put(job.key, payload)
+        found = sk.from_tensors(*payload)
+        found.label = job.label
+        sketches[job.label] = found
+        if progress is not None:
+            progress(len(sketches), total, f"sketched {job.label}")
+
+    if backend is None:
+        backend = ray_backend(None if ray in (None, "", "local") else ray) if ray else \
+            local_backend(workers if workers is not None else min(2, os.cpu_count() or 1))
+    backend(jobs, done, cancelled)
+
+    pairs = []
+    for i, j in itertools.combinations(range(len(labels)), 2):
+        if cancelled is not None and cancelled():
+            raise AnalysisCancelledError("zoo cancelled while scoring pairs")
+        pairs.append(_pair(labels[i], labels[j], estimate_pair(sketches[labels[i]], sketches[labels[j]])))
+    pairs.sort(key=lambda p: (-p.mci, p.model_a, p.model_b))
+    notes = [
+        "every number is estimated from sketches: the true value lies within +- its bound (4 standard errors)",
+        f"sketch: {params.width}+ CountSketch buckets and {params.samples}+ sampled coordinates per tensor, "
+        f"top-{params.rank} singular vectors",
+    ]
+    strategy = None
+    if exact_top:
+        pairs, strategy = _exact(pairs, exact_top, dict(zip(labels, sources, strict=True)), base, settings, guard,
+                                 _best_sets(labels, pairs, set_size, top))
+    best = _best_sets(labels, pairs, set_size, top, target_label)
+    dupes = _groups(labels, [p for p in pairs if p.near_duplicate])
+    return ZooResult(
+        version=VERSION,
+        models=[ZooModel(label=label, source=s, n_params=n, nbytes=nb, sketch_bytes=sketches[label].sketch_bytes,
+                         cached=label in cached)
+                for label, s, (n, nb) in zip(labels, sources, infos, strict=True)],
+        base=base, target=target_label, pairs=pairs, best_sets=best,
+        clusters=[g for g in _groups(labels, [p for p in pairs if p.verdict in GOOD]) if len(g) > 1],
+        near_duplicates=[g for g in dupes if len(g) > 1],
+        conflicts=[[p.model_a, p.model_b] for p in pairs if p.verdict not in GOOD],
+        strategy=strategy, notes=notes, backend=getattr(backend, "name", "local"),
+        elapsed_s=round(time.perf_counter() - started, 3),
+    )
+
+
+def _pair(a: str, b: str, est: PairEstimate) -> ZooPair:
+    m, bd = est.metrics, est.bounds
+    if "task_cosine" in m:
+        duplicate = m["task_cosine"] - bd["task_cosine"] >= NEAR_DUPLICATE_TASK_COSINE
+    else:
+        duplicate = m["l2_distance"] + bd["l2_distance"] <= NEAR_DUPLICATE_DISTANCE
+    r = round
+    return ZooPair(
+        model_a=a, model_b=b, mci=est.mci, mci_low=est.low, mci_high=est.high, verdict=mci.verdict_for(est.mci),
+        cosine=r(m["cosine_similarity"], 6), cosine_bound=r(bd["cosine_similarity"], 6),
+        task_cosine=r(m["task_cosine"], 6) if "task_cosine" in m else None,
+        task_cosine_bound=r(bd["task_cosine"], 6) if "task_cosine" in m else None,
+        sign_disagreement=r(m["sign_disagreement"], 6) if "sign_disagreement" in m else None,
+        sign_disagreement_bound=r(bd["sign_disagreement"], 6) if "sign_disagreement" in m else None,
+        near_duplicate=duplicate,
+    )
+
+
+def _best_sets(
+    labels: list[str], pairs: list[ZooPair], set_size: int, top: int, target: str | None = None
+) -> list[ZooSet]:
+    """The best sets of 2..set_size models (containing `target` when given), ranked by their weakest pair's
+    MCI, then by their mean; sets holding near-duplicates are left out (merging a model with itself adds
+    nothing)."""
+    by_pair = {frozenset((p.model_a, p.model_b)): p for p in pairs}
+    candidates: list[ZooSet] = []
+    for k in range(2, min(set_size, len(labels)) + 1):
+        if math.comb(len(labels), k) > MAX_SET_CANDIDATES:
+            break  # too many sets: only the smaller sizes are scored exhaustively
+        for combo in itertools.combinations(labels, k):
+            if target is not None and target not in combo:
+                continue
+            members = [by_pair[frozenset(c)] for c in itertools.combinations(combo, 2)]
+            if any(p.near_duplicate for p in members):
+                continue
+            score = lambda p: p.exact_mci if p.exact_mci is not None else p.mci  # noqa: E731
+            weakest = min(members, key=score)
+            candidates.append(ZooSet(
+                models=list(combo), mci=score(weakest), mci_low=min(p.mci_low for p in members),
+                mean_mci=round(sum(score(p) for p in members) / len(members), 2), verdict=weakest.verdict,
+            ))
+    candidates.sort(key=lambda s: (-s.mci, -s.mean_mci, -len(s.models), s.models))
+    return candidates[:top]
+
+
+def _groups(labels: list[str], edges: list[ZooPair]) -> list[list[str]]:
+    """Connected components of the models under `edges`, each in zoo order, largest first."""
+    parent = {label: label for label in labels}
+
+    def root(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for p in edges:
+        parent[root(p.model_a)] = root(p.model_b)
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(root(label), []).append(label)
+    return sorted(groups.values(), key=lambda g: (-len(g), labels.index(g[0])))
+
+
+def _exact(
+    pairs: list[ZooPair], n: int, sources: dict[str, str], base: str | None, settings: Settings,
+    guard: PathGuard, best: list[ZooSet],
+) -> tuple[list[ZooPair], Any]:
+    """The top `n` pairs with their MCI recomputed exactly; the strategy of the best set, compared exactly."""
+    from . import service
+
+    out = list(pairs)
+    for i, p in enumerate(pairs[:n]):
+        result = service.compare([sources[p.model_a], sources[p.model_b]], base, settings=settings, guard=guard)
+        out[i] = p.model_copy(update={"exact_mci": result.mci.score})
+    strategy = None
+    if best:
+        members = [sources[m] for m in best[0].models]
+        strategy = service.compare(members, base, settings=settings, guard=guard).strategy
+    return out, strategy

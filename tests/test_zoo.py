@@ -1,0 +1,199 @@
+"""The zoo: sketches against the exact comparison, the cache, the groups and the best sets, the process pool."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fixtures.zoo import Zoo, make_model, make_zoo
+from mergelens_mcp import service
+from mergelens_mcp.analysis import sketch as sk
+from mergelens_mcp.errors import AnalysisCancelledError, InputError, PathNotAllowedError
+from mergelens_mcp.models import ZooResult
+from mergelens_mcp.security.limits import Limits
+from mergelens_mcp.zoo import SketchJob, compare_zoo, draw_sketch, expand_sources
+
+# Buckets and samples below most tensors' sizes (2k-16k values), so the estimates, not copies, are tested.
+PARAMS = sk.SketchParams(width=2048, samples=2048, width_share=0.0, sample_share=0.0)
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    return make_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module")
+def result(zoo: Zoo, tmp_path_factory: pytest.TempPathFactory) -> ZooResult:
+    cache = tmp_path_factory.mktemp("cache")
+    return compare_zoo([str(zoo.folder)], str(zoo.base), cache_dir=cache, workers=1, params=PARAMS)
+
+
+def _weighted(layers: list, name: str) -> float:  # type: ignore[type-arg]
+    return sum(lm.metrics[name] * lm.n_params for lm in layers) / sum(lm.n_params for lm in layers)
+
+
+def test_sketch_estimates_match_the_exact_comparison_on_every_pair_within_their_bounds(
+    zoo: Zoo, result: ZooResult
+) -> None:
+    exact = service.compare([str(m) for m in zoo.models], str(zoo.base), device="cpu")
+    labels = {m.name: m.name for m in zoo.models}  # compare and the zoo both name a model by its folder
+    by_pair = {frozenset((p.model_a, p.model_b)): p for p in result.pairs}
+    assert len(by_pair) == len(exact.pairwise) == 15
+    mci_diffs, same_verdict = [], 0
+    for pair in exact.pairwise:
+        est = by_pair[frozenset((labels[pair.model_a], labels[pair.model_b]))]
+        layers = [lm for lm in exact.layer_metrics if (lm.model_a, lm.model_b) == (pair.model_a, pair.model_b)]
+        cosine, task_cosine = _weighted(layers, "cosine_similarity"), _weighted(layers, "task_cosine")
+        sign = _weighted(layers, "sign_disagreement")
+        assert abs(est.cosine - cosine) <= 0.01
+        assert abs(est.cosine - cosine) <= est.cosine_bound + 1e-6
+        assert est.task_cosine is not None and est.task_cosine_bound is not None
+        assert abs(est.task_cosine - task_cosine) <= est.task_cosine_bound + 1e-6
+        assert est.sign_disagreement is not None and est.sign_disagreement_bound is not None
+        assert abs(est.sign_disagreement - sign) <= est.sign_disagreement_bound + 1e-6
+        assert pair.score is not None
+        assert est.mci_low - 0.01 <= pair.score <= est.mci_high + 0.01
+        mci_diffs.append(abs(est.mci - pair.score))
+        same_verdict += est.verdict is pair.verdict
+    assert sum(mci_diffs) / len(mci_diffs) <= 2.0
+    assert same_verdict / len(mci_diffs) >= 0.95
+
+
+def test_the_zoo_finds_the_near_duplicate_the_conflicts_and_ranks_sets_by_their_weakest_pair(
+    result: ZooResult,
+) -> None:
+    assert result.near_duplicates == [["ft_0", "ft_4"]]
+    conflicts = {frozenset(c) for c in result.conflicts}
+    assert frozenset(("ft_0", "ft_5")) in conflicts  # ft_5 = 2 base - ft_0
+    assert all("ft_5" in c or "ft_4" in c for c in conflicts)
+    assert result.best_sets
+    for s in result.best_sets:
+        assert not {"ft_0", "ft_4"} <= set(s.models)  # a set never holds both near-duplicates
+        assert s.mci <= s.mean_mci
+    scores = [s.mci for s in result.best_sets]
+    assert scores == sorted(scores, reverse=True)
+    assert [p.mci for p in result.pairs] == sorted((p.mci for p in result.pairs), reverse=True)
+    assert all(p.mci_low <= p.mci <= p.mci_high for p in result.pairs)
+
+
+def test_a_target_gets_only_sets_that_contain_it(zoo: Zoo, tmp_path: Path) -> None:
+    found = compare_zoo([str(zoo.folder)], str(zoo.base), target="ft_2", cache_dir=tmp_path, workers=1,
+                        params=PARAMS, top=3)
+    assert found.target == "ft_2" and len(found.best_sets) == 3
+    assert all("ft_2" in s.models for s in found.best_sets)
+    with pytest.raises(InputError, match="target 'nope' is not one of"):
+        compare_zoo([str(zoo.folder)], str(zoo.base), target="nope", cache_dir=tmp_path, workers=1)
+
+
+def test_sketches_are_cached_and_a_changed_file_is_sketched_again(zoo: Zoo, tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    models = [make_model(root, f"m{i}", task_seed=60 + i) for i in range(3)]
+    first = compare_zoo([str(m) for m in models], str(zoo.base), cache_dir=tmp_path / "c", workers=1,
+                        params=PARAMS)
+    assert [m.cached for m in first.models] == [False, False, False]
+    again = compare_zoo([str(m) for m in models], str(zoo.base), cache_dir=tmp_path / "c", workers=1,
+                        params=PARAMS)
+    assert [m.cached for m in again.models] == [True, True, True]
+    assert again.pairs == first.pairs
+    make_model(root, "m1", task_seed=99)  # rewritten in place: other bytes, a new header hash and mtime
+    changed = compare_zoo([str(m) for m in models], str(zoo.base), cache_dir=tmp_path / "c", workers=1,
+                          params=PARAMS)
+    assert [m.cached for m in changed.models] == [True, False, True]
+    assert changed.pairs != first.pairs
+    other_params = compare_zoo([str(m) for m in models], str(zoo.base), cache_dir=tmp_path / "c", workers=1,
+                               params=sk.SketchParams(width=1024, samples=1024, width_share=0.0, sample_share=0.0))
+    assert not any(m.cached for m in other_params.models)  # the parameters are part of the key
+
+
+def test_adding_a_model_to_a_cached_zoo_sketches_only_the_new_one(zoo: Zoo, tmp_path: Path) -> None:
+    sources = [str(m) for m in zoo.models[:3]]
+    compare_zoo(sources, str(zoo.base), cache_dir=tmp_path, workers=1, params=PARAMS)
+    seen: list[str] = []
+    grown = compare_zoo([*sources, str(zoo.models[3])], str(zoo.base), cache_dir=tmp_path, workers=1,
+                        params=PARAMS, progress=lambda done, total, message: seen.append(message))
+    assert [m.cached for m in grown.models] == [True, True, True, False]
+    assert seen == ["3 sketches from the cache", "sketched ft_3"]
+    assert len(grown.pairs) == 6
+
+
+def test_the_process_pool_gives_the_same_zoo_as_one_process_bit_for_bit(zoo: Zoo, tmp_path: Path) -> None:
+    sources = [str(m) for m in zoo.models[:3]]
+    one = compare_zoo(sources, str(zoo.base), cache_dir=tmp_path / "one", workers=1, params=PARAMS)
+    pool = compare_zoo(sources, str(zoo.base), cache_dir=tmp_path / "pool", workers=2, params=PARAMS)
+    assert pool.pairs == one.pairs and pool.best_sets == one.best_sets
+    files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "pool").iterdir())
+    for name in files:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "pool" / name).read_bytes()
+
+
+def test_a_cancelled_zoo_stops_before_the_next_model(zoo: Zoo, tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def cancelled() -> bool:
+        calls.append("asked")
+        return len(calls) > 1
+
+    with pytest.raises(AnalysisCancelledError, match="cancelled"):
+        compare_zoo([str(m) for m in zoo.models[:3]], str(zoo.base), cache_dir=tmp_path, workers=1,
+                    params=PARAMS, cancelled=cancelled)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 1  # one model sketched, then it stopped
+
+
+def test_a_worker_refuses_a_model_outside_its_allowed_roots(zoo: Zoo, tmp_path: Path) -> None:
+    job = SketchJob(str(zoo.models[0]), "ft_0", None, (str(tmp_path),), Limits(), PARAMS, "k")
+    with pytest.raises(PathNotAllowedError):
+        draw_sketch(job)
+    capped = SketchJob(str(zoo.models[0]), "ft_0", None, (os.sep,), Limits(max_request_bytes=1000), PARAMS, "k")
+    with pytest.raises(Exception, match="cap"):
+        draw_sketch(capped)
+
+
+def test_a_lone_folder_of_model_folders_is_the_zoo_and_one_model_is_refused(zoo: Zoo) -> None:
+    assert expand_sources([str(zoo.folder)]) == [str(m) for m in zoo.models]
+    with pytest.raises(InputError, match="at least two models"):
+        expand_sources([str(zoo.models[0])])
+
+
+def test_tensors_no_larger_than_the_sketch_are_kept_whole_and_pair_exactly(zoo: Zoo, tmp_path: Path) -> None:
+    wide = sk.SketchParams(width=1 << 16, samples=1 << 16)
+    found = compare_zoo([str(m) for m in zoo.models[:2]], str(zoo.base), cache_dir=tmp_path, workers=1,
+                        params=wide)
+    exact = service.compare([str(m) for m in zoo.models[:2]], str(zoo.base), device="cpu")
+    [pair] = found.pairs
+    assert pair.cosine_bound == 0.0 and pair.task_cosine_bound == 0.0 and pair.sign_disagreement_bound == 0.0
+    assert pair.mci == pytest.approx(exact.mci.score, abs=0.05)
+    assert pair.cosine == pytest.approx(_weighted(exact.layer_metrics, "cosine_similarity"), abs=1e-5)
+
+
+def test_mergelens_zoo_prints_the_best_sets_and_writes_the_json(
+    zoo: Zoo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mergelens_mcp.cli import main
+
+    out = tmp_path / "zoo.json"
+    code = main(["zoo", str(zoo.folder), "--base", str(zoo.base), "--cache-dir", str(tmp_path / "c"),
+                 "--workers", "1", "--top", "2", "--target", "ft_1", "--json", str(out),
+                 "--report", str(tmp_path / "zoo.html")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "Best sets with ft_1" in printed and "near-duplicates: ft_0, ft_4" in printed
+    loaded = ZooResult.model_validate_json(out.read_text())
+    assert loaded.target == "ft_1" and len(loaded.best_sets) == 2 and len(loaded.pairs) == 15
+    page = (tmp_path / "zoo.html").read_text()
+    assert '<meta name="generator" content="mergelens-mcp">' in page and "zoo-matrix" in page
+    assert ", ".join(loaded.best_sets[0].models) in page and page.count('"ft_5"') >= 2  # matrix axes
+    assert main(["zoo", str(zoo.models[0]), "--cache-dir", str(tmp_path / "c")]) == 2  # one model: refused
+
+
+def test_exact_top_recomputes_the_best_pair_exactly_and_gives_the_top_sets_yaml(zoo: Zoo, tmp_path: Path) -> None:
+    sources = [str(m) for m in zoo.models[:3]]
+    found = compare_zoo(sources, str(zoo.base), cache_dir=tmp_path, workers=1, params=PARAMS, exact_top=1,
+                        set_size=2)
+    best = found.pairs[0]
+    exact = service.compare([str(zoo.folder / best.model_a), str(zoo.folder / best.model_b)], str(zoo.base))
+    assert best.exact_mci == exact.mci.score and best.mci_low <= best.exact_mci <= best.mci_high
+    assert all(p.exact_mci is None for p in found.pairs[1:])
+    assert found.strategy is not None and "merge_method:" in found.strategy.mergekit_yaml
