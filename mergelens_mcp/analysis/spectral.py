@@ -124,9 +124,9 @@ def randomized_svd(
     low = _low_precision(a, minus)
     basis = _orthonormal(low @ omega.to(LOW))
     for _ in range(power_iters):
-        z = _orthonormal(low.T @ basis.to(LOW))
+        z = _orthonormal(_transposed_times(low, basis))
         basis = _orthonormal(low @ z.to(LOW))
-    z = _orthonormal(low.T @ basis.to(LOW))
+    z = _orthonormal(_transposed_times(low, basis))
     del low
     product, energy = _times(a, minus, z)  # (m, q) = (a - minus) z, in float32
     left, r = torch.linalg.qr(product)
@@ -136,6 +136,13 @@ def randomized_svd(
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y.float()).Q
+
+
+def _transposed_times(low: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """low^T basis, computed as (basis^T low)^T: the same products, in the order the bfloat16 kernels run
+    fastest on a row-major matrix (on this CPU 9 ms instead of 18 ms for an 11008 x 4096 matrix and 32
+    columns, two of every SVD's five products)."""
+    return (basis.to(LOW).T @ low).T
 
 
 def on_accelerator(t: torch.Tensor) -> bool:
@@ -178,7 +185,7 @@ def _times(a: torch.Tensor, minus: torch.Tensor | None, z: torch.Tensor) -> tupl
     for start in range(0, a.shape[0], step):
         rows = _rows(a, minus, start, start + step)
         out[start:start + step] = _matmul_t(rows, zt)
-        energy += float((rows * rows).sum())
+        energy += float(torch.linalg.vector_norm(rows)) ** 2  # one reduction, no squared temporary
     return out, energy
 
 
