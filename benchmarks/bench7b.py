@@ -104,7 +104,8 @@ def compare(folders: dict[str, Path], code: Path, label: str, threads: int | Non
            "MERGELENS_BENCH_COUNTERS": str(out.with_suffix(".counters.json"))}
     if threads is not None:
         env["MERGELENS_THREADS"] = str(threads)
-    cmd = [sys.executable, "-m", "benchmarks.timed_compare", "compare", str(folders["ft_a"]),
+    # -P: the package comes from PYTHONPATH (the code under test), not from the working directory
+    cmd = [sys.executable, "-P", "-m", "benchmarks.timed_compare", "compare", str(folders["ft_a"]),
            str(folders["ft_b"]), "--base", str(folders["base"]), "--json", str(out.with_suffix(".json")),
            "--layers", "0", "--device", device]
     load = os.getloadavg()[0]

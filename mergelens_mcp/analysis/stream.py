@@ -32,7 +32,7 @@ import torch
 from .compat import Plan
 from .loading import Checkpoint
 from .metrics import NATIVE, REGISTRY, Operand, pair_sums, weight_and_task_sums
-from .spectral import SVD
+from .spectral import SVD, release_scratch
 from .types import AnalysisOptions
 
 LARGE = 1 << 24  # elements: such sets first return freed heap memory to the OS, and build one sketch at a time
@@ -196,6 +196,7 @@ def measured_sets(names: Sequence[str], run: Run) -> Iterator[Measured]:
                 opened.close()  # cancel the sets opened ahead before the pool waits for its jobs
     finally:
         torch.set_num_threads(previous_threads)
+        release_scratch()  # the SVDs' reused buffer: a server keeps no memory between comparisons
 
 
 def _cancel(current: _Set) -> None:
