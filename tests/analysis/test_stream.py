@@ -86,3 +86,31 @@ def test_the_scheduler_opens_sets_ahead_within_the_largest_sets_bytes_and_releas
         assert next(stopped).key == "t0"
         stopped.close()  # a consumer stopping early: every set opened is closed
         assert live == {} and {k for e, k in events if e == "open"} == {k for e, k in events if e == "close"}
+
+
+def test_a_comparison_frees_the_buffer_its_task_vector_svds_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergelens_mcp.analysis import spectral
+    from mergelens_mcp.analysis.engine import analyze
+    from mergelens_mcp.analysis.types import AnalysisOptions
+    from mergelens_mcp.demo import Shape
+
+    shape = Shape(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128, vocab=32)  # sketched: 64 > 16 + 16
+    base = make_checkpoint(tmp_path / "base", shape)  # bf16: the task vectors' SVDs round into the shared buffer
+    a = make_finetune(tmp_path / "a", shape, task_seed=1)
+    b = make_finetune(tmp_path / "b", shape, task_seed=2)
+    largest: list[int] = []
+    real = spectral._low_precision
+
+    def recording(*args: Any) -> torch.Tensor:
+        largest.append(spectral._SCRATCH.buffer.numel())
+        return real(*args)
+
+    monkeypatch.setattr(spectral, "_low_precision", recording)
+    with ExitStack() as stack:
+        models = [stack.enter_context(load_checkpoint(str(p), p.name)) for p in (a, b)]
+        analyze(models, stack.enter_context(load_checkpoint(str(base), "base")),
+                AnalysisOptions(device="cpu", exact_svd_max_elements=0))
+    assert max(largest) > 0
+    assert spectral._SCRATCH.buffer.numel() == 0
