@@ -8,7 +8,7 @@ DEMO_DIR ?= .demo
 
 REAL_WEIGHTS ?= .cache/real-weights
 
-.PHONY: install demo test bench bench-peer bench-validity security lint clean real-weights docs-screenshot
+.PHONY: install demo test bench bench-7b bench-peer bench-validity security lint clean real-weights docs-screenshot
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,9 @@ $(REAL_WEIGHTS)/.done:
 
 bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints
 	$(PY) -m benchmarks.run
+
+bench-7b: install  ## Llama-2-7B shapes: 40 GB generated in .bench/ (removed after), cold read vs compare
+	$(PY) -m benchmarks.bench7b $(BENCH7B_ARGS)
 
 bench-peer: install  ## mergelens 2.0.3 side by side, in its own venv (.bench/peer-venv), torch pinned first
 	TORCH_SPEC="$(TORCH_SPEC)" $(PY) -m benchmarks.peer
