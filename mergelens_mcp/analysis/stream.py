@@ -206,12 +206,15 @@ def _cancel(current: _Set) -> None:
 
 def _close(current: _Set) -> None:
     """Cancel the set's queued jobs (only after an error: otherwise all are done), wait for those running
-    (the views must outlive the jobs that read them), and release the set."""
+    (the views must outlive the jobs that read them), and release the set and what its jobs made. The list
+    of sets lives until the comparison ends: a set that kept its SVDs' futures kept every singular basis of
+    the model (about 4 MB per Llama-2-7B layer matrix, 0.9 GB over the model)."""
     _cancel(current)
     for job in current.jobs():
         if not job.cancelled():
             job.exception()
     current.weights, current.tasks, current.base = [], [], None
+    current.elementwise, current.svds = None, []  # the SVDs' bases would otherwise live as long as the run
     current.release()
 
 

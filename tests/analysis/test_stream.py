@@ -114,3 +114,30 @@ def test_a_comparison_frees_the_buffer_its_task_vector_svds_shared(
                 AnalysisOptions(device="cpu", exact_svd_max_elements=0))
     assert max(largest) > 0
     assert spectral._SCRATCH.buffer.numel() == 0
+
+
+def test_a_measured_set_keeps_none_of_its_svds_once_the_next_set_is_drawn(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    from mergelens_mcp.analysis.compat import plan_comparison
+    from mergelens_mcp.analysis.types import AnalysisOptions
+    from mergelens_mcp.demo import Shape
+
+    shape = Shape(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vocab=32)
+    base = make_checkpoint(tmp_path / "base", shape)
+    a = make_finetune(tmp_path / "a", shape, task_seed=1)
+    b = make_finetune(tmp_path / "b", shape, task_seed=2)
+    with ExitStack() as stack:
+        models = [stack.enter_context(load_checkpoint(str(p), p.name)) for p in (a, b)]
+        base_ckpt = stack.enter_context(load_checkpoint(str(base), "base"))
+        plan = plan_comparison(models, base_ckpt)
+        run = stream.Run(models, base_ckpt, plan, torch.device("cpu"), AnalysisOptions(device="cpu"), [(0, 1)])
+        alive: list[list[weakref.ref[Any]]] = []
+        for measured in stream.measured_sets(plan.tensors, run):
+            alive.append([weakref.ref(svd.u) for svd in measured.svds])
+            del measured
+            gc.collect()
+            if len(alive) >= 3:  # two sets back: closed when the set before this one was drawn
+                assert all(ref() is None for ref in alive[-3])
+        assert sum(len(refs) for refs in alive) > 0
