@@ -8,7 +8,7 @@ DEMO_DIR ?= .demo
 
 REAL_WEIGHTS ?= .cache/real-weights
 
-.PHONY: install demo test bench bench-peer bench-validity security lint clean real-weights docs-screenshot
+.PHONY: install demo test bench bench-7b bench-peer bench-validity security lint clean real-weights docs-screenshot
 
 install: $(VENV)/.installed
 
@@ -62,6 +62,9 @@ bench: install  ## speed, memory, I/O floor, scaling and serve latency on genera
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.lora
 	nice -n 10 $(PY) -m benchmarks.zoo  ## 12 generated 0.056B fine-tunes: the zoo against the I/O floor
+
+bench-7b: install  ## Llama-2-7B shapes: 40 GB generated in .bench/ (removed after), cold read vs compare
+	$(PY) -m benchmarks.bench7b $(BENCH7B_ARGS)
 
 bench-peer: install  ## mergelens 2.0.3 side by side, in its own venv (.bench/peer-venv), torch pinned first
 	TORCH_SPEC="$(TORCH_SPEC)" $(PY) -m benchmarks.peer

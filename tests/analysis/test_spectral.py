@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mergelens_mcp.analysis import spectral
 from mergelens_mcp.analysis.engine import AnalysisOptions, analyze
 from mergelens_mcp.analysis.loading import load_checkpoint
 from mergelens_mcp.analysis.metrics import REGISTRY, Operand, _effective_rank
@@ -230,3 +231,57 @@ def test_the_float32_product_gives_what_torch_mm_gives() -> None:
     ours = spectral._matmul_t(x, w)
     assert ours.dtype == torch.float32 and ours.shape == (300, 33)
     assert float((ours.double() - reference).abs().max() / reference.abs().max()) < 1e-6
+
+
+def stored_task(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(model, base, model - base in float32): bf16 weights whose difference has the slow s_i = 1/i spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    base = (0.005 * torch.randn(640, 480, generator=g)).bfloat16()  # rounding the model adds little noise
+    update = with_spectrum(640, 480, 1.0 / torch.arange(1, 401, dtype=torch.float64), seed=seed).float()
+    model = (base.float() + update).bfloat16()
+    return model, base, model.float() - base.float()
+
+
+def test_a_stored_bf16_task_vector_keeps_the_bounds_of_its_float32_difference() -> None:
+    model, base, task = stored_task(seed=7)
+    approx = decompose(model, RANK, exact_max_elements=0, minus=base)
+    u, s, vh = (x.double() for x in torch.linalg.svd(task, full_matrices=False))
+    rel8 = float(((approx.s[:8].double() - s[:8]).abs() / s[:8]).max())
+    rel16 = float(((approx.s[:RANK].double() - s[:RANK]).abs() / s[:RANK]).max())
+    assert rel8 < 1e-3 and rel16 < 0.02
+    assert overlap(approx.u[:, :8], u[:, :8]) > 0.999 and overlap(approx.v[:, :8], vh[:8].T) > 0.999
+    assert approx.total_energy == pytest.approx(float(task.double().pow(2).sum()), rel=1e-5)
+
+
+def test_the_reused_bf16_buffer_gives_the_same_svd_as_a_fresh_copy_and_is_freed_on_release() -> None:
+    model, base, _ = stored_task(seed=8)
+    spectral.release_scratch()
+    shared = decompose(model, RANK, exact_max_elements=0, minus=base)  # rounds into the shared buffer
+    assert spectral._SCRATCH.buffer.numel() == model.numel()
+    with spectral._SCRATCH.lock:  # held, as by another thread's SVD: this one makes its own copy
+        fresh = decompose(model, RANK, exact_max_elements=0, minus=base)
+    assert torch.equal(shared.s, fresh.s) and torch.equal(shared.u, fresh.u) and torch.equal(shared.v, fresh.v)
+    spectral.release_scratch()
+    assert spectral._SCRATCH.buffer.numel() == 0
+
+
+def test_a_float32_matrix_and_its_subtrahend_are_left_as_they_were() -> None:
+    a, b = decaying(seed=3), 0.5 * decaying(seed=4)
+    a_before, b_before = a.clone(), b.clone()
+    svd = decompose(a, RANK, exact_max_elements=0, minus=b)
+    assert torch.equal(a, a_before) and torch.equal(b, b_before)
+    assert svd.total_energy == pytest.approx(float((a - b).double().pow(2).sum()), rel=1e-5)
+
+
+def test_an_energy_the_caller_measured_is_kept_and_the_singular_values_do_not_change() -> None:
+    m = decaying(seed=9)
+    measured = decompose(m, RANK, exact_max_elements=0)
+    given = decompose(m, RANK, exact_max_elements=0, energy=123.0)
+    assert given.total_energy == 123.0 and torch.equal(given.s, measured.s)
+
+
+def test_the_transposed_product_equals_the_plain_one() -> None:
+    g = torch.Generator().manual_seed(10)
+    low, basis = torch.randn(300, 200, generator=g).bfloat16(), torch.randn(300, 32, generator=g)
+    expected = low.float().T @ basis.bfloat16().float()
+    torch.testing.assert_close(spectral._transposed_times(low, basis).float(), expected, rtol=2e-2, atol=2e-2)

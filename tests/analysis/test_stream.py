@@ -108,3 +108,58 @@ def test_a_measured_set_keeps_no_operands_views_or_svd_jobs_once_the_stream_move
     for current in closed:
         assert (current.views, current.weights, current.tasks, current.base) == ([], [], [], None)
         assert current.elementwise is None and current.svds == []
+
+
+def test_a_comparison_frees_the_buffer_its_task_vector_svds_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergelens_mcp.analysis import spectral
+    from mergelens_mcp.analysis.engine import analyze
+    from mergelens_mcp.analysis.types import AnalysisOptions
+    from mergelens_mcp.demo import Shape
+
+    shape = Shape(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128, vocab=32)  # sketched: 64 > 16 + 16
+    base = make_checkpoint(tmp_path / "base", shape)  # bf16: the task vectors' SVDs round into the shared buffer
+    a = make_finetune(tmp_path / "a", shape, task_seed=1)
+    b = make_finetune(tmp_path / "b", shape, task_seed=2)
+    largest: list[int] = []
+    real = spectral._low_precision
+
+    def recording(*args: Any) -> torch.Tensor:
+        largest.append(spectral._SCRATCH.buffer.numel())
+        return real(*args)
+
+    monkeypatch.setattr(spectral, "_low_precision", recording)
+    with ExitStack() as stack:
+        models = [stack.enter_context(load_checkpoint(str(p), p.name)) for p in (a, b)]
+        analyze(models, stack.enter_context(load_checkpoint(str(base), "base")),
+                AnalysisOptions(device="cpu", exact_svd_max_elements=0))
+    assert max(largest) > 0
+    assert spectral._SCRATCH.buffer.numel() == 0
+
+
+def test_a_measured_set_keeps_none_of_its_svds_once_the_next_set_is_drawn(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    from mergelens_mcp.analysis.compat import plan_comparison
+    from mergelens_mcp.analysis.types import AnalysisOptions
+    from mergelens_mcp.demo import Shape
+
+    shape = Shape(hidden=64, layers=2, heads=2, kv_heads=1, intermediate=128, vocab=32)
+    base = make_checkpoint(tmp_path / "base", shape)
+    a = make_finetune(tmp_path / "a", shape, task_seed=1)
+    b = make_finetune(tmp_path / "b", shape, task_seed=2)
+    with ExitStack() as stack:
+        models = [stack.enter_context(load_checkpoint(str(p), p.name)) for p in (a, b)]
+        base_ckpt = stack.enter_context(load_checkpoint(str(base), "base"))
+        plan = plan_comparison(models, base_ckpt)
+        run = stream.Run(models, base_ckpt, plan, torch.device("cpu"), AnalysisOptions(device="cpu"), [(0, 1)])
+        alive: list[list[weakref.ref[Any]]] = []
+        for measured in stream.measured_sets(plan.tensors, run):
+            alive.append([weakref.ref(svd.u) for svd in measured.svds])
+            del measured
+            gc.collect()
+            if len(alive) >= 3:  # two sets back: closed when the set before this one was drawn
+                assert all(ref() is None for ref in alive[-3])
+        assert sum(len(refs) for refs in alive) > 0

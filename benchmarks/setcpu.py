@@ -1,0 +1,66 @@
+"""`python -m benchmarks.setcpu [REV]`: CPU seconds of one 7B-shaped tensor set's jobs on one core, this code
+against git revision REV (default c5e063e), alternating, medians of three.
+
+The set is an 11008 x 4096 bf16 matrix (Llama-2-7B's gate/up projection) of two fine-tunes and their base:
+its elementwise pass and its four SVDs (two weights, two task vectors), each timed by the thread's CPU clock,
+so other processes on a shared machine move the figures much less than they move wall times. Each revision
+runs in its own child process (`-P`: the package comes from PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.bench7b import export_revision
+
+ROOT = Path(__file__).resolve().parent.parent
+CHILD = """
+import json, time, torch
+from mergelens_mcp.analysis import stream
+from mergelens_mcp.analysis.metrics import Operand, weight_and_task_sums
+torch.set_num_threads(1)
+stream._tune_heap()
+g = torch.Generator().manual_seed(0)
+base = (0.02 * torch.randn(11008, 4096, generator=g)).bfloat16()
+a = (base.float() + 0.002 * torch.randn(11008, 4096, generator=g)).bfloat16()
+b = (base.float() + 0.002 * torch.randn(11008, 4096, generator=g)).bfloat16()
+def clock(fn):
+    started = time.thread_time(); fn(); return time.thread_time() - started
+out = {"elementwise": [], "weight svd": [], "task svd": []}
+for _ in range(4):
+    wa, wb, zb = Operand(a), Operand(b), Operand(base)
+    ta, tb = Operand(a, base=base), Operand(b, base=base)
+    out["weight svd"].append(clock(lambda: wa.svd))  # before the pass: the energy is measured in the SVD
+    out["task svd"].append(clock(lambda: ta.svd))
+    out["elementwise"].append(clock(lambda: weight_and_task_sums(wa, wb, ta, tb, zb)))
+print(json.dumps({k: v[1:] for k, v in out.items()}))  # the first round warms the allocator
+"""
+
+
+def measure(code: Path) -> dict[str, list[float]]:
+    env = {"PYTHONPATH": f"{code}:{ROOT}", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-P", "-c", CHILD], env=env, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    rev = (argv if argv is not None else sys.argv[1:])[0] if (argv or sys.argv[1:]) else "c5e063e"
+    codes = {f"before {rev}": export_revision(rev), "after": ROOT}
+    times: dict[str, dict[str, list[float]]] = {label: {} for label in codes}
+    for _ in range(3):
+        for label, code in codes.items():
+            for job, values in measure(code).items():
+                times[label].setdefault(job, []).extend(values)
+    for label, jobs in times.items():
+        per_set = sum(statistics.median(v) * (2 if "svd" in job else 1) for job, v in jobs.items())
+        parts = ", ".join(f"{job} {statistics.median(v) * 1000:.0f} ms" for job, v in jobs.items())
+        print(f"{label:<16} {parts}; one set (pass + 2 weight + 2 task SVDs) {per_set * 1000:.0f} ms CPU")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
