@@ -377,7 +377,7 @@ def _interference_table(result: ConfigDiagnosis, console: Console) -> None:
     table = Table(title="Per layer")
     table.add_column("layer")
     table.add_column("interference", justify="right")
-    optional = {"sign conflict": "sign_conflict", "SLERP linear rows": "slerp_linear_share"}
+    optional = {"sign conflict": "sign_conflict", "SLERP linear share": "slerp_linear_share"}
     shown = {title: key for title, key in optional.items()
              if any(getattr(layer, key) is not None for layer in result.layers)}
     for title in shown:
