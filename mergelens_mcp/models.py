@@ -312,8 +312,8 @@ class LayerInterference(Frozen):
         description="model -> share of its task vector's |.| mass kept by trimming or dropping",
     )
     slerp_linear_share: float | None = Field(
-        default=None, description="SLERP: share of the layer's parameters in tensors where mergekit falls back to linear "
-                                  "interpolation (it decides per whole tensor)"
+        default=None, description="SLERP: share of the layer's parameters in tensors where mergekit falls back "
+                                  "to linear interpolation (it decides per whole tensor)"
     )
 
 
