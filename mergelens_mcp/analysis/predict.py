@@ -70,6 +70,53 @@ def _model_drift(far: bool) -> Callable[[Mapping[str, float]], float | None]:
     return value
 
 
+def _pair_geometry(m: Mapping[str, float]) -> tuple[float, float, float] | None:
+    """(far, near, cosine): each layer's two task-vector norms relative to the base's, and their cosine."""
+    drift, ratio, cosine = m.get("task_drift"), m.get("magnitude_ratio"), m.get("task_cosine")
+    if drift is None or ratio is None or cosine is None:
+        return None
+    far = 2 * drift / (1 + ratio)
+    return far, far * ratio, max(-1.0, min(1.0, cosine))
+
+
+def _averaging_gap(m: Mapping[str, float]) -> float | None:
+    """What averaging takes from each fine-tune: |t_a - t_b| / 2 relative to |w_base| (linear's and, for small
+    angles, slerp's distance from either input), from the two norms and the task cosine."""
+    g = _pair_geometry(m)
+    if g is None:
+        return None
+    far, near, cosine = g
+    return math.sqrt(max(far * far + near * near - 2 * cosine * far * near, 0.0)) / 2
+
+
+def _summed_energy(m: Mapping[str, float]) -> float | None:
+    """What adding takes from each fine-tune: task arithmetic moves model a by t_b and b by t_a, and DARE adds
+    dropout noise of energy p/(1-p) |t|^2 per input (p = 0.5: |t|^2): both scale as sqrt(|t_a|^2 + |t_b|^2)."""
+    g = _pair_geometry(m)
+    if g is None:
+        return None
+    far, near, _ = g
+    return math.sqrt(far * far + near * near)
+
+
+def _sign_energy(m: Mapping[str, float]) -> float | None:
+    """The energy TIES' sign election removes: the summed energy on the kept coordinates whose signs conflict."""
+    energy, top = _summed_energy(m), m.get("sign_disagreement_top")
+    return None if energy is None or top is None else energy * top
+
+
+def _averaging_shrink(m: Mapping[str, float]) -> float | None:
+    """How much of each task vector the average keeps along itself: (1 + cos |t_other| / |t_self|) / 2, the
+    mean over the two inputs (1 = nothing lost, below 1/2 = the other one pulls it back)."""
+    g = _pair_geometry(m)
+    if g is None:
+        return None
+    far, near, cosine = g
+    if near <= 0:
+        return 0.75
+    return ((1 + cosine * near / far) / 2 + (1 + cosine * far / near) / 2) / 2
+
+
 def _conflict(m: Mapping[str, float]) -> float | None:
     tsv, cosine = m.get("tsv_interference"), m.get("task_cosine")
     return None if tsv is None or cosine is None else tsv * (1 - cosine) / 2
@@ -126,6 +173,18 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
             _mean_of(_metric("task_mass_fraction"))),
     Feature("balance", True, "min/max of the two task vectors' norms (1 = moved equally far)",
             _mean_of(_metric("magnitude_ratio"))),
+    Feature("averaging_gap", True, "log |t_a - t_b| / 2 relative to the base: what averaging takes from each",
+            _mean_of(_averaging_gap, log=True)),
+    Feature("first_averaging_gap", True, "averaging_gap in the first decoder block",
+            _mean_of(_averaging_gap, log=True, first_block=True)),
+    Feature("summed_energy", True, "log sqrt(|t_a|^2 + |t_b|^2) relative to the base: what adding (and DARE's "
+            "dropout noise) takes from each", _mean_of(_summed_energy, log=True)),
+    Feature("first_summed_energy", True, "summed_energy in the first decoder block",
+            _mean_of(_summed_energy, log=True, first_block=True)),
+    Feature("sign_energy", True, "log summed energy x sign conflict on the kept coordinates (TIES' election)",
+            _mean_of(_sign_energy, log=True)),
+    Feature("averaging_shrink", True, "share of each task vector the average keeps along itself",
+            _mean_of(_averaging_shrink)),
     Feature("distance", False, "log relative weight distance |a - b| / (|a| + |b|) of the two models",
             _mean_of(_metric("l2_distance"), log=True)),
     Feature("direction", False, "log (1 - cosine similarity) of the two models' weights",
