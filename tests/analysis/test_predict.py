@@ -130,6 +130,9 @@ def test_best_method_prefers_the_simpler_one_within_the_tolerance() -> None:
 
     assert best_method({"ties": pred(0.70), "linear": pred(0.698), "slerp": pred(0.5)}) == "linear"
     assert best_method({"ties": pred(0.70), "linear": pred(0.60)}) == "ties"
+    # two points apart is still a tie (TIE); three is not
+    assert best_method({"ties": pred(0.70), "linear": pred(0.68)}) == "linear"
+    assert best_method({"ties": pred(0.70), "linear": pred(0.67)}) == "ties"
     assert best_method({}) is None
 
 
