@@ -4,10 +4,12 @@
         --score .bench/seed2/results.json --score .bench/h96l3/results.json \\
         --write mergelens_mcp/data/predictor.json --out .bench/fit.json
 
-The fit (ridge per method on a few standardized features of `mergelens_mcp.analysis.predict`, interval from
-leave-one-task-out residuals) uses only the --fit run. Every score, on the fit run's held-out tasks and on the
---score runs, is computed by the product's own `Predictor.predict`, beside the baselines: `norms_only`
-(-(|tau_a| + |tau_b|)), the MCI, the product's current recommender and each fixed rule ("always linear", ...).
+`--select` ranks every subset of 1-3 CANDIDATES by mean leave-one-task-out Spearman on the --fit run alone
+(how WITH_BASE was chosen). The fit (ridge per method on a few standardized features of
+`mergelens_mcp.analysis.predict`, interval from leave-one-task-out residuals) uses only the --fit run.
+Every score, on the fit run's held-out tasks and on the --score runs, is computed by the product's own
+`Predictor.predict`, beside the baselines: `norms_only` (-(|tau_a| + |tau_b|)), the MCI, the product's
+current recommender and each fixed rule ("always linear", ...).
 """
 
 from __future__ import annotations
