@@ -4,16 +4,19 @@
         --score .bench/seed2/results.json --score .bench/h96l3/results.json \\
         --write mergelens_mcp/data/predictor.json --out .bench/fit.json
 
-The fit (ridge per method on a few standardized features of `mergelens_mcp.analysis.predict`, interval from
-leave-one-task-out residuals) uses only the --fit run. Every score, on the fit run's held-out tasks and on the
---score runs, is computed by the product's own `Predictor.predict`, beside the baselines: `norms_only`
-(-(|tau_a| + |tau_b|)), the MCI, the product's current recommender and each fixed rule ("always linear", ...).
+`--select` ranks every subset of 1-3 CANDIDATES by mean leave-one-task-out Spearman on the --fit run alone
+(how WITH_BASE was chosen). The fit (ridge per method on a few standardized features of
+`mergelens_mcp.analysis.predict`, interval from leave-one-task-out residuals) uses only the --fit run.
+Every score, on the fit run's held-out tasks and on the --score runs, is computed by the product's own
+`Predictor.predict`, beside the baselines: `norms_only` (-(|tau_a| + |tau_b|)), the MCI, the product's
+current recommender and each fixed rule ("always linear", ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import subprocess
 import sys
@@ -31,10 +34,12 @@ from mergelens_mcp.analysis.predict import (
 
 from .stats import hit_rate, mean, spearman, within_group_spearman
 
-# chosen on the fit run's leave-one-task-out figures only, before any unseen setting was scored (README):
-# how far each fine-tune moved in the first block, and both overall; task cosine and TSV conflict, tried too,
-# lowered the held-out-task figures (they identify tasks rather than generalise across them)
-WITH_BASE = ("first_far", "first_near", "drift")
+# chosen on the fit run's leave-one-task-out figures only, before any unseen setting was scored (README): the
+# subset of 1-3 features with the best mean held-out-task Spearman over the six methods, among CANDIDATES (the
+# merge-mechanism features: what averaging, adding and sign election take from each fine-tune; and drift)
+CANDIDATES = ("averaging_gap", "first_averaging_gap", "summed_energy", "first_summed_energy", "sign_energy",
+              "averaging_shrink", "drift", "first_far")
+WITH_BASE = ("first_averaging_gap", "first_far")
 WITHOUT_BASE = ("distance", "direction", "subspace")
 ALPHA = 1.0
 NO_BASE_WIDENING = 1.25  # a choice, not fitted: the no-base interval is both residual ranges' union x this
@@ -95,6 +100,24 @@ def loto_predictions(rows: list[dict], method: str, features: Sequence[str]) -> 
         for i in test:
             out[i] = _clip(model.raw(rows[i]["features"]))
     return out
+
+
+def select_features(rows: list[dict], methods: Sequence[str], candidates: Sequence[str] = CANDIDATES,
+                    max_size: int = 3) -> list[tuple[float, tuple[str, ...]]]:
+    """Every subset of 1..max_size candidates by its mean leave-one-task-out Spearman over the methods, best
+    first (how WITH_BASE was chosen: on the fit run alone)."""
+    scored = []
+    for size in range(1, max_size + 1):
+        for features in itertools.combinations(candidates, size):
+            if any(f not in r["features"] for r in rows for f in features):
+                continue
+            rhos = []
+            for method in methods:
+                held_out = loto_predictions(rows, method, features)
+                kept = [(p, r["y"][method]) for p, r in zip(held_out, rows, strict=True) if p is not None]
+                rhos.append(spearman([p for p, _ in kept], [t for _, t in kept]))
+            scored.append((mean(rhos), features))
+    return sorted(scored, key=lambda s: -s[0])
 
 
 def fit_predictor(rows: list[dict], methods: Sequence[str], provenance: dict) -> Predictor:
@@ -227,9 +250,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--score", type=Path, action="append", default=[], help="results.json of a run to score")
     parser.add_argument("--write", type=Path, help="write the fitted predictor here (the product's data file)")
     parser.add_argument("--out", type=Path, help="write every figure here as JSON")
+    parser.add_argument("--select", action="store_true",
+                        help="rank the candidate feature sets by leave-one-task-out Spearman on --fit, then stop")
     args = parser.parse_args(argv)
     fit_results, rows = load_rows(args.fit)
     methods = list(fit_results["methods"])
+    if args.select:
+        ranked = select_features(rows, methods)
+        for rho, features in ranked[:10]:
+            print(f"{rho:+.3f}  {', '.join(features)}")
+        return {"selection": [[rho, list(features)] for rho, features in ranked]}
     provenance = {
         "benchmark": "benchmarks/mergeability", "fit_on": str(args.fit), "settings": fit_results["settings"],
         "results_commit": fit_results.get("git_commit"), "fit_commit": git_head(),

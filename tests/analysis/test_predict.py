@@ -50,7 +50,7 @@ def test_every_prediction_is_in_0_1_with_low_le_retention_le_high(shift: float) 
 
 def test_fine_tunes_that_moved_further_are_predicted_to_merge_worse_with_every_method() -> None:
     p = load_predictor()
-    drifts = ("first_far", "first_near", "drift")
+    drifts = ("first_far", "first_averaging_gap")
     for method, model in p.with_base.items():
         assert set(drifts) <= set(model.features), method
         x = average_pair(model)
@@ -104,12 +104,35 @@ def test_pair_features_weight_layers_by_parameters_and_recover_each_fine_tunes_d
     assert "task_cosine" not in f
 
 
+def test_merge_mechanism_features_follow_from_the_norms_and_the_task_cosine() -> None:
+    # both fine-tunes moved 0.1 of the base; cosine 0.5: |t_a - t_b| / 2 = 0.1 * sqrt(2 - 1) / 2 = 0.05
+    same_way = [("layers.0", 10, {"task_drift": 0.1, "magnitude_ratio": 1.0, "task_cosine": 0.5,
+                                  "sign_disagreement_top": 0.25})]
+    f = pair_features(same_way)
+    assert f["averaging_gap"] == pytest.approx(math.log(0.05))
+    assert f["first_averaging_gap"] == pytest.approx(math.log(0.05))
+    assert f["summed_energy"] == pytest.approx(math.log(0.1 * math.sqrt(2)))
+    assert f["sign_energy"] == pytest.approx(math.log(0.1 * math.sqrt(2) * 0.25))
+    assert f["averaging_shrink"] == pytest.approx(0.75)
+    # opposed fine-tunes (base + d vs base - d): averaging takes all of each, and keeps none of it
+    opposed = [("layers.0", 10, {"task_drift": 0.1, "magnitude_ratio": 1.0, "task_cosine": -1.0})]
+    g = pair_features(opposed)
+    assert g["averaging_gap"] == pytest.approx(math.log(0.1))
+    assert g["averaging_shrink"] == pytest.approx(0.0)
+    # identical fine-tunes: averaging takes nothing (down to the log floor)
+    twins = [("layers.0", 10, {"task_drift": 0.1, "magnitude_ratio": 1.0, "task_cosine": 1.0})]
+    assert pair_features(twins)["averaging_gap"] == pytest.approx(math.log(1e-6))
+
+
 def test_best_method_prefers_the_simpler_one_within_the_tolerance() -> None:
     def pred(r: float) -> MethodPrediction:
         return MethodPrediction(retention=r, low=r, high=r, used_base=True)
 
     assert best_method({"ties": pred(0.70), "linear": pred(0.698), "slerp": pred(0.5)}) == "linear"
     assert best_method({"ties": pred(0.70), "linear": pred(0.60)}) == "ties"
+    # two points apart is still a tie (TIE); three is not
+    assert best_method({"ties": pred(0.70), "linear": pred(0.68)}) == "linear"
+    assert best_method({"ties": pred(0.70), "linear": pred(0.67)}) == "ties"
     assert best_method({}) is None
 
 
@@ -136,6 +159,19 @@ def test_identical_models_are_predicted_to_keep_everything_and_unrelated_ones_al
     assert max(p.retention for p in unrelated.predictions.values()) < 0.35
 
 
+def test_opposed_fine_tunes_are_predicted_to_merge_worse_by_averaging_than_compatible_ones(
+    family: Family
+) -> None:
+    # base + d vs base - d: averaging cancels both task vectors: the averaging gap sees it, drift alone did not
+    compatible = compare_models([str(family.finetune_a), str(family.finetune_b)], base=str(family.base))
+    opposed = compare_models([str(family.finetune_a), str(family.opposed)], base=str(family.base))
+    # (the fixtures moved far less than any fitted pair, so both clip to 1: the push is what differs)
+    for method in ("linear", "slerp"):
+        gap = [r.predictions[method].contributions["first_averaging_gap"] for r in (compatible, opposed)]
+        assert gap[1] < gap[0] - 0.3, method
+        assert opposed.predictions[method].low < compatible.predictions[method].low, method
+
+
 def test_three_models_get_no_pair_predictions(family: Family) -> None:
     result = compare_models([str(family.finetune_a), str(family.finetune_b), str(family.base)])
     assert result.predictions == {}
@@ -153,7 +189,10 @@ def test_a_pair_far_outside_the_fitted_range_is_said_to_be_extrapolated(
 
     shipped = load_predictor()
     result = compare_models([str(family.finetune_a), str(family.finetune_b)], base=str(family.base))
-    assert outside_fit(result, shipped) is None  # the fixture pair lies within 3 deviations of the fit's pairs
+    # a fit whose pairs spread ten times more: the fixture pair lies within 3 deviations of them
+    wide = replace(shipped, with_base={m: replace(v, scale=tuple(s * 10 for s in v.scale))
+                                       for m, v in shipped.with_base.items()})
+    assert outside_fit(result, wide) is None
     # a fit whose pairs spread ten times less: the same pair is now far outside
     narrow = replace(shipped, with_base={m: replace(v, scale=tuple(s / 10 for s in v.scale))
                                          for m, v in shipped.with_base.items()})
