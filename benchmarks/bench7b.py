@@ -101,7 +101,8 @@ def compare(folders: dict[str, Path], code: Path, label: str, threads: int | Non
     evict(files)
     out = BENCH / f"7b-{label}"
     env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{ROOT}",
-           "MERGELENS_BENCH_COUNTERS": str(out.with_suffix(".counters.json"))}
+           "MERGELENS_BENCH_COUNTERS": str(out.with_suffix(".counters.json")),
+           "MERGELENS_WORKER_PROCESSES": "0"}  # in the child: its CPU, peak RSS and counters are the analysis's
     if threads is not None:
         env["MERGELENS_THREADS"] = str(threads)
     # -P: the package comes from PYTHONPATH (the code under test), not from the working directory

@@ -102,14 +102,20 @@ def disk_read_rate(folder: Path) -> float:
         os.close(fd)
 
 
-def ours(folders: dict[str, Path], out: Path, device: str) -> tuple[Run, dict]:
-    """`mergelens compare ft_a ft_b --base base` as a child process; its JSON result."""
+def ours(folders: dict[str, Path], out: Path, device: str, workers: bool = False) -> tuple[Run, dict]:
+    """`mergelens compare ft_a ft_b --base base` as a child process; its JSON result.
+
+    Without `workers` the analysis runs in the child itself (MERGELENS_WORKER_PROCESSES=0), so its CPU time
+    and peak RSS are the analysis's: a worker process is the child's grandchild, which neither wait4's
+    rusage nor the child's VmHWM counts. `workers` runs it as users get it, in a worker process: compare
+    wall times only."""
     result = out.with_suffix(".json")
     cmd = [
         sys.executable, "-m", "mergelens_mcp", "compare", str(folders["ft_a"]), str(folders["ft_b"]),
         "--base", str(folders["base"]), "--json", str(result), "--layers", "0", "--device", device,
     ]
-    run = run_child(cmd, out.with_suffix(".log"))
+    env = {**os.environ, "MERGELENS_WORKER_PROCESSES": "1" if workers else "0"}
+    run = run_child(cmd, out.with_suffix(".log"), env=env)
     if run.returncode != 0:
         sys.exit(f"mergelens compare failed ({run.returncode}); see {run.log}")
     return run, json.loads(result.read_text())
@@ -201,6 +207,18 @@ def measure(
     return floor, run, result
 
 
+def worker_cost(folders: dict[str, Path], out: Path, device: str, repeat: int) -> dict[str, float]:
+    """The same compare in the child and in a worker process (as the CLI and the server run it), alternating;
+    the medians of the wall times and their ratio: what the sandbox costs."""
+    inline, pooled = [], []
+    for _ in range(repeat):
+        inline.append(ours(folders, out, device)[0].wall_s)
+        pooled.append(ours(folders, out, device, workers=True)[0].wall_s)
+    a, b = sorted(inline)[len(inline) // 2], sorted(pooled)[len(pooled) // 2]
+    print(f"\nworker process: {b:.1f} s vs {a:.1f} s in the child (medians of {repeat}, alternating): {b / a:.2f}x")
+    return {"in_child_s": a, "in_worker_s": b, "ratio": b / a}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
@@ -233,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             "io_floor_cpu_s": floor[1], "params": params, "coverage": result["coverage"],
             "elapsed_s": result["elapsed_s"],
         }
+    figures["worker_pool"] = worker_cost(small, BENCH / "ours-workers", args.device, args.repeat)
     if big is not None:
         a, b = figures["8 layers"], figures["16 layers"]
         print(f"\nscaling: 16 layers / 8 layers = {b['wall_s'] / a['wall_s']:.2f}x time "
