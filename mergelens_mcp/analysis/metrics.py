@@ -25,6 +25,7 @@ SAMPLE_SIZE = 1 << 20  # values drawn (see `Operand.sampled`) for the KL histogr
 TOP_SAMPLE_SIZE = 1 << 18  # values drawn to place the TIES threshold and measure the mass fraction
 SAMPLE_RUN = 64  # consecutive values per run of a sample
 CHUNK = 1 << 17  # elements per step of the pairwise passes: temporaries stay small and in cache
+PRODUCT_CHUNK = 1 << 18  # elements per step of a pass that also takes SVD products (whole rows): torch.mm runs fast
 EPS = 1e-12
 PROMOTED = (torch.float32, torch.bfloat16, torch.float16)  # float32 minus these stays float32, with no copy
 NATIVE = (*PROMOTED, torch.float64)  # dtypes torch reduces (min/max) as stored; float8 ones are upcast first
@@ -115,6 +116,25 @@ class Operand:
             self.tensor, self.rank, self.exact_max_elements,
             energy=None if energy is None else energy**2, minus=self.base,
         )
+
+    @property
+    def fusable(self) -> bool:
+        """Whether this operand's SVD can take its final float32 product inside the elementwise pass
+        (`subspace`, then `weight_and_task_sums(..., products=...)`, then `finish_svd`): a stored or task
+        matrix on the CPU whose SVD is randomized."""
+        return (not self.low_rank and self.is_matrix and not spectral.on_accelerator(self.tensor)
+                and "svd" not in self.__dict__
+                and spectral.randomized(self.tensor.shape, self.rank, self.exact_max_elements))
+
+    def subspace(self) -> torch.Tensor:
+        """The basis Z of the randomized SVD's right singular subspace (the bfloat16 iterations)."""
+        return spectral.subspace(self.tensor, self.rank, minus=self.base)
+
+    def finish_svd(self, product: torch.Tensor, z: torch.Tensor) -> SVD:
+        """Cache and return the SVD from the float32 product (this matrix) Z over its rows: what `svd` gives."""
+        found = spectral.finish(product, z, self.rank, min(self.tensor.shape), self.norm**2)
+        self.__dict__["svd"] = found
+        return found
 
     @memo
     def value_range(self) -> tuple[float, float]:
@@ -299,10 +319,18 @@ def pair_sums(a: Operand, b: Operand, signs: bool = False) -> PairSums:
     return sums.store(a, b)
 
 
-def weight_and_task_sums(a: Operand, b: Operand, task_a: Operand, task_b: Operand, base: Operand) -> None:
+def weight_and_task_sums(
+    a: Operand, b: Operand, task_a: Operand, task_b: Operand, base: Operand,
+    products: dict[Operand, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
     """`pair_sums(a, b)`, `pair_sums(task_a, task_b, signs=True)` and the base's norm in one pass over the
     three tensors, for task vectors of these weights over this base. The task vectors' distance is the
-    weights' ((a - base) - (b - base) = a - b); every norm comes out of the same pass."""
+    weights' ((a - base) - (b - base) = a - b); every norm comes out of the same pass.
+
+    `products` maps some of the four operands (2-D, on the CPU) to (Z, out): the pass then also writes
+    (operand) Z into `out` (rows x columns of Z) from the float32 rows it forms anyway, so the randomized
+    SVD's final product upcasts nothing again (see `Operand.finish_svd`). The operands done are removed.
+    """
     if not (task_a.tensor is a.tensor and task_b.tensor is b.tensor and task_a.base is base.tensor
             and task_b.base is base.tensor):
         raise ValueError("task_a and task_b must be a - base and b - base")
@@ -311,13 +339,24 @@ def weight_and_task_sums(a: Operand, b: Operand, task_a: Operand, task_b: Operan
     n = a.numel
     whole = spectral.on_accelerator(a.tensor)
     step, dtype = (max(n, 1), torch.float64) if whole else (CHUNK, torch.float32)
+    todo = {op: products.pop(op) for op in (a, b, task_a, task_b) if products and op in products}
+    columns = a.tensor.shape[-1] if todo else 1
+    if todo:  # whole rows per step
+        step = max(1, PRODUCT_CHUNK // columns) * columns
     for start in range(0, n, step):
         index = slice(start, start + step)
         x, y, z = a.values(index, dtype), b.values(index, dtype), base.values(index, dtype)
         weights.add(x, y, x - y)
         if "norm" not in base.__dict__:
             base_sq += float((z * z).sum())
-        tasks.add(x - z, y - z, None)
+        dx, dy = x - z, y - z
+        tasks.add(dx, dy, None)
+        if todo:
+            rows = slice(start // columns, (start + x.numel()) // columns)
+            for op, values in ((a, x), (b, y), (task_a, dx), (task_b, dy)):
+                if op in todo:
+                    basis, out = todo[op]
+                    spectral.project(values.view(-1, columns), basis, out[rows])
     distance = weights.store(a, b).distance_sq
     tasks.store(task_a, task_b, distance)
     base.__dict__.setdefault("norm", math.sqrt(max(base_sq, 0.0)))
