@@ -25,7 +25,6 @@ SAMPLE_SIZE = 1 << 20  # values drawn (see `Operand.sampled`) for the KL histogr
 TOP_SAMPLE_SIZE = 1 << 18  # values drawn to place the TIES threshold and measure the mass fraction
 SAMPLE_RUN = 64  # consecutive values per run of a sample
 CHUNK = 1 << 17  # elements per step of the pairwise passes: temporaries stay small and in cache
-PRODUCT_CHUNK = 1 << 18  # elements per step of a pass that also takes SVD products (whole rows): torch.mm runs fast
 EPS = 1e-12
 PROMOTED = (torch.float32, torch.bfloat16, torch.float16)  # float32 minus these stays float32, with no copy
 NATIVE = (*PROMOTED, torch.float64)  # dtypes torch reduces (min/max) as stored; float8 ones are upcast first
@@ -341,8 +340,8 @@ def weight_and_task_sums(
     step, dtype = (max(n, 1), torch.float64) if whole else (CHUNK, torch.float32)
     todo = {op: products.pop(op) for op in (a, b, task_a, task_b) if products and op in products}
     columns = a.tensor.shape[-1] if todo else 1
-    if todo:  # whole rows per step
-        step = max(1, PRODUCT_CHUNK // columns) * columns
+    if todo:  # whole rows per step (about CHUNK values: torch.mm is as fast on such blocks as on larger ones)
+        step = max(1, CHUNK // columns) * columns
     for start in range(0, n, step):
         index = slice(start, start + step)
         x, y, z = a.values(index, dtype), b.values(index, dtype), base.values(index, dtype)
