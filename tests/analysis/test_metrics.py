@@ -266,7 +266,8 @@ def test_the_pass_that_takes_the_svds_final_products_gives_the_svds_decompose_gi
     from mergelens_mcp.analysis import metrics
     from mergelens_mcp.analysis.metrics import weight_and_task_sums
 
-    monkeypatch.setattr(metrics, "CHUNK", 7 * 90 + 5)  # 7 rows a block: 301 rows end on a partial one
+    monkeypatch.setattr(metrics, "CHUNK", 7 * 90 + 5)  # 7 rows a chunk, 21 a block: 301 rows end on partial ones
+    monkeypatch.setattr(metrics, "PRODUCT_BLOCK", 3 * 7 * 90 + 40)
     g = torch.Generator().manual_seed(3)
     base = torch.randn(301, 90, generator=g).bfloat16()
     low_rank = torch.randn(301, 4, generator=g) @ torch.randn(4, 90, generator=g)
