@@ -9,7 +9,9 @@ Two layers, so that every consumer reads tensors the same way:
 - `measured_sets` measures each set for the comparison. A pool of worker threads, one per core, runs two
   kinds of job per set: one elementwise pass, which upcasts a chunk of every model and the base at a time and
   takes every sum the elementwise metrics need (task vectors, model - base, are formed chunk by chunk inside
-  it), and one SVD per matrix operand. The next sets are queued while the last SVDs of this one run. A
+  it), and one SVD per matrix operand. With a base, on the CPU, an SVD job is only the randomized SVD's
+  bfloat16 iterations: its final float32 product is taken inside the pass, from the rows the pass upcasts
+  anyway. The next sets are queued while the last SVDs of this one run. A
   non-finite norm is the one signal that triggers the NaN/Inf scan, after which the set is measured again
   from cleaned copies.
 """
