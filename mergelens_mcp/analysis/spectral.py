@@ -104,12 +104,41 @@ def decompose(
     m, n = matrix.shape
     full_dim = min(m, n)
     k = min(rank, full_dim)
-    if matrix.numel() <= exact_max_elements or k + OVERSAMPLE >= full_dim:
+    if not randomized(matrix.shape, rank, exact_max_elements):
         u, s, vh = torch.linalg.svd(_rows(matrix, minus, 0, m), full_matrices=False)
         total = float((s.double() ** 2).sum())
         return SVD(u[:, :k], s, vh[:k].T, total, full_dim, True)
     u, s, v, measured = randomized_svd(matrix, k + OVERSAMPLE, POWER_ITERS, seed, minus, energy is None)
     return SVD(u[:, :k], s, v[:, :k], measured if energy is None else energy, full_dim, False)
+
+
+def randomized(shape: tuple[int, ...] | torch.Size, rank: int = DEFAULT_RANK,
+               exact_max_elements: int = EXACT_MAX_ELEMENTS) -> bool:
+    """Whether `decompose` takes the randomized path for a matrix of this shape (otherwise the exact SVD)."""
+    m, n = shape
+    return m * n > exact_max_elements and min(rank, m, n) + OVERSAMPLE < min(m, n)
+
+
+def subspace(a: torch.Tensor, rank: int = DEFAULT_RANK, seed: int = 0,
+             minus: torch.Tensor | None = None) -> torch.Tensor:
+    """The first part of `decompose`'s randomized path: the orthonormal basis Z (n, rank + OVERSAMPLE) of the
+    dominant right singular subspace of `a` (- `minus`). `project` rows of the matrix on it, then `finish`:
+    a caller that already forms the matrix's float32 rows (the elementwise pass) takes the product there."""
+    return _subspace(a, min(rank, *a.shape) + OVERSAMPLE, POWER_ITERS, seed, minus)
+
+
+def project(rows: torch.Tensor, z: torch.Tensor, out: torch.Tensor) -> None:
+    """out = rows @ z in float32: a row block of the final product. For blocks of a few hundred rows in cache,
+    torch.mm is the faster kernel here (oneDNN's `_matmul_t` wins on whole matrices, read from memory)."""
+    torch.mm(rows, z, out=out)
+
+
+def finish(product: torch.Tensor, z: torch.Tensor, rank: int, full_dim: int, energy: float) -> SVD:
+    """The SVD from the float32 product A Z over the rows and the basis Z of `subspace`: what `decompose`
+    returns for the same matrix, with `energy` its squared Frobenius norm."""
+    u, s, v = _rayleigh_ritz(product, z)
+    k = min(rank, full_dim)
+    return SVD(u[:, :k], s, v[:, :k], energy, full_dim, False)
 
 
 def randomized_svd(
@@ -124,6 +153,13 @@ def randomized_svd(
     float32 product A Z = Q R and an SVD of the small R = U_r S V_r^T give the triplets (Q U_r, S, Z V_r):
     a Rayleigh-Ritz step on that subspace, so no singular value comes out above the true one.
     """
+    z = _subspace(a, q, power_iters, seed, minus)
+    product, energy = _times(a, minus, z, measure_energy)  # (m, q) = (a - minus) z, in float32
+    u, s, v = _rayleigh_ritz(product, z)
+    return u, s, v, energy
+
+
+def _subspace(a: torch.Tensor, q: int, power_iters: int, seed: int, minus: torch.Tensor | None) -> torch.Tensor:
     generator = torch.Generator(device=a.device).manual_seed(seed)
     omega = torch.randn(a.shape[1], q, generator=generator, device=a.device)
     with _SCRATCH.rounded(a, minus) as low:
@@ -131,11 +167,13 @@ def randomized_svd(
         for _ in range(power_iters):
             z = _orthonormal(_transposed_times(low, basis))
             basis = _orthonormal(low @ z.to(LOW))
-        z = _orthonormal(_transposed_times(low, basis))
-    product, energy = _times(a, minus, z, measure_energy)  # (m, q) = (a - minus) z, in float32
+        return _orthonormal(_transposed_times(low, basis))
+
+
+def _rayleigh_ritz(product: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     left, r = torch.linalg.qr(product)
     ur, s, vrh = torch.linalg.svd(r)
-    return left @ ur, s, z @ vrh.T, energy
+    return left @ ur, s, z @ vrh.T
 
 
 def _orthonormal(y: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,9 @@ Two layers, so that every consumer reads tensors the same way:
 - `measured_sets` measures each set for the comparison. A pool of worker threads, one per core, runs two
   kinds of job per set: one elementwise pass, which upcasts a chunk of every model and the base at a time and
   takes every sum the elementwise metrics need (task vectors, model - base, are formed chunk by chunk inside
-  it), and one SVD per matrix operand. The next sets are queued while the last SVDs of this one run. A
+  it), and one SVD per matrix operand. With a base, on the CPU, an SVD job is only the randomized SVD's
+  bfloat16 iterations: its final float32 product is taken inside the pass, from the rows the pass upcasts
+  anyway. The next sets are queued while the last SVDs of this one run. A
   non-finite norm is the one signal that triggers the NaN/Inf scan, after which the set is measured again
   from cleaned copies.
 """
@@ -226,9 +228,12 @@ def _open_set(current: _Set, run: Run, pool: ThreadPoolExecutor) -> None:
     views = [_flat2d(v) for v in current.views]
     base_view = views.pop() if len(current.sources) > len(run.models) else None
     _make_operands(current, views, base_view, run.options)
-    current.elementwise = pool.submit(_elementwise, current, run.pairs, True)
     operands = dict.fromkeys([*current.weights, *current.tasks])  # an adapter's untouched weights are the base's
-    current.svds = [pool.submit(_svd, op) for op in operands if op.is_matrix]
+    fused = [op for op in operands if op.fusable] if _fuses(current) else []
+    claims = [(op, _Once(functools.partial(_subspace, op))) for op in fused]
+    current.elementwise = pool.submit(_elementwise, current, run.pairs, True, claims)
+    current.svds = [pool.submit(claim.run) for _, claim in claims]  # the pass takes those not started
+    current.svds += [pool.submit(_svd, op) for op in operands if op.is_matrix and op not in fused]
 
 
 def _flat2d(tensor: torch.Tensor) -> torch.Tensor:
@@ -244,6 +249,53 @@ def _svd(op: Operand) -> SVD:
         return op.svd
 
 
+def _fuses(current: _Set) -> bool:
+    """Whether the set's randomized SVDs take their final product in the elementwise pass: on the CPU, with
+    a base (the pass `weight_and_task_sums`, which forms every weight's and task vector's float32 rows)."""
+    return current.base is not None and not any(op.low_rank for op in current.tasks)
+
+
+def _subspace(op: Operand) -> torch.Tensor:
+    """The bfloat16 iterations of the operand's randomized SVD (one large task vector's copy at a time)."""
+    if op.base is None or op.numel < LARGE:
+        return op.subspace()
+    with _ONE_LARGE_SKETCH:
+        return op.subspace()
+
+
+class _Once:
+    """A job that runs once, by whichever thread calls `run` first: a pool worker that reaches it in the
+    queue, or the elementwise pass, which needs its result and would otherwise wait for a worker."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.fn = fn
+        self.lock = threading.Lock()
+        self.claimed = False
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        with self.lock:
+            mine, self.claimed = not self.claimed, True
+        if not mine:
+            return
+        try:
+            self.value = self.fn()
+        except BaseException as error:  # handed to whoever asks for the result
+            self.error = error
+        finally:
+            self.fn = None  # type: ignore[assignment]
+            self.done.set()
+
+    def result(self) -> Any:
+        self.run()
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
 def _make_operands(
     current: _Set, views: list[torch.Tensor], base_view: torch.Tensor | None, options: AnalysisOptions
 ) -> None:
@@ -256,16 +308,32 @@ def _make_operands(
     lift(current.sources, current.weights, current.tasks, current.base, options)  # LoRA adapters: exact factors
 
 
-def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> list[dict[str, float | None]] | None:
+def _elementwise(
+    current: _Set, pairs: list[tuple[int, int]], check: bool, claims: Sequence[tuple[Operand, _Once]] = (),
+) -> list[dict[str, float | None]] | None:
     """Every metric but the spectral ones, for every pair; with `check`, None (and nothing more measured) if a
-    norm is not finite: the set then holds NaN or Inf."""
+    norm is not finite: the set then holds NaN or Inf.
+
+    `claims` are the bfloat16 iterations of the operands whose randomized SVDs end here: the pass runs those
+    no worker has started, waits for the others, and takes their final float32 products from the rows it
+    upcasts anyway (the operand's energy is the norm it measures), so each value is upcast once."""
     weights, tasks = current.weights, current.tasks
+    products: dict[Operand, tuple[torch.Tensor, torch.Tensor]] = {}
+    failure: BaseException | None = None
+    for op, claim in reversed(claims):  # from the end: the workers take them from the front
+        try:
+            z = claim.result()
+        except Exception as error:  # raised below unless the set holds NaN or Inf (then it is measured again)
+            failure = failure or error
+            continue
+        products[op] = (z, torch.empty(op.tensor.shape[0], z.shape[1]))
+    made = dict(products)
     for i, j in pairs:
         if current.base is not None and (tasks[i].low_rank or tasks[j].low_rank):
             pair_sums(weights[i], weights[j])
             pair_sums(tasks[i], tasks[j], signs=True)
         elif current.base is not None:
-            weight_and_task_sums(weights[i], weights[j], tasks[i], tasks[j], current.base)
+            weight_and_task_sums(weights[i], weights[j], tasks[i], tasks[j], current.base, products)
         else:
             pair_sums(weights[i], weights[j])
     reference = current.base.norm if current.base is not None else 0.0
@@ -273,6 +341,11 @@ def _elementwise(current: _Set, pairs: list[tuple[int, int]], check: bool) -> li
         op.reference_norm = reference
     if check and not (all(math.isfinite(op.norm) for op in current.weights) and math.isfinite(reference)):
         return None
+    if failure is not None:
+        raise failure
+    for op, (z, product) in made.items():
+        if op not in products:  # taken in the pass (one left over would get its own SVD when asked)
+            op.finish_svd(product, z)
     return [_metrics(current, i, j, spectral=False) for i, j in pairs]
 
 
@@ -292,7 +365,10 @@ def _finish_set(current: _Set, run: Run) -> Measured:
     assert current.elementwise is not None
     values = current.elementwise.result()
     if values is not None:
-        svds = [job.result() for job in current.svds]
+        for job in current.svds:
+            job.result()
+        operands = dict.fromkeys([*current.weights, *current.tasks])
+        svds = [op.svd for op in operands if op.is_matrix]
     else:
         for job in current.svds:
             job.exception()  # wait; the SVDs of non-finite values are discarded

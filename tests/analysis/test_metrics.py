@@ -258,3 +258,39 @@ def test_matrix_only_metrics_skip_vectors_and_single_rows() -> None:
     for m in REGISTRY.values():
         assert m.applies_to(vector) is not m.matrix_only
         assert m.applies_to(row) is not m.matrix_only
+
+
+def test_the_pass_that_takes_the_svds_final_products_gives_the_svds_decompose_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mergelens_mcp.analysis import metrics
+    from mergelens_mcp.analysis.metrics import weight_and_task_sums
+
+    monkeypatch.setattr(metrics, "CHUNK", 7 * 90 + 5)  # 7 rows a chunk, 21 a block: 301 rows end on partial ones
+    monkeypatch.setattr(metrics, "PRODUCT_BLOCK", 3 * 7 * 90 + 40)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(301, 90, generator=g).bfloat16()
+    low_rank = torch.randn(301, 4, generator=g) @ torch.randn(4, 90, generator=g)
+    a = (base.float() + 0.3 * low_rank + 0.01 * torch.randn(301, 90, generator=g)).bfloat16()
+    b = (base.float() - 0.2 * low_rank + 0.01 * torch.randn(301, 90, generator=g)).bfloat16()
+
+    def operands() -> tuple[Operand, ...]:
+        return (Operand(a, rank=8, exact_max_elements=0), Operand(b, rank=8, exact_max_elements=0),
+                Operand(a, rank=8, exact_max_elements=0, base=base),
+                Operand(b, rank=8, exact_max_elements=0, base=base), Operand(base))
+
+    *fused, zb = operands()
+    assert all(op.fusable for op in fused)
+    products = {op: (op.subspace(), torch.empty(301, 24)) for op in fused}
+    made = dict(products)
+    weight_and_task_sums(*fused, zb, products)
+    assert products == {}  # all four taken
+    *separate, _ = operands()
+    for op, other in zip(fused, separate, strict=True):
+        z, product = made[op]
+        got, want = op.finish_svd(product, z), other.svd
+        assert op.svd is got and not got.exact
+        assert got.total_energy == pytest.approx(want.total_energy, rel=1e-6)
+        assert torch.allclose(got.s, want.s, rtol=1e-5, atol=1e-5)
+        overlap = (got.u.T @ want.u).abs().diagonal()
+        assert overlap.min() > 1 - 1e-4

@@ -222,3 +222,30 @@ def test_the_gpu_paths_give_the_cpu_answers(family: Family, monkeypatch: pytest.
         assert got.keys() == want.keys()
         for name, value in want.items():
             assert got[name] == pytest.approx(value, abs=1e-5), name
+
+
+def test_svds_finished_in_the_elementwise_pass_match_their_own_final_products(
+    family: Family, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergelens_mcp.analysis import spectral, stream
+
+    own_products = []
+    times = spectral._times
+    monkeypatch.setattr(spectral, "_times", lambda *args: own_products.append(1) or times(*args))
+
+    def run() -> tuple[list[dict[str, float]], list[float]]:
+        models = [load_checkpoint(str(family.finetune_a), "a"), load_checkpoint(str(family.finetune_b), "b")]
+        result = analyze(models, load_checkpoint(str(family.base), "base"), AnalysisOptions("cpu", 8, 0))
+        assert result.coverage.randomized_svd_tensors > 0
+        return [lm.metrics for lm in result.layer_metrics], [lm.score for lm in result.layer_metrics]
+
+    fused, fused_scores = run()
+    assert own_products == []  # every randomized SVD took its final product in the pass
+    monkeypatch.setattr(stream, "_fuses", lambda current: False)
+    separate, separate_scores = run()
+    assert len(own_products) > 0
+    assert fused_scores == pytest.approx(separate_scores, abs=0.01)
+    for got, want in zip(fused, separate, strict=True):
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            assert got[name] == pytest.approx(value, abs=1e-6), name
