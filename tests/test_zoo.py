@@ -197,3 +197,23 @@ def test_exact_top_recomputes_the_best_pair_exactly_and_gives_the_top_sets_yaml(
     assert best.exact_mci == exact.mci.score and best.mci_low <= best.exact_mci <= best.mci_high
     assert all(p.exact_mci is None for p in found.pairs[1:])
     assert found.strategy is not None and "merge_method:" in found.strategy.mergekit_yaml
+
+
+def test_the_count_sketch_is_linear_and_its_squared_norm_error_stays_within_the_stated_bound() -> None:
+    import math
+
+    import torch
+
+    width = 256
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(64, width, generator=g), torch.randn(64, width, generator=g)
+    column = torch.zeros(64, width)
+    column[:, 3] = 1.0  # one column changed: every value of it falls in one bucket of a hash by position mod width
+    seed = 11
+    both = sk.count_sketch(a + b, width, seed)
+    assert torch.allclose(both, sk.count_sketch(a, width, seed) + sk.count_sketch(b, width, seed), atol=1e-4)
+    bound = sk.Z * math.sqrt(2.0 / width)
+    for d in (a, column):
+        errors = [abs(float((sk.count_sketch(d, width, s) ** 2).sum()) / float((d**2).sum()) - 1) for s in range(40)]
+        assert max(errors) <= bound
+        assert sum(errors) / len(errors) <= math.sqrt(2.0 / width)  # about one standard error on average

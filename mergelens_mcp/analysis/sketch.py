@@ -39,7 +39,7 @@ from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, SVD
 from .stream import TensorSet, schedule
 from .types import Cancelled, Progress
 
-SKETCH_VERSION = 2
+SKETCH_VERSION = 3
 Z = 4.0  # standard errors per stated bound
 SPECTRAL_BOUND = 2e-3  # float16 storage of the singular vectors moves the spectral metrics by less than this
 HIGHER_IS_BETTER = ("cosine_similarity", "task_cosine", "spectral_overlap", "effective_rank_ratio")
@@ -131,26 +131,47 @@ def _seed(params: SketchParams, name: str, numel: int, what: str) -> int:
 CHUNK = 1 << 20
 
 
+def _draws(width: int, rows: int, seed: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """A sign pool of 2 * `width` (+-1, float32: the pool twice over, so any window of `width` is one slice)
+    and per row of `width` values its bucket shift and its sign-pool shift, all from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    pool = 1.0 - 2.0 * torch.randint(0, 2, (width,), generator=g, dtype=torch.int32).float()
+    shifts = torch.randint(0, width, (2, rows), generator=g)
+    return torch.cat([pool, pool]), shifts[0].tolist(), shifts[1].tolist()
+
+
 def count_sketch(values: torch.Tensor, width: int, seed: int) -> torch.Tensor:
-    """The CountSketch of the flattened `values` into `width` signed buckets (float64 sums, float32 out)."""
+    """A CountSketch of the flattened `values` into `width` signed buckets (float32).
+
+    The values are cut into rows of `width`; row r is multiplied by the window of a seeded random sign pool
+    that starts at a seeded shift t_r and added into the buckets cyclically shifted by a seeded o_r. Two
+    coordinates of one row never share a bucket, two of different rows share one with probability 1 / width
+    (the shifts are independent and uniform), and their signs come from different pool positions but with
+    the same probability: the second moment is that of a CountSketch with a pairwise-independent hash,
+    Var |S d|^2 <= 2 |d|^4 / width, at the cost of one fused multiply-add per value and no per-value
+    random draw. Linear and seeded: the difference of two sketches is the sketch of the difference."""
     flat = values.reshape(-1)
-    out = torch.zeros(width, dtype=torch.float64)
-    for start in range(0, flat.numel(), CHUNK):
-        piece = flat[start:start + CHUNK].double()
-        g = torch.Generator().manual_seed(seed + start // CHUNK)
-        draw = torch.randint(0, 2 * width, (piece.numel(),), generator=g)
-        signs = 1.0 - 2.0 * (draw >= width).double()
-        out.index_add_(0, draw % width, piece * signs)
-    return out.float()
+    rows = -(-flat.numel() // width)
+    pool, shift, sign_shift = _draws(width, rows, seed)
+    acc = torch.zeros(2 * width, dtype=torch.float32)
+    per_chunk = max(1, CHUNK // width)
+    for first in range(0, rows, per_chunk):
+        piece = flat[first * width:(first + per_chunk) * width].float()
+        for r in range(first, min(rows, first + per_chunk)):
+            row = piece[(r - first) * width:(r - first + 1) * width]
+            o, t = shift[r], sign_shift[r]
+            acc[o:o + row.numel()].addcmul_(row, pool[t:t + row.numel()])
+    return acc[:width] + acc[width:]
 
 
 def sample_positions(numel: int, count: int, seed: int) -> torch.Tensor:
-    """`count` distinct coordinates of a tensor of `numel` values, sorted (all of them when count >= numel)."""
+    """About `count` distinct coordinates of a tensor of `numel` values, sorted (all of them when count >=
+    numel): `count` seeded uniform draws with the repeats dropped, so the cost follows the sample, not the
+    tensor."""
     if count >= numel:
         return torch.arange(numel)
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(numel, generator=g)[:count].sort().values if numel <= (1 << 24) else \
-        torch.unique(torch.randint(0, numel, (count,), generator=g))
+    return torch.unique(torch.randint(0, numel, (count,), generator=g))
 
 
 def _svd_of(op: Operand) -> SVD | None:
