@@ -255,3 +255,26 @@ def test_a_sketch_is_at_most_one_percent_of_a_7b_models_bytes_by_its_widths() ->
     model = sum(2 * math.prod(s) for s in shapes)  # bf16
     sketch = sum(sk.sketch_nbytes(s, params, True) for s in shapes)
     assert sketch / model <= 0.01
+
+
+def test_pairs_are_scored_on_one_torch_thread_and_the_callers_threads_come_back(
+    zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    seen: list[int] = []
+    scored = sk.pair_metrics
+
+    def counting(a: sk.TensorSketch, b: sk.TensorSketch) -> sk.Estimate:
+        seen.append(torch.get_num_threads())
+        return scored(a, b)
+
+    monkeypatch.setattr(sk, "pair_metrics", counting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a second thread made each small pair operation ~70x slower on a busy machine
+    try:
+        compare_zoo([str(m) for m in zoo.models[:3]], str(zoo.base), cache_dir=tmp_path, workers=1, params=PARAMS)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}
