@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.run import BENCH, io_floor, run_child
+from mergelens_mcp.analysis import sketch as sk
 from mergelens_mcp.analysis.loading import load_checkpoint
 from mergelens_mcp.demo import Shape, combine, random_model, save, task_vector
 
@@ -44,6 +46,14 @@ def ensure_zoo(root: Path, shape: Shape) -> tuple[Path, list[Path], Path]:
     stamp.write_text(key)
     print(f"generated {root} in {time.perf_counter() - started:.1f} s", flush=True)
     return root / "base", models, extra
+
+
+def seven_b_share() -> float:
+    """A Llama-2-7B model's sketch (against a base) over its bf16 bytes, from the default sketch widths."""
+    params = sk.SketchParams()
+    layer = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)] + [(4096,)] * 2
+    shapes = [(32000, 4096), (32000, 4096), (4096,)] + 32 * layer
+    return sum(sk.sketch_nbytes(s, params, True) for s in shapes) / sum(2 * math.prod(s) for s in shapes)
 
 
 def zoo_child(models: list[Path], base: Path, cache: Path, out: Path, workers: int):  # type: ignore[no-untyped-def]
@@ -96,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"adding a 13th model to the cached zoo: {added.wall_s:.1f} s (reading it once: {one_floor:.2f} s; "
           f"{added.wall_s / one_floor:.1f}x; {figures['cached_after_add']} of 13 sketches from the cache)")
     print(f"sketch: {sketch_bytes / 1e6:.2f} MB per model, {100 * sketch_bytes / nbytes:.1f}% of its bytes")
+    seven_b = seven_b_share()
+    figures["sketch_share_7b"] = seven_b
+    print(f"sketch of a Llama-2-7B-shaped model (computed from the sketch widths, not measured): "
+          f"{100 * seven_b:.2f}% of its bf16 bytes")
     rate = N_MODELS * params / cold.cpu_s  # params sketched per CPU-second (the wall is the machine's contention)
     projections = {}
     for n in (50, 200):

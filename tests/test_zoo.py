@@ -197,3 +197,84 @@ def test_exact_top_recomputes_the_best_pair_exactly_and_gives_the_top_sets_yaml(
     assert best.exact_mci == exact.mci.score and best.mci_low <= best.exact_mci <= best.mci_high
     assert all(p.exact_mci is None for p in found.pairs[1:])
     assert found.strategy is not None and "merge_method:" in found.strategy.mergekit_yaml
+
+
+def test_the_count_sketch_is_linear_and_its_squared_norm_error_stays_within_the_stated_bound() -> None:
+    import math
+
+    import torch
+
+    width = 256
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(64, width, generator=g), torch.randn(64, width, generator=g)
+    column = torch.zeros(64, width)
+    column[:, 3] = 1.0  # one column changed: every value of it falls in one bucket of a hash by position mod width
+    seed = 11
+    both = sk.count_sketch(a + b, width, seed)
+    assert torch.allclose(both, sk.count_sketch(a, width, seed) + sk.count_sketch(b, width, seed), atol=1e-4)
+    bound = sk.Z * math.sqrt(2.0 / width)
+    for d in (a, column):
+        errors = [abs(float((sk.count_sketch(d, width, s) ** 2).sum()) / float((d**2).sum()) - 1) for s in range(40)]
+        assert max(errors) <= bound
+        assert sum(errors) / len(errors) <= math.sqrt(2.0 / width)  # about one standard error on average
+
+
+def test_int8_singular_vectors_move_the_spectral_metrics_by_less_than_their_stated_bound(zoo: Zoo) -> None:
+    import torch
+
+    from mergelens_mcp.analysis.loading import load_checkpoint
+
+    worst = 0.0
+    with load_checkpoint(str(zoo.models[0]), "a") as a, load_checkpoint(str(zoo.models[5]), "b") as b, \
+            load_checkpoint(str(zoo.base), "base") as base:
+        one = sk.sketch_model(a, base, PARAMS)
+        two = sk.sketch_model(b, base, PARAMS)
+        stored = sk.from_tensors(*sk.to_tensors(one)), sk.from_tensors(*sk.to_tensors(two))
+        for name in sk.shared_tensors(one, two):
+            exact = sk.pair_metrics(one.tensors[name], two.tensors[name]).values
+            rounded = sk.pair_metrics(stored[0].tensors[name], stored[1].tensors[name]).values
+            for metric in ("spectral_overlap", "effective_rank_ratio", "tsv_interference", "task_vector_energy"):
+                if metric in exact:
+                    worst = max(worst, abs(exact[metric] - rounded[metric]))
+            assert one.tensors[name].nbytes <= sk.sketch_nbytes(one.tensors[name].shape, PARAMS, True)
+    assert 0.0 < worst <= sk.SPECTRAL_BOUND, worst
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(4096, 16, generator=g)).Q  # a 7B-sized dimension
+    q, scale = sk.quantize(u)
+    assert q.dtype is torch.int8
+    overlap = float((u.T @ sk.dequantize(q, scale)).pow(2).sum()) / 16
+    assert abs(overlap - 1.0) <= sk.SPECTRAL_BOUND
+
+
+def test_a_sketch_is_at_most_one_percent_of_a_7b_models_bytes_by_its_widths() -> None:
+    import math
+
+    params = sk.SketchParams()
+    layer = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)] + [(4096,)] * 2
+    shapes = [(32000, 4096), (32000, 4096), (4096,)] + 32 * layer  # Llama-2-7B, norms included
+    model = sum(2 * math.prod(s) for s in shapes)  # bf16
+    sketch = sum(sk.sketch_nbytes(s, params, True) for s in shapes)
+    assert sketch / model <= 0.01
+
+
+def test_pairs_are_scored_on_one_torch_thread_and_the_callers_threads_come_back(
+    zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    seen: list[int] = []
+    scored = sk.pair_metrics
+
+    def counting(a: sk.TensorSketch, b: sk.TensorSketch) -> sk.Estimate:
+        seen.append(torch.get_num_threads())
+        return scored(a, b)
+
+    monkeypatch.setattr(sk, "pair_metrics", counting)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a second thread made each small pair operation ~70x slower on a busy machine
+    try:
+        compare_zoo([str(m) for m in zoo.models[:3]], str(zoo.base), cache_dir=tmp_path, workers=1, params=PARAMS)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {1}

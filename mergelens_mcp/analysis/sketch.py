@@ -3,7 +3,8 @@
 Per tensor (and per model, against the zoo's base when there is one) a sketch keeps:
 - exactly: the weight norm, the task-vector norm, the base norm, the value range, the TIES threshold and
   mass fraction of the task vector (the same `Operand` code as compare), and the top singular triplets of the
-  weight and of the task matrix (the same `decompose`; factors stored as float16);
+  weight and of the task matrix (the same `decompose`; the singular vectors stored as int8 with one float32
+  scale per vector, `quantize`);
 - a seeded CountSketch of the weights (`width` signed buckets; linear, so the difference of two sketches is
   the sketch of the difference): |w_a - w_b|^2 = |tau_a - tau_b|^2 is estimated with relative standard error
   at most sqrt(2 / width), and every cosine and distance follows from it and the exact norms;
@@ -35,13 +36,13 @@ from .metrics import (
     Operand,
     _mass_fraction,
 )
-from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, SVD
+from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, SVD
 from .stream import TensorSet, schedule
 from .types import Cancelled, Progress
 
-SKETCH_VERSION = 2
+SKETCH_VERSION = 4
 Z = 4.0  # standard errors per stated bound
-SPECTRAL_BOUND = 2e-3  # float16 storage of the singular vectors moves the spectral metrics by less than this
+SPECTRAL_BOUND = 2e-3  # int8 storage of the singular vectors moves the spectral metrics by less than this
 HIGHER_IS_BETTER = ("cosine_similarity", "task_cosine", "spectral_overlap", "effective_rank_ratio")
 ESTIMATED = ("cosine_similarity", "l2_distance", "task_cosine", "task_l2_distance", "sign_disagreement",
              "sign_disagreement_top", "kl_divergence")
@@ -95,12 +96,12 @@ class TensorSketch:
 
     @property
     def nbytes(self) -> int:
-        """Its size as stored (singular vectors as float16)."""
+        """Its size as stored (singular vectors as int8 plus a float32 scale per vector)."""
         tensors = [self.projection, self.sample, *([self.task_sample] if self.task_sample is not None else [])]
         size = sum(t.numel() * t.element_size() for t in tensors)
         for svd in (self.svd, self.task_svd):
             if svd is not None:
-                size += 2 * (svd.u.numel() + svd.v.numel()) + svd.s.numel() * svd.s.element_size()
+                size += svd.u.numel() + svd.v.numel() + 4 * (svd.u.shape[1] + svd.v.shape[1]) + 4 * svd.s.numel()
         return size
 
 
@@ -131,34 +132,80 @@ def _seed(params: SketchParams, name: str, numel: int, what: str) -> int:
 CHUNK = 1 << 20
 
 
+def _draws(width: int, rows: int, seed: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """A sign pool of 2 * `width` (+-1, float32: the pool twice over, so any window of `width` is one slice)
+    and per row of `width` values its bucket shift and its sign-pool shift, all from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    pool = 1.0 - 2.0 * torch.randint(0, 2, (width,), generator=g, dtype=torch.int32).float()
+    shifts = torch.randint(0, width, (2, rows), generator=g)
+    return torch.cat([pool, pool]), shifts[0].tolist(), shifts[1].tolist()
+
+
 def count_sketch(values: torch.Tensor, width: int, seed: int) -> torch.Tensor:
-    """The CountSketch of the flattened `values` into `width` signed buckets (float64 sums, float32 out)."""
+    """A CountSketch of the flattened `values` into `width` signed buckets (float32).
+
+    The values are cut into rows of `width`; row r is multiplied by the window of a seeded random sign pool
+    that starts at a seeded shift t_r and added into the buckets cyclically shifted by a seeded o_r. Two
+    coordinates of one row never share a bucket, two of different rows share one with probability 1 / width
+    (the shifts are independent and uniform), and their signs come from different pool positions but with
+    the same probability: the second moment is that of a CountSketch with a pairwise-independent hash,
+    Var |S d|^2 <= 2 |d|^4 / width, at the cost of one fused multiply-add per value and no per-value
+    random draw. Linear and seeded: the difference of two sketches is the sketch of the difference."""
     flat = values.reshape(-1)
-    out = torch.zeros(width, dtype=torch.float64)
-    for start in range(0, flat.numel(), CHUNK):
-        piece = flat[start:start + CHUNK].double()
-        g = torch.Generator().manual_seed(seed + start // CHUNK)
-        draw = torch.randint(0, 2 * width, (piece.numel(),), generator=g)
-        signs = 1.0 - 2.0 * (draw >= width).double()
-        out.index_add_(0, draw % width, piece * signs)
-    return out.float()
+    rows = -(-flat.numel() // width)
+    pool, shift, sign_shift = _draws(width, rows, seed)
+    acc = torch.zeros(2 * width, dtype=torch.float32)
+    per_chunk = max(1, CHUNK // width)
+    for first in range(0, rows, per_chunk):
+        piece = flat[first * width:(first + per_chunk) * width].float()
+        for r in range(first, min(rows, first + per_chunk)):
+            row = piece[(r - first) * width:(r - first + 1) * width]
+            o, t = shift[r], sign_shift[r]
+            acc[o:o + row.numel()].addcmul_(row, pool[t:t + row.numel()])
+    return acc[:width] + acc[width:]
 
 
 def sample_positions(numel: int, count: int, seed: int) -> torch.Tensor:
-    """`count` distinct coordinates of a tensor of `numel` values, sorted (all of them when count >= numel)."""
+    """About `count` distinct coordinates of a tensor of `numel` values, sorted (all of them when count >=
+    numel): `count` seeded uniform draws with the repeats dropped, so the cost follows the sample, not the
+    tensor."""
     if count >= numel:
         return torch.arange(numel)
     g = torch.Generator().manual_seed(seed)
-    return torch.randperm(numel, generator=g)[:count].sort().values if numel <= (1 << 24) else \
-        torch.unique(torch.randint(0, numel, (count,), generator=g))
+    return torch.unique(torch.randint(0, numel, (count,), generator=g))
 
 
 def _svd_of(op: Operand) -> SVD | None:
     if not op.is_matrix:
         return None
     svd = op.svd
-    return SVD(svd.u.to(torch.float16), svd.s.float(), svd.v.to(torch.float16), svd.total_energy,
-               svd.full_dim, svd.exact)
+    return SVD(svd.u.float(), svd.s.float(), svd.v.float(), svd.total_energy, svd.full_dim, svd.exact)
+
+
+def quantize(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit columns as int8 and one float32 scale per column (its largest magnitude / 127): a rounding error
+    of at most scale / 2 per value, which moves the spectral metrics by less than SPECTRAL_BOUND."""
+    scale = (vectors.abs().amax(dim=0).float() / 127.0).clamp_min(1e-30)
+    return torch.round(vectors.float() / scale).to(torch.int8), scale
+
+
+def dequantize(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return values.float() * scale
+
+
+def sketch_nbytes(shape: tuple[int, ...], params: SketchParams, has_base: bool) -> int:
+    """The stored bytes of one tensor's sketch, from its shape and the parameters alone (the bench uses it for
+    shapes it does not generate, e.g. 7B)."""
+    numel = math.prod(shape)
+    width, count = params.widths(numel)
+    size = 4 * (numel if numel <= width else width) + 2 * count * (2 if has_base else 1)
+    if len(shape) == 2 and min(shape) > 1:
+        m, n = shape
+        k, full = min(params.rank, m, n), min(m, n)
+        exact = numel <= params.exact_max_elements or k + OVERSAMPLE >= full
+        one = k * (m + n) + 8 * k + 4 * (full if exact else k + OVERSAMPLE)
+        size += one * (2 if has_base else 1)
+    return size
 
 
 def sketch_tensor(name: str, view: torch.Tensor, base_view: torch.Tensor | None, params: SketchParams) -> TensorSketch:
@@ -238,9 +285,10 @@ def to_tensors(sketch: ModelSketch) -> tuple[dict[str, torch.Tensor], dict[str, 
             tensors[p + "task_sample"] = t.task_sample.contiguous()
         for what, svd in (("svd", t.svd), ("task_svd", t.task_svd)):
             if svd is not None:
-                tensors.update({p + what + ".u": svd.u.to(torch.float16).contiguous(),
+                (u, u_scale), (v, v_scale) = quantize(svd.u), quantize(svd.v)
+                tensors.update({p + what + ".u": u.contiguous(), p + what + ".u_scale": u_scale.contiguous(),
                                 p + what + ".s": svd.s.contiguous(),
-                                p + what + ".v": svd.v.to(torch.float16).contiguous()})
+                                p + what + ".v": v.contiguous(), p + what + ".v_scale": v_scale.contiguous()})
                 entry[what] = [svd.total_energy, svd.full_dim, svd.exact]
         meta["tensors"][str(i)] = entry
     return tensors, meta
@@ -254,8 +302,9 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -
         def svd(what: str, entry: Mapping[str, Any] = entry, p: str = p) -> SVD | None:
             if what not in entry:
                 return None
-            energy, full_dim, exact = entry[what]  # float16 when stored, float32 in memory for the pairs
-            return SVD(tensors[p + what + ".u"].float(), tensors[p + what + ".s"], tensors[p + what + ".v"].float(),
+            energy, full_dim, exact = entry[what]  # int8 when stored, float32 in memory for the pairs
+            t = {x: tensors[p + what + "." + x] for x in ("u", "u_scale", "s", "v", "v_scale")}
+            return SVD(dequantize(t["u"], t["u_scale"]), t["s"], dequantize(t["v"], t["v_scale"]),
                        float(energy), int(full_dim), bool(exact))
 
         out.tensors[entry["name"]] = TensorSketch(
