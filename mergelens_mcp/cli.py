@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from pydantic import BaseModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -126,10 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_zoo(args: argparse.Namespace, console: Console) -> int:
     from .zoo import compare_zoo
 
-    if args.report:
-        from .report import check_output
-
-        check_output(args.report, overwrite=args.overwrite)
+    _check_report(args)
     result = _with_progress(console, "sketching", lambda progress: compare_zoo(
         args.models, args.base, target=args.target, top=args.top, set_size=args.set_size,
         exact_top=args.exact_top, ray=args.ray, workers=args.workers, cache_dir=args.cache_dir, progress=progress,
@@ -155,9 +153,7 @@ def run_zoo(args: argparse.Namespace, console: Console) -> int:
         out.print(result.strategy.mergekit_yaml, markup=False, highlight=False)
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False, style="dim")
-    if args.json:
-        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        console.print(f"JSON written to {args.json}")
+    _write_json(args, result, console)
     if args.report:
         from .report import write_zoo_report
 
@@ -189,9 +185,7 @@ def run_diagnose(args: argparse.Namespace, console: Console) -> int:
         _interference_table(result, out)
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False, style="dim")
-    if args.json:
-        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        console.print(f"JSON written to {args.json}")
+    _write_json(args, result, console)
     return EXIT_OK if result.valid else EXIT_FAILED
 
 
@@ -200,10 +194,7 @@ def run_preview(args: argparse.Namespace, console: Console) -> int:
 
     if len(args.models) < 2:
         raise InputError("preview needs at least two models to merge")
-    if args.report:
-        from .report import check_output
-
-        check_output(args.report, overwrite=args.overwrite)
+    _check_report(args)
     result, comparison = _with_progress(console, "previewing", lambda progress: isolated(
         preview_with_comparison, args.models, args.base, methods=args.methods, probe=args.probe,
         device=args.device, progress=progress))
@@ -217,9 +208,7 @@ def run_preview(args: argparse.Namespace, console: Console) -> int:
     out.print(table)
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False, style="dim")
-    if args.json:
-        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        console.print(f"JSON written to {args.json}")
+    _write_json(args, result, console)
     if args.report:
         from .report import write_report
 
@@ -256,9 +245,7 @@ def run_verify(args: argparse.Namespace, console: Console) -> int:
         out.print(probes)
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False, style="dim")
-    if args.json:
-        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        console.print(f"JSON written to {args.json}")
+    _write_json(args, result, console)
     return EXIT_FAILED if result.verdict == "failed" else EXIT_OK
 
 
@@ -277,19 +264,14 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
         raise InputError("compare needs at least two models")
     if args.json is not None and not args.json.parent.is_dir():
         raise InputError(f"--json {args.json}: the folder {args.json.parent} does not exist; create it first")
-    if args.report:
-        from .report import check_output
-
-        check_output(args.report, overwrite=args.overwrite)
+    _check_report(args)
     result = _with_progress(
         console, "reading tensors",
         lambda progress: isolated(compare, args.models, args.base, device=args.device, progress=progress,
                                   activations=args.activations, about=labelled(args.models, args.base)),
     )
     print_result(result, Console(), max_layers=args.layers)
-    if args.json:
-        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        console.print(f"JSON written to {args.json}")
+    _write_json(args, result, console)
     if args.report:
         from .report import write_report
 
@@ -325,6 +307,21 @@ def run_serve(args: argparse.Namespace, console: Console) -> int:
         sys.stderr.flush()
         os._exit(EXIT_OK)
     return EXIT_OK
+
+
+def _check_report(args: argparse.Namespace) -> None:
+    """Refuse a `--report` target that cannot be written before any tensor is read."""
+    if args.report:
+        from .report import check_output
+
+        check_output(args.report, overwrite=args.overwrite)
+
+
+def _write_json(args: argparse.Namespace, result: BaseModel, console: Console) -> None:
+    """The result as indented JSON where `--json` asks for it."""
+    if args.json:
+        args.json.write_text(result.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        console.print(f"JSON written to {args.json}")
 
 
 def read_token_file(path: Path) -> str:
