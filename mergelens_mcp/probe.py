@@ -40,8 +40,7 @@ from .errors import (
     LimitExceededError,
 )
 from .mergekit import methods as registry
-from .mergekit.diagnose import _jobs as config_jobs
-from .mergekit.diagnose import parse_config, read_config_text
+from .mergekit.diagnose import config_jobs, parse_config, read_config_text
 from .mergekit.schema import MethodSpec, Report, check_structure
 from .mergekit.simulate import Job
 from .models import (
@@ -700,7 +699,7 @@ def stored_tensors(
         for done, current in enumerate(opened):
             if cancelled is not None and cancelled():
                 raise AnalysisCancelledError(f"{ckpt.label}: cancelled while loading")
-            yield current.key, current.views[0].float().clone()
+            yield current.key, current.views[0].to(torch.float32, copy=True)  # one copy, whatever the dtype
             if progress is not None:
                 progress(done + 1, len(sets), current.key)
     finally:

@@ -92,7 +92,7 @@ def file_identity(ckpt: Checkpoint) -> list[list[Any]]:
 
 
 def sketch_key(model: Checkpoint, base: Checkpoint | None, params: sk.SketchParams) -> str:
-    blob = json.dumps([sk.SKETCH_VERSION, vars(params) if hasattr(params, "__dict__") else repr(params),
+    blob = json.dumps([sk.SKETCH_VERSION, vars(params),
                        file_identity(model), file_identity(base) if base else None], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

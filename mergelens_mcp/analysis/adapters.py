@@ -445,10 +445,9 @@ def adapter_info(ckpt: Checkpoint) -> AdapterInfo | None:
 
 
 def coverage_note(models: list[Checkpoint], tensors: list[str]) -> list[str]:
-    adapters = [m for m in models if isinstance(m, AdapterCheckpoint)]
-    if not adapters:
+    if not any(isinstance(m, AdapterCheckpoint) for m in models):
         return []
-    adapted = sum(1 for n in tensors if any(n in m.adapted for m in adapters))
+    adapted = low_rank_count(models, tensors)
     return [
         f"LoRA adapters: {adapted} adapted tensor(s) measured from their factors (norms, cosines, distances and "
         "task-vector SVDs exact through r x r products); sign conflict, TIES thresholds, mass fraction and value "

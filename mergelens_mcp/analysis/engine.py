@@ -8,7 +8,6 @@ largest tensor set; the result is assembled once, its strings redacted, with the
 from __future__ import annotations
 
 import itertools
-import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -40,8 +39,6 @@ from .metrics import UNAVAILABLE, task_metrics
 from .spectral import OVERSAMPLE, POWER_ITERS
 from .types import AnalysisOptions, Cancelled, Device, Progress
 from .zones import detect_conflict_zones
-
-log = logging.getLogger(__name__)
 
 Finish = Callable[[CompareResult], CompareResult]  # an unvalidated draft -> the draft completed (strategy, advice)
 

@@ -13,7 +13,6 @@ ASSESSMENT = {
     Verdict.HIGHLY_COMPATIBLE: "good", Verdict.COMPATIBLE: "acceptable", Verdict.RISKY: "risky",
     Verdict.INCOMPATIBLE: "bad",
 }
-ADVICE_BELOW = mci.WEAK_BELOW  # a component under this gets advice
 
 
 LAYER_NUMBERING = (
@@ -50,7 +49,7 @@ def find_layer(layers: list[LayerMetrics], layer: str) -> list[LayerMetrics]:
 def explain(lm: LayerMetrics) -> LayerExplanation:
     """Explain one layer of one pair."""
     readings = [_reading(name, value, lm.components) for name, value in lm.metrics.items()]
-    weakest = sorted((v, n) for n, v in lm.components.items() if v < ADVICE_BELOW)
+    weakest = sorted((v, n) for n, v in lm.components.items() if v < mci.WEAK_BELOW)
     verdict = mci.verdict_for(lm.score)
     return LayerExplanation(
         model_a=lm.model_a, model_b=lm.model_b, layer_name=lm.layer_name, layer_index=lm.layer_index,
@@ -96,7 +95,7 @@ def _summary(lm: LayerMetrics, verdict: Verdict, weakest: list[tuple[float, str]
         return f"{head} It is pulled down by {parts}."
     if lm.components:
         best = max(lm.components, key=lambda n: lm.components[n])
-        return f"{head} No component is below {ADVICE_BELOW}; the strongest is {_words(best)}."
+        return f"{head} No component is below {mci.WEAK_BELOW}; the strongest is {_words(best)}."
     return head
 
 

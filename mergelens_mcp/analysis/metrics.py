@@ -64,7 +64,6 @@ class Operand:
         rank: int = DEFAULT_RANK,
         exact_max_elements: int = EXACT_MAX_ELEMENTS,
         reference_norm: float | None = None,
-        norm: float | None = None,
         base: torch.Tensor | None = None,
     ) -> None:
         if base is not None and base.shape != tensor.shape:
@@ -74,8 +73,6 @@ class Operand:
         self.rank = rank
         self.exact_max_elements = exact_max_elements
         self.reference_norm = reference_norm  # the base tensor's norm, for task vectors
-        if norm is not None:  # the caller measured it
-            self.__dict__["norm"] = norm
 
     @property
     def numel(self) -> int:
@@ -343,6 +340,7 @@ def weight_and_task_sums(
     blocks = _ProductBlocks(todo, a.tensor.shape[-1], n) if todo else None
     if blocks is not None:
         step = blocks.step
+    measure_base = "norm" not in base.__dict__
     for start in range(0, n, step):
         index = slice(start, start + step)
         if blocks is None:
@@ -354,7 +352,7 @@ def weight_and_task_sums(
             z = base.values(index, dtype)
             dx, dy = blocks.difference(task_a, x, z), blocks.difference(task_b, y, z)
         weights.add(x, y, x - y)
-        if "norm" not in base.__dict__:
+        if measure_base:
             base_sq += float((z * z).sum())
         tasks.add(dx, dy, None)
         if blocks is not None:

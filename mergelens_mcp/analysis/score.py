@@ -44,8 +44,9 @@ DISTANCE_SCALE = 0.1
 MEAN_WEIGHT, WORST_WEIGHT = 0.6, 0.4
 MIN_WORST_FRACTION = 0.01
 WEIGHT_EXPONENT, TASK_EXPONENT = 0.3, 0.7
-VERDICTS = ((75.0, Verdict.HIGHLY_COMPATIBLE), (55.0, Verdict.COMPATIBLE), (35.0, Verdict.RISKY))
-WEAK_BELOW = 0.55  # a component under this (the zone threshold / 100) is weak: explained, advised, listed
+COMPATIBLE_AT = 55.0  # the verdict's line, the conflict-zone threshold, and (/ 100) a weak component's
+VERDICTS = ((75.0, Verdict.HIGHLY_COMPATIBLE), (COMPATIBLE_AT, Verdict.COMPATIBLE), (35.0, Verdict.RISKY))
+WEAK_BELOW = COMPATIBLE_AT / 100  # a component under this is weak: explained, advised, listed
 ORIGIN, SHAPE, TASK = "origin", "shape", "task"
 GROUPS = (ORIGIN, SHAPE, TASK)
 

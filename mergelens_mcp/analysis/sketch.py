@@ -44,8 +44,6 @@ SKETCH_VERSION = 4
 Z = 4.0  # standard errors per stated bound
 SPECTRAL_BOUND = 2e-3  # int8 storage of the singular vectors moves the spectral metrics by less than this
 HIGHER_IS_BETTER = ("cosine_similarity", "task_cosine", "spectral_overlap", "effective_rank_ratio")
-ESTIMATED = ("cosine_similarity", "l2_distance", "task_cosine", "task_l2_distance", "sign_disagreement",
-             "sign_disagreement_top", "kl_divergence")
 
 
 @dataclass(frozen=True)

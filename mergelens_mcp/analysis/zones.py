@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..models import ConflictZone, LayerMetrics, Severity
-from .score import CATALOGUE
+from .score import CATALOGUE, COMPATIBLE_AT
 
-ZONE_THRESHOLD = 55.0
+ZONE_THRESHOLD = COMPATIBLE_AT  # a layer scoring below a compatible verdict
 OUTLIER_DROP = 15.0
 OPPOSED_TASK_COSINE = -0.5  # task vectors this opposed cancel: no method recovers them (recommend's rule 2)
 OPPOSED_ADVICE = CATALOGUE["alignment"].advice  # the one advice for opposed layers: never TIES

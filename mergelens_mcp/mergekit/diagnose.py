@@ -147,7 +147,7 @@ def parse_config(text: str, where: str = "config") -> dict[str, Any]:
 # ---- layer counts (need the models) -----------------------------------------------------------------
 
 
-def check_layer_counts(inputs: Inputs, data: dict[str, Any], counts: dict[str, int], report: Report) -> None:
+def check_layer_counts(inputs: Inputs, counts: dict[str, int], report: Report) -> None:
     for path, name, _start, end in inputs.ranges:
         n = counts.get(name)
         if n is not None and end > n:
@@ -240,7 +240,7 @@ def _blocks_in_order(inputs: Inputs, where: str, model: str | None) -> Iterator[
             yield block
 
 
-def _jobs(spec: MethodSpec, inputs: Inputs, ckpts: dict[str, Checkpoint]) -> tuple[list[Job], list[str]]:
+def config_jobs(spec: MethodSpec, inputs: Inputs, ckpts: dict[str, Checkpoint]) -> tuple[list[Job], list[str]]:
     """What to simulate: each merged tensor, from a `models:` list or from each slice's layer ranges."""
     _, names, base, sliced = inputs.groups[0]
     if not sliced:
@@ -287,7 +287,7 @@ def diagnose(
                 ckpts[name] = ckpt
         counts = {n: _layer_count(c) for n, c in ckpts.items()}
         too_big = _over_limit(ckpts, limits)
-        check_layer_counts(inputs, data, counts, report)
+        check_layer_counts(inputs, counts, report)
         check_compatibility(inputs, data, ckpts, report)
         adapter_checks(ckpts, report)
         layers: list[LayerInterference] = []
@@ -304,11 +304,11 @@ def diagnose(
         elif not needed or any(n not in ckpts for n in needed):
             notes.append("the merge was not simulated: not every referenced model could be read")
         else:
-            jobs, job_notes = _jobs(spec, inputs, ckpts)
+            jobs, job_notes = config_jobs(spec, inputs, ckpts)
             sim = simulate(spec, jobs, ckpts, progress, cancelled)
             layers, overall = sim.layers, sim.overall
             report.findings.extend(sim.findings)
-            notes.extend([*job_notes, *sim.notes])
+            notes.extend(job_notes)
             _interference_findings(spec, inputs, layers, overall, report)
     return ConfigDiagnosis(
         valid=not report.has_errors, merge_method=spec.name if spec else _method_name(data),

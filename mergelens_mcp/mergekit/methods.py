@@ -310,8 +310,8 @@ def _task_vector_merge(spec: MethodSpec) -> Callable[[Inputs], Tensor]:
     return merge
 
 
-TASK_VECTOR_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                       "della", "della_linear")
+# the task-vector family: the rulebook's methods that take `lambda` (base + lambda x the sparsified deltas)
+TASK_VECTOR_METHODS = tuple(name for name, spec in RULEBOOK.items() if spec.parameter("lambda") is not None)
 
 
 def _linear(x: Inputs) -> Tensor:

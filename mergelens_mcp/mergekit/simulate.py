@@ -102,12 +102,13 @@ def sign_election_loss(weighted: list[torch.Tensor]) -> float:
     """Share of the weighted |.| mass that loses TIES' sign election (the merge's `elect_signs`: the sign of
     the sum, zero counting as +)."""
     stacked = torch.stack(weighted)
-    mass = float(stacked.abs().sum())
+    magnitude = stacked.abs()
+    mass = float(magnitude.sum())
     if mass <= 0:
         return 0.0
     _, carries = elect_signs(stacked)
     lost = ~carries & (stacked != 0)
-    return float(stacked.abs()[lost].sum()) / mass
+    return float(magnitude[lost].sum()) / mass
 
 
 @dataclass
@@ -125,7 +126,6 @@ class Simulation:
     layers: list[LayerInterference]
     overall: float | None
     findings: list[Finding]
-    notes: list[str]
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ def simulate(
     layers = [_layer(name, s, spec) for name, s in ordered]
     total = sum(lm.n_params for lm in layers)
     overall = round(sum(lm.interference * lm.n_params for lm in layers) / total, 6) if total else None
-    return Simulation(layers, overall, _findings(spec, layers), [])
+    return Simulation(layers, overall, _findings(spec, layers))
 
 
 def _layer(name: str, s: _LayerSums, spec: MethodSpec) -> LayerInterference:

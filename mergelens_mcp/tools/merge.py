@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from mcp.server.mcpserver import MCPServer
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .. import probe, service
 from ..analysis.types import Cancelled, Progress
@@ -14,6 +14,7 @@ from ..models import Finding, LayerMatch, PreviewResult, SourceRetention, Verify
 from ..security.redact import redact_model
 from .params import READ_ONLY, BaseModelPath, Detail, Models
 from .runtime import AppContext, guard_for, run_in_worker, state_of
+from .views import View
 
 ProbeFile = Annotated[
     str | None,
@@ -21,10 +22,6 @@ ProbeFile = Annotated[
                       "{\"prompt\": ..., \"completion\": ...} with an optional \"source\" naming the model the "
                       "record tests (its name, e.g. its folder name, or its path); default: the shipped probes"),
 ]
-
-
-class View(BaseModel):
-    model_config = ConfigDict(frozen=True)
 
 
 class CandidateBrief(View):
