@@ -9,7 +9,7 @@
 - `preview_merge`: candidate merges (a mergekit YAML each: by default the recommended method, its runner-up and
   linear) merged in memory into a Hugging Face model and measured against each source on the probes.
 
-Every tensor is read through the one tensor stream (`analysis/stream.schedule`), one tensor set at a time; a
+Every tensor is read through the one tensor stream (`analysis/stream.read`), one tensor set at a time; a
 config is read by the diagnosis' parser and rulebook and its parameters resolved per tensor by its `lookup_for`
 (gradients, filters). Preview holds one model's weights at a time: the sources' probe outputs are computed and
 cached first, then each candidate is merged, run and dropped.
@@ -57,7 +57,6 @@ from .security.limits import Limits
 from .security.paths import PathGuard, open_regular
 from .settings import Settings
 
-CPU = torch.device("cpu")
 SEED = 0
 NONE_RESIDUAL = 0.5  # a layer whose change the sources explain less than half of matches none of them
 ONE_SOURCE_SHARE = 0.95  # a layer whose coefficients are this much one source's matches that source only
@@ -203,18 +202,10 @@ def merged_tensors(
             if name is not None:
                 sources.append((ckpt, name))
         sets.append(stream.TensorSet(job.output, sources))
-    opened = stream.schedule(sets, lambda current: current.open(CPU))
-    try:
-        for done, current in enumerate(opened):
-            if cancelled is not None and cancelled():
-                raise AnalysisCancelledError(f"{what} cancelled after {done} of {len(sets)} tensors")
-            job = merge.jobs[done]
-            views = list(current.views)
-            yield job, _merge_job(merge, job, views[:len(job.sources)], generator), views
-            if progress is not None:
-                progress(done + 1, len(sets), job.output)
-    finally:
-        opened.close()
+    for job, current in zip(merge.jobs, stream.read(sets, what, cancelled=cancelled, progress=progress),
+                            strict=True):
+        views = list(current.views)
+        yield job, _merge_job(merge, job, views[:len(job.sources)], generator), views
 
 
 # ---- verify: the weights -----------------------------------------------------------------------------------
@@ -245,38 +236,30 @@ def fit_layers(
     k = len(sources)
     layers: dict[str, _LayerFit] = {}
     sets = [stream.TensorSet(n, [(c, n) for c in [*reference, merged]]) for n in names]
-    opened = stream.schedule(sets, lambda current: current.open(CPU))
-    try:
-        for done, current in enumerate(opened):
-            if cancelled is not None and cancelled():
-                raise AnalysisCancelledError(f"verify cancelled after {done} of {len(sets)} tensors")
-            name = current.key
-            views = [v.double().reshape(-1) for v in current.views]
-            out = views.pop()
-            bad = int((~torch.isfinite(out)).sum())
-            if bad:
-                layer = classify(name).layer_name
-                findings.append(Finding(
-                    level=FindingLevel.ERROR, code="nonfinite", path=name,
-                    message=f"{bad} NaN/Inf values in {name} (layer {layer}) of the merged model",
-                    fix="merge again in float32 (`dtype: float32`); check the sources' tensors for NaN first",
-                ))
-                out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
-            origin = views.pop() if base is not None else None
-            vectors = [v - origin for v in views] if origin is not None else views
-            delta = out - origin if origin is not None else out
-            fit = layers.setdefault(classify(name).layer_name, _LayerFit(
-                torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)))
-            stacked = torch.stack([torch.nan_to_num(v) for v in vectors])
-            fit.gram += stacked @ stacked.T
-            fit.cross += stacked @ delta
-            fit.norm += float(delta @ delta)
-            fit.numel += out.numel()
-            fit.tensors.append(name)
-            if progress is not None:
-                progress(done + 1, len(sets), name)
-    finally:
-        opened.close()
+    for current in stream.read(sets, "verify", cancelled=cancelled, progress=progress):
+        name = current.key
+        views = [v.double().reshape(-1) for v in current.views]
+        out = views.pop()
+        bad = int((~torch.isfinite(out)).sum())
+        if bad:
+            layer = classify(name).layer_name
+            findings.append(Finding(
+                level=FindingLevel.ERROR, code="nonfinite", path=name,
+                message=f"{bad} NaN/Inf values in {name} (layer {layer}) of the merged model",
+                fix="merge again in float32 (`dtype: float32`); check the sources' tensors for NaN first",
+            ))
+            out = torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+        origin = views.pop() if base is not None else None
+        vectors = [v - origin for v in views] if origin is not None else views
+        delta = out - origin if origin is not None else out
+        fit = layers.setdefault(classify(name).layer_name, _LayerFit(
+            torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)))
+        stacked = torch.stack([torch.nan_to_num(v) for v in vectors])
+        fit.gram += stacked @ stacked.T
+        fit.cross += stacked @ delta
+        fit.norm += float(delta @ delta)
+        fit.numel += out.numel()
+        fit.tensors.append(name)
     return layers, findings
 
 
@@ -694,16 +677,8 @@ def stored_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """One checkpoint's float tensors through the stream, each copied out as float32 (the views die)."""
     sets = [stream.TensorSet(n, [(ckpt, n)]) for n in ckpt.float_tensors]
-    opened = stream.schedule(sets, lambda current: current.open(CPU))
-    try:
-        for done, current in enumerate(opened):
-            if cancelled is not None and cancelled():
-                raise AnalysisCancelledError(f"{ckpt.label}: cancelled while loading")
-            yield current.key, current.views[0].to(torch.float32, copy=True)  # one copy, whatever the dtype
-            if progress is not None:
-                progress(done + 1, len(sets), current.key)
-    finally:
-        opened.close()
+    for current in stream.read(sets, f"loading {ckpt.label}", cancelled=cancelled, progress=progress):
+        yield current.key, current.views[0].to(torch.float32, copy=True)  # one copy, whatever the dtype
 
 
 def model_bytes(ckpt: Checkpoint) -> int:

@@ -37,7 +37,7 @@ from .metrics import (
     _mass_fraction,
 )
 from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, SVD
-from .stream import TensorSet, schedule
+from .stream import TensorSet, read
 from .types import Cancelled, Progress
 
 SKETCH_VERSION = 4
@@ -240,7 +240,6 @@ def sketch_model(
     cancelled: Cancelled | None = None,
 ) -> ModelSketch:
     """Read `model` once (with the base's same tensors) through the tensor stream and sketch every float tensor."""
-    from ..errors import AnalysisCancelledError
 
     names = list(model.float_tensors)
     sets = []
@@ -250,18 +249,9 @@ def sketch_model(
             sources.append((base, name))
         sets.append(TensorSet(name, sources))
     out = ModelSketch(model.label, key, model.n_params, model.nbytes, base is not None)
-    device = torch.device("cpu")
-    stream = schedule(sets, lambda s: s.open(device))
-    try:
-        for done, current in enumerate(stream):
-            if cancelled is not None and cancelled():
-                raise AnalysisCancelledError(f"sketching {model.label} cancelled after {done} of {len(sets)} tensors")
-            base_view = current.views[1] if len(current.views) > 1 else None
-            out.tensors[current.key] = sketch_tensor(current.key, current.views[0], base_view, params)
-            if progress is not None:
-                progress(done + 1, len(sets), current.key)
-    finally:
-        stream.close()
+    for current in read(sets, f"sketching {model.label}", cancelled=cancelled, progress=progress):
+        base_view = current.views[1] if len(current.views) > 1 else None
+        out.tensors[current.key] = sketch_tensor(current.key, current.views[0], base_view, params)
     return out
 
 

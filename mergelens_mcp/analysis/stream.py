@@ -31,12 +31,13 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..errors import AnalysisCancelledError
 from .adapters import lift
 from .compat import Plan
 from .loading import Checkpoint
 from .metrics import NATIVE, REGISTRY, Operand, pair_sums, weight_and_task_sums
 from .spectral import SVD, release_scratch
-from .types import AnalysisOptions
+from .types import AnalysisOptions, Cancelled, Progress
 
 LARGE = 1 << 24  # elements: such sets first return freed heap memory to the OS, and build one sketch at a time
 _ONE_LARGE_SKETCH = threading.Lock()
@@ -121,6 +122,30 @@ def schedule(
                 abandon(pending)
         for pending in window:
             close_set(pending)
+
+
+def read(
+    sets: Sequence[S],
+    what: str,
+    *,
+    cancelled: Cancelled | None = None,
+    progress: Progress | None = None,
+    device: torch.device | None = None,
+) -> Iterator[S]:
+    """Each set viewed on `device` (default: the CPU), in order (`schedule`), with a reader's two duties: a
+    cancel between sets raises AnalysisCancelledError naming `what`, and `progress` hears of each set once the
+    consumer is done with it. The merge simulation, preview, verify and the zoo's sketches read through it."""
+    device = device or torch.device("cpu")
+    opened = schedule(sets, lambda current: current.open(device))
+    try:
+        for done, current in enumerate(opened):
+            if cancelled is not None and cancelled():
+                raise AnalysisCancelledError(f"{what} cancelled after {done} of {len(sets)} tensors")
+            yield current
+            if progress is not None:
+                progress(done + 1, len(sets), current.key)
+    finally:
+        opened.close()
 
 
 def _view(ckpt: Checkpoint, name: str, rows: int | None, device: torch.device) -> torch.Tensor:

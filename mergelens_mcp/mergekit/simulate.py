@@ -31,12 +31,10 @@ from ..analysis.compat import block_count
 from ..analysis.layers import ANY_INDEX, BLOCK_INDEX, classify, group_sort_key
 from ..analysis.loading import Checkpoint
 from ..analysis.types import Cancelled, Progress
-from ..errors import AnalysisCancelledError
 from ..models import Finding, FindingLevel, LayerInterference
 from .methods import elect_signs, slerp_cosine, sparsify
 from .schema import NUMBER_STRING, SLERP_LINEAR_FALLBACK, MethodSpec
 
-CPU = torch.device("cpu")
 Lookup = Callable[[str, "str | None", str, float, Any], Any]  # name, model, tensor, t, default -> value
 HIGH_SIGN_CONFLICT = 0.3
 LOW_SURVIVAL = 0.5
@@ -250,33 +248,25 @@ def simulate(
     progress: Progress | None = None, cancelled: Cancelled | None = None,
 ) -> Simulation:
     """Run the merge's arithmetic job by job and keep per-layer sums. The input tensors of each job come
-    from the one tensor stream (stream.schedule), read once, as compare reads them."""
+    from the one tensor stream (stream.read), read once, as compare reads them."""
     generator = torch.Generator().manual_seed(SEED)
     sums: dict[str, _LayerSums] = {}
     roles = {}
     sets = [stream.TensorSet(job.output, [(ckpts[m], name) for m, name in job.sources]) for job in jobs]
-    opened = stream.schedule(sets, lambda current: current.open(CPU))
-    try:
-        for done, current in enumerate(opened):
-            if cancelled is not None and cancelled():
-                raise AnalysisCancelledError(f"diagnosis cancelled after {done} of {len(jobs)} tensors")
-            job = jobs[done]
-            role = classify(job.output)
-            roles[role.layer_name] = role
-            layer = sums.setdefault(role.layer_name, _LayerSums(role.layer_index))
-            views = [  # float32, as stored values convert; a LoRA adapter's with its delta applied
-                with_delta(ckpt, name, view) for (ckpt, name), view in zip(current.sources, current.views, strict=True)
-            ]
-            base = views.pop() if job.base else None
-            tensors = [(m, view) for (m, _), view in zip(job.inputs, views, strict=True)]
-            numel = tensors[0][1].numel()
-            layer.n_params += numel
-            _tensor(spec, job, tensors, base, layer, numel, generator)
-            del tensors, views, base
-            if progress is not None:
-                progress(done + 1, len(jobs), job.output)
-    finally:
-        opened.close()
+    for job, current in zip(jobs, stream.read(sets, "diagnosis", cancelled=cancelled, progress=progress),
+                            strict=True):
+        role = classify(job.output)
+        roles[role.layer_name] = role
+        layer = sums.setdefault(role.layer_name, _LayerSums(role.layer_index))
+        views = [  # float32, as stored values convert; a LoRA adapter's with its delta applied
+            with_delta(ckpt, name, view) for (ckpt, name), view in zip(current.sources, current.views, strict=True)
+        ]
+        base = views.pop() if job.base else None
+        tensors = [(m, view) for (m, _), view in zip(job.inputs, views, strict=True)]
+        numel = tensors[0][1].numel()
+        layer.n_params += numel
+        _tensor(spec, job, tensors, base, layer, numel, generator)
+        del tensors, views, base
     ordered = sorted(sums.items(), key=lambda kv: group_sort_key(roles[kv[0]]))
     layers = [_layer(name, s, spec) for name, s in ordered]
     total = sum(lm.n_params for lm in layers)
