@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -244,6 +246,33 @@ def test_int8_singular_vectors_move_the_spectral_metrics_by_less_than_their_stat
     assert q.dtype is torch.int8
     overlap = float((u.T @ sk.dequantize(q, scale)).pow(2).sum()) / 16
     assert abs(overlap - 1.0) <= sk.SPECTRAL_BOUND
+
+
+def test_the_sketchs_spectral_metrics_stay_within_their_bound_of_compares_exact_svds_on_every_tensor_pair(
+    zoo: Zoo,
+) -> None:
+    from mergelens_mcp.analysis.loading import load_checkpoint
+    from mergelens_mcp.analysis.metrics import REGISTRY, Operand
+
+    worst: dict[str, float] = {}
+    with ExitStack() as stack:
+        base = stack.enter_context(load_checkpoint(str(zoo.base), "base"))
+        models = [stack.enter_context(load_checkpoint(str(m), m.name)) for m in zoo.models[:4]]
+        stored = [sk.from_tensors(*sk.to_tensors(sk.sketch_model(m, base, PARAMS))) for m in models]
+        for (i, a), (j, b) in itertools.combinations(enumerate(models), 2):
+            for name in sk.shared_tensors(stored[i], stored[j]):
+                x, y, z = a.read(name), b.read(name), base.read(name)
+                if x.dim() != 2:
+                    continue
+                assert stored[i].tensors[name].svd is not None and stored[i].tensors[name].svd.exact
+                got = sk.pair_metrics(stored[i].tensors[name], stored[j].tensors[name]).values
+                ops = {False: (Operand(x), Operand(y)), True: (Operand(x, base=z), Operand(y, base=z))}
+                for metric in ("spectral_overlap", "effective_rank_ratio", "tsv_interference", "task_vector_energy"):
+                    exact = float(REGISTRY[metric].fn(*ops[REGISTRY[metric].needs_base]))
+                    worst[metric] = max(worst.get(metric, 0.0), abs(got[metric] - exact))
+    assert set(worst) == {"spectral_overlap", "effective_rank_ratio", "tsv_interference", "task_vector_energy"}
+    assert max(worst.values()) <= sk.SPECTRAL_BOUND, worst
+    assert max(worst.values()) > 0.0  # the sketch's own path, not compare's values copied
 
 
 def test_a_sketch_is_at_most_one_percent_of_a_7b_models_bytes_by_its_widths() -> None:

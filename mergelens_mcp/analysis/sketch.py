@@ -3,8 +3,9 @@
 Per tensor (and per model, against the zoo's base when there is one) a sketch keeps:
 - exactly: the weight norm, the task-vector norm, the base norm, the value range, the TIES threshold and
   mass fraction of the task vector (the same `Operand` code as compare), and the top singular triplets of the
-  weight and of the task matrix (the same `decompose`; the singular vectors stored as int8 with one float32
-  scale per vector, `quantize`);
+  weight and of the task matrix (above the exact cap the same randomized `decompose` as compare; below it the
+  Gram matrix's eigen-decomposition, `gram_decompose`, for compare's exact SVD; the singular vectors stored as
+  int8 with one float32 scale per vector, `quantize`; both within SPECTRAL_BOUND of compare's metrics);
 - a seeded CountSketch of the weights (`width` signed buckets; linear, so the difference of two sketches is
   the sketch of the difference): |w_a - w_b|^2 = |tau_a - tau_b|^2 is estimated with relative standard error
   at most sqrt(2 / width), and every cosine and distance follows from it and the exact norms;
@@ -36,13 +37,13 @@ from .metrics import (
     Operand,
     _mass_fraction,
 )
-from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, SVD
+from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, SVD, gram_decompose, randomized
 from .stream import TensorSet, read
 from .types import Cancelled, Progress
 
-SKETCH_VERSION = 4
+SKETCH_VERSION = 5
 Z = 4.0  # standard errors per stated bound
-SPECTRAL_BOUND = 2e-3  # int8 storage of the singular vectors moves the spectral metrics by less than this
+SPECTRAL_BOUND = 2e-3  # the Gram path and the int8 vectors move the spectral metrics by less than this
 HIGHER_IS_BETTER = ("cosine_similarity", "task_cosine", "spectral_overlap", "effective_rank_ratio")
 
 
@@ -174,9 +175,15 @@ def sample_positions(numel: int, count: int, seed: int) -> torch.Tensor:
 
 
 def _svd_of(op: Operand) -> SVD | None:
+    """The operand's top singular triplets: randomized above the exact cap as compare's are; below it, where
+    compare takes the exact SVD, from the eigen-decomposition of the Gram matrix (`gram_decompose`: the same
+    values and vectors to float32 rounding, at about half the cost)."""
     if not op.is_matrix:
         return None
-    svd = op.svd
+    if randomized(op.tensor.shape, op.rank, op.exact_max_elements):
+        svd = op.svd
+    else:
+        svd = gram_decompose(op.tensor, op.rank, minus=op.base)
     return SVD(svd.u.float(), svd.s.float(), svd.v.float(), svd.total_energy, svd.full_dim, svd.exact)
 
 

@@ -112,6 +112,31 @@ def decompose(
     return SVD(u[:, :k], s, v[:, :k], measured if energy is None else energy, full_dim, False)
 
 
+def gram_decompose(matrix: torch.Tensor, rank: int = DEFAULT_RANK, minus: torch.Tensor | None = None) -> SVD:
+    """What `decompose`'s exact path gives (every singular value, the top-`rank` vectors) from the eigen-
+    decomposition of the float32 Gram matrix of the short side, G = A^T A (or A A^T): about half the CPU time
+    of the SVD (a 512 x 512 matrix on one thread: 1.8 ms for G and 15 ms for eigh against 35 ms for the SVD).
+
+    s_i = sqrt(lambda_i) and the short side's vectors come from eigh; the long side's are A v_i / s_i (left
+    at zero where s_i is zero: any unit vector is then as exact, and every metric weights it by s_i or reads
+    it only through the subspace of the non-zero ones). Squaring costs accuracy only on the small singular
+    values: each is off by at most about sqrt(eps_32) s_1 = 3e-4 s_1, which the entropy effective rank barely
+    sees; the top vectors are off by eps_32 s_1^2 / (s_i^2 - s_j^2). The sketch uses it where compare takes the
+    exact SVD; tests/test_zoo.py holds the spectral metrics from it (with the int8 storage) within the sketch's
+    stated SPECTRAL_BOUND of compare's on every tensor pair of a generated zoo."""
+    a = _rows(matrix, minus, 0, matrix.shape[0])
+    tall = a.shape[0] >= a.shape[1]
+    gram = a.T @ a if tall else a @ a.T
+    values, vectors = torch.linalg.eigh(gram)
+    s = values.flip(0).clamp_min(0).sqrt()
+    k = min(rank, s.numel())
+    short = vectors[:, -k:].flip(1)
+    scale = torch.where(s[:k] > 0, 1.0 / s[:k].clamp_min(torch.finfo(s.dtype).tiny), torch.zeros(()))
+    long = (a @ short if tall else a.T @ short) * scale
+    u, v = (long, short) if tall else (short, long)
+    return SVD(u, s, v, float(s.double().pow(2).sum()), s.numel(), True)
+
+
 def randomized(shape: tuple[int, ...] | torch.Size, rank: int = DEFAULT_RANK,
                exact_max_elements: int = EXACT_MAX_ELEMENTS) -> bool:
     """Whether `decompose` takes the randomized path for a matrix of this shape (otherwise the exact SVD)."""

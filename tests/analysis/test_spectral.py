@@ -285,3 +285,30 @@ def test_the_transposed_product_equals_the_plain_one() -> None:
     low, basis = torch.randn(300, 200, generator=g).bfloat16(), torch.randn(300, 32, generator=g)
     expected = low.float().T @ basis.bfloat16().float()
     torch.testing.assert_close(spectral._transposed_times(low, basis).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)])
+def test_the_gram_path_gives_the_exact_svds_values_and_top_subspaces_tall_or_wide(shape: tuple[int, int]) -> None:
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(*shape, generator=g) * 0.02
+    base = torch.randn(*shape, generator=g) * 0.02
+    for minus in (None, base):
+        exact, gram = decompose(a, minus=minus), spectral.gram_decompose(a, minus=minus)
+        assert gram.exact and gram.full_dim == exact.full_dim == 64 and gram.k == exact.k == 16
+        assert tuple(gram.u.shape) == (shape[0], 16) and tuple(gram.v.shape) == (shape[1], 16)
+        assert float((gram.s - exact.s).abs().max()) <= 3e-4 * float(exact.s[0])
+        assert gram.total_energy == pytest.approx(exact.total_energy, rel=1e-5)
+        for x, y in ((gram.u, exact.u), (gram.v, exact.v)):  # the same top-16 subspace, orthonormal columns
+            assert float((x.T @ y).pow(2).sum()) / 16 == pytest.approx(1.0, abs=1e-4)
+            assert torch.allclose(x.T @ x, torch.eye(16), atol=1e-4)
+
+
+def test_the_gram_path_leaves_vectors_of_zero_singular_values_at_zero() -> None:
+    g = torch.Generator().manual_seed(12)
+    rank_two = torch.randn(40, 2, generator=g) @ torch.randn(2, 30, generator=g)
+    svd = spectral.gram_decompose(rank_two)
+    assert float(svd.s[2:].max()) <= 1e-3 * float(svd.s[0])
+    assert torch.allclose(svd.s[:2], torch.linalg.svdvals(rank_two)[:2], rtol=1e-4)
+    assert torch.isfinite(svd.u).all() and torch.isfinite(svd.v).all()
+    zero = spectral.gram_decompose(torch.zeros(8, 6))
+    assert float(zero.s.abs().max()) == 0.0 and float(zero.u.abs().max()) == 0.0 and zero.total_energy == 0.0
