@@ -2,7 +2,8 @@
 (analysis/sketch.py); every pair, the clusters and the best sets come from the sketches.
 
 Sketches are cached by content (the files' header hash, size and mtime, the base's, and the sketch
-parameters), so adding a model to a zoo of N costs one read plus N cheap pair computations. Missing sketches
+parameters), and so is every pair's estimate (by its two sketches' keys), so adding a model to a zoo of N
+costs one read plus N pair computations. Missing sketches
 are drawn in a local process pool, or, with `ray`, as Ray tasks (each retried elsewhere when its node is lost;
 sketches already cached are never recomputed). Every worker applies the same path guard and limits.
 """
@@ -99,6 +100,13 @@ def sketch_key(model: Checkpoint, base: Checkpoint | None, params: sk.SketchPara
 
 # ------------------------------------------------------------------------------------------- the cache
 
+PAIR_VERSION = 1  # raise when estimate_pair's arithmetic changes: cached pair estimates are then made again
+
+
+def pair_key(key_a: str, key_b: str) -> str:
+    """The content key of an ordered pair of sketches (the sketch keys carry the files, parameters and format)."""
+    return hashlib.sha256(f"{PAIR_VERSION}:{VERSION}:{key_a}:{key_b}".encode()).hexdigest()
+
 
 @dataclass(frozen=True)
 class SketchCache:
@@ -124,6 +132,24 @@ class SketchCache:
         found = sk.from_tensors(tensors, meta)
         found.label = label
         return found
+
+    def get_pair(self, key: str) -> PairEstimate | None:
+        """A pair's estimate from an earlier zoo holding both sketches (None when absent or unreadable)."""
+        try:
+            found = json.loads(self.pair_path(key).read_text())
+            return PairEstimate(found["mci"], found["low"], found["high"], found["metrics"], found["bounds"])
+        except (OSError, KeyError, TypeError, json.JSONDecodeError):
+            return None
+
+    def put_pair(self, key: str, est: PairEstimate) -> None:
+        """Store a pair's estimate (JSON floats round-trip exactly: the same pair reads back bit for bit)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.pair_path(key).with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(vars(est), sort_keys=True))
+        os.replace(tmp, self.pair_path(key))
+
+    def pair_path(self, key: str) -> Path:
+        return self.folder / f"pair-{key}.json"
 
     def put(self, key: str, payload: tuple[dict[str, Any], dict[str, Any]]) -> None:
         from safetensors.torch import save_file
@@ -384,7 +410,12 @@ def compare_zoo(
         for i, j in itertools.combinations(range(len(labels)), 2):
             if cancelled is not None and cancelled():
                 raise AnalysisCancelledError("zoo cancelled while scoring pairs")
-            pairs.append(_pair(labels[i], labels[j], estimate_pair(sketches[labels[i]], sketches[labels[j]])))
+            key = pair_key(keys[i], keys[j])
+            est = cache.get_pair(key)
+            if est is None:
+                est = estimate_pair(sketches[labels[i]], sketches[labels[j]])
+                cache.put_pair(key, est)
+            pairs.append(_pair(labels[i], labels[j], est))
     pairs.sort(key=lambda p: (-p.mci, p.model_a, p.model_b))
     notes = [
         "every number is estimated from sketches: the true value lies within +- its bound (4 standard errors)",

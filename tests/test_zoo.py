@@ -118,6 +118,32 @@ def test_adding_a_model_to_a_cached_zoo_sketches_only_the_new_one(zoo: Zoo, tmp_
     assert [m.cached for m in grown.models] == [True, True, True, False]
     assert seen == ["3 sketches from the cache", "sketched ft_3"]
     assert len(grown.pairs) == 6
+    assert len(list(tmp_path.glob("pair-*.json"))) == 6  # the three old pairs were read back, three new ones added
+
+
+def test_pair_estimates_are_cached_by_their_sketches_and_read_back_bit_for_bit(
+    zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergelens_mcp import zoo as zoo_module
+
+    sources = [str(m) for m in zoo.models[:3]]
+    first = compare_zoo(sources, str(zoo.base), cache_dir=tmp_path, workers=1, params=PARAMS)
+    assert len(list(tmp_path.glob("pair-*.json"))) == 3
+    computed: list[str] = []
+    real = zoo_module.estimate_pair
+    monkeypatch.setattr(zoo_module, "estimate_pair", lambda a, b: computed.append(b.label) or real(a, b))
+    again = compare_zoo(sources, str(zoo.base), cache_dir=tmp_path, workers=1, params=PARAMS)
+    assert computed == [] and again.pairs == first.pairs
+    grown = compare_zoo([*sources, str(zoo.models[3])], str(zoo.base), cache_dir=tmp_path, workers=1, params=PARAMS)
+    assert computed == ["ft_3"] * 3  # only the new model's pairs
+    fresh = compare_zoo([*sources, str(zoo.models[3])], str(zoo.base), cache_dir=tmp_path / "fresh", workers=1,
+                        params=PARAMS)
+    assert grown.pairs == fresh.pairs
+    computed.clear()
+    for path in tmp_path.glob("pair-*.json"):
+        path.write_text("{broken")  # an unreadable entry is computed again
+    assert compare_zoo(sources, str(zoo.base), cache_dir=tmp_path, workers=1, params=PARAMS).pairs == first.pairs
+    assert computed == ["ft_1", "ft_2", "ft_2"]
 
 
 def test_the_process_pool_gives_the_same_zoo_as_one_process_bit_for_bit(zoo: Zoo, tmp_path: Path) -> None:
