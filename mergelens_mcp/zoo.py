@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -226,21 +226,99 @@ def local_backend(workers: int) -> Backend:
     return run
 
 
+NODE_ROOTS_ENV = "MERGELENS_ALLOWED_ROOTS"  # a Ray node's own allowed roots, as the server reads them
+LOCATE_TIMEOUT_S = 30.0
+
+
+def node_guard(roots: Sequence[str]) -> PathGuard:
+    """On a Ray node: the job's roots, narrowed to the roots this machine declares in its own
+    MERGELENS_ALLOWED_ROOTS (set where its `ray start` runs) when it declares any."""
+    guard = PathGuard(roots)
+    declared = [part for part in os.environ.get(NODE_ROOTS_ENV, "").split(os.pathsep) if part.strip()]
+    return guard.restrict(declared) if declared else guard
+
+
+def visible_paths(paths: Sequence[str], roots: Sequence[str]) -> list[str]:
+    """Run once on each Ray node: which of `paths` exist there inside the node's guard (`node_guard`)."""
+    guard = node_guard(roots)
+    seen = []
+    for path in paths:
+        try:
+            guard.check(path)
+        except (InputError, OSError, ValueError):
+            continue
+        seen.append(path)
+    return seen
+
+
+def draw_sketch_on_node(job: SketchJob) -> tuple[tuple[dict[str, Any], dict[str, Any]], str]:
+    """A Ray task: `draw_sketch` under the node's guard, and the id of the node that drew it."""
+    import ray
+
+    narrowed = tuple(str(r) for r in node_guard(job.roots).roots)
+    return draw_sketch(replace(job, roots=narrowed)), ray.get_runtime_context().get_node_id()
+
+
+def place(jobs: Sequence[SketchJob], timeout_s: float = LOCATE_TIMEOUT_S) -> dict[str, str]:
+    """Where each model's files are: one small task per alive node (pinned there, no CPU) reports which of the
+    jobs' paths it sees under its guard; a job goes to the node, among those that see its model and its base,
+    with the fewest jobs placed so far. Jobs every node (or no node) sees are left out: Ray places them. A
+    node that does not answer within `timeout_s` counts as seeing nothing. Returns label -> node id."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    paths = sorted({p for job in jobs for p in (job.source, job.base) if p})
+    locate = ray.remote(num_cpus=0, max_retries=0)(visible_paths)
+    refs = {node: locate.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(paths, jobs[0].roots) for node in nodes} if jobs else {}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    sees: dict[str, set[str]] = {}
+    for node, ref in refs.items():
+        try:
+            sees[node] = set(ray.get(ref, timeout=1)) if ref in ready else set()
+        except ray.exceptions.RayError:
+            sees[node] = set()
+    placed: dict[str, str] = {}
+    load = dict.fromkeys(nodes, 0)
+    for job in jobs:
+        need = {p for p in (job.source, job.base) if p}
+        candidates = [node for node in nodes if need <= sees[node]]
+        if 0 < len(candidates) < len(nodes):
+            node = min(candidates, key=lambda n: load[n])
+            placed[job.label] = node
+            load[node] += 1
+    return placed
+
+
 def ray_backend(address: str | None = None, retries: int = 3, timeout_s: float | None = None) -> Backend:
     """Draw the sketches as Ray tasks (one CPU each, retried on another node when theirs is lost); sketches
-    come back as object references and are gathered on the driver. `address`: 'auto', a cluster address, or
-    None to use the Ray already initialised in this process (or start a local one). `timeout_s` bounds the
-    whole run (a LimitExceededError past it)."""
+    come back as object references and are gathered on the driver. Each task is sent where its model's files
+    are (`place`: a soft node affinity, so Ray still runs it elsewhere when that node is lost); on the node it
+    runs under the job's roots narrowed to the node's own (`node_guard`). `address`: 'auto', a cluster
+    address, or None to use the Ray already initialised in this process (or start a local one). `timeout_s`
+    bounds the whole run (a LimitExceededError past it). After a run, the backend's `placed` and `ran_on` map
+    each sketched model to the node it was sent to and the node that drew it."""
     try:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     except ImportError as exc:
         raise InputError("--ray needs Ray: pip install 'mergelens-mcp[distributed]'") from exc
 
     def run(jobs: list[SketchJob], done: Callable[..., None], cancelled: Cancelled | None) -> None:
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(draw_sketch)
-        pending = {task.remote(job): job for job in jobs}
+        task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(draw_sketch_on_node)
+        placed = place(jobs, LOCATE_TIMEOUT_S if timeout_s is None else min(timeout_s, LOCATE_TIMEOUT_S))
+        run.placed, run.ran_on = placed, {}  # type: ignore[attr-defined]
+
+        def submit(job: SketchJob) -> Any:
+            if job.label not in placed:
+                return task.remote(job)
+            strategy = NodeAffinitySchedulingStrategy(placed[job.label], soft=True)
+            return task.options(scheduling_strategy=strategy).remote(job)
+
+        pending = {submit(job): job for job in jobs}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             while pending:
@@ -253,15 +331,17 @@ def ray_backend(address: str | None = None, retries: int = 3, timeout_s: float |
                 for ref in ready:
                     job = pending.pop(ref)
                     try:
-                        payload = ray.get(ref, timeout=60)
+                        payload, node = ray.get(ref, timeout=60)
                     except ray.exceptions.RayTaskError as exc:
                         raise exc.as_instanceof_cause() from None
+                    run.ran_on[job.label] = node  # type: ignore[attr-defined]
                     done(job, payload)
         finally:
             for ref in pending:
                 ray.cancel(ref)
 
     run.name = "ray"  # type: ignore[attr-defined]
+    run.placed, run.ran_on = {}, {}  # type: ignore[attr-defined]
     return run
 
 

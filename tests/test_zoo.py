@@ -15,7 +15,7 @@ from mergelens_mcp.analysis import sketch as sk
 from mergelens_mcp.errors import AnalysisCancelledError, InputError, PathNotAllowedError
 from mergelens_mcp.models import ZooResult
 from mergelens_mcp.security.limits import Limits
-from mergelens_mcp.zoo import SketchJob, compare_zoo, draw_sketch, expand_sources
+from mergelens_mcp.zoo import SketchJob, compare_zoo, draw_sketch, expand_sources, node_guard, visible_paths
 
 # Buckets and samples below most tensors' sizes (2k-16k values), so the estimates, not copies, are tested.
 PARAMS = sk.SketchParams(width=2048, samples=2048, width_share=0.0, sample_share=0.0)
@@ -333,3 +333,20 @@ def test_pairs_are_scored_on_one_torch_thread_and_the_callers_threads_come_back(
     finally:
         torch.set_num_threads(before)
     assert seen and set(seen) == {1}
+
+
+def test_a_node_sees_only_the_paths_inside_both_the_jobs_roots_and_its_own(
+    zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = [str(m) for m in zoo.models[:2]] + [str(zoo.base), str(tmp_path / "missing"), "org/hub-model"]
+    monkeypatch.delenv("MERGELENS_ALLOWED_ROOTS", raising=False)
+    assert visible_paths(paths, (str(zoo.folder.parent),)) == paths[:3]  # no roots of its own: the job's
+    assert visible_paths(paths, (str(zoo.folder),)) == paths[:2]
+    monkeypatch.setenv("MERGELENS_ALLOWED_ROOTS", os.pathsep.join([str(zoo.models[1]), str(zoo.base)]))
+    assert visible_paths(paths, (str(zoo.folder.parent),)) == paths[1:3]
+    assert visible_paths(paths, (str(zoo.folder),)) == paths[1:2]
+    assert node_guard((str(tmp_path),)).roots == ()  # the node allows nothing of that job: every path refused
+    job = SketchJob(str(zoo.models[0]), "ft_0", None, (str(zoo.folder),), Limits(), PARAMS, "k")
+    with pytest.raises(PathNotAllowedError, match="outside"):
+        draw_sketch(SketchJob(job.source, job.label, None, tuple(map(str, node_guard(job.roots).roots)),
+                              job.limits, job.params, job.key))
