@@ -350,3 +350,26 @@ def test_a_node_sees_only_the_paths_inside_both_the_jobs_roots_and_its_own(
     with pytest.raises(PathNotAllowedError, match="outside"):
         draw_sketch(SketchJob(job.source, job.label, None, tuple(map(str, node_guard(job.roots).roots)),
                               job.limits, job.params, job.key))
+
+
+def test_a_sketched_tensors_effective_rank_is_computed_once_however_many_pairs_read_it(
+    zoo: Zoo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergelens_mcp.analysis.loading import load_checkpoint
+    from mergelens_mcp.zoo import estimate_pair
+
+    with ExitStack() as stack:
+        base = stack.enter_context(load_checkpoint(str(zoo.base), "base"))
+        sketches = [sk.from_tensors(*sk.to_tensors(sk.sketch_model(
+            stack.enter_context(load_checkpoint(str(m), m.name)), base, PARAMS))) for m in zoo.models[:3]]
+    before = [estimate_pair(a, b) for a, b in itertools.combinations(sketches, 2)]
+    calls: list[float] = []
+    real = sk._effective_rank
+    monkeypatch.setattr(sk, "_effective_rank", lambda svd: calls.append(1) or real(svd))
+    for s in sketches:
+        for t in s.tensors.values():
+            t.spectral_cache.clear()
+    after = [estimate_pair(a, b) for a, b in itertools.combinations(sketches, 2)]
+    matrices = sum(t.svd is not None for t in sketches[0].tensors.values())
+    assert matrices > 0 and len(calls) == 3 * matrices  # once per model's weight matrix, not once per pair
+    assert after == before

@@ -107,6 +107,11 @@ class Operand:
         return math.sqrt(max(sum(float((x * x).sum()) for x in self.chunks()), 0.0))
 
     @memo
+    def effective_rank(self) -> float:
+        """The entropy effective rank of its spectrum (once per operand, however many pairs read it)."""
+        return _effective_rank(self.svd)
+
+    @memo
     def svd(self) -> SVD:
         energy = self.__dict__.get("norm")
         return decompose(
@@ -561,7 +566,7 @@ def effective_rank_ratio(a: Operand, b: Operand) -> float:
 
     Above the exact-SVD cap the spectrum past the top singular values is the residual energy spread evenly.
     """
-    ra, rb = _effective_rank(a.svd), _effective_rank(b.svd)
+    ra, rb = a.effective_rank, b.effective_rank
     if max(ra, rb) < EPS:
         return 1.0
     return min(ra, rb) / max(ra, rb)

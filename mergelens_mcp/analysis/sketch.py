@@ -35,7 +35,9 @@ from .metrics import (
     KL_SMOOTHING,
     REGISTRY,
     Operand,
+    _effective_rank,
     _mass_fraction,
+    memo,
 )
 from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, SVD, gram_decompose, randomized
 from .stream import TensorSet, read
@@ -88,6 +90,7 @@ class TensorSketch:
     top_threshold: float | None = None
     mass_fraction: float | None = None
     task_svd: SVD | None = None
+    spectral_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # `spectral_of`
 
     @property
     def is_matrix(self) -> bool:
@@ -323,10 +326,26 @@ class Estimate:
 
 
 class _Spectral:
-    """What the registry's spectral metrics read from an operand: its SVD."""
+    """What the registry's spectral metrics read from an operand: its SVD and effective rank (made once per
+    sketched tensor, however many pairs read it: `spectral_of`)."""
 
     def __init__(self, svd: SVD) -> None:
         self.svd = SVD(svd.u.float(), svd.s.float(), svd.v.float(), svd.total_energy, svd.full_dim, svd.exact)
+
+    @memo
+    def effective_rank(self) -> float:
+        return _effective_rank(self.svd)
+
+
+def spectral_of(t: TensorSketch, what: str) -> _Spectral | None:
+    """The `_Spectral` of a sketched tensor's weight ("svd") or task ("task_svd"), kept on the tensor."""
+    svd = getattr(t, what)
+    if svd is None:
+        return None
+    found = t.spectral_cache.get(what)
+    if found is None:
+        found = t.spectral_cache[what] = _Spectral(svd)
+    return found
 
 
 def _distance_sq(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
@@ -374,8 +393,8 @@ def pair_metrics(a: TensorSketch, b: TensorSketch) -> Estimate:
     spread(_cosine_from, a.norm, b.norm, "cosine_similarity")
     spread(_l2_from, a.norm, b.norm, "l2_distance")
     values["kl_divergence"], bounds["kl_divergence"] = _kl(a, b)
-    if a.is_matrix and a.svd is not None and b.svd is not None:
-        sa, sb = _Spectral(a.svd), _Spectral(b.svd)
+    sa, sb = spectral_of(a, "svd"), spectral_of(b, "svd")
+    if a.is_matrix and sa is not None and sb is not None:
         for name in ("spectral_overlap", "effective_rank_ratio"):
             values[name], bounds[name] = float(REGISTRY[name].fn(sa, sb)), SPECTRAL_BOUND  # type: ignore[arg-type]
     if a.task_norm is None or b.task_norm is None:
@@ -398,8 +417,8 @@ def pair_metrics(a: TensorSketch, b: TensorSketch) -> Estimate:
     values["task_drift"] = 0.0 if reference < EPS else (a.task_norm + b.task_norm) / (2 * reference)
     values["task_mass_fraction"] = ((a.mass_fraction or 0.0) + (b.mass_fraction or 0.0)) / 2
     bounds.update(magnitude_ratio=0.0, task_drift=0.0, task_mass_fraction=0.0)
-    if a.task_svd is not None and b.task_svd is not None:
-        ta, tb = _Spectral(a.task_svd), _Spectral(b.task_svd)
+    ta, tb = spectral_of(a, "task_svd"), spectral_of(b, "task_svd")
+    if ta is not None and tb is not None:
         for name in ("tsv_interference", "task_vector_energy"):
             values[name], bounds[name] = float(REGISTRY[name].fn(ta, tb)), SPECTRAL_BOUND  # type: ignore[arg-type]
     return Estimate(values, bounds)
