@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = root / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     cold, result = zoo_child(models, base, cache, root / "cold.json", args.workers)
-    one_floor, _ = io_floor({extra.name: extra})
+    one_floor, one_floor_cpu = io_floor({extra.name: extra})
     added, grown = zoo_child([*models, extra], base, cache, root / "added.json", args.workers)
     sketch_bytes = result["models"][0]["sketch_bytes"]
     pairs = len(result["pairs"])
@@ -96,15 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         "model_bytes": nbytes, "io_floor_s": floor, "io_floor_cpu_s": floor_cpu,
         "zoo_cold_wall_s": cold.wall_s, "zoo_cold_cpu_s": cold.cpu_s, "zoo_peak_rss_bytes": cold.peak_rss_bytes,
         "ratio_to_floor": cold.wall_s / floor, "add_one_wall_s": added.wall_s, "read_one_s": one_floor,
-        "add_one_ratio": added.wall_s / one_floor, "sketch_bytes": sketch_bytes,
+        "add_one_ratio": added.wall_s / one_floor, "add_one_cpu_s": added.cpu_s, "read_one_cpu_s": one_floor_cpu,
+        "sketch_bytes": sketch_bytes,
         "sketch_share": sketch_bytes / nbytes, "pairs": pairs, "workers": args.workers,
         "cached_after_add": sum(m["cached"] for m in grown["models"]),
     }
-    print(f"I/O floor (read + upcast every tensor of the 12 models once): {floor:.1f} s")
+    print(f"I/O floor (read + upcast every tensor of the 12 models once): {floor:.1f} s, {floor_cpu:.1f} s CPU")
     print(f"mergelens zoo, empty cache, {args.workers} workers: {cold.wall_s:.1f} s wall, {cold.cpu_s:.1f} s CPU, "
           f"peak RSS {cold.peak_rss_bytes / 2**30:.2f} GiB; {cold.wall_s / floor:.1f}x the floor")
     print(f"adding a 13th model to the cached zoo: {added.wall_s:.1f} s (reading it once: {one_floor:.2f} s; "
-          f"{added.wall_s / one_floor:.1f}x; {figures['cached_after_add']} of 13 sketches from the cache)")
+          f"{added.wall_s / one_floor:.1f}x; {figures['cached_after_add']} of 13 sketches from the cache); CPU "
+          f"{added.cpu_s:.1f} s against {one_floor_cpu:.2f} s")
     print(f"sketch: {sketch_bytes / 1e6:.2f} MB per model, {100 * sketch_bytes / nbytes:.1f}% of its bytes")
     seven_b = seven_b_share()
     figures["sketch_share_7b"] = seven_b

@@ -31,7 +31,7 @@ from .analysis import sketch as sk
 from .analysis.layers import classify
 from .analysis.loading import Checkpoint, load_checkpoint
 from .analysis.types import Cancelled, Progress
-from .errors import AnalysisCancelledError, InputError, LimitExceededError
+from .errors import AnalysisCancelledError, CheckpointNotFoundError, InputError, LimitExceededError
 from .models import Verdict, ZooModel, ZooPair, ZooResult, ZooSet
 from .security.limits import Limits
 from .security.paths import PathGuard
@@ -251,6 +251,27 @@ def visible_paths(paths: Sequence[str], roots: Sequence[str]) -> list[str]:
     return seen
 
 
+def describe_models(
+    sources: Sequence[str], base: str | None, roots: Sequence[str], limits: Limits, params: sk.SketchParams
+) -> dict[str, tuple[str, int, int]]:
+    """Run once on each Ray node: for each model this node can open (with the base) under its guard and the
+    limits, headers only: its sketch key, parameter count and bytes, as the driver computes them."""
+    guard = node_guard(roots)
+    found: dict[str, tuple[str, int, int]] = {}
+    with ExitStack() as stack:
+        try:
+            base_ckpt = stack.enter_context(load_checkpoint(base, "base", guard=guard, limits=limits)) if base else None
+        except (InputError, OSError, ValueError):
+            return found
+        for source in sources:
+            try:
+                with load_checkpoint(source, "model", guard=guard, limits=limits) as model:
+                    found[source] = (sketch_key(model, base_ckpt, params), model.n_params, model.nbytes)
+            except (InputError, OSError, ValueError):
+                continue
+    return found
+
+
 def draw_sketch_on_node(job: SketchJob) -> tuple[tuple[dict[str, Any], dict[str, Any]], str]:
     """A Ray task: `draw_sketch` under the node's guard, and the id of the node that drew it."""
     import ray
@@ -259,26 +280,37 @@ def draw_sketch_on_node(job: SketchJob) -> tuple[tuple[dict[str, Any], dict[str,
     return draw_sketch(replace(job, roots=narrowed)), ray.get_runtime_context().get_node_id()
 
 
+def on_every_node(fn: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> dict[str, Any]:
+    """`fn(*args)` once on every alive Ray node (a zero-CPU task pinned there): node id -> its answer, or None
+    for a node that failed or did not answer within `timeout_s`."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    task = ray.remote(num_cpus=0, max_retries=0)(fn)
+    refs = {node: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(*args)
+            for node in nodes}
+    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    answers: dict[str, Any] = {}
+    for node, ref in refs.items():
+        try:
+            answers[node] = ray.get(ref, timeout=1) if ref in ready else None
+        except ray.exceptions.RayError:
+            answers[node] = None
+    return answers
+
+
 def place(jobs: Sequence[SketchJob], timeout_s: float = LOCATE_TIMEOUT_S) -> dict[str, str]:
     """Where each model's files are: one small task per alive node (pinned there, no CPU) reports which of the
     jobs' paths it sees under its guard; a job goes to the node, among those that see its model and its base,
     with the fewest jobs placed so far. Jobs every node (or no node) sees are left out: Ray places them. A
     node that does not answer within `timeout_s` counts as seeing nothing. Returns label -> node id."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if not jobs:
+        return {}
     paths = sorted({p for job in jobs for p in (job.source, job.base) if p})
-    locate = ray.remote(num_cpus=0, max_retries=0)(visible_paths)
-    refs = {node: locate.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            .remote(paths, jobs[0].roots) for node in nodes} if jobs else {}
-    ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
-    sees: dict[str, set[str]] = {}
-    for node, ref in refs.items():
-        try:
-            sees[node] = set(ray.get(ref, timeout=1)) if ref in ready else set()
-        except ray.exceptions.RayError:
-            sees[node] = set()
+    answers = on_every_node(visible_paths, (paths, jobs[0].roots), timeout_s)
+    nodes = list(answers)
+    sees = {node: set(answer or ()) for node, answer in answers.items()}
     placed: dict[str, str] = {}
     load = dict.fromkeys(nodes, 0)
     for job in jobs:
@@ -305,9 +337,27 @@ def ray_backend(address: str | None = None, retries: int = 3, timeout_s: float |
     except ImportError as exc:
         raise InputError("--ray needs Ray: pip install 'mergelens-mcp[distributed]'") from exc
 
-    def run(jobs: list[SketchJob], done: Callable[..., None], cancelled: Cancelled | None) -> None:
+    def connect() -> None:
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+    def describe(sources: Sequence[str], base: str | None, roots: Sequence[str], limits: Limits,
+                 params: sk.SketchParams) -> dict[str, tuple[str, int, int]]:
+        """The headers of models the driver cannot see, read on the nodes that can (`describe_models`)."""
+        connect()
+        wait_s = LOCATE_TIMEOUT_S if timeout_s is None else min(timeout_s, LOCATE_TIMEOUT_S)
+        answers = on_every_node(describe_models, (list(sources), base, list(roots), limits, params), wait_s)
+        found: dict[str, tuple[str, int, int]] = {}
+        for answer in answers.values():
+            for source, described in (answer or {}).items():
+                if found.setdefault(source, tuple(described)) != tuple(described):  # type: ignore[arg-type]
+                    raise InputError(f"{source} names different files on different Ray nodes (their headers, "
+                                     "sizes or times differ): give each model a path that is the same files "
+                                     "wherever it is seen")
+        return found
+
+    def run(jobs: list[SketchJob], done: Callable[..., None], cancelled: Cancelled | None) -> None:
+        connect()
         task = ray.remote(num_cpus=1, max_retries=retries, retry_exceptions=False)(draw_sketch_on_node)
         placed = place(jobs, LOCATE_TIMEOUT_S if timeout_s is None else min(timeout_s, LOCATE_TIMEOUT_S))
         run.placed, run.ran_on = placed, {}  # type: ignore[attr-defined]
@@ -342,6 +392,7 @@ def ray_backend(address: str | None = None, retries: int = 3, timeout_s: float |
 
     run.name = "ray"  # type: ignore[attr-defined]
     run.placed, run.ran_on = {}, {}  # type: ignore[attr-defined]
+    run.describe = describe  # type: ignore[attr-defined]
     return run
 
 
@@ -451,12 +502,12 @@ def compare_zoo(
     target_label = labels[sources.index(target)] if target in sources else target
     cache = SketchCache(Path(cache_dir).expanduser() if cache_dir else default_cache_dir())
 
-    with ExitStack() as stack:  # headers only: the keys, the guard and the limits, before any tensor is read
-        opened = [stack.enter_context(load_checkpoint(s, label, guard=guard, limits=limits))
-                  for s, label in zip(sources, labels, strict=True)]
-        base_ckpt = stack.enter_context(load_checkpoint(base, "base", guard=guard, limits=limits)) if base else None
-        keys = [sketch_key(m, base_ckpt, params) for m in opened]
-        infos = [(m.n_params, m.nbytes) for m in opened]
+    if backend is None:
+        backend = ray_backend(None if ray in (None, "", "local") else ray) if ray else \
+            local_backend(workers if workers is not None else min(2, os.cpu_count() or 1))
+    described = _headers(sources, labels, base, guard, limits, params, getattr(backend, "describe", None))
+    keys = [key for key, _, _ in described]
+    infos = [(n, nb) for _, n, nb in described]
 
     sketches: dict[str, sk.ModelSketch] = {}
     cached: set[str] = set()
@@ -480,9 +531,6 @@ def compare_zoo(
         if progress is not None:
             progress(len(sketches), total, f"sketched {job.label}")
 
-    if backend is None:
-        backend = ray_backend(None if ray in (None, "", "local") else ray) if ray else \
-            local_backend(workers if workers is not None else min(2, os.cpu_count() or 1))
     backend(jobs, done, cancelled)
 
     pairs = []
@@ -520,6 +568,47 @@ def compare_zoo(
         strategy=strategy, notes=notes, backend=getattr(backend, "name", "local"),
         elapsed_s=round(time.perf_counter() - started, 3),
     )
+
+
+def _headers(
+    sources: list[str], labels: list[str], base: str | None, guard: PathGuard, limits: Limits,
+    params: sk.SketchParams, describe: Callable[..., dict[str, tuple[str, int, int]]] | None,
+) -> list[tuple[str, int, int]]:
+    """Per model, from its headers only (the guard and the limits apply before any tensor is read): its sketch
+    key, parameter count and bytes. A model (or base) whose files this machine cannot find is described by
+    the nodes that can, when the backend can ask them (`describe`: Ray's node-local files)."""
+    found: dict[int, tuple[str, int, int]] = {}
+    missing: list[int] = []
+    with ExitStack() as stack:
+        try:
+            base_ckpt = stack.enter_context(load_checkpoint(base, "base", guard=guard, limits=limits)) \
+                if base else None
+            base_here = True
+        except CheckpointNotFoundError:
+            if describe is None:
+                raise
+            base_ckpt, base_here = None, False
+        for i, (source, label) in enumerate(zip(sources, labels, strict=True)):
+            try:
+                with load_checkpoint(source, label, guard=guard, limits=limits) as model:
+                    if base_here:
+                        found[i] = (sketch_key(model, base_ckpt, params), model.n_params, model.nbytes)
+                        continue
+            except CheckpointNotFoundError:
+                if describe is None:
+                    raise
+            missing.append(i)
+    if missing:
+        assert describe is not None
+        remote = describe([sources[i] for i in missing], base, [str(r) for r in guard.roots], limits, params)
+        for i in missing:
+            if sources[i] not in remote:
+                with_base = f" (with the base {base})" if base else ""
+                raise CheckpointNotFoundError(
+                    f"{labels[i]}: {sources[i]}{with_base} was found neither here nor on any Ray node inside its "
+                    "allowed roots; check the path and each node's MERGELENS_ALLOWED_ROOTS")
+            found[i] = remote[sources[i]]
+    return [found[i] for i in range(len(sources))]
 
 
 def _pair(a: str, b: str, est: PairEstimate) -> ZooPair:

@@ -12,10 +12,18 @@ import pytest
 from fixtures.zoo import Zoo, make_model, make_zoo
 from mergelens_mcp import service
 from mergelens_mcp.analysis import sketch as sk
-from mergelens_mcp.errors import AnalysisCancelledError, InputError, PathNotAllowedError
+from mergelens_mcp.errors import AnalysisCancelledError, CheckpointNotFoundError, InputError, PathNotAllowedError
 from mergelens_mcp.models import ZooResult
 from mergelens_mcp.security.limits import Limits
-from mergelens_mcp.zoo import SketchJob, compare_zoo, draw_sketch, expand_sources, node_guard, visible_paths
+from mergelens_mcp.zoo import (
+    SketchJob,
+    compare_zoo,
+    describe_models,
+    draw_sketch,
+    expand_sources,
+    node_guard,
+    visible_paths,
+)
 
 # Buckets and samples below most tensors' sizes (2k-16k values), so the estimates, not copies, are tested.
 PARAMS = sk.SketchParams(width=2048, samples=2048, width_share=0.0, sample_share=0.0)
@@ -373,3 +381,39 @@ def test_a_sketched_tensors_effective_rank_is_computed_once_however_many_pairs_r
     matrices = sum(t.svd is not None for t in sketches[0].tensors.values())
     assert matrices > 0 and len(calls) == 3 * matrices  # once per model's weight matrix, not once per pair
     assert after == before
+
+
+def test_a_model_the_driver_cannot_find_is_described_and_sketched_by_a_backend_that_sees_it(
+    zoo: Zoo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray node's local files, without Ray: the driver finds no `elsewhere/ft_0`; the backend's `describe`
+    reads its headers where it is (here: zoo.models[0]) and its run draws it there."""
+    from dataclasses import replace
+
+    monkeypatch.delenv("MERGELENS_ALLOWED_ROOTS", raising=False)
+    hidden, real = str(tmp_path / "elsewhere" / "ft_0"), str(zoo.models[0])
+    sources = [hidden, str(zoo.models[1]), str(zoo.models[2])]
+    asked: list[list[str]] = []
+
+    def describe(models: list[str], base: str | None, roots: list[str], limits: Limits,
+                 params: sk.SketchParams) -> dict[str, tuple[str, int, int]]:
+        asked.append(models)
+        seen = describe_models([real if m == hidden else m for m in models], base, roots, limits, params)
+        return {hidden: seen[real]} if real in seen else {}
+
+    def run(jobs: list[SketchJob], done: object, cancelled: object) -> None:
+        for job in jobs:
+            done(job, draw_sketch(replace(job, source=real) if job.source == hidden else job))  # type: ignore[operator]
+
+    run.describe = describe  # type: ignore[attr-defined]
+    remote = compare_zoo(sources, str(zoo.base), cache_dir=tmp_path / "remote", params=PARAMS, backend=run)
+    local = compare_zoo([real, *sources[1:]], str(zoo.base), cache_dir=tmp_path / "local", workers=1, params=PARAMS)
+    assert asked == [[hidden]]  # only what the driver could not find
+    assert remote.pairs == local.pairs and remote.models[0].n_params == local.models[0].n_params > 0
+    names = [sorted(p.name for p in (tmp_path / which).iterdir()) for which in ("remote", "local")]
+    assert names[0] == names[1]  # the same keys: the sketch of ft_0 is the one of its files
+    with pytest.raises(CheckpointNotFoundError, match="neither an existing path"):  # no backend that can look elsewhere
+        compare_zoo(sources, str(zoo.base), cache_dir=tmp_path / "c", workers=1, params=PARAMS)
+    run.describe = lambda *args: {}  # type: ignore[attr-defined]
+    with pytest.raises(CheckpointNotFoundError, match="ft_0: .* was found neither here nor on any Ray node"):
+        compare_zoo(sources, str(zoo.base), cache_dir=tmp_path / "c", params=PARAMS, backend=run)
