@@ -14,9 +14,10 @@ import pytest
 
 from fixtures.zoo import Zoo, make_zoo
 from mergelens_mcp.analysis import sketch as sk
+from mergelens_mcp.analysis.loading import load_checkpoint
 from mergelens_mcp.errors import PathNotAllowedError
 from mergelens_mcp.security.limits import Limits
-from mergelens_mcp.zoo import SketchJob, compare_zoo, ray_backend
+from mergelens_mcp.zoo import SketchJob, compare_zoo, ray_backend, sketch_key
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every node on the loopback address
 import ray  # noqa: E402
@@ -136,3 +137,8 @@ def test_each_model_is_sketched_on_the_node_that_sees_its_files_and_equals_the_l
     assert set(backend.ran_on) == {"only_head", "only_worker", "ft_2"}
     assert placed.pairs == local.pairs and placed.best_sets == local.best_sets
     assert _cache_bytes(tmp_path / "ray") == _cache_bytes(tmp_path / "local")
+    # headers read on the node that sees the files (for a driver that cannot): the driver's keys, found there
+    with load_checkpoint(str(on_worker), "m") as model, load_checkpoint(str(zoo.base), "base") as base:
+        key = sketch_key(model, base, PARAMS)
+    described = backend.describe([str(on_worker), str(tmp_path / "nowhere")], str(zoo.base), ["/"], Limits(), PARAMS)
+    assert described == {str(on_worker): (key, model.n_params, model.nbytes)}
