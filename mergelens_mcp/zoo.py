@@ -5,7 +5,10 @@ Sketches are cached by content (the files' header hash, size and mtime, the base
 parameters), and so is every pair's estimate (by its two sketches' keys), so adding a model to a zoo of N
 costs one read plus N pair computations. Missing sketches
 are drawn in a local process pool, or, with `ray`, as Ray tasks (each retried elsewhere when its node is lost;
-sketches already cached are never recomputed). Every worker applies the same path guard and limits.
+sketches already cached are never recomputed). Every worker applies the same path guard and limits; a Ray node
+narrows the roots to its own MERGELENS_ALLOWED_ROOTS, and each model's task is sent (a soft node affinity) to a
+node that sees its files, as one small task per node reports (`place`); a model the driver cannot find is
+described by the nodes that can (`describe_models`).
 """
 
 from __future__ import annotations
