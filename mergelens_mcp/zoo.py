@@ -229,15 +229,14 @@ def local_backend(workers: int) -> Backend:
     return run
 
 
-NODE_ROOTS_ENV = "MERGELENS_ALLOWED_ROOTS"  # a Ray node's own allowed roots, as the server reads them
 LOCATE_TIMEOUT_S = 30.0
 
 
 def node_guard(roots: Sequence[str]) -> PathGuard:
-    """On a Ray node: the job's roots, narrowed to the roots this machine declares in its own
-    MERGELENS_ALLOWED_ROOTS (set where its `ray start` runs) when it declares any."""
+    """On a Ray node: the job's roots, narrowed to the roots this machine declares in its own settings
+    (MERGELENS_ALLOWED_ROOTS where its `ray start` runs) when it declares any."""
     guard = PathGuard(roots)
-    declared = [part for part in os.environ.get(NODE_ROOTS_ENV, "").split(os.pathsep) if part.strip()]
+    declared = Settings().allowed_roots
     return guard.restrict(declared) if declared else guard
 
 
