@@ -18,6 +18,7 @@ import multiprocessing
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -68,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=64, help="model width (MLP width scales with it)")
     parser.add_argument("--layers", type=int, default=2, help="number of decoder layers")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="fine-tunes trained at once, one process and one thread each (same bits as --jobs 1)")
+                        help="fine-tunes trained and pairs merged at once, one process and one thread each (same "
+                             "results as --jobs 1)")
     parser.add_argument("--test-size", type=int, default=200, help="held-out examples per task")
     parser.add_argument("--min-acc", type=float, default=0.9, help="drop fine-tunes below this on their task")
     parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, cache and results")
@@ -192,15 +194,8 @@ def train_checkpoints(args: argparse.Namespace, tests: dict[str, TestSet]) -> di
              "rank": args.lora_rank, "alpha": args.lora_alpha, "tests": tests}
             for task in args.tasks for lr in args.lrs
             if (name := finetune_name(task, lr)) not in manifest["finetunes"]]
-    if args.jobs > 1 and len(jobs) > 1:  # each fine-tune is seeded on its own: the same bits in any process
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-            done = [pool.submit(train_finetune, job) for job in jobs]
-            for future in as_completed(done):
-                _record(manifest, manifest_path, future.result())
-    else:
-        for job in jobs:
-            _record(manifest, manifest_path, train_finetune(job))
+    for entry in run_jobs(train_finetune, jobs, args.jobs):
+        _record(manifest, manifest_path, entry)
     return manifest
 
 
@@ -262,40 +257,64 @@ def task_vector_stats(base: dict, a: dict, b: dict) -> dict[str, float]:
 
 def evaluate_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str, str]],
                    tests: dict[str, TestSet]) -> dict[str, dict]:
-    """Merge each pair with each method and measure both tasks; cached per pair and method."""
+    """Merge each pair with each method and measure both tasks; cached per pair and method (`--jobs` pairs at
+    once, one process each)."""
     cache_path = args.out / "outcomes.json"
     cache = read_json(cache_path) or {}
     if cache.get("settings") != settings_of(args):
         cache = {"settings": settings_of(args), "pairs": {}}
     ft = manifest["finetunes"]
-    base_state = load_state(Path(manifest["base"]["path"]))
-    config = load_config(Path(manifest["base"]["path"]))
-    states = {n: finetune_state(Path(ft[n]["path"]), base_state) for n in {n for p in pairs for n in p}}
+    jobs = []
+    for a, b in pairs:
+        entry = cache["pairs"].setdefault(f"{a}|{b}", {"merged": {}})
+        todo = [m for m in args.methods if entry["merged"].get(m, {}).get("spec") != METHODS[m].describe()]
+        jobs.append({"key": f"{a}|{b}", "base": manifest["base"]["path"], "a": ft[a], "b": ft[b], "methods": todo,
+                     "seed": args.seed, "tests": {t: tests[t] for t in (ft[a]["task"], ft[b]["task"])}})
     started = time.perf_counter()
-    for i, (a, b) in enumerate(pairs):
-        key = f"{a}|{b}"
-        entry = cache["pairs"].setdefault(key, {"merged": {}})
-        entry["tv"] = task_vector_stats(base_state, states[a], states[b])
-        ta, tb = ft[a]["task"], ft[b]["task"]
-        fa, fb = ft[a]["accuracy"][ta], ft[b]["accuracy"][tb]
-        for method in args.methods:
-            spec = METHODS[method].describe()
-            if entry["merged"].get(method, {}).get("spec") == spec:
-                continue
-            merged = merge_states(METHODS[method], base_state, states[a], states[b], seed=args.seed)
-            model = build_model(config, merged)
-            acc_a, acc_b = accuracy(model, tests[ta]), accuracy(model, tests[tb])
-            entry["merged"][method] = {
-                "spec": spec,
-                "acc_a": acc_a,
-                "acc_b": acc_b,
-                "normalized": (relative(acc_a, fa) + relative(acc_b, fb)) / 2,
-            }
+    for i, done in enumerate(run_jobs(evaluate_pair, jobs, args.jobs)):
+        entry = cache["pairs"][done["key"]]
+        entry["tv"] = done["tv"]
+        entry["merged"].update(done["merged"])
         if (i + 1) % 10 == 0 or i + 1 == len(pairs):
             write_json(cache_path, cache)
             log(f"merged {i + 1}/{len(pairs)} pairs ({time.perf_counter() - started:.0f}s)")
     write_json(cache_path, cache)
     return {f"{a}|{b}": cache["pairs"][f"{a}|{b}"] for a, b in pairs}
+
+
+def evaluate_pair(job: dict) -> dict:
+    """One pair's task-vector statistics and its merges by `job["methods"]`, each measured on both tasks."""
+    torch.set_num_threads(1)
+    base_folder = Path(job["base"])
+    base_state, config = load_state(base_folder), load_config(base_folder)
+    fa, fb = job["a"], job["b"]
+    state_a, state_b = finetune_state(Path(fa["path"]), base_state), finetune_state(Path(fb["path"]), base_state)
+    ta, tb = fa["task"], fb["task"]
+    out: dict = {"key": job["key"], "tv": task_vector_stats(base_state, state_a, state_b), "merged": {}}
+    for method in job["methods"]:
+        merged = merge_states(METHODS[method], base_state, state_a, state_b, seed=job["seed"])
+        model = build_model(config, merged)
+        acc_a, acc_b = accuracy(model, job["tests"][ta]), accuracy(model, job["tests"][tb])
+        out["merged"][method] = {
+            "spec": METHODS[method].describe(),
+            "acc_a": acc_a,
+            "acc_b": acc_b,
+            "normalized": (relative(acc_a, fa["accuracy"][ta]) + relative(acc_b, fb["accuracy"][tb])) / 2,
+        }
+    return out
+
+
+def run_jobs(function: Callable[[dict], dict], jobs: list[dict], processes: int) -> Iterator[dict]:
+    """`function` of each job, in this process or in `processes` spawned ones (results in completion order).
+
+    Every job is seeded on its own and runs one torch thread, so its result does not depend on where it ran.
+    """
+    if processes <= 1 or len(jobs) <= 1:
+        yield from map(function, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(function, job) for job in jobs]):
+            yield future.result()
 
 
 def evaluate_recommended(args: argparse.Namespace, manifest: dict, scores: dict[str, dict],
@@ -351,6 +370,7 @@ def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
         ],
         # the predicted retention per method (compare's `predictions`), and the pick the product derives from it
         "predictions": {m: p.retention for m, p in r.predictions.items()},
+        "prediction_intervals": {m: [p.low, p.high] for m, p in r.predictions.items()},
         "predicted_best": best_method(r.predictions),
         "adapters": [m.label for m in r.models if m.adapter is not None],
         "seconds": round(time.perf_counter() - started, 2),
@@ -490,8 +510,15 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
         residual = additive_residuals([(r["a"], r["b"]) for r in rows], y)
         table = {name: correlate(rows, p, y, residual) for name, p in predictors.items()}
         predicted = [r.get("score", {}).get("predictions", {}).get(method) for r in rows]
+        accuracy_of_predictions = {}
         if any(p is not None for p in predicted):  # compare's predicted retention for this method
             table["predicted"] = correlate(rows, predicted, y, residual)
+            scored = [(p, t, r["score"].get("prediction_intervals", {}).get(method))
+                      for p, t, r in zip(predicted, y, rows, strict=True) if p is not None]
+            accuracy_of_predictions = {
+                "predicted_mae": mean([abs(p - t) for p, t, _ in scored]),
+                "predicted_interval_coverage": mean([float(i[0] <= t <= i[1]) for _, t, i in scored if i]),
+            }
         # fitted predictors, evaluated only on tasks they never saw (leave one task out)
         table["loto_ridge_norms"] = correlate(
             rows, leave_one_group_out(groups, norm_features, y, fit_ridge), y, residual)
@@ -505,6 +532,7 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
             "max_normalized": max(y),
             "additive_share": 1.0 - _variance(residual) / max(_variance(y), 1e-12),
             "predictors": table,
+            **accuracy_of_predictions,
             # [layer/metric, Spearman] pairs, strongest first (a list: the JSON is written with sorted keys)
             "feature_spearman": sorted(features.items(), key=lambda kv: -abs(kv[1] or 0.0)),
         }

@@ -69,10 +69,13 @@ def test_the_product_scores_every_pair_as_two_adapters_with_predictions(smoke):
         assert row["mci"] is not None and 0.0 <= row["mci"] <= 100.0
         assert set(score["predictions"]) == set(METHODS)
         assert score["predicted_best"] in METHODS
+        assert all(0.0 <= low <= score["predictions"][m] <= high <= 1.0
+                   for m, (low, high) in score["prediction_intervals"].items())
         assert any(name.startswith("layers.0/") for name in row["features"])
     summary = results["summary"]
     assert summary["methods"]["ties"]["predictors"]["predicted"]["n"] == 4
     assert summary["recommendation"]["pairs_with_predictions"] == 4
+    assert 0.0 <= summary["methods"]["ties"]["predicted_mae"] <= 1.0
 
 
 def test_a_second_run_reuses_the_adapters_and_the_outcomes(smoke):
@@ -106,3 +109,11 @@ def test_another_rank_reuses_a_copied_base_and_trains_new_adapters(smoke, tmp_pa
     assert entry["accuracy"] == other["finetunes"]["copy-lr0.005"]["accuracy"]
     pooled = (tmp_path / "checkpoints" / "copy-lr0.005" / "adapter_model.safetensors").read_bytes()
     assert (tmp_path / "again" / "adapter_model.safetensors").read_bytes() == pooled
+
+
+def test_merges_recomputed_in_two_processes_give_the_same_outcomes(smoke):
+    out, results = smoke
+    (out / "outcomes.json").unlink()
+    again = main([*ARGS, "--jobs", "2", "--no-score", "--out", str(out)])
+    assert {r["pair"]: r["merged"] for r in again["pairs"]} == {r["pair"]: r["merged"] for r in results["pairs"]}
+    assert {r["pair"]: r["tv"] for r in again["pairs"]} == {r["pair"]: r["tv"] for r in results["pairs"]}
