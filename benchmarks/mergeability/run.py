@@ -618,6 +618,13 @@ def render_markdown(results: dict) -> str:
                 f"| {_fmt(c['pearson'])} | {_fmt(c['spearman'])} | {_fmt(c['within_task_spearman'])} "
                 f"| {_fmt(c['pairwise_spearman'])} |"
             )
+    if any("predicted_mae" in m for m in s["methods"].values()):
+        lines += ["", "compare's `predictions` (predicted retention): mean absolute error, share of outcomes in the "
+                  "80% interval:", ""]
+        for method, m in s["methods"].items():
+            coverage = m.get("predicted_interval_coverage")
+            lines.append(f"- {method}: MAE {m['predicted_mae']:.3f}, 80% interval holds "
+                         + ("n/a" if coverage is None else f"{coverage:.0%}"))
     lines += ["", "Per-layer metrics most rank-correlated with the outcome (Spearman, all pairs):", ""]
     for method, m in s["methods"].items():
         top = m["feature_spearman"][:5]

@@ -62,7 +62,7 @@ def test_every_pair_is_merged_with_every_method_on_base_plus_the_adapters_delta(
 
 
 def test_the_product_scores_every_pair_as_two_adapters_with_predictions(smoke):
-    _, results = smoke
+    out, results = smoke
     for row in results["pairs"]:
         score = row["score"]
         assert score["adapters"] == [row["a"], row["b"]]
@@ -76,6 +76,9 @@ def test_the_product_scores_every_pair_as_two_adapters_with_predictions(smoke):
     assert summary["methods"]["ties"]["predictors"]["predicted"]["n"] == 4
     assert summary["recommendation"]["pairs_with_predictions"] == 4
     assert 0.0 <= summary["methods"]["ties"]["predicted_mae"] <= 1.0
+    table = (out / "results.md").read_text()
+    assert table.count("| predicted |") == len(METHODS)
+    assert table.count(", 80% interval holds ") == len(METHODS)
 
 
 def test_a_second_run_reuses_the_adapters_and_the_outcomes(smoke):
