@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .lora import is_adapter, merged_state, save_adapter
-from .merge import METHODS, merge_states, spec_from_strategy
+from .merge import METHODS, MergeSpec, merge_states, spec_from_strategy
 from .model import build_model, load_checkpoint, load_config, load_state, save_checkpoint
 from .stats import (
     additive_residuals,
@@ -263,18 +263,16 @@ def evaluate_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[s
     cache = read_json(cache_path) or {}
     if cache.get("settings") != settings_of(args):
         cache = {"settings": settings_of(args), "pairs": {}}
-    ft = manifest["finetunes"]
     jobs = []
     for a, b in pairs:
         entry = cache["pairs"].setdefault(f"{a}|{b}", {"merged": {}})
         todo = [m for m in args.methods if entry["merged"].get(m, {}).get("spec") != METHODS[m].describe()]
-        jobs.append({"key": f"{a}|{b}", "base": manifest["base"]["path"], "a": ft[a], "b": ft[b], "methods": todo,
-                     "seed": args.seed, "tests": {t: tests[t] for t in (ft[a]["task"], ft[b]["task"])}})
+        jobs.append(pair_job(manifest, tests, a, b, {m: METHODS[m] for m in todo}, args.seed))
     started = time.perf_counter()
     for i, done in enumerate(run_jobs(evaluate_pair, jobs, args.jobs)):
         entry = cache["pairs"][done["key"]]
         entry["tv"] = done["tv"]
-        entry["merged"].update(done["merged"])
+        entry["merged"].update({m: {"spec": METHODS[m].describe(), **v} for m, v in done["merged"].items()})
         if (i + 1) % 10 == 0 or i + 1 == len(pairs):
             write_json(cache_path, cache)
             log(f"merged {i + 1}/{len(pairs)} pairs ({time.perf_counter() - started:.0f}s)")
@@ -282,8 +280,16 @@ def evaluate_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[s
     return {f"{a}|{b}": cache["pairs"][f"{a}|{b}"] for a, b in pairs}
 
 
+def pair_job(manifest: dict, tests: dict[str, TestSet], a: str, b: str, merges: dict[str, MergeSpec],
+             seed: int) -> dict:
+    """What `evaluate_pair` needs to merge fine-tunes `a` and `b` by each of `merges` ({label: spec})."""
+    ft = manifest["finetunes"]
+    return {"key": f"{a}|{b}", "base": manifest["base"]["path"], "a": ft[a], "b": ft[b], "merges": merges,
+            "seed": seed, "tests": {t: tests[t] for t in (ft[a]["task"], ft[b]["task"])}}
+
+
 def evaluate_pair(job: dict) -> dict:
-    """One pair's task-vector statistics and its merges by `job["methods"]`, each measured on both tasks."""
+    """One pair's task-vector statistics and its merges by `job["merges"]`, each measured on both tasks."""
     torch.set_num_threads(1)
     base_folder = Path(job["base"])
     base_state, config = load_state(base_folder), load_config(base_folder)
@@ -291,12 +297,11 @@ def evaluate_pair(job: dict) -> dict:
     state_a, state_b = finetune_state(Path(fa["path"]), base_state), finetune_state(Path(fb["path"]), base_state)
     ta, tb = fa["task"], fb["task"]
     out: dict = {"key": job["key"], "tv": task_vector_stats(base_state, state_a, state_b), "merged": {}}
-    for method in job["methods"]:
-        merged = merge_states(METHODS[method], base_state, state_a, state_b, seed=job["seed"])
+    for label, spec in job["merges"].items():
+        merged = merge_states(spec, base_state, state_a, state_b, seed=job["seed"])
         model = build_model(config, merged)
         acc_a, acc_b = accuracy(model, job["tests"][ta]), accuracy(model, job["tests"][tb])
-        out["merged"][method] = {
-            "spec": METHODS[method].describe(),
+        out["merged"][label] = {
             "acc_a": acc_a,
             "acc_b": acc_b,
             "normalized": (relative(acc_a, fa["accuracy"][ta]) + relative(acc_b, fb["accuracy"][tb])) / 2,
@@ -322,28 +327,19 @@ def evaluate_recommended(args: argparse.Namespace, manifest: dict, scores: dict[
     """Merge each pair exactly as its recommendation says (method and parameters) and measure it; cached."""
     cache_path = args.out / "outcomes.json"
     cache = read_json(cache_path)
-    ft = manifest["finetunes"]
-    base_state = load_state(Path(manifest["base"]["path"]))
-    config = load_config(Path(manifest["base"]["path"]))
-    out = {}
+    labels, jobs = {}, []
     for key, score in scores.items():
         spec = spec_from_strategy(score.get("recommended") or "", score.get("strategy_parameters", {}))
         if spec is None:
             continue
-        label = json.dumps({"method": spec.name, **spec.describe()}, sort_keys=True)
-        entry = cache["pairs"][key].setdefault("recommended", {})
-        if label not in entry:
+        labels[key] = label = json.dumps({"method": spec.name, **spec.describe()}, sort_keys=True)
+        if label not in cache["pairs"][key].setdefault("recommended", {}):
             a, b = key.split("|")
-            merged = merge_states(spec, base_state, finetune_state(Path(ft[a]["path"]), base_state),
-                                  finetune_state(Path(ft[b]["path"]), base_state), seed=args.seed)
-            model = build_model(config, merged)
-            ta, tb = ft[a]["task"], ft[b]["task"]
-            acc_a, acc_b = accuracy(model, tests[ta]), accuracy(model, tests[tb])
-            entry[label] = {"acc_a": acc_a, "acc_b": acc_b, "normalized": (
-                relative(acc_a, ft[a]["accuracy"][ta]) + relative(acc_b, ft[b]["accuracy"][tb])) / 2}
-        out[key] = {"spec": label, **entry[label]}
+            jobs.append(pair_job(manifest, tests, a, b, {label: spec}, args.seed))
+    for done in run_jobs(evaluate_pair, jobs, args.jobs):
+        cache["pairs"][done["key"]]["recommended"].update(done["merged"])
     write_json(cache_path, cache)
-    return out
+    return {key: {"spec": label, **cache["pairs"][key]["recommended"][label]} for key, label in labels.items()}
 
 
 def score_pair(path_a: str, path_b: str, path_base: str) -> dict:

@@ -72,6 +72,9 @@ def test_the_product_scores_every_pair_as_two_adapters_with_predictions(smoke):
         assert all(0.0 <= low <= score["predictions"][m] <= high <= 1.0
                    for m, (low, high) in score["prediction_intervals"].items())
         assert any(name.startswith("layers.0/") for name in row["features"])
+        if row["recommended"] in METHODS:  # merged again with the recommendation's own parameters
+            assert json.loads(row["recommended_merge"]["spec"])["method"] == row["recommended"]
+            assert 0.0 <= row["recommended_merge"]["normalized"] <= 1.0
     summary = results["summary"]
     assert summary["methods"]["ties"]["predictors"]["predicted"]["n"] == 4
     assert summary["recommendation"]["pairs_with_predictions"] == 4
