@@ -14,15 +14,19 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
-from .merge import METHODS, merge_states, spec_from_strategy
-from .model import build_model, load_config, load_state, save_checkpoint
+from .lora import is_adapter, merged_state, save_adapter
+from .merge import METHODS, MergeSpec, merge_states, spec_from_strategy
+from .model import build_model, load_checkpoint, load_config, load_state, save_checkpoint
 from .stats import (
     additive_residuals,
     fit_ridge,
@@ -34,9 +38,12 @@ from .stats import (
     within_group_spearman,
 )
 from .tasks import PRETRAIN_TASKS, TASKS, TestSet, accuracy, make_test_set
-from .train import finetune, pretrain
+from .train import finetune, finetune_lora, pretrain
 
 PEER_PYTHON = Path(".bench/peer-venv/bin/python")
+FULL_LRS = "1e-3,2e-3"
+LORA_LRS = "3e-3,5e-3"  # rank 8: add (the hardest new skill) reached 1.00 / 0.985 at these, 0.00 at 1e-2
+LORA_RANK = 8
 TOLERANCE = 0.02  # "within 2 points" of the best method, on the 0-1 normalized-accuracy scale
 
 
@@ -50,10 +57,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain-tasks", default=",".join(PRETRAIN_TASKS), help="tasks of the base model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", default="1800,1000", help="PRETRAIN,FINETUNE optimizer steps")
-    parser.add_argument("--lrs", default="1e-3,2e-3", help="fine-tuning learning rates (comma-separated)")
+    parser.add_argument("--lrs", default=None,
+                        help=f"fine-tuning learning rates (comma-separated; default {FULL_LRS} for full fine-tunes, "
+                             f"{LORA_LRS} for LoRA)")
+    parser.add_argument("--finetune", choices=("full", "lora"), default="full",
+                        help="full fine-tunes, or LoRA adapters (PEFT files) on every decoder linear module")
+    parser.add_argument("--lora-rank", type=int, default=LORA_RANK, help="LoRA rank r (with --finetune lora)")
+    parser.add_argument("--lora-alpha", type=float, default=None,
+                        help="LoRA alpha (scale = alpha / r; default 2 r, with --finetune lora)")
     parser.add_argument("--methods", default=",".join(METHODS), help="merge methods (comma-separated)")
     parser.add_argument("--hidden", type=int, default=64, help="model width (MLP width scales with it)")
     parser.add_argument("--layers", type=int, default=2, help="number of decoder layers")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fine-tunes trained and pairs merged at once, one process and one thread each (same "
+                             "results as --jobs 1)")
     parser.add_argument("--test-size", type=int, default=200, help="held-out examples per task")
     parser.add_argument("--min-acc", type=float, default=0.9, help="drop fine-tunes below this on their task")
     parser.add_argument("--out", type=Path, required=True, help="folder for checkpoints, cache and results")
@@ -68,7 +85,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = _names(args.methods, tuple(METHODS), "--methods")
     pre, _, ft = args.steps.partition(",")
     args.pretrain_steps, args.finetune_steps = int(pre), int(ft or pre)
-    args.lrs = [float(v) for v in args.lrs.split(",") if v]
+    lrs = args.lrs or (LORA_LRS if args.finetune == "lora" else FULL_LRS)
+    args.lrs = [float(v) for v in lrs.split(",") if v]
+    if args.jobs <= 0:
+        raise SystemExit(f"--jobs must be a positive integer, got {args.jobs}")
+    if args.lora_rank <= 0:
+        raise SystemExit(f"--lora-rank must be a positive integer, got {args.lora_rank}")
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora_rank
     return args
 
 
@@ -94,7 +118,22 @@ def settings_of(args: argparse.Namespace) -> dict:
     # the model's size is named only when it is not the default, so caches made before the flags stay valid
     if (args.hidden, args.layers) != (64, 2):
         settings |= {"hidden": args.hidden, "layers": args.layers}
+    if args.finetune == "lora":  # likewise: named only for LoRA runs
+        settings |= {"finetune": "lora", "lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha}
     return settings
+
+
+def base_settings(settings: dict) -> dict:
+    """The part of a run's settings the base model depends on (every task's test set is held out of training)."""
+    return {
+        "pretrain_tasks": settings["pretrain_tasks"],
+        "held_out_tasks": sorted(set(settings["tasks"]) | set(settings["pretrain_tasks"])),
+        "seed": settings["seed"],
+        "pretrain_steps": settings["pretrain_steps"],
+        "test_size": settings["test_size"],
+        "hidden": settings.get("hidden", 64),
+        "layers": settings.get("layers", 2),
+    }
 
 
 def read_json(path: Path) -> dict | None:
@@ -118,40 +157,80 @@ def finetune_name(task: str, lr: float) -> str:
 
 
 def train_checkpoints(args: argparse.Namespace, tests: dict[str, TestSet]) -> dict:
-    """Train (or reuse) the base and every fine-tune; returns the manifest with paths and accuracies."""
+    """Train (or reuse) the base and every fine-tune; returns the manifest with paths and accuracies.
+
+    The manifest is written after each checkpoint, so an interrupted run resumes where it stopped; a base
+    made with the same base settings (`base_settings`) is reused even when the fine-tunes' settings differ
+    (a LoRA run next to a full run's checkpoints, or copied from one).
+    """
     manifest_path = args.out / "checkpoints.json"
-    manifest = read_json(manifest_path)
-    if manifest and manifest["settings"] == settings_of(args):
-        log(f"reusing {len(manifest['finetunes'])} fine-tunes from {manifest_path}")
-        return manifest
+    settings = settings_of(args)
+    old = read_json(manifest_path) or {}
     folder = args.out / "checkpoints"
     held_out = list(tests.values())
-    started = time.perf_counter()
-    base = pretrain(args.pretrain_tasks, args.seed, args.pretrain_steps, held_out, hidden=args.hidden,
-                    layers=args.layers)
-    base_seconds = time.perf_counter() - started
-    save_checkpoint(base, folder / "base")
-    base_acc = {t: accuracy(base, tests[t]) for t in tests}
-    log(f"base: {base_seconds:.0f}s, accuracy {base_acc}")
-    finetunes = {}
-    for task in args.tasks:
-        for lr in args.lrs:
-            name = finetune_name(task, lr)
-            started = time.perf_counter()
-            model = finetune(base, task, lr, args.finetune_steps, args.seed, held_out)
-            seconds = time.perf_counter() - started
-            save_checkpoint(model, folder / name)
-            acc = {t: accuracy(model, tests[t]) for t in tests}
-            finetunes[name] = {"task": task, "lr": lr, "path": str(folder / name), "accuracy": acc,
-                               "seconds": round(seconds, 1)}
-            log(f"{name}: {seconds:.0f}s, own-task accuracy {acc[task]:.3f}")
-    manifest = {
-        "settings": settings_of(args),
-        "base": {"path": str(folder / "base"), "accuracy": base_acc, "seconds": round(base_seconds, 1)},
-        "finetunes": finetunes,
-    }
+    names = [finetune_name(task, lr) for task in args.tasks for lr in args.lrs]
+    same = old.get("settings") == settings
+    if same and all(n in old["finetunes"] for n in names):
+        log(f"reusing {len(old['finetunes'])} fine-tunes from {manifest_path}")
+        return old
+    if old.get("settings") and base_settings(old["settings"]) == base_settings(settings) \
+            and (folder / "base" / "model.safetensors").exists():
+        log(f"reusing the base of {manifest_path} (same base settings)")
+        base_entry = old["base"] | {"path": str(folder / "base")}
+    else:
+        started = time.perf_counter()
+        base = pretrain(args.pretrain_tasks, args.seed, args.pretrain_steps, held_out, hidden=args.hidden,
+                        layers=args.layers)
+        base_seconds = time.perf_counter() - started
+        save_checkpoint(base, folder / "base")
+        base_entry = {"path": str(folder / "base"), "accuracy": {t: accuracy(base, tests[t]) for t in tests},
+                      "seconds": round(base_seconds, 1)}
+        log(f"base: {base_seconds:.0f}s, accuracy {base_entry['accuracy']}")
+        same = False
+    manifest = {"settings": settings, "base": base_entry, "finetunes": dict(old["finetunes"]) if same else {}}
     write_json(manifest_path, manifest)
+    jobs = [{"name": name, "task": task, "lr": lr, "kind": args.finetune, "base": base_entry["path"],
+             "folder": str(folder / name), "steps": args.finetune_steps, "seed": args.seed,
+             "rank": args.lora_rank, "alpha": args.lora_alpha, "tests": tests}
+            for task in args.tasks for lr in args.lrs
+            if (name := finetune_name(task, lr)) not in manifest["finetunes"]]
+    for entry in run_jobs(train_finetune, jobs, args.jobs):
+        _record(manifest, manifest_path, entry)
     return manifest
+
+
+def train_finetune(job: dict) -> dict:
+    """Train one fine-tune of the base in `job["base"]` (full, or LoRA saved as a PEFT adapter) and measure it."""
+    torch.set_num_threads(1)
+    base_folder = Path(job["base"])
+    base = load_checkpoint(base_folder)
+    tests = job["tests"]
+    held_out = list(tests.values())
+    started = time.perf_counter()
+    if job["kind"] == "lora":
+        tuned = finetune_lora(base, job["task"], job["lr"], job["steps"], job["seed"], held_out, job["rank"],
+                              job["alpha"])
+        seconds = time.perf_counter() - started
+        path = save_adapter(tuned, Path(job["folder"]), base_folder, job["rank"], job["alpha"])
+        model = build_model(base.config, merged_state(load_state(base_folder), path))  # what a merge reads
+    else:
+        model = finetune(base, job["task"], job["lr"], job["steps"], job["seed"], held_out)
+        seconds = time.perf_counter() - started
+        path = save_checkpoint(model, Path(job["folder"]))
+    return {"name": job["name"], "task": job["task"], "lr": job["lr"], "path": str(path),
+            "accuracy": {t: accuracy(model, tests[t]) for t in tests}, "seconds": round(seconds, 1)}
+
+
+def _record(manifest: dict, path: Path, entry: dict) -> None:
+    name = entry.pop("name")
+    manifest["finetunes"][name] = entry
+    write_json(path, manifest)
+    log(f"{name}: {entry['seconds']:.0f}s, own-task accuracy {entry['accuracy'][entry['task']]:.3f}")
+
+
+def finetune_state(path: Path, base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fine-tune's full state dict: its checkpoint, or base + (B @ A) * scale for a LoRA adapter folder."""
+    return merged_state(base_state, path) if is_adapter(path) else load_state(path)
 
 
 def kept_finetunes(manifest: dict, min_acc: float) -> list[str]:
@@ -178,35 +257,22 @@ def task_vector_stats(base: dict, a: dict, b: dict) -> dict[str, float]:
 
 def evaluate_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str, str]],
                    tests: dict[str, TestSet]) -> dict[str, dict]:
-    """Merge each pair with each method and measure both tasks; cached per pair and method."""
+    """Merge each pair with each method and measure both tasks; cached per pair and method (`--jobs` pairs at
+    once, one process each)."""
     cache_path = args.out / "outcomes.json"
     cache = read_json(cache_path) or {}
     if cache.get("settings") != settings_of(args):
         cache = {"settings": settings_of(args), "pairs": {}}
-    ft = manifest["finetunes"]
-    base_state = load_state(Path(manifest["base"]["path"]))
-    config = load_config(Path(manifest["base"]["path"]))
-    states = {n: load_state(Path(ft[n]["path"])) for n in {n for p in pairs for n in p}}
+    jobs = []
+    for a, b in pairs:
+        entry = cache["pairs"].setdefault(f"{a}|{b}", {"merged": {}})
+        todo = [m for m in args.methods if entry["merged"].get(m, {}).get("spec") != METHODS[m].describe()]
+        jobs.append(pair_job(manifest, tests, a, b, {m: METHODS[m] for m in todo}, args.seed))
     started = time.perf_counter()
-    for i, (a, b) in enumerate(pairs):
-        key = f"{a}|{b}"
-        entry = cache["pairs"].setdefault(key, {"merged": {}})
-        entry["tv"] = task_vector_stats(base_state, states[a], states[b])
-        ta, tb = ft[a]["task"], ft[b]["task"]
-        fa, fb = ft[a]["accuracy"][ta], ft[b]["accuracy"][tb]
-        for method in args.methods:
-            spec = METHODS[method].describe()
-            if entry["merged"].get(method, {}).get("spec") == spec:
-                continue
-            merged = merge_states(METHODS[method], base_state, states[a], states[b], seed=args.seed)
-            model = build_model(config, merged)
-            acc_a, acc_b = accuracy(model, tests[ta]), accuracy(model, tests[tb])
-            entry["merged"][method] = {
-                "spec": spec,
-                "acc_a": acc_a,
-                "acc_b": acc_b,
-                "normalized": (relative(acc_a, fa) + relative(acc_b, fb)) / 2,
-            }
+    for i, done in enumerate(run_jobs(evaluate_pair, jobs, args.jobs)):
+        entry = cache["pairs"][done["key"]]
+        entry["tv"] = done["tv"]
+        entry["merged"].update({m: {"spec": METHODS[m].describe(), **v} for m, v in done["merged"].items()})
         if (i + 1) % 10 == 0 or i + 1 == len(pairs):
             write_json(cache_path, cache)
             log(f"merged {i + 1}/{len(pairs)} pairs ({time.perf_counter() - started:.0f}s)")
@@ -214,38 +280,72 @@ def evaluate_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[s
     return {f"{a}|{b}": cache["pairs"][f"{a}|{b}"] for a, b in pairs}
 
 
+def pair_job(manifest: dict, tests: dict[str, TestSet], a: str, b: str, merges: dict[str, MergeSpec],
+             seed: int) -> dict:
+    """What `evaluate_pair` needs to merge fine-tunes `a` and `b` by each of `merges` ({label: spec})."""
+    ft = manifest["finetunes"]
+    return {"key": f"{a}|{b}", "base": manifest["base"]["path"], "a": ft[a], "b": ft[b], "merges": merges,
+            "seed": seed, "tests": {t: tests[t] for t in (ft[a]["task"], ft[b]["task"])}}
+
+
+def evaluate_pair(job: dict) -> dict:
+    """One pair's task-vector statistics and its merges by `job["merges"]`, each measured on both tasks."""
+    torch.set_num_threads(1)
+    base_folder = Path(job["base"])
+    base_state, config = load_state(base_folder), load_config(base_folder)
+    fa, fb = job["a"], job["b"]
+    state_a, state_b = finetune_state(Path(fa["path"]), base_state), finetune_state(Path(fb["path"]), base_state)
+    ta, tb = fa["task"], fb["task"]
+    out: dict = {"key": job["key"], "tv": task_vector_stats(base_state, state_a, state_b), "merged": {}}
+    for label, spec in job["merges"].items():
+        merged = merge_states(spec, base_state, state_a, state_b, seed=job["seed"])
+        model = build_model(config, merged)
+        acc_a, acc_b = accuracy(model, job["tests"][ta]), accuracy(model, job["tests"][tb])
+        out["merged"][label] = {
+            "acc_a": acc_a,
+            "acc_b": acc_b,
+            "normalized": (relative(acc_a, fa["accuracy"][ta]) + relative(acc_b, fb["accuracy"][tb])) / 2,
+        }
+    return out
+
+
+def run_jobs(function: Callable[[dict], dict], jobs: list[dict], processes: int) -> Iterator[dict]:
+    """`function` of each job, in this process or in `processes` spawned ones (results in completion order).
+
+    Every job is seeded on its own and runs one torch thread, so its result does not depend on where it ran.
+    """
+    if processes <= 1 or len(jobs) <= 1:
+        yield from map(function, jobs)
+        return
+    with ProcessPoolExecutor(max_workers=processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in as_completed([pool.submit(function, job) for job in jobs]):
+            yield future.result()
+
+
 def evaluate_recommended(args: argparse.Namespace, manifest: dict, scores: dict[str, dict],
                          tests: dict[str, TestSet]) -> dict[str, dict]:
     """Merge each pair exactly as its recommendation says (method and parameters) and measure it; cached."""
     cache_path = args.out / "outcomes.json"
     cache = read_json(cache_path)
-    ft = manifest["finetunes"]
-    base_state = load_state(Path(manifest["base"]["path"]))
-    config = load_config(Path(manifest["base"]["path"]))
-    out = {}
+    labels, jobs = {}, []
     for key, score in scores.items():
         spec = spec_from_strategy(score.get("recommended") or "", score.get("strategy_parameters", {}))
         if spec is None:
             continue
-        label = json.dumps({"method": spec.name, **spec.describe()}, sort_keys=True)
-        entry = cache["pairs"][key].setdefault("recommended", {})
-        if label not in entry:
+        labels[key] = label = json.dumps({"method": spec.name, **spec.describe()}, sort_keys=True)
+        if label not in cache["pairs"][key].setdefault("recommended", {}):
             a, b = key.split("|")
-            merged = merge_states(spec, base_state, load_state(Path(ft[a]["path"])),
-                                  load_state(Path(ft[b]["path"])), seed=args.seed)
-            model = build_model(config, merged)
-            ta, tb = ft[a]["task"], ft[b]["task"]
-            acc_a, acc_b = accuracy(model, tests[ta]), accuracy(model, tests[tb])
-            entry[label] = {"acc_a": acc_a, "acc_b": acc_b, "normalized": (
-                relative(acc_a, ft[a]["accuracy"][ta]) + relative(acc_b, ft[b]["accuracy"][tb])) / 2}
-        out[key] = {"spec": label, **entry[label]}
+            jobs.append(pair_job(manifest, tests, a, b, {label: spec}, args.seed))
+    for done in run_jobs(evaluate_pair, jobs, args.jobs):
+        cache["pairs"][done["key"]]["recommended"].update(done["merged"])
     write_json(cache_path, cache)
-    return out
+    return {key: {"spec": label, **cache["pairs"][key]["recommended"][label]} for key, label in labels.items()}
 
 
 def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
     """The MCI, recommendation and per-layer metrics of a pair, from the public API as a user gets them."""
     from mergelens_mcp import compare_models
+    from mergelens_mcp.analysis.predict import best_method
 
     started = time.perf_counter()
     r = compare_models([str(path_a), str(path_b)], base=str(path_base))
@@ -264,6 +364,11 @@ def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
              "components": dict(m.components), "score": m.score}
             for m in r.layer_metrics
         ],
+        # the predicted retention per method (compare's `predictions`), and the pick the product derives from it
+        "predictions": {m: p.retention for m, p in r.predictions.items()},
+        "prediction_intervals": {m: [p.low, p.high] for m, p in r.predictions.items()},
+        "predicted_best": best_method(r.predictions),
+        "adapters": [m.label for m in r.models if m.adapter is not None],
         "seconds": round(time.perf_counter() - started, 2),
     }
 
@@ -400,6 +505,16 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
         y = [r["merged"][method]["normalized"] for r in rows]
         residual = additive_residuals([(r["a"], r["b"]) for r in rows], y)
         table = {name: correlate(rows, p, y, residual) for name, p in predictors.items()}
+        predicted = [r.get("score", {}).get("predictions", {}).get(method) for r in rows]
+        accuracy_of_predictions = {}
+        if any(p is not None for p in predicted):  # compare's predicted retention for this method
+            table["predicted"] = correlate(rows, predicted, y, residual)
+            scored = [(p, t, r["score"].get("prediction_intervals", {}).get(method))
+                      for p, t, r in zip(predicted, y, rows, strict=True) if p is not None]
+            accuracy_of_predictions = {
+                "predicted_mae": mean([abs(p - t) for p, t, _ in scored]),
+                "predicted_interval_coverage": mean([float(i[0] <= t <= i[1]) for _, t, i in scored if i]),
+            }
         # fitted predictors, evaluated only on tasks they never saw (leave one task out)
         table["loto_ridge_norms"] = correlate(
             rows, leave_one_group_out(groups, norm_features, y, fit_ridge), y, residual)
@@ -413,6 +528,7 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
             "max_normalized": max(y),
             "additive_share": 1.0 - _variance(residual) / max(_variance(y), 1e-12),
             "predictors": table,
+            **accuracy_of_predictions,
             # [layer/metric, Spearman] pairs, strongest first (a list: the JSON is written with sorted keys)
             "feature_spearman": sorted(features.items(), key=lambda kv: -abs(kv[1] or 0.0)),
         }
@@ -424,8 +540,12 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
                    else o for o, r in zip(outcomes, rows, strict=True)]
     asked = ["recommended" if r.get("recommended_merge") else r.get("recommended") for r in rows]
     rate_p, hits_p, n_p = hit_rate(asked, with_params, TOLERANCE)
+    picked = [r.get("score", {}).get("predicted_best") for r in rows]
+    rate_pred, hits_pred, n_pred = hit_rate(picked, outcomes, TOLERANCE)
     out["recommendation"] = {
         "hit_rate": rate, "hits": hits, "pairs_with_recommendation": n, "tolerance": TOLERANCE,
+        "predicted_best_hit_rate": rate_pred, "predicted_best_hits": hits_pred,
+        "pairs_with_predictions": n_pred, "predicted_best_counts": _counts(picked),
         "hit_rate_with_its_parameters": rate_p, "hits_with_its_parameters": hits_p,
         "mean_normalized_with_its_parameters": mean([r["recommended_merge"]["normalized"] for r in rows
                                                      if r.get("recommended_merge")]),
@@ -494,6 +614,13 @@ def render_markdown(results: dict) -> str:
                 f"| {_fmt(c['pearson'])} | {_fmt(c['spearman'])} | {_fmt(c['within_task_spearman'])} "
                 f"| {_fmt(c['pairwise_spearman'])} |"
             )
+    if any("predicted_mae" in m for m in s["methods"].values()):
+        lines += ["", "compare's `predictions` (predicted retention): mean absolute error, share of outcomes in the "
+                  "80% interval:", ""]
+        for method, m in s["methods"].items():
+            coverage = m.get("predicted_interval_coverage")
+            lines.append(f"- {method}: MAE {m['predicted_mae']:.3f}, 80% interval holds "
+                         + ("n/a" if coverage is None else f"{coverage:.0%}"))
     lines += ["", "Per-layer metrics most rank-correlated with the outcome (Spearman, all pairs):", ""]
     for method, m in s["methods"].items():
         top = m["feature_spearman"][:5]
@@ -531,6 +658,10 @@ def render_markdown(results: dict) -> str:
         + ("n/a" if rec["mean_normalized_with_its_parameters"] is None else
            f"{rec['mean_normalized_with_its_parameters']:.3f}") + ").",
         f"Recommended: {rec['recommended_counts']}; best: {rec['best_counts']}.",
+        "Best predicted method (compare's `predictions`, the product's tie rule): "
+        + ("n/a" if rec.get("predicted_best_hit_rate") is None else
+           f"{rec['predicted_best_hit_rate']:.1%} ({rec['predicted_best_hits']}/{rec['pairs_with_predictions']}); "
+           f"picked {rec['predicted_best_counts']}") + ".",
         "Always choosing one method: " + ", ".join(
             f"{m} {'n/a' if v is None else f'{v:.1%}'}" for m, v in rec["fixed_method_hit_rates"].items()),
         "",

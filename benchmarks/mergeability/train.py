@@ -8,6 +8,7 @@ import math
 import torch
 from torch.nn import functional as F
 
+from .lora import add_lora
 from .model import TinyConfig, TinyLlama
 from .tasks import VOCAB_SIZE, Sampler, TestSet
 
@@ -19,7 +20,8 @@ def fit(
 ) -> TinyLlama:
     """AdamW on `sampler`'s batches for `steps` steps; linear warmup, then cosine decay when `decay`."""
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a LoRA model trains its factors only
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
 
     def schedule(step: int) -> float:
         if step < warmup:
@@ -38,7 +40,7 @@ def fit(
         loss = F.cross_entropy(logits[mask], targets[mask])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
     model.eval()
@@ -62,5 +64,17 @@ def finetune(
 ) -> TinyLlama:
     """A copy of `base` trained on `task` alone."""
     model = copy.deepcopy(base)
+    sampler = Sampler([task], seed + 1000 * round(lr * 1e5), held_out)
+    return fit(model, sampler, steps, lr, seed, warmup=20)
+
+
+def finetune_lora(
+    base: TinyLlama, task: str, lr: float, steps: int, seed: int, held_out: list[TestSet], rank: int, alpha: float
+) -> TinyLlama:
+    """`base` with LoRA factors on its decoder linear modules, trained on `task` alone (base frozen).
+
+    Same batches and schedule as `finetune` at the same lr; only the factors train.
+    """
+    model = add_lora(base, rank, alpha, seed)
     sampler = Sampler([task], seed + 1000 * round(lr * 1e5), held_out)
     return fit(model, sampler, steps, lr, seed, warmup=20)
