@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from . import spectral
-from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, SVD, decompose
+from .spectral import SVD, decompose
+from .types import DEFAULT_RANK, EXACT_MAX_ELEMENTS
 
 KL_MAX_BINS = 64
 KL_MIN_BINS = 8

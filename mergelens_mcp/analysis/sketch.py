@@ -40,9 +40,9 @@ from .metrics import (
     memo,
     normalized_l2_from,
 )
-from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, SVD, gram_decompose, randomized
+from .spectral import OVERSAMPLE, SVD, gram_decompose, randomized
 from .stream import TensorSet, read
-from .types import Cancelled, Progress
+from .types import DEFAULT_RANK, EXACT_MAX_ELEMENTS, Cancelled, Progress
 
 SKETCH_VERSION = 5
 Z = 4.0  # standard errors per stated bound
