@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -360,13 +361,11 @@ def isolated(fn: Callable[..., T], *args: object, progress: Callable[[int, int, 
     it is read (SIGBUS), or a native crash, ends that worker and becomes a clear error here (exit 2), where
     in this process it would kill the CLI with exit 135. MERGELENS_WORKER_PROCESSES=0 runs it in-process."""
     from .settings import Settings
-    from .workers import WorkerPool
+    from .workers import run_isolated, worker_pool
 
-    settings = Settings()
-    if not settings.worker_processes:
-        return fn(*args, progress=progress, **kwargs)
-    with WorkerPool.from_settings(settings, size=1) as pool:
-        return pool.run(fn, *args, progress=progress, about=about, **kwargs)
+    pool = worker_pool(Settings(), size=1)
+    with pool or contextlib.nullcontext():
+        return run_isolated(pool, fn, *args, progress=progress, about=about, **kwargs)
 
 
 def _interference_table(result: ConfigDiagnosis, console: Console) -> None:

@@ -9,8 +9,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .analysis.spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS
-from .analysis.types import AnalysisOptions, Device
+from .analysis.types import DEFAULT_RANK, EXACT_MAX_ELEMENTS, AnalysisOptions, Device
 from .security.limits import Limits
 from .security.paths import PathGuard
 

@@ -384,6 +384,27 @@ class WorkerPool:
         self.close()
 
 
+def worker_pool(settings: Any, size: int | None = None) -> WorkerPool | None:
+    """The sandbox the settings ask for: a pool of worker processes, or None where `worker_processes` is off
+    (MERGELENS_WORKER_PROCESSES=0) and analyses run in the caller's thread (`run_isolated`)."""
+    return WorkerPool.from_settings(settings, size) if settings.worker_processes else None
+
+
+def run_isolated(
+    pool: WorkerPool | None, fn: Callable[..., T], *args: Any, progress: Progress | None = None,
+    cancelled: Cancelled | None = None, about: Mapping[str, str] | None = None, **kwargs: Any,
+) -> T:
+    """`fn(*args, **kwargs)` in one of `pool`'s worker processes (`WorkerPool.run`), or, without a pool, in
+    this thread, `progress` and `cancelled` (where given) passed to `fn` as keywords."""
+    if pool is None:
+        if progress is not None:
+            kwargs["progress"] = progress
+        if cancelled is not None:
+            kwargs["cancelled"] = cancelled
+        return fn(*args, **kwargs)
+    return pool.run(fn, *args, progress=progress, cancelled=cancelled, about=about, **kwargs)
+
+
 def _named(about: Mapping[str, str], problem: str, guard: Any) -> str:
     """The crash message with the models the job read. A local model whose files no longer match their headers
     (what a truncation or a copy over it leaves) is named as the one that changed; the guard of the request

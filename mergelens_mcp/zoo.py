@@ -36,6 +36,7 @@ from .analysis.loading import Checkpoint, load_checkpoint
 from .analysis.types import Cancelled, Progress
 from .errors import AnalysisCancelledError, CheckpointNotFoundError, InputError, LimitExceededError
 from .models import Verdict, ZooModel, ZooPair, ZooResult, ZooSet
+from .naming import model_names
 from .security.limits import Limits
 from .security.paths import PathGuard
 from .settings import Settings
@@ -68,17 +69,6 @@ def expand_sources(models: Sequence[str]) -> list[str]:
         out.append(str(src))
     if len(out) < 2:
         raise InputError("a zoo needs at least two models: pass two or more paths, or a folder of model folders")
-    return out
-
-
-def zoo_labels(sources: Sequence[str]) -> list[str]:
-    """Each model's name: its folder (or file) name, numbered where two are the same."""
-    names = [Path(s.rstrip("/")).name.removesuffix(".safetensors") or s for s in sources]
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if names.count(name) == 1 else f"{name}_{seen[name]}")
     return out
 
 
@@ -498,7 +488,7 @@ def compare_zoo(
     guard = guard or PathGuard([Path(os.sep)])
     limits = settings.limits()
     sources = expand_sources(models)
-    labels = zoo_labels(sources)
+    labels = model_names(sources)
     if target is not None and target not in labels and target not in sources:
         raise InputError(f"target {target!r} is not one of the zoo's models: {', '.join(labels)}")
     target_label = labels[sources.index(target)] if target in sources else target

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
@@ -106,3 +108,15 @@ def test_errors_imports_nothing_of_ours() -> None:
     errors = PACKAGE / "errors.py"
     assert imports_any(errors, ("mergelens_mcp",)) == []
     assert imports_of(errors) <= {"__future__", "__future__.annotations"}
+
+
+def test_analysis_types_is_a_leaf_that_loads_no_torch() -> None:
+    types = PACKAGE / "analysis" / "types.py"
+    ours = imports_any(types, ("mergelens_mcp",))
+    assert ours == ["mergelens_mcp.errors", "mergelens_mcp.errors.InputError"]
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, mergelens_mcp.analysis.types, mergelens_mcp.settings; "
+                               "print(sorted(m for m in sys.modules if m == 'torch' or m.endswith('.spectral')))"],
+        capture_output=True, text=True, timeout=120, check=True, cwd=PACKAGE.parent,
+    )
+    assert loaded.stdout.strip() == "[]"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,3 +33,11 @@ def test_the_skip_reasons_and_the_end_of_the_run_name_make_test_deps() -> None:
     setup.pytest_terminal_summary(reporter)  # type: ignore[arg-type]
     assert lines == ["1 test(s) skipped for want of Chromium or the MCP Inspector: `make test-deps` installs "
                      "them, then run the tests again"]
+
+
+def test_import_mergekit_in_the_test_process_is_never_the_test_folder() -> None:
+    """tests/ is on sys.path (pyproject's pythonpath): a tests/mergekit/__init__.py would make `import mergekit`
+    here the test package, hiding a real mergekit. Without it the folder is at most a namespace portion, which
+    an installed mergekit outranks."""
+    spec = importlib.util.find_spec("mergekit")
+    assert spec is None or spec.origin is None or (REPO / "tests") not in Path(spec.origin).parents

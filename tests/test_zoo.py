@@ -193,6 +193,15 @@ def test_a_lone_folder_of_model_folders_is_the_zoo_and_one_model_is_refused(zoo:
         expand_sources([str(zoo.models[0])])
 
 
+def test_models_with_the_same_folder_name_are_named_as_compare_names_them(zoo: Zoo, tmp_path: Path) -> None:
+    first, second = make_model(tmp_path / "run1", "ft", task_seed=50), make_model(tmp_path / "run2", "ft", task_seed=51)
+    found = compare_zoo([str(first), str(second)], str(zoo.base), cache_dir=tmp_path / "c", workers=1,
+                        params=PARAMS)
+    exact = service.compare([str(first), str(second)], str(zoo.base), device="cpu")
+    assert [m.label for m in found.models] == ["run1/ft", "run2/ft"]
+    assert {found.pairs[0].model_a, found.pairs[0].model_b} == {exact.pairwise[0].model_a, exact.pairwise[0].model_b}
+
+
 def test_tensors_no_larger_than_the_sketch_are_kept_whole_and_pair_exactly(zoo: Zoo, tmp_path: Path) -> None:
     wide = sk.SketchParams(width=1 << 16, samples=1 << 16)
     found = compare_zoo([str(m) for m in zoo.models[:2]], str(zoo.base), cache_dir=tmp_path, workers=1,

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from . import spectral
-from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, SVD, decompose
+from .spectral import SVD, decompose
+from .types import DEFAULT_RANK, EXACT_MAX_ELEMENTS
 
 KL_MAX_BINS = 64
 KL_MIN_BINS = 8
@@ -467,21 +468,48 @@ def task_metrics() -> list[Metric]:
 # ---- shared formulas -------------------------------------------------------------------------------
 
 
-def _cosine(a: Operand, b: Operand) -> float:
-    if a.norm < EPS and b.norm < EPS:
+def cosine_from(norm_a: float, norm_b: float, dot: float) -> float:
+    """<a, b> / (|a| |b|) from the norms and the dot product, clamped to [-1, 1]; 1 when both are zero."""
+    if norm_a < EPS and norm_b < EPS:
         return 1.0
-    if a.norm < EPS or b.norm < EPS:
+    if norm_a < EPS or norm_b < EPS:
         return 0.0
-    dot = pair_sums(a, b).dot
-    return max(-1.0, min(1.0, dot / (a.norm * b.norm)))
+    return max(-1.0, min(1.0, dot / (norm_a * norm_b)))
+
+
+def normalized_l2_from(norm_a: float, norm_b: float, distance_sq: float) -> float:
+    """|a - b| / (|a| + |b|) from the norms and the squared distance, at most 1."""
+    denominator = norm_a + norm_b
+    if denominator < EPS:
+        return 0.0
+    return min(1.0, math.sqrt(max(distance_sq, 0.0)) / denominator)
+
+
+def kl_bins(numel: int) -> int:
+    """The KL histograms' bin count for a tensor of `numel` values (see `kl_divergence`)."""
+    return int(min(KL_MAX_BINS, max(KL_MIN_BINS, math.sqrt(numel) / 4)))
+
+
+def kl_from_samples(x: torch.Tensor, y: torch.Tensor, lo: float, hi: float, numel: int) -> float:
+    """The symmetrised KL of `kl_divergence` from the same positions' samples of two tensors of `numel`
+    values whose joint range is [lo, hi]."""
+    if hi - lo < EPS:
+        return 0.0
+    bins = kl_bins(numel)
+    p = torch.histc(x, bins, lo, hi).double() + KL_SMOOTHING
+    q = torch.histc(y, bins, lo, hi).double() + KL_SMOOTHING
+    p, q = p / p.sum(), q / q.sum()
+    return max(0.0, float(0.5 * ((p * (p / q).log()).sum() + (q * (q / p).log()).sum())))
+
+
+def _cosine(a: Operand, b: Operand) -> float:
+    if a.norm < EPS or b.norm < EPS:
+        return cosine_from(a.norm, b.norm, 0.0)
+    return cosine_from(a.norm, b.norm, pair_sums(a, b).dot)
 
 
 def _normalized_l2(a: Operand, b: Operand) -> float:
-    distance = math.sqrt(max(pair_sums(a, b).distance_sq, 0.0))
-    denominator = a.norm + b.norm
-    if denominator < EPS:
-        return 0.0
-    return min(1.0, distance / denominator)
+    return normalized_l2_from(a.norm, b.norm, pair_sums(a, b).distance_sq)
 
 
 def _sign_conflict(a: Operand, b: Operand, top: bool) -> float:
@@ -544,11 +572,7 @@ def kl_divergence(a: Operand, b: Operand) -> float:
     hi = max(a.value_range[1], b.value_range[1])
     if hi - lo < EPS:
         return 0.0
-    bins = int(min(KL_MAX_BINS, max(KL_MIN_BINS, math.sqrt(a.numel) / 4)))
-    p = torch.histc(a.sample, bins, lo, hi).double() + KL_SMOOTHING
-    q = torch.histc(b.sample, bins, lo, hi).double() + KL_SMOOTHING
-    p, q = p / p.sum(), q / q.sum()
-    return max(0.0, float(0.5 * ((p * (p / q).log()).sum() + (q * (q / p).log()).sum())))
+    return kl_from_samples(a.sample, b.sample, lo, hi, a.numel)
 
 
 @metric("spectral_overlap", bounds=(0.0, 1.0), identical=1.0, matrix_only=True)

@@ -30,18 +30,19 @@ import torch
 from .loading import Checkpoint
 from .metrics import (
     EPS,
-    KL_MAX_BINS,
-    KL_MIN_BINS,
-    KL_SMOOTHING,
     REGISTRY,
     Operand,
     _effective_rank,
     _mass_fraction,
+    cosine_from,
+    kl_bins,
+    kl_from_samples,
     memo,
+    normalized_l2_from,
 )
-from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS, OVERSAMPLE, SVD, gram_decompose, randomized
+from .spectral import OVERSAMPLE, SVD, gram_decompose, randomized
 from .stream import TensorSet, read
-from .types import Cancelled, Progress
+from .types import DEFAULT_RANK, EXACT_MAX_ELEMENTS, Cancelled, Progress
 
 SKETCH_VERSION = 5
 Z = 4.0  # standard errors per stated bound
@@ -358,16 +359,8 @@ def _distance_sq(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
 
 
 def _cosine_from(norm_a: float, norm_b: float, d_sq: float) -> float:
-    if norm_a < EPS and norm_b < EPS:
-        return 1.0
-    if norm_a < EPS or norm_b < EPS:
-        return 0.0
-    return max(-1.0, min(1.0, (norm_a**2 + norm_b**2 - d_sq) / (2 * norm_a * norm_b)))
-
-
-def _l2_from(norm_a: float, norm_b: float, d_sq: float) -> float:
-    denominator = norm_a + norm_b
-    return 0.0 if denominator < EPS else min(1.0, math.sqrt(max(d_sq, 0.0)) / denominator)
+    """The registry's cosine, its dot product from the norms and the squared distance."""
+    return cosine_from(norm_a, norm_b, (norm_a**2 + norm_b**2 - d_sq) / 2)
 
 
 def _share(hits: int, total: int) -> tuple[float, float]:
@@ -391,7 +384,7 @@ def pair_metrics(a: TensorSketch, b: TensorSketch) -> Estimate:
         values[name], bounds[name] = v, max(v - lo, hi - v)
 
     spread(_cosine_from, a.norm, b.norm, "cosine_similarity")
-    spread(_l2_from, a.norm, b.norm, "l2_distance")
+    spread(normalized_l2_from, a.norm, b.norm, "l2_distance")
     values["kl_divergence"], bounds["kl_divergence"] = _kl(a, b)
     sa, sb = spectral_of(a, "svd"), spectral_of(b, "svd")
     if a.is_matrix and sa is not None and sb is not None:
@@ -400,7 +393,7 @@ def pair_metrics(a: TensorSketch, b: TensorSketch) -> Estimate:
     if a.task_norm is None or b.task_norm is None:
         return Estimate(values, bounds)
     spread(_cosine_from, a.task_norm, b.task_norm, "task_cosine")
-    spread(_l2_from, a.task_norm, b.task_norm, "task_l2_distance")
+    spread(normalized_l2_from, a.task_norm, b.task_norm, "task_l2_distance")
     assert a.task_sample is not None and b.task_sample is not None
     x, y = a.task_sample.float(), b.task_sample.float()
     both = (x != 0) & (y != 0)
@@ -429,11 +422,8 @@ def _kl(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
     lo, hi = min(a.value_range[0], b.value_range[0]), max(a.value_range[1], b.value_range[1])
     if hi - lo < EPS:
         return 0.0, 0.0
-    bins = int(min(KL_MAX_BINS, max(KL_MIN_BINS, math.sqrt(a.numel) / 4)))
-    p = torch.histc(a.sample.float(), bins, lo, hi).double() + KL_SMOOTHING
-    q = torch.histc(b.sample.float(), bins, lo, hi).double() + KL_SMOOTHING
-    p, q = p / p.sum(), q / q.sum()
-    value = max(0.0, float(0.5 * ((p * (p / q).log()).sum() + (q * (q / p).log()).sum())))
+    value = kl_from_samples(a.sample.float(), b.sample.float(), lo, hi, a.numel)
+    bins = kl_bins(a.numel)
     n = a.sample.numel()
     exact = n == a.numel
     return value, 0.0 if exact else Z * (bins / n + math.sqrt(2.0 * bins) / n)

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-DEFAULT_RANK = 16
+from .types import DEFAULT_RANK, EXACT_MAX_ELEMENTS
+
 OVERSAMPLE = 16
 POWER_ITERS = 1
-EXACT_MAX_ELEMENTS = 512 * 512
 TAIL_BISECTIONS = 30
 LOW = torch.bfloat16  # the range finder's dtype
 ROW_BLOCK_ELEMENTS = 1 << 20  # values per row block when exact products are formed from stored values

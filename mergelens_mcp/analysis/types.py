@@ -1,5 +1,6 @@
 """The small types the upper layers share with the analysis: progress and cancel callbacks, the device and
-the analysis options. tools/, settings.py and service.py import them from here, never from the engine."""
+the analysis options and their defaults. tools/, settings.py and service.py import them from here, never from
+the engine; a leaf of the analysis (no torch, nothing of ours but errors)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 from ..errors import InputError
-from .spectral import DEFAULT_RANK, EXACT_MAX_ELEMENTS
 
+DEFAULT_RANK = 16  # singular directions kept per matrix (spectral.py's default)
+EXACT_MAX_ELEMENTS = 512 * 512  # matrices up to this size get an exact SVD, larger ones a randomized one
 Progress = Callable[[int, int, str], None]  # (done, total, message)
 Cancelled = Callable[[], bool]
 

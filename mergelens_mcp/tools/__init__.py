@@ -7,13 +7,12 @@ from mcp.server.mcpserver import MCPServer
 from . import analysis, diagnose, merge, prompts, report, zoo
 from .arguments import one_line_argument_errors
 
-TOOL_FUNCTIONS = {  # name -> function; the one-line argument errors re-check the arguments against it
-    "compare_models": analysis.compare_models, "get_compatibility_score": analysis.get_compatibility_score,
-    "get_conflict_zones": analysis.get_conflict_zones, "suggest_strategy": analysis.suggest_strategy,
-    "explain_layer": analysis.explain_layer, "diagnose_merge": diagnose.diagnose_merge,
-    "generate_report": report.generate_report, "preview_merge": merge.preview_merge,
-    "verify_merge": merge.verify_merge, "rank_merge_partners": zoo.rank_merge_partners,
-}
+TOOLS = (  # every tool; its name is its function's name (`add_tool`'s default, which every `register` keeps)
+    analysis.compare_models, analysis.get_compatibility_score, analysis.get_conflict_zones,
+    analysis.suggest_strategy, analysis.explain_layer, diagnose.diagnose_merge, report.generate_report,
+    merge.preview_merge, merge.verify_merge, zoo.rank_merge_partners,
+)
+TOOL_FUNCTIONS = {fn.__name__: fn for fn in TOOLS}  # the one-line argument errors re-check the arguments against it
 TOOL_NAMES = tuple(TOOL_FUNCTIONS)
 
 

@@ -79,7 +79,7 @@ async def explain_layer(
 
 def register(server: MCPServer) -> None:
     server.add_tool(
-        compare_models, name="compare_models", title="Compare models before merging", annotations=READ_ONLY,
+        compare_models, title="Compare models before merging", annotations=READ_ONLY,
         description=(
             "Answer 'can these models be merged, and where will it break?' before running a merge. Reads two "
             "or more checkpoints (and ideally their common base) and returns the decision, merge_advised "
@@ -93,7 +93,7 @@ def register(server: MCPServer) -> None:
         ),
     )
     server.add_tool(
-        get_compatibility_score, name="get_compatibility_score", title="Merge compatibility score",
+        get_compatibility_score, title="Merge compatibility score",
         annotations=READ_ONLY,
         description=(
             "The quick yes/no: merge_advised (yes / with_care / no) and a one-sentence answer, with the Merge "
@@ -102,7 +102,7 @@ def register(server: MCPServer) -> None:
         ),
     )
     server.add_tool(
-        get_conflict_zones, name="get_conflict_zones", title="Conflict zones", annotations=READ_ONLY,
+        get_conflict_zones, title="Conflict zones", annotations=READ_ONLY,
         description=(
             "The layers where these models would merge badly: contiguous runs of low-scoring layers, each "
             "with its severity, the components that pulled it down and a concrete recommendation (e.g. take "
@@ -111,7 +111,7 @@ def register(server: MCPServer) -> None:
         ),
     )
     server.add_tool(
-        suggest_strategy, name="suggest_strategy", title="Suggest a merge strategy", annotations=READ_ONLY,
+        suggest_strategy, title="Suggest a merge strategy", annotations=READ_ONLY,
         description=(
             "Recommend a mergekit merge method (linear, slerp, ties, dare_ties, task_arithmetic, ...) for "
             "these models with its parameters, a rationale, a runner-up, warnings, and a ready-to-edit "
@@ -119,7 +119,7 @@ def register(server: MCPServer) -> None:
         ),
     )
     server.add_tool(
-        explain_layer, name="explain_layer", title="Explain one layer", annotations=READ_ONLY,
+        explain_layer, title="Explain one layer", annotations=READ_ONLY,
         description=(
             "Explain one layer's metrics in words: what each number measures, whether its value is good or "
             "bad for merging and why, and what to do about the weak ones. Use after compare_models or "

@@ -38,7 +38,7 @@ async def diagnose_merge(
 
 def register(server: MCPServer) -> None:
     server.add_tool(
-        diagnose_merge, name="diagnose_merge", title="Diagnose a mergekit config",
+        diagnose_merge, title="Diagnose a mergekit config",
         annotations=READ_ONLY,
         description=(
             "Check a mergekit YAML before running it: whether mergekit will accept it (unknown keys, bad "

@@ -123,7 +123,7 @@ async def verify_merge(
 
 def register(server: MCPServer) -> None:
     server.add_tool(
-        preview_merge, name="preview_merge", title="Preview candidate merges on probe inputs",
+        preview_merge, title="Preview candidate merges on probe inputs",
         annotations=READ_ONLY,
         description=(
             "Before merging: merge each candidate method in memory (nothing is written), run it on probe "
@@ -135,7 +135,7 @@ def register(server: MCPServer) -> None:
         ),
     )
     server.add_tool(
-        verify_merge, name="verify_merge", title="Verify a merged model",
+        verify_merge, title="Verify a merged model",
         annotations=READ_ONLY,
         description=(
             "After merging: check the merged model against its sources. Per layer, how much of each source's "

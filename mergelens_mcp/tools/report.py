@@ -82,7 +82,7 @@ async def generate_report(
 
 def register(server: MCPServer) -> None:
     server.add_tool(
-        generate_report, name="generate_report", title="Write an HTML merge report",
+        generate_report, title="Write an HTML merge report",
         annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, idempotentHint=True,
                                     openWorldHint=False),
         description=(

@@ -23,7 +23,7 @@ from ..models import CompareResult
 from ..security.paths import PathGuard
 from ..security.redact import redact
 from ..settings import Settings
-from ..workers import WorkerPool
+from ..workers import WorkerPool, run_isolated, worker_pool
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class AppState:
 
     @classmethod
     def create(cls, settings: Settings) -> AppState:
-        pool = WorkerPool.from_settings(settings) if settings.worker_processes else None
+        pool = worker_pool(settings)
         return cls(settings, settings.guard(), anyio.CapacityLimiter(settings.workers),
                    AnalysisCache(settings.cache_size), pool)
 
@@ -122,13 +122,7 @@ class AppState:
                  cancelled: Cancelled | None = None, about: dict[str, str] | None = None, **kwargs: Any) -> T:
         """`fn(*args, **kwargs)` in one of the server's worker processes (killed when `cancelled()`), or in
         this thread when the settings turn worker processes off. Call it from a worker thread."""
-        if self.pool is None:
-            if progress is not None:
-                kwargs["progress"] = progress
-            if cancelled is not None:
-                kwargs["cancelled"] = cancelled
-            return fn(*args, **kwargs)
-        return self.pool.run(fn, *args, progress=progress, cancelled=cancelled, about=about, **kwargs)
+        return run_isolated(self.pool, fn, *args, progress=progress, cancelled=cancelled, about=about, **kwargs)
 
 
 AppContext = Context[AppState, Any]

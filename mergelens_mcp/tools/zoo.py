@@ -80,7 +80,7 @@ async def rank_merge_partners(
 
 def register(server: MCPServer) -> None:
     server.add_tool(
-        rank_merge_partners, name="rank_merge_partners", title="Rank merge partners in a model zoo",
+        rank_merge_partners, title="Rank merge partners in a model zoo",
         annotations=READ_ONLY,
         description=(
             "Answer 'which of these N models should I merge?' for a zoo of fine-tunes (ideally of one base): "

@@ -1,1 +1,0 @@
-"""Tests of mergelens_mcp.mergekit (a package, so module names cannot clash with tests/test_*.py)."""
