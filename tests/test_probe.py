@@ -390,6 +390,36 @@ def test_the_preview_command_prints_the_ranking_and_writes_json_and_the_report(f
     assert 'id="preview"' in html and 'id="verify"' not in html
 
 
+def test_a_config_of_other_models_is_refused_as_a_preview_candidate(family, tmp_path, probe_file):
+    from mergelens_mcp.probe import preview_merge
+
+    yaml = linear_yaml(family).replace(str(family.finetune_b), str(family.opposed))
+    with pytest.raises(InputError, match="not among the models previewed"):
+        preview_merge([str(family.finetune_a), str(family.finetune_b)], str(family.base), configs=[yaml],
+                      probe=probe_file)
+
+
+def test_the_preview_command_previews_config_files_and_keeps_a_source_whole_at_weight_one(
+    family, tmp_path, probe_file, capsys,
+):
+    from mergelens_mcp.cli import main
+
+    config = tmp_path / "merge.yaml"
+    config.write_text(linear_yaml(family, (1.0, 0.0)).replace("bfloat16", "float32"))
+    out = tmp_path / "preview.json"
+    code = main(["preview", str(family.finetune_a), str(family.finetune_b), "--config", str(config),
+                 "--probe", probe_file, "--json", str(out)])
+    assert code == 0
+    saved = json.loads(out.read_text())
+    sources = {s["source"]: s for s in saved["methods"][0]["sources"]}
+    assert sources["finetune_a"]["agreement"] == 1.0 and sources["finetune_a"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert sources["finetune_b"]["agreement"] < 1.0
+    capsys.readouterr()
+    code = main(["preview", str(family.finetune_a), str(family.finetune_b), "--config", str(config),
+                 "--report", str(tmp_path / "r.html")])
+    assert code == 2 and "--config alone" in capsys.readouterr().err
+
+
 def test_a_probe_record_naming_no_model_is_refused_with_the_names_to_use(family, tmp_path):
     path = tmp_path / "probes.jsonl"
     path.write_text(json.dumps({"text": "x", "source": "model_z"}) + "\n")
