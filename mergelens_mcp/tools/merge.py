@@ -96,8 +96,8 @@ async def preview_merge(
 
     def job(progress: Progress, cancelled: Cancelled) -> PreviewResult:
         return state.isolated(probe.preview_merge, models, base_model, methods=methods, configs=configs,
-                              probe=probe_file, settings=state.settings, guard=guard, progress=progress, cancelled=cancelled,
-                              about=service.labelled(models, base_model))
+                              probe=probe_file, settings=state.settings, guard=guard, progress=progress,
+                              cancelled=cancelled, about=service.labelled(models, base_model))
 
     return preview_view(redact_model(await run_in_worker(ctx, job)), detail)
 
