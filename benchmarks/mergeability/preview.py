@@ -291,6 +291,21 @@ def summarize(pairs: list[tuple[str, str]], previews: dict[str, dict], outcomes:
     return out
 
 
+def preview_early(args: argparse.Namespace) -> dict:
+    """The previews of every cross-task pair of the fine-tunes written so far (a config.json is written
+    after the weights); the full evaluation reuses them."""
+    names = sorted(p.parent.name for p in (args.run / "checkpoints").glob("*/config.json") if p.parent.name != "base")
+    task = {n: n.rsplit("-lr", 1)[0] for n in names}
+    pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if task[a] != task[b]]
+    folders = copy_checkpoints(args.run, args.out, names)
+    probes = {(a, b): write_probe_file(
+        args.out / "probes" / f"{a}__{b}.jsonl",
+        [*probe_records(task[a], args.seed, a, args.test_size),
+         *probe_records(task[b], args.seed, b, args.test_size)]) for a, b in pairs}
+    log(f"early: {len(names)} fine-tunes written, {len(pairs)} pairs")
+    return run_previews(pairs, folders, probes, args.out, list(METHODS))
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
@@ -300,8 +315,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-acc", type=float, default=0.9, help="as the run: fine-tunes below it are dropped")
     parser.add_argument("--verify-per-method", type=int, default=6, help="merges written and verified per method")
     parser.add_argument("--limit", type=int, default=None, help="only the first N pairs (a quick look)")
+    parser.add_argument("--early", action="store_true",
+                        help="preview the pairs of the fine-tunes already written while the run still trains "
+                             "(cached for the full evaluation; needs --seed and --test-size as the run's)")
+    parser.add_argument("--seed", type=int, default=0, help="with --early: the run's seed")
+    parser.add_argument("--test-size", type=int, default=200, help="with --early: the run's test size")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.early:
+        return preview_early(args)
     manifest = read_json(args.run / "checkpoints.json")
     cached = read_json(args.run / "outcomes.json")
     if manifest is None or cached is None:
