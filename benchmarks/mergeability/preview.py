@@ -306,6 +306,35 @@ def preview_early(args: argparse.Namespace) -> dict:
     return run_previews(pairs, folders, probes, args.out, list(METHODS))
 
 
+def render_markdown(summary: dict, methods: list[str]) -> str:
+    """The figures as README tables: Spearman per method and probe set, best-method hits, verify's table."""
+    n = summary["n_pairs"]
+    sets = summary["probe_sets"]
+    lines = [
+        f"Spearman(preview figure, normalized accuracy) over {n} pairs, per method:", "",
+        "| method | task probes: retention | task probes: agreement | generic: retention | generic: agreement |",
+        "|---|---|---|---|---|",
+    ]
+    for m in methods:
+        cells = [sets[p]["spearman"][m][f] for p in ("task", "generic") for f in ("retention", "agreement")]
+        lines.append(f"| {m} | " + " | ".join("n/a" if c is None else f"{c:+.2f}" for c in cells) + " |")
+    lines += ["", "Preview's best method within 2 points of the pair's actual best:", ""]
+    for p in ("task", "generic"):
+        for f in ("retention", "agreement"):
+            hit = sets[p]["best_within_tolerance"][f]
+            lines.append(f"- {p} probes, best by {f}: {hit}/{n} ({hit / n:.1%}); chosen {sets[p]['best_counts'][f]}")
+    lines.append(f"- actual best: {summary['actual_best_counts']}")
+    v = summary["verify"]
+    bins = [b for b, _ in DROP_BINS]
+    lines += ["", f"Verify's verdict (rows) against the accuracy lost (columns), {v['n']} written merges:", "",
+              "| verdict | " + " | ".join(f"actual {b}" for b in bins) + " |", "|---" * (len(bins) + 1) + "|"]
+    for verdict in ("ok", "warning", "failed"):
+        row = v["confusion"][verdict]
+        lines.append(f"| {verdict} | " + " | ".join(str(row[b]) for b in bins) + " |")
+    lines.append(f"\nAgreeing: {v['agree']}/{v['n']}.")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
@@ -349,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"run": str(args.run), "settings": settings, "methods": methods, "summary": summary,
                "verify": verifies}
     write_json(args.out / "summary.json", results)
+    (args.out / "summary.md").write_text(render_markdown(summary, methods))
     log(json.dumps(summary["probe_sets"], indent=1))
     log(json.dumps(summary["verify"]))
     return results

@@ -171,3 +171,5 @@ def test_verify_checks_one_written_merge_per_method_and_the_confusion_table_coun
         assert "config_mismatch" not in r["codes"], r  # written as the config says
         assert r["actual"] == drop_bin(r["normalized"])
     assert not (out / "merged").exists() or not any((out / "merged").rglob("*.safetensors"))
+    table = (out / "summary.md").read_text()
+    assert all(f"| {m} |" in table for m in METHODS) and f"{len(rows)} written merges" in table
