@@ -429,7 +429,10 @@ def verdict_of(findings: list[Finding], layers: list[LayerMatch], behaviour: lis
             reasons.append(f.message)
             if f.fix:
                 steps.append(f.fix)
-    none = [lm.layer_name for lm in layers if lm.matches == "none"]
+    # a layer the config was checked to give is explained by it (DARE's random drop leaves much of a layer's
+    # change outside the span of the sources' task vectors)
+    none = [lm.layer_name for lm in layers if lm.matches == "none"
+            and not (lm.config_error is not None and lm.config_error <= CONFIG_TOLERANCE)]
     if none and not any(f.code == "config_mismatch" for f in findings):
         warned = True
         reasons.append(f"{len(none)} layer(s) are not explained by the sources' changes: {', '.join(none[:6])}")

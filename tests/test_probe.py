@@ -253,6 +253,20 @@ def test_the_practices_perplexity_rules_give_warning_above_ten_percent_and_faile
     assert failed[2] and "preview" in failed[2][0]
 
 
+def test_a_layer_the_sources_do_not_explain_warns_unless_the_config_was_checked_to_give_it():
+    from mergelens_mcp.models import LayerMatch
+
+    def layer(config_error):
+        return LayerMatch(layer_name="layers.1", coefficients={"a": 0.6, "b": 0.5}, residual=0.6, matches="none",
+                          config_error=config_error)
+
+    unexplained = verdict_of([], [layer(None)], [], None)
+    assert unexplained[0] == "warning" and "layers.1" in unexplained[1][0]
+    # a DARE merge: half of each task vector dropped at random, yet exactly what its config gives
+    assert verdict_of([], [layer(0.02)], [], None)[0] == "ok"
+    assert verdict_of([], [layer(0.5)], [], None)[0] == "warning"
+
+
 # ---- real weights: all-MiniLM-L6-v2 and its fine-tune (encoders without an LM head) --------------------------
 
 REAL_WEIGHTS = Path(__file__).parent.parent / ".cache" / "real-weights"

@@ -209,9 +209,10 @@ def spread(values: dict[str, float], k: int) -> list[str]:
 
 
 def run_verifies(pairs: list[tuple[str, str]], folders: dict[str, Path], probes: dict[tuple[str, str], Path],
-                 outcomes: dict[str, dict], out: Path, methods: list[str], per_method: int, seed: int) -> list[dict]:
+                 outcomes: dict[str, dict], out: Path, methods: list[str], per_method: int, seed: int,
+                 own: dict[str, float]) -> list[dict]:
     """Per method, `per_method` pairs spread over its outcomes merged as the run merged them, written with their
-    config, and verified with the pair's probe file."""
+    config, and verified with the pair's probe file; `own`: each fine-tune's accuracy on its task."""
     from mergelens_mcp import verify_merge
 
     cache_path = out / "verify.json"
@@ -242,8 +243,11 @@ def run_verifies(pairs: list[tuple[str, str]], folders: dict[str, Path], probes:
                 }
                 write_json(cache_path, cache)
                 shutil.rmtree(folder)
-            normalized = outcomes[key][method]["normalized"]
-            rows.append({**cache[label], "normalized": normalized, "actual": drop_bin(normalized)})
+            merged = outcomes[key][method]
+            a, b = key.split("|")
+            worst = min(merged["acc_a"] / own[a] if own[a] else 0.0, merged["acc_b"] / own[b] if own[b] else 0.0)
+            rows.append({**cache[label], "normalized": merged["normalized"], "actual": drop_bin(merged["normalized"]),
+                         "worst_source": worst, "actual_worst": drop_bin(worst)})
     log(f"verified {len(rows)} merges")
     return rows
 
@@ -283,11 +287,16 @@ def summarize(pairs: list[tuple[str, str]], previews: dict[str, dict], outcomes:
             "seconds_per_pair": sum(previews[k][probe_set]["seconds"] for k in keys) / len(keys),
         }
     out["actual_best_counts"] = {m: sum(max(a, key=a.get) == m for a in actual) for m in methods}
-    table = {v: {b: 0 for b, _ in DROP_BINS} for v in ("ok", "warning", "failed")}
-    for row in verifies:
-        table[row["verdict"]][row["actual"]] += 1
-    out["verify"] = {"n": len(verifies), "confusion": table, "bins": {b: limit for b, limit in DROP_BINS},
-                     "agree": sum(r["verdict"] == r["actual"] for r in verifies)}
+    tables = {}
+    for column in ("actual", "actual_worst"):
+        table = {v: {b: 0 for b, _ in DROP_BINS} for v in ("ok", "warning", "failed")}
+        for row in verifies:
+            table[row["verdict"]][row[column]] += 1
+        tables[column] = table
+    out["verify"] = {"n": len(verifies), "confusion": tables["actual"], "bins": {b: limit for b, limit in DROP_BINS},
+                     "agree": sum(r["verdict"] == r["actual"] for r in verifies),
+                     "confusion_worst_source": tables["actual_worst"],
+                     "agree_worst_source": sum(r["verdict"] == r["actual_worst"] for r in verifies)}
     return out
 
 
@@ -332,6 +341,12 @@ def render_markdown(summary: dict, methods: list[str]) -> str:
         row = v["confusion"][verdict]
         lines.append(f"| {verdict} | " + " | ".join(str(row[b]) for b in bins) + " |")
     lines.append(f"\nAgreeing: {v['agree']}/{v['n']}.")
+    lines += ["", "The same against the worse of the two sources' accuracy lost:", "",
+              "| verdict | " + " | ".join(f"actual {b}" for b in bins) + " |", "|---" * (len(bins) + 1) + "|"]
+    for verdict in ("ok", "warning", "failed"):
+        row = v["confusion_worst_source"][verdict]
+        lines.append(f"| {verdict} | " + " | ".join(str(row[b]) for b in bins) + " |")
+    lines.append(f"\nAgreeing: {v['agree_worst_source']}/{v['n']}.")
     return "\n".join(lines) + "\n"
 
 
@@ -372,8 +387,9 @@ def main(argv: list[str] | None = None) -> dict:
         [*probe_records(ft[a]["task"], settings["seed"], a, settings["test_size"]),
          *probe_records(ft[b]["task"], settings["seed"], b, settings["test_size"])]) for a, b in pairs}
     previews = run_previews(pairs, folders, probes, args.out, methods)
+    own = {n: f["accuracy"][f["task"]] for n, f in ft.items()}
     verifies = run_verifies(pairs, folders, probes, outcomes, args.out, methods, args.verify_per_method,
-                            settings["seed"])
+                            settings["seed"], own)
     summary = summarize(pairs, previews, outcomes, methods, verifies)
     results = {"run": str(args.run), "settings": settings, "methods": methods, "summary": summary,
                "verify": verifies}
