@@ -450,3 +450,15 @@ def test_verify_without_a_config_json_still_checks_the_weights_and_says_why_beha
         (tmp_path / "config.json").rename(family.finetune_a / "config.json")
     assert result.verdict == "ok" and result.behaviour == []
     assert "behaviour not measured" in result.notes[0] and "config.json" in result.notes[0]
+
+
+def test_a_tensor_of_another_shape_than_the_config_gives_is_refused_with_its_name(family):
+    from mergelens_mcp.analysis.loading import load_checkpoint
+    from mergelens_mcp.errors import CheckpointFormatError
+    from mergelens_mcp.probe import fill, skeleton_of
+
+    with load_checkpoint(str(family.finetune_a), "finetune_a") as ckpt:
+        skeleton = skeleton_of(ckpt)
+    wrong = iter([("model.norm.weight", torch.ones(3))])
+    with pytest.raises(CheckpointFormatError, match=r"merged: model.norm.weight is \[3\], the model's config gives"):
+        fill(skeleton.empty(), wrong, "merged")
