@@ -61,6 +61,7 @@ test-deps:
 bench: install  ## speed, memory, I/O floor, scaling and serve latency on generated 0.5B checkpoints; LoRA at 7B
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.lora
+	$(PY) -m benchmarks.preview  ## preview of one merge vs one read of the weights + one forward pass (issue 14)
 	nice -n 10 $(PY) -m benchmarks.zoo  ## 12 generated 0.056B fine-tunes: the zoo against the I/O floor
 
 bench-7b: install  ## Llama-2-7B shapes: 40 GB generated in .bench/ (removed after), cold read vs compare

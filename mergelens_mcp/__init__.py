@@ -99,10 +99,11 @@ def generate_report(
 
 def preview_merge(
     models: Sequence[str], base: str | None = None, *, methods: Sequence[str] | None = None,
-    probe: str | None = None, device: str = "auto",
+    configs: Sequence[str] | None = None, probe: str | None = None, device: str = "auto",
 ) -> PreviewResult:
-    """Merge candidate methods in memory and measure each on probe inputs against every source (needs the
-    `activations` extra). Default candidates: the recommended method, its runner-up and linear.
+    """Merge candidates in memory and measure each on probe inputs against every source (needs the
+    `activations` extra). Candidates: `configs` (your mergekit YAMLs, paths or text) and `methods` (the
+    recommended parameters for each); neither: the recommended method, its runner-up and linear.
 
     >>> preview = preview_merge(["ft_a/", "ft_b/"], base="base/", probe="my_prompts.jsonl")
     >>> [(m.method, m.retention) for m in preview.methods]
@@ -110,7 +111,8 @@ def preview_merge(
     from .probe import preview_merge as preview
 
     models = models if isinstance(models, str) else list(models)
-    return preview(models, base, methods=methods, probe=probe, device=device)
+    configs = [configs] if isinstance(configs, str) else list(configs) if configs else None
+    return preview(models, base, methods=methods, configs=configs, probe=probe, device=device)
 
 
 def verify_merge(

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--base", help="the base model they were fine-tuned from")
     preview.add_argument("--methods", nargs="+", metavar="METHOD",
                          help="merge methods to preview (default: the recommended one, its runner-up and linear)")
+    preview.add_argument("--config", nargs="+", metavar="YAML", dest="configs",
+                         help="your candidate mergekit configs of these models, previewed as written (with only "
+                              "--config the weights are not compared first)")
     preview.add_argument("--probe", help="probe file: text lines, or JSONL {text} / {prompt, completion} records "
                                          "with an optional source (default: the shipped generic probes)")
     preview.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -196,9 +199,12 @@ def run_preview(args: argparse.Namespace, console: Console) -> int:
     if len(args.models) < 2:
         raise InputError("preview needs at least two models to merge")
     _check_report(args)
+    if args.report and args.configs and not args.methods:
+        raise InputError("--report shows the weight comparison, which --config alone skips: add --methods "
+                         "(e.g. --methods linear) or leave --report out")
     result, comparison = _with_progress(console, "previewing", lambda progress: isolated(
-        preview_with_comparison, args.models, args.base, methods=args.methods, probe=args.probe,
-        device=args.device, progress=progress))
+        preview_with_comparison, args.models, args.base, methods=args.methods, configs=args.configs,
+        probe=args.probe, device=args.device, progress=progress))
     out = Console()
     out.print(f"\n[bold]Preview[/] on {result.probes} probes ({result.probe_set}), {result.kind}: "
               f"best [bold]{result.best}[/]")
@@ -210,7 +216,7 @@ def run_preview(args: argparse.Namespace, console: Console) -> int:
     for note in result.notes:
         out.print(f"note: {note}", markup=False, highlight=False, style="dim")
     _write_json(args, result, console)
-    if args.report:
+    if args.report and comparison is not None:
         from .report import write_report
 
         write_report(comparison, args.report, overwrite=args.overwrite, preview=result)

@@ -429,7 +429,10 @@ def verdict_of(findings: list[Finding], layers: list[LayerMatch], behaviour: lis
             reasons.append(f.message)
             if f.fix:
                 steps.append(f.fix)
-    none = [lm.layer_name for lm in layers if lm.matches == "none"]
+    # a layer the config was checked to give is explained by it (DARE's random drop leaves much of a layer's
+    # change outside the span of the sources' task vectors)
+    none = [lm.layer_name for lm in layers if lm.matches == "none"
+            and not (lm.config_error is not None and lm.config_error <= CONFIG_TOLERANCE)]
     if none and not any(f.code == "config_mismatch" for f in findings):
         warned = True
         reasons.append(f"{len(none)} layer(s) are not explained by the sources' changes: {', '.join(none[:6])}")
@@ -636,12 +639,19 @@ def fill(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], la
     """Assign the streamed tensors (float32) to the meta skeleton, then the buffers transformers computes
     (rotary frequencies, position ids) and tied weights; a parameter still missing is an error."""
     expected = dict(model.named_parameters())
+    modules = dict(model.named_modules())
     prefix = getattr(model, "base_model_prefix", "")
     for name, tensor in tensors:
         key = name if name in expected else name.removeprefix(f"{prefix}.") if prefix else name
         if key not in expected:
             continue
-        model.load_state_dict({key: tensor.float()}, strict=False, assign=True)
+        owner, _, attr = key.rpartition(".")
+        # the parameter itself replaced (as load_state_dict(assign=True) does), in constant time: one
+        # load_state_dict per tensor walked every module each time (cost tensors x modules)
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointFormatError(f"{label}: {name} is {list(tensor.shape)}, the model's config gives "
+                                        f"{list(expected[key].shape)}; merge models of this config's shape")
+        modules[owner]._parameters[attr] = torch.nn.Parameter(tensor.float(), requires_grad=False)
     _materialise_buffers(model)
     if any(p.is_meta for p in model.parameters()):
         model.tie_weights()
@@ -944,23 +954,42 @@ def candidate_configs(result: Any, methods: Sequence[str] | None) -> list[tuple[
     return out
 
 
+def given_merge(
+    config: str, stack: ExitStack, guard: PathGuard | None, settings: Settings, opened: dict[str, Checkpoint]
+) -> ConfiguredMerge:
+    """A candidate config the user gave: it must merge the previewed models (and base), no others."""
+    merge = open_config(config, stack, guard=guard, limits=settings.limits(), opened=opened)
+    known = {c.root for c in opened.values()}
+    others = sorted(name for name, c in merge.models.items() if c.root not in known)
+    if others:
+        raise InputError(f"a candidate {merge.method} config merges {', '.join(others[:3])}, which is not among "
+                         "the models previewed (or their base); preview the models the config merges")
+    return merge
+
+
 def preview_merge(
     models: Sequence[str], base: str | None = None, *, methods: Sequence[str] | None = None,
-    probe: str | None = None, settings: Settings | None = None, guard: PathGuard | None = None,
-    device: str | None = None, progress: Progress | None = None, cancelled: Cancelled | None = None,
+    configs: Sequence[str] | None = None, probe: str | None = None, settings: Settings | None = None,
+    guard: PathGuard | None = None, device: str | None = None, progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
 ) -> PreviewResult:
     """Merge each candidate in memory, run it on the probes and rank the candidates by how much of each
-    source's behaviour they keep (see `SourceRetention`)."""
-    return preview_with_comparison(models, base, methods=methods, probe=probe, settings=settings, guard=guard,
-                                   device=device, progress=progress, cancelled=cancelled)[0]
+    source's behaviour they keep (see `SourceRetention`). Candidates: `configs` (mergekit YAMLs, paths or
+    text, merging these models) and `methods` (the YAML `recommend` writes for each); neither: the
+    recommended method, its runner-up and linear. Only `configs` skips the weight comparison."""
+    return preview_with_comparison(models, base, methods=methods, configs=configs, probe=probe,
+                                   settings=settings, guard=guard, device=device, progress=progress,
+                                   cancelled=cancelled)[0]
 
 
 def preview_with_comparison(
     models: Sequence[str], base: str | None = None, *, methods: Sequence[str] | None = None,
-    probe: str | None = None, settings: Settings | None = None, guard: PathGuard | None = None,
-    device: str | None = None, progress: Progress | None = None, cancelled: Cancelled | None = None,
-) -> tuple[PreviewResult, CompareResult]:
-    """`preview_merge`, with the comparison its candidates came from (for the report)."""
+    configs: Sequence[str] | None = None, probe: str | None = None, settings: Settings | None = None,
+    guard: PathGuard | None = None, device: str | None = None, progress: Progress | None = None,
+    cancelled: Cancelled | None = None,
+) -> tuple[PreviewResult, CompareResult | None]:
+    """`preview_merge`, with the comparison its candidates came from (for the report; None when only
+    `configs` were given: they need none)."""
     from .service import compare_checkpoints, open_checkpoints
 
     started = time.perf_counter()
@@ -974,18 +1003,23 @@ def preview_with_comparison(
         check_probe_sources(records, [c.label for c in srcs], [str(m) for m in models])
         for ckpt in srcs:  # refused before any tensor is read
             check_fits(ckpt, settings, outputs_bytes(skeleton, batch, len(srcs) + 1))
-        given = len(set(methods)) if methods else 3
-        phases = Phases(progress, 1 + 2 * len(srcs) + 2 * given)
-        result = compare_checkpoints(srcs, base_ckpt, options, cancelled=cancelled,
-                                     progress=phases.phase("comparing the weights"))
-        candidates = candidate_configs(result, methods)
-        device_name = options.device.torch_name
-        outputs = source_outputs(srcs, skeleton, batch, settings, device_name, phases, cancelled)
+        compared = bool(methods) or not configs
+        given = (len(set(methods)) if methods else 0 if configs else 3) + len(configs or ())
+        phases = Phases(progress, compared + 2 * len(srcs) + 2 * given)
         opened = {str(m): c for m, c in zip(models, srcs, strict=True)} | (
             {str(base): base_ckpt} if base and base_ckpt else {})
+        merges = [given_merge(text, stack, guard, settings, opened) for text in configs or ()]
+        result = None
+        if compared:
+            result = compare_checkpoints(srcs, base_ckpt, options, cancelled=cancelled,
+                                         progress=phases.phase("comparing the weights"))
+            merges += [open_config(text, stack, guard=guard, limits=settings.limits(), opened=opened)
+                       for _, text in candidate_configs(result, methods)]
+        device_name = options.device.torch_name
+        outputs = source_outputs(srcs, skeleton, batch, settings, device_name, phases, cancelled)
         previews = []
-        for method, text in candidates:
-            merge = open_config(text, stack, guard=guard, limits=settings.limits(), opened=opened)
+        for merge in merges:
+            method, text = merge.method, merge.text
             tensors = ((job.output, tensor) for job, tensor, _ in merged_tensors(
                 merge, cancelled=cancelled, progress=phases.phase(f"merging {method}")))
             model = fill(skeleton.empty(), tensors, f"the {method} merge")

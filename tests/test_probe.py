@@ -253,6 +253,20 @@ def test_the_practices_perplexity_rules_give_warning_above_ten_percent_and_faile
     assert failed[2] and "preview" in failed[2][0]
 
 
+def test_a_layer_the_sources_do_not_explain_warns_unless_the_config_was_checked_to_give_it():
+    from mergelens_mcp.models import LayerMatch
+
+    def layer(config_error):
+        return LayerMatch(layer_name="layers.1", coefficients={"a": 0.6, "b": 0.5}, residual=0.6, matches="none",
+                          config_error=config_error)
+
+    unexplained = verdict_of([], [layer(None)], [], None)
+    assert unexplained[0] == "warning" and "layers.1" in unexplained[1][0]
+    # a DARE merge: half of each task vector dropped at random, yet exactly what its config gives
+    assert verdict_of([], [layer(0.02)], [], None)[0] == "ok"
+    assert verdict_of([], [layer(0.5)], [], None)[0] == "warning"
+
+
 # ---- real weights: all-MiniLM-L6-v2 and its fine-tune (encoders without an LM head) --------------------------
 
 REAL_WEIGHTS = Path(__file__).parent.parent / ".cache" / "real-weights"
@@ -390,6 +404,36 @@ def test_the_preview_command_prints_the_ranking_and_writes_json_and_the_report(f
     assert 'id="preview"' in html and 'id="verify"' not in html
 
 
+def test_a_config_of_other_models_is_refused_as_a_preview_candidate(family, tmp_path, probe_file):
+    from mergelens_mcp.probe import preview_merge
+
+    yaml = linear_yaml(family).replace(str(family.finetune_b), str(family.opposed))
+    with pytest.raises(InputError, match="not among the models previewed"):
+        preview_merge([str(family.finetune_a), str(family.finetune_b)], str(family.base), configs=[yaml],
+                      probe=probe_file)
+
+
+def test_the_preview_command_previews_config_files_and_keeps_a_source_whole_at_weight_one(
+    family, tmp_path, probe_file, capsys,
+):
+    from mergelens_mcp.cli import main
+
+    config = tmp_path / "merge.yaml"
+    config.write_text(linear_yaml(family, (1.0, 0.0)).replace("bfloat16", "float32"))
+    out = tmp_path / "preview.json"
+    code = main(["preview", str(family.finetune_a), str(family.finetune_b), "--config", str(config),
+                 "--probe", probe_file, "--json", str(out)])
+    assert code == 0
+    saved = json.loads(out.read_text())
+    sources = {s["source"]: s for s in saved["methods"][0]["sources"]}
+    assert sources["finetune_a"]["agreement"] == 1.0 and sources["finetune_a"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert sources["finetune_b"]["agreement"] < 1.0
+    capsys.readouterr()
+    code = main(["preview", str(family.finetune_a), str(family.finetune_b), "--config", str(config),
+                 "--report", str(tmp_path / "r.html")])
+    assert code == 2 and "--config alone" in capsys.readouterr().err
+
+
 def test_a_probe_record_naming_no_model_is_refused_with_the_names_to_use(family, tmp_path):
     path = tmp_path / "probes.jsonl"
     path.write_text(json.dumps({"text": "x", "source": "model_z"}) + "\n")
@@ -406,3 +450,15 @@ def test_verify_without_a_config_json_still_checks_the_weights_and_says_why_beha
         (tmp_path / "config.json").rename(family.finetune_a / "config.json")
     assert result.verdict == "ok" and result.behaviour == []
     assert "behaviour not measured" in result.notes[0] and "config.json" in result.notes[0]
+
+
+def test_a_tensor_of_another_shape_than_the_config_gives_is_refused_with_its_name(family):
+    from mergelens_mcp.analysis.loading import load_checkpoint
+    from mergelens_mcp.errors import CheckpointFormatError
+    from mergelens_mcp.probe import fill, skeleton_of
+
+    with load_checkpoint(str(family.finetune_a), "finetune_a") as ckpt:
+        skeleton = skeleton_of(ckpt)
+    wrong = iter([("model.norm.weight", torch.ones(3))])
+    with pytest.raises(CheckpointFormatError, match=r"merged: model.norm.weight is \[3\], the model's config gives"):
+        fill(skeleton.empty(), wrong, "merged")

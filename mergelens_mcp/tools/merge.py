@@ -85,6 +85,9 @@ async def preview_merge(
     methods: Annotated[list[str] | None, Field(
         description="merge methods to preview (linear, slerp, ties, dare_ties, task_arithmetic, ...); default: "
                     "the recommended method, its runner-up and linear")] = None,
+    configs: Annotated[list[str] | None, Field(
+        description="candidate mergekit configs of these models (paths under the allowed folders, or the YAML "
+                    "text), previewed as written; with configs only, the weights are not compared first")] = None,
     probe_file: ProbeFile = None,
     detail: Detail = False,
 ) -> Preview:
@@ -92,9 +95,9 @@ async def preview_merge(
     guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> PreviewResult:
-        return state.isolated(probe.preview_merge, models, base_model, methods=methods, probe=probe_file,
-                              settings=state.settings, guard=guard, progress=progress, cancelled=cancelled,
-                              about=service.labelled(models, base_model))
+        return state.isolated(probe.preview_merge, models, base_model, methods=methods, configs=configs,
+                              probe=probe_file, settings=state.settings, guard=guard, progress=progress,
+                              cancelled=cancelled, about=service.labelled(models, base_model))
 
     return preview_view(redact_model(await run_in_worker(ctx, job)), detail)
 

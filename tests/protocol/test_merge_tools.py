@@ -94,6 +94,29 @@ async def test_preview_merge_ranks_candidates_and_reports_monotonic_progress(
     assert len(steps) > 10 and steps == sorted(steps) and {t for _, t in updates} == {updates[0][1]}
 
 
+async def test_preview_merge_previews_the_users_own_config_as_written_without_comparing_first(
+    settings: Settings, family: Family, probes: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mergelens_mcp.service as service
+
+    def no_compare(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a preview of configs alone must not compare the weights")
+
+    monkeypatch.setattr(service, "compare_checkpoints", no_compare)
+    yaml = (f"merge_method: linear\nmodels:\n- model: {family.finetune_a}\n  parameters: {{weight: 0.9}}\n"
+            f"- model: {family.finetune_b}\n  parameters: {{weight: 0.1}}\ndtype: float32\n")
+    arguments = {"models": [str(family.finetune_a), str(family.finetune_b)], "configs": [yaml],
+                 "probe_file": probes}
+    async with Client(build_server(settings)) as client:
+        result = await call(client, "preview_merge", arguments)
+    assert not result.is_error, result.content
+    data = result.structured_content
+    assert [r["method"] for r in data["ranking"]] == ["linear"]
+    assert data["best_mergekit_yaml"] == yaml
+    kept = data["ranking"][0]["per_source"]
+    assert kept["finetune_a"] > kept["finetune_b"]  # 0.9 of a: a's behaviour kept more than b's
+
+
 async def test_verify_merge_refuses_a_merged_model_outside_the_allowed_folders(
     settings: Settings, family: Family, tmp_path: Path,
 ) -> None:
