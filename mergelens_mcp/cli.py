@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--config the weights are not compared first)")
     preview.add_argument("--probe", help="probe file: text lines, or JSONL {text} / {prompt, completion} records "
                                          "with an optional source (default: the shipped generic probes)")
+    preview.add_argument("--random-seed", type=int, default=0, metavar="S",
+                         help="draw DARE/della masks as `mergekit-yaml --random-seed S` will (default 0)")
     preview.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     preview.add_argument("--json", type=Path, help="write the full result as JSON here")
     preview.add_argument("--report", type=Path, help="write the HTML report (comparison + preview) here")
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--config", help="the mergekit .yaml the merge was made with")
     verify.add_argument("--probe", help="probe file (as for preview)")
     verify.add_argument("--weights-only", action="store_true", help="skip the probe comparison")
+    verify.add_argument("--random-seed", type=int, default=0, metavar="S",
+                        help="the `mergekit-yaml --random-seed` the merge was made with (default 0)")
     verify.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     verify.add_argument("--json", type=Path, help="write the full result as JSON here")
     verify.set_defaults(run=run_verify)
@@ -204,7 +208,7 @@ def run_preview(args: argparse.Namespace, console: Console) -> int:
                          "(e.g. --methods linear) or leave --report out")
     result, comparison = _with_progress(console, "previewing", lambda progress: isolated(
         preview_with_comparison, args.models, args.base, methods=args.methods, configs=args.configs,
-        probe=args.probe, device=args.device, progress=progress))
+        probe=args.probe, device=args.device, progress=progress, random_seed=args.random_seed))
     out = Console()
     out.print(f"\n[bold]Preview[/] on {result.probes} probes ({result.probe_set}), {result.kind}: "
               f"best [bold]{result.best}[/]")
@@ -230,7 +234,8 @@ def run_verify(args: argparse.Namespace, console: Console) -> int:
 
     result: VerifyResult = _with_progress(console, "verifying", lambda progress: isolated(
         verify_merge, args.merged, args.sources, args.base, config=args.config, probe=args.probe,
-        behaviour=False if args.weights_only else None, device=args.device, progress=progress))
+        behaviour=False if args.weights_only else None, device=args.device, progress=progress,
+        random_seed=args.random_seed))
     out = Console()
     style = {"ok": "bold green", "warning": "yellow", "failed": "bold red"}[result.verdict]
     out.print(f"\n[bold]Verdict:[/] [{style}]{result.verdict}[/]")

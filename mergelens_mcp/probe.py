@@ -57,7 +57,7 @@ from .security.limits import Limits
 from .security.paths import PathGuard, open_regular
 from .settings import Settings
 
-SEED = 0
+SEED = 0  # the random methods' masks, as `mergekit-yaml --random-seed 0` draws them (override: random_seed)
 NONE_RESIDUAL = 0.5  # a layer whose change the sources explain less than half of matches none of them
 ONE_SOURCE_SHARE = 0.95  # a layer whose coefficients are this much one source's matches that source only
 SAME_RESIDUAL = 0.05
@@ -65,7 +65,8 @@ SAME_RESIDUAL = 0.05
 # the base, else the first input), above which a layer is not what the config gives: mergekit's rounding differs
 # from ours by at most one ulp, so it counts 0; weights 0.9/0.1 written for 0.5/0.5 give 0.8
 CONFIG_TOLERANCE = 0.1
-RANDOM_TOLERANCE = 0.1  # random methods (other seeds draw other masks): task-vector norms within 10%
+RANDOM_TOLERANCE = 0.1  # random methods (other seeds draw other masks): task-vector norms within 10%,
+RANDOM_DRAWS = 2.0  # plus 2 / sqrt(n) for the sampling noise of a layer's n random draws (a norm vector: n = 64)
 PPL_WARNING, PPL_FAILED = 1.10, 2.0  # the practice's rules: merged perplexity vs the best source's
 ENCODER_WARNING, ENCODER_FAILED = 0.9, 0.5  # sentence-embedding cosine with a source
 MAX_TOKENS = 64
@@ -186,14 +187,24 @@ def _merge_job(
                                   out_dtype=merge.out_dtype)
 
 
+def checked_seed(random_seed: object) -> int:
+    """A `--random-seed` as mergekit takes it (a non-negative integer that torch can seed with)."""
+    if isinstance(random_seed, bool) or not isinstance(random_seed, int) or not 0 <= random_seed < 1 << 63:
+        raise InputError(f"random_seed {random_seed!r} is not a seed: give a whole number from 0 to 2**63 - 1, "
+                         "the value you pass (or will pass) to `mergekit-yaml --random-seed`")
+    return random_seed
+
+
 def merged_tensors(
     merge: ConfiguredMerge, *, extra: Sequence[tuple[Checkpoint, Callable[[Job], str | None]]] = (),
     progress: Progress | None = None, cancelled: Cancelled | None = None, what: str = "merge",
+    random_seed: int = SEED,
 ) -> Iterator[tuple[Job, torch.Tensor, list[torch.Tensor]]]:
     """Each job's merged tensor, in output-name order (the order mergekit draws random masks in), read
     through the one tensor stream; `extra` adds, per job, another checkpoint's tensor (e.g. the written
-    merge's) to the same tensor set. The third item is the set's views: the job's sources, then the extras."""
-    generator = registry.seeded_stream(SEED)
+    merge's) to the same tensor set. The third item is the set's views: the job's sources, then the extras.
+    The random methods draw what `mergekit-yaml --random-seed random_seed` draws."""
+    generator = registry.seeded_stream(checked_seed(random_seed))
     sets = []
     for job in merge.jobs:
         sources = [(merge.models[m], name) for m, name in job.sources]
@@ -322,25 +333,26 @@ def header_findings(merged: Checkpoint, sources: list[Checkpoint]) -> list[Findi
 
 def check_config(
     merged: Checkpoint, merge: ConfiguredMerge, fits: dict[str, _LayerFit],
-    progress: Progress | None = None, cancelled: Cancelled | None = None,
+    progress: Progress | None = None, cancelled: Cancelled | None = None, random_seed: int = SEED,
 ) -> list[Finding]:
     """Merge every tensor of the config again and compare it with MERGED's tensor of the same output name;
     a layer is off when |difference| beyond one ulp exceeds CONFIG_TOLERANCE of |re-merged - origin| (L2)
-    (random methods: when |merged - base| and |re-merged - base| differ by over RANDOM_TOLERANCE)."""
+    (random methods re-merged with the seed they were made with match as closely; with other masks, a layer is
+    off when |merged - base| and |re-merged - base| differ by over RANDOM_TOLERANCE)."""
     findings: list[Finding] = []
     random = registry.METHODS[merge.method].random
     absent = [job.output for job in merge.jobs if job.output not in merged.float_tensors]
-    stats: dict[str, list[float]] = {}  # layer -> [|got - want|^2, |want - origin|^2, |got - origin|^2]
+    stats: dict[str, list[float]] = {}  # layer -> [|got - want|^2, |want - origin|^2, |got - origin|^2, numel]
     for job, expected, views in merged_tensors(
         merge, extra=[(merged, lambda j: j.output if j.output in merged.float_tensors else None)],
-        progress=progress, cancelled=cancelled, what="verify",
+        progress=progress, cancelled=cancelled, what="verify", random_seed=random_seed,
     ):
         if len(views) == len(job.sources):
             continue
         got = torch.nan_to_num(views[-1].double())
         want = expected.double()
         origin = views[len(job.inputs)] if job.base is not None else views[0]
-        s = stats.setdefault(classify(job.output).layer_name, [0.0, 0.0, 0.0])
+        s = stats.setdefault(classify(job.output).layer_name, [0.0, 0.0, 0.0, 0.0])
         if got.shape != want.shape:
             s[0] = math.inf
             continue
@@ -349,14 +361,14 @@ def check_config(
         s[0] += float(((got - want).abs() - slack).clamp_min(0).pow(2).sum())
         s[1] += float((want - origin).pow(2).sum())
         s[2] += float((got - origin).pow(2).sum())
+        s[3] += want.numel()
     off = []
-    for layer, (diff, change, got_change) in stats.items():
-        if random and change > 0 and math.isfinite(diff):
+    for layer, (diff, change, got_change, numel) in stats.items():
+        error = math.sqrt(diff / change) if change > 0 else math.sqrt(diff)
+        bad = error > CONFIG_TOLERANCE
+        if bad and random and change > 0 and math.isfinite(diff):  # other masks (another seed): in distribution
             error = abs(math.sqrt(got_change / change) - 1.0)
-            bad = error > RANDOM_TOLERANCE
-        else:
-            error = math.sqrt(diff / change) if change > 0 else math.sqrt(diff)
-            bad = error > CONFIG_TOLERANCE
+            bad = error > RANDOM_TOLERANCE + RANDOM_DRAWS / math.sqrt(numel)
         if layer in fits:
             fits[layer].config_diff = error
         if bad:
@@ -474,15 +486,18 @@ def verify_merge(
     merged: str, sources: Sequence[str], base: str | None = None, *, config: str | None = None,
     probe: str | None = None, behaviour: bool | None = None, settings: Settings | None = None,
     guard: PathGuard | None = None, device: str | None = None, progress: Progress | None = None,
-    cancelled: Cancelled | None = None,
+    cancelled: Cancelled | None = None, random_seed: int = SEED,
 ) -> VerifyResult:
     """Check a written merge: its weights against the sources (and the config), then, where transformers can
-    build it (`behaviour` None: when it can; True: required; False: skipped), its behaviour on the probes."""
+    build it (`behaviour` None: when it can; True: required; False: skipped), its behaviour on the probes.
+    `random_seed`: the `mergekit-yaml --random-seed` the merge was made with (random methods re-merged with
+    it match mask for mask; with another seed they are checked in distribution only)."""
     from .naming import model_names
 
     started = time.perf_counter()
     settings = settings or Settings()
     limits = settings.limits()
+    checked_seed(random_seed)
     if isinstance(sources, str) or len(sources) < 1:
         raise InputError("verify needs the merge's sources: a list of one or more paths or Hub ids")
     options = settings.analysis_options(device)
@@ -517,7 +532,7 @@ def verify_merge(
         fits, nonfinite = fit_layers(out, srcs, base_ckpt, phases.phase("weights"), cancelled)
         findings.extend(nonfinite)
         if merge is not None:
-            findings.extend(check_config(out, merge, fits, phases.phase("config"), cancelled))
+            findings.extend(check_config(out, merge, fits, phases.phase("config"), cancelled, random_seed))
         layers = layer_matches(fits, labels, base_ckpt is not None, merge is not None)
         measured: list[SourceRetention] = []
         kind = None
@@ -971,22 +986,24 @@ def preview_merge(
     models: Sequence[str], base: str | None = None, *, methods: Sequence[str] | None = None,
     configs: Sequence[str] | None = None, probe: str | None = None, settings: Settings | None = None,
     guard: PathGuard | None = None, device: str | None = None, progress: Progress | None = None,
-    cancelled: Cancelled | None = None,
+    cancelled: Cancelled | None = None, random_seed: int = SEED,
 ) -> PreviewResult:
     """Merge each candidate in memory, run it on the probes and rank the candidates by how much of each
     source's behaviour they keep (see `SourceRetention`). Candidates: `configs` (mergekit YAMLs, paths or
     text, merging these models) and `methods` (the YAML `recommend` writes for each); neither: the
-    recommended method, its runner-up and linear. Only `configs` skips the weight comparison."""
+    recommended method, its runner-up and linear. Only `configs` skips the weight comparison. The random
+    methods (DARE, della) draw the masks `mergekit-yaml --random-seed random_seed` would: preview with the seed
+    you will merge with to measure that very merge."""
     return preview_with_comparison(models, base, methods=methods, configs=configs, probe=probe,
                                    settings=settings, guard=guard, device=device, progress=progress,
-                                   cancelled=cancelled)[0]
+                                   cancelled=cancelled, random_seed=random_seed)[0]
 
 
 def preview_with_comparison(
     models: Sequence[str], base: str | None = None, *, methods: Sequence[str] | None = None,
     configs: Sequence[str] | None = None, probe: str | None = None, settings: Settings | None = None,
     guard: PathGuard | None = None, device: str | None = None, progress: Progress | None = None,
-    cancelled: Cancelled | None = None,
+    cancelled: Cancelled | None = None, random_seed: int = SEED,
 ) -> tuple[PreviewResult, CompareResult | None]:
     """`preview_merge`, with the comparison its candidates came from (for the report; None when only
     `configs` were given: they need none)."""
@@ -995,6 +1012,7 @@ def preview_with_comparison(
     started = time.perf_counter()
     settings = settings or Settings()
     options = settings.analysis_options(device)
+    checked_seed(random_seed)
     records = read_probes(probe, guard) if probe else shipped_probes()
     with ExitStack() as stack:
         srcs, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
@@ -1021,7 +1039,7 @@ def preview_with_comparison(
         for merge in merges:
             method, text = merge.method, merge.text
             tensors = ((job.output, tensor) for job, tensor, _ in merged_tensors(
-                merge, cancelled=cancelled, progress=phases.phase(f"merging {method}")))
+                merge, cancelled=cancelled, progress=phases.phase(f"merging {method}"), random_seed=random_seed))
             model = fill(skeleton.empty(), tensors, f"the {method} merge")
             mine = run_probes(model, batch, skeleton.kind, device_name, cancelled,
                               phases.phase(f"probes on {method}"))

@@ -462,3 +462,41 @@ def test_a_tensor_of_another_shape_than_the_config_gives_is_refused_with_its_nam
     wrong = iter([("model.norm.weight", torch.ones(3))])
     with pytest.raises(CheckpointFormatError, match=r"merged: model.norm.weight is \[3\], the model's config gives"):
         fill(skeleton.empty(), wrong, "merged")
+
+
+def dare_yaml(family: Family) -> str:
+    return (f"merge_method: dare_linear\nbase_model: {family.base}\nmodels:\n"
+            f"- model: {family.finetune_a}\n  parameters: {{weight: 1.0, density: 0.5}}\n"
+            f"- model: {family.finetune_b}\n  parameters: {{weight: 1.0, density: 0.5}}\ndtype: float32\n")
+
+
+def test_a_dare_merge_is_re_merged_mask_for_mask_with_the_random_seed_it_was_made_with(family, tmp_path):
+    from contextlib import ExitStack
+
+    from mergelens_mcp.probe import merged_tensors, open_config
+
+    config = dare_yaml(family)
+    with ExitStack() as stack:
+        merge = open_config(config, stack, guard=None, limits=None)
+        tensors = {job.output: t.clone() for job, t, _ in merged_tensors(merge, random_seed=5)}
+    merged = save(tensors, tmp_path / "m", SHAPE)
+    sources = [str(family.finetune_a), str(family.finetune_b)]
+
+    same = verify_merge(str(merged), sources, str(family.base), config=config, behaviour=False, random_seed=5)
+    other = verify_merge(str(merged), sources, str(family.base), config=config, behaviour=False)
+    blocks = [lm for lm in same.layers if lm.layer_name.startswith("layers.")]
+    assert blocks and all(lm.config_error is not None and lm.config_error < 1e-6 for lm in blocks)
+    assert same.verdict == "ok" and not [f for f in same.findings if f.code == "config_mismatch"]
+    # seed 0 draws other masks: the layers are checked in distribution only, and still pass
+    assert not [f for f in other.findings if f.code == "config_mismatch"]
+    assert all(lm.config_error > 1e-6 for lm in other.layers if lm.layer_name.startswith("layers."))
+
+
+@pytest.mark.parametrize("seed", [-1, 1 << 63, 1.5, "7", True])
+def test_a_random_seed_that_mergekit_would_not_take_is_refused_before_any_tensor_is_read(family, seed):
+    from mergelens_mcp.probe import preview_merge
+
+    with pytest.raises(InputError, match="random_seed .* --random-seed"):
+        verify_merge(str(family.finetune_a), [str(family.finetune_b)], random_seed=seed, behaviour=False)
+    with pytest.raises(InputError, match="random_seed"):
+        preview_merge([str(family.finetune_a), str(family.finetune_b)], methods=["linear"], random_seed=seed)

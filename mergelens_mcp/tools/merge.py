@@ -89,6 +89,9 @@ async def preview_merge(
         description="candidate mergekit configs of these models (paths under the allowed folders, or the YAML "
                     "text), previewed as written; with configs only, the weights are not compared first")] = None,
     probe_file: ProbeFile = None,
+    random_seed: Annotated[int, Field(ge=0, le=(1 << 63) - 1, description=(
+        "the random methods' (DARE, della) masks are drawn as `mergekit-yaml --random-seed` draws them with "
+        "this seed"))] = 0,
     detail: Detail = False,
 ) -> Preview:
     state = state_of(ctx)
@@ -97,7 +100,8 @@ async def preview_merge(
     def job(progress: Progress, cancelled: Cancelled) -> PreviewResult:
         return state.isolated(probe.preview_merge, models, base_model, methods=methods, configs=configs,
                               probe=probe_file, settings=state.settings, guard=guard, progress=progress,
-                              cancelled=cancelled, about=service.labelled(models, base_model))
+                              cancelled=cancelled, random_seed=random_seed,
+                              about=service.labelled(models, base_model))
 
     return preview_view(redact_model(await run_in_worker(ctx, job)), detail)
 
@@ -111,6 +115,9 @@ async def verify_merge(
     config: Annotated[str | None, Field(description="the mergekit YAML the merge was made with (a path or the "
                                                     "text): every tensor is merged again and compared")] = None,
     probe_file: ProbeFile = None,
+    random_seed: Annotated[int, Field(ge=0, le=(1 << 63) - 1, description=(
+        "the random methods' (DARE, della) masks are drawn as `mergekit-yaml --random-seed` draws them with "
+        "this seed"))] = 0,
     detail: Detail = False,
 ) -> Verification:
     state = state_of(ctx)
@@ -119,7 +126,8 @@ async def verify_merge(
     def job(progress: Progress, cancelled: Cancelled) -> VerifyResult:
         return state.isolated(probe.verify_merge, merged_model, sources, base_model, config=config,
                               probe=probe_file, settings=state.settings, guard=guard, progress=progress,
-                              cancelled=cancelled, about=service.labelled([merged_model, *sources], base_model))
+                              cancelled=cancelled, random_seed=random_seed,
+                              about=service.labelled([merged_model, *sources], base_model))
 
     return verify_view(redact_model(await run_in_worker(ctx, job)), detail)
 
