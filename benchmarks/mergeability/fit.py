@@ -55,7 +55,7 @@ def load_rows(path: Path) -> tuple[dict, list[dict]]:
                   for layer in r["score"].get("layers", [])]
         rows.append({
             "pair": r["pair"], "a": r["a"], "b": r["b"], "tasks": (r["task_a"], r["task_b"]),
-            "features": pair_features(layers), "distance": raw_distance(layers),
+            "features": pair_features(layers, r["score"].get("moved")), "distance": raw_distance(layers),
             "y": {m: v["normalized"] for m, v in r["merged"].items()},
             "norms_only": -(r["tv"]["norm_a"] + r["tv"]["norm_b"]), "mci": r.get("mci"),
             "recommended": r.get("recommended"),
@@ -246,35 +246,46 @@ def render(name: str, e: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mergeability.fit", description=__doc__)
-    parser.add_argument("--fit", type=Path, required=True, help="results.json of the run to fit on")
+    parser.add_argument("--fit", type=Path, action="append", required=True,
+                        help="results.json of a run to fit on (repeat to pool several settings)")
     parser.add_argument("--score", type=Path, action="append", default=[], help="results.json of a run to score")
     parser.add_argument("--write", type=Path, help="write the fitted predictor here (the product's data file)")
     parser.add_argument("--out", type=Path, help="write every figure here as JSON")
     parser.add_argument("--select", action="store_true",
                         help="rank the candidate feature sets by leave-one-task-out Spearman on --fit, then stop")
     args = parser.parse_args(argv)
-    fit_results, rows = load_rows(args.fit)
-    methods = list(fit_results["methods"])
+    fits = [load_rows(path) for path in args.fit]
+    rows = [row for _, fit_rows in fits for row in fit_rows]
+    methods = [m for m in fits[0][0]["methods"] if all(m in results["methods"] for results, _ in fits)]
     if args.select:
         ranked = select_features(rows, methods)
         for rho, features in ranked[:10]:
             print(f"{rho:+.3f}  {', '.join(features)}")
         return {"selection": [[rho, list(features)] for rho, features in ranked]}
+    settings = [results["settings"] for results, _ in fits]
     provenance = {
-        "benchmark": "benchmarks/mergeability", "fit_on": str(args.fit), "settings": fit_results["settings"],
-        "results_commit": fit_results.get("git_commit"), "fit_commit": git_head(),
-        "date": datetime.date.today().isoformat(), "n_pairs": len(rows), "alpha": ALPHA,
-        "interval": list(INTERVAL), "residuals": "leave-one-task-out on the fit run",
+        "benchmark": "benchmarks/mergeability", "fit_on": [str(p) for p in args.fit],
+        "settings": settings[0] if len(settings) == 1 else settings,
+        "results_commit": [results.get("git_commit") for results, _ in fits] if len(fits) > 1
+        else fits[0][0].get("git_commit"),
+        "fit_commit": git_head(), "date": datetime.date.today().isoformat(), "n_pairs": len(rows),
+        "alpha": ALPHA, "interval": list(INTERVAL), "residuals": "leave-one-task-out on the fit runs",
         "scope": "synthetic tasks on tiny Llama-style models; pairs of fine-tunes of one base",
     }
     predictor = fit_predictor(rows, methods, provenance)
     report: dict = {"provenance": provenance, "runs": {}}
     text = []
     for with_base in (True, False):
-        label = f"fit run, leave one task out ({fit_results['settings']})"
+        label = f"fit runs, leave one task out ({len(fits)} setting(s), {len(rows)} pairs)"
         e = evaluate_loto(rows, methods, provenance, with_base)
         report["runs"][f"loto{'' if with_base else '_no_base'}"] = e
         text.append(render(label, e))
+    if len(fits) > 1:  # each fit run scored by a predictor fitted on the others alone
+        for k, (path, (results, held)) in enumerate(zip(args.fit, fits, strict=True)):
+            others = [row for i, (_, r) in enumerate(fits) if i != k for row in r]
+            e = evaluate(predict_rows(fit_predictor(others, methods, provenance), held), held, methods)
+            report["runs"][f"held-out setting {path}"] = e
+            text.append(render(f"held-out setting {path} ({results['settings']}), fitted on the other runs", e))
     for path in args.score:
         results, score_rows = load_rows(path)
         for with_base in (True, False):

@@ -8,6 +8,7 @@ largest tensor set; the result is assembled once, its strings redacted, with the
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ def analyze(
     sums: dict[tuple[int, int], dict[str, _Sums]] = {p: {} for p in pairs}
     roles: dict[str, TensorRole] = {}
     exact = randomized = 0
+    moved: dict[str, list[float]] = {}  # layer -> each model's |model - base|^2, then |base|^2
     matrix_params = spectral_params = params_compared = 0
 
     tensors = [] if plan.fatal else plan.tensors
@@ -119,6 +121,10 @@ def analyze(
                 layer.tensors.append(name)
                 for metric_name, value in values.items():
                     layer.add(metric_name, value, numel)
+            if measured.task_norms:
+                squares = moved.setdefault(role.layer_name, [0.0] * (len(models) + 1))
+                for k, norm in enumerate((*measured.task_norms, measured.base_norm)):
+                    squares[k] += norm * norm
             if measured.is_matrix:
                 matrix_params += numel
                 spectral_params += numel if measured.svds else 0
@@ -165,7 +171,7 @@ def analyze(
         )
         pair_scores.append(PairScore(model_a=labels[i], model_b=labels[j], score=score, verdict=mci.verdict_for(score)))
 
-    infos = [_model_info(m, nonfinite[m.label]) for m in models]
+    infos = [_model_info(m, nonfinite[m.label]).model_copy(update=_moved(moved, k)) for k, m in enumerate(models)]
     base_info = _model_info(base, nonfinite[base.label]) if base else None
     used_base = bool(base and plan.base_tensors and not plan.fatal)
     notes = _notes(base, used_base) + _unavailable_notes(layer_metrics) + coverage_note(models, tensors)
@@ -215,6 +221,16 @@ def _model_info(ckpt: Checkpoint, nonfinite: int) -> ModelInfo:
         files=len(ckpt.files), skipped_tensors=ckpt.skipped_tensors, nonfinite_values=nonfinite,
         adapter=adapter_info(ckpt),
     )
+
+
+def _moved(moved: dict[str, list[float]], k: int) -> dict[str, Any]:
+    """Model k's `moved` and `moved_by_layer`: its task vector's norm relative to the base's, over every
+    tensor compared with the base and per layer (empty without a base)."""
+    if not moved:
+        return {}
+    by_layer = {name: round(math.sqrt(s[k] / s[-1]), 6) for name, s in moved.items() if s[-1] > 0}
+    total, reference = (sum(s[i] for s in moved.values()) for i in (k, -1))
+    return {"moved": round(math.sqrt(total / reference), 6) if reference > 0 else None, "moved_by_layer": by_layer}
 
 
 def _notes(base: Checkpoint | None, used_base: bool) -> list[str]:

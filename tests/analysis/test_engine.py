@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fixtures.checkpoints import TINY, make_checkpoint, make_finetune, make_with_int_tensor
 from mergelens_mcp.analysis.engine import AnalysisOptions, analyze, resolve_device
+from mergelens_mcp.analysis.layers import classify
 from mergelens_mcp.analysis.loading import Checkpoint, load_checkpoint
 from mergelens_mcp.analysis.metrics import task_metrics, weight_metrics
 from mergelens_mcp.errors import AnalysisCancelledError, InputError
@@ -151,3 +152,26 @@ def test_memory_follows_the_largest_tensor_not_the_model(tmp_path: Path) -> None
     largest_mib = numel * 4 / 2**20
     assert len(samples) == count
     assert max(samples) - start < 12 * largest_mib  # 96 MiB, against 256 MiB of weights
+
+
+def test_each_model_reports_how_far_it_moved_from_the_base_over_the_model_and_per_layer(
+    tiny: dict[str, Path],
+) -> None:
+    with ExitStack() as stack:
+        base = stack.enter_context(load_checkpoint(str(tiny["base"]), "base"))
+        result = analyze(open_all(stack, tiny["a"], tiny["b"]), base, CPU)
+        unbased = analyze(open_all(stack, tiny["a"], tiny["b"]), None, CPU)
+    w = {k: v.double() for k, v in load_file(str(tiny["base"] / "model.safetensors")).items()}
+    for info, path in zip(result.models, (tiny["a"], tiny["b"]), strict=True):
+        m = {k: v.double() for k, v in load_file(str(path / "model.safetensors")).items()}
+        moved = sum(float(((m[k] - w[k]) ** 2).sum()) for k in w)
+        assert info.moved == pytest.approx(math.sqrt(moved / sum(float((v * v).sum()) for v in w.values())),
+                                           rel=1e-4)
+        keys = [k for k in w if classify(k).layer_name == "layers.0"]
+        layer = math.sqrt(sum(float(((m[k] - w[k]) ** 2).sum()) for k in keys)
+                          / sum(float((w[k] ** 2).sum()) for k in keys))
+        assert info.moved_by_layer["layers.0"] == pytest.approx(layer, rel=1e-4)
+        assert info.moved > 0
+    assert result.models[0].moved != result.models[1].moved
+    assert result.base is not None and result.base.moved is None
+    assert all(info.moved is None and info.moved_by_layer == {} for info in unbased.models)

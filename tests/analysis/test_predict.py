@@ -201,3 +201,20 @@ def test_a_pair_far_outside_the_fitted_range_is_said_to_be_extrapolated(
     monkeypatch.setattr(predict, "load_predictor", lambda: narrow)
     noted = predict.with_predictions(result.model_copy(update={"predictions": {}}))
     assert any(f"{feature} is {sd:+.1f} standard deviations" in n for n in noted.notes)
+
+
+def test_per_model_features_come_from_how_far_each_model_moved_and_need_both() -> None:
+    layers = [("layers.0", 100, {"task_drift": 0.1, "magnitude_ratio": 1.0})]
+    moved = [(0.2, {"layers.0": 0.1, "layers.1": 0.3, "embed": 0.5}), (0.05, {"layers.0": 0.4, "embed": 0.0})]
+    f = pair_features(layers, moved)
+    assert f["moved_sum"] == pytest.approx(math.log(0.25))
+    assert f["moved_product"] == pytest.approx(math.log(0.2) + math.log(0.05))
+    assert f["moved_far"] == pytest.approx(math.log(0.2)) and f["moved_near"] == pytest.approx(math.log(0.05))
+    # the first decoder block: layers.0 of each model, whatever the others hold
+    assert f["first_moved_sum"] == pytest.approx(math.log(0.5))
+    assert f["first_moved_far"] == pytest.approx(math.log(0.4))
+    assert f["moved_sum"] == pair_features(layers, list(reversed(moved)))["moved_sum"]  # symmetric
+    without = pair_features(layers)
+    assert not any(name.startswith(("moved", "first_moved")) for name in without)
+    assert "first_far" in without  # the layer features do not depend on them
+    assert "moved_sum" not in pair_features(layers, moved[:1])
