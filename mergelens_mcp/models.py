@@ -193,6 +193,9 @@ class PairScore(Frozen):
     model_b: str
     score: float | None
     verdict: Verdict
+    task_cosine: float | None = Field(
+        default=None, description="cosine of the two task vectors (model - base) over every tensor compared with "
+        "the base (None without a base)")
 
 
 class MCI(Frozen):

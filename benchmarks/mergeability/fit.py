@@ -26,6 +26,7 @@ from pathlib import Path
 from mergelens_mcp.analysis.predict import (
     INTERVAL,
     MethodModel,
+    Motion,
     Predictor,
     best_method,
     pair_features,
@@ -55,12 +56,21 @@ def load_rows(path: Path) -> tuple[dict, list[dict]]:
                   for layer in r["score"].get("layers", [])]
         rows.append({
             "pair": r["pair"], "a": r["a"], "b": r["b"], "tasks": (r["task_a"], r["task_b"]),
-            "features": pair_features(layers, r["score"].get("moved")), "distance": raw_distance(layers),
+            "features": pair_features(layers, motion_of(r["score"])), "distance": raw_distance(layers),
             "y": {m: v["normalized"] for m, v in r["merged"].items()},
             "norms_only": -(r["tv"]["norm_a"] + r["tv"]["norm_b"]), "mci": r.get("mci"),
             "recommended": r.get("recommended"),
         })
     return results, rows
+
+
+def motion_of(score: dict) -> Motion | None:
+    """How far the pair's two models moved (and the cosine of their moves), as run.score_pair kept it."""
+    moved = score.get("moved")
+    if not moved:
+        return None
+    (a, by_a), (b, by_b) = moved
+    return Motion((a, b), (by_a, by_b), score.get("task_cosine"))
 
 
 def _quantile(values: Sequence[float], q: float) -> float:

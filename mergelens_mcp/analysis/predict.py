@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,8 +43,17 @@ TIE = 0.02
 SIMPLICITY = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 
 Layer = tuple[str, int, Mapping[str, float]]  # (layer name, parameters, metric -> value) of one layer
-# how far one model moved from the base: (|t| / |w_base| over the model, {layer: the same over the layer})
-Moved = tuple[float, Mapping[str, float]]
+
+
+@dataclass(frozen=True)
+class Motion:
+    """How far each of the two models moved from the base (|t| / |w_base| over the whole model, and per layer)
+    and the cosine of their task vectors over the whole model: compare's `ModelInfo.moved`, `moved_by_layer`
+    and `PairScore.task_cosine`."""
+
+    moved: tuple[float, float]
+    by_layer: tuple[Mapping[str, float], Mapping[str, float]]
+    cosine: float | None = None
 
 
 def _weighted_mean(layers: Iterable[Layer], value: Callable[[Mapping[str, float]], float | None]) -> float | None:
@@ -138,13 +147,13 @@ def _first_block(by_layer: Mapping[str, float]) -> float | None:
 
 
 def _moved(combine: Callable[[float, float], float], first_block: bool = False
-           ) -> Callable[[list[Layer], Sequence[Moved] | None], float | None]:
+           ) -> Callable[[list[Layer], Motion | None], float | None]:
     """A pair feature from how far each of the two models moved (whole model, or its first decoder block)."""
 
-    def compute(layers: list[Layer], moved: Sequence[Moved] | None) -> float | None:
-        if moved is None or len(moved) != 2:
+    def compute(layers: list[Layer], motion: Motion | None) -> float | None:
+        if motion is None:
             return None
-        values = [_first_block(by_layer) if first_block else whole for whole, by_layer in moved]
+        values = [_first_block(by_layer) for by_layer in motion.by_layer] if first_block else list(motion.moved)
         if any(v is None or not math.isfinite(v) for v in values):
             return None
         return combine(*values)  # type: ignore[arg-type]
@@ -152,9 +161,24 @@ def _moved(combine: Callable[[float, float], float], first_block: bool = False
     return compute
 
 
+def _whole(value: Callable[[Mapping[str, float]], float | None], log: bool = True
+           ) -> Callable[[list[Layer], Motion | None], float | None]:
+    """A merge-mechanism quantity (`_averaging_gap`, ...) over the whole models, from their moves and cosine."""
+
+    def compute(layers: list[Layer], motion: Motion | None) -> float | None:
+        if motion is None or motion.cosine is None:
+            return None
+        far, near = max(motion.moved), min(motion.moved)
+        found = value({"task_drift": (far + near) / 2, "magnitude_ratio": near / far if far > 0 else 1.0,
+                       "task_cosine": motion.cosine})
+        return _log(found) if log else found
+
+    return compute
+
+
 def _layers_only(compute: Callable[[list[Layer]], float | None]
-                 ) -> Callable[[list[Layer], Sequence[Moved] | None], float | None]:
-    return lambda layers, moved: compute(layers)
+                 ) -> Callable[[list[Layer], Motion | None], float | None]:
+    return lambda layers, motion: compute(layers)
 
 
 def _log_sum(x: float, y: float) -> float:
@@ -178,7 +202,7 @@ class Feature:
     name: str
     needs_base: bool
     meaning: str
-    compute: Callable[[list[Layer], Sequence[Moved] | None], float | None]
+    compute: Callable[[list[Layer], Motion | None], float | None]
 
 
 def _mean_of(value: Callable[[Mapping[str, float]], float | None], log: bool = False,
@@ -210,6 +234,11 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
             _moved(_log_min)),
     Feature("first_moved_sum", True, "moved_sum over the first decoder block", _moved(_log_sum, True)),
     Feature("first_moved_far", True, "moved_far over the first decoder block", _moved(_log_max, True)),
+    Feature("whole_averaging_gap", True, "averaging_gap over the whole models (|t_a - t_b| / 2 / |w_base|)",
+            _whole(_averaging_gap)),
+    Feature("whole_summed_energy", True, "summed_energy over the whole models", _whole(_summed_energy)),
+    Feature("whole_averaging_shrink", True, "averaging_shrink over the whole models",
+            _whole(_averaging_shrink, log=False)),
     Feature("first_far", True, "log relative distance the farther-moved fine-tune went in the first block",
             _mean_of(_model_drift(far=True), log=True, first_block=True)),
     Feature("first_near", True, "log relative distance the nearer fine-tune went in the first block",
@@ -251,13 +280,13 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
 )}
 
 
-def pair_features(layers: Iterable[Layer], moved: Sequence[Moved] | None = None) -> dict[str, float]:
+def pair_features(layers: Iterable[Layer], motion: Motion | None = None) -> dict[str, float]:
     """Every feature the layers' metrics allow (parameter-weighted over the layers that have the metric), and,
-    given how far each of the two models moved (`ModelInfo.moved`, `moved_by_layer`), the per-model ones."""
+    given how far each of the two models moved and the cosine of their moves (`motion`), the whole-model ones."""
     rows = [(name, int(n), metrics) for name, n, metrics in layers]
     out = {}
     for name, feature in FEATURES.items():
-        value = feature.compute(rows, moved)
+        value = feature.compute(rows, motion)
         if value is not None:
             out[name] = value
     return out
@@ -369,11 +398,12 @@ def predicted_mci(predictions: Mapping[str, MethodPrediction]) -> tuple[float, s
     return None if method is None else (round(100 * predictions[method].retention, 2), method)
 
 
-def result_moved(result: CompareResult) -> list[Moved] | None:
-    """How far each model moved from the base, as the compare measured it (None without a base)."""
-    if any(m.moved is None for m in result.models):
+def result_motion(result: CompareResult) -> Motion | None:
+    """How far the two models moved from the base, as the compare measured it (None without a base)."""
+    a, b = result.models
+    if a.moved is None or b.moved is None:
         return None
-    return [(float(m.moved), dict(m.moved_by_layer)) for m in result.models]  # type: ignore[arg-type]
+    return Motion((a.moved, b.moved), (dict(a.moved_by_layer), dict(b.moved_by_layer)), result.pairwise[0].task_cosine)
 
 
 def predict_result(result: CompareResult, predictor: Predictor | None = None) -> dict[str, MethodPrediction]:
@@ -381,7 +411,7 @@ def predict_result(result: CompareResult, predictor: Predictor | None = None) ->
     if len(result.models) != 2 or not result.layer_metrics:
         return {}
     layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
-    features = pair_features(layers, result_moved(result))
+    features = pair_features(layers, result_motion(result))
     with_base = result.mci.used_base and "drift" in features
     return (predictor or load_predictor()).predict(features, raw_distance(layers), with_base=with_base)
 
@@ -390,7 +420,7 @@ def outside_fit(result: CompareResult, predictor: Predictor | None = None) -> tu
     """The feature of this pair farthest from the fit's pairs, in standard deviations, when beyond OUTSIDE_SD."""
     predictor = predictor or load_predictor()
     layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
-    features = pair_features(layers, result_moved(result))
+    features = pair_features(layers, result_motion(result))
     with_base = result.mci.used_base and "drift" in features
     model = next(iter((predictor.with_base if with_base else predictor.without_base).values()))
     z = {f: (features[f] - m) / s for f, m, s in zip(model.features, model.mean, model.scale, strict=True)

@@ -154,7 +154,7 @@ def test_memory_follows_the_largest_tensor_not_the_model(tmp_path: Path) -> None
     assert max(samples) - start < 12 * largest_mib  # 96 MiB, against 256 MiB of weights
 
 
-def test_each_model_reports_how_far_it_moved_from_the_base_over_the_model_and_per_layer(
+def test_each_model_reports_how_far_it_moved_and_each_pair_the_cosine_of_the_moves(
     tiny: dict[str, Path],
 ) -> None:
     with ExitStack() as stack:
@@ -173,5 +173,11 @@ def test_each_model_reports_how_far_it_moved_from_the_base_over_the_model_and_pe
         assert info.moved_by_layer["layers.0"] == pytest.approx(layer, rel=1e-4)
         assert info.moved > 0
     assert result.models[0].moved != result.models[1].moved
+    t = [{k: v.double() - w[k] for k, v in load_file(str(path / "model.safetensors")).items()}
+         for path in (tiny["a"], tiny["b"])]
+    dot = sum(float((t[0][k] * t[1][k]).sum()) for k in w)
+    norms = [math.sqrt(sum(float((x * x).sum()) for x in ti.values())) for ti in t]
+    assert result.pairwise[0].task_cosine == pytest.approx(dot / (norms[0] * norms[1]), abs=1e-4)
+    assert unbased.pairwise[0].task_cosine is None
     assert result.base is not None and result.base.moved is None
     assert all(info.moved is None and info.moved_by_layer == {} for info in unbased.models)
