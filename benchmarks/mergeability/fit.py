@@ -37,8 +37,10 @@ from mergelens_mcp.analysis.predict import (
 from .stats import hit_rate, mean, spearman, within_group_spearman
 
 # chosen on the fit run's leave-one-task-out figures only, before any unseen setting was scored (README): the
-# subset of 1-3 features with the best mean held-out-task Spearman over the six methods, among CANDIDATES (the
-# merge-mechanism features: what averaging, adding and sign election take from each fine-tune; and drift)
+# subset of 1-3 features with the best mean held-out-task Spearman over the six methods, among the first eight
+# CANDIDATES (the merge-mechanism features: what averaging, adding and sign election take from each fine-tune;
+# and drift). With the whole-model motion features added, --select on seed 0 picks first_far, moved_far,
+# first_moved_sum, which scores 0.61 at seed 2 against 0.73 for WITH_BASE: not shipped (README, third attempt)
 CANDIDATES = ("averaging_gap", "first_averaging_gap", "summed_energy", "first_summed_energy", "sign_energy",
               "averaging_shrink", "drift", "first_far",
               # how far each model moved over the whole model (compare's ModelInfo.moved) and what the merges
