@@ -226,3 +226,18 @@ def test_per_model_features_come_from_how_far_each_model_moved_and_need_both() -
     assert "first_far" in without  # the layer features do not depend on them
     no_cosine = pair_features(layers, Motion(motion.moved, motion.by_layer))
     assert "moved_sum" in no_cosine and "whole_averaging_gap" not in no_cosine
+
+
+def test_opposed_fine_tunes_move_equally_far_in_opposite_directions_and_averaging_takes_all_of_each(
+    family: Family,
+) -> None:
+    result = compare_models([str(family.finetune_a), str(family.opposed)], base=str(family.base))
+    a, b = result.models
+    assert a.moved is not None and b.moved is not None
+    assert a.moved == pytest.approx(b.moved, rel=0.02)  # base + d and base - d (stored in bfloat16)
+    assert result.pairwise[0].task_cosine is not None and result.pairwise[0].task_cosine < -0.98
+    f = pair_features([(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics],
+                      Motion((a.moved, b.moved), (a.moved_by_layer, b.moved_by_layer), result.pairwise[0].task_cosine))
+    assert f["whole_averaging_gap"] == pytest.approx(math.log(a.moved), abs=0.02)  # |t_a - t_b| / 2 = |t|
+    twins = compare_models([str(family.finetune_a), str(family.finetune_a)], base=str(family.base))
+    assert twins.pairwise[0].task_cosine == pytest.approx(1.0)
