@@ -64,6 +64,11 @@ class ModelInfo(Frozen):
     skipped_tensors: list[str] = Field(default_factory=list, description="non-float tensors, not compared")
     nonfinite_values: int = Field(default=0, description="NaN/Inf values found; they were read as 0")
     adapter: AdapterInfo | None = Field(default=None, description="set when this model is a PEFT LoRA adapter")
+    moved: float | None = Field(
+        default=None, description="|model - base| / |base| over the tensors compared with the base: how far this "
+        "model moved from the base (None without a base, and for the base)")
+    moved_by_layer: dict[str, float] = Field(
+        default_factory=dict, description="layer -> |model - base| / |base| over that layer's tensors")
 
 
 class AdapterInfo(Frozen):
@@ -188,6 +193,9 @@ class PairScore(Frozen):
     model_b: str
     score: float | None
     verdict: Verdict
+    task_cosine: float | None = Field(
+        default=None, description="cosine of the two task vectors (model - base) over every tensor compared with "
+        "the base (None without a base)")
 
 
 class MCI(Frozen):

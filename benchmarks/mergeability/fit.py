@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mergelens_mcp.analysis.predict import (
     INTERVAL,
     MethodModel,
+    Motion,
     Predictor,
     best_method,
     pair_features,
@@ -35,15 +37,22 @@ from mergelens_mcp.analysis.predict import (
 from .stats import hit_rate, mean, spearman, within_group_spearman
 
 # chosen on the fit run's leave-one-task-out figures only, before any unseen setting was scored (README): the
-# subset of 1-3 features with the best mean held-out-task Spearman over the six methods, among CANDIDATES (the
-# merge-mechanism features: what averaging, adding and sign election take from each fine-tune; and drift)
+# subset of 1-3 features with the best mean held-out-task Spearman over the six methods, among the first eight
+# CANDIDATES (the merge-mechanism features: what averaging, adding and sign election take from each fine-tune;
+# and drift). With the whole-model motion features added, --select on seed 0 picks first_far, moved_far,
+# first_moved_sum, which scores 0.61 at seed 2 against 0.73 for WITH_BASE: not shipped (README, third attempt)
 CANDIDATES = ("averaging_gap", "first_averaging_gap", "summed_energy", "first_summed_energy", "sign_energy",
-              "averaging_shrink", "drift", "first_far")
+              "averaging_shrink", "drift", "first_far",
+              # how far each model moved over the whole model (compare's ModelInfo.moved) and what the merges
+              # take from each there (with PairScore.task_cosine)
+              "moved_sum", "moved_product", "moved_far", "moved_near", "first_moved_sum", "whole_averaging_gap",
+              "whole_summed_energy", "whole_averaging_shrink")
 WITH_BASE = ("first_averaging_gap", "first_far")
 WITHOUT_BASE = ("distance", "direction", "subspace")
 ALPHA = 1.0
 NO_BASE_WIDENING = 1.25  # a choice, not fitted: the no-base interval is both residual ranges' union x this
 TOLERANCE = 0.02
+REFERENCE = "linear"  # the method the others' differences are fitted against (`fit_method`)
 
 
 def load_rows(path: Path) -> tuple[dict, list[dict]]:
@@ -55,12 +64,21 @@ def load_rows(path: Path) -> tuple[dict, list[dict]]:
                   for layer in r["score"].get("layers", [])]
         rows.append({
             "pair": r["pair"], "a": r["a"], "b": r["b"], "tasks": (r["task_a"], r["task_b"]),
-            "features": pair_features(layers), "distance": raw_distance(layers),
+            "features": pair_features(layers, motion_of(r["score"])), "distance": raw_distance(layers),
             "y": {m: v["normalized"] for m, v in r["merged"].items()},
             "norms_only": -(r["tv"]["norm_a"] + r["tv"]["norm_b"]), "mci": r.get("mci"),
             "recommended": r.get("recommended"),
         })
     return results, rows
+
+
+def motion_of(score: dict) -> Motion | None:
+    """How far the pair's two models moved (and the cosine of their moves), as run.score_pair kept it."""
+    moved = score.get("moved")
+    if not moved:
+        return None
+    (a, by_a), (b, by_b) = moved
+    return Motion((a, b), (by_a, by_b), score.get("task_cosine"))
 
 
 def _quantile(values: Sequence[float], q: float) -> float:
@@ -88,7 +106,25 @@ def _clip(v: float) -> float:
     return min(1.0, max(0.0, v))
 
 
-def loto_predictions(rows: list[dict], method: str, features: Sequence[str]) -> list[float | None]:
+def fit_method(rows: list[dict], method: str, features: Sequence[str], alpha_diff: float | None = None
+               ) -> MethodModel:
+    """One method's model. With `alpha_diff`, fitted as REFERENCE's model plus a ridge fit (alpha `alpha_diff`)
+    of the method's difference from REFERENCE: a large alpha_diff keeps every method parallel to the reference
+    (a shape constraint on the differences between methods, which decide the recommendation)."""
+    xs = [r["features"] for r in rows]
+    y = [r["y"][method] for r in rows]
+    if alpha_diff is None or method == REFERENCE:
+        return fit_model(xs, y, features)
+    ref_y = [r["y"][REFERENCE] for r in rows]
+    ref = fit_model(xs, ref_y, features)
+    diff = fit_model(xs, [a - b for a, b in zip(y, ref_y, strict=True)], features, alpha=alpha_diff)
+    return MethodModel(ref.features, ref.mean, ref.scale, tuple(a + b for a, b in zip(ref.coef, diff.coef,
+                                                                                      strict=True)),
+                       ref.intercept + diff.intercept, 0.0, 0.0)
+
+
+def loto_predictions(rows: list[dict], method: str, features: Sequence[str], alpha_diff: float | None = None
+                     ) -> list[float | None]:
     """Each pair predicted by a fit that never saw its first task (clipped to 0..1)."""
     out: list[float | None] = [None] * len(rows)
     for task in sorted({t for r in rows for t in r["tasks"]}):
@@ -96,7 +132,7 @@ def loto_predictions(rows: list[dict], method: str, features: Sequence[str]) -> 
         test = [i for i, r in enumerate(rows) if r["tasks"][0] == task]
         if len(train) < len(features) + 2 or not test:
             continue
-        model = fit_model([r["features"] for r in train], [r["y"][method] for r in train], features)
+        model = fit_method(train, method, features, alpha_diff)
         for i in test:
             out[i] = _clip(model.raw(rows[i]["features"]))
     return out
@@ -120,15 +156,17 @@ def select_features(rows: list[dict], methods: Sequence[str], candidates: Sequen
     return sorted(scored, key=lambda s: -s[0])
 
 
-def fit_predictor(rows: list[dict], methods: Sequence[str], provenance: dict) -> Predictor:
+def fit_predictor(rows: list[dict], methods: Sequence[str], provenance: dict,
+                  with_base: Sequence[str] | None = None, alpha_diff: float | None = None) -> Predictor:
     """Per method, a with-base and a without-base model; intervals from leave-one-task-out residuals (without a
-    base: the union of both models' ranges, widened by NO_BASE_WIDENING)."""
+    base: the union of both models' ranges, widened by NO_BASE_WIDENING). `alpha_diff`: see `fit_method`."""
     models: dict[str, dict[str, MethodModel]] = {"with_base": {}, "without_base": {}}
-    for kind, features in (("with_base", WITH_BASE), ("without_base", WITHOUT_BASE)):
+    kinds = (("with_base", tuple(with_base or WITH_BASE), alpha_diff), ("without_base", WITHOUT_BASE, None))
+    for kind, features, diff in kinds:
         for method in methods:
             y = [r["y"][method] for r in rows]
-            model = fit_model([r["features"] for r in rows], y, features)
-            held_out = loto_predictions(rows, method, features)
+            model = fit_method(rows, method, features, diff)
+            held_out = loto_predictions(rows, method, features, diff)
             residuals = [t - p for t, p in zip(y, held_out, strict=True) if p is not None]
             lo, hi = (_quantile(residuals, q) for q in INTERVAL) if residuals else (0.0, 0.0)
             models[kind][method] = MethodModel(model.features, model.mean, model.scale, model.coef,
@@ -191,15 +229,16 @@ def evaluate(preds: list[dict], rows: list[dict], methods: Sequence[str], with_b
     return out
 
 
-def evaluate_loto(rows: list[dict], methods: Sequence[str], provenance: dict, with_base: bool = True) -> dict:
-    """The fit run's own pairs, each scored by a predictor fitted without its first task."""
+def evaluate_loto(rows: list[dict], methods: Sequence[str], provenance: dict, with_base: bool = True,
+                  fit: Callable[..., Predictor] = fit_predictor) -> dict:
+    """The fit run's own pairs, each scored by a predictor fitted (by `fit`) without its first task."""
     scored, preds = [], []
     for task in sorted({t for r in rows for t in r["tasks"]}):
         train = [r for r in rows if task not in r["tasks"]]
         test = [r for r in rows if r["tasks"][0] == task]
         if test:
             scored += test
-            preds += predict_rows(fit_predictor(train, methods, provenance), test, with_base)
+            preds += predict_rows(fit(train, methods, provenance), test, with_base)
     return evaluate(preds, scored, methods, with_base)
 
 
@@ -246,35 +285,52 @@ def render(name: str, e: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mergeability.fit", description=__doc__)
-    parser.add_argument("--fit", type=Path, required=True, help="results.json of the run to fit on")
+    parser.add_argument("--fit", type=Path, action="append", required=True,
+                        help="results.json of a run to fit on (repeat to pool several settings)")
     parser.add_argument("--score", type=Path, action="append", default=[], help="results.json of a run to score")
     parser.add_argument("--write", type=Path, help="write the fitted predictor here (the product's data file)")
     parser.add_argument("--out", type=Path, help="write every figure here as JSON")
+    parser.add_argument("--features", help=f"comma-separated with-base features (default {','.join(WITH_BASE)})")
+    parser.add_argument("--alpha-diff", type=float, help="ridge alpha of each method's difference from "
+                        f"{REFERENCE} (default: none, each method fitted on its own)")
     parser.add_argument("--select", action="store_true",
                         help="rank the candidate feature sets by leave-one-task-out Spearman on --fit, then stop")
     args = parser.parse_args(argv)
-    fit_results, rows = load_rows(args.fit)
-    methods = list(fit_results["methods"])
+    fits = [load_rows(path) for path in args.fit]
+    rows = [row for _, fit_rows in fits for row in fit_rows]
+    methods = [m for m in fits[0][0]["methods"] if all(m in results["methods"] for results, _ in fits)]
     if args.select:
         ranked = select_features(rows, methods)
         for rho, features in ranked[:10]:
             print(f"{rho:+.3f}  {', '.join(features)}")
         return {"selection": [[rho, list(features)] for rho, features in ranked]}
+    features = tuple(args.features.split(",")) if args.features else WITH_BASE
+    fit = functools.partial(fit_predictor, with_base=features, alpha_diff=args.alpha_diff)
+    settings = [results["settings"] for results, _ in fits]
     provenance = {
-        "benchmark": "benchmarks/mergeability", "fit_on": str(args.fit), "settings": fit_results["settings"],
-        "results_commit": fit_results.get("git_commit"), "fit_commit": git_head(),
-        "date": datetime.date.today().isoformat(), "n_pairs": len(rows), "alpha": ALPHA,
-        "interval": list(INTERVAL), "residuals": "leave-one-task-out on the fit run",
+        "benchmark": "benchmarks/mergeability", "fit_on": [str(p) for p in args.fit],
+        "settings": settings[0] if len(settings) == 1 else settings,
+        "results_commit": [results.get("git_commit") for results, _ in fits] if len(fits) > 1
+        else fits[0][0].get("git_commit"),
+        "fit_commit": git_head(), "date": datetime.date.today().isoformat(), "n_pairs": len(rows),
+        "alpha": ALPHA, "alpha_diff": args.alpha_diff, "reference": REFERENCE, "features": list(features),
+        "interval": list(INTERVAL), "residuals": "leave-one-task-out on the fit runs",
         "scope": "synthetic tasks on tiny Llama-style models; pairs of fine-tunes of one base",
     }
-    predictor = fit_predictor(rows, methods, provenance)
+    predictor = fit(rows, methods, provenance)
     report: dict = {"provenance": provenance, "runs": {}}
     text = []
     for with_base in (True, False):
-        label = f"fit run, leave one task out ({fit_results['settings']})"
-        e = evaluate_loto(rows, methods, provenance, with_base)
+        label = f"fit runs, leave one task out ({len(fits)} setting(s), {len(rows)} pairs)"
+        e = evaluate_loto(rows, methods, provenance, with_base, fit)
         report["runs"][f"loto{'' if with_base else '_no_base'}"] = e
         text.append(render(label, e))
+    if len(fits) > 1:  # each fit run scored by a predictor fitted on the others alone
+        for k, (path, (results, held)) in enumerate(zip(args.fit, fits, strict=True)):
+            others = [row for i, (_, r) in enumerate(fits) if i != k for row in r]
+            e = evaluate(predict_rows(fit(others, methods, provenance), held), held, methods)
+            report["runs"][f"held-out setting {path}"] = e
+            text.append(render(f"held-out setting {path} ({results['settings']}), fitted on the other runs", e))
     for path in args.score:
         results, score_rows = load_rows(path)
         for with_base in (True, False):

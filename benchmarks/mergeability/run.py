@@ -359,6 +359,9 @@ def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
         "recommended": strategy.method.value if strategy is not None else None,
         "runner_up": strategy.runner_up.value if strategy is not None and strategy.runner_up else None,
         "strategy_parameters": dict(strategy.parameters) if strategy is not None else {},
+        "moved": [[m.moved, dict(m.moved_by_layer)] for m in r.models] if all(m.moved is not None for m in r.models)
+        else None,
+        "task_cosine": r.pairwise[0].task_cosine,
         "layers": [
             {"layer_name": m.layer_name, "n_params": m.n_params, "metrics": dict(m.metrics),
              "components": dict(m.components), "score": m.score}

@@ -8,6 +8,7 @@ largest tensor set; the result is assembled once, its strings redacted, with the
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ def analyze(
     sums: dict[tuple[int, int], dict[str, _Sums]] = {p: {} for p in pairs}
     roles: dict[str, TensorRole] = {}
     exact = randomized = 0
+    moved: dict[str, list[float]] = {}  # layer -> each model's |model - base|^2, then |base|^2
+    task_dots = dict.fromkeys(pairs, 0.0)  # <t_i, t_j> over the model, from each tensor's cosine and norms
     matrix_params = spectral_params = params_compared = 0
 
     tensors = [] if plan.fatal else plan.tensors
@@ -119,6 +122,14 @@ def analyze(
                 layer.tensors.append(name)
                 for metric_name, value in values.items():
                     layer.add(metric_name, value, numel)
+            if measured.task_norms:
+                squares = moved.setdefault(role.layer_name, [0.0] * (len(models) + 1))
+                for k, norm in enumerate((*measured.task_norms, measured.base_norm)):
+                    squares[k] += norm * norm
+                for (i, j), values in zip(pairs, measured.values, strict=True):
+                    cosine = values.get("task_cosine")
+                    if cosine is not None:
+                        task_dots[(i, j)] += cosine * measured.task_norms[i] * measured.task_norms[j]
             if measured.is_matrix:
                 matrix_params += numel
                 spectral_params += numel if measured.svds else 0
@@ -163,9 +174,10 @@ def analyze(
         score = None if plan.fatal or not pair_layers else mci.overall_score(
             [lm.score / 100 for lm in pair_layers], [lm.n_params for lm in pair_layers]
         )
-        pair_scores.append(PairScore(model_a=labels[i], model_b=labels[j], score=score, verdict=mci.verdict_for(score)))
+        pair_scores.append(PairScore(model_a=labels[i], model_b=labels[j], score=score, verdict=mci.verdict_for(score),
+                                     task_cosine=_task_cosine(moved, task_dots[(i, j)], i, j)))
 
-    infos = [_model_info(m, nonfinite[m.label]) for m in models]
+    infos = [_model_info(m, nonfinite[m.label]).model_copy(update=_moved(moved, k)) for k, m in enumerate(models)]
     base_info = _model_info(base, nonfinite[base.label]) if base else None
     used_base = bool(base and plan.base_tensors and not plan.fatal)
     notes = _notes(base, used_base) + _unavailable_notes(layer_metrics) + coverage_note(models, tensors)
@@ -215,6 +227,26 @@ def _model_info(ckpt: Checkpoint, nonfinite: int) -> ModelInfo:
         files=len(ckpt.files), skipped_tensors=ckpt.skipped_tensors, nonfinite_values=nonfinite,
         adapter=adapter_info(ckpt),
     )
+
+
+def _moved(moved: dict[str, list[float]], k: int) -> dict[str, Any]:
+    """Model k's `moved` and `moved_by_layer`: its task vector's norm relative to the base's, over every
+    tensor compared with the base and per layer (empty without a base)."""
+    if not moved:
+        return {}
+    by_layer = {name: round(math.sqrt(s[k] / s[-1]), 6) for name, s in moved.items() if s[-1] > 0}
+    total, reference = (sum(s[i] for s in moved.values()) for i in (k, -1))
+    return {"moved": round(math.sqrt(total / reference), 6) if reference > 0 else None, "moved_by_layer": by_layer}
+
+
+def _task_cosine(moved: dict[str, list[float]], dot: float, i: int, j: int) -> float | None:
+    """<t_i, t_j> / (|t_i| |t_j|) over every tensor compared with the base (None without one)."""
+    if not moved:
+        return None
+    norms = [math.sqrt(sum(s[k] for s in moved.values())) for k in (i, j)]
+    if min(norms) <= 0:
+        return 1.0 if max(norms) <= 0 else 0.0  # as the metric task_cosine says for untouched tensors
+    return round(max(-1.0, min(1.0, dot / (norms[0] * norms[1]))), 6)
 
 
 def _notes(base: Checkpoint | None, used_base: bool) -> list[str]:

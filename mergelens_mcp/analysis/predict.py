@@ -45,6 +45,17 @@ SIMPLICITY = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare
 Layer = tuple[str, int, Mapping[str, float]]  # (layer name, parameters, metric -> value) of one layer
 
 
+@dataclass(frozen=True)
+class Motion:
+    """How far each of the two models moved from the base (|t| / |w_base| over the whole model, and per layer)
+    and the cosine of their task vectors over the whole model: compare's `ModelInfo.moved`, `moved_by_layer`
+    and `PairScore.task_cosine`."""
+
+    moved: tuple[float, float]
+    by_layer: tuple[Mapping[str, float], Mapping[str, float]]
+    cosine: float | None = None
+
+
 def _weighted_mean(layers: Iterable[Layer], value: Callable[[Mapping[str, float]], float | None]) -> float | None:
     total = weight = 0.0
     for _, n, metrics in layers:
@@ -129,12 +140,69 @@ def _log(x: float | None) -> float | None:
     return None if x is None else math.log(max(x, LOG_FLOOR))
 
 
+def _first_block(by_layer: Mapping[str, float]) -> float | None:
+    blocks = [(int(k.rsplit(".", 1)[1]), v) for k, v in by_layer.items()
+              if k.startswith("layers.") and k.rsplit(".", 1)[1].isdigit()]
+    return min(blocks)[1] if blocks else None
+
+
+def _moved(combine: Callable[[float, float], float], first_block: bool = False
+           ) -> Callable[[list[Layer], Motion | None], float | None]:
+    """A pair feature from how far each of the two models moved (whole model, or its first decoder block)."""
+
+    def compute(layers: list[Layer], motion: Motion | None) -> float | None:
+        if motion is None:
+            return None
+        values = [_first_block(by_layer) for by_layer in motion.by_layer] if first_block else list(motion.moved)
+        if any(v is None or not math.isfinite(v) for v in values):
+            return None
+        return combine(*values)  # type: ignore[arg-type]
+
+    return compute
+
+
+def _whole(value: Callable[[Mapping[str, float]], float | None], log: bool = True
+           ) -> Callable[[list[Layer], Motion | None], float | None]:
+    """A merge-mechanism quantity (`_averaging_gap`, ...) over the whole models, from their moves and cosine."""
+
+    def compute(layers: list[Layer], motion: Motion | None) -> float | None:
+        if motion is None or motion.cosine is None:
+            return None
+        far, near = max(motion.moved), min(motion.moved)
+        found = value({"task_drift": (far + near) / 2, "magnitude_ratio": near / far if far > 0 else 1.0,
+                       "task_cosine": motion.cosine})
+        return _log(found) if log else found
+
+    return compute
+
+
+def _layers_only(compute: Callable[[list[Layer]], float | None]
+                 ) -> Callable[[list[Layer], Motion | None], float | None]:
+    return lambda layers, motion: compute(layers)
+
+
+def _log_sum(x: float, y: float) -> float:
+    return math.log(max(x + y, LOG_FLOOR))
+
+
+def _log_product(x: float, y: float) -> float:
+    return math.log(max(x, LOG_FLOOR)) + math.log(max(y, LOG_FLOOR))
+
+
+def _log_max(x: float, y: float) -> float:
+    return math.log(max(x, y, LOG_FLOOR))
+
+
+def _log_min(x: float, y: float) -> float:
+    return math.log(max(min(x, y), LOG_FLOOR))
+
+
 @dataclass(frozen=True)
 class Feature:
     name: str
     needs_base: bool
     meaning: str
-    compute: Callable[[list[Layer]], float | None]
+    compute: Callable[[list[Layer], Motion | None], float | None]
 
 
 def _mean_of(value: Callable[[Mapping[str, float]], float | None], log: bool = False,
@@ -152,10 +220,25 @@ def _mean_of(value: Callable[[Mapping[str, float]], float | None], log: bool = F
         m = _weighted_mean(layers, value)
         return _log(m) if log else m
 
-    return compute
+    return _layers_only(compute)
 
 
 FEATURES: dict[str, Feature] = {f.name: f for f in (
+    Feature("moved_sum", True, "log (|t_a| + |t_b|) / |w_base| over the whole models: how far both moved",
+            _moved(_log_sum)),
+    Feature("moved_product", True, "log |t_a| / |w_base| + log |t_b| / |w_base| (whole models)",
+            _moved(_log_product)),
+    Feature("moved_far", True, "log |t| / |w_base| of the model that moved farther (whole models)",
+            _moved(_log_max)),
+    Feature("moved_near", True, "log |t| / |w_base| of the model that moved less (whole models)",
+            _moved(_log_min)),
+    Feature("first_moved_sum", True, "moved_sum over the first decoder block", _moved(_log_sum, True)),
+    Feature("first_moved_far", True, "moved_far over the first decoder block", _moved(_log_max, True)),
+    Feature("whole_averaging_gap", True, "averaging_gap over the whole models (|t_a - t_b| / 2 / |w_base|)",
+            _whole(_averaging_gap)),
+    Feature("whole_summed_energy", True, "summed_energy over the whole models", _whole(_summed_energy)),
+    Feature("whole_averaging_shrink", True, "averaging_shrink over the whole models",
+            _whole(_averaging_shrink, log=False)),
     Feature("first_far", True, "log relative distance the farther-moved fine-tune went in the first block",
             _mean_of(_model_drift(far=True), log=True, first_block=True)),
     Feature("first_near", True, "log relative distance the nearer fine-tune went in the first block",
@@ -197,12 +280,13 @@ FEATURES: dict[str, Feature] = {f.name: f for f in (
 )}
 
 
-def pair_features(layers: Iterable[Layer]) -> dict[str, float]:
-    """Every feature the layers' metrics allow (parameter-weighted over the layers that have the metric)."""
+def pair_features(layers: Iterable[Layer], motion: Motion | None = None) -> dict[str, float]:
+    """Every feature the layers' metrics allow (parameter-weighted over the layers that have the metric), and,
+    given how far each of the two models moved and the cosine of their moves (`motion`), the whole-model ones."""
     rows = [(name, int(n), metrics) for name, n, metrics in layers]
     out = {}
     for name, feature in FEATURES.items():
-        value = feature.compute(rows)
+        value = feature.compute(rows, motion)
         if value is not None:
             out[name] = value
     return out
@@ -314,12 +398,20 @@ def predicted_mci(predictions: Mapping[str, MethodPrediction]) -> tuple[float, s
     return None if method is None else (round(100 * predictions[method].retention, 2), method)
 
 
+def result_motion(result: CompareResult) -> Motion | None:
+    """How far the two models moved from the base, as the compare measured it (None without a base)."""
+    a, b = result.models
+    if a.moved is None or b.moved is None:
+        return None
+    return Motion((a.moved, b.moved), (dict(a.moved_by_layer), dict(b.moved_by_layer)), result.pairwise[0].task_cosine)
+
+
 def predict_result(result: CompareResult, predictor: Predictor | None = None) -> dict[str, MethodPrediction]:
     """The predictions of a two-model compare (empty for three or more models, or when nothing was compared)."""
     if len(result.models) != 2 or not result.layer_metrics:
         return {}
     layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
-    features = pair_features(layers)
+    features = pair_features(layers, result_motion(result))
     with_base = result.mci.used_base and "drift" in features
     return (predictor or load_predictor()).predict(features, raw_distance(layers), with_base=with_base)
 
@@ -328,7 +420,7 @@ def outside_fit(result: CompareResult, predictor: Predictor | None = None) -> tu
     """The feature of this pair farthest from the fit's pairs, in standard deviations, when beyond OUTSIDE_SD."""
     predictor = predictor or load_predictor()
     layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
-    features = pair_features(layers)
+    features = pair_features(layers, result_motion(result))
     with_base = result.mci.used_base and "drift" in features
     model = next(iter((predictor.with_base if with_base else predictor.without_base).values()))
     z = {f: (features[f] - m) / s for f, m, s in zip(model.features, model.mean, model.scale, strict=True)

@@ -200,6 +200,8 @@ class Measured:
     values: list[dict[str, float | None]]  # per pair, in the order of `pairs`
     svds: list[SVD]
     nonfinite: dict[str, int]
+    task_norms: tuple[float, ...] = ()  # |model - base| of each model, when the base has this tensor
+    base_norm: float = 0.0  # |base| of this tensor (0 without one)
 
 
 def measured_sets(names: Sequence[str], run: Run) -> Iterator[Measured]:
@@ -404,7 +406,9 @@ def _finish_set(current: _Set, run: Run) -> Measured:
     for found, (i, j) in zip(values, run.pairs, strict=True):
         found.update(_metrics(current, i, j, spectral=True))
     first = current.weights[0]
-    return Measured(current.key, first.numel, first.is_matrix, values, svds, current.nonfinite)
+    base_norm = current.base.norm if current.base is not None else 0.0
+    return Measured(current.key, first.numel, first.is_matrix, values, svds, current.nonfinite,
+                    tuple(op.norm for op in current.tasks), base_norm)
 
 
 def _clean(current: _Set, options: AnalysisOptions) -> None:

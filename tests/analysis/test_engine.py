@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from fixtures.checkpoints import TINY, make_checkpoint, make_finetune, make_with_int_tensor
 from mergelens_mcp.analysis.engine import AnalysisOptions, analyze, resolve_device
+from mergelens_mcp.analysis.layers import classify
 from mergelens_mcp.analysis.loading import Checkpoint, load_checkpoint
 from mergelens_mcp.analysis.metrics import task_metrics, weight_metrics
 from mergelens_mcp.errors import AnalysisCancelledError, InputError
@@ -151,3 +152,32 @@ def test_memory_follows_the_largest_tensor_not_the_model(tmp_path: Path) -> None
     largest_mib = numel * 4 / 2**20
     assert len(samples) == count
     assert max(samples) - start < 12 * largest_mib  # 96 MiB, against 256 MiB of weights
+
+
+def test_each_model_reports_how_far_it_moved_and_each_pair_the_cosine_of_the_moves(
+    tiny: dict[str, Path],
+) -> None:
+    with ExitStack() as stack:
+        base = stack.enter_context(load_checkpoint(str(tiny["base"]), "base"))
+        result = analyze(open_all(stack, tiny["a"], tiny["b"]), base, CPU)
+        unbased = analyze(open_all(stack, tiny["a"], tiny["b"]), None, CPU)
+    w = {k: v.double() for k, v in load_file(str(tiny["base"] / "model.safetensors")).items()}
+    for info, path in zip(result.models, (tiny["a"], tiny["b"]), strict=True):
+        m = {k: v.double() for k, v in load_file(str(path / "model.safetensors")).items()}
+        moved = sum(float(((m[k] - w[k]) ** 2).sum()) for k in w)
+        assert info.moved == pytest.approx(math.sqrt(moved / sum(float((v * v).sum()) for v in w.values())),
+                                           rel=1e-4)
+        keys = [k for k in w if classify(k).layer_name == "layers.0"]
+        layer = math.sqrt(sum(float(((m[k] - w[k]) ** 2).sum()) for k in keys)
+                          / sum(float((w[k] ** 2).sum()) for k in keys))
+        assert info.moved_by_layer["layers.0"] == pytest.approx(layer, rel=1e-4)
+        assert info.moved > 0
+    assert result.models[0].moved != result.models[1].moved
+    t = [{k: v.double() - w[k] for k, v in load_file(str(path / "model.safetensors")).items()}
+         for path in (tiny["a"], tiny["b"])]
+    dot = sum(float((t[0][k] * t[1][k]).sum()) for k in w)
+    norms = [math.sqrt(sum(float((x * x).sum()) for x in ti.values())) for ti in t]
+    assert result.pairwise[0].task_cosine == pytest.approx(dot / (norms[0] * norms[1]), abs=1e-4)
+    assert unbased.pairwise[0].task_cosine is None
+    assert result.base is not None and result.base.moved is None
+    assert all(info.moved is None and info.moved_by_layer == {} for info in unbased.models)

@@ -10,6 +10,7 @@ from mergelens_mcp import compare_models
 from mergelens_mcp.analysis.predict import (
     FEATURES,
     MethodModel,
+    Motion,
     Predictor,
     best_method,
     load_predictor,
@@ -201,3 +202,42 @@ def test_a_pair_far_outside_the_fitted_range_is_said_to_be_extrapolated(
     monkeypatch.setattr(predict, "load_predictor", lambda: narrow)
     noted = predict.with_predictions(result.model_copy(update={"predictions": {}}))
     assert any(f"{feature} is {sd:+.1f} standard deviations" in n for n in noted.notes)
+
+
+def test_per_model_features_come_from_how_far_each_model_moved_and_need_both() -> None:
+    layers = [("layers.0", 100, {"task_drift": 0.1, "magnitude_ratio": 1.0})]
+    motion = Motion((0.2, 0.05), ({"layers.0": 0.1, "layers.1": 0.3, "embed": 0.5}, {"layers.0": 0.4, "embed": 0.0}),
+                    cosine=0.5)
+    f = pair_features(layers, motion)
+    assert f["moved_sum"] == pytest.approx(math.log(0.25))
+    assert f["moved_product"] == pytest.approx(math.log(0.2) + math.log(0.05))
+    assert f["moved_far"] == pytest.approx(math.log(0.2)) and f["moved_near"] == pytest.approx(math.log(0.05))
+    # the first decoder block: layers.0 of each model, whatever the others hold
+    assert f["first_moved_sum"] == pytest.approx(math.log(0.5))
+    assert f["first_moved_far"] == pytest.approx(math.log(0.4))
+    swapped = Motion((0.05, 0.2), tuple(reversed(motion.by_layer)), cosine=0.5)  # type: ignore[arg-type]
+    assert pair_features(layers, swapped) == pytest.approx(f)  # symmetric
+    # over the whole models: |t_a - t_b| / 2 = sqrt(0.04 + 0.0025 - 2 * 0.5 * 0.01) / 2
+    assert f["whole_averaging_gap"] == pytest.approx(math.log(math.sqrt(0.0325) / 2))
+    assert f["whole_summed_energy"] == pytest.approx(math.log(math.sqrt(0.0425)))
+    assert f["whole_averaging_shrink"] == pytest.approx(((1 + 0.5 * 0.25) / 2 + (1 + 0.5 * 4) / 2) / 2)
+    without = pair_features(layers)
+    assert not any(name.startswith(("moved", "first_moved", "whole_")) for name in without)
+    assert "first_far" in without  # the layer features do not depend on them
+    no_cosine = pair_features(layers, Motion(motion.moved, motion.by_layer))
+    assert "moved_sum" in no_cosine and "whole_averaging_gap" not in no_cosine
+
+
+def test_opposed_fine_tunes_move_equally_far_in_opposite_directions_and_averaging_takes_all_of_each(
+    family: Family,
+) -> None:
+    result = compare_models([str(family.finetune_a), str(family.opposed)], base=str(family.base))
+    a, b = result.models
+    assert a.moved is not None and b.moved is not None
+    assert a.moved == pytest.approx(b.moved, rel=0.02)  # base + d and base - d (stored in bfloat16)
+    assert result.pairwise[0].task_cosine is not None and result.pairwise[0].task_cosine < -0.98
+    f = pair_features([(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics],
+                      Motion((a.moved, b.moved), (a.moved_by_layer, b.moved_by_layer), result.pairwise[0].task_cosine))
+    assert f["whole_averaging_gap"] == pytest.approx(math.log(a.moved), abs=0.02)  # |t_a - t_b| / 2 = |t|
+    twins = compare_models([str(family.finetune_a), str(family.finetune_a)], base=str(family.base))
+    assert twins.pairwise[0].task_cosine == pytest.approx(1.0)

@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.mergeability.fit import CANDIDATES, WITH_BASE, fit_predictor, load_rows, main, select_features
+from benchmarks.mergeability.fit import (
+    ALPHA,
+    CANDIDATES,
+    WITH_BASE,
+    fit_method,
+    fit_predictor,
+    load_rows,
+    main,
+    select_features,
+)
 from mergelens_mcp.analysis.predict import Predictor, load_predictor
 
 METHODS = ("linear", "ties")
@@ -36,7 +45,9 @@ def synthetic_results(path: Path, seed: int) -> Path:
                   for j, m in enumerate(METHODS)}
         pairs.append({"pair": f"{a}|{b}", "a": a, "b": b, "task_a": fa["task"], "task_b": fb["task"],
                       "merged": merged, "tv": {"norm_a": da, "norm_b": db}, "mci": 50.0 - 100 * (da + db),
-                      "recommended": "linear", "score": {"layers": layers}})
+                      "recommended": "linear", "score": {
+                          "layers": layers, "task_cosine": rng.uniform(0.0, 0.2),
+                          "moved": [[d, {f"layers.{i}": d for i in range(3)}] for d in (da, db)]}})
     path.write_text(json.dumps({"settings": {"seed": seed}, "git_commit": "abc", "methods": {m: {} for m in METHODS},
                                 "pairs": pairs}))
     return path
@@ -83,3 +94,18 @@ def test_feature_selection_ranks_every_candidate_subset_by_held_out_task_spearma
     # retention falls with the summed drift by construction: the best set ranks held-out pairs almost perfectly
     assert rhos[0] > 0.8
     assert set(WITH_BASE) <= set(CANDIDATES)
+
+
+def test_a_large_difference_alpha_keeps_every_method_parallel_to_the_reference(tmp_path: Path) -> None:
+    _, rows = load_rows(synthetic_results(tmp_path / "r.json", seed=0))
+    features = ("moved_sum", "first_averaging_gap")
+    free = fit_method(rows, "ties", features)
+    ref = fit_method(rows, "linear", features)
+    parallel = fit_method(rows, "ties", features, alpha_diff=1e9)
+    assert parallel.coef == pytest.approx(ref.coef, abs=1e-6)
+    gap = sum(r["y"]["ties"] - r["y"]["linear"] for r in rows) / len(rows)
+    assert parallel.intercept == pytest.approx(ref.intercept + gap)
+    assert free.coef != pytest.approx(ref.coef, abs=1e-6)  # fitted on its own, ties has its own slopes
+    # at the reference's own alpha it is the method's own fit (ridge is linear in the outcomes)
+    same = fit_method(rows, "ties", features, alpha_diff=ALPHA)
+    assert same.coef == pytest.approx(free.coef) and same.intercept == pytest.approx(free.intercept)

@@ -95,7 +95,8 @@ async def test_compare_models_returns_a_compact_structured_answer_with_the_flipp
     assert not result.is_error
     out = result.structured_content
     assert out["pairwise"] == [{"model_a": "finetune_a", "model_b": "flipped", "score": out["score"],
-                                "verdict": out["verdict"]}]
+                                "verdict": out["verdict"], "task_cosine": out["pairwise"][0]["task_cosine"]}]
+    assert 0 < out["pairwise"][0]["task_cosine"] < 0.9  # a shared update, reversed in one layer of four
     assert out["verdict"] == verdict_for(out["score"]).value and out["score"] < 100
     assert [(z["start_layer"], z["end_layer"]) for z in out["conflict_zones"]] == [(2, 2)]
     assert out["worst_layers"][0]["layer_name"] == "layers.2"
