@@ -117,8 +117,9 @@ class Operand:
     @property
     def fusable(self) -> bool:
         """Whether this operand's SVD can take its final float32 product inside the elementwise pass
-        (`subspace`, then `weight_and_task_sums(..., products=...)`, then `finish_svd`): a stored or task
-        matrix on the CPU whose SVD is randomized."""
+        (`subspace`, then `weight_and_task_sums(..., products=...)` or, for a stored matrix,
+        `pair_sums(..., products=...)`, then `finish_svd`): a stored or task matrix on the CPU whose SVD is
+        randomized."""
         return (not self.low_rank and self.is_matrix and not spectral.on_accelerator(self.tensor)
                 and "svd" not in self.__dict__
                 and spectral.randomized(self.tensor.shape, self.rank, self.exact_max_elements))
