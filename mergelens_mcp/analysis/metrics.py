@@ -123,8 +123,9 @@ class Operand:
     @property
     def fusable(self) -> bool:
         """Whether this operand's SVD can take its final float32 product inside the elementwise pass
-        (`subspace`, then `weight_and_task_sums(..., products=...)`, then `finish_svd`): a stored or task
-        matrix on the CPU whose SVD is randomized."""
+        (`subspace`, then `weight_and_task_sums(..., products=...)` or, for a stored matrix,
+        `pair_sums(..., products=...)`, then `finish_svd`): a stored or task matrix on the CPU whose SVD is
+        randomized."""
         return (not self.low_rank and self.is_matrix and not spectral.on_accelerator(self.tensor)
                 and "svd" not in self.__dict__
                 and spectral.randomized(self.tensor.shape, self.rank, self.exact_max_elements))
@@ -303,11 +304,16 @@ def _cached_pair(a: Operand, b: Operand, signs: bool) -> PairSums | None:
     return None
 
 
-def pair_sums(a: Operand, b: Operand, signs: bool = False) -> PairSums:
+def pair_sums(
+    a: Operand, b: Operand, signs: bool = False,
+    products: dict[Operand, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> PairSums:
     """<a, b>, |a - b|^2 and (with `signs`) the sign counts, in one pass; kept on `a` for this `b`.
 
     The difference is taken in float32: exact for values within a factor 2 of each other and otherwise off by
-    a relative 6e-8, which a distance (unlike 1 - cos) does not amplify.
+    a relative 6e-8, which a distance (unlike 1 - cos) does not amplify. `products`: as in
+    `weight_and_task_sums`, for `a` and `b` when they are stored matrices (not task vectors) on the CPU: the
+    pass writes (operand) Z into `out` from the float32 rows it forms anyway, and removes the operands done.
     """
     cached = _cached_pair(a, b, signs)
     if cached is not None:
@@ -317,8 +323,18 @@ def pair_sums(a: Operand, b: Operand, signs: bool = False) -> PairSums:
         a.__dict__.setdefault("_pairs", {})[id(b)] = (b, found)
         return found
     sums = _Accumulator((a.top_threshold, b.top_threshold) if signs else None)
-    for x, y in zip(a.chunks(), b.chunks(), strict=True):
+    todo = {op: products.pop(op) for op in (a, b) if products and op in products and op.base is None}
+    if not todo:
+        for x, y in zip(a.chunks(), b.chunks(), strict=True):
+            sums.add(x, y, x - y)
+        return sums.store(a, b)
+    blocks = _ProductBlocks(todo, a.tensor.shape[-1], a.numel)
+    for start in range(0, a.numel, blocks.step):
+        index = slice(start, start + blocks.step)
+        blocks.begin(index)
+        x, y = blocks.values(a, index), blocks.values(b, index)
         sums.add(x, y, x - y)
+        blocks.advance()
     return sums.store(a, b)
 
 

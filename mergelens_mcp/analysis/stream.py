@@ -9,11 +9,11 @@ Two layers, so that every consumer reads tensors the same way:
 - `measured_sets` measures each set for the comparison. A pool of worker threads, one per core, runs two
   kinds of job per set: one elementwise pass, which upcasts a chunk of every model and the base at a time and
   takes every sum the elementwise metrics need (task vectors, model - base, are formed chunk by chunk inside
-  it), and one SVD per matrix operand. With a base, on the CPU, an SVD job is only the randomized SVD's
-  bfloat16 iterations: its final float32 product is taken inside the pass, from the rows the pass upcasts
-  anyway. The next sets are queued while the last SVDs of this one run. A
-  non-finite norm is the one signal that triggers the NaN/Inf scan, after which the set is measured again
-  from cleaned copies.
+  it), and one SVD per matrix operand. On the CPU, a randomized SVD's job is only its bfloat16
+  iterations: its final float32 product is taken inside the pass, from the rows the pass upcasts anyway
+  (with or without a base; a LoRA adapter's task vectors, measured from their factors, keep their own).
+  The next sets are queued while the last SVDs of this one run. A non-finite norm is the one signal that
+  triggers the NaN/Inf scan, after which the set is measured again from cleaned copies.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def _open_set(current: _Set, run: Run, pool: ThreadPoolExecutor) -> None:
     base_view = views.pop() if len(current.sources) > len(run.models) else None
     _make_operands(current, views, base_view, run.options)
     operands = dict.fromkeys([*current.weights, *current.tasks])  # an adapter's untouched weights are the base's
-    fused = [op for op in operands if op.fusable] if _fuses(current) else []
+    fused = [op for op in operands if op.fusable]
     claims = [(op, _Once(functools.partial(_subspace, op))) for op in fused]
     current.elementwise = pool.submit(_elementwise, current, run.pairs, True, claims)
     current.svds = [pool.submit(claim.run) for _, claim in claims]  # the pass takes those not started
@@ -274,12 +274,6 @@ def _svd(op: Operand) -> SVD:
         return op.svd
     with _ONE_LARGE_SKETCH:
         return op.svd
-
-
-def _fuses(current: _Set) -> bool:
-    """Whether the set's randomized SVDs take their final product in the elementwise pass: on the CPU, with
-    a base (the pass `weight_and_task_sums`, which forms every weight's and task vector's float32 rows)."""
-    return current.base is not None and not any(op.low_rank for op in current.tasks)
 
 
 def _subspace(op: Operand) -> torch.Tensor:
@@ -357,12 +351,12 @@ def _elementwise(
     made = dict(products)
     for i, j in pairs:
         if current.base is not None and (tasks[i].low_rank or tasks[j].low_rank):
-            pair_sums(weights[i], weights[j])
+            pair_sums(weights[i], weights[j], products=products)
             pair_sums(tasks[i], tasks[j], signs=True)
         elif current.base is not None:
             weight_and_task_sums(weights[i], weights[j], tasks[i], tasks[j], current.base, products)
         else:
-            pair_sums(weights[i], weights[j])
+            pair_sums(weights[i], weights[j], products=products)
     reference = current.base.norm if current.base is not None else 0.0
     for op in current.tasks:
         op.reference_norm = reference

@@ -294,3 +294,40 @@ def test_the_pass_that_takes_the_svds_final_products_gives_the_svds_decompose_gi
         assert torch.allclose(got.s, want.s, rtol=1e-5, atol=1e-5)
         overlap = (got.u.T @ want.u).abs().diagonal()
         assert overlap.min() > 1 - 1e-4
+
+
+def test_a_pass_over_two_stored_matrices_takes_their_svds_final_products_and_the_same_sums(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mergelens_mcp.analysis import metrics
+    from mergelens_mcp.analysis.metrics import pair_sums
+
+    monkeypatch.setattr(metrics, "CHUNK", 7 * 90 + 5)  # 7 rows a chunk, 21 a block: 301 rows end on partial ones
+    monkeypatch.setattr(metrics, "PRODUCT_BLOCK", 3 * 7 * 90 + 40)
+    g = torch.Generator().manual_seed(4)
+    low_rank = torch.randn(301, 4, generator=g) @ torch.randn(4, 90, generator=g)
+    a = (low_rank + 0.05 * torch.randn(301, 90, generator=g)).bfloat16()
+    b = (low_rank + 0.05 * torch.randn(301, 90, generator=g)).bfloat16()
+    task = Operand(a, rank=8, exact_max_elements=0, base=b)  # a task vector is never taken here
+
+    def operands() -> tuple[Operand, Operand]:
+        return Operand(a, rank=8, exact_max_elements=0), Operand(b, rank=8, exact_max_elements=0)
+
+    x, y = operands()
+    assert x.fusable and y.fusable
+    products = {op: (op.subspace(), torch.empty(301, 24)) for op in (x, y, task)}
+    made = dict(products)
+    fused = pair_sums(x, y, signs=True, products=products)
+    assert list(products) == [task]  # both weights taken, the task vector left for its own SVD
+    sx, sy = operands()
+    plain = pair_sums(sx, sy, signs=True)
+    assert fused.signs == plain.signs  # counts; the sums differ only by float32 chunk rounding (other chunks)
+    assert fused.dot == pytest.approx(plain.dot, rel=1e-6)
+    assert fused.distance_sq == pytest.approx(plain.distance_sq, rel=1e-6)
+    assert x.norm == pytest.approx(sx.norm, rel=1e-6) and y.norm == pytest.approx(sy.norm, rel=1e-6)
+    for op, other in ((x, sx), (y, sy)):
+        z, product = made[op]
+        got, want = op.finish_svd(product, z), other.svd
+        assert got.total_energy == pytest.approx(want.total_energy, rel=1e-6)
+        assert torch.allclose(got.s, want.s, rtol=1e-5, atol=1e-5)
+        assert (got.u.T @ want.u).abs().diagonal().min() > 1 - 1e-4

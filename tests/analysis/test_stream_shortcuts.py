@@ -224,10 +224,11 @@ def test_the_gpu_paths_give_the_cpu_answers(family: Family, monkeypatch: pytest.
             assert got[name] == pytest.approx(value, abs=1e-5), name
 
 
+@pytest.mark.parametrize("with_base", [True, False], ids=["with a base", "weights only"])
 def test_svds_finished_in_the_elementwise_pass_match_their_own_final_products(
-    family: Family, monkeypatch: pytest.MonkeyPatch
+    family: Family, monkeypatch: pytest.MonkeyPatch, with_base: bool
 ) -> None:
-    from mergelens_mcp.analysis import spectral, stream
+    from mergelens_mcp.analysis import spectral
 
     own_products = []
     times = spectral._times
@@ -235,17 +236,19 @@ def test_svds_finished_in_the_elementwise_pass_match_their_own_final_products(
 
     def run() -> tuple[list[dict[str, float]], list[float]]:
         models = [load_checkpoint(str(family.finetune_a), "a"), load_checkpoint(str(family.finetune_b), "b")]
-        result = analyze(models, load_checkpoint(str(family.base), "base"), AnalysisOptions("cpu", 8, 0))
+        base = load_checkpoint(str(family.base), "base") if with_base else None
+        result = analyze(models, base, AnalysisOptions("cpu", 8, 0))
         assert result.coverage.randomized_svd_tensors > 0
         return [lm.metrics for lm in result.layer_metrics], [lm.score for lm in result.layer_metrics]
 
     fused, fused_scores = run()
     assert own_products == []  # every randomized SVD took its final product in the pass
-    monkeypatch.setattr(stream, "_fuses", lambda current: False)
+    monkeypatch.setattr(Operand, "fusable", property(lambda op: False))
     separate, separate_scores = run()
     assert len(own_products) > 0
     assert fused_scores == pytest.approx(separate_scores, abs=0.01)
+    assert any("spectral_overlap" in got for got in fused)
     for got, want in zip(fused, separate, strict=True):
-        assert got.keys() == want.keys()
+        assert got.keys() == want.keys() and ("task_cosine" in got) == with_base
         for name, value in want.items():
             assert got[name] == pytest.approx(value, abs=1e-6), name
