@@ -174,8 +174,9 @@ def preview_row(preview: object) -> dict:
 
 
 def run_previews(pairs: list[tuple[str, str]], folders: dict[str, Path], probes: dict[tuple[str, str], Path],
-                 out: Path, methods: list[str]) -> dict[str, dict]:
-    """Every pair previewed with the run's merges as configs, on its probe file and on the shipped probes."""
+                 out: Path, methods: list[str], seed: int) -> dict[str, dict]:
+    """Every pair previewed with the run's merges as configs, on its probe file and on the shipped probes; the
+    random methods' masks drawn from the run's seed, as the run drew them (`random_seed`)."""
     from mergelens_mcp import preview_merge
 
     cache_path = out / "preview.json"
@@ -183,14 +184,16 @@ def run_previews(pairs: list[tuple[str, str]], folders: dict[str, Path], probes:
     started = time.perf_counter()
     for i, (a, b) in enumerate(pairs):
         key = f"{a}|{b}"
-        if set(cache.get(key, {}).get("task", {}).get("methods", {})) == set(methods) and "generic" in cache[key]:
+        if (set(cache.get(key, {}).get("task", {}).get("methods", {})) == set(methods) and "generic" in cache[key]
+                and cache[key].get("random_seed") == seed):
             continue
         configs = [merge_config(m, folders[a], folders[b], folders["base"]) for m in methods]
         models, base = [str(folders[a]), str(folders[b])], str(folders["base"])
         cache[key] = {
             "task": preview_row(preview_merge(models, base, configs=configs, probe=str(probes[(a, b)]),
-                                              device="cpu")),
-            "generic": preview_row(preview_merge(models, base, configs=configs, device="cpu")),
+                                              device="cpu", random_seed=seed)),
+            "generic": preview_row(preview_merge(models, base, configs=configs, device="cpu", random_seed=seed)),
+            "random_seed": seed,
         }
         if (i + 1) % 8 == 0 or i + 1 == len(pairs):
             write_json(cache_path, cache)
@@ -223,7 +226,7 @@ def run_verifies(pairs: list[tuple[str, str]], folders: dict[str, Path], probes:
         chosen = spread({f"{a}|{b}": outcomes[f"{a}|{b}"][method]["normalized"] for a, b in pairs}, per_method)
         for key in chosen:
             label = f"{method}/{key}"
-            if label not in cache:
+            if cache.get(label, {}).get("random_seed") != seed:
                 a, b = key.split("|")
                 folder = out / "merged" / method / key.replace("|", "__")
                 merged = merge_states(METHODS[method], base_state, load_state(folders[a]), load_state(folders[b]),
@@ -233,13 +236,14 @@ def run_verifies(pairs: list[tuple[str, str]], folders: dict[str, Path], probes:
                 config = folder / "merge.yaml"
                 config.write_text(merge_config(method, folders[a], folders[b], folders["base"]))
                 result = verify_merge(str(folder), [str(folders[a]), str(folders[b])], str(folders["base"]),
-                                      config=str(config), probe=str(probes[(a, b)]), device="cpu")
+                                      config=str(config), probe=str(probes[(a, b)]), device="cpu",
+                                      random_seed=seed)
                 cache[label] = {
                     "method": method, "pair": key, "verdict": result.verdict, "reasons": result.reasons,
                     "codes": sorted({f.code for f in result.findings if f.level.value != "info"}),
                     "behaviour": {s.source: {"perplexity": s.perplexity, "best": s.best_source_perplexity,
                                              "agreement": s.agreement} for s in result.behaviour},
-                    "seconds": result.elapsed_s,
+                    "seconds": result.elapsed_s, "random_seed": seed,
                 }
                 write_json(cache_path, cache)
                 shutil.rmtree(folder)
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.out / "probes" / f"{a}__{b}.jsonl",
         [*probe_records(ft[a]["task"], settings["seed"], a, settings["test_size"]),
          *probe_records(ft[b]["task"], settings["seed"], b, settings["test_size"])]) for a, b in pairs}
-    previews = run_previews(pairs, folders, probes, args.out, methods)
+    previews = run_previews(pairs, folders, probes, args.out, methods, settings["seed"])
     own = {n: f["accuracy"][f["task"]] for n, f in ft.items()}
     verifies = run_verifies(pairs, folders, probes, outcomes, args.out, methods, args.verify_per_method,
                             settings["seed"], own)
