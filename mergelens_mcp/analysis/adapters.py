@@ -16,11 +16,16 @@ The adapted weights (base + scale * B @ A) reuse the base's operand, so two adap
 norm and their distance is that of their task vectors, exactly. Only the weights' own SVD (the spectral
 metrics of the weights, which are not low-rank) forms base + delta densely. DoRA magnitude vectors are not
 applied: the comparison says so in a finding.
+
+Every other reader (merge simulation, preview, verify, model loading, the zoo's sketches) reads an adapter
+through the tensor stream as the model it makes: `apply_delta` gives base + scale * B @ A densely. The base's
+tensors are viewed through the base checkpoint's own mapping, however many adapters of it are read.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,6 +240,10 @@ class AdapterCheckpoint(Checkpoint):
                 "factor_infos": self._factor_infos}
 
     @property
+    def model_root(self) -> Path:
+        return self.base_checkpoint.model_root
+
+    @property
     def target_modules(self) -> set[str]:
         """The adapted modules' short names (q_proj, ...): what `target_modules` matched."""
         return {f.module.rsplit(".", 1)[-1] for f in self.adapted.values()}
@@ -328,6 +337,18 @@ class AdapterCheckpoint(Checkpoint):
         a, b = self._read_factor(found.a_name), self._read_factor(found.b_name)  # read per use: memory follows one
         left, right = (a.T, b.T) if found.transposed else (b, a)
         return (left * found.scale).to(device), right.to(device), found
+
+    def _map(self, path: Path) -> mmap.mmap | None:
+        """The base's files through the base checkpoint's own mapping (one per file, however many adapters of
+        it are read); the adapter's file through its own."""
+        if path in self.base_checkpoint.files:
+            return self.base_checkpoint._map(path)
+        return super()._map(path)
+
+    def _mapping(self, path: Path) -> mmap.mmap | None:
+        if path in self.base_checkpoint.files:
+            return self.base_checkpoint._mapping(path)
+        return super()._mapping(path)
 
     def _read_factor(self, key: str) -> torch.Tensor:
         info = self._factor_infos[key]
@@ -710,12 +731,13 @@ def sampled_signs(a: Operand, b: Operand) -> tuple[float, float, float, float]:
     return both, (both - balance) / 2, both_top, (both_top - balance_top) / 2
 
 
-def with_delta(ckpt: Checkpoint, name: str, view: torch.Tensor) -> torch.Tensor:
-    """The model's tensor in float32: for a LoRA adapter's adapted tensor, base + scale * B @ A (a merge
-    simulation needs the weights themselves); otherwise the stored values."""
+def apply_delta(ckpt: Checkpoint, name: str, view: torch.Tensor) -> torch.Tensor:
+    """The model's tensor `name` as its weights, from `view` (its stored values, possibly cut to the first
+    rows): for a LoRA adapter's adapted tensor, base + scale * B @ A in float32 (a new tensor; the dense
+    consumers of the tensor stream need the weights themselves); otherwise `view` itself."""
     found = ckpt.factors(name, view.device) if isinstance(ckpt, AdapterCheckpoint) else None
     if found is None:
-        return view.float()
+        return view
     left, right, _ = found
     return (view.double() + left[: view.shape[0]] @ right).float()
 

@@ -194,6 +194,11 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     @property
+    def model_root(self) -> Path:
+        """The folder of the model's config.json and tokenizer: this checkpoint's (an adapter's: its base's)."""
+        return self.root
+
+    @property
     def architecture(self) -> str | None:
         if not self.config:
             return None
@@ -248,7 +253,7 @@ class Checkpoint:
     def release(self, name: str) -> None:
         """Drop the whole pages of a viewed tensor from this process's mapping (they stay in the page cache)."""
         info = self.tensors[name]
-        mapped = self._maps.get(info.file)
+        mapped = self._mapping(info.file)
         if mapped is not None and info.numel:
             self._release(mapped, info.offset, info.offset + info.nbytes)
 
@@ -297,6 +302,10 @@ class Checkpoint:
         last = stop - stop % PAGE if stop < len(mapped) else len(mapped)
         if last > first:
             mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def _mapping(self, path: Path) -> mmap.mmap | None:
+        """The file's mapping if it is mapped (None: not mapped, or it cannot be)."""
+        return self._maps.get(path)
 
     def _map(self, path: Path) -> mmap.mmap | None:
         """The file's mapping, or None when it cannot be mapped (larger than the address space or than the

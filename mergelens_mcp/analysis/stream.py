@@ -27,12 +27,12 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from ..errors import AnalysisCancelledError
-from .adapters import lift
+from .adapters import apply_delta, lift
 from .compat import Plan
 from .loading import Checkpoint
 from .metrics import NATIVE, REGISTRY, Operand, pair_sums, weight_and_task_sums
@@ -54,8 +54,13 @@ def default_threads() -> int:
 @dataclass
 class TensorSet:
     """One tensor of several checkpoints (each under its own name: a slice renumbers the layers), viewed as
-    stored once the set is opened. `key` is what the consumer calls the set (the tensor, or the output)."""
+    stored once the set is opened. `key` is what the consumer calls the set (the tensor, or the output).
 
+    A LoRA adapter's adapted tensor is viewed as its weights, base + scale * B @ A in float32 (`with_deltas`),
+    so every dense consumer (merge simulation, preview, verify, model loading, the zoo's sketches) reads an
+    adapter as the model it makes; its modules_to_save tensors are read as stored."""
+
+    with_deltas: ClassVar[bool] = True
     key: str
     sources: list[tuple[Checkpoint, str]]
     rows: int | None = None  # view only the first `rows` rows (a vocabulary cut to the shared size)
@@ -76,7 +81,7 @@ class TensorSet:
             _trim_heap()
         for ckpt, name in self.sources:
             ckpt.prefetch(name)
-        self.views = [_view(ckpt, name, self.rows, device) for ckpt, name in self.sources]
+        self.views = [_view(ckpt, name, self.rows, device, self.with_deltas) for ckpt, name in self.sources]
 
     def release(self) -> None:
         """Drop the set's pages from this process's mappings (the page cache keeps them)."""
@@ -148,11 +153,12 @@ def read(
         opened.close()
 
 
-def _view(ckpt: Checkpoint, name: str, rows: int | None, device: torch.device) -> torch.Tensor:
+def _view(ckpt: Checkpoint, name: str, rows: int | None, device: torch.device, deltas: bool) -> torch.Tensor:
     tensor = ckpt.view(name)
     if rows is not None and tensor.dim() >= 1 and tensor.shape[0] > rows:
         tensor = tensor[:rows]
-    return tensor.to(device)
+    tensor = tensor.to(device)
+    return apply_delta(ckpt, name, tensor) if deltas else tensor
 
 
 # ----------------------------------------------------------------------------------- the upper layer: measuring
@@ -177,8 +183,10 @@ class Run:
 
 @dataclass
 class _Set(TensorSet):
-    """A tensor set with its operands and the jobs measuring them."""
+    """A tensor set with its operands and the jobs measuring them. An adapter's views stay the stored base's:
+    the comparison measures its delta from the factors (`adapters.lift`), never densely."""
 
+    with_deltas: ClassVar[bool] = False
     weights: list[Operand] = field(default_factory=list)
     tasks: list[Operand] = field(default_factory=list)  # model - base, when the base has this tensor
     base: Operand | None = None

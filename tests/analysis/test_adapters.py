@@ -305,3 +305,18 @@ def test_an_adapter_whose_base_is_an_adapter_is_refused(made: dict[str, Path], t
 def test_activation_similarity_of_adapters_is_refused_with_the_way_out(made: dict[str, Path]) -> None:
     with pytest.raises(InputError, match="merge_and_unload"):
         service.compare([str(made["r4_qv"]), str(made["r4_qv_b"])], device="cpu", activations=True)
+
+
+def test_the_stream_reads_an_adapter_as_base_plus_delta_through_the_bases_own_mapping(made: dict[str, Path]) -> None:
+    from mergelens_mcp.analysis.stream import TensorSet, read
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with load_checkpoint(str(made["base"]), "base") as base:
+        adapter = load_checkpoint(str(made["r4_qv"]), "r4_qv", base=base)
+        sets = [TensorSet(n, [(adapter, n), (base, n)]) for n in (name, "model.norm.weight")]
+        (adapted, plain) = [(s.views[0].clone(), s.views[1].clone()) for s in read(sets, "test")]
+        expected = load_file(str(made["r4_qv_dense"] / "model.safetensors"))
+        assert torch.allclose(adapted[0], expected[name], atol=1e-6) and not torch.equal(adapted[0], adapted[1])
+        assert torch.equal(plain[0], plain[1])  # a tensor the adapter leaves alone is the base's, as stored
+        assert adapter._maps == {} and base.files[0] in base._maps  # one mapping of the base's file
+        adapter.close()
