@@ -5,14 +5,15 @@ Generated once into .bench/lora/: a header-only base (a safetensors file whose h
 a hole in a sparse file: never written, never read) and two PEFT adapters (adapter_config.json +
 adapter_model.safetensors, bf16) of rank 64 over every linear module of every layer (224 modules each).
 
-A child process opens both adapters over that base (headers and factors only) and measures every task-vector
-metric of every adapted tensor from the factors (analysis/adapters.py's LowRankOperand): cosines, distances,
-magnitudes, the TSV interference and energy from the factors' QR, sign conflicts on the seeded row sample.
-Printed: wall time, peak RSS (VmHWM), and that no base byte was read. For comparison the same metrics on the
-dense deltas (scale * B @ A formed in float32) of one layer are timed and projected to 32 layers.
-
-Not covered: the weight metrics (cosine, distance, spectra of base + delta) and task_drift need the base's
-values; a comparison through `mergelens compare` reads the base for them.
+Two child processes, alternating (`--repeat` rounds), each printing wall time, CPU time, peak RSS (VmHWM) and
+how many times the base's file was mapped (a view of any base tensor maps it):
+- `compare`: the product's `service.compare([adapter_a, adapter_b])`, as `mergelens compare` runs it: every
+  model an adapter of one base, so every metric the factors give (task vectors, their SVDs, sign conflicts on
+  the seeded row sample, ...) is measured and the base is not read (the weight-space metrics and task_drift
+  are stated as not measured; `--read-base` would read the 13.5 GB for them).
+- `metrics` (the figure before the comparison learnt to skip the base): every task-vector metric of every
+  adapted tensor from the factors, called directly, without the engine; and, for comparison, the same metrics
+  on the dense deltas (scale * B @ A formed in float32) of one layer, timed and projected to 32 layers.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def ensure(root: Path) -> dict[str, Path]:
     return folders
 
 
-def child(root: Path) -> None:
-    """Open both adapters over the header-only base and measure every task-vector metric from the factors."""
+def child_metrics(root: Path) -> None:
+    """Both adapters over the header-only base: every task-vector metric from the factors, called directly."""
     from mergelens_mcp.analysis.adapters import LowRankOperand
     from mergelens_mcp.analysis.loading import load_checkpoint
     from mergelens_mcp.analysis.metrics import Operand, task_metrics
@@ -111,8 +112,7 @@ def child(root: Path) -> None:
             for m in metrics:
                 values[m.name] = values.get(m.name, 0.0) + float(m(ta, tb) or 0.0)
         wall, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
-        with open("/proc/self/status") as fh:
-            peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+        peak = _peak_rss()
         mapped = len(base._maps) + len(a._maps) + len(b._maps)  # a view of a base tensor would map its file
         started, cpu_started = time.perf_counter(), time.process_time()  # layer 0 densely, for the projection
         for name in [n for n in a.adapted if ".layers.0." in n]:
@@ -125,9 +125,8 @@ def child(root: Path) -> None:
         a.close()
         b.close()
     print(json.dumps({
-        "tensors": n, "low_rank_wall_s": round(wall, 2), "low_rank_cpu_s": round(cpu_s, 2),
-        "peak_rss_gb": round(peak / 1e9, 2),
-        "files_mapped_for_tensor_data": mapped,
+        "tensors": n, "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2), "peak_rss_gb": round(peak / 1e9, 2),
+        "base_mapped": mapped,
         "dense_one_layer_s": round(dense_s, 2), "dense_projected_32_layers_s": round(dense_s * SHAPE_7B.layers, 1),
         "dense_one_layer_cpu_s": round(dense_cpu, 2),
         "dense_projected_32_layers_cpu_s": round(dense_cpu * SHAPE_7B.layers, 1),
@@ -135,30 +134,71 @@ def child(root: Path) -> None:
     }))
 
 
+def child_compare(root: Path) -> None:
+    """`mergelens compare adapter_a adapter_b` in this process, counting every mapping of the base's file."""
+    from mergelens_mcp import service
+    from mergelens_mcp.analysis.loading import Checkpoint
+
+    base_file = (root / "base" / "model.safetensors").resolve()
+    mapped: list[Path] = []
+    original = Checkpoint._map
+
+    def counted(self: Checkpoint, path: Path) -> object:
+        if path.resolve() == base_file:
+            mapped.append(path)
+        return original(self, path)
+
+    Checkpoint._map = counted  # type: ignore[method-assign]
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = service.compare([str(root / "adapter_a"), str(root / "adapter_b")], device="cpu")
+    wall, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    print(json.dumps({
+        "tensors": result.coverage.tensors_compared, "low_rank_tensors": result.coverage.low_rank_tensors,
+        "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2), "peak_rss_gb": round(_peak_rss() / 1e9, 2),
+        "base_mapped": len(mapped), "mci": result.mci.score, "verdict": result.mci.verdict.value,
+        "not_measured": result.coverage.not_measured, "method": result.strategy.method.value if result.strategy
+        else None, "threads": torch.get_num_threads(),
+    }))
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the two children, alternating")
+    parser.add_argument("--child", choices=("metrics", "compare"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.out)
+        (child_metrics if args.child == "metrics" else child_compare)(args.out)
         return 0
     ensure(args.out)
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "benchmarks.lora", "--child", "--out", str(args.out)],
-                          cwd=ROOT, capture_output=True, text=True, check=False)
-    sys.stderr.write(done.stderr[-2000:])
-    if done.returncode:
-        return done.returncode
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"two rank-{RANK} adapters, {result['tensors']} modules each, 7B-shaped base never read: "
-          f"{result['low_rank_wall_s']} s wall, {result['low_rank_cpu_s']} s CPU, peak RSS {result['peak_rss_gb']} GB "
-          f"(tensor files mapped: {result['files_mapped_for_tensor_data']}; targets <= 30 s, <= 1.5 GB)")
-    print(f"the same task-vector metrics on dense deltas: {result['dense_one_layer_s']} s wall, "
-          f"{result['dense_one_layer_cpu_s']} s CPU for one layer; projected for 32 layers: about "
-          f"{result['dense_projected_32_layers_s']} s wall, {result['dense_projected_32_layers_cpu_s']} s CPU "
-          "(forming the deltas from the factors; a dense fine-tune would also read 2 x 13.5 GB)")
+    for _ in range(args.repeat):
+        for which in ("metrics", "compare"):
+            done = subprocess.run([sys.executable, "-m", "benchmarks.lora", "--child", which, "--out", str(args.out)],
+                                  cwd=ROOT, capture_output=True, text=True, check=False)
+            sys.stderr.write(done.stderr[-2000:])
+            if done.returncode:
+                return done.returncode
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            if which == "compare":
+                print(f"compare (the product, base never read): {r['tensors']} tensors ({r['low_rank_tensors']} "
+                      f"from factors), {r['wall_s']} s wall, {r['cpu_s']} s CPU, peak RSS {r['peak_rss_gb']} GB, "
+                      f"base file mapped {r['base_mapped']} times; MCI {r['mci']} ({r['verdict']}), method "
+                      f"{r['method']}; not measured: {', '.join(r['not_measured'])} (targets <= 30 s, <= 1.5 GB)")
+                continue
+            print(f"task-vector metrics from the factors, called directly (one thread): {r['tensors']} modules, "
+                  f"{r['wall_s']} s wall, {r['cpu_s']} s CPU, peak RSS {r['peak_rss_gb']} GB, base file mapped "
+                  f"{r['base_mapped']} times")
+            print(f"  the same on dense deltas: {r['dense_one_layer_s']} s wall, {r['dense_one_layer_cpu_s']} s CPU "
+                  f"for one layer; projected for 32 layers: about {r['dense_projected_32_layers_s']} s wall, "
+                  f"{r['dense_projected_32_layers_cpu_s']} s CPU (forming the deltas from the factors; a dense "
+                  "fine-tune would also read 2 x 13.5 GB)")
     return 0
 
 

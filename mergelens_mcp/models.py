@@ -219,6 +219,14 @@ class Coverage(Frozen):
     low_rank_tensors: int = Field(
         default=0, description="tensors measured from LoRA factors (exact algebra; element-wise on sampled rows)"
     )
+    base_read: bool = Field(
+        default=False, description="whether the base's tensors were read (a comparison of LoRA adapters of one "
+        "base reads them only with read_base)"
+    )
+    not_measured: list[str] = Field(
+        default_factory=list, description="metrics left out because the base's tensors were not read (each "
+        "layer's `unavailable` says where); read_base measures them"
+    )
 
 
 class MergeMethod(str, Enum):

@@ -77,15 +77,18 @@ def compare(
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
     activations: bool | Probe = False,
+    read_base: bool = False,
 ) -> CompareResult:
     """Compare two or more checkpoints, optionally against their common base.
 
     `activations=True` also runs each model on the shipped probe texts (Hugging Face checkpoints, needs
     transformers) and adds per-layer activation CKA to the metrics and the MCI; a `Probe` callable supplies
-    representations for other models. The device is checked before any file is opened.
+    representations for other models. LoRA adapters of one base are measured from their factors without
+    reading the base's tensors; `read_base=True` reads them for the metrics that need them (the weights'
+    cosine, distance and spectra, task_drift). The device is checked before any file is opened.
     """
     settings = settings or Settings()
-    options = settings.analysis_options(device)
+    options = settings.analysis_options(device, read_base)
     with ExitStack() as stack:
         opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
         return compare_checkpoints(

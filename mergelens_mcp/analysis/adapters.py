@@ -358,6 +358,11 @@ class AdapterCheckpoint(Checkpoint):
         finally:
             reader.close()
 
+    def factor_nbytes(self, name: str) -> int:
+        """The stored bytes of tensor `name`'s two factors (0 where the adapter has none)."""
+        found = self.adapted.get(name)
+        return 0 if found is None else self._factor_infos[found.a_name].nbytes + self._factor_infos[found.b_name].nbytes
+
     @property
     def nbytes(self) -> int:
         """The bytes the adapter adds to a request: its factors and saved modules (its base counts once)."""
@@ -465,16 +470,27 @@ def adapter_info(ckpt: Checkpoint) -> AdapterInfo | None:
     )
 
 
-def coverage_note(models: list[Checkpoint], tensors: list[str]) -> list[str]:
+def coverage_note(models: list[Checkpoint], tensors: list[str], unmeasured: list[str]) -> list[str]:
+    """What the result says about the adapters among `models`; `unmeasured`: the metrics left out because the
+    base's tensors were not read (a comparison of adapters of one base)."""
     if not any(isinstance(m, AdapterCheckpoint) for m in models):
         return []
     adapted = low_rank_count(models, tensors)
-    return [
+    note = (
         f"LoRA adapters: {adapted} adapted tensor(s) measured from their factors (norms, cosines, distances and "
         "task-vector SVDs exact through r x r products); sign conflict, TIES thresholds, mass fraction and value "
         f"histograms exact on a seeded sample of rows (at most {SAMPLE_VALUES:,} values per tensor, all rows of "
-        "smaller ones); the weights' own SVDs form base + delta densely"
-    ]
+        "smaller ones)"
+    )
+    if not unmeasured:
+        return [note + "; the weights' own SVDs form base + delta densely"]
+    return [note, (
+        "every model is a LoRA adapter of the base, and no byte of the base's tensors was read: what the factors "
+        "(and the adapters' own modules_to_save tensors) give was measured, exactly; the models' weight difference "
+        "W_a - W_b = B_a A_a - B_b A_b is the task vectors' (task_l2_distance); not measured, as "
+        f"{BASE_NOT_READ}: {', '.join(unmeasured)} (l2_distance divides that difference by |W_a| + |W_b|, which "
+        "hold the base). The MCI rests on the task-vector components (the models share their base by construction)"
+    )]
 
 
 def low_rank_count(models: list[Checkpoint], tensors: list[str]) -> int:
@@ -742,6 +758,44 @@ def apply_delta(ckpt: Checkpoint, name: str, view: torch.Tensor) -> torch.Tensor
     return (view.double() + left[: view.shape[0]] @ right).float()
 
 
+BASE_NOT_READ = (
+    "it needs the base's values, which a comparison of LoRA adapters of one base does not read; "
+    "read_base=True (--read-base) reads them"
+)
+
+
+def adapters_of(models: list[Checkpoint], base: Checkpoint | None) -> bool:
+    """Whether every model is a LoRA adapter of `base` (its folder): the comparison can then be measured from
+    the factors, and the adapters' own tensors, without reading the base's."""
+    if base is None or not models:
+        return False
+    root = base.root.resolve()
+    return all(isinstance(m, AdapterCheckpoint) and m.base_checkpoint.root.resolve() == root for m in models)
+
+
+def stores(model: Checkpoint, name: str) -> bool:
+    """Whether the adapter `model` stores tensor `name` itself (modules_to_save), in place of its base's."""
+    return isinstance(model, AdapterCheckpoint) and name in model.saved
+
+
+def factor_nbytes(model: Checkpoint, name: str) -> int:
+    return model.factor_nbytes(name) if isinstance(model, AdapterCheckpoint) else 0
+
+
+def task_vector(
+    ckpt: Checkpoint, name: str, rows: int, cols: int, device: torch.device, options: Any
+) -> LowRankOperand:
+    """The adapter's task vector on its tensor `name` (rows x cols, the first `rows` rows): scale * B @ A from
+    its factors; zero (rank 0) where it has none."""
+    found = ckpt.factors(name, device) if isinstance(ckpt, AdapterCheckpoint) else None
+    if found is None:
+        left = torch.zeros(rows, 0, dtype=torch.float64, device=device)
+        right = torch.zeros(0, cols, dtype=torch.float64, device=device)
+    else:
+        left, right = found[0][:rows], found[1]
+    return LowRankOperand(left, right, None, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements)
+
+
 def lift(
     sources: list[tuple[Any, str]], weights: list[Operand], tasks: list[Operand], base: Operand | None,
     options: Any,
@@ -750,18 +804,11 @@ def lift(
     scale * B @ A (zero where the adapter leaves the tensor alone) and the weights base + that."""
     if base is None or not tasks:
         return
+    rows, cols = base.tensor.shape[0], base.numel // max(base.tensor.shape[0], 1)
     for i, (ckpt, name) in enumerate(sources[: len(weights)]):
         if not isinstance(ckpt, AdapterCheckpoint) or name in ckpt.saved:
             continue
-        rows, cols = base.tensor.shape[0], base.numel // max(base.tensor.shape[0], 1)
-        device = base.tensor.device
-        found = ckpt.factors(name, device)
-        if found is None:
-            left = torch.zeros(rows, 0, dtype=torch.float64, device=device)
-            right = torch.zeros(0, cols, dtype=torch.float64, device=device)
-        else:
-            left, right = found[0][:rows], found[1]
-        make = {"rank": options.svd_rank, "exact_max_elements": options.exact_svd_max_elements}
-        tasks[i] = LowRankOperand(left, right, None, **make)
-        weights[i] = base if found is None else LowRankOperand(left, right, base, **make)
-
+        task = tasks[i] = task_vector(ckpt, name, rows, cols, base.tensor.device, options)
+        weights[i] = base if name not in ckpt.adapted else LowRankOperand(
+            task.left, task.right, base, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements
+        )

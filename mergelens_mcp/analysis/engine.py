@@ -31,7 +31,7 @@ from ..models import (
 from ..security.redact import redact_json
 from . import score as mci
 from . import stream
-from .adapters import adapter_findings, adapter_info, coverage_note, low_rank_count
+from .adapters import BASE_NOT_READ, adapter_findings, adapter_info, adapters_of, coverage_note, low_rank_count
 from .compat import Plan, plan_comparison
 from .layers import TensorRole, classify, group_sort_key, position
 from .loading import Checkpoint
@@ -58,6 +58,7 @@ class _Sums:
     n_params: int = 0
     tensors: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # metric -> tensors where it could not be computed
+    unmeasured: dict[str, int] = field(default_factory=dict)  # metric -> tensors where the base was not read
 
     def add(self, name: str, value: float | None, weight: float) -> None:
         if value is None:  # not computable on this tensor: it adds nothing to the layer's mean
@@ -102,7 +103,11 @@ def analyze(
     matrix_params = spectral_params = params_compared = 0
 
     tensors = [] if plan.fatal else plan.tensors
-    measured_sets = stream.measured_sets(tensors, stream.Run(models, base, plan, device, options, pairs))
+    factors_only = not options.read_base and adapters_of(models, base)  # the base's tensors are not read
+    unmeasured: dict[str, None] = {}
+    measured_sets = stream.measured_sets(
+        tensors, stream.Run(models, base, plan, device, options, pairs, factors_only)
+    )
     try:
         for done, measured in enumerate(measured_sets):
             if cancelled is not None and cancelled():
@@ -119,6 +124,9 @@ def analyze(
                 layer.tensors.append(name)
                 for metric_name, value in values.items():
                     layer.add(metric_name, value, numel)
+                for metric_name in measured.unmeasured:
+                    layer.unmeasured[metric_name] = layer.unmeasured.get(metric_name, 0) + 1
+            unmeasured.update(dict.fromkeys(measured.unmeasured))
             if measured.is_matrix:
                 matrix_params += numel
                 spectral_params += numel if measured.svds else 0
@@ -168,13 +176,15 @@ def analyze(
     infos = [_model_info(m, nonfinite[m.label]) for m in models]
     base_info = _model_info(base, nonfinite[base.label]) if base else None
     used_base = bool(base and plan.base_tensors and not plan.fatal)
-    notes = _notes(base, used_base) + _unavailable_notes(layer_metrics) + coverage_note(models, tensors)
+    not_measured = sorted(unmeasured)
+    notes = _notes(base, used_base) + _unavailable_notes(sums) + coverage_note(models, tensors, not_measured)
     coverage = Coverage(
         tensors_compared=len(tensors), tensors_total=len(models[0].tensors), params_compared=params_compared,
         matrix_params=matrix_params, spectral_params=spectral_params, exact_svd_tensors=exact,
         randomized_svd_tensors=randomized, svd_rank=options.svd_rank, svd_oversample=OVERSAMPLE,
         svd_power_iterations=POWER_ITERS, exact_svd_max_elements=options.exact_svd_max_elements,
-        low_rank_tensors=low_rank_count(models, tensors),
+        low_rank_tensors=low_rank_count(models, tensors), base_read=used_base and not factors_only,
+        not_measured=not_measured,
     )
     if randomized:
         notes.append(
@@ -184,7 +194,7 @@ def analyze(
         )
     return _assemble(finish, dict(
         version=VERSION, models=infos, base=base_info, device=str(device),
-        mci=_mci(pair_scores, layer_metrics, plan, used_base, findings).model_copy(
+        mci=_mci(pair_scores, layer_metrics, plan, used_base, findings, not_measured).model_copy(
             update={"used_activations": bool(activations)}
         ),
         pairwise=pair_scores, layer_metrics=layer_metrics, conflict_zones=zones, findings=findings,
@@ -229,17 +239,19 @@ def _notes(base: Checkpoint | None, used_base: bool) -> list[str]:
 def _unavailable(s: _Sums) -> dict[str, str]:
     """Why each metric that some of the layer's tensors could not give is partial or absent in the layer."""
     out = {}
-    for name, count in s.skipped.items():
-        where = f"{UNAVAILABLE} on {count} of the layer's {len(s.tensors)} tensors"
-        out[name] = f"{where}; the value averages the others" if name in s.weights else f"{where}; left out"
+    for why, counts, more in ((UNAVAILABLE, s.skipped, ""), ("not measured", s.unmeasured, f" ({BASE_NOT_READ})")):
+        for name, count in counts.items():
+            where = f"{why} on {count} of the layer's {len(s.tensors)} tensors{more}"
+            out[name] = f"{where}; the value averages the others" if name in s.weights else f"{where}; left out"
     return out
 
 
-def _unavailable_notes(layers: list[LayerMetrics]) -> list[str]:
+def _unavailable_notes(sums: dict[tuple[int, int], dict[str, _Sums]]) -> list[str]:
     counts: dict[str, int] = {}
-    for lm in layers:
-        for name in lm.unavailable:
-            counts[name] = counts.get(name, 0) + 1
+    for layers in sums.values():
+        for s in layers.values():
+            for name in s.skipped:
+                counts[name] = counts.get(name, 0) + 1
     return [
         f"{name} could not be computed on some tensors of {n} layer(s) ({UNAVAILABLE}): they are left out of "
         "its mean, never read as a number; each layer's `unavailable` says where"
@@ -248,7 +260,8 @@ def _unavailable_notes(layers: list[LayerMetrics]) -> list[str]:
 
 
 def _mci(
-    pair_scores: list[PairScore], layers: list[LayerMetrics], plan: Plan, used_base: bool, findings: list[Finding]
+    pair_scores: list[PairScore], layers: list[LayerMetrics], plan: Plan, used_base: bool, findings: list[Finding],
+    not_measured: list[str],
 ) -> MCI:
     if plan.fatal or not layers:
         reasons = plan.fatal or ["no tensors could be compared"]
@@ -270,6 +283,13 @@ def _mci(
     if not used_base:
         reasons.append("no base model: only weight similarity was measured, not whether the fine-tunes conflict")
     confidence = "high" if used_base and not warnings else "medium" if used_base or not warnings else "low"
+    if not_measured:  # the weights' distance and the drift from the base are unknown: one step less sure
+        reasons.append(
+            "LoRA adapters of one base, measured from their factors without reading the base: the score rests on "
+            f"the task vectors; not measured: {', '.join(not_measured)}. Adapters that moved their base far (a "
+            "large task_drift) score higher here than with read_base, which measures it"
+        )
+        confidence = "medium" if confidence == "high" else "low"
     return MCI(score=worst.score, verdict=worst.verdict, confidence=confidence, components=means,
                used_base=used_base, reasons=reasons)
 

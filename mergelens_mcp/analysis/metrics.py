@@ -420,6 +420,7 @@ class Metric:
     needs_base: bool
     matrix_only: bool
     doc: str
+    reads_base: bool = False  # reads the base tensor's own values (its norm), beyond the task vectors
 
     def applies_to(self, a: Operand) -> bool:
         return a.is_matrix or not self.matrix_only
@@ -441,11 +442,17 @@ def metric(
     identical: float | None = None,
     needs_base: bool = False,
     matrix_only: bool = False,
+    reads_base: bool = False,
 ) -> Callable[[MetricFn], MetricFn]:
+    """Register a metric. `needs_base`: it compares task vectors (model - base); `reads_base`: it also reads
+    the base tensor's own values, so LoRA factors alone cannot give it; `matrix_only`: 2-D tensors only."""
+
     def register(fn: MetricFn) -> MetricFn:
         if fn.__name__ != name or name in REGISTRY:
             raise ValueError(f"metric {name!r} must be registered once, by a function of that name")
-        REGISTRY[name] = Metric(name, fn, bounds, identical, needs_base, matrix_only, (fn.__doc__ or "").strip())
+        REGISTRY[name] = Metric(
+            name, fn, bounds, identical, needs_base, matrix_only, (fn.__doc__ or "").strip(), reads_base
+        )
         return fn
 
     return register
@@ -457,6 +464,11 @@ def weight_metrics() -> list[Metric]:
 
 def task_metrics() -> list[Metric]:
     return [m for m in REGISTRY.values() if m.needs_base]
+
+
+def from_task_vectors_alone(m: Metric) -> bool:
+    """Whether the metric needs nothing but the two task vectors (LoRA factors give it without the base)."""
+    return m.needs_base and not m.reads_base
 
 
 # ---- shared formulas -------------------------------------------------------------------------------
@@ -633,7 +645,7 @@ def magnitude_ratio(a: Operand, b: Operand) -> float:
     return 1.0 if hi < EPS else min(a.norm, b.norm) / hi
 
 
-@metric("task_drift", bounds=(0.0, None), needs_base=True)
+@metric("task_drift", bounds=(0.0, None), needs_base=True, reads_base=True)
 def task_drift(a: Operand, b: Operand) -> float:
     """Mean relative distance moved from the base: (|tau_a| + |tau_b|) / (2 |base|)."""
     reference = a.reference_norm or b.reference_norm or 0.0

@@ -32,10 +32,10 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from ..errors import AnalysisCancelledError
-from .adapters import apply_delta, lift
+from .adapters import apply_delta, factor_nbytes, lift, stores, task_vector
 from .compat import Plan
 from .loading import Checkpoint
-from .metrics import NATIVE, REGISTRY, Operand, pair_sums, weight_and_task_sums
+from .metrics import NATIVE, REGISTRY, Operand, from_task_vectors_alone, pair_sums, weight_and_task_sums
 from .spectral import SVD, release_scratch
 from .types import AnalysisOptions, Cancelled, Progress
 
@@ -76,8 +76,7 @@ class TensorSet:
 
     def open(self, device: torch.device) -> None:
         """Prefetch every source's bytes and view them in place (on `device`: a copy off the CPU)."""
-        first, name = self.sources[0]
-        if first.tensors[name].numel >= LARGE:
+        if self.sources and self.sources[0][0].tensors[self.sources[0][1]].numel >= LARGE:
             _trim_heap()
         for ckpt, name in self.sources:
             ckpt.prefetch(name)
@@ -166,7 +165,8 @@ def _view(ckpt: Checkpoint, name: str, rows: int | None, device: torch.device, d
 
 @dataclass(frozen=True)
 class Run:
-    """What every tensor set of one comparison is measured with."""
+    """What every tensor set of one comparison is measured with. `factors_only`: every model is a LoRA adapter
+    of the base, and the base's tensors are not read (see `_factor_operands`)."""
 
     models: list[Checkpoint]
     base: Checkpoint | None
@@ -174,11 +174,21 @@ class Run:
     device: torch.device
     options: AnalysisOptions
     pairs: list[tuple[int, int]]
+    factors_only: bool = False
 
     def tensor_set(self, name: str) -> _Set:
-        """One tensor of every model, and the base's where it pairs with them."""
+        """One tensor of every model, and the base's where it pairs with them; without the base's values, the
+        adapters' own tensors where every one stores it, and nothing else (their factors are read per set)."""
+        rows = self.plan.row_limits.get(name)
+        shape = tuple(self.models[0].tensors[name].shape)
+        if rows is not None and shape and shape[0] > rows:
+            shape = (rows, *shape[1:])
+        if self.factors_only:
+            own = all(stores(m, name) for m in self.models)
+            factors = sum(factor_nbytes(m, name) for m in self.models)
+            return _Set(name, [(m, name) for m in self.models] if own else [], rows, shape=shape, factors=factors)
         base = [self.base] if self.base is not None and name in self.plan.base_tensors else []
-        return _Set(name, [(c, name) for c in [*self.models, *base]], self.plan.row_limits.get(name))
+        return _Set(name, [(c, name) for c in [*self.models, *base]], rows, shape=shape)
 
 
 @dataclass
@@ -187,12 +197,33 @@ class _Set(TensorSet):
     the comparison measures its delta from the factors (`adapters.lift`), never densely."""
 
     with_deltas: ClassVar[bool] = False
-    weights: list[Operand] = field(default_factory=list)
+    shape: tuple[int, ...] = ()  # as viewed (the rows cut)
+    factors: int = 0  # stored bytes of the LoRA factors read for the set without the base
+    weights: list[Operand] = field(default_factory=list)  # empty: not measured here
     tasks: list[Operand] = field(default_factory=list)  # model - base, when the base has this tensor
     base: Operand | None = None
+    unmeasured: tuple[str, ...] = ()  # metrics that apply but need the base's values, which were not read
     nonfinite: dict[str, int] = field(default_factory=dict)
     elementwise: Future[list[dict[str, float | None]] | None] | None = None  # None: the set holds NaN or Inf
     svds: list[Future[SVD]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.factors
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """The tensor as a matrix: its rows, and its other dimensions flattened."""
+        rows = self.shape[0] if self.shape else 1
+        return rows, self.numel // max(rows, 1)
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) >= 2 and min(self.rows_cols) > 1
 
     def jobs(self) -> list[Future[Any]]:
         return [*([self.elementwise] if self.elementwise is not None else []), *self.svds]
@@ -208,6 +239,7 @@ class Measured:
     values: list[dict[str, float | None]]  # per pair, in the order of `pairs`
     svds: list[SVD]
     nonfinite: dict[str, int]
+    unmeasured: tuple[str, ...] = ()  # metrics that apply but need the base's values, which were not read
 
 
 def measured_sets(names: Sequence[str], run: Run) -> Iterator[Measured]:
@@ -258,9 +290,7 @@ def _open_set(current: _Set, run: Run, pool: ThreadPoolExecutor) -> None:
     """View one tensor of every model in place and queue its jobs: the elementwise pass and one SVD per
     matrix operand (a set found to hold NaN or Inf is measured again once its values are cleaned)."""
     current.open(run.device)
-    views = [_flat2d(v) for v in current.views]
-    base_view = views.pop() if len(current.sources) > len(run.models) else None
-    _make_operands(current, views, base_view, run.options)
+    _operands(current, [_flat2d(v) for v in current.views], run)
     operands = dict.fromkeys([*current.weights, *current.tasks])  # an adapter's untouched weights are the base's
     fused = [op for op in operands if op.fusable] if _fuses(current) else []
     claims = [(op, _Once(functools.partial(_subspace, op))) for op in fused]
@@ -329,16 +359,38 @@ class _Once:
         return self.value
 
 
-def _make_operands(
-    current: _Set, views: list[torch.Tensor], base_view: torch.Tensor | None, options: AnalysisOptions
-) -> None:
-    def operand(tensor: torch.Tensor, base: torch.Tensor | None = None) -> Operand:
-        return Operand(tensor, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements, base=base)
+def _operands(current: _Set, views: list[torch.Tensor], run: Run) -> None:
+    """The set's operands from its views: every model's weights and task vectors (model - base, with a base),
+    or, without the base's values, what the factors and the adapters' own tensors give."""
+    if run.factors_only:
+        _factor_operands(current, views, run)
+        return
+    base_view = views.pop() if len(current.sources) > len(run.models) else None
+    current.weights = [_operand(v, run.options) for v in views]
+    current.base = _operand(base_view, run.options) if base_view is not None else None
+    current.tasks = [_operand(v, run.options, base_view) for v in views] if base_view is not None else []
+    lift(current.sources, current.weights, current.tasks, current.base, run.options)  # LoRA adapters: exact factors
 
-    current.weights = [operand(v) for v in views]
-    current.base = operand(base_view) if base_view is not None else None
-    current.tasks = [operand(v, base_view) for v in views] if base_view is not None else []
-    lift(current.sources, current.weights, current.tasks, current.base, options)  # LoRA adapters: exact factors
+
+def _operand(tensor: torch.Tensor, options: AnalysisOptions, base: torch.Tensor | None = None) -> Operand:
+    return Operand(tensor, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements, base=base)
+
+
+def _factor_operands(current: _Set, views: list[torch.Tensor], run: Run) -> None:
+    """Every model a LoRA adapter of the base, whose values are not read: the task vectors from the factors
+    where no adapter stores the tensor itself (zero where an adapter has no factors), the weights from the
+    adapters' own tensors where every one stores it (modules_to_save); the metrics that need anything else
+    (the adapted weights, a stored tensor's task vector, the base's norm) are `unmeasured`."""
+    current.weights = [_operand(v, run.options) for v in views]
+    current.tasks = []
+    if not any(stores(m, current.key) for m in run.models):
+        rows, cols = current.rows_cols
+        current.tasks = [task_vector(m, current.key, rows, cols, run.device, run.options) for m in run.models]
+    current.unmeasured = tuple(
+        m.name for m in REGISTRY.values()
+        if (current.is_matrix or not m.matrix_only)
+        and not (current.weights if not m.needs_base else current.tasks and from_task_vectors_alone(m))
+    )
 
 
 def _elementwise(
@@ -362,17 +414,19 @@ def _elementwise(
         products[op] = (z, torch.empty(op.tensor.shape[0], z.shape[1]))
     made = dict(products)
     for i, j in pairs:
-        if current.base is not None and (tasks[i].low_rank or tasks[j].low_rank):
-            pair_sums(weights[i], weights[j])
-            pair_sums(tasks[i], tasks[j], signs=True)
-        elif current.base is not None:
+        if current.base is not None and not (tasks[i].low_rank or tasks[j].low_rank):
             weight_and_task_sums(weights[i], weights[j], tasks[i], tasks[j], current.base, products)
-        else:
+            continue
+        if weights:
             pair_sums(weights[i], weights[j])
+        if tasks:
+            pair_sums(tasks[i], tasks[j], signs=True)
     reference = current.base.norm if current.base is not None else 0.0
-    for op in current.tasks:
-        op.reference_norm = reference
-    if check and not (all(math.isfinite(op.norm) for op in current.weights) and math.isfinite(reference)):
+    if current.base is not None:
+        for op in current.tasks:
+            op.reference_norm = reference
+    checked = current.weights or current.tasks  # without the base's values, maybe only the factors
+    if check and not (all(math.isfinite(op.norm) for op in checked) and math.isfinite(reference)):
         return None
     if failure is not None:
         raise failure
@@ -387,7 +441,7 @@ def _metrics(current: _Set, i: int, j: int, spectral: bool) -> dict[str, float |
     found: dict[str, float | None] = {}
     for m in REGISTRY.values():
         group = current.tasks if m.needs_base else current.weights
-        if group and m.matrix_only == spectral and m.applies_to(group[i]):
+        if group and m.matrix_only == spectral and m.applies_to(group[i]) and m.name not in current.unmeasured:
             found[m.name] = m(group[i], group[j])
     return found
 
@@ -405,17 +459,16 @@ def _finish_set(current: _Set, run: Run) -> Measured:
     else:
         for job in current.svds:
             job.exception()  # wait; the SVDs of non-finite values are discarded
-        _clean(current, run.options)
+        _clean(current, run)
         values = _elementwise(current, run.pairs, check=False)
         assert values is not None
         svds = [op.svd for op in [*current.weights, *current.tasks] if op.is_matrix]
     for found, (i, j) in zip(values, run.pairs, strict=True):
         found.update(_metrics(current, i, j, spectral=True))
-    first = current.weights[0]
-    return Measured(current.key, first.numel, first.is_matrix, values, svds, current.nonfinite)
+    return Measured(current.key, current.numel, current.is_matrix, values, svds, current.nonfinite, current.unmeasured)
 
 
-def _clean(current: _Set, options: AnalysisOptions) -> None:
+def _clean(current: _Set, run: Run) -> None:
     """Replace NaN and Inf with 0 in copies of the views that hold them, counting them per checkpoint."""
     views = [op.tensor for op in current.weights]
     if current.base is not None:
@@ -429,8 +482,7 @@ def _clean(current: _Set, options: AnalysisOptions) -> None:
             current.nonfinite[ckpt.label] = current.nonfinite.get(ckpt.label, 0) + bad
             view = torch.nan_to_num(view, nan=0.0, posinf=0.0, neginf=0.0)
         cleaned.append(view)
-    base_view = cleaned.pop() if current.base is not None else None
-    _make_operands(current, cleaned, base_view, options)
+    _operands(current, cleaned, run)
 
 
 # ----------------------------------------------------------------------------------- the C heap

@@ -30,6 +30,11 @@ BaseModelPath = Annotated[
         "recommended: without it only weight similarity is measured, not whether the fine-tunes conflict",
     ),
 ]
+ReadBase = Annotated[
+    bool,
+    Field(description="LoRA adapters of one base are compared from their factors without reading the base's "
+                      "tensors; true also reads them, for the weights' cosine, distance and spectra and task_drift"),
+]
 Detail = Annotated[
     bool,
     Field(description="also return every layer's raw metrics (large: dozens of numbers per layer); "

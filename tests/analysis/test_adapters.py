@@ -46,6 +46,87 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+def spy_on_reads(monkeypatch: pytest.MonkeyPatch, base: Path) -> list[str]:
+    """The tensors of `base`'s files that any checkpoint views, prefetches, reads or maps from now on."""
+    from mergelens_mcp.analysis.loading import Checkpoint
+
+    files = {p.resolve() for p in base.glob("*.safetensors")}
+    seen: list[str] = []
+
+    def spy(method: str) -> None:
+        original = getattr(Checkpoint, method)
+
+        def wrapped(self: Checkpoint, name: str, *args: object, **kwargs: object) -> object:
+            if self.tensors[name].file.resolve() in files:
+                seen.append(f"{method} {name}")
+            return original(self, name, *args, **kwargs)
+
+        monkeypatch.setattr(Checkpoint, method, wrapped)
+
+    for method in ("view", "prefetch", "blocks", "read"):
+        spy(method)
+    original_map = Checkpoint._map
+
+    def mapped(self: Checkpoint, path: Path) -> object:
+        if path.resolve() in files:
+            seen.append(f"map {path.name}")
+        return original_map(self, path)
+
+    monkeypatch.setattr(Checkpoint, "_map", mapped)
+    return seen
+
+
+NOT_MEASURED = {"cosine_similarity", "l2_distance", "kl_divergence", "spectral_overlap", "effective_rank_ratio",
+                "task_drift"}
+
+
+@pytest.mark.parametrize("pair", [
+    ("r4_qv", "r8_all_rslora"), ("r2_qk_head", "r4_dora"), ("r3_embed_head", "r2_qk_head"),
+])
+def test_adapters_of_one_base_are_compared_without_a_byte_of_the_base_and_equal_the_dense_values_measured(
+    made: dict[str, Path], pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair
+    dense = service.compare([str(made[f"{a}_dense"]), str(made[f"{b}_dense"])], str(made["base"]), device="cpu")
+    reads = spy_on_reads(monkeypatch, made["base"])
+    lowrank = service.compare([str(made[a]), str(made[b])], device="cpu")
+    assert reads == []
+    stored = any(json.loads((made[m] / "adapter_config.json").read_text())["modules_to_save"] for m in pair)
+    if stored:  # a tensor one adapter stores (modules_to_save): its task vector needs the base
+        assert NOT_MEASURED < set(lowrank.coverage.not_measured)
+    else:
+        assert set(lowrank.coverage.not_measured) == NOT_MEASURED
+    assert not lowrank.coverage.base_read
+    assert lowrank.base is not None and lowrank.mci.used_base
+    compared = 0
+    for x, y in zip(lowrank.layer_metrics, dense.layer_metrics, strict=True):
+        assert x.layer_name == y.layer_name and set(x.metrics) <= set(y.metrics)
+        for name, value in x.metrics.items():
+            assert value == pytest.approx(y.metrics[name], abs=TOLERANCE), (x.layer_name, name)
+            compared += 1
+        for name in set(y.metrics) - set(x.metrics):  # left out, and said why
+            assert x.unavailable[name].startswith("not measured on "), (x.layer_name, name)
+            assert "it needs the base's values" in x.unavailable[name]
+    assert compared >= 30  # 6 layers x the 8 task-vector metrics, less where a tensor is stored
+    assert any("no byte of the base's tensors was read" in n for n in lowrank.notes)
+    assert any("not measured: " in r for r in lowrank.mci.reasons)
+    assert lowrank.strategy is not None and lowrank.strategy.method.value != "passthrough"  # rule 1 needs a cosine
+
+
+def test_the_score_from_the_factors_alone_is_close_to_the_one_with_the_base_when_adapters_move_it_little(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    small = [make_adapter(tmp_path / f"small_{s}", made["base"], seed=s, r=4, alpha=8.0,
+                          targets=("q_proj", "v_proj", "up_proj"), size=0.01) for s in (21, 22)]
+    lowrank = service.compare([str(p) for p in small], device="cpu")
+    full = service.compare([str(p) for p in small], device="cpu", read_base=True)
+    drift = [lm.metrics["task_drift"] for lm in full.layer_metrics if lm.layer_name.startswith("layers.")]
+    assert max(drift) < 0.02  # a typical LoRA: a small move of its base
+    assert lowrank.mci.score is not None and full.mci.score is not None
+    assert abs(lowrank.mci.score - full.mci.score) < 5 and lowrank.mci.verdict is full.mci.verdict
+    assert (lowrank.mci.confidence, full.mci.confidence) in {("medium", "high"), ("low", "medium")}
+
+
 def assert_same_metrics(lowrank: object, dense: object) -> int:
     """Every layer metric of two results equal within TOLERANCE; the number of values compared."""
     compared = 0
@@ -63,10 +144,12 @@ def assert_same_metrics(lowrank: object, dense: object) -> int:
     ("r3_embed_head", "r2_qk_head"),
 ])
 def test_every_metric_of_two_adapters_equals_the_dense_comparison_of_base_plus_delta(
-    made: dict[str, Path], pair: tuple[str, str]
+    made: dict[str, Path], pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = pair
-    lowrank = service.compare([str(made[a]), str(made[b])], device="cpu")
+    reads = spy_on_reads(monkeypatch, made["base"])
+    lowrank = service.compare([str(made[a]), str(made[b])], device="cpu", read_base=True)
+    assert reads and lowrank.coverage.base_read and lowrank.coverage.not_measured == []  # the opt-in reads it
     dense = service.compare([str(made[f"{a}_dense"]), str(made[f"{b}_dense"])], str(made["base"]), device="cpu")
     assert assert_same_metrics(lowrank, dense) > 50
     assert lowrank.mci.score == pytest.approx(dense.mci.score, abs=0.05)
