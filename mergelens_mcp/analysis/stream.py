@@ -13,7 +13,9 @@ Two layers, so that every consumer reads tensors the same way:
   bfloat16 iterations: its final float32 product is taken inside the pass, from the rows the pass upcasts
   anyway. The next sets are queued while the last SVDs of this one run. A
   non-finite norm is the one signal that triggers the NaN/Inf scan, after which the set is measured again
-  from cleaned copies.
+  from cleaned copies. When every model is a LoRA adapter of the base and the base is not to be read
+  (`Run.factors_only`), a set views no byte of the base: its task vectors come from the factors, and the
+  metrics that need the base's values are the set's `unmeasured`.
 """
 
 from __future__ import annotations
