@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 import time
@@ -149,6 +150,11 @@ def child_compare(root: Path) -> None:
         return original(self, path)
 
     Checkpoint._map = counted  # type: ignore[method-assign]
+    sample = os.environ.get("MERGELENS_BENCH_BASE_SAMPLE")  # the base's row sample, values per tensor
+    if sample:
+        from mergelens_mcp.analysis import adapters
+
+        adapters.BASE_SAMPLE_VALUES = int(sample)
     started, cpu_started = time.perf_counter(), time.process_time()
     result = service.compare([str(root / "adapter_a"), str(root / "adapter_b")], device="cpu")
     wall, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
@@ -156,7 +162,10 @@ def child_compare(root: Path) -> None:
         "tensors": result.coverage.tensors_compared, "low_rank_tensors": result.coverage.low_rank_tensors,
         "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2), "peak_rss_gb": round(_peak_rss() / 1e9, 2),
         "base_mapped": len(mapped), "mci": result.mci.score, "verdict": result.mci.verdict.value,
-        "not_measured": result.coverage.not_measured, "method": result.strategy.method.value if result.strategy
+        "not_measured": result.coverage.not_measured, "base_sampled": getattr(result.coverage, "base_sampled", []),
+        "base_bytes_read_gb": round(getattr(result.coverage, "base_bytes_read", 0) / 1e9, 3),
+        "base_bytes_share": getattr(result.coverage, "base_bytes_share", 0.0),
+        "method": result.strategy.method.value if result.strategy
         else None, "threads": torch.get_num_threads(),
     }))
 

@@ -197,5 +197,6 @@ def test_compare_reads_the_base_of_lora_adapters_only_with_read_base(
         out_file = tmp_path / f"result{len(flags)}.json"
         assert main(["compare", str(adapters[0]), str(adapters[1]), "--json", str(out_file), *flags]) == EXIT_OK
         found[bool(flags)] = CompareResult.model_validate_json(out_file.read_text()).coverage
-    assert not found[False].base_read and "cosine_similarity" in found[False].not_measured
-    assert found[True].base_read and found[True].not_measured == []
+    assert not found[False].base_read and found[False].not_measured == ["effective_rank_ratio", "spectral_overlap"]
+    assert "cosine_similarity" in found[False].base_sampled and found[False].base_bytes_share > 0
+    assert found[True].base_read and found[True].not_measured == [] and found[True].base_sampled == []

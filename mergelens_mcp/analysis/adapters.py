@@ -45,6 +45,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SAMPLE_VALUES = 1 << 18  # values of the seeded row sample the element-wise statistics are exact on
 SAMPLE_SEED = 0
+BASE_SAMPLE_VALUES = 1 << 20  # values of the base's row sample for |W|^2 when adapters of one base are compared
+# without reading it whole: 256 of a 4096-wide matrix's rows (see `BaseSample`)
 ROW_BLOCK_VALUES = 1 << 20  # values per row block of a pass over a dense tensor
 REFUSED_TYPES = {
     "IA3": "IA3 scales activations, it has no weight delta to compare",
@@ -470,9 +472,13 @@ def adapter_info(ckpt: Checkpoint) -> AdapterInfo | None:
     )
 
 
-def coverage_note(models: list[Checkpoint], tensors: list[str], unmeasured: list[str]) -> list[str]:
+def coverage_note(
+    models: list[Checkpoint], tensors: list[str], unmeasured: list[str], sampled: list[str] | None = None,
+    sample: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> list[str]:
     """What the result says about the adapters among `models`; `unmeasured`: the metrics left out because the
-    base's tensors were not read (a comparison of adapters of one base)."""
+    base's tensors were not read (a comparison of adapters of one base); `sampled`: those estimated from its
+    seeded row sample, `sample`: (rows read, rows sampled from, bytes read, the compared tensors' bytes)."""
     if not any(isinstance(m, AdapterCheckpoint) for m in models):
         return []
     adapted = low_rank_count(models, tensors)
@@ -482,15 +488,27 @@ def coverage_note(models: list[Checkpoint], tensors: list[str], unmeasured: list
         f"histograms exact on a seeded sample of rows (at most {SAMPLE_VALUES:,} values per tensor, all rows of "
         "smaller ones)"
     )
-    if not unmeasured:
+    if not unmeasured and not sampled:
         return [note + "; the weights' own SVDs form base + delta densely"]
-    return [note, (
-        "every model is a LoRA adapter of the base, and no byte of the base's tensors was read: what the factors "
-        "(and the adapters' own modules_to_save tensors) give was measured, exactly; the models' weight difference "
-        "W_a - W_b = B_a A_a - B_b A_b is the task vectors' (task_l2_distance); not measured, as "
-        f"{BASE_NOT_READ}: {', '.join(unmeasured)} (l2_distance divides that difference by |W_a| + |W_b|, which "
-        "hold the base). The MCI rests on the task-vector components (the models share their base by construction)"
-    )]
+    notes = [note]
+    if sampled:
+        rows, of, read, total = sample
+        notes.append(
+            "every model is a LoRA adapter of the base, which was read only on a seeded sample of rows (at most "
+            f"{BASE_SAMPLE_VALUES:,} values per tensor, all rows of smaller ones: {rows:,} of {of:,} rows, "
+            f"{read / max(total, 1):.1%} of its compared bytes): |W|^2 and <W, t_i> are the sample's sums scaled to "
+            "all rows, |t_i|^2 and <t_a, t_b> exact from the factors, so |W + t_i|^2 = |W|^2 + 2 <W, t_i> + "
+            "|t_i|^2; the weights' difference is the task vectors' (exact). Estimated so: "
+            f"{', '.join(sampled)} (the KL histograms on the sampled rows, as with read_base); read_base=True "
+            "(--read-base) measures them exactly"
+        )
+    if unmeasured:
+        notes.append(
+            f"not measured, as {BASE_NOT_READ}: {', '.join(unmeasured)}"
+            + (" (the weights' SVDs need every row of the base)" if sampled else
+               " (l2_distance divides the task vectors' difference by |W_a| + |W_b|, which hold the base)")
+        )
+    return notes
 
 
 def low_rank_count(models: list[Checkpoint], tensors: list[str]) -> int:
@@ -501,9 +519,10 @@ def low_rank_count(models: list[Checkpoint], tensors: list[str]) -> int:
 # ----------------------------------------------------------------------------------- the low-rank operand
 
 
-def sample_rows(rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """The seeded sample of rows element-wise statistics read: all of them up to SAMPLE_VALUES values."""
-    keep = max(1, SAMPLE_VALUES // max(cols, 1))
+def sample_rows(rows: int, cols: int, device: torch.device, values: int | None = None) -> torch.Tensor:
+    """The seeded sample of rows element-wise statistics read: all of them up to `values` (SAMPLE_VALUES)
+    values. A larger `values` draws a superset of a smaller one's rows (the same permutation, a longer prefix)."""
+    keep = max(1, (SAMPLE_VALUES if values is None else values) // max(cols, 1))
     if keep >= rows:
         return torch.arange(rows, device=device)
     generator = torch.Generator().manual_seed(SAMPLE_SEED)
@@ -609,6 +628,135 @@ class LowRankOperand(Operand):
 
     def exact_pair_sums(self, other: Operand, signs: bool) -> PairSums:
         return low_rank_pair_sums(self, other, signs)
+
+
+@dataclass
+class BaseSample:
+    """The base's tensor read on a seeded sample of its rows (`sample_rows`, BASE_SAMPLE_VALUES values):
+    |W|^2 estimated as the sample's sum of squares scaled by rows / sampled rows (unbiased; its relative error
+    is about the spread (CV) of the rows' squared norms over sqrt(sampled rows)). The cross terms <W, t> and the
+    values (KL histograms) use the rows of the element-wise sample (SAMPLE_VALUES: the first rows of the same
+    seeded permutation, so a subset), where the task vectors' rows are formed anyway."""
+
+    index: torch.Tensor  # the sampled rows, sorted
+    values: torch.Tensor  # float32 (len(index), cols)
+    rows: int
+    nbytes: int  # stored bytes of the sampled rows
+    inner: torch.Tensor | None = None  # positions in `index` of the element-wise sample's rows (None: all)
+
+    @property
+    def energy(self) -> float:
+        """|W|^2, estimated from the sample."""
+        cached = self.__dict__.get("_energy")
+        if cached is None:
+            scale = self.rows / max(len(self.index), 1)
+            cached = self.__dict__["_energy"] = scale * float((self.values.double() ** 2).sum())
+        return cached
+
+    @property
+    def norm(self) -> float:
+        return math.sqrt(max(self.energy, 0.0))
+
+    @property
+    def inner_index(self) -> torch.Tensor:
+        return self.index if self.inner is None else self.index[self.inner]
+
+    @property
+    def inner_values(self) -> torch.Tensor:
+        return self.values if self.inner is None else self.values[self.inner]
+
+    @property
+    def inner_scale(self) -> float:
+        return self.rows / max(len(self.inner_index), 1)
+
+
+def read_base_sample(base: Checkpoint, name: str, rows: int, cols: int, device: torch.device) -> BaseSample:
+    """The base's tensor `name` (its first `rows` rows) on its seeded row sample, read row by row."""
+    cpu = torch.device("cpu")
+    index = sample_rows(rows, cols, cpu, BASE_SAMPLE_VALUES)
+    small = sample_rows(rows, cols, cpu)
+    inner = None if len(small) >= len(index) else torch.searchsorted(index, small)
+    values = base.rows(name, index).to(device)
+    width = base.tensors[name].nbytes // max(base.tensors[name].numel, 1)
+    return BaseSample(index.to(device), values, rows, len(index) * cols * width,
+                      None if inner is None else inner.to(device))
+
+
+class SampledWeights(Operand):
+    """An adapter's weights W + t on one tensor, t = scale * B @ A its task vector (a rank-0 one where it
+    leaves the tensor alone), with the base W read only on a `BaseSample`: |W|^2 and <W, t> are the sample's
+    sums scaled by rows / sampled rows, |t|^2 and <t_a, t_b> exact from the factors, so
+    |W + t|^2 = |W|^2 + 2 <W, t> + |t|^2 and <W + t_a, W + t_b> = |W|^2 + <W, t_a> + <W, t_b> + <t_a, t_b>;
+    the difference of two adapters' weights is their task vectors' (exact). Its values (the KL histograms)
+    are the sampled rows'. It has no SVD: the weights' spectral metrics are not measured."""
+
+    low_rank = True
+    has_svd = False
+
+    def __init__(self, sample: BaseSample, task: LowRankOperand) -> None:
+        self.sample_base, self.task = sample, task
+        self.shape = task.shape
+        self.tensor = task.left  # where the device is read
+        self.base = None
+        self.rank = task.rank
+        self.exact_max_elements = task.exact_max_elements
+        self.reference_norm = None
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def is_matrix(self) -> bool:
+        return min(self.shape) > 1
+
+    @property
+    def cross(self) -> float:
+        """<W, t>, estimated from the sampled rows (exact rows of t: scale * B[rows] @ A)."""
+        cached = self.__dict__.get("_cross")
+        if cached is None:
+            task = self.task
+            sample = self.sample_base
+            projected = sample.inner_values.double() @ task.right.T  # (sampled rows, r)
+            value = float((projected * task.left[sample.inner_index]).sum()) if task.left.shape[1] else 0.0
+            cached = self.__dict__["_cross"] = sample.inner_scale * value
+        return cached
+
+    @property
+    def norm(self) -> float:  # type: ignore[override]
+        cached = self.__dict__.get("_norm")
+        if cached is None:
+            total = self.sample_base.energy + 2 * self.cross + self.task.gram
+            cached = self.__dict__["_norm"] = math.sqrt(max(total, 0.0))
+        return cached
+
+    @property
+    def sample(self) -> torch.Tensor:  # type: ignore[override]
+        cached = self.__dict__.get("_values")
+        if cached is None:
+            rows = self.sample_base.inner_values + self.task.rows(self.sample_base.inner_index)
+            cached = self.__dict__["_values"] = rows.reshape(-1)
+        return cached
+
+    def sampled(self, size: int) -> torch.Tensor:
+        return self.sample
+
+    @property
+    def value_range(self) -> tuple[float, float]:  # type: ignore[override]
+        lo, hi = torch.aminmax(self.sample)
+        return float(lo), float(hi)
+
+    @property
+    def svd(self) -> SVD:  # type: ignore[override]
+        raise NotImplementedError("the weights' SVD needs the base's every row; it is not measured")
+
+    def exact_pair_sums(self, other: Operand, signs: bool) -> PairSums:
+        if not isinstance(other, SampledWeights) or other.sample_base is not self.sample_base:
+            raise TypeError("sampled weights pair only with another adapter's on the same base sample")
+        a, b = self.task, other.task
+        dot = self.sample_base.energy + self.cross + other.cross + _low_dot(a, b)
+        distance = max(_low_dot(a, a) + _low_dot(b, b) - 2 * _low_dot(a, b), 0.0)
+        return PairSums(dot, distance, None)
 
 
 def low_rank_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> SVD:
@@ -759,8 +907,8 @@ def apply_delta(ckpt: Checkpoint, name: str, view: torch.Tensor) -> torch.Tensor
 
 
 BASE_NOT_READ = (
-    "it needs the base's values, which a comparison of LoRA adapters of one base does not read; "
-    "read_base=True (--read-base) reads them"
+    "it needs the base's values, of which a comparison of LoRA adapters of one base reads only a seeded sample "
+    "of rows; read_base=True (--read-base) reads them all"
 )
 
 

@@ -240,6 +240,24 @@ class Checkpoint:
             return self._read_with_safetensors(name, torch.device("cpu"))
         return self._mapped(name, info.numel)[1].view(info.shape)
 
+    def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (sorted, of the tensor as a matrix: its first dimension, the rest flattened) as float32,
+        copied out of the mapped file: only those rows' pages are touched, and dropped from the mapping after.
+        A file that cannot be mapped is read row by row."""
+        info = self.tensors[name]
+        rows = info.shape[0] if info.shape else 1
+        cols = info.numel // max(rows, 1)
+        if info.dtype not in TORCH_DTYPES or info.numel == 0:
+            return self._read_with_safetensors(name, torch.device("cpu")).reshape(rows, cols)[index].float()
+        if self._map(info.file) is None:
+            picked = [self._read_values(info, r * cols, (r + 1) * cols) for r in index.tolist()]
+            return torch.stack(picked).float() if picked else torch.empty(0, cols)
+        mapped, flat = self._mapped(name, info.numel)
+        assert mapped is not None
+        out = flat.view(rows, cols)[index.cpu()].float()
+        self._release(mapped, info.offset, info.offset + info.nbytes)
+        return out
+
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading the tensor's bytes from disk (a no-op for cached files)."""
         info = self.tensors[name]

@@ -56,6 +56,7 @@ class Operand:
     """
 
     low_rank = False  # a LoRA operand (analysis/adapters.py) measures its pairs exactly from its factors
+    has_svd = True  # False: weights known only on sampled rows (analysis/adapters.py), whose SVD is not measured
 
     def __init__(
         self,
@@ -469,6 +470,13 @@ def task_metrics() -> list[Metric]:
 def from_task_vectors_alone(m: Metric) -> bool:
     """Whether the metric needs nothing but the two task vectors (LoRA factors give it without the base)."""
     return m.needs_base and not m.reads_base
+
+
+def base_sample_estimates(m: Metric) -> bool:
+    """Whether LoRA adapters of one base compared without reading it (see analysis/adapters.py's
+    `SampledWeights`) estimate the metric from a seeded sample of the base's rows: the weights' non-spectral
+    metrics and those that read the base's norm."""
+    return (not m.needs_base and not m.matrix_only) or m.reads_base
 
 
 # ---- shared formulas -------------------------------------------------------------------------------

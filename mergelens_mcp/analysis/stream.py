@@ -34,10 +34,19 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from ..errors import AnalysisCancelledError
-from .adapters import apply_delta, factor_nbytes, lift, stores, task_vector
+from .adapters import (
+    BaseSample,
+    SampledWeights,
+    apply_delta,
+    factor_nbytes,
+    lift,
+    read_base_sample,
+    stores,
+    task_vector,
+)
 from .compat import Plan
 from .loading import Checkpoint
-from .metrics import NATIVE, REGISTRY, Operand, from_task_vectors_alone, pair_sums, weight_and_task_sums
+from .metrics import NATIVE, REGISTRY, Metric, Operand, from_task_vectors_alone, pair_sums, weight_and_task_sums
 from .spectral import SVD, release_scratch
 from .types import AnalysisOptions, Cancelled, Progress
 
@@ -205,6 +214,7 @@ class _Set(TensorSet):
     tasks: list[Operand] = field(default_factory=list)  # model - base, when the base has this tensor
     base: Operand | None = None
     unmeasured: tuple[str, ...] = ()  # metrics that apply but need the base's values, which were not read
+    base_sample: BaseSample | None = None  # without the base's values: its seeded sample of rows, if read
     nonfinite: dict[str, int] = field(default_factory=dict)
     elementwise: Future[list[dict[str, float | None]] | None] | None = None  # None: the set holds NaN or Inf
     svds: list[Future[SVD]] = field(default_factory=list)
@@ -242,6 +252,7 @@ class Measured:
     svds: list[SVD]
     nonfinite: dict[str, int]
     unmeasured: tuple[str, ...] = ()  # metrics that apply but need the base's values, which were not read
+    base_sample: tuple[int, int, int] = (0, 0, 0)  # without the base's values: rows sampled, rows, bytes read
 
 
 def measured_sets(names: Sequence[str], run: Run) -> Iterator[Measured]:
@@ -283,7 +294,7 @@ def _close(current: _Set) -> None:
     for job in current.jobs():
         if not job.cancelled():
             job.exception()
-    current.weights, current.tasks, current.base = [], [], None
+    current.weights, current.tasks, current.base, current.base_sample = [], [], None, None
     current.elementwise, current.svds = None, []  # the SVDs' bases would otherwise live as long as the run
     current.release()
 
@@ -298,7 +309,7 @@ def _open_set(current: _Set, run: Run, pool: ThreadPoolExecutor) -> None:
     claims = [(op, _Once(functools.partial(_subspace, op))) for op in fused]
     current.elementwise = pool.submit(_elementwise, current, run.pairs, True, claims)
     current.svds = [pool.submit(claim.run) for _, claim in claims]  # the pass takes those not started
-    current.svds += [pool.submit(_svd, op) for op in operands if op.is_matrix and op not in fused]
+    current.svds += [pool.submit(_svd, op) for op in operands if op.is_matrix and op.has_svd and op not in fused]
 
 
 def _flat2d(tensor: torch.Tensor) -> torch.Tensor:
@@ -378,7 +389,7 @@ def _operand(tensor: torch.Tensor, options: AnalysisOptions, base: torch.Tensor 
     return Operand(tensor, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements, base=base)
 
 
-def _factor_operands(current: _Set, views: list[torch.Tensor], run: Run) -> None:
+def _factor_operands(current: _Set, views: list[torch.Tensor], run: Run, sample: BaseSample | None = None) -> None:
     """Every model a LoRA adapter of the base, whose values are not read: the task vectors from the factors
     where no adapter stores the tensor itself (zero where an adapter has no factors), the weights from the
     adapters' own tensors where every one stores it (modules_to_save); the metrics that need anything else
@@ -388,11 +399,25 @@ def _factor_operands(current: _Set, views: list[torch.Tensor], run: Run) -> None
     if not any(stores(m, current.key) for m in run.models):
         rows, cols = current.rows_cols
         current.tasks = [task_vector(m, current.key, rows, cols, run.device, run.options) for m in run.models]
+        if run.base is not None and current.key in run.plan.base_tensors:  # the weights, from the base's rows
+            sample = sample or read_base_sample(run.base, current.key, rows, cols, run.device)
+            current.base_sample = sample
+            current.weights = [SampledWeights(sample, task) for task in current.tasks]
+            for task in current.tasks:
+                task.reference_norm = sample.norm
     current.unmeasured = tuple(
-        m.name for m in REGISTRY.values()
-        if (current.is_matrix or not m.matrix_only)
-        and not (current.weights if not m.needs_base else current.tasks and from_task_vectors_alone(m))
+        m.name for m in REGISTRY.values() if (current.is_matrix or not m.matrix_only) and not _measures(m, current)
     )
+
+
+def _measures(m: Metric, current: _Set) -> bool:
+    """Whether the operands a set has without the base's values give metric `m`: the weights' own (stored)
+    tensors give every weight metric; weights on the base's row sample all but the spectral ones; the task
+    vectors from the factors what needs nothing else, and with the base's row sample task_drift too."""
+    sampled = current.base_sample is not None
+    if not m.needs_base:
+        return bool(current.weights) and not (sampled and m.matrix_only)
+    return bool(current.tasks) and (from_task_vectors_alone(m) or sampled)
 
 
 def _elementwise(
@@ -457,21 +482,34 @@ def _finish_set(current: _Set, run: Run) -> Measured:
         for job in current.svds:
             job.result()
         operands = dict.fromkeys([*current.weights, *current.tasks])
-        svds = [op.svd for op in operands if op.is_matrix]
+        svds = [op.svd for op in operands if op.is_matrix and op.has_svd]
     else:
         for job in current.svds:
             job.exception()  # wait; the SVDs of non-finite values are discarded
         _clean(current, run)
         values = _elementwise(current, run.pairs, check=False)
         assert values is not None
-        svds = [op.svd for op in [*current.weights, *current.tasks] if op.is_matrix]
+        svds = [op.svd for op in [*current.weights, *current.tasks] if op.is_matrix and op.has_svd]
     for found, (i, j) in zip(values, run.pairs, strict=True):
         found.update(_metrics(current, i, j, spectral=True))
-    return Measured(current.key, current.numel, current.is_matrix, values, svds, current.nonfinite, current.unmeasured)
+    sample = current.base_sample
+    read = (0, 0, 0) if sample is None else (len(sample.index), sample.rows, sample.nbytes)
+    return Measured(
+        current.key, current.numel, current.is_matrix, values, svds, current.nonfinite, current.unmeasured, read
+    )
 
 
 def _clean(current: _Set, run: Run) -> None:
     """Replace NaN and Inf with 0 in copies of the views that hold them, counting them per checkpoint."""
+    sample = current.base_sample
+    if sample is not None and run.base is not None:  # adapters compared on the base's row sample
+        bad = int((~torch.isfinite(sample.values)).sum())
+        if bad:
+            current.nonfinite[run.base.label] = current.nonfinite.get(run.base.label, 0) + bad
+            sample = BaseSample(sample.index, torch.nan_to_num(sample.values, nan=0.0, posinf=0.0, neginf=0.0),
+                                sample.rows, sample.nbytes, sample.inner)
+        _factor_operands(current, [], run, sample)
+        return
     views = [op.tensor for op in current.weights]
     if current.base is not None:
         views.append(current.base.tensor)
