@@ -37,8 +37,9 @@ def compare_models(
     `base+adapter`), optionally with their base (an adapter's defaults to the one its config names).
 
     `activations=True` adds per-layer activation CKA on a shipped probe set (needs the `activations` extra).
-    LoRA adapters of one base are compared from their factors, without reading the base's tensors;
-    `read_base=True` reads them for the weight-space metrics and task_drift.
+    LoRA adapters of one base are compared from their factors and a seeded sample of the base's rows (the
+    weights' cosine, distance, KL and task_drift estimated from it); `read_base=True` reads the whole base for
+    exact values and the weights' spectral metrics.
 
     >>> result = compare_models(["ft_a/", "ft_b/"], base="base/")
     >>> result.mci.score, result.mci.verdict.value, result.conflict_zones

@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--activations", action="store_true",
                          help="also run the models on a probe set and add activation CKA (needs transformers)")
     compare.add_argument("--read-base", action="store_true",
-                         help="LoRA adapters of one base: also read the base's tensors, for the weight-space "
-                         "metrics and task_drift (by default they are compared from their factors alone)")
+                         help="LoRA adapters of one base: read the whole base, for exact weight-space metrics, "
+                         "their spectra and task_drift (by default: the factors and a seeded sample of its rows)")
     compare.add_argument("--overwrite", action="store_true",
                          help="replace a --report file even if it is not a mergelens report")
     compare.set_defaults(run=run_compare)

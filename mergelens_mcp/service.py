@@ -83,9 +83,9 @@ def compare(
 
     `activations=True` also runs each model on the shipped probe texts (Hugging Face checkpoints, needs
     transformers) and adds per-layer activation CKA to the metrics and the MCI; a `Probe` callable supplies
-    representations for other models. LoRA adapters of one base are measured from their factors without
-    reading the base's tensors; `read_base=True` reads them for the metrics that need them (the weights'
-    cosine, distance and spectra, task_drift). The device is checked before any file is opened.
+    representations for other models. LoRA adapters of one base are measured from their factors and a seeded
+    sample of the base's rows (the weights' cosine, distance and KL and task_drift estimated; their spectra not
+    measured); `read_base=True` reads the whole base for those. The device is checked before any file is opened.
     """
     settings = settings or Settings()
     options = settings.analysis_options(device, read_base)

@@ -103,7 +103,7 @@ def analyze(
     matrix_params = spectral_params = params_compared = 0
 
     tensors = [] if plan.fatal else plan.tensors
-    factors_only = not options.read_base and adapters_of(models, base)  # the base's tensors are not read
+    factors_only = not options.read_base and adapters_of(models, base)  # the base read on its row sample
     unmeasured: dict[str, None] = {}
     sampled_rows = sampled_of = sampled_bytes = 0  # the base's row sample, without read_base
     measured_sets = stream.measured_sets(

@@ -254,6 +254,8 @@ class Checkpoint:
             return torch.stack(picked).float() if picked else torch.empty(0, cols)
         mapped, flat = self._mapped(name, info.numel)
         assert mapped is not None
+        start = info.offset - info.offset % PAGE
+        mapped.madvise(mmap.MADV_RANDOM, start, info.offset + info.nbytes - start)  # no read-around of the rows
         out = flat.view(rows, cols)[index.cpu()].float()
         self._release(mapped, info.offset, info.offset + info.nbytes)
         return out

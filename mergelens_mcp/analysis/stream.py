@@ -13,9 +13,10 @@ Two layers, so that every consumer reads tensors the same way:
   bfloat16 iterations: its final float32 product is taken inside the pass, from the rows the pass upcasts
   anyway. The next sets are queued while the last SVDs of this one run. A
   non-finite norm is the one signal that triggers the NaN/Inf scan, after which the set is measured again
-  from cleaned copies. When every model is a LoRA adapter of the base and the base is not to be read
-  (`Run.factors_only`), a set views no byte of the base: its task vectors come from the factors, and the
-  metrics that need the base's values are the set's `unmeasured`.
+  from cleaned copies. When every model is a LoRA adapter of the base and the base is not to be read whole
+  (`Run.factors_only`), a set views no tensor of the base: its task vectors come from the factors, its weights
+  from the base's seeded row sample (`adapters.SampledWeights`, read by `Checkpoint.rows`), and the metrics
+  that need every row of the base (the weights' spectra) are the set's `unmeasured`.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def _view(ckpt: Checkpoint, name: str, rows: int | None, device: torch.device, d
 @dataclass(frozen=True)
 class Run:
     """What every tensor set of one comparison is measured with. `factors_only`: every model is a LoRA adapter
-    of the base, and the base's tensors are not read (see `_factor_operands`)."""
+    of the base, whose tensors are read only on their seeded row sample (see `_factor_operands`)."""
 
     models: list[Checkpoint]
     base: Checkpoint | None
@@ -390,10 +391,11 @@ def _operand(tensor: torch.Tensor, options: AnalysisOptions, base: torch.Tensor 
 
 
 def _factor_operands(current: _Set, views: list[torch.Tensor], run: Run, sample: BaseSample | None = None) -> None:
-    """Every model a LoRA adapter of the base, whose values are not read: the task vectors from the factors
-    where no adapter stores the tensor itself (zero where an adapter has no factors), the weights from the
-    adapters' own tensors where every one stores it (modules_to_save); the metrics that need anything else
-    (the adapted weights, a stored tensor's task vector, the base's norm) are `unmeasured`."""
+    """Every model a LoRA adapter of the base, which is not read whole: the task vectors from the factors
+    where no adapter stores the tensor itself (zero where an adapter has no factors), and the weights from the
+    base's seeded row sample (`sample`, else read here) plus them; the weights from the adapters' own tensors
+    where every one stores it (modules_to_save). What needs anything else (the weights' SVDs, a stored
+    tensor's task vector) is `unmeasured`."""
     current.weights = [_operand(v, run.options) for v in views]
     current.tasks = []
     if not any(stores(m, current.key) for m in run.models):

@@ -32,8 +32,9 @@ BaseModelPath = Annotated[
 ]
 ReadBase = Annotated[
     bool,
-    Field(description="LoRA adapters of one base are compared from their factors without reading the base's "
-                      "tensors; true also reads them, for the weights' cosine, distance and spectra and task_drift"),
+    Field(description="LoRA adapters of one base are compared from their factors and a seeded sample of the "
+                      "base's rows (the weights' cosine, distance and task_drift estimated, their spectra not "
+                      "measured); true reads the whole base, for exact values and the spectra"),
 ]
 Detail = Annotated[
     bool,
