@@ -459,3 +459,41 @@ def test_the_stream_reads_an_adapter_as_base_plus_delta_through_the_bases_own_ma
         assert torch.equal(plain[0], plain[1])  # a tensor the adapter leaves alone is the base's, as stored
         assert adapter._maps == {} and base.files[0] in base._maps  # one mapping of the base's file
         adapter.close()
+
+
+def test_rows_of_a_checkpoint_are_the_stored_rows_whether_its_file_is_mapped_or_read_row_by_row(
+    made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = load_file(made["base"] / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    index = torch.tensor([0, 3, 17, 31])
+    with load_checkpoint(str(made["base"]), "base") as base:
+        mapped = base.rows(name, index)
+    monkeypatch.setattr("mergelens_mcp.analysis.loading.Checkpoint._map", lambda self, path: None)
+    with load_checkpoint(str(made["base"]), "base") as base:
+        unmapped = base.rows(name, index)
+    assert torch.equal(mapped, stored[name][index].float()) and torch.equal(unmapped, mapped)
+
+
+def test_a_nan_in_the_base_s_sampled_rows_is_counted_for_the_base_and_the_estimates_stay_finite(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(made["base"], base)
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"][2, 5] = float("nan")  # every row is sampled here
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    pair = []
+    for name in ("r4_qv", "r4_qv_b"):
+        shutil.copytree(made[name], tmp_path / name)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(base)
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+        pair.append(str(tmp_path / name))
+    result = service.compare(pair, device="cpu")
+    assert result.base is not None and result.base.nonfinite_values == 1
+    assert not result.coverage.base_read and result.coverage.base_sample_rows > 0
+    layer = next(lm for lm in result.layer_metrics if lm.layer_name == "layers.0")
+    assert all(math.isfinite(v) for v in layer.metrics.values()) and "cosine_similarity" in layer.metrics
