@@ -220,8 +220,8 @@ class Coverage(Frozen):
         default=0, description="tensors measured from LoRA factors (exact algebra; element-wise on sampled rows)"
     )
     base_read: bool = Field(
-        default=False, description="whether the base's tensors were read (a comparison of LoRA adapters of one "
-        "base reads them only with read_base)"
+        default=False, description="whether the base's tensors were read whole (a comparison of LoRA adapters "
+        "of one base reads them whole only with read_base, else a seeded sample of their rows: base_sample_rows)"
     )
     not_measured: list[str] = Field(
         default_factory=list, description="metrics left out because the base's tensors were not read (each "
