@@ -2,23 +2,26 @@
 
 Generated once into .bench/lora/: a header-only base (a safetensors file whose header lists every tensor of a
 7B Llama in bf16 -- 32 layers, hidden 4096, intermediate 11008, vocab 32000 -- and whose 13.5 GB of data are
-a hole in a sparse file: never written, never read) and two PEFT adapters (adapter_config.json +
+a hole in a sparse file, but for the rows the comparison samples: about 0.5 GB of values like a trained
+model's, written where the product's own seeded sampler looks) and two PEFT adapters (adapter_config.json +
 adapter_model.safetensors, bf16) of rank 64 over every linear module of every layer (224 modules each).
 
-A child process opens both adapters over that base (headers and factors only) and measures every task-vector
-metric of every adapted tensor from the factors (analysis/adapters.py's LowRankOperand): cosines, distances,
-magnitudes, the TSV interference and energy from the factors' QR, sign conflicts on the seeded row sample.
-Printed: wall time, peak RSS (VmHWM), and that no base byte was read. For comparison the same metrics on the
-dense deltas (scale * B @ A formed in float32) of one layer are timed and projected to 32 layers.
-
-Not covered: the weight metrics (cosine, distance, spectra of base + delta) and task_drift need the base's
-values; a comparison through `mergelens compare` reads the base for them.
+Two child processes, alternating (`--repeat` rounds), each printing wall time, CPU time, peak RSS (VmHWM):
+- `compare`: the product's `service.compare([adapter_a, adapter_b])`, as `mergelens compare` runs it: every
+  model an adapter of one base, so every metric the factors give (task vectors, their SVDs, sign conflicts on
+  the seeded row sample, ...) is measured exactly, the base is read on a seeded sample of rows only (weight
+  cosine, l2_distance, KL and task_drift estimated from it; the weights' spectra not measured), and it counts
+  the whole-tensor reads of the base (views, prefetches, reads: 0 expected) and the base's bytes read.
+- `metrics` (the figure before the comparison learnt to skip the base): every task-vector metric of every
+  adapted tensor from the factors, called directly, without the engine; and, for comparison, the same metrics
+  on the dense deltas (scale * B @ A formed in float32) of one layer, timed and projected to 32 layers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 import time
@@ -34,7 +37,7 @@ OUT = ROOT / ".bench" / "lora"
 SHAPE_7B = Shape(hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008, vocab=32000)
 RANK, ALPHA = 64, 128.0
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-DONE = ".complete"
+DONE = ".complete-sampled"
 
 
 def write_header_only(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
@@ -52,6 +55,32 @@ def write_header_only(path: Path, shapes: dict[str, tuple[int, ...]]) -> int:
         fh.write(struct.pack("<Q", len(raw)) + raw)
         fh.truncate(8 + len(raw) + offset)
     return offset
+
+
+def write_sampled_rows(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> int:
+    """Give the rows that the comparison samples (the product's own seeded `sample_rows`) values like a
+    trained model's (normal, std 0.02, rows of unequal scale), in place in the header-only file; every other
+    byte stays a hole. The number of bytes written."""
+    from mergelens_mcp.analysis.adapters import BASE_SAMPLE_VALUES, sample_rows
+
+    generator = torch.Generator().manual_seed(seed)
+    with path.open("r+b") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+        written = 0
+        for name, shape in shapes.items():
+            rows = shape[0]
+            cols = 1
+            for d in shape[1:]:
+                cols *= d
+            start = 8 + size + header[name]["data_offsets"][0]
+            for row in sample_rows(rows, cols, torch.device("cpu"), BASE_SAMPLE_VALUES).tolist():
+                scale = 0.02 * float(torch.exp(0.3 * torch.randn(1, generator=generator)))
+                values = (torch.randn(cols, generator=generator) * scale).bfloat16()
+                fh.seek(start + row * cols * 2)
+                fh.write(values.view(torch.int16).numpy().tobytes())
+                written += cols * 2
+    return written
 
 
 def make_adapter(folder: Path, base: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
@@ -80,17 +109,18 @@ def ensure(root: Path) -> dict[str, Path]:
     shapes = SHAPE_7B.tensor_shapes()
     folders["base"].mkdir(parents=True, exist_ok=True)
     size = write_header_only(folders["base"] / "model.safetensors", shapes)
+    written = write_sampled_rows(folders["base"] / "model.safetensors", shapes)
     (folders["base"] / "config.json").write_text(json.dumps(SHAPE_7B.config()))
     make_adapter(folders["a"], folders["base"], shapes, seed=1)
     make_adapter(folders["b"], folders["base"], shapes, seed=2)
     (root / DONE).write_text("ok")
-    print(f"generated in {time.perf_counter() - started:.1f} s: header-only base ({size / 1e9:.1f} GB of hole), "
-          f"two rank-{RANK} adapters", flush=True)
+    print(f"generated in {time.perf_counter() - started:.1f} s: header-only base ({size / 1e9:.1f} GB, a hole but "
+          f"for the {written / 1e9:.2f} GB of rows the comparison samples), two rank-{RANK} adapters", flush=True)
     return folders
 
 
-def child(root: Path) -> None:
-    """Open both adapters over the header-only base and measure every task-vector metric from the factors."""
+def child_metrics(root: Path) -> None:
+    """Both adapters over the header-only base: every task-vector metric from the factors, called directly."""
     from mergelens_mcp.analysis.adapters import LowRankOperand
     from mergelens_mcp.analysis.loading import load_checkpoint
     from mergelens_mcp.analysis.metrics import Operand, task_metrics
@@ -111,8 +141,7 @@ def child(root: Path) -> None:
             for m in metrics:
                 values[m.name] = values.get(m.name, 0.0) + float(m(ta, tb) or 0.0)
         wall, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
-        with open("/proc/self/status") as fh:
-            peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+        peak = _peak_rss()
         mapped = len(base._maps) + len(a._maps) + len(b._maps)  # a view of a base tensor would map its file
         started, cpu_started = time.perf_counter(), time.process_time()  # layer 0 densely, for the projection
         for name in [n for n in a.adapted if ".layers.0." in n]:
@@ -125,9 +154,8 @@ def child(root: Path) -> None:
         a.close()
         b.close()
     print(json.dumps({
-        "tensors": n, "low_rank_wall_s": round(wall, 2), "low_rank_cpu_s": round(cpu_s, 2),
-        "peak_rss_gb": round(peak / 1e9, 2),
-        "files_mapped_for_tensor_data": mapped,
+        "tensors": n, "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2), "peak_rss_gb": round(peak / 1e9, 2),
+        "base_mapped": mapped,
         "dense_one_layer_s": round(dense_s, 2), "dense_projected_32_layers_s": round(dense_s * SHAPE_7B.layers, 1),
         "dense_one_layer_cpu_s": round(dense_cpu, 2),
         "dense_projected_32_layers_cpu_s": round(dense_cpu * SHAPE_7B.layers, 1),
@@ -135,30 +163,87 @@ def child(root: Path) -> None:
     }))
 
 
+def child_compare(root: Path) -> None:
+    """`mergelens compare adapter_a adapter_b` in this process, counting every mapping of the base's file."""
+    from mergelens_mcp import service
+    from mergelens_mcp.analysis.loading import Checkpoint
+
+    base_file = (root / "base" / "model.safetensors").resolve()
+    whole: list[str] = []  # whole-tensor accesses of the base: views, prefetches, reads
+
+    def counting(method: str) -> None:
+        original = getattr(Checkpoint, method)
+
+        def counted(self: Checkpoint, name: str, *args: object, **kwargs: object) -> object:
+            if self.tensors[name].file.resolve() == base_file:
+                whole.append(f"{method} {name}")
+            return original(self, name, *args, **kwargs)
+
+        setattr(Checkpoint, method, counted)
+
+    for method in ("view", "prefetch", "blocks", "read"):
+        counting(method)
+    sample = os.environ.get("MERGELENS_BENCH_BASE_SAMPLE")  # the base's row sample, values per tensor
+    if sample:
+        from mergelens_mcp.analysis import adapters
+
+        adapters.BASE_SAMPLE_VALUES = int(sample)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = service.compare([str(root / "adapter_a"), str(root / "adapter_b")], device="cpu")
+    wall, cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    print(json.dumps({
+        "tensors": result.coverage.tensors_compared, "low_rank_tensors": result.coverage.low_rank_tensors,
+        "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2), "peak_rss_gb": round(_peak_rss() / 1e9, 2),
+        "base_whole_reads": len(whole), "mci": result.mci.score,
+        "confidence": result.mci.confidence, "verdict": result.mci.verdict.value,
+        "not_measured": result.coverage.not_measured, "base_sampled": getattr(result.coverage, "base_sampled", []),
+        "base_bytes_read_gb": round(getattr(result.coverage, "base_bytes_read", 0) / 1e9, 3),
+        "base_bytes_share": getattr(result.coverage, "base_bytes_share", 0.0),
+        "method": result.strategy.method.value if result.strategy
+        else None, "threads": torch.get_num_threads(),
+    }))
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of the two children, alternating")
+    parser.add_argument("--child", choices=("metrics", "compare"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.out)
+        (child_metrics if args.child == "metrics" else child_compare)(args.out)
         return 0
     ensure(args.out)
     import subprocess
 
-    done = subprocess.run([sys.executable, "-m", "benchmarks.lora", "--child", "--out", str(args.out)],
-                          cwd=ROOT, capture_output=True, text=True, check=False)
-    sys.stderr.write(done.stderr[-2000:])
-    if done.returncode:
-        return done.returncode
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"two rank-{RANK} adapters, {result['tensors']} modules each, 7B-shaped base never read: "
-          f"{result['low_rank_wall_s']} s wall, {result['low_rank_cpu_s']} s CPU, peak RSS {result['peak_rss_gb']} GB "
-          f"(tensor files mapped: {result['files_mapped_for_tensor_data']}; targets <= 30 s, <= 1.5 GB)")
-    print(f"the same task-vector metrics on dense deltas: {result['dense_one_layer_s']} s wall, "
-          f"{result['dense_one_layer_cpu_s']} s CPU for one layer; projected for 32 layers: about "
-          f"{result['dense_projected_32_layers_s']} s wall, {result['dense_projected_32_layers_cpu_s']} s CPU "
-          "(forming the deltas from the factors; a dense fine-tune would also read 2 x 13.5 GB)")
+    for _ in range(args.repeat):
+        for which in ("metrics", "compare"):
+            done = subprocess.run([sys.executable, "-m", "benchmarks.lora", "--child", which, "--out", str(args.out)],
+                                  cwd=ROOT, capture_output=True, text=True, check=False)
+            sys.stderr.write(done.stderr[-2000:])
+            if done.returncode:
+                return done.returncode
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            if which == "compare":
+                print(f"compare (the product): {r['tensors']} tensors ({r['low_rank_tensors']} from factors), "
+                      f"{r['wall_s']} s wall, {r['cpu_s']} s CPU, peak RSS {r['peak_rss_gb']} GB; the base read on "
+                      f"sampled rows: {r['base_bytes_read_gb']} GB ({r['base_bytes_share']:.1%}), whole-tensor "
+                      f"reads {r['base_whole_reads']}; MCI {r['mci']} ({r['verdict']}, {r['confidence']}), method "
+                      f"{r['method']}; estimated: {', '.join(r['base_sampled'])}; not measured: "
+                      f"{', '.join(r['not_measured'])} (targets <= 30 s, <= 1.5 GB)")
+                continue
+            print(f"task-vector metrics from the factors, called directly (one thread): {r['tensors']} modules, "
+                  f"{r['wall_s']} s wall, {r['cpu_s']} s CPU, peak RSS {r['peak_rss_gb']} GB, base file mapped "
+                  f"{r['base_mapped']} times")
+            print(f"  the same on dense deltas: {r['dense_one_layer_s']} s wall, {r['dense_one_layer_cpu_s']} s CPU "
+                  f"for one layer; projected for 32 layers: about {r['dense_projected_32_layers_s']} s wall, "
+                  f"{r['dense_projected_32_layers_cpu_s']} s CPU (forming the deltas from the factors; a dense "
+                  "fine-tune would also read 2 x 13.5 GB)")
     return 0
 
 

@@ -30,12 +30,16 @@ __all__ = [
 
 
 def compare_models(
-    models: Sequence[str], base: str | None = None, *, device: str = "auto", activations: bool = False
+    models: Sequence[str], base: str | None = None, *, device: str = "auto", activations: bool = False,
+    read_base: bool = False,
 ) -> CompareResult:
     """Compare two or more checkpoints (folders, .safetensors files, Hub ids, PEFT LoRA adapters or mergekit's
     `base+adapter`), optionally with their base (an adapter's defaults to the one its config names).
 
     `activations=True` adds per-layer activation CKA on a shipped probe set (needs the `activations` extra).
+    LoRA adapters of one base are compared from their factors and a seeded sample of the base's rows (the
+    weights' cosine, distance, KL and task_drift estimated from it); `read_base=True` reads the whole base for
+    exact values and the weights' spectral metrics.
 
     >>> result = compare_models(["ft_a/", "ft_b/"], base="base/")
     >>> result.mci.score, result.mci.verdict.value, result.conflict_zones
@@ -43,7 +47,7 @@ def compare_models(
     from .service import compare
 
     models = models if isinstance(models, str) else list(models)  # a lone string is refused, not split
-    return compare(models, base, device=device, activations=activations)
+    return compare(models, base, device=device, activations=activations, read_base=read_base)
 
 
 def diagnose_config(config: str) -> ConfigDiagnosis:

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--layers", type=int, default=40, help="rows of the per-layer table (0: none)")
     compare.add_argument("--activations", action="store_true",
                          help="also run the models on a probe set and add activation CKA (needs transformers)")
+    compare.add_argument("--read-base", action="store_true",
+                         help="LoRA adapters of one base: read the whole base, for exact weight-space metrics, "
+                         "their spectra and task_drift (by default: the factors and a seeded sample of its rows)")
     compare.add_argument("--overwrite", action="store_true",
                          help="replace a --report file even if it is not a mergelens report")
     compare.set_defaults(run=run_compare)
@@ -280,7 +283,8 @@ def run_compare(args: argparse.Namespace, console: Console) -> int:
     result = _with_progress(
         console, "reading tensors",
         lambda progress: isolated(compare, args.models, args.base, device=args.device, progress=progress,
-                                  activations=args.activations, about=labelled(args.models, args.base)),
+                                  activations=args.activations, read_base=args.read_base,
+                                  about=labelled(args.models, args.base)),
     )
     print_result(result, Console(), max_layers=args.layers)
     _write_json(args, result, console)

@@ -227,6 +227,24 @@ class Coverage(Frozen):
     low_rank_tensors: int = Field(
         default=0, description="tensors measured from LoRA factors (exact algebra; element-wise on sampled rows)"
     )
+    base_read: bool = Field(
+        default=False, description="whether the base's tensors were read whole (a comparison of LoRA adapters "
+        "of one base reads them whole only with read_base, else a seeded sample of their rows: base_sample_rows)"
+    )
+    not_measured: list[str] = Field(
+        default_factory=list, description="metrics left out because the base's tensors were not read (each "
+        "layer's `unavailable` says where); read_base measures them"
+    )
+    base_sampled: list[str] = Field(
+        default_factory=list, description="metrics estimated from a seeded sample of the base's rows (LoRA "
+        "adapters of one base compared without read_base); read_base measures them exactly"
+    )
+    base_sample_rows: int = Field(default=0, description="rows of the base's tensors read for those estimates")
+    base_rows: int = Field(default=0, description="rows of the base's tensors they were sampled from")
+    base_bytes_read: int = Field(default=0, description="stored bytes of the base read for those estimates")
+    base_bytes_share: float = Field(
+        default=0.0, description="share of the stored bytes of the base's compared tensors that were read"
+    )
 
 
 class MergeMethod(str, Enum):

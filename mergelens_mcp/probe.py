@@ -639,15 +639,16 @@ class Skeleton:
 def skeleton_of(ckpt: Checkpoint) -> Skeleton:
     """The transformers skeleton for a checkpoint folder with a config.json (read offline)."""
     tf = _transformers()
-    if not (ckpt.root / "config.json").is_file():
+    root = ckpt.model_root
+    if not (root / "config.json").is_file():
         raise CheckpointFormatError(f"{ckpt.label}: no config.json next to the weights; transformers needs it "
                                     "to build the model for the probes")
     try:
-        config = tf.AutoConfig.from_pretrained(str(ckpt.root), local_files_only=True)
+        config = tf.AutoConfig.from_pretrained(str(root), local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointFormatError(f"{ckpt.label}: transformers cannot read its config.json ({exc})") from None
     causal = any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
-    return Skeleton(config, "causal_lm" if causal else "encoder", ckpt.root)
+    return Skeleton(config, "causal_lm" if causal else "encoder", root)
 
 
 def fill(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], label: str) -> torch.nn.Module:

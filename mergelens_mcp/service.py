@@ -77,15 +77,18 @@ def compare(
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
     activations: bool | Probe = False,
+    read_base: bool = False,
 ) -> CompareResult:
     """Compare two or more checkpoints, optionally against their common base.
 
     `activations=True` also runs each model on the shipped probe texts (Hugging Face checkpoints, needs
     transformers) and adds per-layer activation CKA to the metrics and the MCI; a `Probe` callable supplies
-    representations for other models. The device is checked before any file is opened.
+    representations for other models. LoRA adapters of one base are measured from their factors and a seeded
+    sample of the base's rows (the weights' cosine, distance and KL and task_drift estimated; their spectra not
+    measured); `read_base=True` reads the whole base for those. The device is checked before any file is opened.
     """
     settings = settings or Settings()
-    options = settings.analysis_options(device)
+    options = settings.analysis_options(device, read_base)
     with ExitStack() as stack:
         opened, base_ckpt = open_checkpoints(models, base, settings, guard, stack)
         return compare_checkpoints(

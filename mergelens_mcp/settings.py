@@ -110,9 +110,10 @@ class Settings(BaseSettings):
     def limits(self) -> Limits:
         return Limits(self.max_header_bytes, self.max_tensors, self.max_tensor_elements, self.max_request_bytes)
 
-    def analysis_options(self, device: Device | str | None = None) -> AnalysisOptions:
+    def analysis_options(self, device: Device | str | None = None, read_base: bool = False) -> AnalysisOptions:
         """The options of one analysis; `device` (else the setting) is validated here, before any file is
-        opened: an InputError names a value that is not auto, cpu or cuda, or cuda without a GPU."""
+        opened: an InputError names a value that is not auto, cpu or cuda, or cuda without a GPU. `read_base`:
+        read the base's tensors even when every model is a LoRA adapter of it."""
         return AnalysisOptions(
-            Device.parse(device or self.device), self.svd_rank, self.exact_svd_max_elements, self.threads
+            Device.parse(device or self.device), self.svd_rank, self.exact_svd_max_elements, self.threads, read_base
         )

@@ -183,3 +183,20 @@ def test_diagnose_with_a_base_hint_warns_that_a_linear_merge_of_opposed_fine_tun
     assert "no base model: the simulation measures how the weights average" in blind
     assert "high_interference" not in blind and "cancel or discard" not in blind
     assert "the merge would cancel or discard 98% of the models' changes (warned above 50%)" in seen
+
+
+def test_compare_reads_the_base_of_lora_adapters_only_with_read_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fixtures.adapters import make_adapter_family
+
+    monkeypatch.setenv("MERGELENS_WORKER_PROCESSES", "0")
+    _, adapters, _ = make_adapter_family(tmp_path / "lora")
+    found = {}
+    for flags in ([], ["--read-base"]):
+        out_file = tmp_path / f"result{len(flags)}.json"
+        assert main(["compare", str(adapters[0]), str(adapters[1]), "--json", str(out_file), *flags]) == EXIT_OK
+        found[bool(flags)] = CompareResult.model_validate_json(out_file.read_text()).coverage
+    assert not found[False].base_read and found[False].not_measured == ["effective_rank_ratio", "spectral_overlap"]
+    assert "cosine_similarity" in found[False].base_sampled and found[False].base_bytes_share > 0
+    assert found[True].base_read and found[True].not_measured == [] and found[True].base_sampled == []

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fixtures.adapters import make_adapter_family
 from fixtures.checkpoints import Family, Shape, save
 from mergelens_mcp.errors import InputError, LimitExceededError
 from mergelens_mcp.mergekit.methods import merge_tensors
@@ -500,3 +501,51 @@ def test_a_random_seed_that_mergekit_would_not_take_is_refused_before_any_tensor
         verify_merge(str(family.finetune_a), [str(family.finetune_b)], random_seed=seed, behaviour=False)
     with pytest.raises(InputError, match="random_seed"):
         preview_merge([str(family.finetune_a), str(family.finetune_b)], methods=["linear"], random_seed=seed)
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path], list[Path]]:
+    """A base, LoRA adapters of it (peft) and the full checkpoints the adapters make, under the same names."""
+    return make_adapter_family(tmp_path_factory.mktemp("lora"))
+
+
+def test_preview_of_two_lora_adapters_equals_preview_of_the_models_they_make(lora, probe_file):
+    from mergelens_mcp.probe import preview_merge
+
+    base, adapters, dense = lora
+    of_adapters = preview_merge([str(p) for p in adapters[:2]], str(base), methods=["linear", "ties"],
+                                probe=probe_file)
+    of_dense = preview_merge([str(p) for p in dense[:2]], str(base), methods=["linear", "ties"], probe=probe_file)
+    expected = {m.method: m for m in of_dense.methods}
+    for method in of_adapters.methods:
+        twin = expected[method.method]
+        assert method.retention == pytest.approx(twin.retention, abs=1e-4)
+        assert twin.retention < 0.999  # the merge is not a source (nor the base): a test that can fail
+        for mine, theirs in zip(method.sources, twin.sources, strict=True):
+            assert mine.source == theirs.source
+            assert mine.kl == pytest.approx(theirs.kl, rel=1e-3, abs=1e-6)
+            assert mine.source_perplexity == pytest.approx(theirs.source_perplexity, rel=1e-4)
+
+
+def test_verify_against_lora_adapter_sources_sees_their_task_vectors(lora, tmp_path):
+    from safetensors.torch import save_file
+
+    base, adapters, dense = lora
+    a, b = state(dense[0]), state(dense[1])
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    save_file(linear(a, b, (0.7, 0.3)), str(merged / "model.safetensors"), metadata={"format": "pt"})
+    (merged / "config.json").write_text((base / "config.json").read_text())
+    result = verify_merge(str(merged), [str(p) for p in adapters[:2]], str(base), behaviour=False)
+    of_dense = verify_merge(str(merged), [str(p) for p in dense[:2]], str(base), behaviour=False)
+    assert result.verdict == of_dense.verdict and result.reasons == of_dense.reasons
+    fitted = [lm for lm in result.layers if lm.layer_name.startswith("layers.")]
+    assert len(fitted) == 2
+    for lm in fitted:  # each block explained by the adapters' task vectors, at the merge's weights
+        assert lm.residual < 0.02 and lm.matches == "all", lm
+        assert lm.coefficients["lora_a"] == pytest.approx(0.7, abs=0.02)
+        assert lm.coefficients["lora_b"] == pytest.approx(0.3, abs=0.02)
+    for mine, theirs in zip(result.layers, of_dense.layers, strict=True):
+        assert mine.layer_name == theirs.layer_name and mine.matches == theirs.matches
+        for source, value in mine.coefficients.items():
+            assert value == pytest.approx(theirs.coefficients[source], abs=1e-4)

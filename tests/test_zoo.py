@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.adapters import make_adapter_family
 from fixtures.zoo import Zoo, make_model, make_zoo
 from mergelens_mcp import service
 from mergelens_mcp.analysis import sketch as sk
@@ -426,3 +427,22 @@ def test_a_model_the_driver_cannot_find_is_described_and_sketched_by_a_backend_t
     run.describe = lambda *args: {}  # type: ignore[attr-defined]
     with pytest.raises(CheckpointNotFoundError, match="ft_0: .* was found neither here nor on any Ray node"):
         compare_zoo(sources, str(zoo.base), cache_dir=tmp_path / "c", params=PARAMS, backend=run)
+
+
+def test_a_zoo_of_lora_adapters_equals_the_zoo_of_the_full_models_they_make(tmp_path: Path) -> None:
+    base, adapters, dense = make_adapter_family(tmp_path / "models")
+    of_adapters = compare_zoo([str(p) for p in adapters], str(base), cache_dir=tmp_path / "a", workers=1,
+                              params=PARAMS)
+    of_dense = compare_zoo([str(p) for p in dense], str(base), cache_dir=tmp_path / "d", workers=1, params=PARAMS)
+    expected = {(p.model_a, p.model_b): p for p in of_dense.pairs}
+    assert len(of_adapters.pairs) == len(expected) == 3
+    for pair in of_adapters.pairs:
+        twin = expected[(pair.model_a, pair.model_b)]
+        assert twin.task_cosine is not None and abs(twin.task_cosine) < 0.5  # unrelated adapters: far from 1
+        assert pair.task_cosine is not None and twin.task_cosine_bound is not None
+        assert abs(pair.task_cosine - twin.task_cosine) <= twin.task_cosine_bound + 1e-5
+        assert abs(pair.cosine - twin.cosine) <= twin.cosine_bound + 1e-6
+        assert pair.sign_disagreement is not None and twin.sign_disagreement is not None
+        assert abs(pair.sign_disagreement - twin.sign_disagreement) <= 1e-3
+        assert pair.mci == pytest.approx(twin.mci, abs=0.05) and pair.verdict is twin.verdict
+        assert not pair.near_duplicate

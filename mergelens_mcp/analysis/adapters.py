@@ -16,11 +16,16 @@ The adapted weights (base + scale * B @ A) reuse the base's operand, so two adap
 norm and their distance is that of their task vectors, exactly. Only the weights' own SVD (the spectral
 metrics of the weights, which are not low-rank) forms base + delta densely. DoRA magnitude vectors are not
 applied: the comparison says so in a finding.
+
+Every other reader (merge simulation, preview, verify, model loading, the zoo's sketches) reads an adapter
+through the tensor stream as the model it makes: `apply_delta` gives base + scale * B @ A densely. The base's
+tensors are viewed through the base checkpoint's own mapping, however many adapters of it are read.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +45,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SAMPLE_VALUES = 1 << 18  # values of the seeded row sample the element-wise statistics are exact on
 SAMPLE_SEED = 0
+BASE_SAMPLE_VALUES = 1 << 20  # values of the base's row sample for |W|^2 when adapters of one base are compared
+# without reading it whole: 256 of a 4096-wide matrix's rows (see `BaseSample`)
 ROW_BLOCK_VALUES = 1 << 20  # values per row block of a pass over a dense tensor
 REFUSED_TYPES = {
     "IA3": "IA3 scales activations, it has no weight delta to compare",
@@ -235,6 +242,10 @@ class AdapterCheckpoint(Checkpoint):
                 "factor_infos": self._factor_infos}
 
     @property
+    def model_root(self) -> Path:
+        return self.base_checkpoint.model_root
+
+    @property
     def target_modules(self) -> set[str]:
         """The adapted modules' short names (q_proj, ...): what `target_modules` matched."""
         return {f.module.rsplit(".", 1)[-1] for f in self.adapted.values()}
@@ -329,6 +340,18 @@ class AdapterCheckpoint(Checkpoint):
         left, right = (a.T, b.T) if found.transposed else (b, a)
         return (left * found.scale).to(device), right.to(device), found
 
+    def _map(self, path: Path) -> mmap.mmap | None:
+        """The base's files through the base checkpoint's own mapping (one per file, however many adapters of
+        it are read); the adapter's file through its own."""
+        if path in self.base_checkpoint.files:
+            return self.base_checkpoint._map(path)
+        return super()._map(path)
+
+    def _mapping(self, path: Path) -> mmap.mmap | None:
+        if path in self.base_checkpoint.files:
+            return self.base_checkpoint._mapping(path)
+        return super()._mapping(path)
+
     def _read_factor(self, key: str) -> torch.Tensor:
         info = self._factor_infos[key]
         reader = Checkpoint(self.label, self.source, self.root, [info.file], {key: info}, None)
@@ -336,6 +359,11 @@ class AdapterCheckpoint(Checkpoint):
             return reader.read(key, dtype=torch.float64)
         finally:
             reader.close()
+
+    def factor_nbytes(self, name: str) -> int:
+        """The stored bytes of tensor `name`'s two factors (0 where the adapter has none)."""
+        found = self.adapted.get(name)
+        return 0 if found is None else self._factor_infos[found.a_name].nbytes + self._factor_infos[found.b_name].nbytes
 
     @property
     def nbytes(self) -> int:
@@ -444,16 +472,43 @@ def adapter_info(ckpt: Checkpoint) -> AdapterInfo | None:
     )
 
 
-def coverage_note(models: list[Checkpoint], tensors: list[str]) -> list[str]:
+def coverage_note(
+    models: list[Checkpoint], tensors: list[str], unmeasured: list[str], sampled: list[str] | None = None,
+    sample: tuple[int, int, int, int] = (0, 0, 0, 0),
+) -> list[str]:
+    """What the result says about the adapters among `models`; `unmeasured`: the metrics left out because the
+    base's tensors were not read (a comparison of adapters of one base); `sampled`: those estimated from its
+    seeded row sample, `sample`: (rows read, rows sampled from, bytes read, the compared tensors' bytes)."""
     if not any(isinstance(m, AdapterCheckpoint) for m in models):
         return []
     adapted = low_rank_count(models, tensors)
-    return [
+    note = (
         f"LoRA adapters: {adapted} adapted tensor(s) measured from their factors (norms, cosines, distances and "
         "task-vector SVDs exact through r x r products); sign conflict, TIES thresholds, mass fraction and value "
         f"histograms exact on a seeded sample of rows (at most {SAMPLE_VALUES:,} values per tensor, all rows of "
-        "smaller ones); the weights' own SVDs form base + delta densely"
-    ]
+        "smaller ones)"
+    )
+    if not unmeasured and not sampled:
+        return [note + "; the weights' own SVDs form base + delta densely"]
+    notes = [note]
+    if sampled:
+        rows, of, read, total = sample
+        notes.append(
+            "every model is a LoRA adapter of the base, which was read only on a seeded sample of rows (at most "
+            f"{BASE_SAMPLE_VALUES:,} values per tensor, all rows of smaller ones: {rows:,} of {of:,} rows, "
+            f"{read / max(total, 1):.1%} of its compared bytes): |W|^2 and <W, t_i> are the sample's sums scaled to "
+            "all rows, |t_i|^2 and <t_a, t_b> exact from the factors, so |W + t_i|^2 = |W|^2 + 2 <W, t_i> + "
+            "|t_i|^2; the weights' difference is the task vectors' (exact). Estimated so: "
+            f"{', '.join(sampled)} (the KL histograms on the sampled rows, as with read_base); read_base=True "
+            "(--read-base) measures them exactly"
+        )
+    if unmeasured:
+        notes.append(
+            f"not measured, as {BASE_NOT_READ}: {', '.join(unmeasured)}"
+            + (" (the weights' SVDs need every row of the base)" if sampled else
+               " (l2_distance divides the task vectors' difference by |W_a| + |W_b|, which hold the base)")
+        )
+    return notes
 
 
 def low_rank_count(models: list[Checkpoint], tensors: list[str]) -> int:
@@ -464,9 +519,10 @@ def low_rank_count(models: list[Checkpoint], tensors: list[str]) -> int:
 # ----------------------------------------------------------------------------------- the low-rank operand
 
 
-def sample_rows(rows: int, cols: int, device: torch.device) -> torch.Tensor:
-    """The seeded sample of rows element-wise statistics read: all of them up to SAMPLE_VALUES values."""
-    keep = max(1, SAMPLE_VALUES // max(cols, 1))
+def sample_rows(rows: int, cols: int, device: torch.device, values: int | None = None) -> torch.Tensor:
+    """The seeded sample of rows element-wise statistics read: all of them up to `values` (SAMPLE_VALUES)
+    values. A larger `values` draws a superset of a smaller one's rows (the same permutation, a longer prefix)."""
+    keep = max(1, (SAMPLE_VALUES if values is None else values) // max(cols, 1))
     if keep >= rows:
         return torch.arange(rows, device=device)
     generator = torch.Generator().manual_seed(SAMPLE_SEED)
@@ -572,6 +628,135 @@ class LowRankOperand(Operand):
 
     def exact_pair_sums(self, other: Operand, signs: bool) -> PairSums:
         return low_rank_pair_sums(self, other, signs)
+
+
+@dataclass
+class BaseSample:
+    """The base's tensor read on a seeded sample of its rows (`sample_rows`, BASE_SAMPLE_VALUES values):
+    |W|^2 estimated as the sample's sum of squares scaled by rows / sampled rows (unbiased; its relative error
+    is about the spread (CV) of the rows' squared norms over sqrt(sampled rows)). The cross terms <W, t> and the
+    values (KL histograms) use the rows of the element-wise sample (SAMPLE_VALUES: the first rows of the same
+    seeded permutation, so a subset), where the task vectors' rows are formed anyway."""
+
+    index: torch.Tensor  # the sampled rows, sorted
+    values: torch.Tensor  # float32 (len(index), cols)
+    rows: int
+    nbytes: int  # stored bytes of the sampled rows
+    inner: torch.Tensor | None = None  # positions in `index` of the element-wise sample's rows (None: all)
+
+    @property
+    def energy(self) -> float:
+        """|W|^2, estimated from the sample."""
+        cached = self.__dict__.get("_energy")
+        if cached is None:
+            scale = self.rows / max(len(self.index), 1)
+            cached = self.__dict__["_energy"] = scale * float((self.values.double() ** 2).sum())
+        return cached
+
+    @property
+    def norm(self) -> float:
+        return math.sqrt(max(self.energy, 0.0))
+
+    @property
+    def inner_index(self) -> torch.Tensor:
+        return self.index if self.inner is None else self.index[self.inner]
+
+    @property
+    def inner_values(self) -> torch.Tensor:
+        return self.values if self.inner is None else self.values[self.inner]
+
+    @property
+    def inner_scale(self) -> float:
+        return self.rows / max(len(self.inner_index), 1)
+
+
+def read_base_sample(base: Checkpoint, name: str, rows: int, cols: int, device: torch.device) -> BaseSample:
+    """The base's tensor `name` (its first `rows` rows) on its seeded row sample, read row by row."""
+    cpu = torch.device("cpu")
+    index = sample_rows(rows, cols, cpu, BASE_SAMPLE_VALUES)
+    small = sample_rows(rows, cols, cpu)
+    inner = None if len(small) >= len(index) else torch.searchsorted(index, small)
+    values = base.rows(name, index).to(device)
+    width = base.tensors[name].nbytes // max(base.tensors[name].numel, 1)
+    return BaseSample(index.to(device), values, rows, len(index) * cols * width,
+                      None if inner is None else inner.to(device))
+
+
+class SampledWeights(Operand):
+    """An adapter's weights W + t on one tensor, t = scale * B @ A its task vector (a rank-0 one where it
+    leaves the tensor alone), with the base W read only on a `BaseSample`: |W|^2 and <W, t> are the sample's
+    sums scaled by rows / sampled rows, |t|^2 and <t_a, t_b> exact from the factors, so
+    |W + t|^2 = |W|^2 + 2 <W, t> + |t|^2 and <W + t_a, W + t_b> = |W|^2 + <W, t_a> + <W, t_b> + <t_a, t_b>;
+    the difference of two adapters' weights is their task vectors' (exact). Its values (the KL histograms)
+    are the sampled rows'. It has no SVD: the weights' spectral metrics are not measured."""
+
+    low_rank = True
+    has_svd = False
+
+    def __init__(self, sample: BaseSample, task: LowRankOperand) -> None:
+        self.sample_base, self.task = sample, task
+        self.shape = task.shape
+        self.tensor = task.left  # where the device is read
+        self.base = None
+        self.rank = task.rank
+        self.exact_max_elements = task.exact_max_elements
+        self.reference_norm = None
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def is_matrix(self) -> bool:
+        return min(self.shape) > 1
+
+    @property
+    def cross(self) -> float:
+        """<W, t>, estimated from the sampled rows (exact rows of t: scale * B[rows] @ A)."""
+        cached = self.__dict__.get("_cross")
+        if cached is None:
+            task = self.task
+            sample = self.sample_base
+            projected = sample.inner_values.double() @ task.right.T  # (sampled rows, r)
+            value = float((projected * task.left[sample.inner_index]).sum()) if task.left.shape[1] else 0.0
+            cached = self.__dict__["_cross"] = sample.inner_scale * value
+        return cached
+
+    @property
+    def norm(self) -> float:  # type: ignore[override]
+        cached = self.__dict__.get("_norm")
+        if cached is None:
+            total = self.sample_base.energy + 2 * self.cross + self.task.gram
+            cached = self.__dict__["_norm"] = math.sqrt(max(total, 0.0))
+        return cached
+
+    @property
+    def sample(self) -> torch.Tensor:  # type: ignore[override]
+        cached = self.__dict__.get("_values")
+        if cached is None:
+            rows = self.sample_base.inner_values + self.task.rows(self.sample_base.inner_index)
+            cached = self.__dict__["_values"] = rows.reshape(-1)
+        return cached
+
+    def sampled(self, size: int) -> torch.Tensor:
+        return self.sample
+
+    @property
+    def value_range(self) -> tuple[float, float]:  # type: ignore[override]
+        lo, hi = torch.aminmax(self.sample)
+        return float(lo), float(hi)
+
+    @property
+    def svd(self) -> SVD:  # type: ignore[override]
+        raise NotImplementedError("the weights' SVD needs the base's every row; it is not measured")
+
+    def exact_pair_sums(self, other: Operand, signs: bool) -> PairSums:
+        if not isinstance(other, SampledWeights) or other.sample_base is not self.sample_base:
+            raise TypeError("sampled weights pair only with another adapter's on the same base sample")
+        a, b = self.task, other.task
+        dot = self.sample_base.energy + self.cross + other.cross + _low_dot(a, b)
+        distance = max(_low_dot(a, a) + _low_dot(b, b) - 2 * _low_dot(a, b), 0.0)
+        return PairSums(dot, distance, None)
 
 
 def low_rank_svd(left: torch.Tensor, right: torch.Tensor, rank: int) -> SVD:
@@ -710,14 +895,53 @@ def sampled_signs(a: Operand, b: Operand) -> tuple[float, float, float, float]:
     return both, (both - balance) / 2, both_top, (both_top - balance_top) / 2
 
 
-def with_delta(ckpt: Checkpoint, name: str, view: torch.Tensor) -> torch.Tensor:
-    """The model's tensor in float32: for a LoRA adapter's adapted tensor, base + scale * B @ A (a merge
-    simulation needs the weights themselves); otherwise the stored values."""
+def apply_delta(ckpt: Checkpoint, name: str, view: torch.Tensor) -> torch.Tensor:
+    """The model's tensor `name` as its weights, from `view` (its stored values, possibly cut to the first
+    rows): for a LoRA adapter's adapted tensor, base + scale * B @ A in float32 (a new tensor; the dense
+    consumers of the tensor stream need the weights themselves); otherwise `view` itself."""
     found = ckpt.factors(name, view.device) if isinstance(ckpt, AdapterCheckpoint) else None
     if found is None:
-        return view.float()
+        return view
     left, right, _ = found
     return (view.double() + left[: view.shape[0]] @ right).float()
+
+
+BASE_NOT_READ = (
+    "it needs the base's values, of which a comparison of LoRA adapters of one base reads only a seeded sample "
+    "of rows; read_base=True (--read-base) reads them all"
+)
+
+
+def adapters_of(models: list[Checkpoint], base: Checkpoint | None) -> bool:
+    """Whether every model is a LoRA adapter of `base` (its folder): the comparison can then be measured from
+    the factors, and the adapters' own tensors, without reading the base's."""
+    if base is None or not models:
+        return False
+    root = base.root.resolve()
+    return all(isinstance(m, AdapterCheckpoint) and m.base_checkpoint.root.resolve() == root for m in models)
+
+
+def stores(model: Checkpoint, name: str) -> bool:
+    """Whether the adapter `model` stores tensor `name` itself (modules_to_save), in place of its base's."""
+    return isinstance(model, AdapterCheckpoint) and name in model.saved
+
+
+def factor_nbytes(model: Checkpoint, name: str) -> int:
+    return model.factor_nbytes(name) if isinstance(model, AdapterCheckpoint) else 0
+
+
+def task_vector(
+    ckpt: Checkpoint, name: str, rows: int, cols: int, device: torch.device, options: Any
+) -> LowRankOperand:
+    """The adapter's task vector on its tensor `name` (rows x cols, the first `rows` rows): scale * B @ A from
+    its factors; zero (rank 0) where it has none."""
+    found = ckpt.factors(name, device) if isinstance(ckpt, AdapterCheckpoint) else None
+    if found is None:
+        left = torch.zeros(rows, 0, dtype=torch.float64, device=device)
+        right = torch.zeros(0, cols, dtype=torch.float64, device=device)
+    else:
+        left, right = found[0][:rows], found[1]
+    return LowRankOperand(left, right, None, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements)
 
 
 def lift(
@@ -728,18 +952,11 @@ def lift(
     scale * B @ A (zero where the adapter leaves the tensor alone) and the weights base + that."""
     if base is None or not tasks:
         return
+    rows, cols = base.tensor.shape[0], base.numel // max(base.tensor.shape[0], 1)
     for i, (ckpt, name) in enumerate(sources[: len(weights)]):
         if not isinstance(ckpt, AdapterCheckpoint) or name in ckpt.saved:
             continue
-        rows, cols = base.tensor.shape[0], base.numel // max(base.tensor.shape[0], 1)
-        device = base.tensor.device
-        found = ckpt.factors(name, device)
-        if found is None:
-            left = torch.zeros(rows, 0, dtype=torch.float64, device=device)
-            right = torch.zeros(0, cols, dtype=torch.float64, device=device)
-        else:
-            left, right = found[0][:rows], found[1]
-        make = {"rank": options.svd_rank, "exact_max_elements": options.exact_svd_max_elements}
-        tasks[i] = LowRankOperand(left, right, None, **make)
-        weights[i] = base if found is None else LowRankOperand(left, right, base, **make)
-
+        task = tasks[i] = task_vector(ckpt, name, rows, cols, base.tensor.device, options)
+        weights[i] = base if name not in ckpt.adapted else LowRankOperand(
+            task.left, task.right, base, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements
+        )

@@ -32,11 +32,11 @@ from ..models import (
 from ..security.redact import redact_json
 from . import score as mci
 from . import stream
-from .adapters import adapter_findings, adapter_info, coverage_note, low_rank_count
+from .adapters import BASE_NOT_READ, adapter_findings, adapter_info, adapters_of, coverage_note, low_rank_count
 from .compat import Plan, plan_comparison
 from .layers import TensorRole, classify, group_sort_key, position
 from .loading import Checkpoint
-from .metrics import UNAVAILABLE, task_metrics
+from .metrics import REGISTRY, UNAVAILABLE, base_sample_estimates, task_metrics
 from .spectral import OVERSAMPLE, POWER_ITERS
 from .types import AnalysisOptions, Cancelled, Device, Progress
 from .zones import detect_conflict_zones
@@ -59,6 +59,7 @@ class _Sums:
     n_params: int = 0
     tensors: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # metric -> tensors where it could not be computed
+    unmeasured: dict[str, int] = field(default_factory=dict)  # metric -> tensors where the base was not read
 
     def add(self, name: str, value: float | None, weight: float) -> None:
         if value is None:  # not computable on this tensor: it adds nothing to the layer's mean
@@ -105,7 +106,12 @@ def analyze(
     matrix_params = spectral_params = params_compared = 0
 
     tensors = [] if plan.fatal else plan.tensors
-    measured_sets = stream.measured_sets(tensors, stream.Run(models, base, plan, device, options, pairs))
+    factors_only = not options.read_base and adapters_of(models, base)  # the base read on its row sample
+    unmeasured: dict[str, None] = {}
+    sampled_rows = sampled_of = sampled_bytes = 0  # the base's row sample, without read_base
+    measured_sets = stream.measured_sets(
+        tensors, stream.Run(models, base, plan, device, options, pairs, factors_only)
+    )
     try:
         for done, measured in enumerate(measured_sets):
             if cancelled is not None and cancelled():
@@ -122,6 +128,12 @@ def analyze(
                 layer.tensors.append(name)
                 for metric_name, value in values.items():
                     layer.add(metric_name, value, numel)
+                for metric_name in measured.unmeasured:
+                    layer.unmeasured[metric_name] = layer.unmeasured.get(metric_name, 0) + 1
+            unmeasured.update(dict.fromkeys(measured.unmeasured))
+            sampled_rows += measured.base_sample[0]
+            sampled_of += measured.base_sample[1]
+            sampled_bytes += measured.base_sample[2]
             if measured.task_norms:
                 squares = moved.setdefault(role.layer_name, [0.0] * (len(models) + 1))
                 for k, norm in enumerate((*measured.task_norms, measured.base_norm)):
@@ -180,13 +192,20 @@ def analyze(
     infos = [_model_info(m, nonfinite[m.label]).model_copy(update=_moved(moved, k)) for k, m in enumerate(models)]
     base_info = _model_info(base, nonfinite[base.label]) if base else None
     used_base = bool(base and plan.base_tensors and not plan.fatal)
-    notes = _notes(base, used_base) + _unavailable_notes(layer_metrics) + coverage_note(models, tensors)
+    not_measured = sorted(unmeasured)
+    base_sampled = [] if not sampled_of else [m.name for m in REGISTRY.values() if base_sample_estimates(m)]
+    base_bytes = sum(base.tensors[n].nbytes for n in tensors if n in plan.base_tensors) if base else 0
+    notes = _notes(base, used_base) + _unavailable_notes(sums) + coverage_note(
+        models, tensors, not_measured, base_sampled, (sampled_rows, sampled_of, sampled_bytes, base_bytes)
+    )
     coverage = Coverage(
         tensors_compared=len(tensors), tensors_total=len(models[0].tensors), params_compared=params_compared,
         matrix_params=matrix_params, spectral_params=spectral_params, exact_svd_tensors=exact,
         randomized_svd_tensors=randomized, svd_rank=options.svd_rank, svd_oversample=OVERSAMPLE,
         svd_power_iterations=POWER_ITERS, exact_svd_max_elements=options.exact_svd_max_elements,
-        low_rank_tensors=low_rank_count(models, tensors),
+        low_rank_tensors=low_rank_count(models, tensors), base_read=used_base and not factors_only,
+        not_measured=not_measured, base_sampled=base_sampled, base_sample_rows=sampled_rows, base_rows=sampled_of,
+        base_bytes_read=sampled_bytes, base_bytes_share=round(sampled_bytes / base_bytes, 6) if base_bytes else 0.0,
     )
     if randomized:
         notes.append(
@@ -196,7 +215,7 @@ def analyze(
         )
     return _assemble(finish, dict(
         version=VERSION, models=infos, base=base_info, device=str(device),
-        mci=_mci(pair_scores, layer_metrics, plan, used_base, findings).model_copy(
+        mci=_mci(pair_scores, layer_metrics, plan, used_base, findings, not_measured).model_copy(
             update={"used_activations": bool(activations)}
         ),
         pairwise=pair_scores, layer_metrics=layer_metrics, conflict_zones=zones, findings=findings,
@@ -261,17 +280,19 @@ def _notes(base: Checkpoint | None, used_base: bool) -> list[str]:
 def _unavailable(s: _Sums) -> dict[str, str]:
     """Why each metric that some of the layer's tensors could not give is partial or absent in the layer."""
     out = {}
-    for name, count in s.skipped.items():
-        where = f"{UNAVAILABLE} on {count} of the layer's {len(s.tensors)} tensors"
-        out[name] = f"{where}; the value averages the others" if name in s.weights else f"{where}; left out"
+    for why, counts, more in ((UNAVAILABLE, s.skipped, ""), ("not measured", s.unmeasured, f" ({BASE_NOT_READ})")):
+        for name, count in counts.items():
+            where = f"{why} on {count} of the layer's {len(s.tensors)} tensors{more}"
+            out[name] = f"{where}; the value averages the others" if name in s.weights else f"{where}; left out"
     return out
 
 
-def _unavailable_notes(layers: list[LayerMetrics]) -> list[str]:
+def _unavailable_notes(sums: dict[tuple[int, int], dict[str, _Sums]]) -> list[str]:
     counts: dict[str, int] = {}
-    for lm in layers:
-        for name in lm.unavailable:
-            counts[name] = counts.get(name, 0) + 1
+    for layers in sums.values():
+        for s in layers.values():
+            for name in s.skipped:
+                counts[name] = counts.get(name, 0) + 1
     return [
         f"{name} could not be computed on some tensors of {n} layer(s) ({UNAVAILABLE}): they are left out of "
         "its mean, never read as a number; each layer's `unavailable` says where"
@@ -280,7 +301,8 @@ def _unavailable_notes(layers: list[LayerMetrics]) -> list[str]:
 
 
 def _mci(
-    pair_scores: list[PairScore], layers: list[LayerMetrics], plan: Plan, used_base: bool, findings: list[Finding]
+    pair_scores: list[PairScore], layers: list[LayerMetrics], plan: Plan, used_base: bool, findings: list[Finding],
+    not_measured: list[str],
 ) -> MCI:
     if plan.fatal or not layers:
         reasons = plan.fatal or ["no tensors could be compared"]
@@ -302,8 +324,43 @@ def _mci(
     if not used_base:
         reasons.append("no base model: only weight similarity was measured, not whether the fine-tunes conflict")
     confidence = "high" if used_base and not warnings else "medium" if used_base or not warnings else "low"
+    if not_measured:
+        confidence = _less_sure(confidence, reasons, layers, not_measured)
     return MCI(score=worst.score, verdict=worst.verdict, confidence=confidence, components=means,
                used_base=used_base, reasons=reasons)
+
+
+SPECTRAL_ONLY_DRIFT = 0.05  # task_drift up to which the weights' unmeasured spectra moved the score <= ~3 points
+
+
+def _less_sure(confidence: str, reasons: list[str], layers: list[LayerMetrics], not_measured: list[str]) -> str:
+    """LoRA adapters of one base compared without reading the base whole: the confidence one step less where what
+    is not measured can move the score: any metric but the weights' spectral ones (the base was not read at
+    all), or those when the adapters moved their base far (their subspace and rank components, left out, then
+    held the score up: on the test fixtures the score read 6 points under read_base's at task_drift 0.2, 10 at 3)."""
+    drifts = [lm.metrics["task_drift"] for lm in layers if "task_drift" in lm.metrics]
+    drift = max(drifts, default=0.0)
+    spectral = {m.name for m in REGISTRY.values() if m.matrix_only and not m.needs_base}
+    if set(not_measured) <= spectral:
+        reasons.append(
+            "LoRA adapters of one base, with the base read on a seeded sample of rows: the weights' cosine, "
+            "distance and distribution and task_drift estimated from it; not measured: "
+            f"{', '.join(not_measured)} (the weights' SVDs need every row), so the subspace and rank components "
+            + ("are left out (these adapters move their base little: they would add little)"
+               if drift <= SPECTRAL_ONLY_DRIFT else
+               f"are left out, and with a task_drift up to {drift:.2f} the score may read several points lower "
+               "than with read_base, which measures them")
+        )
+        return confidence if drift <= SPECTRAL_ONLY_DRIFT else _step_down(confidence)
+    reasons.append(
+        "LoRA adapters of one base, measured from their factors without the base's values on some tensors: "
+        f"not measured: {', '.join(not_measured)}; read_base measures them"
+    )
+    return _step_down(confidence)
+
+
+def _step_down(confidence: str) -> str:
+    return "medium" if confidence == "high" else "low"
 
 
 def _component_reasons(means: dict[str, float]) -> list[str]:

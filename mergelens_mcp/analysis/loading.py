@@ -194,6 +194,11 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     @property
+    def model_root(self) -> Path:
+        """The folder of the model's config.json and tokenizer: this checkpoint's (an adapter's: its base's)."""
+        return self.root
+
+    @property
     def architecture(self) -> str | None:
         if not self.config:
             return None
@@ -235,6 +240,26 @@ class Checkpoint:
             return self._read_with_safetensors(name, torch.device("cpu"))
         return self._mapped(name, info.numel)[1].view(info.shape)
 
+    def rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (sorted, of the tensor as a matrix: its first dimension, the rest flattened) as float32,
+        copied out of the mapped file: only those rows' pages are touched, and dropped from the mapping after.
+        A file that cannot be mapped is read row by row."""
+        info = self.tensors[name]
+        rows = info.shape[0] if info.shape else 1
+        cols = info.numel // max(rows, 1)
+        if info.dtype not in TORCH_DTYPES or info.numel == 0:
+            return self._read_with_safetensors(name, torch.device("cpu")).reshape(rows, cols)[index].float()
+        if self._map(info.file) is None:
+            picked = [self._read_values(info, r * cols, (r + 1) * cols) for r in index.tolist()]
+            return torch.stack(picked).float() if picked else torch.empty(0, cols)
+        mapped, flat = self._mapped(name, info.numel)
+        assert mapped is not None
+        start = info.offset - info.offset % PAGE
+        mapped.madvise(mmap.MADV_RANDOM, start, info.offset + info.nbytes - start)  # no read-around of the rows
+        out = flat.view(rows, cols)[index.cpu()].float()
+        self._release(mapped, info.offset, info.offset + info.nbytes)
+        return out
+
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading the tensor's bytes from disk (a no-op for cached files)."""
         info = self.tensors[name]
@@ -248,7 +273,7 @@ class Checkpoint:
     def release(self, name: str) -> None:
         """Drop the whole pages of a viewed tensor from this process's mapping (they stay in the page cache)."""
         info = self.tensors[name]
-        mapped = self._maps.get(info.file)
+        mapped = self._mapping(info.file)
         if mapped is not None and info.numel:
             self._release(mapped, info.offset, info.offset + info.nbytes)
 
@@ -297,6 +322,10 @@ class Checkpoint:
         last = stop - stop % PAGE if stop < len(mapped) else len(mapped)
         if last > first:
             mapped.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+    def _mapping(self, path: Path) -> mmap.mmap | None:
+        """The file's mapping if it is mapped (None: not mapped, or it cannot be)."""
+        return self._maps.get(path)
 
     def _map(self, path: Path) -> mmap.mmap | None:
         """The file's mapping, or None when it cannot be mapped (larger than the address space or than the

@@ -57,6 +57,7 @@ class Operand:
     """
 
     low_rank = False  # a LoRA operand (analysis/adapters.py) measures its pairs exactly from its factors
+    has_svd = True  # False: weights known only on sampled rows (analysis/adapters.py), whose SVD is not measured
 
     def __init__(
         self,
@@ -442,6 +443,7 @@ class Metric:
     needs_base: bool
     matrix_only: bool
     doc: str
+    reads_base: bool = False  # reads the base tensor's own values (its norm), beyond the task vectors
 
     def applies_to(self, a: Operand) -> bool:
         return a.is_matrix or not self.matrix_only
@@ -463,11 +465,17 @@ def metric(
     identical: float | None = None,
     needs_base: bool = False,
     matrix_only: bool = False,
+    reads_base: bool = False,
 ) -> Callable[[MetricFn], MetricFn]:
+    """Register a metric. `needs_base`: it compares task vectors (model - base); `reads_base`: it also reads
+    the base tensor's own values, so LoRA factors alone cannot give it; `matrix_only`: 2-D tensors only."""
+
     def register(fn: MetricFn) -> MetricFn:
         if fn.__name__ != name or name in REGISTRY:
             raise ValueError(f"metric {name!r} must be registered once, by a function of that name")
-        REGISTRY[name] = Metric(name, fn, bounds, identical, needs_base, matrix_only, (fn.__doc__ or "").strip())
+        REGISTRY[name] = Metric(
+            name, fn, bounds, identical, needs_base, matrix_only, (fn.__doc__ or "").strip(), reads_base
+        )
         return fn
 
     return register
@@ -479,6 +487,18 @@ def weight_metrics() -> list[Metric]:
 
 def task_metrics() -> list[Metric]:
     return [m for m in REGISTRY.values() if m.needs_base]
+
+
+def from_task_vectors_alone(m: Metric) -> bool:
+    """Whether the metric needs nothing but the two task vectors (LoRA factors give it without the base)."""
+    return m.needs_base and not m.reads_base
+
+
+def base_sample_estimates(m: Metric) -> bool:
+    """Whether LoRA adapters of one base compared without reading it (see analysis/adapters.py's
+    `SampledWeights`) estimate the metric from a seeded sample of the base's rows: the weights' non-spectral
+    metrics and those that read the base's norm."""
+    return (not m.needs_base and not m.matrix_only) or m.reads_base
 
 
 # ---- shared formulas -------------------------------------------------------------------------------
@@ -678,7 +698,7 @@ def magnitude_ratio(a: Operand, b: Operand) -> float:
     return 1.0 if hi < EPS else min(a.norm, b.norm) / hi
 
 
-@metric("task_drift", bounds=(0.0, None), needs_base=True)
+@metric("task_drift", bounds=(0.0, None), needs_base=True, reads_base=True)
 def task_drift(a: Operand, b: Operand) -> float:
     """Mean relative distance moved from the base: (|tau_a| + |tau_b|) / (2 |base|)."""
     reference = a.reference_norm or b.reference_norm or 0.0

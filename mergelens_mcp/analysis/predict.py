@@ -437,6 +437,11 @@ def with_predictions(result: CompareResult) -> CompareResult:
     if result.predictions:
         return result
     predictions = predict_result(result)
+    if not predictions and len(result.models) == 2 and result.coverage.not_measured:
+        return result.drafted(notes=[*result.notes, (
+            "no predicted retention: the predictor reads task_drift or the weight-space metrics, which were not "
+            "measured (" + ", ".join(result.coverage.not_measured) + ")"
+        )])
     if not predictions:
         return result
     note = ("predicted retention per method (merged accuracy / each fine-tune's own, 0..1, 80% interval): "

@@ -13,7 +13,11 @@ Two layers, so that every consumer reads tensors the same way:
   iterations: its final float32 product is taken inside the pass, from the rows the pass upcasts anyway
   (with or without a base; a LoRA adapter's task vectors, measured from their factors, keep their own).
   The next sets are queued while the last SVDs of this one run. A non-finite norm is the one signal that
-  triggers the NaN/Inf scan, after which the set is measured again from cleaned copies.
+  triggers the NaN/Inf scan, after which the set is measured again from cleaned copies. When every model is
+  a LoRA adapter of the base and the base is not to be read whole (`Run.factors_only`), a set views no tensor
+  of the base: its task vectors come from the factors, its weights from the base's seeded row sample
+  (`adapters.SampledWeights`, read by `Checkpoint.rows`), and the metrics that need every row of the base
+  (the weights' spectra) are the set's `unmeasured`.
 """
 
 from __future__ import annotations
@@ -27,15 +31,24 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from ..errors import AnalysisCancelledError
-from .adapters import lift
+from .adapters import (
+    BaseSample,
+    SampledWeights,
+    apply_delta,
+    factor_nbytes,
+    lift,
+    read_base_sample,
+    stores,
+    task_vector,
+)
 from .compat import Plan
 from .loading import Checkpoint
-from .metrics import NATIVE, REGISTRY, Operand, pair_sums, weight_and_task_sums
+from .metrics import NATIVE, REGISTRY, Metric, Operand, from_task_vectors_alone, pair_sums, weight_and_task_sums
 from .spectral import SVD, release_scratch
 from .types import AnalysisOptions, Cancelled, Progress
 
@@ -54,8 +67,13 @@ def default_threads() -> int:
 @dataclass
 class TensorSet:
     """One tensor of several checkpoints (each under its own name: a slice renumbers the layers), viewed as
-    stored once the set is opened. `key` is what the consumer calls the set (the tensor, or the output)."""
+    stored once the set is opened. `key` is what the consumer calls the set (the tensor, or the output).
 
+    A LoRA adapter's adapted tensor is viewed as its weights, base + scale * B @ A in float32 (`with_deltas`),
+    so every dense consumer (merge simulation, preview, verify, model loading, the zoo's sketches) reads an
+    adapter as the model it makes; its modules_to_save tensors are read as stored."""
+
+    with_deltas: ClassVar[bool] = True
     key: str
     sources: list[tuple[Checkpoint, str]]
     rows: int | None = None  # view only the first `rows` rows (a vocabulary cut to the shared size)
@@ -71,12 +89,11 @@ class TensorSet:
 
     def open(self, device: torch.device) -> None:
         """Prefetch every source's bytes and view them in place (on `device`: a copy off the CPU)."""
-        first, name = self.sources[0]
-        if first.tensors[name].numel >= LARGE:
+        if self.sources and self.sources[0][0].tensors[self.sources[0][1]].numel >= LARGE:
             _trim_heap()
         for ckpt, name in self.sources:
             ckpt.prefetch(name)
-        self.views = [_view(ckpt, name, self.rows, device) for ckpt, name in self.sources]
+        self.views = [_view(ckpt, name, self.rows, device, self.with_deltas) for ckpt, name in self.sources]
 
     def release(self) -> None:
         """Drop the set's pages from this process's mappings (the page cache keeps them)."""
@@ -148,11 +165,12 @@ def read(
         opened.close()
 
 
-def _view(ckpt: Checkpoint, name: str, rows: int | None, device: torch.device) -> torch.Tensor:
+def _view(ckpt: Checkpoint, name: str, rows: int | None, device: torch.device, deltas: bool) -> torch.Tensor:
     tensor = ckpt.view(name)
     if rows is not None and tensor.dim() >= 1 and tensor.shape[0] > rows:
         tensor = tensor[:rows]
-    return tensor.to(device)
+    tensor = tensor.to(device)
+    return apply_delta(ckpt, name, tensor) if deltas else tensor
 
 
 # ----------------------------------------------------------------------------------- the upper layer: measuring
@@ -160,7 +178,8 @@ def _view(ckpt: Checkpoint, name: str, rows: int | None, device: torch.device) -
 
 @dataclass(frozen=True)
 class Run:
-    """What every tensor set of one comparison is measured with."""
+    """What every tensor set of one comparison is measured with. `factors_only`: every model is a LoRA adapter
+    of the base, whose tensors are read only on their seeded row sample (see `_factor_operands`)."""
 
     models: list[Checkpoint]
     base: Checkpoint | None
@@ -168,23 +187,57 @@ class Run:
     device: torch.device
     options: AnalysisOptions
     pairs: list[tuple[int, int]]
+    factors_only: bool = False
 
     def tensor_set(self, name: str) -> _Set:
-        """One tensor of every model, and the base's where it pairs with them."""
+        """One tensor of every model, and the base's where it pairs with them; without the base's values, the
+        adapters' own tensors where every one stores it, and nothing else (their factors are read per set)."""
+        rows = self.plan.row_limits.get(name)
+        shape = tuple(self.models[0].tensors[name].shape)
+        if rows is not None and shape and shape[0] > rows:
+            shape = (rows, *shape[1:])
+        if self.factors_only:
+            own = all(stores(m, name) for m in self.models)
+            factors = sum(factor_nbytes(m, name) for m in self.models)
+            return _Set(name, [(m, name) for m in self.models] if own else [], rows, shape=shape, factors=factors)
         base = [self.base] if self.base is not None and name in self.plan.base_tensors else []
-        return _Set(name, [(c, name) for c in [*self.models, *base]], self.plan.row_limits.get(name))
+        return _Set(name, [(c, name) for c in [*self.models, *base]], rows, shape=shape)
 
 
 @dataclass
 class _Set(TensorSet):
-    """A tensor set with its operands and the jobs measuring them."""
+    """A tensor set with its operands and the jobs measuring them. An adapter's views stay the stored base's:
+    the comparison measures its delta from the factors (`adapters.lift`), never densely."""
 
-    weights: list[Operand] = field(default_factory=list)
+    with_deltas: ClassVar[bool] = False
+    shape: tuple[int, ...] = ()  # as viewed (the rows cut)
+    factors: int = 0  # stored bytes of the LoRA factors read for the set without the base
+    weights: list[Operand] = field(default_factory=list)  # empty: not measured here
     tasks: list[Operand] = field(default_factory=list)  # model - base, when the base has this tensor
     base: Operand | None = None
+    unmeasured: tuple[str, ...] = ()  # metrics that apply but need the base's values, which were not read
+    base_sample: BaseSample | None = None  # without the base's values: its seeded sample of rows, if read
     nonfinite: dict[str, int] = field(default_factory=dict)
     elementwise: Future[list[dict[str, float | None]] | None] | None = None  # None: the set holds NaN or Inf
     svds: list[Future[SVD]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.factors
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """The tensor as a matrix: its rows, and its other dimensions flattened."""
+        rows = self.shape[0] if self.shape else 1
+        return rows, self.numel // max(rows, 1)
+
+    @property
+    def is_matrix(self) -> bool:
+        return len(self.shape) >= 2 and min(self.rows_cols) > 1
 
     def jobs(self) -> list[Future[Any]]:
         return [*([self.elementwise] if self.elementwise is not None else []), *self.svds]
@@ -201,7 +254,9 @@ class Measured:
     svds: list[SVD]
     nonfinite: dict[str, int]
     task_norms: tuple[float, ...] = ()  # |model - base| of each model, when the base has this tensor
-    base_norm: float = 0.0  # |base| of this tensor (0 without one)
+    base_norm: float = 0.0  # |base| of this tensor (0 without one; estimated from its row sample without read_base)
+    unmeasured: tuple[str, ...] = ()  # metrics that apply but need the base's values, which were not read
+    base_sample: tuple[int, int, int] = (0, 0, 0)  # without the base's values: rows sampled, rows, bytes read
 
 
 def measured_sets(names: Sequence[str], run: Run) -> Iterator[Measured]:
@@ -243,7 +298,7 @@ def _close(current: _Set) -> None:
     for job in current.jobs():
         if not job.cancelled():
             job.exception()
-    current.weights, current.tasks, current.base = [], [], None
+    current.weights, current.tasks, current.base, current.base_sample = [], [], None, None
     current.elementwise, current.svds = None, []  # the SVDs' bases would otherwise live as long as the run
     current.release()
 
@@ -252,15 +307,13 @@ def _open_set(current: _Set, run: Run, pool: ThreadPoolExecutor) -> None:
     """View one tensor of every model in place and queue its jobs: the elementwise pass and one SVD per
     matrix operand (a set found to hold NaN or Inf is measured again once its values are cleaned)."""
     current.open(run.device)
-    views = [_flat2d(v) for v in current.views]
-    base_view = views.pop() if len(current.sources) > len(run.models) else None
-    _make_operands(current, views, base_view, run.options)
+    _operands(current, [_flat2d(v) for v in current.views], run)
     operands = dict.fromkeys([*current.weights, *current.tasks])  # an adapter's untouched weights are the base's
     fused = [op for op in operands if op.fusable]
     claims = [(op, _Once(functools.partial(_subspace, op))) for op in fused]
     current.elementwise = pool.submit(_elementwise, current, run.pairs, True, claims)
     current.svds = [pool.submit(claim.run) for _, claim in claims]  # the pass takes those not started
-    current.svds += [pool.submit(_svd, op) for op in operands if op.is_matrix and op not in fused]
+    current.svds += [pool.submit(_svd, op) for op in operands if op.is_matrix and op.has_svd and op not in fused]
 
 
 def _flat2d(tensor: torch.Tensor) -> torch.Tensor:
@@ -317,16 +370,53 @@ class _Once:
         return self.value
 
 
-def _make_operands(
-    current: _Set, views: list[torch.Tensor], base_view: torch.Tensor | None, options: AnalysisOptions
-) -> None:
-    def operand(tensor: torch.Tensor, base: torch.Tensor | None = None) -> Operand:
-        return Operand(tensor, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements, base=base)
+def _operands(current: _Set, views: list[torch.Tensor], run: Run) -> None:
+    """The set's operands from its views: every model's weights and task vectors (model - base, with a base),
+    or, without the base's values, what the factors and the adapters' own tensors give."""
+    if run.factors_only:
+        _factor_operands(current, views, run)
+        return
+    base_view = views.pop() if len(current.sources) > len(run.models) else None
+    current.weights = [_operand(v, run.options) for v in views]
+    current.base = _operand(base_view, run.options) if base_view is not None else None
+    current.tasks = [_operand(v, run.options, base_view) for v in views] if base_view is not None else []
+    lift(current.sources, current.weights, current.tasks, current.base, run.options)  # LoRA adapters: exact factors
 
-    current.weights = [operand(v) for v in views]
-    current.base = operand(base_view) if base_view is not None else None
-    current.tasks = [operand(v, base_view) for v in views] if base_view is not None else []
-    lift(current.sources, current.weights, current.tasks, current.base, options)  # LoRA adapters: exact factors
+
+def _operand(tensor: torch.Tensor, options: AnalysisOptions, base: torch.Tensor | None = None) -> Operand:
+    return Operand(tensor, rank=options.svd_rank, exact_max_elements=options.exact_svd_max_elements, base=base)
+
+
+def _factor_operands(current: _Set, views: list[torch.Tensor], run: Run, sample: BaseSample | None = None) -> None:
+    """Every model a LoRA adapter of the base, which is not read whole: the task vectors from the factors
+    where no adapter stores the tensor itself (zero where an adapter has no factors), and the weights from the
+    base's seeded row sample (`sample`, else read here) plus them; the weights from the adapters' own tensors
+    where every one stores it (modules_to_save). What needs anything else (the weights' SVDs, a stored
+    tensor's task vector) is `unmeasured`."""
+    current.weights = [_operand(v, run.options) for v in views]
+    current.tasks = []
+    if not any(stores(m, current.key) for m in run.models):
+        rows, cols = current.rows_cols
+        current.tasks = [task_vector(m, current.key, rows, cols, run.device, run.options) for m in run.models]
+        if run.base is not None and current.key in run.plan.base_tensors:  # the weights, from the base's rows
+            sample = sample or read_base_sample(run.base, current.key, rows, cols, run.device)
+            current.base_sample = sample
+            current.weights = [SampledWeights(sample, task) for task in current.tasks]
+            for task in current.tasks:
+                task.reference_norm = sample.norm
+    current.unmeasured = tuple(
+        m.name for m in REGISTRY.values() if (current.is_matrix or not m.matrix_only) and not _measures(m, current)
+    )
+
+
+def _measures(m: Metric, current: _Set) -> bool:
+    """Whether the operands a set has without the base's values give metric `m`: the weights' own (stored)
+    tensors give every weight metric; weights on the base's row sample all but the spectral ones; the task
+    vectors from the factors what needs nothing else, and with the base's row sample task_drift too."""
+    sampled = current.base_sample is not None
+    if not m.needs_base:
+        return bool(current.weights) and not (sampled and m.matrix_only)
+    return bool(current.tasks) and (from_task_vectors_alone(m) or sampled)
 
 
 def _elementwise(
@@ -350,17 +440,19 @@ def _elementwise(
         products[op] = (z, torch.empty(op.tensor.shape[0], z.shape[1]))
     made = dict(products)
     for i, j in pairs:
-        if current.base is not None and (tasks[i].low_rank or tasks[j].low_rank):
-            pair_sums(weights[i], weights[j], products=products)
-            pair_sums(tasks[i], tasks[j], signs=True)
-        elif current.base is not None:
+        if current.base is not None and not (tasks[i].low_rank or tasks[j].low_rank):
             weight_and_task_sums(weights[i], weights[j], tasks[i], tasks[j], current.base, products)
-        else:
+            continue
+        if weights:
             pair_sums(weights[i], weights[j], products=products)
+        if tasks:
+            pair_sums(tasks[i], tasks[j], signs=True)
     reference = current.base.norm if current.base is not None else 0.0
-    for op in current.tasks:
-        op.reference_norm = reference
-    if check and not (all(math.isfinite(op.norm) for op in current.weights) and math.isfinite(reference)):
+    if current.base is not None:
+        for op in current.tasks:
+            op.reference_norm = reference
+    checked = current.weights or current.tasks  # without the base's values, maybe only the factors
+    if check and not (all(math.isfinite(op.norm) for op in checked) and math.isfinite(reference)):
         return None
     if failure is not None:
         raise failure
@@ -375,7 +467,7 @@ def _metrics(current: _Set, i: int, j: int, spectral: bool) -> dict[str, float |
     found: dict[str, float | None] = {}
     for m in REGISTRY.values():
         group = current.tasks if m.needs_base else current.weights
-        if group and m.matrix_only == spectral and m.applies_to(group[i]):
+        if group and m.matrix_only == spectral and m.applies_to(group[i]) and m.name not in current.unmeasured:
             found[m.name] = m(group[i], group[j])
     return found
 
@@ -389,24 +481,37 @@ def _finish_set(current: _Set, run: Run) -> Measured:
         for job in current.svds:
             job.result()
         operands = dict.fromkeys([*current.weights, *current.tasks])
-        svds = [op.svd for op in operands if op.is_matrix]
+        svds = [op.svd for op in operands if op.is_matrix and op.has_svd]
     else:
         for job in current.svds:
             job.exception()  # wait; the SVDs of non-finite values are discarded
-        _clean(current, run.options)
+        _clean(current, run)
         values = _elementwise(current, run.pairs, check=False)
         assert values is not None
-        svds = [op.svd for op in [*current.weights, *current.tasks] if op.is_matrix]
+        svds = [op.svd for op in [*current.weights, *current.tasks] if op.is_matrix and op.has_svd]
     for found, (i, j) in zip(values, run.pairs, strict=True):
         found.update(_metrics(current, i, j, spectral=True))
-    first = current.weights[0]
-    base_norm = current.base.norm if current.base is not None else 0.0
-    return Measured(current.key, first.numel, first.is_matrix, values, svds, current.nonfinite,
-                    tuple(op.norm for op in current.tasks), base_norm)
+    sample = current.base_sample
+    read = (0, 0, 0) if sample is None else (len(sample.index), sample.rows, sample.nbytes)
+    return Measured(
+        current.key, current.numel, current.is_matrix, values, svds, current.nonfinite,
+        task_norms=tuple(op.norm for op in current.tasks),
+        base_norm=current.base.norm if current.base is not None else sample.norm if sample is not None else 0.0,
+        unmeasured=current.unmeasured, base_sample=read,
+    )
 
 
-def _clean(current: _Set, options: AnalysisOptions) -> None:
+def _clean(current: _Set, run: Run) -> None:
     """Replace NaN and Inf with 0 in copies of the views that hold them, counting them per checkpoint."""
+    sample = current.base_sample
+    if sample is not None and run.base is not None:  # adapters compared on the base's row sample
+        bad = int((~torch.isfinite(sample.values)).sum())
+        if bad:
+            current.nonfinite[run.base.label] = current.nonfinite.get(run.base.label, 0) + bad
+            sample = BaseSample(sample.index, torch.nan_to_num(sample.values, nan=0.0, posinf=0.0, neginf=0.0),
+                                sample.rows, sample.nbytes, sample.inner)
+        _factor_operands(current, [], run, sample)
+        return
     views = [op.tensor for op in current.weights]
     if current.base is not None:
         views.append(current.base.tensor)
@@ -419,8 +524,7 @@ def _clean(current: _Set, options: AnalysisOptions) -> None:
             current.nonfinite[ckpt.label] = current.nonfinite.get(ckpt.label, 0) + bad
             view = torch.nan_to_num(view, nan=0.0, posinf=0.0, neginf=0.0)
         cleaned.append(view)
-    base_view = cleaned.pop() if current.base is not None else None
-    _make_operands(current, cleaned, base_view, options)
+    _operands(current, cleaned, run)
 
 
 # ----------------------------------------------------------------------------------- the C heap

@@ -59,6 +59,7 @@ class AnalysisOptions:
     svd_rank: int = DEFAULT_RANK
     exact_svd_max_elements: int = EXACT_MAX_ELEMENTS
     threads: int | None = None  # worker threads on CPU, one core each; None: one per core
+    read_base: bool = False  # read the base's tensors even when every model is a LoRA adapter of it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", Device.parse(self.device))

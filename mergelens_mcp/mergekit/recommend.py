@@ -5,7 +5,7 @@ layers and pairs unless marked "min"):
 
 | # | when                                                      | method                 | runner-up     |
 |---|-----------------------------------------------------------|------------------------|---------------|
-| 1 | cosine_similarity < 0.3 (no shared origin)                | passthrough (keep one) | linear        |
+| 1 | cosine_similarity < 0.3 (no shared origin; where measured)| passthrough (keep one) | linear        |
 | 2 | base, task_cosine < -0.5 (the fine-tunes undo each other) | passthrough (keep one) | none          |
 | 3 | base, 3+ models, task_cosine > 0.2, sign conflict <= 0.3  | model_stock            | ties          |
 | 4 | base, sign_disagreement > 0.55 in a block (max) or overall| ties                   | dare_ties     |
@@ -70,7 +70,7 @@ class Profile:
 
     n_models: int
     has_base: bool
-    cosine: float
+    cosine: float | None  # None: not measured (LoRA adapters compared without the base)
     min_cosine: float
     overlap: float | None
     task_cosine: float | None
@@ -101,7 +101,7 @@ def profile(result: CompareResult) -> Profile:
     return Profile(
         n_models=len(result.models),
         has_base=result.base is not None and result.mci.used_base,
-        cosine=_mean(layers, "cosine_similarity") or 0.0,
+        cosine=_mean(layers, "cosine_similarity"),
         min_cosine=min(cosines) if cosines else 0.0,
         overlap=_mean(layers, "spectral_overlap"),
         task_cosine=_mean(layers, "task_cosine"),
@@ -134,7 +134,7 @@ def choose(p: Profile) -> Choice:
     pair_alternative = M.SLERP if p.n_models == 2 else None
     sign = p.sign if p.sign is not None else 0.0
     task_cosine = p.task_cosine if p.task_cosine is not None else 0.0
-    if p.cosine < NO_ORIGIN_COSINE:
+    if p.cosine is not None and p.cosine < NO_ORIGIN_COSINE:
         return Choice(
             M.PASSTHROUGH, M.LINEAR,
             f"rule 1: mean weight cosine {p.cosine:.2f} < {NO_ORIGIN_COSINE}: the models share no origin, so "

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 
 from ..analysis import stream
-from ..analysis.adapters import with_delta
 from ..analysis.compat import block_count
 from ..analysis.layers import ANY_INDEX, BLOCK_INDEX, classify, group_sort_key
 from ..analysis.loading import Checkpoint
@@ -258,9 +257,7 @@ def simulate(
         role = classify(job.output)
         roles[role.layer_name] = role
         layer = sums.setdefault(role.layer_name, _LayerSums(role.layer_index))
-        views = [  # float32, as stored values convert; a LoRA adapter's with its delta applied
-            with_delta(ckpt, name, view) for (ckpt, name), view in zip(current.sources, current.views, strict=True)
-        ]
+        views = [view.float() for view in current.views]  # a LoRA adapter's come with its delta (the stream)
         base = views.pop() if job.base else None
         tensors = [(m, view) for (m, _), view in zip(job.inputs, views, strict=True)]
         numel = tensors[0][1].numel()

@@ -15,7 +15,7 @@ from ..errors import InputError
 from ..models import CompareResult
 from ..security.redact import redact
 from . import views
-from .params import READ_ONLY, BaseModelPath, Detail, Models
+from .params import READ_ONLY, BaseModelPath, Detail, Models, ReadBase
 from .runtime import AppContext, analyse
 
 Page = Annotated[int, Field(ge=1, description="with detail=true: which page of layers to return (from 1; "
@@ -29,9 +29,10 @@ def _headline(result: CompareResult) -> str:
 
 
 async def compare_models(
-    models: Models, ctx: AppContext, base_model: BaseModelPath = None, detail: Detail = False, page: Page = 1
+    models: Models, ctx: AppContext, base_model: BaseModelPath = None, detail: Detail = False, page: Page = 1,
+    read_base: ReadBase = False,
 ) -> Annotated[CallToolResult, views.Comparison]:
-    result, cached = await analyse(ctx, models, base_model)
+    result, cached = await analyse(ctx, models, base_model, read_base)
     return views.reply(views.comparison(result, cached, detail, page), _headline(result))
 
 

@@ -30,6 +30,12 @@ BaseModelPath = Annotated[
         "recommended: without it only weight similarity is measured, not whether the fine-tunes conflict",
     ),
 ]
+ReadBase = Annotated[
+    bool,
+    Field(description="LoRA adapters of one base are compared from their factors and a seeded sample of the "
+                      "base's rows (the weights' cosine, distance and task_drift estimated, their spectra not "
+                      "measured); true reads the whole base, for exact values and the spectra"),
+]
 Detail = Annotated[
     bool,
     Field(description="also return every layer's raw metrics (large: dozens of numbers per layer); "

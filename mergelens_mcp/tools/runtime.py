@@ -200,15 +200,17 @@ async def guard_for(ctx: AppContext) -> PathGuard:
     return state.guard.restrict(str(root.uri) for root in listed.roots)
 
 
-async def analyse(ctx: AppContext, models: Sequence[str], base: str | None) -> tuple[CompareResult, bool]:
-    """The comparison of `models` (against `base`), from the cache when the files have not changed.
-    Returns the result and whether it came from the cache."""
+async def analyse(
+    ctx: AppContext, models: Sequence[str], base: str | None, read_base: bool = False
+) -> tuple[CompareResult, bool]:
+    """The comparison of `models` (against `base`; `read_base`: see service.compare), from the cache when the
+    files have not changed. Returns the result and whether it came from the cache."""
     state = state_of(ctx)
     sources = list(models)
     guard = await guard_for(ctx)
 
     def job(progress: Progress, cancelled: Cancelled) -> tuple[CompareResult, bool]:
-        options = state.settings.analysis_options()  # the server's device, checked before any file is opened
+        options = state.settings.analysis_options(read_base=read_base)  # the server's device, checked first
         with ExitStack() as stack:  # each header is read once, here: the worker gets the tables keyed
             opened, base_ckpt = service.open_checkpoints(sources, base, state.settings, guard, stack)
             key = service.fingerprint(opened, base_ckpt, options, state.settings)

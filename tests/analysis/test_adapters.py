@@ -46,6 +46,143 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+def spy_on_reads(monkeypatch: pytest.MonkeyPatch, base: Path) -> tuple[list[str], dict[str, list[int]]]:
+    """The tensors of `base`'s files that any checkpoint views, prefetches or reads whole from now on, and the
+    rows of each that it reads row by row (`Checkpoint.rows`)."""
+    from mergelens_mcp.analysis.loading import Checkpoint
+
+    files = {p.resolve() for p in base.glob("*.safetensors")}
+    seen: list[str] = []
+    rows: dict[str, list[int]] = {}
+
+    def spy(method: str) -> None:
+        original = getattr(Checkpoint, method)
+
+        def wrapped(self: Checkpoint, name: str, *args: object, **kwargs: object) -> object:
+            if self.tensors[name].file.resolve() in files:
+                seen.append(f"{method} {name}")
+            return original(self, name, *args, **kwargs)
+
+        monkeypatch.setattr(Checkpoint, method, wrapped)
+
+    for method in ("view", "prefetch", "blocks", "read"):
+        spy(method)
+    original_rows = Checkpoint.rows
+
+    def read_rows(self: Checkpoint, name: str, index: torch.Tensor) -> torch.Tensor:
+        if self.tensors[name].file.resolve() in files:
+            assert name not in rows, f"{name} read twice"
+            rows[name] = index.tolist()
+        return original_rows(self, name, index)
+
+    monkeypatch.setattr(Checkpoint, "rows", read_rows)
+    return seen, rows
+
+
+SPECTRAL = {"spectral_overlap", "effective_rank_ratio"}  # the weights' SVDs: every row of the base
+ESTIMATED = {"cosine_similarity", "l2_distance", "kl_divergence", "task_drift"}  # from the base's row sample
+
+
+@pytest.mark.parametrize("pair", [
+    ("r4_qv", "r8_all_rslora"), ("r2_qk_head", "r4_dora"), ("r3_embed_head", "r2_qk_head"),
+])
+def test_adapters_of_one_base_read_only_the_base_s_sampled_rows_and_equal_the_dense_values_where_all_are_sampled(
+    made: dict[str, Path], pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair
+    dense = service.compare([str(made[f"{a}_dense"]), str(made[f"{b}_dense"])], str(made["base"]), device="cpu")
+    reads, rows = spy_on_reads(monkeypatch, made["base"])
+    lowrank = service.compare([str(made[a]), str(made[b])], device="cpu")
+    assert reads == []  # never viewed, prefetched or read whole: only rows
+    stored = any(json.loads((made[m] / "adapter_config.json").read_text())["modules_to_save"] for m in pair)
+    if stored:  # a tensor one adapter stores (modules_to_save): its task vector needs the base
+        assert SPECTRAL < set(lowrank.coverage.not_measured) and "lm_head.weight" not in rows
+    else:
+        assert set(lowrank.coverage.not_measured) == SPECTRAL
+    assert set(lowrank.coverage.base_sampled) == ESTIMATED
+    assert not lowrank.coverage.base_read
+    assert lowrank.base is not None and lowrank.mci.used_base
+    # the fixtures' tensors are under the sample's size: every row is read, so the estimates are exact
+    assert lowrank.coverage.base_sample_rows == lowrank.coverage.base_rows == sum(len(r) for r in rows.values())
+    share = lowrank.coverage.base_bytes_share
+    assert 0.5 < share < 1 if stored else share == 1.0  # all but the stored tensor's rows
+    compared = 0
+    for x, y in zip(lowrank.layer_metrics, dense.layer_metrics, strict=True):
+        assert x.layer_name == y.layer_name and set(x.metrics) <= set(y.metrics)
+        for name, value in x.metrics.items():
+            assert value == pytest.approx(y.metrics[name], abs=TOLERANCE), (x.layer_name, name)
+            compared += 1
+        for name in set(y.metrics) - set(x.metrics):  # left out, and said why
+            assert x.unavailable[name].startswith("not measured on "), (x.layer_name, name)
+            assert "it needs the base's values" in x.unavailable[name]
+    assert compared >= 40  # 6 layers x the 12 non-spectral metrics, less where a tensor is stored (lm_head)
+    assert any("read only on a seeded sample of rows" in n for n in lowrank.notes)
+    assert any("not measured: " in r for r in lowrank.mci.reasons)
+    assert lowrank.strategy is not None and lowrank.strategy.method.value != "passthrough"
+
+
+def test_a_base_sample_smaller_than_the_tensor_reads_only_the_seeded_rows_and_estimates_the_weights_closely(
+    made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(adapters, "BASE_SAMPLE_VALUES", 256)  # 8 of a 32-wide matrix's rows, 5 of a 48-wide
+    pair = [str(made["r4_qv"]), str(made["r8_all_rslora"])]
+    full = service.compare(pair, device="cpu", read_base=True)
+    reads, rows = spy_on_reads(monkeypatch, made["base"])
+    sampled = service.compare(pair, device="cpu")
+    assert reads == []
+    base = load_file(made["base"] / "model.safetensors")
+    for name, index in rows.items():
+        shape = base[name].shape
+        cols = math.prod(shape[1:])
+        assert index == adapters.sample_rows(shape[0], cols, torch.device("cpu"), 256).tolist()
+        assert len(index) == (max(1, 256 // cols) if shape[0] * cols > 256 else shape[0])
+    assert 0.2 < sampled.coverage.base_bytes_share < 0.35
+    for x, y in zip(sampled.layer_metrics, full.layer_metrics, strict=True):
+        for name in ("cosine_similarity", "l2_distance", "task_drift"):
+            assert x.metrics[name] == pytest.approx(y.metrics[name], rel=0.1, abs=0.002), (x.layer_name, name)
+        for name in set(x.metrics) - ESTIMATED:  # the task vectors' own: exact whatever the base's sample
+            assert x.metrics[name] == pytest.approx(y.metrics[name], abs=TOLERANCE), (x.layer_name, name)
+
+
+@pytest.mark.parametrize(("size", "drift", "gap"), [(0.01, (0.0, 0.02), 1.0), (0.05, (0.1, 0.3), 7.0),
+                                                    (0.2, (2.0, 4.0), 11.0)])
+def test_the_score_from_the_base_s_row_sample_follows_the_one_with_the_whole_base_at_every_drift(
+    made: dict[str, Path], tmp_path: Path, size: float, drift: tuple[float, float], gap: float
+) -> None:
+    pair = [str(make_adapter(tmp_path / f"a_{s}", made["base"], seed=s, r=4, alpha=8.0,
+                             targets=("q_proj", "v_proj", "up_proj"), size=size)) for s in (21, 22)]
+    sampled = service.compare(pair, device="cpu")
+    full = service.compare(pair, device="cpu", read_base=True)
+    moved = max(lm.metrics["task_drift"] for lm in full.layer_metrics if lm.layer_name.startswith("layers."))
+    assert drift[0] < moved < drift[1]
+    assert sampled.mci.score is not None and full.mci.score is not None
+    # the subspace and rank components are left out: never optimistic, a few points low as drift grows
+    assert full.mci.score - gap < sampled.mci.score <= full.mci.score + 0.5
+    assert sampled.mci.verdict is full.mci.verdict
+    for name in ("direction", "distance", "distribution", "drift"):
+        assert sampled.mci.components[name] == pytest.approx(full.mci.components[name], abs=1e-3), name
+    little = moved <= 0.05
+    assert (full.mci.confidence, sampled.mci.confidence) in (
+        {("high", "high"), ("medium", "medium")} if little else {("high", "medium"), ("medium", "low")})
+
+
+def test_the_base_s_squared_norm_from_its_row_sample_is_within_its_standard_error_on_a_4096_wide_matrix() -> None:
+    generator = torch.Generator().manual_seed(7)
+    rows, cols = 4096, 4096
+    index = adapters.sample_rows(rows, cols, torch.device("cpu"), adapters.BASE_SAMPLE_VALUES)
+    assert len(index) == 256  # 6% of the rows
+    even = torch.randn(rows, cols, generator=generator)
+    # rows of unequal size, as real weights have (log-normal scales, sigma 0.3): the harder case for a sample
+    uneven = even * torch.exp(0.3 * torch.randn(rows, 1, generator=generator))
+    for weights, bound in ((even, 0.002), (uneven, 0.05)):
+        squares = (weights.double() ** 2).sum(dim=1)
+        spread = float(squares.std() / squares.mean())  # the rows' squared norms' CV
+        standard_error = spread * math.sqrt((1 - len(index) / rows) / len(index))
+        assert standard_error < bound
+        sample = adapters.BaseSample(index, weights[index], rows, 0)
+        assert abs(sample.energy / float(squares.sum()) - 1) < 3 * standard_error
+
+
 def assert_same_metrics(lowrank: object, dense: object) -> int:
     """Every layer metric of two results equal within TOLERANCE; the number of values compared."""
     compared = 0
@@ -63,10 +200,12 @@ def assert_same_metrics(lowrank: object, dense: object) -> int:
     ("r3_embed_head", "r2_qk_head"),
 ])
 def test_every_metric_of_two_adapters_equals_the_dense_comparison_of_base_plus_delta(
-    made: dict[str, Path], pair: tuple[str, str]
+    made: dict[str, Path], pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = pair
-    lowrank = service.compare([str(made[a]), str(made[b])], device="cpu")
+    reads = spy_on_reads(monkeypatch, made["base"])
+    lowrank = service.compare([str(made[a]), str(made[b])], device="cpu", read_base=True)
+    assert reads and lowrank.coverage.base_read and lowrank.coverage.not_measured == []  # the opt-in reads it
     dense = service.compare([str(made[f"{a}_dense"]), str(made[f"{b}_dense"])], str(made["base"]), device="cpu")
     assert assert_same_metrics(lowrank, dense) > 50
     assert lowrank.mci.score == pytest.approx(dense.mci.score, abs=0.05)
@@ -305,3 +444,56 @@ def test_an_adapter_whose_base_is_an_adapter_is_refused(made: dict[str, Path], t
 def test_activation_similarity_of_adapters_is_refused_with_the_way_out(made: dict[str, Path]) -> None:
     with pytest.raises(InputError, match="merge_and_unload"):
         service.compare([str(made["r4_qv"]), str(made["r4_qv_b"])], device="cpu", activations=True)
+
+
+def test_the_stream_reads_an_adapter_as_base_plus_delta_through_the_bases_own_mapping(made: dict[str, Path]) -> None:
+    from mergelens_mcp.analysis.stream import TensorSet, read
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with load_checkpoint(str(made["base"]), "base") as base:
+        adapter = load_checkpoint(str(made["r4_qv"]), "r4_qv", base=base)
+        sets = [TensorSet(n, [(adapter, n), (base, n)]) for n in (name, "model.norm.weight")]
+        (adapted, plain) = [(s.views[0].clone(), s.views[1].clone()) for s in read(sets, "test")]
+        expected = load_file(str(made["r4_qv_dense"] / "model.safetensors"))
+        assert torch.allclose(adapted[0], expected[name], atol=1e-6) and not torch.equal(adapted[0], adapted[1])
+        assert torch.equal(plain[0], plain[1])  # a tensor the adapter leaves alone is the base's, as stored
+        assert adapter._maps == {} and base.files[0] in base._maps  # one mapping of the base's file
+        adapter.close()
+
+
+def test_rows_of_a_checkpoint_are_the_stored_rows_whether_its_file_is_mapped_or_read_row_by_row(
+    made: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stored = load_file(made["base"] / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    index = torch.tensor([0, 3, 17, 31])
+    with load_checkpoint(str(made["base"]), "base") as base:
+        mapped = base.rows(name, index)
+    monkeypatch.setattr("mergelens_mcp.analysis.loading.Checkpoint._map", lambda self, path: None)
+    with load_checkpoint(str(made["base"]), "base") as base:
+        unmapped = base.rows(name, index)
+    assert torch.equal(mapped, stored[name][index].float()) and torch.equal(unmapped, mapped)
+
+
+def test_a_nan_in_the_base_s_sampled_rows_is_counted_for_the_base_and_the_estimates_stay_finite(
+    made: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(made["base"], base)
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"][2, 5] = float("nan")  # every row is sampled here
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    pair = []
+    for name in ("r4_qv", "r4_qv_b"):
+        shutil.copytree(made[name], tmp_path / name)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = str(base)
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+        pair.append(str(tmp_path / name))
+    result = service.compare(pair, device="cpu")
+    assert result.base is not None and result.base.nonfinite_values == 1
+    assert not result.coverage.base_read and result.coverage.base_sample_rows > 0
+    layer = next(lm for lm in result.layer_metrics if lm.layer_name == "layers.0")
+    assert all(math.isfinite(v) for v in layer.metrics.values()) and "cosine_similarity" in layer.metrics

@@ -398,3 +398,25 @@ async def test_two_tools_called_at_once_on_the_same_models_read_the_weights_once
             group.start_soon(run, "get_conflict_zones")
     assert len(engine_calls) == 1
     assert sorted(r.structured_content["cached"] for r in results.values()) == [False, True]
+
+
+async def test_compare_models_reads_the_base_of_lora_adapters_only_when_asked_with_read_base(
+    settings: Settings, scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fixtures.adapters import make_adapter_family
+
+    base, adapters, _ = make_adapter_family(scratch / "lora")
+    options: list[bool] = []
+    real = service.compare_checkpoints
+
+    def recording(models: Any, base_ckpt: Any, opts: Any, **kwargs: Any) -> Any:
+        options.append(opts.read_base)
+        return real(models, base_ckpt, opts, **kwargs)
+
+    monkeypatch.setattr(service, "compare_checkpoints", recording)
+    pair = {"models": [str(p) for p in adapters[:2]], "base_model": str(base)}
+    async with Client(build_server(in_threads(settings))) as client:
+        plain = await call(client, "compare_models", pair)
+        full = await call(client, "compare_models", {**pair, "read_base": True})
+    assert options == [False, True]  # another analysis, not the cached one
+    assert plain.structured_content["cached"] is False and full.structured_content["cached"] is False
