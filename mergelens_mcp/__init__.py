@@ -103,11 +103,12 @@ def generate_report(
 
 def preview_merge(
     models: Sequence[str], base: str | None = None, *, methods: Sequence[str] | None = None,
-    configs: Sequence[str] | None = None, probe: str | None = None, device: str = "auto",
+    configs: Sequence[str] | None = None, probe: str | None = None, device: str = "auto", random_seed: int = 0,
 ) -> PreviewResult:
     """Merge candidates in memory and measure each on probe inputs against every source (needs the
     `activations` extra). Candidates: `configs` (your mergekit YAMLs, paths or text) and `methods` (the
-    recommended parameters for each); neither: the recommended method, its runner-up and linear.
+    recommended parameters for each); neither: the recommended method, its runner-up and linear. DARE and
+    della draw their masks as `mergekit-yaml --random-seed random_seed` will.
 
     >>> preview = preview_merge(["ft_a/", "ft_b/"], base="base/", probe="my_prompts.jsonl")
     >>> [(m.method, m.retention) for m in preview.methods]
@@ -116,15 +117,17 @@ def preview_merge(
 
     models = models if isinstance(models, str) else list(models)
     configs = [configs] if isinstance(configs, str) else list(configs) if configs else None
-    return preview(models, base, methods=methods, configs=configs, probe=probe, device=device)
+    return preview(models, base, methods=methods, configs=configs, probe=probe, device=device,
+                   random_seed=random_seed)
 
 
 def verify_merge(
     merged: str, sources: Sequence[str], base: str | None = None, *, config: str | None = None,
-    probe: str | None = None, device: str = "auto",
+    probe: str | None = None, device: str = "auto", random_seed: int = 0,
 ) -> VerifyResult:
     """Check a written merge against its sources (per-layer task-vector coefficients, NaN/Inf, shapes), its
-    mergekit config (every tensor merged again) and, where transformers can build it, on probe inputs.
+    mergekit config (every tensor merged again, random methods with `random_seed` as `mergekit-yaml
+    --random-seed` drew them) and, where transformers can build it, on probe inputs.
 
     >>> check = verify_merge("merged/", ["ft_a/", "ft_b/"], base="base/", config="merge.yaml")
     >>> check.verdict, check.reasons
@@ -132,7 +135,7 @@ def verify_merge(
     from .probe import verify_merge as verify
 
     sources = sources if isinstance(sources, str) else list(sources)
-    return verify(merged, sources, base, config=config, probe=probe, device=device)
+    return verify(merged, sources, base, config=config, probe=probe, device=device, random_seed=random_seed)
 
 
 def compare_zoo(

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import mergelens_mcp
 from fixtures.adapters import make_adapter_family
 from fixtures.checkpoints import Family, Shape, save
 from mergelens_mcp.errors import InputError, LimitExceededError
@@ -484,6 +485,8 @@ def test_a_dare_merge_is_re_merged_mask_for_mask_with_the_random_seed_it_was_mad
     sources = [str(family.finetune_a), str(family.finetune_b)]
 
     same = verify_merge(str(merged), sources, str(family.base), config=config, behaviour=False, random_seed=5)
+    public = mergelens_mcp.verify_merge(str(merged), sources, str(family.base), config=config, random_seed=5)
+    assert [lm.config_error for lm in public.layers] == [lm.config_error for lm in same.layers]
     other = verify_merge(str(merged), sources, str(family.base), config=config, behaviour=False)
     blocks = [lm for lm in same.layers if lm.layer_name.startswith("layers.")]
     assert blocks and all(lm.config_error is not None and lm.config_error < 1e-6 for lm in blocks)
