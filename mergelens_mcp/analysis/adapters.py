@@ -529,7 +529,21 @@ def sample_rows(rows: int, cols: int, device: torch.device, values: int | None =
     return torch.randperm(rows, generator=generator)[:keep].sort().values.to(device)
 
 
-class LowRankOperand(Operand):
+class _Shaped(Operand):
+    """An operand known by its (rows, cols) shape rather than a dense tensor."""
+
+    shape: tuple[int, int]
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def is_matrix(self) -> bool:
+        return min(self.shape) > 1
+
+
+class LowRankOperand(_Shaped):
     """dense + left @ right for a (rows, cols) tensor: a LoRA task vector (no dense part) or adapted weights
     (the base's operand as dense part). The metrics take it like any operand (see `exact_pair_sums`)."""
 
@@ -545,14 +559,6 @@ class LowRankOperand(Operand):
         self.rank = rank
         self.exact_max_elements = exact_max_elements
         self.reference_norm = None
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def is_matrix(self) -> bool:
-        return min(self.shape) > 1
 
     # ---- element-wise statistics on the row sample
 
@@ -682,7 +688,7 @@ def read_base_sample(base: Checkpoint, name: str, rows: int, cols: int, device: 
                       None if inner is None else inner.to(device))
 
 
-class SampledWeights(Operand):
+class SampledWeights(_Shaped):
     """An adapter's weights W + t on one tensor, t = scale * B @ A its task vector (a rank-0 one where it
     leaves the tensor alone), with the base W read only on a `BaseSample`: |W|^2 and <W, t> are the sample's
     sums scaled by rows / sampled rows, |t|^2 and <t_a, t_b> exact from the factors, so
@@ -701,14 +707,6 @@ class SampledWeights(Operand):
         self.rank = task.rank
         self.exact_max_elements = task.exact_max_elements
         self.reference_norm = None
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
-    def is_matrix(self) -> bool:
-        return min(self.shape) > 1
 
     @property
     def cross(self) -> float:

@@ -253,9 +253,14 @@ def _moved(moved: dict[str, list[float]], k: int) -> dict[str, Any]:
     tensor compared with the base and per layer (empty without a base)."""
     if not moved:
         return {}
-    by_layer = {name: round(math.sqrt(s[k] / s[-1]), 6) for name, s in moved.items() if s[-1] > 0}
+
+    def ratio(squares: float, reference: float) -> float | None:  # None where a value overflowed its square
+        value = math.sqrt(squares / reference) if reference > 0 else math.nan
+        return round(value, 6) if math.isfinite(value) else None
+
+    by_layer = {name: ratio(s[k], s[-1]) for name, s in moved.items()}
     total, reference = (sum(s[i] for s in moved.values()) for i in (k, -1))
-    return {"moved": round(math.sqrt(total / reference), 6) if reference > 0 else None, "moved_by_layer": by_layer}
+    return {"moved": ratio(total, reference), "moved_by_layer": {n: v for n, v in by_layer.items() if v is not None}}
 
 
 def _task_cosine(moved: dict[str, list[float]], dot: float, i: int, j: int) -> float | None:
@@ -263,6 +268,8 @@ def _task_cosine(moved: dict[str, list[float]], dot: float, i: int, j: int) -> f
     if not moved:
         return None
     norms = [math.sqrt(sum(s[k] for s in moved.values())) for k in (i, j)]
+    if not (math.isfinite(dot) and all(map(math.isfinite, norms))):  # a value overflowed its square
+        return None
     if min(norms) <= 0:
         return 1.0 if max(norms) <= 0 else 0.0  # as the metric task_cosine says for untouched tensors
     return round(max(-1.0, min(1.0, dot / (norms[0] * norms[1]))), 6)
