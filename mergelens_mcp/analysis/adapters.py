@@ -752,8 +752,9 @@ class SampledWeights(_Shaped):
         if not isinstance(other, SampledWeights) or other.sample_base is not self.sample_base:
             raise TypeError("sampled weights pair only with another adapter's on the same base sample")
         a, b = self.task, other.task
-        dot = self.sample_base.energy + self.cross + other.cross + _low_dot(a, b)
-        distance = max(_low_dot(a, a) + _low_dot(b, b) - 2 * _low_dot(a, b), 0.0)
+        between = _low_dot(a, b)
+        dot = self.sample_base.energy + self.cross + other.cross + between
+        distance = max(a.gram + b.gram - 2 * between, 0.0)
         return PairSums(dot, distance, None)
 
 
