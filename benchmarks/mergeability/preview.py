@@ -316,7 +316,7 @@ def preview_early(args: argparse.Namespace) -> dict:
         [*probe_records(task[a], args.seed, a, args.test_size),
          *probe_records(task[b], args.seed, b, args.test_size)]) for a, b in pairs}
     log(f"early: {len(names)} fine-tunes written, {len(pairs)} pairs")
-    return run_previews(pairs, folders, probes, args.out, list(METHODS))
+    return run_previews(pairs, folders, probes, args.out, list(METHODS), args.seed)
 
 
 def render_markdown(summary: dict, methods: list[str]) -> str:

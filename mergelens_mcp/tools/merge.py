@@ -12,7 +12,7 @@ from .. import probe, service
 from ..analysis.types import Cancelled, Progress
 from ..models import Finding, LayerMatch, PreviewResult, SourceRetention, VerifyResult
 from ..security.redact import redact_model
-from .params import READ_ONLY, BaseModelPath, Detail, Models
+from .params import READ_ONLY, BaseModelPath, Detail, Models, RandomSeed
 from .runtime import AppContext, guard_for, run_in_worker, state_of
 from .views import View
 
@@ -89,9 +89,7 @@ async def preview_merge(
         description="candidate mergekit configs of these models (paths under the allowed folders, or the YAML "
                     "text), previewed as written; with configs only, the weights are not compared first")] = None,
     probe_file: ProbeFile = None,
-    random_seed: Annotated[int, Field(ge=0, le=(1 << 63) - 1, description=(
-        "the random methods' (DARE, della) masks are drawn as `mergekit-yaml --random-seed` draws them with "
-        "this seed"))] = 0,
+    random_seed: RandomSeed = 0,
     detail: Detail = False,
 ) -> Preview:
     state = state_of(ctx)
@@ -115,9 +113,7 @@ async def verify_merge(
     config: Annotated[str | None, Field(description="the mergekit YAML the merge was made with (a path or the "
                                                     "text): every tensor is merged again and compared")] = None,
     probe_file: ProbeFile = None,
-    random_seed: Annotated[int, Field(ge=0, le=(1 << 63) - 1, description=(
-        "the random methods' (DARE, della) masks are drawn as `mergekit-yaml --random-seed` draws them with "
-        "this seed"))] = 0,
+    random_seed: RandomSeed = 0,
     detail: Detail = False,
 ) -> Verification:
     state = state_of(ctx)

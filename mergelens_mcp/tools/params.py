@@ -41,3 +41,6 @@ Detail = Annotated[
     Field(description="also return every layer's raw metrics (large: dozens of numbers per layer); "
                       "leave false unless the compact answer is not enough"),
 ]
+
+RandomSeed = Annotated[int, Field(ge=0, le=(1 << 63) - 1, description=(
+    "the random methods' (DARE, della) masks are drawn as `mergekit-yaml --random-seed` draws them with this seed"))]

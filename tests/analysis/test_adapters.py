@@ -203,7 +203,7 @@ def test_every_metric_of_two_adapters_equals_the_dense_comparison_of_base_plus_d
     made: dict[str, Path], pair: tuple[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a, b = pair
-    reads = spy_on_reads(monkeypatch, made["base"])
+    reads, _ = spy_on_reads(monkeypatch, made["base"])
     lowrank = service.compare([str(made[a]), str(made[b])], device="cpu", read_base=True)
     assert reads and lowrank.coverage.base_read and lowrank.coverage.not_measured == []  # the opt-in reads it
     dense = service.compare([str(made[f"{a}_dense"]), str(made[f"{b}_dense"])], str(made["base"]), device="cpu")
