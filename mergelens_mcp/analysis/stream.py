@@ -309,7 +309,9 @@ def _open_set(current: _Set, run: Run, pool: ThreadPoolExecutor) -> None:
     current.open(run.device)
     _operands(current, [_flat2d(v) for v in current.views], run)
     operands = dict.fromkeys([*current.weights, *current.tasks])  # an adapter's untouched weights are the base's
-    fused = [op for op in operands if op.fusable]
+    # the pass forms float32 rows of dense operands only in a set without factors: with an adapter among the
+    # models, the dense ones pair through the factors' route and would be decomposed again in `_finish_set`
+    fused = [op for op in operands if op.fusable] if not any(op.low_rank for op in operands) else []
     claims = [(op, _Once(functools.partial(_subspace, op))) for op in fused]
     current.elementwise = pool.submit(_elementwise, current, run.pairs, True, claims)
     current.svds = [pool.submit(claim.run) for _, claim in claims]  # the pass takes those not started
