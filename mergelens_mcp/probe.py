@@ -429,6 +429,11 @@ def _probe_name(layer: str) -> str:
     return f"model.{layer}.weight" if layer.startswith("layers.") else f"{layer}.weight"
 
 
+def config_gives(layer: LayerMatch) -> bool:
+    """Whether the config check found the layer to be what the config gives (False without a config)."""
+    return layer.config_error is not None and layer.config_error <= CONFIG_TOLERANCE
+
+
 def verdict_of(findings: list[Finding], layers: list[LayerMatch], behaviour: list[SourceRetention],
                kind: str | None) -> tuple[str, list[str], list[str]]:
     """ok / warning / failed, the reasons, and what to try next."""
@@ -443,8 +448,7 @@ def verdict_of(findings: list[Finding], layers: list[LayerMatch], behaviour: lis
                 steps.append(f.fix)
     # a layer the config was checked to give is explained by it (DARE's random drop leaves much of a layer's
     # change outside the span of the sources' task vectors)
-    none = [lm.layer_name for lm in layers if lm.matches == "none"
-            and not (lm.config_error is not None and lm.config_error <= CONFIG_TOLERANCE)]
+    none = [lm.layer_name for lm in layers if lm.matches == "none" and not config_gives(lm)]
     if none and not any(f.code == "config_mismatch" for f in findings):
         warned = True
         reasons.append(f"{len(none)} layer(s) are not explained by the sources' changes: {', '.join(none[:6])}")
