@@ -243,6 +243,11 @@ def visible_paths(paths: Sequence[str], roots: Sequence[str]) -> list[str]:
     return seen
 
 
+def described(model: Checkpoint, base: Checkpoint | None, params: sk.SketchParams) -> tuple[str, int, int]:
+    """What the driver needs of a model before sketching it: its sketch key, parameter count and bytes."""
+    return sketch_key(model, base, params), model.n_params, model.nbytes
+
+
 def describe_models(
     sources: Sequence[str], base: str | None, roots: Sequence[str], limits: Limits, params: sk.SketchParams
 ) -> dict[str, tuple[str, int, int]]:
@@ -258,7 +263,7 @@ def describe_models(
         for source in sources:
             try:
                 with load_checkpoint(source, "model", guard=guard, limits=limits) as model:
-                    found[source] = (sketch_key(model, base_ckpt, params), model.n_params, model.nbytes)
+                    found[source] = described(model, base_ckpt, params)
             except (InputError, OSError, ValueError):
                 continue
     return found
@@ -584,7 +589,7 @@ def _headers(
             try:
                 with load_checkpoint(source, label, guard=guard, limits=limits) as model:
                     if base_here:
-                        found[i] = (sketch_key(model, base_ckpt, params), model.n_params, model.nbytes)
+                        found[i] = described(model, base_ckpt, params)
                         continue
             except CheckpointNotFoundError:
                 if describe is None:
