@@ -452,7 +452,11 @@ class LayerMatch(Frozen):
     residual: float = Field(description="0..1 share of |merged - base|^2 the sources do not explain")
     matches: str = Field(description="'all', 'base', 'none' or the one source the layer matches")
     config_error: float | None = Field(
-        default=None, description="with a config: |merged - re-merged| / |re-merged - base| (L2 over the layer)")
+        default=None, description="with a config: |merged - re-merged| / |re-merged - base| (L2 over the layer); "
+        "for a random method re-merged with other masks, how far |merged - base| is from |re-merged - base|")
+    config_matches: bool | None = Field(
+        default=None, description="with a config: whether the layer is what it gives (within 10%; a random method "
+        "re-merged with other masks: its change's norm within 10% + 2/sqrt(values) of the re-merge's)")
 
 
 class VerifyResult(Frozen):

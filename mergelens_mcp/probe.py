@@ -54,7 +54,7 @@ from .models import (
     VerifyResult,
 )
 from .security.limits import Limits
-from .security.paths import PathGuard, open_regular
+from .security.paths import PathGuard, read_text_file
 from .settings import Settings
 
 SEED = 0  # the random methods' masks, as `mergekit-yaml --random-seed 0` draws them (override: random_seed)
@@ -230,7 +230,10 @@ class _LayerFit:
     cross: torch.Tensor
     norm: float = 0.0
     numel: int = 0
-    config_diff: float = 0.0
+    base_norm: float = 0.0  # |base|^2 over the layer (with a base)
+    rounding: float = 0.0  # the coarsest relative rounding step (eps) of the merged tensors' dtypes
+    config_diff: float | None = None  # the config check's error and verdict on the layer (None: not checked)
+    config_ok: bool | None = None
     tensors: list[str] = field(default_factory=list)
 
 
@@ -270,6 +273,9 @@ def fit_layers(
         fit.cross += stacked @ delta
         fit.norm += float(delta @ delta)
         fit.numel += out.numel()
+        if origin is not None:
+            fit.base_norm += float(origin @ origin)
+        fit.rounding = max(fit.rounding, torch.finfo(current.views[-1].dtype).eps)
         fit.tensors.append(name)
     return layers, findings
 
@@ -370,7 +376,7 @@ def check_config(
             error = abs(math.sqrt(got_change / change) - 1.0)
             bad = error > RANDOM_TOLERANCE + RANDOM_DRAWS / math.sqrt(numel)
         if layer in fits:
-            fits[layer].config_diff = error
+            fits[layer].config_diff, fits[layer].config_ok = error, not bad
         if bad:
             off.append((layer, error))
     if off:
@@ -408,7 +414,7 @@ def layer_matches(fits: dict[str, _LayerFit], labels: list[str], has_base: bool,
         fit = fits[name]
         coef, residual = solve_layer(fit)
         total = sum(abs(c) for c in coef)
-        if has_base and fit.norm <= 1e-24 * max(fit.numel, 1):
+        if has_base and _is_base(fit):
             matches = "base"
         elif residual > NONE_RESIDUAL:
             matches = "none"
@@ -419,9 +425,19 @@ def layer_matches(fits: dict[str, _LayerFit], labels: list[str], has_base: bool,
         out.append(LayerMatch(
             layer_name=name, coefficients={lab: round(c, 4) for lab, c in zip(labels, coef, strict=True)},
             residual=round(residual, 4), matches=matches,
-            config_error=round(fit.config_diff, 6) if with_config else None,
+            config_error=round(fit.config_diff, 6) if with_config and fit.config_diff is not None else None,
+            config_matches=fit.config_ok if with_config else None,
         ))
     return out
+
+
+def _is_base(fit: _LayerFit) -> bool:
+    """Whether the merged layer is the base's: no change at all, or, where no source changed the layer, a change
+    within the rounding of the dtype the merge was written in (a float32 base written as bfloat16)."""
+    if fit.norm <= 1e-24 * max(fit.numel, 1):
+        return True
+    untouched = fit.numel > 0 and float(fit.gram.diagonal().max()) == 0.0
+    return untouched and fit.norm <= fit.rounding ** 2 * fit.base_norm
 
 
 def _probe_name(layer: str) -> str:
@@ -430,8 +446,9 @@ def _probe_name(layer: str) -> str:
 
 
 def config_gives(layer: LayerMatch) -> bool:
-    """Whether the config check found the layer to be what the config gives (False without a config)."""
-    return layer.config_error is not None and layer.config_error <= CONFIG_TOLERANCE
+    """Whether the config check found the layer to be what the config gives (False without a config, or for a
+    layer the check did not reach)."""
+    return layer.config_matches is True
 
 
 def verdict_of(findings: list[Finding], layers: list[LayerMatch], behaviour: list[SourceRetention],
@@ -575,15 +592,9 @@ def read_probes(path: str, guard: PathGuard | None = None) -> list[ProbeRecord]:
     resolved = guard.check(path, "probe file") if guard else Path(path).expanduser().resolve()
     if not resolved.is_file():
         raise InputError(f"probe file {path!r} is not a file; give text lines or JSONL records")
-    with open_regular(resolved, "probe file") as fh:
-        raw = fh.read(MAX_PROBE_BYTES + 1)
-    if len(raw) > MAX_PROBE_BYTES:
-        raise LimitExceededError(f"probe file {resolved.name} is over {MAX_PROBE_BYTES >> 20} MiB; a probe set "
-                                 f"is a few hundred short texts")
-    try:
-        lines = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise InputError(f"probe file {resolved.name} is not UTF-8 text") from None
+    text = read_text_file(resolved, "probe file", MAX_PROBE_BYTES, "a probe set is a few hundred short texts",
+                          too_large=LimitExceededError)
+    lines = [line for line in text.splitlines() if line.strip()]
     records = []
     jsonl = bool(lines) and all(line.lstrip().startswith("{") for line in lines)
     for number, line in enumerate(lines, 1):

@@ -29,7 +29,7 @@ from ..errors import (
 )
 from ..models import ConfigDiagnosis, LayerInterference
 from ..security.limits import Limits
-from ..security.paths import PathGuard, looks_like_hub_id, open_regular
+from ..security.paths import PathGuard, looks_like_hub_id, read_text_file
 from .schema import ERR, INFO, WARN, Inputs, MethodSpec, Report, check_structure
 from .simulate import (
     Cancelled,
@@ -65,15 +65,8 @@ def read_config_text(config: str, guard: PathGuard | None = None) -> tuple[str, 
     if not path.is_file():
         raise ConfigError(f"config: {stripped!r} is not a file; pass a mergekit .yaml path or the YAML text")
     # the guarded open, as for checkpoint files: a regular file only (no FIFO or device, no link swapped in
-    # after the check), and never more than the cap read, whatever its size said a moment ago
-    with open_regular(path, "config") as fh:
-        raw = fh.read(MAX_CONFIG_BYTES + 1)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config: {path.name} is over 1 MiB; a mergekit config is a few KiB")
-    try:
-        return raw.decode("utf-8"), str(path)
-    except UnicodeDecodeError:
-        raise ConfigError(f"config: {path.name} is not UTF-8 text") from None
+    # after the check), and never more than the cap read
+    return read_text_file(path, "config", MAX_CONFIG_BYTES, "a mergekit config is a few KiB", ConfigError), str(path)
 
 
 def _is_allowed_file(text: str, guard: PathGuard | None) -> bool:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, NoReturn
 from urllib.parse import unquote, urlparse
 
-from ..errors import CheckpointNotFoundError, InputError, PathNotAllowedError
+from ..errors import CheckpointNotFoundError, InputError, MergeLensError, PathNotAllowedError
 
 MAX_SHOWN = 200
 
@@ -230,6 +230,23 @@ def open_regular(path: Path, what: str) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_text_file(
+    path: Path, what: str, limit: int, hint: str,
+    error: type[MergeLensError] = InputError, too_large: type[MergeLensError] | None = None,
+) -> str:
+    """The UTF-8 text of a small regular file, opened with `open_regular` and never read past `limit` bytes,
+    whatever its size said a moment ago. Over the limit: `too_large` (default `error`) saying "{what}: NAME is
+    over N MiB; {hint}"; not UTF-8: `error`."""
+    with open_regular(path, what) as fh:
+        raw = fh.read(limit + 1)
+    if len(raw) > limit:
+        raise (too_large or error)(f"{what}: {path.name} is over {limit >> 20} MiB; {hint}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{what}: {path.name} is not UTF-8 text") from None
 
 
 # Hugging Face rules: letters, digits, '-', '_', '.'; at most 96; no '--' or '..'; no '-' or '.' at the ends.

@@ -69,8 +69,7 @@ def preview_view(result: PreviewResult, detail: bool) -> Preview:
 
 
 def verify_view(result: VerifyResult, detail: bool) -> Verification:
-    flagged = [lm for lm in result.layers if lm.matches != "all" or (lm.config_error is not None
-                                                                     and not probe.config_gives(lm))]
+    flagged = [lm for lm in result.layers if lm.matches != "all" or lm.config_matches is False]
     return Verification(
         verdict=result.verdict, reasons=result.reasons, next_steps=result.next_steps,
         findings=[f for f in result.findings if f.level.value != "info"], flagged_layers=flagged,

@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from fixtures.hostile import Sandbox, in_bounded_thread
 from mergelens_mcp import service
 from mergelens_mcp.errors import ConfigError, MergeLensError, PathNotAllowedError
-from mergelens_mcp.mergekit import diagnose as diagnose_module
 from mergelens_mcp.models import ConfigDiagnosis
 from mergelens_mcp.security import paths
 from mergelens_mcp.security.paths import PathGuard
@@ -194,7 +193,7 @@ def test_a_config_file_is_read_no_further_than_the_cap(tmp_path: Path, monkeypat
         fh.read = lambda n=-1: asked.append(n) or read(n)  # type: ignore[method-assign]
         return fh
 
-    monkeypatch.setattr(diagnose_module, "open_regular", spying_open)
+    monkeypatch.setattr(paths, "open_regular", spying_open)
     with pytest.raises(ConfigError, match="over 1 MiB"):
         service.diagnose(str(path))
     assert asked == [(1 << 20) + 1]
