@@ -889,7 +889,7 @@ def sampled_signs(a: Operand, b: Operand) -> tuple[float, float, float, float]:
     device = (a.left if isinstance(a, LowRankOperand) else a.tensor).device
     index = sample_rows(rows, a.numel // rows, device)
     sums = _Accumulator((a.top_threshold, b.top_threshold))
-    sums.add(_rows_of(a, index).reshape(-1), _rows_of(b, index).reshape(-1), False)
+    sums.add(_rows_of(a, index).reshape(-1), _rows_of(b, index).reshape(-1), distance=False)
     return sums.signs()
 
 

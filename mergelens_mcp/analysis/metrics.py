@@ -268,19 +268,19 @@ class _Accumulator:
 
     Chunk sums are taken by torch's pairwise reduction and added in float64. A plain float32 dot (BLAS sdot)
     over millions of near-identical weights loses the signal: for all-MiniLM-L6-v2 against a fine-tune it put
-    1 - cos off by 2x on a 590k-element matrix (on 128 K-value chunks it is still off by up to 4e-6, a bias of
-    sdot's float32 lanes); this keeps 1 - cos within about 1e-7 of a full float64 dot. On a GPU the one chunk
-    is float64. Each chunk's sums are written by the reductions themselves (`out=`) into a row of a small table
-    (nothing is read back per chunk), which is added up in float64 every ROWS chunks; the temporaries are
-    buffers reused from chunk to chunk (`_Scratch`).
+    1 - cos off by 2x on a 590k-element matrix, and on 128 K-value chunks its sums are still biased by about
+    3e-6; this keeps 1 - cos within about 1e-7 of a full float64 dot (on the MiniLM pair's matrices 3e-8
+    typical, 9e-8 at most). On a GPU the one chunk is float64. The reductions write each chunk's sums
+    (`out=`) into a row of a small table, added up in float64 every ROWS chunks, so nothing is read back
+    per chunk; the temporaries are buffers reused from chunk to chunk (`_Scratch`).
 
     The sign counts use float arithmetic only (on a CPU, torch's comparisons into bool tensors cost several
     times more): sign(x y) is 1 where the signs agree, -1 where they conflict and 0 where either value is 0
     (or the product is under float32's smallest subnormal, |x y| < 1.4e-45), so the sum of its squares counts
-    the coordinates non-zero in both and its sum is agreements - conflicts. A coordinate is above a TIES
-    threshold t where |x| >= t, compared into a float 0/1 tensor (from x^2 >= t^2 rounded as x^2 is, which
-    is the same test where both squares are normal numbers, else from |x|); the product of the two masks
-    keeps sign(x y) only where both hold.
+    the coordinates non-zero in both and its sum is agreements - conflicts. A value is above a TIES threshold
+    t where |x| >= t: compared into a float 0/1 tensor as x^2 >= t^2 (t^2 rounded as x^2 is: the same test
+    while both squares are normal floats, see SQUARED), else as |x| >= t; multiplying sign(x y) by both
+    masks keeps it only where both hold.
     """
 
     ROWS = 256  # chunks whose sums are kept in float32 before they are added up in float64
@@ -319,7 +319,7 @@ class _Accumulator:
         self.flush()
         return self.total
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, distance: bool, extra: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, *, distance: bool, extra: torch.Tensor | None = None) -> None:
         """One chunk; with `distance`, |x - y|^2 too (not when it comes from elsewhere); `extra`: a third
         tensor whose sum of squares is wanted (the base's, for its norm)."""
         out = self._next(x)
@@ -396,7 +396,7 @@ def pair_sums(
     sums = _Accumulator((a.top_threshold, b.top_threshold) if signs else None, scratch)
     if spectral.on_accelerator(a.tensor):
         x, y = a.values(slice(None), torch.float64), b.values(slice(None), torch.float64)
-        sums.add(x, y, True)
+        sums.add(x, y, distance=True)
         return sums.store(a, b)
     todo = {op: products.pop(op) for op in (a, b) if products and op in products and op.base is None}
     blocks = _ProductBlocks(todo, a.tensor.shape[-1], a.numel, scratch)
@@ -404,7 +404,7 @@ def pair_sums(
         index = slice(start, start + blocks.step)
         blocks.begin(index)
         x, y = blocks.values(a, index, "x"), blocks.values(b, index, "y")
-        sums.add(x, y, True)
+        sums.add(x, y, distance=True)
         blocks.advance()
     return sums.store(a, b)
 
@@ -431,8 +431,8 @@ def weight_and_task_sums(
     n = a.numel
     if spectral.on_accelerator(a.tensor):
         x, y, z = (op.values(slice(None), torch.float64) for op in (a, b, base))
-        weights.add(x, y, True, z if measure_base else None)
-        tasks.add(x - z, y - z, False)
+        weights.add(x, y, distance=True, extra=z if measure_base else None)
+        tasks.add(x - z, y - z, distance=False)
     else:
         todo = {op: products.pop(op) for op in (a, b, task_a, task_b) if products and op in products}
         blocks = _ProductBlocks(todo, a.tensor.shape[-1], n, scratch)
@@ -440,12 +440,13 @@ def weight_and_task_sums(
             index = slice(start, start + blocks.step)
             blocks.begin(index)
             x, y, z = blocks.values(a, index, "x"), blocks.values(b, index, "y"), blocks.values(base, index, "z")
-            weights.add(x, y, True, z if measure_base else None)
-            tasks.add(blocks.difference(task_a, x, z, "dx"), blocks.difference(task_b, y, z, "dy"), False)
+            weights.add(x, y, distance=True, extra=z if measure_base else None)
+            tasks.add(blocks.difference(task_a, x, z, "dx"), blocks.difference(task_b, y, z, "dy"), distance=False)
             blocks.advance()
     distance = weights.store(a, b).distance_sq
     tasks.store(task_a, task_b, distance)
-    base.__dict__.setdefault("norm", math.sqrt(max(weights.totals[-1], 0.0)) if measure_base else 0.0)
+    if measure_base:
+        base.__dict__["norm"] = math.sqrt(max(weights.totals[-1], 0.0))
 
 
 class _ProductBlocks:
@@ -482,7 +483,7 @@ class _ProductBlocks:
         source = op.tensor.reshape(-1)[index]
         if op.base is not None:
             minus = self.scratch.get(f"{name} base", self.size).copy_(op.base.reshape(-1)[index])
-            return self._buffer(op, name).copy_(source).sub_(minus)
+            return torch.sub(source, minus, out=self._buffer(op, name))
         if source.dtype == torch.float32 and op not in self.todo:
             return source
         return self._buffer(op, name).copy_(source)
