@@ -289,6 +289,7 @@ class _Accumulator:
     def __init__(self, thresholds: tuple[float, float] | None, scratch: _Scratch | None = None,
                  extra: bool = False) -> None:
         self.thresholds = thresholds
+        self.limits: dict[torch.dtype, tuple[float, float]] = {}  # each threshold's t^2 rounded as x^2 is
         self.scratch = scratch or _Scratch()
         self.columns = (4 if thresholds is None else 8) + int(extra)
         # dot, x^2, y^2, (x - y)^2; then non-zero in both, agreements - conflicts, the same above thresholds;
@@ -333,7 +334,7 @@ class _Accumulator:
             square = torch.mul(values, values, out=self.scratch.take("square", x))
             torch.sum(square, 0, out=out[1 + i])
             if self.thresholds is not None and self.thresholds[i] > 0:
-                product.mul_(self._above(values, square, self.thresholds[i]))
+                product.mul_(self._above(values, square, i))
         if distance:
             square = torch.sub(x, y, out=self.scratch.take("square", x))
             torch.sum(square.mul_(square), 0, out=out[3])
@@ -343,13 +344,18 @@ class _Accumulator:
             torch.dot(product, product, out=out[6])
             torch.sum(product, 0, out=out[7])
 
-    def _above(self, values: torch.Tensor, squares: torch.Tensor, t: float) -> torch.Tensor:
-        """1 where |values| >= t, else 0, in `squares`' buffer (its squares are summed already)."""
+    def _above(self, values: torch.Tensor, squares: torch.Tensor, i: int) -> torch.Tensor:
+        """1 where |values| >= the i-th threshold, else 0, in `squares`' buffer (its sum is taken already)."""
+        assert self.thresholds is not None
+        t = self.thresholds[i]
         lo, hi = self.SQUARED
-        if lo <= t <= hi:
-            limit = torch.tensor(t * t, dtype=squares.dtype).item()  # t^2 rounded as the squares are
-            return torch.ge(squares, limit, out=squares)
-        return torch.ge(torch.abs(values, out=squares), t, out=squares)
+        if not lo <= t <= hi:
+            return torch.ge(torch.abs(values, out=squares), t, out=squares)
+        limits = self.limits.get(squares.dtype)
+        if limits is None:
+            limits = self.limits[squares.dtype] = tuple(  # type: ignore[assignment]
+                torch.tensor([u * u for u in self.thresholds], dtype=squares.dtype).tolist())
+        return torch.ge(squares, limits[i], out=squares)
 
     def signs(self) -> tuple[float, float, float, float]:
         """(non-zero in both, conflicts; the same above both thresholds)."""
