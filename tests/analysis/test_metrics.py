@@ -358,7 +358,7 @@ def _set(kind: str, n: int = 2 * (1 << 17) + 4321) -> tuple[torch.Tensor, torch.
         return a, a.clone(), base
     if kind == "untouched":  # a's task vector is zero
         return base.clone(), moved(2e-4), base
-    if kind == "disparate":  # task vectors about 30x apart in norm
+    if kind == "disparate":  # task vectors about 500x apart in norm
         return nudged(base, 0.001), moved(2e-3), base
     scale = {"huge": 2.0**48, "tiny": 2.0**-48}[kind]  # squares near 1e25 / 1e-33: still normal floats
     a, b = moved(2e-4), moved(2e-4)
