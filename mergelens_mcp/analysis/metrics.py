@@ -289,7 +289,7 @@ class _Accumulator:
     def __init__(self, thresholds: tuple[float, float] | None, scratch: _Scratch | None = None,
                  extra: bool = False) -> None:
         self.thresholds = thresholds
-        self.limits: dict[torch.dtype, tuple[float, float]] = {}  # each threshold's t^2 rounded as x^2 is
+        self.limits: dict[torch.dtype, list[float]] = {}  # each threshold's t^2 rounded as x^2 is
         self.scratch = scratch or _Scratch()
         self.columns = (4 if thresholds is None else 8) + int(extra)
         # dot, x^2, y^2, (x - y)^2; then non-zero in both, agreements - conflicts, the same above thresholds;
@@ -353,8 +353,8 @@ class _Accumulator:
             return torch.ge(torch.abs(values, out=squares), t, out=squares)
         limits = self.limits.get(squares.dtype)
         if limits is None:
-            limits = self.limits[squares.dtype] = tuple(  # type: ignore[assignment]
-                torch.tensor([u * u for u in self.thresholds], dtype=squares.dtype).tolist())
+            squared = torch.tensor([u * u for u in self.thresholds], dtype=squares.dtype)
+            limits = self.limits[squares.dtype] = squared.tolist()
         return torch.ge(squares, limits[i], out=squares)
 
     def signs(self) -> tuple[float, float, float, float]:
