@@ -889,9 +889,8 @@ def sampled_signs(a: Operand, b: Operand) -> tuple[float, float, float, float]:
     device = (a.left if isinstance(a, LowRankOperand) else a.tensor).device
     index = sample_rows(rows, a.numel // rows, device)
     sums = _Accumulator((a.top_threshold, b.top_threshold))
-    sums.add(_rows_of(a, index).reshape(-1), _rows_of(b, index).reshape(-1), None)
-    both, balance, both_top, balance_top = sums.totals[4:]
-    return both, (both - balance) / 2, both_top, (both_top - balance_top) / 2
+    sums.add(_rows_of(a, index).reshape(-1), _rows_of(b, index).reshape(-1), distance=False)
+    return sums.signs()
 
 
 def apply_delta(ckpt: Checkpoint, name: str, view: torch.Tensor) -> torch.Tensor:

@@ -242,60 +242,135 @@ class PairSums:
     signs: tuple[float, float, float, float] | None  # see `pair_sums`
 
 
+class _Scratch:
+    """Reused buffers for a pass's temporaries, by name: a chunk-sized tensor made afresh by every operation
+    is a new allocation each time (and, past glibc's mmap threshold, new pages faulted in), where the same
+    few buffers stay in cache from chunk to chunk. The pass's accumulators share one, using it in turn."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The buffer `name` (uninitialised, flat) with `like`'s size, dtype and device."""
+        return self.get(name, like.numel(), like.dtype, like.device)
+
+    def get(self, name: str, n: int, dtype: torch.dtype = torch.float32,
+            device: torch.device | None = None) -> torch.Tensor:
+        found = self.buffers.get(name)
+        device = torch.device("cpu") if device is None else device
+        if found is None or found.numel() < n or found.dtype != dtype or found.device != device:
+            found = self.buffers[name] = torch.empty(n, dtype=dtype, device=device)
+        return found[:n]
+
+
 class _Accumulator:
     """Running sums of one pairwise pass, fed chunk by chunk.
 
-    Chunk sums are taken by torch's pairwise reduction and added in float64, all of a chunk's read back at
-    once. A plain float32 dot (BLAS sdot) over millions of near-identical weights loses the signal: for
-    all-MiniLM-L6-v2 against a fine-tune it put 1 - cos off by 2x on a 590k-element matrix; this keeps 1 - cos
-    within about 1e-8 of a full float64 dot. On a GPU the one chunk is float64.
+    Chunk sums are taken by torch's pairwise reduction and added in float64. A plain float32 dot (BLAS sdot)
+    over millions of near-identical weights loses the signal: for all-MiniLM-L6-v2 against a fine-tune it put
+    1 - cos off by 2x on a 590k-element matrix, and on 128 K-value chunks its sums are still biased by about
+    3e-6; this keeps 1 - cos within about 1e-7 of a full float64 dot (on the MiniLM pair's matrices 3e-8
+    typical, 9e-8 at most). On a GPU the one chunk is float64. The reductions write each chunk's sums
+    (`out=`) into a row of a small table, added up in float64 every ROWS chunks, so nothing is read back
+    per chunk; the temporaries are buffers reused from chunk to chunk (`_Scratch`).
 
     The sign counts use float arithmetic only (on a CPU, torch's comparisons into bool tensors cost several
     times more): sign(x y) is 1 where the signs agree, -1 where they conflict and 0 where either value is 0
     (or the product is under float32's smallest subnormal, |x y| < 1.4e-45), so the sum of its squares counts
-    the coordinates non-zero in both and its sum is agreements - conflicts. A coordinate is above both TIES
-    thresholds where min(x^2 / t_x^2, y^2 / t_y^2) >= 1, which floor(min(., 1)) turns into 1 or 0.
+    the coordinates non-zero in both and its sum is agreements - conflicts. A value is above a TIES threshold
+    t where |x| >= t: compared into a float 0/1 tensor as x^2 >= t^2 (t^2 rounded as x^2 is: the same test
+    while both squares are normal floats, see SQUARED), else as |x| >= t; multiplying sign(x y) by both
+    masks keeps it only where both hold.
     """
 
-    def __init__(self, thresholds: tuple[float, float] | None) -> None:
-        self.squared = None if thresholds is None else tuple(t * t for t in thresholds)
-        self.totals = [0.0] * (4 if thresholds is None else 8)
-        # dot, x^2, y^2, (x - y)^2; then non-zero in both, agreements - conflicts, the same above thresholds
+    ROWS = 256  # chunks whose sums are kept in float32 before they are added up in float64
+    SQUARED = (1e-18, 1e18)  # thresholds within which x^2 >= t^2 is |x| >= t (both squares normal floats)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor, difference: torch.Tensor | None) -> None:
-        """One chunk; `difference` is x - y, or None when the distance comes from elsewhere."""
-        product = x * y
-        xx, yy = x * x, y * y
-        terms = [product.sum(), xx.sum(), yy.sum()]
-        terms.append(x.new_zeros(()) if difference is None else (difference * difference).sum())
-        if self.squared is not None:
-            signs = product.sign_()
-            terms += [torch.dot(signs, signs), signs.sum()]
-            ratios = [r for r in (_ratio(xx, self.squared[0]), _ratio(yy, self.squared[1])) if r is not None]
-            if ratios:
-                above = torch.minimum(ratios[0], ratios[-1], out=ratios[0])
-                signs *= above.clamp_(max=1.0).floor_()
-            terms += [torch.dot(signs, signs), signs.sum()]
-        for i, value in enumerate(torch.stack(terms).tolist()):
-            self.totals[i] += value
+    def __init__(self, thresholds: tuple[float, float] | None, scratch: _Scratch | None = None,
+                 extra: bool = False) -> None:
+        self.thresholds = thresholds
+        self.limits: dict[torch.dtype, list[float]] = {}  # each threshold's t^2 rounded as x^2 is
+        self.scratch = scratch or _Scratch()
+        self.columns = (4 if thresholds is None else 8) + int(extra)
+        # dot, x^2, y^2, (x - y)^2; then non-zero in both, agreements - conflicts, the same above thresholds;
+        # then (extra) the sum of squares of a third tensor
+        self.table: torch.Tensor | None = None
+        self.row = 0
+        self.total = [0.0] * self.columns
+
+    def _next(self, like: torch.Tensor) -> torch.Tensor:
+        if self.table is None or self.table.dtype != like.dtype or self.table.device != like.device:
+            self.flush()
+            self.table = torch.zeros(self.ROWS, self.columns, dtype=like.dtype, device=like.device)
+        elif self.row == self.ROWS:
+            self.flush()
+        self.row += 1
+        return self.table[self.row - 1]
+
+    def flush(self) -> None:
+        if self.table is None or self.row == 0:
+            return
+        for i, value in enumerate(self.table[:self.row].sum(0, dtype=torch.float64).tolist()):
+            self.total[i] += value
+        self.table.zero_()
+        self.row = 0
+
+    @property
+    def totals(self) -> list[float]:
+        self.flush()
+        return self.total
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, *, distance: bool, extra: torch.Tensor | None = None) -> None:
+        """One chunk; with `distance`, |x - y|^2 too (not when it comes from elsewhere); `extra`: a third
+        tensor whose sum of squares is wanted (the base's, for its norm)."""
+        out = self._next(x)
+        product = torch.mul(x, y, out=self.scratch.take("product", x))
+        torch.sum(product, 0, out=out[0])
+        if self.thresholds is not None:
+            product.sign_()
+            torch.dot(product, product, out=out[4])
+            torch.sum(product, 0, out=out[5])
+        for i, values in enumerate((x, y)):
+            square = torch.mul(values, values, out=self.scratch.take("square", x))
+            torch.sum(square, 0, out=out[1 + i])
+            if self.thresholds is not None and self.thresholds[i] > 0:
+                product.mul_(self._above(values, square, i))
+        if distance:
+            square = torch.sub(x, y, out=self.scratch.take("square", x))
+            torch.sum(square.mul_(square), 0, out=out[3])
+        if extra is not None:
+            torch.sum(torch.mul(extra, extra, out=self.scratch.take("square", x)), 0, out=out[-1])
+        if self.thresholds is not None:
+            torch.dot(product, product, out=out[6])
+            torch.sum(product, 0, out=out[7])
+
+    def _above(self, values: torch.Tensor, squares: torch.Tensor, i: int) -> torch.Tensor:
+        """1 where |values| >= the i-th threshold, else 0, in `squares`' buffer (its sum is taken already)."""
+        assert self.thresholds is not None
+        t = self.thresholds[i]
+        lo, hi = self.SQUARED
+        if not lo <= t <= hi:
+            return torch.ge(torch.abs(values, out=squares), t, out=squares)
+        limits = self.limits.get(squares.dtype)
+        if limits is None:
+            squared = torch.tensor([u * u for u in self.thresholds], dtype=squares.dtype)
+            limits = self.limits[squares.dtype] = squared.tolist()
+        return torch.ge(squares, limits[i], out=squares)
+
+    def signs(self) -> tuple[float, float, float, float]:
+        """(non-zero in both, conflicts; the same above both thresholds)."""
+        both, balance, both_top, balance_top = self.totals[4:8]
+        return both, (both - balance) / 2, both_top, (both_top - balance_top) / 2
 
     def store(self, a: Operand, b: Operand, distance_sq: float | None = None) -> PairSums:
         """The sums as `a`'s cached PairSums for `b`; the norms of both operands come with them."""
         dot, x_sq, y_sq, distance = self.totals[:4]
         a.__dict__.setdefault("norm", math.sqrt(max(x_sq, 0.0)))
         b.__dict__.setdefault("norm", math.sqrt(max(y_sq, 0.0)))
-        signs = None
-        if self.squared is not None:
-            both, balance, both_top, balance_top = self.totals[4:]
-            signs = (both, (both - balance) / 2, both_top, (both_top - balance_top) / 2)
+        signs = None if self.thresholds is None else self.signs()
         found = PairSums(dot, distance if distance_sq is None else distance_sq, signs)
         a.__dict__.setdefault("_pairs", {})[id(b)] = (b, found)
         return found
-
-
-def _ratio(squares: torch.Tensor, threshold_sq: float) -> torch.Tensor | None:
-    """squares / threshold^2, in place; None for a threshold of 0, which every value passes."""
-    return None if threshold_sq <= 0 else squares.div_(threshold_sq)
 
 
 def _cached_pair(a: Operand, b: Operand, signs: bool) -> PairSums | None:
@@ -323,18 +398,19 @@ def pair_sums(
     if found is not None:
         a.__dict__.setdefault("_pairs", {})[id(b)] = (b, found)
         return found
-    sums = _Accumulator((a.top_threshold, b.top_threshold) if signs else None)
-    todo = {op: products.pop(op) for op in (a, b) if products and op in products and op.base is None}
-    if not todo:
-        for x, y in zip(a.chunks(), b.chunks(), strict=True):
-            sums.add(x, y, x - y)
+    scratch = _Scratch()
+    sums = _Accumulator((a.top_threshold, b.top_threshold) if signs else None, scratch)
+    if spectral.on_accelerator(a.tensor):
+        x, y = a.values(slice(None), torch.float64), b.values(slice(None), torch.float64)
+        sums.add(x, y, distance=True)
         return sums.store(a, b)
-    blocks = _ProductBlocks(todo, a.tensor.shape[-1], a.numel)
+    todo = {op: products.pop(op) for op in (a, b) if products and op in products and op.base is None}
+    blocks = _ProductBlocks(todo, a.tensor.shape[-1], a.numel, scratch)
     for start in range(0, a.numel, blocks.step):
         index = slice(start, start + blocks.step)
         blocks.begin(index)
-        x, y = blocks.values(a, index), blocks.values(b, index)
-        sums.add(x, y, x - y)
+        x, y = blocks.values(a, index, "x"), blocks.values(b, index, "y")
+        sums.add(x, y, distance=True)
         blocks.advance()
     return sums.store(a, b)
 
@@ -354,73 +430,79 @@ def weight_and_task_sums(
     if not (task_a.tensor is a.tensor and task_b.tensor is b.tensor and task_a.base is base.tensor
             and task_b.base is base.tensor):
         raise ValueError("task_a and task_b must be a - base and b - base")
-    weights, tasks = _Accumulator(None), _Accumulator((task_a.top_threshold, task_b.top_threshold))
-    base_sq = 0.0
-    n = a.numel
-    whole = spectral.on_accelerator(a.tensor)
-    step, dtype = (max(n, 1), torch.float64) if whole else (CHUNK, torch.float32)
-    todo = {op: products.pop(op) for op in (a, b, task_a, task_b) if products and op in products}
-    blocks = _ProductBlocks(todo, a.tensor.shape[-1], n) if todo else None
-    if blocks is not None:
-        step = blocks.step
     measure_base = "norm" not in base.__dict__
-    for start in range(0, n, step):
-        index = slice(start, start + step)
-        if blocks is None:
-            x, y, z = a.values(index, dtype), b.values(index, dtype), base.values(index, dtype)
-            dx, dy = x - z, y - z
-        else:
+    scratch = _Scratch()
+    weights = _Accumulator(None, scratch, extra=measure_base)
+    tasks = _Accumulator((task_a.top_threshold, task_b.top_threshold), scratch)
+    n = a.numel
+    if spectral.on_accelerator(a.tensor):
+        x, y, z = (op.values(slice(None), torch.float64) for op in (a, b, base))
+        weights.add(x, y, distance=True, extra=z if measure_base else None)
+        tasks.add(x - z, y - z, distance=False)
+    else:
+        todo = {op: products.pop(op) for op in (a, b, task_a, task_b) if products and op in products}
+        blocks = _ProductBlocks(todo, a.tensor.shape[-1], n, scratch)
+        for start in range(0, n, blocks.step):
+            index = slice(start, start + blocks.step)
             blocks.begin(index)
-            x, y = blocks.values(a, index), blocks.values(b, index)
-            z = base.values(index, dtype)
-            dx, dy = blocks.difference(task_a, x, z), blocks.difference(task_b, y, z)
-        weights.add(x, y, x - y)
-        if measure_base:
-            base_sq += float((z * z).sum())
-        tasks.add(dx, dy, None)
-        if blocks is not None:
+            x, y, z = blocks.values(a, index, "x"), blocks.values(b, index, "y"), blocks.values(base, index, "z")
+            weights.add(x, y, distance=True, extra=z if measure_base else None)
+            tasks.add(blocks.difference(task_a, x, z, "dx"), blocks.difference(task_b, y, z, "dy"), distance=False)
             blocks.advance()
     distance = weights.store(a, b).distance_sq
     tasks.store(task_a, task_b, distance)
-    base.__dict__.setdefault("norm", math.sqrt(max(base_sq, 0.0)))
+    if measure_base:
+        base.__dict__["norm"] = math.sqrt(max(weights.totals[-1], 0.0))
 
 
 class _ProductBlocks:
-    """The float32 rows of the operands whose SVD products a pass takes, written into blocks of about
-    PRODUCT_BLOCK values as the pass forms them (chunk by chunk, each still in cache for its sums), and
-    multiplied by Z a block at a time: torch.mm reads Z (n x 32 float32) once per block, so larger blocks
-    than the pass's chunks halve the products' cost (about 21 instead of 40 ms for 11008 x 4096)."""
+    """The chunks of a pass on the CPU, in float32 buffers reused from chunk to chunk. The rows of the
+    operands whose SVD products the pass takes are written into blocks of about PRODUCT_BLOCK values as the
+    pass forms them (chunk by chunk, each still in cache for its sums), and multiplied by Z a block at a time:
+    torch.mm reads Z (n x 32 float32) once per block, so larger blocks than the pass's chunks halve the
+    products' cost (about 21 instead of 40 ms for 11008 x 4096). The other operands' chunks go to `scratch`."""
 
-    def __init__(self, todo: dict[Operand, tuple[torch.Tensor, torch.Tensor]], columns: int, n: int) -> None:
-        self.todo, self.columns, self.n = todo, columns, n
+    def __init__(self, todo: dict[Operand, tuple[torch.Tensor, torch.Tensor]], columns: int, n: int,
+                 scratch: _Scratch) -> None:
+        self.todo, self.columns, self.n, self.scratch = todo, columns, n, scratch
         chunk_rows = max(1, CHUNK // columns)
-        self.step = chunk_rows * columns
+        self.step = chunk_rows * columns if todo else CHUNK
         self.block = self.step * max(1, PRODUCT_BLOCK // self.step)
         self.buffers = {op: torch.empty(min(self.block, n)) for op in todo}
         self.done = 0  # values multiplied so far: the current block starts there
         self.slot = slice(0, 0)  # where the current chunk's values go in the blocks
+        self.size = 0  # values in the current chunk
 
     def begin(self, index: slice) -> None:
         """The pass's next chunk is `index`."""
         offset = index.start - self.done
-        self.slot = slice(offset, offset + min(self.step, self.n - index.start))
+        self.size = min(self.step, self.n - index.start)
+        self.slot = slice(offset, offset + self.size)
 
-    def values(self, op: Operand, index: slice) -> torch.Tensor:
-        """The operand's float32 values at `index`, written into its block when its product is taken."""
-        if op not in self.todo:
-            return op.values(index)
-        slot = self.buffers[op][self.slot]
-        slot.copy_(op.tensor.reshape(-1)[index])  # the same upcast as `values`
-        return slot
+    def _buffer(self, op: Operand, name: str) -> torch.Tensor:
+        return self.buffers[op][self.slot] if op in self.todo else self.scratch.get(name, self.size)
 
-    def difference(self, op: Operand, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x - z (a task vector's values), written into the task vector's block when its product is taken."""
-        if op not in self.todo:
-            return x - z
-        return torch.sub(x, z, out=self.buffers[op][self.slot])
+    def values(self, op: Operand, index: slice, name: str) -> torch.Tensor:
+        """The operand's float32 values at `index` (what `Operand.values` gives), in its block when its
+        product is taken, else in the scratch buffer `name` (a view of the tensor where it is float32
+        already)."""
+        source = op.tensor.reshape(-1)[index]
+        if op.base is not None:
+            minus = self.scratch.get(f"{name} base", self.size).copy_(op.base.reshape(-1)[index])
+            return torch.sub(source, minus, out=self._buffer(op, name))
+        if source.dtype == torch.float32 and op not in self.todo:
+            return source
+        return self._buffer(op, name).copy_(source)
+
+    def difference(self, op: Operand, x: torch.Tensor, z: torch.Tensor, name: str) -> torch.Tensor:
+        """x - z (a task vector's values), in the task vector's block when its product is taken, else in
+        the scratch buffer `name`."""
+        return torch.sub(x, z, out=self._buffer(op, name))
 
     def advance(self) -> None:
         """The chunk is in the blocks: multiply them by Z once they are full (or the pass is at its end)."""
+        if not self.todo:
+            return
         stop = self.done + self.slot.stop
         if self.slot.stop < self.block and stop < self.n:
             return

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mergelens_mcp.analysis.metrics import REGISTRY, Metric, Operand, task_metrics, weight_metrics
+from mergelens_mcp.analysis.metrics import REGISTRY, Metric, Operand, pair_sums, task_metrics, weight_metrics
 
 PROPERTY_SETTINGS = settings(
     max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
@@ -331,3 +331,96 @@ def test_a_pass_over_two_stored_matrices_takes_their_svds_final_products_and_the
         assert got.total_energy == pytest.approx(want.total_energy, rel=1e-6)
         assert torch.allclose(got.s, want.s, rtol=1e-5, atol=1e-5)
         assert (got.u.T @ want.u).abs().diagonal().min() > 1 - 1e-4
+
+
+# ---- the elementwise pass against float64 -------------------------------------------------------------------
+
+
+def _set(kind: str, n: int = 2 * (1 << 17) + 4321) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, base), bf16 like a checkpoint's (so a - base, b - base and a - b are exact in float32), of one
+    adversarial kind."""
+    g = torch.Generator().manual_seed(11)
+    base = (0.02 * torch.randn(n, generator=g)).bfloat16()
+
+    def moved(scale: float) -> torch.Tensor:
+        return (base.float() + scale * torch.randn(n, generator=g)).bfloat16()
+
+    def nudged(t: torch.Tensor, share: float) -> torch.Tensor:
+        """`t` with a `share` of its values one bf16 step further from 0 (the smallest change a bf16 has)."""
+        step = (torch.rand(n, generator=g) < share).to(torch.int16)
+        return (t.view(torch.int16) + step).view(torch.bfloat16)
+
+    if kind == "near-identical":  # 1 - cos of the weights about 1e-7, of the task vectors about 1e-3
+        a = moved(2e-4)
+        return a, nudged(a, 0.01), base
+    if kind == "identical":
+        a = moved(2e-4)
+        return a, a.clone(), base
+    if kind == "untouched":  # a's task vector is zero
+        return base.clone(), moved(2e-4), base
+    if kind == "disparate":  # task vectors about 500x apart in norm
+        return nudged(base, 0.001), moved(2e-3), base
+    scale = {"huge": 2.0**48, "tiny": 2.0**-48}[kind]  # squares near 1e25 / 1e-33: still normal floats
+    a, b = moved(2e-4), moved(2e-4)
+    return (a.float() * scale).bfloat16(), (b.float() * scale).bfloat16(), (base.float() * scale).bfloat16()
+
+
+@pytest.mark.parametrize("kind", ["near-identical", "identical", "untouched", "disparate", "huge", "tiny"])
+def test_the_fused_pass_gives_float64_sums_and_the_exact_sign_counts(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergelens_mcp.analysis import metrics
+    from mergelens_mcp.analysis.metrics import cosine_from, weight_and_task_sums
+
+    monkeypatch.setattr(metrics._Accumulator, "ROWS", 2)  # three chunks (the last a partial one): two flushes
+    a, b, base = _set(kind)
+    wa, wb, ta, tb, zb = Operand(a), Operand(b), Operand(a, base=base), Operand(b, base=base), Operand(base)
+    weight_and_task_sums(wa, wb, ta, tb, zb)
+    x, y, z = (t.double() for t in (a, b, base))
+    tx, ty = x - z, y - z
+    for op, ref in ((wa, x), (wb, y), (ta, tx), (tb, ty), (zb, z)):
+        assert op.norm == pytest.approx(float(ref.norm()), rel=1e-7, abs=0.0)
+    weights, tasks = pair_sums(wa, wb), pair_sums(ta, tb, signs=True)
+    for found, (p, q), u, v in ((weights, (wa, wb), x, y), (tasks, (ta, tb), tx, ty)):
+        assert found.distance_sq == pytest.approx(float((u - v).square().sum()), rel=1e-7, abs=0.0)
+        assert found.dot == pytest.approx(float(u @ v), rel=1e-7, abs=1e-7 * float(u.norm() * v.norm()))
+        want = cosine_from(float(u.norm()), float(v.norm()), float(u @ v))
+        # 1 - cos as the metric takes it (the pass's norms and dot), what the accumulator's docstring holds
+        # (4e-8 at most here; float32 dots of the same chunks, BLAS sdot, are 3e-6 off in the dot above)
+        assert cosine_from(p.norm, q.norm, found.dot) == pytest.approx(want, rel=0.0, abs=1e-7)
+    keep = (tx.abs() >= ta.top_threshold) & (ty.abs() >= tb.top_threshold)
+    both, conflict = (tx != 0) & (ty != 0), tx * ty < 0
+    assert tasks.signs == tuple(float(m.sum()) for m in (both, conflict, both & keep, conflict & keep))
+    if kind == "identical":
+        assert weights.distance_sq == 0.0 and tasks.distance_sq == 0.0 and tasks.signs[1] == 0
+    if kind == "untouched":
+        assert ta.norm == 0.0 and tasks.dot == 0.0 and tasks.signs == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("threshold", [1e-30, 3e-19, 5e18, 1e25])
+def test_a_value_at_or_above_a_tiny_or_huge_ties_threshold_counts_as_kept(threshold: float) -> None:
+    t = float(torch.tensor(threshold))  # a float32 value, as a sample's quantile is
+    x = torch.tensor([t, -t, t * 0.999, 2 * t, 0.0, -3 * t, t, t * 0.5])
+    y = torch.tensor([-t, -t, t, t, t, 3 * t, t * 0.9999, 8 * t])
+    a, b = Operand(x), Operand(y)
+    a.__dict__["top_threshold"], b.__dict__["top_threshold"] = t, t
+    found = pair_sums(a, b, signs=True)
+    keep = (x.abs() >= t) & (y.abs() >= t)  # positions 0, 1, 3, 5
+    assert keep.tolist() == [True, True, False, True, False, True, False, False]
+    nonzero, conflict = (x != 0) & (y != 0), x * y < 0
+    if threshold < 1e-20:  # x y underflows to 0 (|x y| < 1.4e-45): not counted as non-zero in both, as documented
+        nonzero = conflict = torch.zeros(8, dtype=torch.bool)
+    assert found.signs == tuple(float(m.sum()) for m in (nonzero, conflict, nonzero & keep, conflict & keep))
+
+
+def test_a_nan_or_inf_reaches_the_norms_so_the_set_is_not_measured() -> None:
+    from mergelens_mcp.analysis.metrics import weight_and_task_sums
+
+    for bad in (float("nan"), float("inf")):
+        a, b, base = _set("near-identical", 1000)
+        base = base.clone()
+        base[500] = bad
+        ops = Operand(a), Operand(b), Operand(a, base=base), Operand(b, base=base), Operand(base)
+        weight_and_task_sums(*ops)
+        assert math.isfinite(ops[0].norm) and math.isfinite(ops[1].norm)  # the weights hold no bad value
+        assert not math.isfinite(ops[2].norm) and not math.isfinite(ops[3].norm) and not math.isfinite(ops[4].norm)
