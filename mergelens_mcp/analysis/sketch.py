@@ -19,6 +19,7 @@ estimate: Z standard errors, so a bound fails with probability about 6e-5 per es
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,6 +28,7 @@ from typing import Any
 
 import torch
 
+from . import spectral
 from .loading import Checkpoint
 from .metrics import (
     EPS,
@@ -44,7 +46,7 @@ from .spectral import OVERSAMPLE, SVD, gram_decompose, randomized
 from .stream import TensorSet, read
 from .types import DEFAULT_RANK, EXACT_MAX_ELEMENTS, Cancelled, Progress
 
-SKETCH_VERSION = 5
+SKETCH_VERSION = 6
 Z = 4.0  # standard errors per stated bound
 SPECTRAL_BOUND = 2e-3  # the Gram path and the int8 vectors move the spectral metrics by less than this
 HIGHER_IS_BETTER = ("cosine_similarity", "task_cosine", "spectral_overlap", "effective_rank_ratio")
@@ -91,6 +93,7 @@ class TensorSketch:
     top_threshold: float | None = None
     mass_fraction: float | None = None
     task_svd: SVD | None = None
+    effective_rank: float | None = None  # of the weights' spectrum (`_effective_rank`), made once when sketched
     spectral_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # `spectral_of`
 
     @property
@@ -144,6 +147,33 @@ def _draws(width: int, rows: int, seed: int) -> tuple[torch.Tensor, list[int], l
     return torch.cat([pool, pool]), shifts[0].tolist(), shifts[1].tolist()
 
 
+class CountSketcher:
+    """The CountSketch of `count_sketch`, fed consecutive pieces of the flattened values (in order, from the
+    start), so it rides on a pass that reads the tensor for other sums too. A row split across two pieces is
+    added in two steps into disjoint buckets: the result is the same, bit for bit, as one step."""
+
+    def __init__(self, numel: int, width: int, seed: int) -> None:
+        self.width = width
+        self.pool, self.shift, self.sign_shift = _draws(width, -(-numel // width), seed)
+        self.acc = torch.zeros(2 * width, dtype=torch.float32)
+        self.fed = 0
+
+    def add(self, piece: torch.Tensor) -> None:
+        """Add the next float32 values of the flattened tensor."""
+        width, start, done = self.width, self.fed, 0
+        total = piece.numel()
+        while done < total:
+            r, offset = divmod(start + done, width)
+            count = min(total - done, width - offset)
+            o, t = self.shift[r] + offset, self.sign_shift[r] + offset
+            self.acc[o:o + count].addcmul_(piece[done:done + count], self.pool[t:t + count])
+            done += count
+        self.fed += total
+
+    def result(self) -> torch.Tensor:
+        return self.acc[:self.width] + self.acc[self.width:]
+
+
 def count_sketch(values: torch.Tensor, width: int, seed: int) -> torch.Tensor:
     """A CountSketch of the flattened `values` into `width` signed buckets (float32).
 
@@ -155,40 +185,22 @@ def count_sketch(values: torch.Tensor, width: int, seed: int) -> torch.Tensor:
     Var |S d|^2 <= 2 |d|^4 / width, at the cost of one fused multiply-add per value and no per-value
     random draw. Linear and seeded: the difference of two sketches is the sketch of the difference."""
     flat = values.reshape(-1)
-    rows = -(-flat.numel() // width)
-    pool, shift, sign_shift = _draws(width, rows, seed)
-    acc = torch.zeros(2 * width, dtype=torch.float32)
-    per_chunk = max(1, CHUNK // width)
-    for first in range(0, rows, per_chunk):
-        piece = flat[first * width:(first + per_chunk) * width].float()
-        for r in range(first, min(rows, first + per_chunk)):
-            row = piece[(r - first) * width:(r - first + 1) * width]
-            o, t = shift[r], sign_shift[r]
-            acc[o:o + row.numel()].addcmul_(row, pool[t:t + row.numel()])
-    return acc[:width] + acc[width:]
+    sketcher = CountSketcher(flat.numel(), width, seed)
+    step = max(width, CHUNK // width * width)
+    for start in range(0, flat.numel(), step):
+        sketcher.add(flat[start:start + step].float())
+    return sketcher.result()
 
 
+@functools.lru_cache(maxsize=4096)
 def sample_positions(numel: int, count: int, seed: int) -> torch.Tensor:
     """About `count` distinct coordinates of a tensor of `numel` values, sorted (all of them when count >=
     numel): `count` seeded uniform draws with the repeats dropped, so the cost follows the sample, not the
-    tensor."""
+    tensor. Memoised: every model of a zoo samples a tensor at the same positions (read only)."""
     if count >= numel:
         return torch.arange(numel)
     g = torch.Generator().manual_seed(seed)
     return torch.unique(torch.randint(0, numel, (count,), generator=g))
-
-
-def _svd_of(op: Operand) -> SVD | None:
-    """The operand's top singular triplets: randomized above the exact cap as compare's are; below it, where
-    compare takes the exact SVD, from the eigen-decomposition of the Gram matrix (`gram_decompose`: the same
-    values and vectors to float32 rounding, at about half the cost)."""
-    if not op.is_matrix:
-        return None
-    if randomized(op.tensor.shape, op.rank, op.exact_max_elements):
-        svd = op.svd
-    else:
-        svd = gram_decompose(op.tensor, op.rank, minus=op.base)
-    return SVD(svd.u.float(), svd.s.float(), svd.v.float(), svd.total_energy, svd.full_dim, svd.exact)
 
 
 def quantize(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +211,7 @@ def quantize(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return values.float() * scale
+    return torch.mul(values, scale)  # int8 x float32 -> float32 in one step
 
 
 def sketch_nbytes(shape: tuple[int, ...], params: SketchParams, has_base: bool) -> int:
@@ -217,28 +229,142 @@ def sketch_nbytes(shape: tuple[int, ...], params: SketchParams, has_base: bool) 
     return size
 
 
+BLOCK = 1 << 18  # values per step of the sketch's pass: a float32 block (1 MB) stays in cache for its sums
+
+
+@dataclass
+class _Pass:
+    """What the sketch's one float32 pass over a tensor (and the base's) gives."""
+
+    norm_sq: float = 0.0
+    task_norm_sq: float = 0.0
+    base_norm_sq: float = 0.0
+    lo: float = math.inf
+    hi: float = -math.inf
+    projection: torch.Tensor | None = None
+    product: torch.Tensor | None = None  # weights @ z_w
+    task_product: torch.Tensor | None = None  # (weights - base) @ z_t
+
+
+def _one_pass(
+    view: torch.Tensor, base_view: torch.Tensor | None, sketcher: CountSketcher | None,
+    z: torch.Tensor | None, task_z: torch.Tensor | None, base_norm: bool,
+) -> _Pass:
+    """One read of the tensor (and of the base's) upcast to float32, a block of rows at a time: the squared
+    norms of the weights, of the task vector and (with `base_norm`) of the base, the value range, the
+    CountSketch, and the float32 products with the randomized SVDs' bases (what `Operand.norm`,
+    `Operand.value_range`, `count_sketch` and `decompose`'s final product each read the tensor for)."""
+    rows = view.reshape(view.shape[0], -1) if view.dim() >= 2 else view.reshape(-1, 1)
+    base_rows = None if base_view is None else base_view.reshape(rows.shape)
+    m, n = rows.shape
+    out = _Pass()
+    if z is not None:
+        out.product = torch.empty(m, z.shape[1])
+    if task_z is not None:
+        out.task_product = torch.empty(m, task_z.shape[1])
+    step = max(1, BLOCK // n)
+    for start in range(0, m, step):
+        w = rows[start:start + step].float()
+        out.norm_sq += float((w * w).sum())
+        lo, hi = torch.aminmax(w)
+        out.lo, out.hi = min(out.lo, float(lo)), max(out.hi, float(hi))
+        if sketcher is not None:
+            sketcher.add(w.reshape(-1))
+        if out.product is not None:
+            spectral.project(w, z, out.product[start:start + step])
+        if base_rows is None:
+            continue
+        b = base_rows[start:start + step].float()
+        if base_norm:
+            out.base_norm_sq += float((b * b).sum())
+        t = w - b
+        out.task_norm_sq += float((t * t).sum())
+        if out.task_product is not None:
+            spectral.project(t, task_z, out.task_product[start:start + step])
+    if sketcher is not None:
+        out.projection = sketcher.result()
+    return out
+
+
+class BaseTensors:
+    """The base's per-tensor quantities a sketch needs (its norm, its values at the sampled coordinates), made
+    once per base and kept for every model sketched against it in this process. Keyed by the base's files
+    (path, size, mtime): a changed base is measured again."""
+
+    def __init__(self) -> None:
+        self.identity: tuple[Any, ...] | None = None
+        self.found: dict[tuple[str, int, int, int], tuple[float, torch.Tensor]] = {}
+
+    def use(self, base: Checkpoint | None) -> None:
+        identity = None if base is None else tuple(
+            (str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in base.files)
+        if identity != self.identity:
+            self.identity, self.found = identity, {}
+
+
+_BASES = BaseTensors()
+
+
+def _svd_of(op: Operand) -> SVD | None:
+    """The operand's top singular triplets where compare takes the exact SVD: from the eigen-decomposition of
+    the Gram matrix (`gram_decompose`: the same values and vectors to float32 rounding, at about half the
+    cost). (Above the exact cap `sketch_tensor` takes compare's randomized path, its final product in its pass.)"""
+    svd = gram_decompose(op.tensor, op.rank, minus=op.base)
+    return SVD(svd.u.float(), svd.s.float(), svd.v.float(), svd.total_energy, svd.full_dim, svd.exact)
+
+
 def sketch_tensor(name: str, view: torch.Tensor, base_view: torch.Tensor | None, params: SketchParams) -> TensorSketch:
-    """The sketch of one tensor of one model (`base_view`: the base's same tensor, or None)."""
+    """The sketch of one tensor of one model (`base_view`: the base's same tensor, or None), in one float32
+    pass over the tensor and the base's (`_one_pass`) after the randomized SVDs' bfloat16 iterations; the
+    quantities are compare's (`Operand`, `decompose`), to float32 rounding."""
     view = view.reshape(view.shape[0], -1) if view.dim() > 2 else view
     numel = view.numel()
     width, count = params.widths(numel)
-    weights = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements)
+    if base_view is not None and tuple(base_view.shape) != tuple(view.shape):
+        base_view = None
+    else:
+        base_view = None if base_view is None else base_view.reshape(view.shape)
     flat = view.reshape(-1)
     whole = numel <= width
-    projection = flat.float().clone() if whole else count_sketch(flat, width, _seed(params, name, numel, "cs"))
+    matrix = view.dim() == 2 and min(view.shape) > 1
+    fast = matrix and randomized(view.shape, params.rank, params.exact_max_elements)
+    z = spectral.subspace(view, params.rank) if fast else None
+    task_z = spectral.subspace(view, params.rank, minus=base_view) if fast and base_view is not None else None
+    seen = _BASES.found.get((name, numel, count, params.seed)) if base_view is not None else None
+    sketcher = None if whole else CountSketcher(numel, width, _seed(params, name, numel, "cs"))
+    measured = _one_pass(view, base_view, sketcher, z, task_z, base_norm=seen is None)
+    projection = flat.float().clone() if whole else measured.projection
+    assert projection is not None
     positions = sample_positions(numel, count, _seed(params, name, numel, "sample"))
     sample = flat[positions].float()  # float32 here; stored as bfloat16 below
-    found = TensorSketch(numel, tuple(view.shape), weights.norm, weights.value_range, projection, whole,
-                         sample.to(torch.bfloat16), _svd_of(weights))
-    if base_view is not None and tuple(base_view.shape) == tuple(view.shape):
-        base_view = base_view.reshape(view.shape)
-        base = Operand(base_view)
+    full_dim = min(view.shape) if matrix else 0
+
+    def svd_of(product: torch.Tensor | None, zz: torch.Tensor | None, energy: float, op: Operand) -> SVD | None:
+        if not matrix:
+            return None
+        if product is None or zz is None:
+            return _svd_of(op)
+        found = spectral.finish(product, zz, params.rank, full_dim, energy)
+        return SVD(found.u.float(), found.s.float(), found.v.float(), found.total_energy, found.full_dim, False)
+
+    norm = math.sqrt(max(measured.norm_sq, 0.0))
+    weights = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements)
+    found = TensorSketch(numel, tuple(view.shape), norm, (measured.lo, measured.hi), projection, whole,
+                         sample.to(torch.bfloat16), svd_of(measured.product, z, norm**2, weights))
+    if found.svd is not None:
+        found.effective_rank = _effective_rank(found.svd)
+    if base_view is not None:
+        if seen is None:
+            seen = (math.sqrt(max(measured.base_norm_sq, 0.0)), base_view.reshape(-1)[positions].float())
+            _BASES.found[(name, numel, count, params.seed)] = seen
+        base_norm, base_sample = seen
         task = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements, base=base_view)
-        found.task_norm, found.base_norm = task.norm, base.norm
-        found.task_sample = (sample - base_view.reshape(-1)[positions].float()).to(torch.bfloat16)
+        task_norm = math.sqrt(max(measured.task_norm_sq, 0.0))
+        found.task_norm, found.base_norm = task_norm, base_norm
+        found.task_sample = (sample - base_sample).to(torch.bfloat16)
         found.top_threshold = task.top_threshold
         found.mass_fraction = _mass_fraction(task)
-        found.task_svd = _svd_of(task)
+        found.task_svd = svd_of(measured.task_product, task_z, task_norm**2, task)
     return found
 
 
@@ -260,6 +386,7 @@ def sketch_model(
             sources.append((base, name))
         sets.append(TensorSet(name, sources))
     out = ModelSketch(model.label, key, model.n_params, model.nbytes, base is not None)
+    _BASES.use(base)
     for current in read(sets, f"sketching {model.label}", cancelled=cancelled, progress=progress):
         base_view = current.views[1] if len(current.views) > 1 else None
         out.tensors[current.key] = sketch_tensor(current.key, current.views[0], base_view, params)
@@ -289,6 +416,8 @@ def to_tensors(sketch: ModelSketch) -> tuple[dict[str, torch.Tensor], dict[str, 
                                 p + what + ".s": svd.s.contiguous(),
                                 p + what + ".v": v.contiguous(), p + what + ".v_scale": v_scale.contiguous()})
                 entry[what] = [svd.total_energy, svd.full_dim, svd.exact]
+        if t.effective_rank is not None:
+            entry["effective_rank"] = t.effective_rank
         meta["tensors"][str(i)] = entry
     return tensors, meta
 
@@ -310,7 +439,7 @@ def from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -
             int(entry["numel"]), tuple(entry["shape"]), float(entry["norm"]), tuple(entry["value_range"]),
             tensors[p + "projection"], bool(entry["whole"]), tensors[p + "sample"], svd("svd"),
             entry["task_norm"], entry["base_norm"], tensors.get(p + "task_sample"), entry["top_threshold"],
-            entry["mass_fraction"], svd("task_svd"),
+            entry["mass_fraction"], svd("task_svd"), entry.get("effective_rank"),
         )
     return out
 
@@ -346,6 +475,8 @@ def spectral_of(t: TensorSketch, what: str) -> _Spectral | None:
     found = t.spectral_cache.get(what)
     if found is None:
         found = t.spectral_cache[what] = _Spectral(svd)
+        if what == "svd" and t.effective_rank is not None:
+            found.__dict__["effective_rank"] = t.effective_rank  # made when sketched: the same value
     return found
 
 
