@@ -489,3 +489,24 @@ def test_the_sketchs_one_pass_gives_compares_norms_ranges_and_randomized_svds(zo
                 assert overlap == pytest.approx(1.0, abs=1e-3)
             checked += 1
     assert checked >= 8  # every attention and MLP matrix took the randomized path in the pass
+
+
+def test_the_sign_counts_from_joint_codes_equal_the_four_masked_sums() -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+
+    def sketched(threshold: float) -> sk.TensorSketch:
+        x = torch.randn(4096, generator=g) * (torch.rand(4096, generator=g) > 0.3)  # a third exactly zero
+        return sk.TensorSketch(4096, (4096,), 1.0, (-1.0, 1.0), x.clone(), True, x.to(torch.bfloat16),
+                               task_norm=1.0, base_norm=1.0, task_sample=x.to(torch.bfloat16), top_threshold=threshold)
+
+    a, b = sketched(0.8), sketched(1.1)
+    x, y = a.task_sample.float(), b.task_sample.float()  # type: ignore[union-attr]
+    both = (x != 0) & (y != 0)
+    conflict = both & ((x > 0) != (y > 0))
+    top = both & (x.abs() >= 0.8) & (y.abs() >= 1.1)
+    expected = [int(both.sum()), int(conflict.sum()), int(top.sum()), int((conflict & top).sum())]
+    assert expected[3] > 0 and expected[2] < expected[0]
+    assert sk._sign_counts(a, b) == expected
+    assert sk._sign_counts(b, a) == expected

@@ -95,6 +95,7 @@ class TensorSketch:
     task_svd: SVD | None = None
     effective_rank: float | None = None  # of the weights' spectrum (`_effective_rank`), made once when sketched
     spectral_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # `spectral_of`
+    pair_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)  # `_prepared`
 
     @property
     def is_matrix(self) -> bool:
@@ -480,9 +481,46 @@ def spectral_of(t: TensorSketch, what: str) -> _Spectral | None:
     return found
 
 
+SIGN_CODES = 8  # a sampled task coordinate's code: non-zero (1) + positive (2) + at or above the TIES threshold (4)
+
+
+def _prepared(t: TensorSketch) -> dict[str, torch.Tensor]:
+    """What every pair reads of one sketched tensor, made once for all its pairs: the CountSketch in float64,
+    the weights' sample in float32, and each sampled task coordinate's sign code (`SIGN_CODES`), also times 8."""
+    found = t.pair_cache
+    if not found:
+        found["projection"] = t.projection.double()
+        found["sample"] = t.sample.float()
+        if t.task_sample is not None:
+            x = t.task_sample.float()
+            code = (x != 0).to(torch.int64) + 2 * (x > 0) + 4 * (x.abs() >= (t.top_threshold or 0.0))
+            found["codes"], found["codes_high"] = code, code * SIGN_CODES
+    return found
+
+
+def _code_masks() -> torch.Tensor:
+    """(4, 64) indicators over the joint codes 8 a + b: both non-zero; and signs differing; both non-zero
+    and at or above both thresholds; and signs differing."""
+    a, b = torch.arange(64) // 8, torch.arange(64) % 8
+    both = (a & 1).bool() & (b & 1).bool()
+    differ = both & ((a & 2) != (b & 2))
+    top = both & (a & 4).bool() & (b & 4).bool()
+    return torch.stack([both, differ, top, differ & top]).to(torch.int64)
+
+
+CODE_MASKS = _code_masks()
+
+
+def _sign_counts(a: TensorSketch, b: TensorSketch) -> list[int]:
+    """[both non-zero, and opposite signs, both in the top, and opposite signs] over the sampled task
+    coordinates: one count of the 64 joint codes, the same integers as four masked sums."""
+    joint = torch.bincount(_prepared(a)["codes_high"] + _prepared(b)["codes"], minlength=64)
+    return (CODE_MASKS @ joint).tolist()
+
+
 def _distance_sq(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
     """(|w_a - w_b|^2 estimated, its relative bound) from the two CountSketches (exact for whole tensors)."""
-    d = (a.projection.double() - b.projection.double())
+    d = _prepared(a)["projection"] - _prepared(b)["projection"]
     value = float((d * d).sum())
     if a.whole:
         return value, 0.0
@@ -526,13 +564,9 @@ def pair_metrics(a: TensorSketch, b: TensorSketch) -> Estimate:
     spread(_cosine_from, a.task_norm, b.task_norm, "task_cosine")
     spread(normalized_l2_from, a.task_norm, b.task_norm, "task_l2_distance")
     assert a.task_sample is not None and b.task_sample is not None
-    x, y = a.task_sample.float(), b.task_sample.float()
-    both = (x != 0) & (y != 0)
-    conflict = both & ((x > 0) != (y > 0))
-    values["sign_disagreement"], bounds["sign_disagreement"] = _share(int(conflict.sum()), int(both.sum()))
-    top = both & (x.abs() >= (a.top_threshold or 0.0)) & (y.abs() >= (b.top_threshold or 0.0))
-    values["sign_disagreement_top"], bounds["sign_disagreement_top"] = _share(
-        int((conflict & top).sum()), int(top.sum()))
+    both, conflict, top, conflict_top = _sign_counts(a, b)
+    values["sign_disagreement"], bounds["sign_disagreement"] = _share(conflict, both)
+    values["sign_disagreement_top"], bounds["sign_disagreement_top"] = _share(conflict_top, top)
     if a.sample.numel() == a.numel:  # every coordinate sampled: the shares are exact
         bounds["sign_disagreement"] = bounds["sign_disagreement_top"] = 0.0
     hi = max(a.task_norm, b.task_norm)
@@ -553,7 +587,7 @@ def _kl(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
     lo, hi = min(a.value_range[0], b.value_range[0]), max(a.value_range[1], b.value_range[1])
     if hi - lo < EPS:
         return 0.0, 0.0
-    value = kl_from_samples(a.sample.float(), b.sample.float(), lo, hi, a.numel)
+    value = kl_from_samples(_prepared(a)["sample"], _prepared(b)["sample"], lo, hi, a.numel)
     bins = kl_bins(a.numel)
     n = a.sample.numel()
     exact = n == a.numel
