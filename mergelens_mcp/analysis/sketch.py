@@ -485,16 +485,14 @@ SIGN_CODES = 8  # a sampled task coordinate's code: non-zero (1) + positive (2) 
 
 
 def _prepared(t: TensorSketch) -> dict[str, torch.Tensor]:
-    """What every pair reads of one sketched tensor, made once for all its pairs: the CountSketch in float64,
-    the weights' sample in float32, and each sampled task coordinate's sign code (`SIGN_CODES`), also times 8."""
+    """What every pair reads of one sketched tensor, made once for all its pairs: each sampled task
+    coordinate's sign code (`SIGN_CODES`), and the code times 8 (uint8: 2 bytes per sampled coordinate kept)."""
     found = t.pair_cache
-    if not found:
-        found["projection"] = t.projection.double()
-        found["sample"] = t.sample.float()
-        if t.task_sample is not None:
-            x = t.task_sample.float()
-            code = (x != 0).to(torch.int64) + 2 * (x > 0) + 4 * (x.abs() >= (t.top_threshold or 0.0))
-            found["codes"], found["codes_high"] = code, code * SIGN_CODES
+    if not found and t.task_sample is not None:
+        x = t.task_sample.float()
+        code = ((x != 0).to(torch.uint8) + 2 * (x > 0).to(torch.uint8)
+                + 4 * (x.abs() >= (t.top_threshold or 0.0)).to(torch.uint8))
+        found["codes"], found["codes_high"] = code, code * SIGN_CODES
     return found
 
 
@@ -520,7 +518,7 @@ def _sign_counts(a: TensorSketch, b: TensorSketch) -> list[int]:
 
 def _distance_sq(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
     """(|w_a - w_b|^2 estimated, its relative bound) from the two CountSketches (exact for whole tensors)."""
-    d = _prepared(a)["projection"] - _prepared(b)["projection"]
+    d = a.projection.double() - b.projection.double()
     value = float((d * d).sum())
     if a.whole:
         return value, 0.0
@@ -587,7 +585,7 @@ def _kl(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
     lo, hi = min(a.value_range[0], b.value_range[0]), max(a.value_range[1], b.value_range[1])
     if hi - lo < EPS:
         return 0.0, 0.0
-    value = kl_from_samples(_prepared(a)["sample"], _prepared(b)["sample"], lo, hi, a.numel)
+    value = kl_from_samples(a.sample.float(), b.sample.float(), lo, hi, a.numel)
     bins = kl_bins(a.numel)
     n = a.sample.numel()
     exact = n == a.numel
