@@ -510,3 +510,29 @@ def test_the_sign_counts_from_joint_codes_equal_the_four_masked_sums() -> None:
     assert expected[3] > 0 and expected[2] < expected[0]
     assert sk._sign_counts(a, b) == expected
     assert sk._sign_counts(b, a) == expected
+
+
+def test_the_bases_quantities_kept_between_sketches_belong_to_the_base_each_sketch_is_drawn_against(
+    zoo: Zoo,
+) -> None:
+    import torch
+
+    from mergelens_mcp.analysis.loading import load_checkpoint
+
+    def fields(s: sk.ModelSketch) -> list[object]:
+        return [(t.base_norm, t.task_norm, t.task_sample.tolist() if t.task_sample is not None else None)
+                for t in s.tensors.values()]
+
+    with ExitStack() as stack:
+        model, base, other = (stack.enter_context(load_checkpoint(str(p), p.name))
+                              for p in (zoo.models[0], zoo.base, zoo.models[1]))
+        sk._BASES.bases.clear()
+        fresh_other = fields(sk.sketch_model(model, other, PARAMS))
+        sk._BASES.bases.clear()
+        fresh_base = fields(sk.sketch_model(model, base, PARAMS))
+        assert fields(sk.sketch_model(model, other, PARAMS)) == fresh_other  # not the base's kept values
+        assert fields(sk.sketch_model(model, base, PARAMS)) == fresh_base
+        assert len(sk._BASES.bases) == 2 and fresh_base != fresh_other
+        with_base = sk.sketch_model(model, base, PARAMS).tensors["model.layers.0.mlp.up_proj.weight"]
+        alone = sk.sketch_model(model, None, PARAMS).tensors["model.layers.0.mlp.up_proj.weight"]
+        assert torch.equal(with_base.sample, alone.sample)  # the kept coordinates are the ones drawn without a base

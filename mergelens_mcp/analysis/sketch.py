@@ -19,9 +19,10 @@ estimate: Z standard errors, so a bound fails with probability about 6e-5 per es
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -193,11 +194,10 @@ def count_sketch(values: torch.Tensor, width: int, seed: int) -> torch.Tensor:
     return sketcher.result()
 
 
-@functools.lru_cache(maxsize=4096)
 def sample_positions(numel: int, count: int, seed: int) -> torch.Tensor:
     """About `count` distinct coordinates of a tensor of `numel` values, sorted (all of them when count >=
     numel): `count` seeded uniform draws with the repeats dropped, so the cost follows the sample, not the
-    tensor. Memoised: every model of a zoo samples a tensor at the same positions (read only)."""
+    tensor."""
     if count >= numel:
         return torch.arange(numel)
     g = torch.Generator().manual_seed(seed)
@@ -288,19 +288,39 @@ def _one_pass(
 
 
 class BaseTensors:
-    """The base's per-tensor quantities a sketch needs (its norm, its values at the sampled coordinates), made
-    once per base and kept for every model sketched against it in this process. Keyed by the base's files
-    (path, size, mtime): a changed base is measured again."""
+    """The base's per-tensor quantities a sketch needs (its norm, the sampled coordinates and its values there),
+    made once per base and kept for every model sketched against it in this process: every model of a zoo samples
+    a tensor at the same coordinates. Keyed by the base's files (path, size, mtime: a changed base is measured
+    again); the last KEEP bases are kept (about 1/500 of a base's bytes each), behind a lock (a server may sketch
+    two zoos at once in threads)."""
+
+    KEEP = 2
 
     def __init__(self) -> None:
-        self.identity: tuple[Any, ...] | None = None
-        self.found: dict[tuple[str, int, int, int], tuple[float, torch.Tensor]] = {}
+        self.lock = threading.Lock()
+        self.bases: OrderedDict[tuple[Any, ...], dict[tuple[str, int, int, int], BaseTensor]] = OrderedDict()
 
-    def use(self, base: Checkpoint | None) -> None:
-        identity = None if base is None else tuple(
-            (str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in base.files)
-        if identity != self.identity:
-            self.identity, self.found = identity, {}
+    @staticmethod
+    def identity(base: Checkpoint) -> tuple[Any, ...]:
+        return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in base.files)
+
+    def get(self, base: tuple[Any, ...], key: tuple[str, int, int, int]) -> BaseTensor | None:
+        with self.lock:
+            return self.bases.get(base, {}).get(key)
+
+    def put(self, base: tuple[Any, ...], key: tuple[str, int, int, int], found: BaseTensor) -> None:
+        with self.lock:
+            self.bases.setdefault(base, {})[key] = found
+            self.bases.move_to_end(base)
+            while len(self.bases) > self.KEEP:
+                self.bases.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    norm: float
+    positions: torch.Tensor
+    sample: torch.Tensor  # float32, at `positions`
 
 
 _BASES = BaseTensors()
@@ -314,10 +334,14 @@ def _svd_of(op: Operand) -> SVD | None:
     return SVD(svd.u.float(), svd.s.float(), svd.v.float(), svd.total_energy, svd.full_dim, svd.exact)
 
 
-def sketch_tensor(name: str, view: torch.Tensor, base_view: torch.Tensor | None, params: SketchParams) -> TensorSketch:
+def sketch_tensor(
+    name: str, view: torch.Tensor, base_view: torch.Tensor | None, params: SketchParams,
+    base_key: tuple[Any, ...] | None = None,
+) -> TensorSketch:
     """The sketch of one tensor of one model (`base_view`: the base's same tensor, or None), in one float32
     pass over the tensor and the base's (`_one_pass`) after the randomized SVDs' bfloat16 iterations; the
-    quantities are compare's (`Operand`, `decompose`), to float32 rounding."""
+    quantities are compare's (`Operand`, `decompose`), to float32 rounding. With `base_key` (the base's
+    `BaseTensors.identity`) the base's own quantities are made once per base and tensor."""
     view = view.reshape(view.shape[0], -1) if view.dim() > 2 else view
     numel = view.numel()
     width, count = params.widths(numel)
@@ -331,12 +355,14 @@ def sketch_tensor(name: str, view: torch.Tensor, base_view: torch.Tensor | None,
     fast = matrix and randomized(view.shape, params.rank, params.exact_max_elements)
     z = spectral.subspace(view, params.rank) if fast else None
     task_z = spectral.subspace(view, params.rank, minus=base_view) if fast and base_view is not None else None
-    seen = _BASES.found.get((name, numel, count, params.seed)) if base_view is not None else None
+    cached = (name, numel, count, params.seed)
+    seen = _BASES.get(base_key, cached) if base_view is not None and base_key is not None else None
     sketcher = None if whole else CountSketcher(numel, width, _seed(params, name, numel, "cs"))
     measured = _one_pass(view, base_view, sketcher, z, task_z, base_norm=seen is None)
     projection = flat.float().clone() if whole else measured.projection
     assert projection is not None
-    positions = sample_positions(numel, count, _seed(params, name, numel, "sample"))
+    positions = seen.positions if seen is not None else sample_positions(numel, count,
+                                                                          _seed(params, name, numel, "sample"))
     sample = flat[positions].float()  # float32 here; stored as bfloat16 below
     full_dim = min(view.shape) if matrix else 0
 
@@ -356,9 +382,11 @@ def sketch_tensor(name: str, view: torch.Tensor, base_view: torch.Tensor | None,
         found.effective_rank = _effective_rank(found.svd)
     if base_view is not None:
         if seen is None:
-            seen = (math.sqrt(max(measured.base_norm_sq, 0.0)), base_view.reshape(-1)[positions].float())
-            _BASES.found[(name, numel, count, params.seed)] = seen
-        base_norm, base_sample = seen
+            seen = BaseTensor(math.sqrt(max(measured.base_norm_sq, 0.0)), positions,
+                              base_view.reshape(-1)[positions].float())
+            if base_key is not None:
+                _BASES.put(base_key, cached, seen)
+        base_norm, base_sample = seen.norm, seen.sample
         task = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements, base=base_view)
         task_norm = math.sqrt(max(measured.task_norm_sq, 0.0))
         found.task_norm, found.base_norm = task_norm, base_norm
@@ -387,10 +415,10 @@ def sketch_model(
             sources.append((base, name))
         sets.append(TensorSet(name, sources))
     out = ModelSketch(model.label, key, model.n_params, model.nbytes, base is not None)
-    _BASES.use(base)
+    base_key = None if base is None else BaseTensors.identity(base)
     for current in read(sets, f"sketching {model.label}", cancelled=cancelled, progress=progress):
         base_view = current.views[1] if len(current.views) > 1 else None
-        out.tensors[current.key] = sketch_tensor(current.key, current.views[0], base_view, params)
+        out.tensors[current.key] = sketch_tensor(current.key, current.views[0], base_view, params, base_key)
     return out
 
 
