@@ -530,7 +530,10 @@ def compare_zoo(
         if progress is not None:
             progress(len(sketches), total, f"sketched {job.label}")
 
-    backend(jobs, done, cancelled)
+    try:
+        backend(jobs, done, cancelled)
+    finally:
+        sk.release_bases()  # what this process kept of the base while sketching: nothing is held between zoos
 
     pairs = []
     with one_thread():

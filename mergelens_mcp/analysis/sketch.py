@@ -291,8 +291,9 @@ class BaseTensors:
     """The base's per-tensor quantities a sketch needs (its norm, the sampled coordinates and its values there),
     made once per base and kept for every model sketched against it in this process: every model of a zoo samples
     a tensor at the same coordinates. Keyed by the base's files (path, size, mtime: a changed base is measured
-    again); the last KEEP bases are kept (about 1/500 of a base's bytes each), behind a lock (a server may sketch
-    two zoos at once in threads)."""
+    again); the last KEEP bases are kept (6 bytes per sampled coordinate: about 1/680 of a bf16 base's bytes),
+    behind a lock (a server may sketch two zoos at once in threads); `release_bases` empties it (the zoo does at
+    its end, so a server keeps nothing between requests). A base missing here is only measured again."""
 
     KEEP = 2
 
@@ -315,15 +316,24 @@ class BaseTensors:
             while len(self.bases) > self.KEEP:
                 self.bases.popitem(last=False)
 
+    def clear(self) -> None:
+        with self.lock:
+            self.bases.clear()
+
 
 @dataclass(frozen=True)
 class BaseTensor:
     norm: float
-    positions: torch.Tensor
-    sample: torch.Tensor  # float32, at `positions`
+    positions: torch.Tensor  # int32
+    sample: torch.Tensor  # the base's values there, as stored
 
 
 _BASES = BaseTensors()
+
+
+def release_bases() -> None:
+    """Forget the bases' kept quantities (they are made again when next needed)."""
+    _BASES.clear()
 
 
 def _svd_of(op: Operand) -> SVD | None:
@@ -382,11 +392,11 @@ def sketch_tensor(
         found.effective_rank = _effective_rank(found.svd)
     if base_view is not None:
         if seen is None:
-            seen = BaseTensor(math.sqrt(max(measured.base_norm_sq, 0.0)), positions,
-                              base_view.reshape(-1)[positions].float())
+            seen = BaseTensor(math.sqrt(max(measured.base_norm_sq, 0.0)), positions.to(torch.int32),
+                              base_view.reshape(-1)[positions])
             if base_key is not None:
                 _BASES.put(base_key, cached, seen)
-        base_norm, base_sample = seen.norm, seen.sample
+        base_norm, base_sample = seen.norm, seen.sample.float()
         task = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements, base=base_view)
         task_norm = math.sqrt(max(measured.task_norm_sq, 0.0))
         found.task_norm, found.base_norm = task_norm, base_norm
