@@ -258,11 +258,21 @@ def select_difference(rows: list[dict], methods: Sequence[str], level: Choice, p
                       alphas: Sequence[float] = ALPHAS, max_size: int = 1) -> list[tuple[float, Choice]]:
     """`level` as it is (each method its own fit) and `level` with each method's difference from REFERENCE fitted
     on every subset of 1..max_size pool features x alpha, ranked by mean held-out-setting hit rate of the best
-    predicted method, best first; `level` as it is wins ties."""
-    candidates = [level] + [replace(level, alpha_diff=alpha, diff_features=features)
-                            for size in range(1, max_size + 1) for features in itertools.combinations(pool, size)
-                            if all(f in r["features"] for r in rows for f in features) for alpha in alphas]
-    scored = [(_setting_figures(rows, methods, c)[1], c) for c in candidates]
+    predicted method, best first; `level` as it is wins ties. A candidate whose mean held-out-setting Spearman
+    falls below `level`'s is left out: the differences may change which method is recommended, not trade away
+    how well each method's retention is ranked (a difference on other features changes every method but the
+    reference)."""
+    level_rho, level_hit = _setting_figures(rows, methods, level)
+    scored = [(level_hit, level)]
+    for size in range(1, max_size + 1):
+        for features in itertools.combinations(pool, size):
+            if any(f not in r["features"] for r in rows for f in features):
+                continue
+            for alpha in alphas:
+                candidate = replace(level, alpha_diff=alpha, diff_features=features)
+                rho, hit = _setting_figures(rows, methods, candidate)
+                if rho >= level_rho:
+                    scored.append((hit, candidate))
     return sorted(scored, key=lambda s: -s[0])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from benchmarks.mergeability.fit import (
     Choice,
     _quantile,
     _retentions,
+    _setting_figures,
     fit_method,
     fit_model,
     fit_predictor,
@@ -192,8 +194,13 @@ def test_choose_ranks_by_held_out_settings_and_scores_each_run_by_a_model_chosen
     assert [s for s, _ in ranked] == sorted((s for s, _ in ranked), reverse=True)
     # retention falls with the summed drift by construction: moved_sum is in the best set, noise is not alone
     assert "moved_sum" in ranked[0][1].features and ranked[0][0] > 0.8
-    diffs = select_difference(rows, METHODS, ranked[0][1], pool, alphas=(1.0,))
-    assert diffs[-1][0] <= diffs[0][0] and len(diffs) == 1 + 3
+    level = ranked[0][1]
+    diffs = select_difference(rows, METHODS, level, pool, alphas=(1.0, 1e-3))
+    assert [s for s, _ in diffs] == sorted((s for s, _ in diffs), reverse=True)
+    tried = [replace(level, alpha_diff=a, diff_features=(f,)) for f in pool for a in (1.0, 1e-3)]
+    kept = [c for c in tried if _setting_figures(rows, METHODS, c)[0] >= _setting_figures(rows, METHODS, level)[0]]
+    assert 0 < len(kept) < len(tried)  # some differences lower the held-out Spearman: those are left out
+    assert {c for _, c in diffs} == {level, *kept}
     # linear is best by construction (ties lose 0.1): every candidate recommends it for every pair
     assert diffs[0][0] == 1.0 and diffs[0][1] == ranked[0][1]
     paths = [str(tmp_path / f"s{seed}.json") for seed in (0, 1, 2)]
