@@ -1,15 +1,19 @@
-"""Fit the product's merge-outcome predictor on one benchmark run and score it on others.
+"""Fit the product's merge-outcome predictor on benchmark runs and score it on others.
 
-    python -m benchmarks.mergeability.fit --fit .bench/seed0/results.json \\
-        --score .bench/seed2/results.json --score .bench/h96l3/results.json \\
+    python -m benchmarks.mergeability.fit --fit .bench/seed0/results.json --fit .bench/seed2/results.json \\
+        --fit .bench/seed3/results.json --choose --score .bench/h96l3/results.json \\
         --write mergelens_mcp/data/predictor.json --out .bench/fit.json
 
-`--select` ranks every subset of 1-3 CANDIDATES by mean leave-one-task-out Spearman on the --fit run alone
-(how WITH_BASE was chosen). The fit (ridge per method on a few standardized features of
-`mergelens_mcp.analysis.predict`, interval from leave-one-task-out residuals) uses only the --fit run.
-Every score, on the fit run's held-out tasks and on the --score runs, is computed by the product's own
-`Predictor.predict`, beside the baselines: `norms_only` (-(|tau_a| + |tau_b|)), the MCI, the product's
-current recommender and each fixed rule ("always linear", ...).
+`--choose` (three or more --fit runs, pooled): the with-base model's features (1-3 of the depth-free pool) and
+ridge alpha are those with the best mean held-out-setting Spearman (each run predicted by a pooled fit on the
+others, every run in turn), then each method's difference from linear (its own features and alpha, or none) the
+one with the best mean held-out-setting hit rate that keeps that Spearman. Nested: each run is also scored by a
+model chosen and fitted on the other runs alone. The interval adds the 10th/90th percentiles of the held-out-setting
+residuals. Without --choose, `--features` / `--alpha` / `--alpha-diff` / `--diff-features` fix the model, and
+`--select` ranks every subset of 1-3 CANDIDATES by leave-one-task-out Spearman on the --fit run alone (how
+WITH_BASE was chosen). Every score is computed by the product's own `Predictor.predict`, beside the baselines:
+`norms_only` (-(|tau_a| + |tau_b|)), the MCI, the product's current recommender and each fixed rule ("always
+linear", ...).
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ REFERENCE = "linear"  # the method the others' differences are fitted against (`
 # (whole-model and parameter-weighted means over all layers); the first-block features are left out, since the
 # first of 2 blocks is not the first of 3 (README, "Held-out settings")
 DEPTH_FREE = tuple(name for name, feature in FEATURES.items() if feature.needs_base and not name.startswith("first_"))
+POOLS = {"depth-free": DEPTH_FREE, "all": tuple(name for name, feature in FEATURES.items() if feature.needs_base)}
 ALPHAS = (1.0, 10.0, 100.0)
 
 
@@ -415,7 +420,7 @@ def render(name: str, e: dict) -> str:
 
 
 def held_out_settings(rows: list[dict], methods: Sequence[str], provenance: dict, max_size: int = 3,
-                      diff_size: int = 1) -> dict:
+                      diff_size: int = 1, pool: Sequence[str] = DEPTH_FREE) -> dict:
     """Each fit run scored by a predictor chosen (`choose`) and fitted (intervals from held-out-setting residuals)
     on the other runs alone: nested, so no figure of a run had a say in the model that scores it. Needs at least
     three runs (the choice on the others holds each of them out in turn)."""
@@ -427,7 +432,7 @@ def held_out_settings(rows: list[dict], methods: Sequence[str], provenance: dict
     for setting in settings:
         others = [r for r in rows if r["setting"] != setting]
         held = [r for r in rows if r["setting"] == setting]
-        choice, inner = choose(others, methods, max_size=max_size, diff_size=diff_size)
+        choice, inner = choose(others, methods, pool, max_size=max_size, diff_size=diff_size)
         predictor = fit_predictor(others, methods, provenance, choice=choice, residuals="setting")
         out[setting] = {"choice": choice.to_dict(), "inner": inner, **{
             ("with_base" if with_base else "without_base"): evaluate(predict_rows(predictor, held, with_base), held,
@@ -453,6 +458,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="choose the features, alpha and differences by held-out-setting figures over the --fit "
                         "runs (3 or more), score each run by a model chosen and fitted without it, then fit on all")
     parser.add_argument("--max-size", type=int, default=3, help="with --choose: at most this many features")
+    parser.add_argument("--pool", choices=sorted(POOLS), default="depth-free",
+                        help="with --choose: the candidate features (default depth-free: no first-block features)")
     parser.add_argument("--residuals", choices=("task", "setting"),
                         help="the interval's held-out residuals: leave one task out, or each --fit run predicted by "
                         "a fit on the others (default: setting with several --fit runs, else task)")
@@ -483,14 +490,15 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {"provenance": provenance, "runs": {}}
     text = []
     if args.choose:
-        nested = held_out_settings(rows, methods, provenance, max_size=args.max_size)
+        pool = POOLS[args.pool]
+        nested = held_out_settings(rows, methods, provenance, max_size=args.max_size, pool=pool)
         report["held_out_settings"] = nested
         for setting, found in nested.items():
             for kind in ("with_base", "without_base"):
                 text.append(render(f"held-out setting {setting}, chosen ({found['choice']}) and fitted on the "
                                    "other runs", found[kind]))
-        choice, selection = choose(rows, methods, max_size=args.max_size)
-        provenance["selection"] = {"how": f"features (1-{args.max_size} of the depth-free pool) and alpha by mean "
+        choice, selection = choose(rows, methods, pool, max_size=args.max_size)
+        provenance["selection"] = {"how": f"features (1-{args.max_size} of the {args.pool} pool) and alpha by mean "
                                    f"held-out-setting Spearman, then the methods' differences from {REFERENCE} by "
                                    "mean held-out-setting hit rate, over the fit runs", **selection}
     else:
