@@ -1,15 +1,19 @@
-"""Fit the product's merge-outcome predictor on one benchmark run and score it on others.
+"""Fit the product's merge-outcome predictor on benchmark runs and score it on others.
 
-    python -m benchmarks.mergeability.fit --fit .bench/seed0/results.json \\
-        --score .bench/seed2/results.json --score .bench/h96l3/results.json \\
+    python -m benchmarks.mergeability.fit --fit .bench/seed0/results.json --fit .bench/seed2/results.json \\
+        --fit .bench/seed3/results.json --choose --score .bench/h96l3/results.json \\
         --write mergelens_mcp/data/predictor.json --out .bench/fit.json
 
-`--select` ranks every subset of 1-3 CANDIDATES by mean leave-one-task-out Spearman on the --fit run alone
-(how WITH_BASE was chosen). The fit (ridge per method on a few standardized features of
-`mergelens_mcp.analysis.predict`, interval from leave-one-task-out residuals) uses only the --fit run.
-Every score, on the fit run's held-out tasks and on the --score runs, is computed by the product's own
-`Predictor.predict`, beside the baselines: `norms_only` (-(|tau_a| + |tau_b|)), the MCI, the product's
-current recommender and each fixed rule ("always linear", ...).
+`--choose` (three or more --fit runs, pooled): the with-base model's features (1-3 of the depth-free pool) and
+ridge alpha are those with the best mean held-out-setting Spearman (each run predicted by a pooled fit on the
+others, every run in turn), then each method's difference from linear (its own features and alpha, or none) the
+one with the best mean held-out-setting hit rate that keeps that Spearman. Nested: each run is also scored by a
+model chosen and fitted on the other runs alone. The interval adds the 10th/90th percentiles of the held-out-setting
+residuals. Without --choose, `--features` / `--alpha` / `--alpha-diff` / `--diff-features` fix the model, and
+`--select` ranks every subset of 1-3 CANDIDATES by leave-one-task-out Spearman on the --fit run alone (how
+WITH_BASE was chosen). Every score is computed by the product's own `Predictor.predict`, beside the baselines:
+`norms_only` (-(|tau_a| + |tau_b|)), the MCI, the product's current recommender and each fixed rule ("always
+linear", ...).
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from mergelens_mcp.analysis.predict import (
+    FEATURES,
     INTERVAL,
     MethodModel,
     Motion,
@@ -53,6 +60,12 @@ ALPHA = 1.0
 NO_BASE_WIDENING = 1.25  # a choice, not fitted: the no-base interval is both residual ranges' union x this
 TOLERANCE = 0.02
 REFERENCE = "linear"  # the method the others' differences are fitted against (`fit_method`)
+# the pool of the held-out-setting selection (`choose`): every with-base feature that means the same at any depth
+# (whole-model and parameter-weighted means over all layers); the first-block features are left out, since the
+# first of 2 blocks is not the first of 3 (README, "Held-out settings")
+DEPTH_FREE = tuple(name for name, feature in FEATURES.items() if feature.needs_base and not name.startswith("first_"))
+POOLS = {"depth-free": DEPTH_FREE, "all": tuple(name for name, feature in FEATURES.items() if feature.needs_base)}
+ALPHAS = (1.0, 10.0, 100.0)
 
 
 def load_rows(path: Path) -> tuple[dict, list[dict]]:
@@ -67,7 +80,7 @@ def load_rows(path: Path) -> tuple[dict, list[dict]]:
             "features": pair_features(layers, motion_of(r["score"])), "distance": raw_distance(layers),
             "y": {m: v["normalized"] for m, v in r["merged"].items()},
             "norms_only": -(r["tv"]["norm_a"] + r["tv"]["norm_b"]), "mci": r.get("mci"),
-            "recommended": r.get("recommended"),
+            "recommended": r.get("recommended"), "setting": str(path),
         })
     return results, rows
 
@@ -106,36 +119,84 @@ def _clip(v: float) -> float:
     return min(1.0, max(0.0, v))
 
 
-def fit_method(rows: list[dict], method: str, features: Sequence[str], alpha_diff: float | None = None
-               ) -> MethodModel:
-    """One method's model. With `alpha_diff`, fitted as REFERENCE's model plus a ridge fit (alpha `alpha_diff`)
-    of the method's difference from REFERENCE: a large alpha_diff keeps every method parallel to the reference
-    (a shape constraint on the differences between methods, which decide the recommendation)."""
+def fit_method(rows: list[dict], method: str, features: Sequence[str], alpha_diff: float | None = None,
+               alpha: float = ALPHA, diff_features: Sequence[str] | None = None) -> MethodModel:
+    """One method's model: ridge (alpha `alpha`) on `features`. With `alpha_diff`, fitted as REFERENCE's model plus
+    a ridge fit (alpha `alpha_diff`) of the method's difference from REFERENCE, on `diff_features` (default:
+    `features`): a large alpha_diff keeps every method parallel to the reference (a shape constraint on the
+    differences between methods, which decide the recommendation). The sum is one linear model over the union of
+    both feature lists (both standardized on the same rows)."""
     xs = [r["features"] for r in rows]
     y = [r["y"][method] for r in rows]
     if alpha_diff is None or method == REFERENCE:
-        return fit_model(xs, y, features)
+        return fit_model(xs, y, features, alpha)
     ref_y = [r["y"][REFERENCE] for r in rows]
-    ref = fit_model(xs, ref_y, features)
-    diff = fit_model(xs, [a - b for a, b in zip(y, ref_y, strict=True)], features, alpha=alpha_diff)
-    return MethodModel(ref.features, ref.mean, ref.scale, tuple(a + b for a, b in zip(ref.coef, diff.coef,
-                                                                                      strict=True)),
-                       ref.intercept + diff.intercept, 0.0, 0.0)
+    ref = fit_model(xs, ref_y, features, alpha)
+    diff = fit_model(xs, [a - b for a, b in zip(y, ref_y, strict=True)], diff_features or features,
+                     alpha=alpha_diff)
+    names = list(ref.features) + [f for f in diff.features if f not in ref.features]
+    stats = {f: (m, sd) for model in (diff, ref) for f, m, sd in zip(model.features, model.mean, model.scale,
+                                                                       strict=True)}
+    coef = dict.fromkeys(names, 0.0)
+    for model in (ref, diff):
+        for f, c in zip(model.features, model.coef, strict=True):
+            coef[f] += c
+    return MethodModel(tuple(names), tuple(stats[f][0] for f in names), tuple(stats[f][1] for f in names),
+                       tuple(coef[f] for f in names), ref.intercept + diff.intercept, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What each method's with-base model is: ridge (alpha) on `features`; with `alpha_diff`, REFERENCE's model
+    plus a ridge fit of the method's difference from it on `diff_features` (see `fit_method`)."""
+
+    features: tuple[str, ...] = WITH_BASE
+    alpha: float = ALPHA
+    alpha_diff: float | None = None
+    diff_features: tuple[str, ...] | None = None
+
+    def fit(self, rows: list[dict], method: str) -> MethodModel:
+        return fit_method(rows, method, self.features, self.alpha_diff, self.alpha, self.diff_features)
+
+    def to_dict(self) -> dict:
+        return {"features": list(self.features), "alpha": self.alpha, "alpha_diff": self.alpha_diff,
+                "diff_features": None if self.diff_features is None else list(self.diff_features)}
+
+
+def folds(rows: list[dict], by: str) -> list[tuple[list[dict], list[int]]]:
+    """(training rows, indices of the held-out rows) for each fold: `task`, every pair whose first task is held
+    out, predicted by a fit on the pairs without that task; `setting`, each fit run predicted by a fit on the
+    others (every run in turn)."""
+    if by == "task":
+        names = sorted({t for r in rows for t in r["tasks"]})
+        return [([r for r in rows if name not in r["tasks"]], [i for i, r in enumerate(rows) if r["tasks"][0] == name])
+                for name in names]
+    if by == "setting":
+        names = sorted({r["setting"] for r in rows})
+        if len(names) < 2:
+            raise ValueError(f"held-out settings need rows of at least two fit runs, got {names}: pass --fit twice")
+        return [([r for r in rows if r["setting"] != name], [i for i, r in enumerate(rows) if r["setting"] == name])
+                for name in names]
+    raise ValueError(f"held-out folds are by 'task' or 'setting', not {by!r}")
+
+
+def held_out_predictions(rows: list[dict], method: str, choice: Choice, by: str = "task") -> list[float | None]:
+    """Each row predicted (clipped to 0..1) by a fit that never saw its fold (`folds`); None where the fold's
+    training rows are too few."""
+    out: list[float | None] = [None] * len(rows)
+    for train, test in folds(rows, by):
+        if len(train) < len(choice.features) + 2 or not test:
+            continue
+        model = choice.fit(train, method)
+        for i in test:
+            out[i] = _clip(model.raw(rows[i]["features"]))
+    return out
 
 
 def loto_predictions(rows: list[dict], method: str, features: Sequence[str], alpha_diff: float | None = None
                      ) -> list[float | None]:
     """Each pair predicted by a fit that never saw its first task (clipped to 0..1)."""
-    out: list[float | None] = [None] * len(rows)
-    for task in sorted({t for r in rows for t in r["tasks"]}):
-        train = [r for r in rows if task not in r["tasks"]]
-        test = [i for i, r in enumerate(rows) if r["tasks"][0] == task]
-        if len(train) < len(features) + 2 or not test:
-            continue
-        model = fit_method(train, method, features, alpha_diff)
-        for i in test:
-            out[i] = _clip(model.raw(rows[i]["features"]))
-    return out
+    return held_out_predictions(rows, method, Choice(tuple(features), ALPHA, alpha_diff))
 
 
 def select_features(rows: list[dict], methods: Sequence[str], candidates: Sequence[str] = CANDIDATES,
@@ -156,19 +217,94 @@ def select_features(rows: list[dict], methods: Sequence[str], candidates: Sequen
     return sorted(scored, key=lambda s: -s[0])
 
 
+class _Retention(NamedTuple):
+    retention: float  # all `best_method` reads of a MethodPrediction
+
+
+def _retentions(models: dict[str, MethodModel], x: dict[str, float]) -> dict[str, _Retention]:
+    """The retentions `Predictor.predict` gives with a base and no distance (clipped, rounded alike), without its
+    intervals and contributions: the selection's fast path (a test holds the two equal)."""
+    return {m: _Retention(round(_clip(model.raw(x)), 4)) for m, model in models.items()}
+
+
+def _setting_figures(rows: list[dict], methods: Sequence[str], choice: Choice) -> tuple[float, float]:
+    """(mean Spearman, mean hit rate) over the held-out settings: each fit run predicted by a pooled fit on the
+    others, Spearman averaged over the methods, then over the runs; the hit rate is the best predicted method's
+    (`best_method`, the product's tie rule) within TOLERANCE of the pair's best."""
+    rhos, hits = [], []
+    for train, test in folds(rows, "setting"):
+        models = {m: choice.fit(train, m) for m in methods}
+        preds = [_retentions(models, rows[i]["features"]) for i in test]
+        rhos.append(mean([spearman([p[m].retention for p in preds], [rows[i]["y"][m] for i in test])
+                          for m in methods]))
+        outcomes = [{m: rows[i]["y"][m] for m in methods} for i in test]
+        chosen = [best_method(p) for p in preds]  # type: ignore[arg-type]
+        hits.append(hit_rate(chosen, outcomes, TOLERANCE)[0])
+    return mean(rhos) or 0.0, mean(hits) or 0.0
+
+
+def select_level(rows: list[dict], methods: Sequence[str], pool: Sequence[str] = DEPTH_FREE,
+                 alphas: Sequence[float] = ALPHAS, max_size: int = 3) -> list[tuple[float, Choice]]:
+    """Every subset of 1..max_size pool features x ridge alpha, ranked by mean held-out-setting Spearman (each
+    fit run predicted by a pooled fit on the others), best first; earlier candidates (fewer features, smaller
+    alpha) win ties."""
+    scored = []
+    for size in range(1, max_size + 1):
+        for features in itertools.combinations(pool, size):
+            if any(f not in r["features"] for r in rows for f in features):
+                continue
+            for alpha in alphas:
+                choice = Choice(features, alpha)
+                scored.append((_setting_figures(rows, methods, choice)[0], choice))
+    return sorted(scored, key=lambda s: -s[0])
+
+
+def select_difference(rows: list[dict], methods: Sequence[str], level: Choice, pool: Sequence[str] = DEPTH_FREE,
+                      alphas: Sequence[float] = ALPHAS, max_size: int = 1) -> list[tuple[float, Choice]]:
+    """`level` as it is (each method its own fit) and `level` with each method's difference from REFERENCE fitted
+    on every subset of 1..max_size pool features x alpha, ranked by mean held-out-setting hit rate of the best
+    predicted method, best first; `level` as it is wins ties. A candidate whose mean held-out-setting Spearman
+    falls below `level`'s is left out: the differences may change which method is recommended, not trade away
+    how well each method's retention is ranked (a difference on other features changes every method but the
+    reference)."""
+    level_rho, level_hit = _setting_figures(rows, methods, level)
+    scored = [(level_hit, level)]
+    for size in range(1, max_size + 1):
+        for features in itertools.combinations(pool, size):
+            if any(f not in r["features"] for r in rows for f in features):
+                continue
+            for alpha in alphas:
+                candidate = replace(level, alpha_diff=alpha, diff_features=features)
+                rho, hit = _setting_figures(rows, methods, candidate)
+                if rho >= level_rho:
+                    scored.append((hit, candidate))
+    return sorted(scored, key=lambda s: -s[0])
+
+
+def choose(rows: list[dict], methods: Sequence[str], pool: Sequence[str] = DEPTH_FREE, max_size: int = 3,
+           diff_size: int = 1) -> tuple[Choice, dict]:
+    """The with-base model chosen on these rows' settings alone: the features and alpha with the best mean
+    held-out-setting Spearman, then how the methods differ (`select_difference`) by the best mean hit rate."""
+    level_score, level = select_level(rows, methods, pool, max_size=max_size)[0]
+    hit, choice = select_difference(rows, methods, level, pool, max_size=diff_size)[0]
+    return choice, {"held_out_setting_spearman": level_score, "held_out_setting_hit_rate": hit}
+
+
 def fit_predictor(rows: list[dict], methods: Sequence[str], provenance: dict,
-                  with_base: Sequence[str] | None = None, alpha_diff: float | None = None) -> Predictor:
-    """Per method, a with-base and a without-base model; intervals from leave-one-task-out residuals (without a
-    base: the union of both models' ranges, widened by NO_BASE_WIDENING). `alpha_diff`: see `fit_method`."""
+                  with_base: Sequence[str] | None = None, alpha_diff: float | None = None,
+                  choice: Choice | None = None, residuals: str = "task") -> Predictor:
+    """Per method, a with-base model (`choice`, default WITH_BASE with `alpha_diff`) and a without-base model;
+    intervals from held-out residuals (`residuals`: "task", leave one task out; "setting", each fit run predicted
+    by a fit on the others), without a base the union of both models' ranges, widened by NO_BASE_WIDENING."""
+    choice = choice or Choice(tuple(with_base or WITH_BASE), ALPHA, alpha_diff)
     models: dict[str, dict[str, MethodModel]] = {"with_base": {}, "without_base": {}}
-    kinds = (("with_base", tuple(with_base or WITH_BASE), alpha_diff), ("without_base", WITHOUT_BASE, None))
-    for kind, features, diff in kinds:
+    for kind, kind_choice in (("with_base", choice), ("without_base", Choice(WITHOUT_BASE))):
         for method in methods:
             y = [r["y"][method] for r in rows]
-            model = fit_method(rows, method, features, diff)
-            held_out = loto_predictions(rows, method, features, diff)
-            residuals = [t - p for t, p in zip(y, held_out, strict=True) if p is not None]
-            lo, hi = (_quantile(residuals, q) for q in INTERVAL) if residuals else (0.0, 0.0)
+            model = kind_choice.fit(rows, method)
+            held_out = held_out_predictions(rows, method, kind_choice, residuals)
+            found = [t - p for t, p in zip(y, held_out, strict=True) if p is not None]
+            lo, hi = (_quantile(found, q) for q in INTERVAL) if found else (0.0, 0.0)
             models[kind][method] = MethodModel(model.features, model.mean, model.scale, model.coef,
                                                model.intercept, lo, hi)
     for method, model in models["without_base"].items():
@@ -283,6 +419,28 @@ def render(name: str, e: dict) -> str:
     return "\n".join(lines)
 
 
+def held_out_settings(rows: list[dict], methods: Sequence[str], provenance: dict, max_size: int = 3,
+                      diff_size: int = 1, pool: Sequence[str] = DEPTH_FREE) -> dict:
+    """Each fit run scored by a predictor chosen (`choose`) and fitted (intervals from held-out-setting residuals)
+    on the other runs alone: nested, so no figure of a run had a say in the model that scores it. Needs at least
+    three runs (the choice on the others holds each of them out in turn)."""
+    settings = sorted({r["setting"] for r in rows})
+    if len(settings) < 3:
+        raise ValueError(f"--choose needs at least three --fit runs (got {len(settings)}): the model scored on each "
+                         "run is chosen by holding out each of the others in turn")
+    out = {}
+    for setting in settings:
+        others = [r for r in rows if r["setting"] != setting]
+        held = [r for r in rows if r["setting"] == setting]
+        choice, inner = choose(others, methods, pool, max_size=max_size, diff_size=diff_size)
+        predictor = fit_predictor(others, methods, provenance, choice=choice, residuals="setting")
+        out[setting] = {"choice": choice.to_dict(), "inner": inner, **{
+            ("with_base" if with_base else "without_base"): evaluate(predict_rows(predictor, held, with_base), held,
+                                                                     methods, with_base)
+            for with_base in (True, False)}}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mergeability.fit", description=__doc__)
     parser.add_argument("--fit", type=Path, action="append", required=True,
@@ -291,8 +449,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--write", type=Path, help="write the fitted predictor here (the product's data file)")
     parser.add_argument("--out", type=Path, help="write every figure here as JSON")
     parser.add_argument("--features", help=f"comma-separated with-base features (default {','.join(WITH_BASE)})")
+    parser.add_argument("--alpha", type=float, default=ALPHA, help=f"ridge alpha of the features (default {ALPHA})")
     parser.add_argument("--alpha-diff", type=float, help="ridge alpha of each method's difference from "
                         f"{REFERENCE} (default: none, each method fitted on its own)")
+    parser.add_argument("--diff-features", help="comma-separated features of the differences from "
+                        f"{REFERENCE} (with --alpha-diff; default: --features)")
+    parser.add_argument("--choose", action="store_true",
+                        help="choose the features, alpha and differences by held-out-setting figures over the --fit "
+                        "runs (3 or more), score each run by a model chosen and fitted without it, then fit on all")
+    parser.add_argument("--max-size", type=int, default=3, help="with --choose: at most this many features")
+    parser.add_argument("--pool", choices=sorted(POOLS), default="depth-free",
+                        help="with --choose: the candidate features (default depth-free: no first-block features)")
+    parser.add_argument("--residuals", choices=("task", "setting"),
+                        help="the interval's held-out residuals: leave one task out, or each --fit run predicted by "
+                        "a fit on the others (default: setting with several --fit runs, else task)")
     parser.add_argument("--select", action="store_true",
                         help="rank the candidate feature sets by leave-one-task-out Spearman on --fit, then stop")
     args = parser.parse_args(argv)
@@ -304,8 +474,7 @@ def main(argv: list[str] | None = None) -> dict:
         for rho, features in ranked[:10]:
             print(f"{rho:+.3f}  {', '.join(features)}")
         return {"selection": [[rho, list(features)] for rho, features in ranked]}
-    features = tuple(args.features.split(",")) if args.features else WITH_BASE
-    fit = functools.partial(fit_predictor, with_base=features, alpha_diff=args.alpha_diff)
+    residuals = args.residuals or ("setting" if len(fits) > 1 else "task")
     settings = [results["settings"] for results, _ in fits]
     provenance = {
         "benchmark": "benchmarks/mergeability", "fit_on": [str(p) for p in args.fit],
@@ -313,19 +482,39 @@ def main(argv: list[str] | None = None) -> dict:
         "results_commit": [results.get("git_commit") for results, _ in fits] if len(fits) > 1
         else fits[0][0].get("git_commit"),
         "fit_commit": git_head(), "date": datetime.date.today().isoformat(), "n_pairs": len(rows),
-        "alpha": ALPHA, "alpha_diff": args.alpha_diff, "reference": REFERENCE, "features": list(features),
-        "interval": list(INTERVAL), "residuals": "leave-one-task-out on the fit runs",
+        "interval": list(INTERVAL), "reference": REFERENCE,
+        "residuals": {"task": "leave-one-task-out on the fit runs",
+                      "setting": "each fit run predicted by a pooled fit on the others"}[residuals],
         "scope": "synthetic tasks on tiny Llama-style models; pairs of fine-tunes of one base",
     }
-    predictor = fit(rows, methods, provenance)
     report: dict = {"provenance": provenance, "runs": {}}
     text = []
+    if args.choose:
+        pool = POOLS[args.pool]
+        nested = held_out_settings(rows, methods, provenance, max_size=args.max_size, pool=pool)
+        report["held_out_settings"] = nested
+        for setting, found in nested.items():
+            for kind in ("with_base", "without_base"):
+                text.append(render(f"held-out setting {setting}, chosen ({found['choice']}) and fitted on the "
+                                   "other runs", found[kind]))
+        choice, selection = choose(rows, methods, pool, max_size=args.max_size)
+        provenance["selection"] = {"how": f"features (1-{args.max_size} of the {args.pool} pool) and alpha by mean "
+                                   f"held-out-setting Spearman, then the methods' differences from {REFERENCE} by "
+                                   "mean held-out-setting hit rate, over the fit runs", **selection}
+    else:
+        features = tuple(args.features.split(",")) if args.features else WITH_BASE
+        diff = tuple(args.diff_features.split(",")) if args.diff_features else None
+        choice = Choice(features, args.alpha, args.alpha_diff, diff)
+    provenance.update({"alpha": choice.alpha, "alpha_diff": choice.alpha_diff, "features": list(choice.features),
+                       "diff_features": choice.to_dict()["diff_features"]})
+    fit = functools.partial(fit_predictor, choice=choice, residuals=residuals)
+    predictor = fit(rows, methods, provenance)
     for with_base in (True, False):
         label = f"fit runs, leave one task out ({len(fits)} setting(s), {len(rows)} pairs)"
-        e = evaluate_loto(rows, methods, provenance, with_base, fit)
+        e = evaluate_loto(rows, methods, provenance, with_base, functools.partial(fit_predictor, choice=choice))
         report["runs"][f"loto{'' if with_base else '_no_base'}"] = e
         text.append(render(label, e))
-    if len(fits) > 1:  # each fit run scored by a predictor fitted on the others alone
+    if len(fits) > 1 and not args.choose:  # each fit run scored by a predictor fitted on the others alone
         for k, (path, (results, held)) in enumerate(zip(args.fit, fits, strict=True)):
             others = [row for i, (_, r) in enumerate(fits) if i != k for row in r]
             e = evaluate(predict_rows(fit(others, methods, provenance), held), held, methods)

@@ -2,7 +2,8 @@
 over the inputs, 0..1) with an 80% interval, from the per-layer metrics a compare already computed.
 
 The model is small and readable: per method, a ridge fit on a handful of standardized pair features (below),
-clipped to 0..1; the interval adds the 10th and 90th percentiles of the fit's leave-one-task-out residuals.
+clipped to 0..1; the interval adds the 10th and 90th percentiles of the fit's held-out residuals (its provenance
+says which: each benchmark run predicted by a fit on the others, or leave one task out).
 Coefficients, feature means and scales, residual quantiles and the provenance of the fit (benchmark settings,
 commit, date) ship in `mergelens_mcp/data/predictor.json`, written by `benchmarks/mergeability/fit.py`.
 

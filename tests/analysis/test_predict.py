@@ -23,8 +23,19 @@ from mergelens_mcp.models import MethodPrediction
 SIX = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "slerp"}
 
 
-def average_pair(model: MethodModel) -> dict[str, float]:
-    return dict(zip(model.features, model.mean, strict=True))
+def average_pair(*models: MethodModel) -> dict[str, float]:
+    """The fit's average pair: every feature of these models at its fitted mean."""
+    return {f: m for model in models for f, m in zip(model.features, model.mean, strict=True)}
+
+
+# features that are the log of a norm: scaling every task vector by e^d shifts each by d (moved_product by 2d)
+LOG_NORMS = {"moved_sum": 1, "moved_product": 2, "moved_far": 1, "moved_near": 1, "first_moved_sum": 1,
+             "first_moved_far": 1, "whole_averaging_gap": 1, "whole_summed_energy": 1, "first_far": 1,
+             "first_near": 1, "far_drift": 1, "near_drift": 1, "drift": 1, "averaging_gap": 1,
+             "first_averaging_gap": 1, "summed_energy": 1, "first_summed_energy": 1, "sign_energy": 1}
+# features that scaling every task vector leaves as they are (cosines, shares, ratios)
+SCALE_FREE = {"task_cosine", "conflict", "sign_conflict_top", "mass_fraction", "balance", "averaging_shrink",
+              "whole_averaging_shrink"}
 
 
 def test_the_shipped_coefficients_load_with_their_provenance() -> None:
@@ -51,11 +62,12 @@ def test_every_prediction_is_in_0_1_with_low_le_retention_le_high(shift: float) 
 
 def test_fine_tunes_that_moved_further_are_predicted_to_merge_worse_with_every_method() -> None:
     p = load_predictor()
-    drifts = ("first_far", "first_averaging_gap")
     for method, model in p.with_base.items():
-        assert set(drifts) <= set(model.features), method
+        assert set(model.features) <= set(LOG_NORMS) | SCALE_FREE, f"{method}: classify the new feature above"
+        assert set(model.features) & set(LOG_NORMS), method  # it sees how far the models moved
         x = average_pair(model)
-        retentions = [p.predict(x | {f: x[f] + d for f in drifts})[method].retention
+        # every task vector scaled by e^d: the log norms shift, the cosines and shares stay
+        retentions = [p.predict(x | {f: v + LOG_NORMS[f] * d for f, v in x.items() if f in LOG_NORMS})[method].retention
                       for d in (-1.0, -0.5, 0.0, 0.5, 1.0)]
         assert retentions == sorted(retentions, reverse=True), method
         assert retentions[0] > retentions[-1], method
@@ -70,7 +82,7 @@ def test_without_a_base_the_intervals_are_wider() -> None:
 
 def test_a_model_merged_with_itself_is_predicted_to_keep_everything_by_linear_and_slerp() -> None:
     p = load_predictor()
-    x = average_pair(p.with_base["linear"])
+    x = average_pair(*p.with_base.values())
     near = p.predict(x, distance=0.0)
     assert near["linear"].retention == 1.0 and near["slerp"].retention == 1.0
     assert near["linear"].low == 1.0
@@ -168,7 +180,7 @@ def test_opposed_fine_tunes_are_predicted_to_merge_worse_by_averaging_than_compa
     opposed = compare_models([str(family.finetune_a), str(family.opposed)], base=str(family.base))
     # (the fixtures moved far less than any fitted pair, so both clip to 1: the push is what differs)
     for method in ("linear", "slerp"):
-        gap = [r.predictions[method].contributions["first_averaging_gap"] for r in (compatible, opposed)]
+        gap = [r.predictions[method].contributions["averaging_gap"] for r in (compatible, opposed)]
         assert gap[1] < gap[0] - 0.3, method
         assert opposed.predictions[method].low < compatible.predictions[method].low, method
 
@@ -198,7 +210,7 @@ def test_a_pair_far_outside_the_fitted_range_is_said_to_be_extrapolated(
     narrow = replace(shipped, with_base={m: replace(v, scale=tuple(s / 10 for s in v.scale))
                                          for m, v in shipped.with_base.items()})
     feature, sd = outside_fit(result, narrow)
-    assert abs(sd) > 3 and feature in narrow.with_base["linear"].features
+    assert abs(sd) > 3 and any(feature in model.features for model in narrow.with_base.values())
     monkeypatch.setattr(predict, "load_predictor", lambda: narrow)
     noted = predict.with_predictions(result.model_copy(update={"predictions": {}}))
     assert any(f"{feature} is {sd:+.1f} standard deviations" in n for n in noted.notes)
