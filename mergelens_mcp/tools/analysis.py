@@ -74,7 +74,7 @@ async def explain_layer(
         found = find_layer(result.layer_metrics, str(layer))
     except InputError as exc:
         raise ToolError(redact(str(exc))) from exc
-    view = views.layer_report([explain(lm) for lm in found], cached, detail)
+    view = views.layer_report([explain(lm, result) for lm in found], cached, detail)
     return views.reply(view, " ".join(e.summary for e in view.explanations))
 
 

@@ -97,7 +97,10 @@ async def test_compare_models_returns_a_compact_structured_answer_with_the_flipp
     assert out["pairwise"] == [{"model_a": "finetune_a", "model_b": "flipped", "score": out["score"],
                                 "verdict": out["verdict"], "task_cosine": out["pairwise"][0]["task_cosine"]}]
     assert 0 < out["pairwise"][0]["task_cosine"] < 0.9  # a shared update, reversed in one layer of four
-    assert out["verdict"] == verdict_for(out["score"]).value and out["score"] < 100
+    assert out["verdict"] == verdict_for(out["score"]).value
+    assert out["score"] == 100 * out["predictions"][out["score_method"]][0]  # the MCI: a predicted retention
+    assert list(out["predictions"]) and all(low <= r <= high for r, low, high in out["predictions"].values())
+    assert out["composite"] < 75 and out["merge_advised"] == "with_care"  # the reversed layer, where it shows
     assert [(z["start_layer"], z["end_layer"]) for z in out["conflict_zones"]] == [(2, 2)]
     assert out["worst_layers"][0]["layer_name"] == "layers.2"
     assert "alignment" in out["worst_layers"][0]["weak_components"]
