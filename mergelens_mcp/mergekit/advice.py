@@ -96,7 +96,8 @@ def headline(result: CompareResult) -> CompareResult:
     confidence = predicted_confidence(predicted, mci.confidence, outside is not None)
     reasons = [
         f"100 x the predicted retention of {method}: {predicted.retention:.2f} of each model's accuracy "
-        f"(80% interval {predicted.low:.2f}-{predicted.high:.2f}); {drivers(predicted, 2, meanings=False)}",
+        f"(80% interval {predicted.low:.2f}-{predicted.high:.2f})",
+        f"against the fit's average pair, {drivers(predicted, 2, meanings=False)}",
         f"confidence {confidence}: 80% interval {100 * (predicted.high - predicted.low):.0f} points wide, "
         f"{'task-vector evidence from the base' if predicted.used_base else 'weight-space evidence alone (no base)'}"
         + (f", outside the fitted range ({outside[0]} {outside[1]:+.1f} sd)" if outside else ""),

@@ -129,7 +129,8 @@ def test_fixture_pairs_lie_outside_the_fit_so_their_confidence_is_low_unless_the
 ) -> None:
     result = pairs["compatible"]
     assert result.mci.confidence == "low"
-    assert "outside the fitted range" in result.mci.reasons[1]
+    assert result.mci.reasons[1].startswith("against the fit's average pair, pushed up by")
+    assert "outside the fitted range" in result.mci.reasons[2]
     shipped = load_predictor()
     wide = replace(shipped, with_base={m: replace(v, scale=tuple(s * 10 for s in v.scale))
                                        for m, v in shipped.with_base.items()})
