@@ -264,6 +264,8 @@ def recommend_strategy(result: CompareResult) -> Strategy:
                          "fine-tunes of one base that neither cancel nor lack a shared origin)")
     elif len(result.models) >= 3:
         rationale.append("three or more models: the rule table chose (the predictions cover pairs)")
+    elif choice.method is not MergeMethod.PASSTHROUGH:
+        rationale.append("no predictions for this pair (see the notes): the rule table chose")
     if not p.has_base:
         rationale.append("no base model: ties, dare, task_arithmetic and model_stock were not considered "
                          "(they need one); pass the base for task-vector evidence")

@@ -16,6 +16,7 @@ from mergelens_mcp.analysis.explain import explain
 from mergelens_mcp.analysis.predict import interval_confidence, load_predictor, predicted_confidence
 from mergelens_mcp.analysis.score import overall_score
 from mergelens_mcp.mergekit.advice import decide, headline
+from mergelens_mcp.mergekit.recommend import recommend_strategy
 from mergelens_mcp.models import CompareResult, MergeAdvice, MergeMethod, MethodPrediction, Verdict
 
 REAL_WEIGHTS = Path(os.environ.get("MERGELENS_REAL_WEIGHTS", Path(__file__).parents[2] / ".cache" / "real-weights"))
@@ -111,6 +112,9 @@ def test_three_models_and_pairs_without_predictions_keep_the_composite_and_say_s
     bare = headline(unheadlined(pairs["compatible"], predictions={}))
     assert bare.mci.method is None and bare.mci.score == pairs["compatible"].mci.composite
     assert any("the MCI is the weight-space composite" in n and "no predictions" in n for n in bare.notes)
+    ruled = recommend_strategy(unheadlined(pairs["compatible"], predictions={}))
+    assert ruled.rationale[0].startswith("rule ") and "the rule table chose" in ruled.rationale[1]
+    assert any("the rule table chose" in r for r in three.strategy.rationale)
 
 
 def test_the_confidence_is_the_lower_of_the_interval_and_the_evidence_and_low_outside_the_fit() -> None:

@@ -208,6 +208,9 @@ async def test_explain_layer_says_in_words_why_the_flipped_layer_is_bad_for_merg
     assert readings["task_l2_distance"]["assessment"] == "informational"
     assert layer["verdict"] == "risky" and "task-vector alignment" in layer["summary"]
     assert layer["advice"][0].startswith("alignment: the task vectors pull in opposite directions")
+    # the headline is a prediction for the whole pair: what pushed it, beside this layer's composite score
+    assert layer["prediction"].startswith("The MCI (100) is 100 x linear's predicted retention for the whole pair")
+    assert "pushed up by first_averaging_gap" in layer["prediction"]
 
 
 async def test_explain_layer_accepts_layer_names_and_lists_the_layers_when_it_does_not_know_one(
@@ -322,6 +325,10 @@ async def test_suggest_strategy_recommends_a_method_with_a_mergekit_config_for_t
     assert 0 < out["confidence"] <= 1 and out["rationale"]
     assert out["verdict"] in ("compatible", "highly_compatible")
     assert str(family.finetune_b) in out["mergekit_yaml"]
+    # the method is the best prediction, and every method's prediction comes with it, best first
+    assert out["rationale"][0].startswith(f"predicted: {out['method']} keeps")
+    assert out["predictions"][out["method"]][0] == max(r for r, _, _ in out["predictions"].values())
+    assert out["score"] == 100 * out["predictions"][out["method"]][0]
 
 
 async def test_suggest_strategy_for_models_that_cannot_be_compared_is_an_error_with_the_reasons(
