@@ -43,7 +43,9 @@ def composite_of(result: CompareResult) -> float:
 def unheadlined(result: CompareResult, confidence: str = "high", **updates: object) -> CompareResult:
     """The result as the engine drafted it (the composite as its MCI, with the evidence's `confidence`: high for
     the fixture pairs with a base and no warning), with `updates`."""
-    mci = result.mci.model_copy(update={"score": result.mci.composite, "method": None, "confidence": confidence})
+    reasons = result.mci.reasons[3:] if result.mci.method else result.mci.reasons  # the headline's three first
+    mci = result.mci.model_copy(update={"score": result.mci.composite, "method": None, "confidence": confidence,
+                                        "reasons": reasons})
     return result.model_copy(update={"mci": mci, "notes": [], **updates})
 
 
@@ -68,8 +70,7 @@ def test_opposed_fine_tunes_are_not_compatible_and_the_answer_says_the_composite
     pairs: dict[str, CompareResult],
 ) -> None:
     result = pairs["opposed"]
-    # the fit saw no opposed pair: linear's prediction clips to 1 here, which is why the guard decides
-    assert result.predictions["linear"].retention == 1.0
+    # the fit saw no opposed pair (the shipped fit predicts linear to keep everything here): the guard decides
     assert result.strategy is not None and result.strategy.method is MergeMethod.PASSTHROUGH
     assert result.mci.method is None and result.mci.score == result.mci.composite == composite_of(result)
     assert result.mci.verdict not in (Verdict.COMPATIBLE, Verdict.HIGHLY_COMPATIBLE)
@@ -140,8 +141,10 @@ def test_fixture_pairs_lie_outside_the_fit_so_their_confidence_is_low_unless_the
                                        for m, v in shipped.with_base.items()})
     monkeypatch.setattr(predict, "load_predictor", lambda: wide)
     again = headline(unheadlined(result))
-    # inside the fit: the interval (clipped at 1: zero wide) and the evidence (a base, no warning) are both high
-    assert again.mci.confidence == "high"
+    # inside the fit: the interval decides (the evidence, a base and no warning, is high)
+    assert again.mci.method is not None
+    assert again.mci.confidence == interval_confidence(again.predictions[again.mci.method])
+    assert not any("outside the fitted range" in r for r in again.mci.reasons)
 
 
 def test_explain_layer_says_what_pushed_the_mci_method_prediction(pairs: dict[str, CompareResult]) -> None:
