@@ -645,6 +645,8 @@ def _pairs(result: CompareResult, figures: Figures) -> list[str]:
                 f'<span class="badge" style="background:{color}">{esc(VERDICT_TEXT[pair.verdict])} '
                 f"{esc(fmt(pair.score, 1))}</span>"
                 + (' <span class="muted">(weakest pair)</span>' if many and n == 0 else "")
+                + (f' <span class="muted">(predicted; the layers\' weight-space composite: '
+                   f"{esc(fmt(result.mci.composite, 1))})</span>" if not many and result.mci.method else "")
                 + "</h2>")
         if not layers:
             sections.append(f'<section class="card pair">{head}<p>No layers could be compared.</p></section>')

@@ -400,4 +400,5 @@ def test_the_predicted_outcome_per_method_is_shown_with_what_pushed_the_mci_meth
     assert "fitted on synthetic tasks with tiny Llama-style models" in section
     assert "The MCI is 100 x the predicted retention of linear" in page and "composite, which the layer scores " \
         "use, is 71.3" in page
+    assert "(predicted; the layers' weight-space composite: 71.3)" in page  # above the layer figures
     assert 'id="predictions"' not in without_plotly(report.render_report(result))  # none: no section
