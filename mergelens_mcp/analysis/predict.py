@@ -395,8 +395,8 @@ def best_method(predictions: Mapping[str, MethodPrediction], tolerance: float = 
 
 def predicted_mci(predictions: Mapping[str, MethodPrediction]) -> tuple[float, str] | None:
     """(100 x the predicted retention of the best predicted method, that method); None without predictions.
-    The headline MCI of a pair (mergelens_mcp/mergekit/advice.py) is this over the methods the product may
-    recommend for it."""
+    Over the methods the product may recommend for a pair, this is its headline MCI (mergelens_mcp/mergekit/
+    advice.py), the recommended method being the best prediction."""
     method = best_method(predictions)
     return None if method is None else (round(100 * predictions[method].retention, 2), method)
 

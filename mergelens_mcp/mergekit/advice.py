@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from itertools import combinations
 
-from ..analysis.predict import best_method, drivers, extrapolated, predicted_confidence
+from ..analysis.predict import drivers, extrapolated, predicted_confidence, predicted_mci
 from ..analysis.score import verdict_for
 from ..models import (
     MCI,
@@ -87,9 +87,9 @@ def headline(result: CompareResult) -> CompareResult:
     if why is not None:
         return result.drafted(mci=_with(mci, method=None, composite=composite), notes=[
             *result.notes, f"the MCI is the weight-space composite ({why})"])
-    method = strategy.method.value if strategy is not None and strategy.method.value in allowed else None
-    method = method or best_method(allowed)
-    assert method is not None
+    best = predicted_mci(allowed)  # no strategy (the same checkpoint twice, ...): the best predicted method
+    assert best is not None
+    method = strategy.method.value if strategy is not None and strategy.method.value in allowed else best[1]
     predicted = allowed[method]
     score = round(100 * predicted.retention, 2)
     outside = extrapolated(result)

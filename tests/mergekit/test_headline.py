@@ -13,10 +13,15 @@ from fixtures.checkpoints import Family
 from mergelens_mcp import compare_models
 from mergelens_mcp.analysis import predict
 from mergelens_mcp.analysis.explain import explain
-from mergelens_mcp.analysis.predict import interval_confidence, load_predictor, predicted_confidence
+from mergelens_mcp.analysis.predict import (
+    interval_confidence,
+    load_predictor,
+    predicted_confidence,
+    predicted_mci,
+)
 from mergelens_mcp.analysis.score import overall_score
 from mergelens_mcp.mergekit.advice import decide, headline
-from mergelens_mcp.mergekit.recommend import recommend_strategy
+from mergelens_mcp.mergekit.recommend import candidates, recommend_strategy
 from mergelens_mcp.models import CompareResult, MergeAdvice, MergeMethod, MethodPrediction, Verdict
 
 REAL_WEIGHTS = Path(os.environ.get("MERGELENS_REAL_WEIGHTS", Path(__file__).parents[2] / ".cache" / "real-weights"))
@@ -85,6 +90,7 @@ def test_two_models_score_100_times_the_predicted_retention_of_the_recommended_m
     result = pairs["compatible"]
     assert result.strategy is not None and result.mci.method == result.strategy.method.value
     assert result.mci.score == round(100 * result.predictions[result.mci.method].retention, 2)
+    assert (result.mci.score, result.mci.method) == predicted_mci(candidates(result))  # the best prediction
     assert result.mci.composite == composite_of(result) != result.mci.score  # kept, and no longer the MCI
     assert result.pairwise[0].score == result.mci.score and result.pairwise[0].verdict is result.mci.verdict
     assert result.mci.reasons[0].startswith(f"100 x the predicted retention of {result.mci.method}")
