@@ -425,8 +425,15 @@ def print_result(result: CompareResult, console: Console, max_layers: int = 40) 
         console.print(f"\n{result.answer}", markup=False, highlight=False, style="bold", soft_wrap=True)
     console.print(f"\n[bold]Merge Compatibility Index:[/] [{style}]{score}  {mci.verdict.value.replace('_', ' ')}[/]"
                   f"  (confidence: {mci.confidence})")
+    if mci.method is not None and mci.composite is not None:
+        console.print(f"  = 100 x the predicted retention of {mci.method}; the weight-space composite (the layer "
+                      f"scores' scale) is {mci.composite:.1f}", markup=False, highlight=False)
     for reason in mci.reasons:
         console.print(f"  - {reason}", markup=False, highlight=False)
+    if result.predictions:
+        console.print("[bold]Predicted retention[/] (merged accuracy / each model's own, 80% interval): " + ", ".join(
+            f"{m} {p.retention:.2f} ({p.low:.2f}-{p.high:.2f})"
+            for m, p in sorted(result.predictions.items(), key=lambda kv: -kv[1].retention)), highlight=False)
     if len(result.pairwise) > 1:
         table = Table(title="Pairs")
         for col in ("model", "model", "MCI", "verdict"):

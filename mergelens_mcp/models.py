@@ -186,6 +186,9 @@ class LayerExplanation(Frozen):
     summary: str
     readings: list[MetricReading]
     advice: list[str] = Field(description="what to do about this layer's weakest components, worst first")
+    prediction: str | None = Field(
+        default=None, description="what pushed the whole pair's predicted retention (the MCI's method) up or down: "
+        "the MCI is a prediction for the whole merge, this layer's score the weight-space composite")
 
 
 class PairScore(Frozen):
@@ -208,6 +211,13 @@ class MCI(Frozen):
     used_base: bool
     used_activations: bool = False
     reasons: list[str]
+    method: str | None = Field(
+        default=None, description="the merge method whose predicted retention x 100 the score is (the recommended "
+        "one, or the best predicted where no strategy is given); None: the score is the weight-space composite "
+        "(three or more models, no predictions, or a recommendation to keep one model)")
+    composite: float | None = Field(
+        default=None, description="the hand-weighted weight-space composite, 0-100 (the per-layer scores and "
+        "conflict zones use it; the score where `method` is None)")
 
 
 class Coverage(Frozen):
@@ -494,7 +504,8 @@ class ZooPair(Frozen):
 
     model_a: str
     model_b: str
-    mci: float
+    mci: float = Field(description="the weight-space composite MCI estimated from the sketches (not the predicted "
+                       "retention compare_models reports as the MCI of two models)")
     mci_low: float
     mci_high: float
     verdict: Verdict
@@ -505,7 +516,8 @@ class ZooPair(Frozen):
     sign_disagreement: float | None = None
     sign_disagreement_bound: float | None = None
     near_duplicate: bool = Field(description="the two models are (almost) the same fine-tune")
-    exact_mci: float | None = Field(default=None, description="the MCI recomputed exactly (--exact-top)")
+    exact_mci: float | None = Field(default=None, description="the weight-space composite MCI computed exactly "
+                                    "(--exact-top; compare's `mci.composite`)")
 
 
 class ZooSet(Frozen):

@@ -21,6 +21,7 @@ from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 from plotly.utils import PlotlyJSONEncoder
 
+from .analysis.predict import FEATURES
 from .analysis.score import CATALOGUE
 from .analysis.zones import ZONE_THRESHOLD
 from .errors import InputError, MergeLensError
@@ -297,6 +298,10 @@ def summary_paragraph(result: CompareResult) -> str:
         worst = _ordered_pairs(result)[0]
         text += (f" The weakest pair is {worst.model_a} + {worst.model_b} ({fmt(worst.score, 1)}); a merge "
                  "of all the models is only as safe as that pair.")
+    if mci.method is not None and mci.composite is not None:
+        text += (f" The MCI is 100 x the predicted retention of {mci.method} (fitted on synthetic tasks with tiny "
+                 f"Llama-style models); the weight-space composite, which the layer scores use, is "
+                 f"{fmt(mci.composite, 1)}.")
     if mci.verdict is Verdict.INCOMPATIBLE:
         return text
     if strategy is not None:
@@ -326,6 +331,7 @@ def render_report(
     body = [
         _header(result),
         _summary(result, figures),
+        _predictions(result),
         _strategy(result),
         _zones(result),
         _findings(result),
@@ -423,6 +429,35 @@ def _findings(result: CompareResult) -> str:
     notes_html = f'<h3>Notes</h3><ul class="findings">{notes}</ul>' if notes else ""
     return (f'<section class="card" id="findings"><h2>Compatibility findings</h2>'
             f'<ul class="findings">{items}</ul>{notes_html}</section>')
+
+
+def _predictions(result: CompareResult) -> str:
+    """The predicted retention per method (the MCI's method marked), and what pushed that one up or down."""
+    if not result.predictions:
+        return ""
+    method = result.mci.method
+    rows = "".join(
+        f"<tr><td>{esc(m)}{' <strong>(MCI)</strong>' if m == method else ''}</td><td>{p.retention:.2f}</td>"
+        f"<td>{p.low:.2f}-{p.high:.2f}</td></tr>"
+        for m, p in sorted(result.predictions.items(), key=lambda kv: -kv[1].retention)
+    )
+    pushes = ""
+    if method in result.predictions:
+        items = "".join(
+            f"<li>{esc(f)}: {v:+.3f}{' - ' + esc(FEATURES[f].meaning) if f in FEATURES else ''}</li>"
+            for f, v in result.predictions[method].contributions.items()
+        )
+        pushes = (f"<p>What pushed {esc(method)}'s prediction up (+) or down (-) against the fit's average "
+                  f"pair, in retention:</p><ul class=\"reasons\">{items}</ul>")
+    basis = "with task-vector evidence (the base)" if next(iter(result.predictions.values())).used_base else \
+        "from weight-space evidence alone (no base: wider intervals)"
+    return (
+        '<section class="card" id="predictions"><h2>Predicted outcome per merge method</h2>'
+        f'<p class="muted">Expected share of each model\'s own accuracy the merge keeps (0..1) with its 80% '
+        f"interval, {basis}; fitted on synthetic tasks with tiny Llama-style models, a yardstick rather than a "
+        "measurement of this merge.</p>"
+        f'<table><tr><th>method</th><th>retention</th><th>80% interval</th></tr>{rows}</table>{pushes}</section>'
+    )
 
 
 def _strategy(result: CompareResult) -> str:
@@ -610,6 +645,8 @@ def _pairs(result: CompareResult, figures: Figures) -> list[str]:
                 f'<span class="badge" style="background:{color}">{esc(VERDICT_TEXT[pair.verdict])} '
                 f"{esc(fmt(pair.score, 1))}</span>"
                 + (' <span class="muted">(weakest pair)</span>' if many and n == 0 else "")
+                + (f' <span class="muted">(predicted; the layers\' weight-space composite: '
+                   f"{esc(fmt(result.mci.composite, 1))})</span>" if not many and result.mci.method else "")
                 + "</h2>")
         if not layers:
             sections.append(f'<section class="card pair">{head}<p>No layers could be compared.</p></section>')

@@ -141,13 +141,13 @@ def suggest_strategy(
 
 
 def finish(draft: CompareResult) -> CompareResult:
-    """A comparison's draft completed before it is built: the findings no metric shows, its recommended
-    strategy when one makes sense, the decision (`merge_advised`, `answer`) and the predicted retention per
-    merge method."""
+    """A comparison's draft completed before it is built: the predicted retention per merge method, the
+    findings no metric shows, its recommended strategy when one makes sense (the best prediction, for two
+    models), the MCI in those units, and the decision (`merge_advised`, `answer`)."""
     from .analysis.predict import with_predictions
     from .mergekit.advice import advise
 
-    return with_predictions(advise(draft))
+    return advise(with_predictions(draft))
 
 
 def diagnose(

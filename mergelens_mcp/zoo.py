@@ -1,6 +1,11 @@
 """Model zoos: which of these N models should I merge? Each model is read once into a sketch
 (analysis/sketch.py); every pair, the clusters and the best sets come from the sketches.
 
+A zoo pair's MCI is the weight-space composite (analysis/score.py) estimated from the sketches, not the predicted
+retention that `compare` reports as the MCI of two models: the predictor reads how far each model moved over the
+whole model and per layer, which the sketches do not keep, and the composite is what the sketches' accuracy was
+measured on (within 2 points of the exact composite on average). `exact_mci` is that composite, computed exactly.
+
 Sketches are cached by content (the files' header hash, size and mtime, the base's, and the sketch
 parameters), and so is every pair's estimate (by its two sketches' keys), so adding a model to a zoo of N
 costs one read plus N pair computations. Missing sketches
@@ -686,7 +691,7 @@ def _exact(
     out = list(pairs)
     for i, p in enumerate(pairs[:n]):
         result = service.compare([sources[p.model_a], sources[p.model_b]], base, settings=settings, guard=guard)
-        out[i] = p.model_copy(update={"exact_mci": result.mci.score})
+        out[i] = p.model_copy(update={"exact_mci": result.mci.composite})  # the zoo's score: the composite
     strategy = None
     if best:
         members = [sources[m] for m in best[0].models]

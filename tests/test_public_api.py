@@ -9,6 +9,7 @@ from pydantic import ValidationError
 import mergelens_mcp
 from fixtures.checkpoints import Family
 from mergelens_mcp import CompareResult, Verdict, compare_models
+from mergelens_mcp.analysis.score import verdict_for
 from mergelens_mcp.models import Severity
 
 
@@ -40,8 +41,12 @@ def test_compare_models_answers_with_the_attribute_names_mergelens_users_know(
 ) -> None:
     result = flipped_result
     assert result.version == mergelens_mcp.__version__
-    assert result.mci.score is not None and 55 <= result.mci.score < 75  # 68.2 on this family
-    assert result.mci.verdict is Verdict.COMPATIBLE
+    # two models: the MCI is the recommended method's predicted retention, the weight-space composite beside it
+    # (68.2 on this family)
+    assert result.strategy is not None and result.mci.method == result.strategy.method.value
+    assert result.mci.score == round(100 * result.predictions[result.mci.method].retention, 2)
+    assert result.mci.composite is not None and 55 <= result.mci.composite < 75
+    assert result.mci.verdict is verdict_for(result.mci.score)
     layer = result.layer_metrics[0]
     assert layer.layer_name == "embed"
     assert layer.cosine_similarity == layer.metrics["cosine_similarity"]

@@ -378,3 +378,27 @@ def test_cli_report_writes_the_report_and_refuses_a_foreign_file(tiny: Family, t
     assert code == cli.EXIT_BAD_INPUT
     assert "not a mergelens report" in capsys.readouterr().err
     assert foreign.read_text() == "keep me"
+
+
+def test_the_predicted_outcome_per_method_is_shown_with_what_pushed_the_mci_method_up_or_down() -> None:
+    from mergelens_mcp.models import MethodPrediction
+
+    result = make_result(seed=3)
+    predictions = {
+        "linear": MethodPrediction(retention=0.62, low=0.41, high=0.83, used_base=True,
+                                   contributions={"first_far": -0.12, "first_averaging_gap": 0.05}),
+        "ties": MethodPrediction(retention=0.55, low=0.3, high=0.7, used_base=True),
+    }
+    mci = result.mci.model_copy(update={"score": 62.0, "method": "linear", "composite": 71.3,
+                                        "verdict": Verdict.COMPATIBLE})
+    page = without_plotly(report.render_report(result.model_copy(update={"predictions": predictions, "mci": mci})))
+    section = page[page.index('id="predictions"'):]
+    section = section[:section.index("</section>")]
+    assert "<td>linear <strong>(MCI)</strong></td><td>0.62</td><td>0.41-0.83</td>" in section
+    assert section.index("linear") < section.index("ties")  # best first
+    assert "first_far: -0.120" in section and "first_averaging_gap: +0.050" in section
+    assert "fitted on synthetic tasks with tiny Llama-style models" in section
+    assert "The MCI is 100 x the predicted retention of linear" in page and "composite, which the layer scores " \
+        "use, is 71.3" in page
+    assert "(predicted; the layers' weight-space composite: 71.3)" in page  # above the layer figures
+    assert 'id="predictions"' not in without_plotly(report.render_report(result))  # none: no section

@@ -210,7 +210,7 @@ def test_tensors_no_larger_than_the_sketch_are_kept_whole_and_pair_exactly(zoo: 
     exact = service.compare([str(m) for m in zoo.models[:2]], str(zoo.base), device="cpu")
     [pair] = found.pairs
     assert pair.cosine_bound == 0.0 and pair.task_cosine_bound == 0.0 and pair.sign_disagreement_bound == 0.0
-    assert pair.mci == pytest.approx(exact.mci.score, abs=0.05)
+    assert pair.mci == pytest.approx(exact.mci.composite, abs=0.05)  # the zoo's MCI: the weight-space composite
     assert pair.cosine == pytest.approx(_weighted(exact.layer_metrics, "cosine_similarity"), abs=1e-5)
 
 
@@ -240,7 +240,8 @@ def test_exact_top_recomputes_the_best_pair_exactly_and_gives_the_top_sets_yaml(
                         set_size=2)
     best = found.pairs[0]
     exact = service.compare([str(zoo.folder / best.model_a), str(zoo.folder / best.model_b)], str(zoo.base))
-    assert best.exact_mci == exact.mci.score and best.mci_low <= best.exact_mci <= best.mci_high
+    assert best.exact_mci == exact.mci.composite and best.mci_low <= best.exact_mci <= best.mci_high
+    assert exact.mci.method is not None  # compare's own MCI of the pair is a prediction: the zoo does not use it
     assert all(p.exact_mci is None for p in found.pairs[1:])
     assert found.strategy is not None and "merge_method:" in found.strategy.mergekit_yaml
 

@@ -9,7 +9,8 @@ on the pairs with it.
 The MCI is recomputed from the per-layer metrics saved in `results.json`, through the product's own
 `components`, `layer_score` and `overall_score` given a tuned copy of the product's catalogue
 (`Constants.catalogue()`), so the formula cannot drift from the product's and nothing of the product is
-patched; `recompute_mci` with the product's own catalogue must give back `r.mci.score`.
+patched; `recompute_mci` with the product's own catalogue must give back `r.mci.composite` (the weight-space
+composite; the headline `r.mci.score` of a pair is the predicted retention of its recommended method).
 """
 
 from __future__ import annotations

@@ -352,7 +352,9 @@ def score_pair(path_a: str, path_b: str, path_base: str) -> dict:
     strategy = r.strategy
     return {
         "version": r.version,
-        "mci": r.mci.score,
+        "mci": r.mci.score,  # 100 x the predicted retention of the recommended method (`mci_method`), or
+        "mci_method": r.mci.method,  # None: the weight-space composite
+        "composite": r.mci.composite,  # the hand-weighted weight-space composite (the MCI before predictions)
         "verdict": r.mci.verdict.value,
         "confidence": r.mci.confidence,
         "components": dict(r.mci.components),
@@ -403,7 +405,8 @@ def score_pairs(args: argparse.Namespace, manifest: dict, pairs: list[tuple[str,
     if args.rescore or cache.get("settings") != settings_of(args):
         cache = {"settings": settings_of(args), "pairs": {}}
     ft = manifest["finetunes"]
-    todo = [(a, b) for a, b in pairs if f"{a}|{b}" not in cache["pairs"]]
+    # a pair scored before the MCI followed the predictions (no `composite`) is scored again
+    todo = [(a, b) for a, b in pairs if "composite" not in cache["pairs"].get(f"{a}|{b}", {})]
     for i, (a, b) in enumerate(todo):
         cache["pairs"][f"{a}|{b}"] = score_pair(ft[a]["path"], ft[b]["path"], manifest["base"]["path"])
         if (i + 1) % 10 == 0 or i + 1 == len(todo):
@@ -493,6 +496,8 @@ def summarize(rows: list[dict], methods: list[str]) -> dict:
     groups = [(r["task_a"], r["task_b"]) for r in rows]
     predictors: dict[str, list[float | None]] = {
         "mci": [r["mci"] for r in rows],
+        **({"composite": [r.get("composite") for r in rows]} if any(r.get("composite") is not None for r in rows)
+           else {}),
         **({"peer_mci": [r.get("peer_mci") for r in rows]} if any(r.get("peer_mci") is not None for r in rows)
            else {}),
         "norms_only": [-(r["tv"]["norm_a"] + r["tv"]["norm_b"]) for r in rows],
@@ -702,7 +707,7 @@ def main(argv: list[str] | None = None) -> dict:
             "finetuned_acc_a": ft[a]["accuracy"][ft[a]["task"]],
             "finetuned_acc_b": ft[b]["accuracy"][ft[b]["task"]],
             **outcomes[key],
-            "mci": score.get("mci"), "peer_mci": peer.get("scores", {}).get(key),
+            "mci": score.get("mci"), "composite": score.get("composite"), "peer_mci": peer.get("scores", {}).get(key),
             "recommended": score.get("recommended"), "score": score,
             "recommended_merge": recommended.get(key),
             "features": layer_features(score),

@@ -334,7 +334,7 @@ def _mci(
     if not_measured:
         confidence = _less_sure(confidence, reasons, layers, not_measured)
     return MCI(score=worst.score, verdict=worst.verdict, confidence=confidence, components=means,
-               used_base=used_base, reasons=reasons)
+               used_base=used_base, reasons=reasons, composite=worst.score)
 
 
 SPECTRAL_ONLY_DRIFT = 0.05  # task_drift up to which the weights' unmeasured spectra moved the score <= ~3 points

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from ..models import LayerExplanation, LayerMetrics, MetricReading, Verdict
+from ..models import CompareResult, LayerExplanation, LayerMetrics, MetricReading, Verdict
 from . import score as mci
 from .metrics import REGISTRY
+from .predict import drivers
 from .score import CATALOGUE
 from .zones import OPPOSED_ADVICE, opposed
 
@@ -46,8 +47,9 @@ def find_layer(layers: list[LayerMetrics], layer: str) -> list[LayerMetrics]:
     return found
 
 
-def explain(lm: LayerMetrics) -> LayerExplanation:
-    """Explain one layer of one pair."""
+def explain(lm: LayerMetrics, result: CompareResult | None = None) -> LayerExplanation:
+    """Explain one layer of one pair; given its comparison, also what pushed the headline MCI (the predicted
+    retention of its method, a figure for the whole pair) up or down."""
     readings = [_reading(name, value, lm.components) for name, value in lm.metrics.items()]
     weakest = sorted((v, n) for n, v in lm.components.items() if v < mci.WEAK_BELOW)
     verdict = mci.verdict_for(lm.score)
@@ -55,8 +57,19 @@ def explain(lm: LayerMetrics) -> LayerExplanation:
         model_a=lm.model_a, model_b=lm.model_b, layer_name=lm.layer_name, layer_index=lm.layer_index,
         kind=lm.kind, n_params=lm.n_params, score=lm.score, verdict=verdict,
         summary=_summary(lm, verdict, weakest),
-        readings=readings, advice=_advice(lm, weakest),
+        readings=readings, advice=_advice(lm, weakest), prediction=prediction_words(result),
     )
+
+
+def prediction_words(result: CompareResult | None) -> str | None:
+    """The headline MCI's prediction and what pushed it up or down, in words (None: the MCI is the composite)."""
+    method = result.mci.method if result is not None else None
+    if result is None or method is None or method not in result.predictions:
+        return None
+    p = result.predictions[method]
+    return (f"The MCI ({result.mci.score:.0f}) is 100 x {method}'s predicted retention for the whole pair, "
+            f"{p.retention:.2f} (80% interval {p.low:.2f}-{p.high:.2f}); against the fit's average pair it was "
+            f"{drivers(p)}. This layer's score is the weight-space composite.")
 
 
 def _advice(lm: LayerMetrics, weakest: list[tuple[float, str]]) -> list[str]:

@@ -16,6 +16,11 @@ One prior is not fitted: merging a model with itself by an idempotent method (li
 so for pairs closer than any pair the fit saw, those methods' predictions are drawn toward 1 in proportion
 (`IDEMPOTENT`, `Predictor.nearest_distance`).
 
+The product speaks in these units: for two models, the headline MCI is 100 x the predicted retention of the
+recommended method (mergelens_mcp/mergekit/advice.py `headline`), its confidence from the interval and the
+evidence (`predicted_confidence`), and the recommended method is the best prediction (`best_method`,
+mergelens_mcp/mergekit/recommend.py).
+
 Scope: fitted on the mergeability benchmark (synthetic tasks, tiny Llama-style models, pairs of fine-tunes of
 one base); for two models only. benchmarks/mergeability/README.md gives its figures on settings the fit never
 saw.
@@ -391,12 +396,44 @@ def best_method(predictions: Mapping[str, MethodPrediction], tolerance: float = 
 
 def predicted_mci(predictions: Mapping[str, MethodPrediction]) -> tuple[float, str] | None:
     """(100 x the predicted retention of the best predicted method, that method); None without predictions.
-
-    Not wired into the MCI: benchmarks/mergeability/README.md says on which settings it does and does not beat
-    the current score.
-    """
+    Over the methods the product may recommend for a pair, this is its headline MCI (mergelens_mcp/mergekit/
+    advice.py), the recommended method being the best prediction."""
     method = best_method(predictions)
     return None if method is None else (round(100 * predictions[method].retention, 2), method)
+
+
+CONFIDENCE_LEVELS = ("low", "medium", "high")
+# the MCI's confidence from its 80% interval (width in retention, 0..1): up to the first, high; the second, medium
+# (a stated choice, not fitted: a quarter of the scale is about one verdict band, half of it two)
+CONFIDENT_WIDTHS = (0.25, 0.5)
+
+
+def interval_confidence(prediction: MethodPrediction) -> str:
+    """'high', 'medium' or 'low' from the width of the prediction's 80% interval (CONFIDENT_WIDTHS)."""
+    width = prediction.high - prediction.low
+    return "high" if width <= CONFIDENT_WIDTHS[0] else "medium" if width <= CONFIDENT_WIDTHS[1] else "low"
+
+
+def predicted_confidence(prediction: MethodPrediction, evidence: str, extrapolated: bool) -> str:
+    """The lower of the interval's confidence and the evidence's (`evidence`: the comparison's own, which the
+    base, the findings and what was not measured set); 'low' when the pair lies outside the fitted range."""
+    if extrapolated:
+        return "low"
+    return min(interval_confidence(prediction), evidence, key=CONFIDENCE_LEVELS.index)
+
+
+def drivers(prediction: MethodPrediction, top: int = 3, meanings: bool = True) -> str:
+    """What pushed a prediction up or down against the fit's average pair, largest first, in words (with each
+    feature's meaning, or only its name)."""
+    ups = [(f, v) for f, v in prediction.contributions.items() if v > 0][:top]
+    downs = [(f, v) for f, v in prediction.contributions.items() if v < 0][:top]
+
+    def words(items: list[tuple[str, float]]) -> str:
+        return ", ".join(f"{f} ({v:+.2f}: {FEATURES[f].meaning})" if meanings and f in FEATURES
+                         else f"{f} ({v:+.2f})" for f, v in items)
+
+    parts = ([f"pushed up by {words(ups)}"] if ups else []) + ([f"down by {words(downs)}"] if downs else [])
+    return "; ".join(parts) if parts else "at the fit's average pair"
 
 
 def result_motion(result: CompareResult) -> Motion | None:
@@ -432,6 +469,13 @@ def outside_fit(result: CompareResult, predictor: Predictor | None = None) -> tu
     return (name, round(z[name], 1)) if abs(z[name]) > OUTSIDE_SD else None
 
 
+def extrapolated(result: CompareResult, predictor: Predictor | None = None) -> tuple[str, float] | None:
+    """`outside_fit`, except for a pair whose weights are equal: the identity prior, not the fit, predicts it."""
+    layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
+    distance = raw_distance(layers)
+    return None if distance is not None and distance <= 0 else outside_fit(result, predictor)
+
+
 def with_predictions(result: CompareResult) -> CompareResult:
     """The result with `predictions` and a note on their scope (and on extrapolation, where it applies); an
     unvalidated draft, as the engine's `finish` step wants it."""
@@ -445,13 +489,11 @@ def with_predictions(result: CompareResult) -> CompareResult:
         )])
     if not predictions:
         return result
-    note = ("predicted retention per method (merged accuracy / each fine-tune's own, 0..1, 80% interval): "
-            "fitted on synthetic tasks with tiny Llama-style models (benchmarks/mergeability); a yardstick, "
-            "not a measurement of this merge")
+    note = ("predicted retention per method (merged accuracy / each model's own, 0..1, 80% interval), fitted on "
+            "synthetic tasks with tiny Llama-style models: a yardstick")
     if not next(iter(predictions.values())).used_base:
-        note += "; without a base they rest on weight-space evidence alone, with wider intervals"
-    far = outside_fit(result)
+        note += "; no base: weight-space evidence alone, wider intervals"
+    far = extrapolated(result)
     if far is not None:
-        note += (f"; this pair lies outside the fitted range ({far[0]} is {far[1]:+.1f} standard deviations from "
-                 "the fit's pairs), so they are extrapolated and uncertain beyond their stated intervals")
+        note += f"; outside the fitted range ({far[0]} {far[1]:+.1f} sd): extrapolated, less sure than stated"
     return result.drafted(predictions=predictions, notes=[*result.notes, note])

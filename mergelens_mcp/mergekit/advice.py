@@ -1,6 +1,14 @@
 """The decision, said once: `merge_advised` (yes / with_care / no) and a one-sentence `answer` a model can quote,
-derived from the verdict, the findings and the recommended strategy. The MCI itself is not changed, except that
-models without a finite weight get no score.
+derived from the verdict, the findings and the recommended strategy.
+
+The headline MCI is set here (`headline`), once the strategy is known: for two models with predictions, 100 x
+the predicted retention of the recommended method (no strategy, e.g. the same checkpoint twice: of the best
+predicted method the comparison allows), with the verdict thresholds of analysis/score.py and a confidence from
+the prediction's interval and the evidence (analysis/predict.py: `predicted_confidence`). Three or more models,
+no predictions (metrics not measured), or a recommendation to keep one model (no shared origin, fine-tunes that
+undo each other: the fit saw no such pair): the weight-space composite the engine computed, kept in every case as
+`mci.composite` (the per-layer scores and conflict zones use it); a note says which one the answer used. Models
+without a finite weight get no score.
 
 Before deciding, the findings no metric shows are added: the same checkpoint given twice, a model that is also
 the base, a model whose every value is NaN or Inf. Conflict-zone advice is then made to agree with the decision:
@@ -12,7 +20,10 @@ from __future__ import annotations
 import os
 from itertools import combinations
 
+from ..analysis.predict import drivers, extrapolated, predicted_confidence, predicted_mci
+from ..analysis.score import verdict_for
 from ..models import (
+    MCI,
     CompareResult,
     ConflictZone,
     Finding,
@@ -24,7 +35,7 @@ from ..models import (
     Severity,
     Verdict,
 )
-from .recommend import recommend_strategy
+from .recommend import candidates, recommend_strategy
 
 SAME_CHECKPOINT = "same_checkpoint"
 MODEL_IS_BASE = "model_is_base"
@@ -47,6 +58,7 @@ def advise(result: CompareResult) -> CompareResult:
         result = result.drafted(strategy=recommend_strategy(result))
     if blocked and result.strategy is not None:
         result = result.drafted(strategy=None)
+    result = headline(result)
     advised, answer = decide(result)
     keep_one = result.mci.verdict is Verdict.INCOMPATIBLE or (
         result.strategy is not None and result.strategy.method is MergeMethod.PASSTHROUGH
@@ -54,6 +66,57 @@ def advise(result: CompareResult) -> CompareResult:
     zones = [_keep_one(z) for z in result.conflict_zones] if keep_one else result.conflict_zones
     names = {m.label: m.source for m in [*result.models, *([result.base] if result.base else [])]}
     return result.drafted(merge_advised=advised, answer=answer, conflict_zones=zones, names=names)
+
+
+def headline(result: CompareResult) -> CompareResult:
+    """`result` with its MCI in predicted outcomes where it can be (the module docstring), and a note saying
+    which score the answer uses."""
+    mci = result.mci
+    if mci.score is None:
+        return result
+    composite = mci.composite if mci.composite is not None else mci.score
+    allowed = candidates(result)
+    strategy = result.strategy
+    why = None
+    if strategy is not None and strategy.method is MergeMethod.PASSTHROUGH:
+        why = "keep one model: no fitted pair covers it"
+    elif len(result.models) >= 3:
+        why = "three or more models: predictions cover pairs"
+    elif not allowed:
+        why = "no predictions for this pair: see the notes"
+    if why is not None:
+        return result.drafted(mci=_with(mci, method=None, composite=composite), notes=[
+            *result.notes, f"the MCI is the weight-space composite ({why})"])
+    best = predicted_mci(allowed)  # no strategy (the same checkpoint twice, ...): the best predicted method
+    assert best is not None
+    method = strategy.method.value if strategy is not None and strategy.method.value in allowed else best[1]
+    predicted = allowed[method]
+    score = round(100 * predicted.retention, 2)
+    outside = extrapolated(result)
+    confidence = predicted_confidence(predicted, mci.confidence, outside is not None)
+    reasons = [
+        f"100 x the predicted retention of {method}: {predicted.retention:.2f} of each model's accuracy "
+        f"(80% interval {predicted.low:.2f}-{predicted.high:.2f})",
+        f"against the fit's average pair, {drivers(predicted, 2, meanings=False)}",
+        f"confidence {confidence}: 80% interval {100 * (predicted.high - predicted.low):.0f} points wide, "
+        f"{'task-vector evidence from the base' if predicted.used_base else 'weight-space evidence alone (no base)'}"
+        + (f", outside the fitted range ({outside[0]} {outside[1]:+.1f} sd)" if outside else ""),
+        *mci.reasons,
+    ]
+    verdict = verdict_for(score)
+    pairwise = [p.model_copy(update={"score": score, "verdict": verdict}) for p in result.pairwise]
+    note = (f"the MCI is 100 x the predicted retention of {method}, the "
+            f"{'recommended' if strategy is not None else 'best predicted'} method (`composite`: the weight-space "
+            "score the layers use)")
+    return result.drafted(
+        mci=_with(mci, score=score, verdict=verdict, confidence=confidence, reasons=reasons, method=method,
+                  composite=composite),
+        pairwise=pairwise, notes=[*result.notes, note],
+    )
+
+
+def _with(mci: MCI, **updates: object) -> MCI:
+    return mci.model_copy(update=updates)
 
 
 def decide(result: CompareResult) -> tuple[MergeAdvice, str]:
@@ -158,4 +221,4 @@ def _unscored(result: CompareResult) -> CompareResult:
         if {p.model_a, p.model_b} & empty else p
         for p in result.pairwise
     ]
-    return result.drafted(mci=mci, pairwise=pairwise, conflict_zones=[], strategy=None)
+    return result.drafted(mci=mci, pairwise=pairwise, conflict_zones=[], strategy=None, predictions={})

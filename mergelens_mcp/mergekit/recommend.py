@@ -1,5 +1,13 @@
 """Which mergekit method to use, with which settings, from a comparison's measurements.
 
+Two models with predictions (`CompareResult.predictions`, analysis/predict.py): after the two guards below
+(rules 1 and 2: no shared origin, or fine-tunes that undo each other: keep one model), the method is the one
+with the best predicted retention among those this comparison allows (no method needing a base without one),
+ties within `predict.TIE` going to the simpler method (`best_method`); the runner-up is the best of the others.
+The predictor does not compare parameter settings (its features do not depend on them), so the parameters
+still come from the rules below, and the rationale says so. Three or more models, or no predictions (metrics
+not measured): the rule table.
+
 The rules, in order; the first that matches picks the method (metrics are parameter-weighted means over
 layers and pairs unless marked "min"):
 
@@ -47,9 +55,11 @@ from typing import Any
 
 import yaml
 
+from ..analysis.predict import TIE, best_method, extrapolated
+from ..analysis.score import verdict_for
 from ..analysis.zones import OPPOSED_TASK_COSINE
 from ..errors import IncompatibleModelsError
-from ..models import CompareResult, FindingLevel, LayerMetrics, MergeMethod, Strategy
+from ..models import CompareResult, FindingLevel, LayerMetrics, MergeMethod, MethodPrediction, Strategy
 from .adapters import model_reference, peft_snippet
 from .schema import METHODS, SLERP_LINEAR_FALLBACK, MergeConfig
 
@@ -126,6 +136,7 @@ class Choice:
     runner_up: MergeMethod | None
     rule: str
     margin: float  # 0..1: how clearly the deciding measurement passed its threshold
+    predicted: bool = False  # chosen by the predictions (margin: the lead over the runner-up)
 
 
 def choose(p: Profile) -> Choice:
@@ -193,6 +204,37 @@ def choose(p: Profile) -> Choice:
                   0.3)
 
 
+CLEAR_GAP = 0.1  # a predicted lead of this much retention over the runner-up counts as a clear choice
+
+
+def candidates(result: CompareResult) -> dict[str, MethodPrediction]:
+    """The predictions of the methods this comparison may recommend: mergekit methods, and those needing a base
+    besides the merged models only when the comparison had one (empty for three or more models)."""
+    has_base = result.base is not None and result.mci.used_base
+    known = {m.value: m for m in MergeMethod}
+    return {name: p for name, p in result.predictions.items()
+            if name in known and (has_base or not needs_separate_base(known[name]))}
+
+
+def choose_predicted(predicted: dict[str, MethodPrediction]) -> Choice:
+    """The method with the best predicted retention (ties within TIE to the simpler one); the runner-up, the
+    best of the others; the margin, the chosen one's lead over the runner-up in units of CLEAR_GAP."""
+    method = best_method(predicted)
+    assert method is not None
+    chosen = predicted[method]
+    others = {m: v for m, v in predicted.items() if m != method}
+    runner = best_method(others)
+    top = max(predicted, key=lambda m: predicted[m].retention)
+    rule = (f"predicted: {method} keeps {chosen.retention:.0%} of each model's accuracy (80% interval "
+            f"{chosen.low:.0%}-{chosen.high:.0%}), the best of the {len(predicted)} methods predicted")
+    if predicted[top].retention > chosen.retention:
+        rule += (f" ({top} at {predicted[top].retention:.0%} is within {100 * TIE:.0f} points: the simpler "
+                 "method is preferred)")
+    lead = chosen.retention - (others[runner].retention if runner is not None else 0.0)
+    return Choice(MergeMethod(method), MergeMethod(runner) if runner is not None else None, rule,
+                  _margin(lead, CLEAR_GAP), predicted=True)
+
+
 def _margin(excess: float, scale: float) -> float:
     return max(0.0, min(1.0, excess / scale)) if scale > 0 else 1.0
 
@@ -209,8 +251,21 @@ def recommend_strategy(result: CompareResult) -> Strategy:
         )
     p = profile(result)
     choice = choose(p)
+    predicted = candidates(result) if choice.method is not MergeMethod.PASSTHROUGH else {}
+    if predicted:
+        choice = choose_predicted(predicted)
     rationale = [choice.rule]
     warnings: list[str] = []
+    if predicted:  # every method's prediction is the result's `predictions`
+        rationale.append("parameters from the measurement rules (mergelens_mcp/mergekit/recommend.py): the "
+                         "predictor does not compare parameter settings (its features do not depend on them)")
+    elif result.predictions and choice.method is MergeMethod.PASSTHROUGH:
+        rationale.append("the predictions were not used: no merge method undoes this (they were fitted on "
+                         "fine-tunes of one base that neither cancel nor lack a shared origin)")
+    elif len(result.models) >= 3:
+        rationale.append("three or more models: the rule table chose (the predictions cover pairs)")
+    elif choice.method is not MergeMethod.PASSTHROUGH:
+        rationale.append("no predictions for this pair (see the notes): the rule table chose")
     if not p.has_base:
         rationale.append("no base model: ties, dare, task_arithmetic and model_stock were not considered "
                          "(they need one); pass the base for task-vector evidence")
@@ -230,10 +285,11 @@ def recommend_strategy(result: CompareResult) -> Strategy:
     if p.balance is not None and p.balance < 0.5:
         warnings.append(f"one fine-tune moved {1 / max(p.balance, 1e-6):.1f}x farther from the base than the "
                         "other: its task vector dominates; lower its weight if that is not intended")
-    if result.mci.verdict.value in ("risky", "incompatible") and choice.method is not MergeMethod.PASSTHROUGH:
-        warnings.append(f"the MCI is {result.mci.score:.0f} ({result.mci.verdict.value}): evaluate the "
-                        "merged model before use")
-    confidence = _confidence(choice, p, result, rationale)
+    expected = predicted[choice.method.value].retention * 100 if predicted else result.mci.score
+    verdict = verdict_for(expected)
+    if verdict.value in ("risky", "incompatible") and choice.method is not MergeMethod.PASSTHROUGH:
+        warnings.append(f"the MCI is {expected:.0f} ({verdict.value}): evaluate the merged model before use")
+    confidence = _confidence(choice, p, result, rationale, bool(predicted) and extrapolated(result) is not None)
     return Strategy(
         method=choice.method, confidence=confidence, rationale=rationale,
         runner_up=choice.runner_up, parameters=params, warnings=warnings, mergekit_yaml=text,
@@ -265,15 +321,22 @@ def _render(
     return params, text
 
 
-def _confidence(choice: Choice, p: Profile, result: CompareResult, rationale: list[str]) -> float:
-    """0.45, + 0.3 x how clearly the deciding measurement passed its threshold, + 0.15 with task-vector
-    evidence (a base), - 0.05 per warning-level finding, clamped to [0.05, 0.95]; reasons join `rationale`."""
+def _confidence(choice: Choice, p: Profile, result: CompareResult, rationale: list[str],
+                outside: bool = False) -> float:
+    """0.45, + 0.3 x how clearly the deciding measurement passed its threshold (a prediction: its lead over the
+    runner-up, in units of CLEAR_GAP), + 0.15 with task-vector evidence (a base), - 0.05 per warning-level
+    finding, - 0.2 when the predictions are extrapolated beyond the fitted range (`outside`), clamped to
+    [0.05, 0.95]; reasons join `rationale`."""
     warnings = sum(1 for f in result.findings if f.level is FindingLevel.WARNING)
-    value = round(max(0.05, min(0.95, 0.45 + 0.3 * choice.margin + 0.15 * p.has_base - 0.05 * warnings)), 2)
+    value = round(max(0.05, min(0.95, 0.45 + 0.3 * choice.margin + 0.15 * p.has_base - 0.05 * warnings
+                                - 0.2 * outside)), 2)
+    deciding = ("the prediction leads the runner-up by" if choice.predicted
+                else "the deciding measurement cleared its threshold by")
     rationale.append(
-        f"confidence {value:.2f}: the deciding measurement cleared its threshold by {choice.margin:.0%} of "
-        f"its scale; {'task-vector evidence from the base' if p.has_base else 'no base, weights only'}"
+        f"confidence {value:.2f}: {deciding} {choice.margin:.0%} of its scale; "
+        f"{'task-vector evidence from the base' if p.has_base else 'no base, weights only'}"
         + (f"; {warnings} warning(s) in the comparison" if warnings else "")
+        + ("; the pair lies outside the predictor's fitted range" if outside else "")
     )
     return value
 

@@ -74,7 +74,7 @@ async def explain_layer(
         found = find_layer(result.layer_metrics, str(layer))
     except InputError as exc:
         raise ToolError(redact(str(exc))) from exc
-    view = views.layer_report([explain(lm) for lm in found], cached, detail)
+    view = views.layer_report([explain(lm, result) for lm in found], cached, detail)
     return views.reply(view, " ".join(e.summary for e in view.explanations))
 
 
@@ -85,8 +85,9 @@ def register(server: MCPServer) -> None:
             "Answer 'can these models be merged, and where will it break?' before running a merge. Reads two "
             "or more checkpoints (and ideally their common base) and returns the decision, merge_advised "
             "(yes / with_care / no) with a one-sentence answer to quote, the Merge Compatibility Index "
-            "(0-100) with a verdict (highly_compatible / compatible / risky / incompatible), the reasons, "
-            "the conflict zones (runs of layers that would merge badly, with a fix), the worst layers, "
+            "(0-100; for two models 100 x the predicted retention of the recommended method, every method's "
+            "prediction beside it) with a verdict (highly_compatible / compatible / risky / incompatible), the "
+            "reasons, the conflict zones (runs of layers that would merge badly, with a fix), the worst layers, "
             "findings about architecture or vocabulary, and the recommended merge method when available. "
             "Start here. Compact by default; set detail=true (paged) only if you need every layer's raw metrics. "
             "Relative paths resolve against the server's folder. "

@@ -34,6 +34,13 @@ ADVISED_DOC = "the decision: yes, with_care or no (read this first)"
 ANSWER_DOC = "the decision in one sentence, to quote to the user"
 SCORE_DOC = "Merge Compatibility Index 0-100, higher is safer (None: the models cannot be compared at all)"
 WEAK_COMPONENT = WEAK_BELOW
+PREDICTIONS_DOC = ("merge method -> [predicted retention, low, high]: the expected share of each model's own "
+                   "accuracy the merge keeps, 0..1, with its 80% interval (two models; fitted on synthetic tasks "
+                   "with tiny Llama-style models)")
+SCORE_METHOD_DOC = ("the merge method whose predicted retention x 100 the score is; null: the score is the "
+                    "weight-space composite (three or more models, no predictions, or keep one model)")
+COMPOSITE_DOC = ("the hand-weighted weight-space composite 0-100 (the per-layer scores and conflict zones use it); "
+                 "null where it is the score")
 COMPONENTS_DOC = "mean 0..1 score of each MCI component (1 = ideal): " + "; ".join(
     f"{c.name}: {c.description}" for c in CATALOGUE
 )
@@ -76,6 +83,9 @@ class Comparison(View):
     score: float | None = Field(description=SCORE_DOC)
     verdict: Verdict
     confidence: str
+    score_method: str | None = Field(default=None, description=SCORE_METHOD_DOC)
+    composite: float | None = Field(default=None, description=COMPOSITE_DOC)
+    predictions: dict[str, list[float]] = Field(default_factory=dict, description=PREDICTIONS_DOC)
     reasons: list[str]
     used_base: bool
     models: list[ModelBrief]
@@ -102,6 +112,9 @@ class Score(View):
     score: float | None = Field(description=SCORE_DOC)
     verdict: Verdict
     confidence: str
+    score_method: str | None = Field(default=None, description=SCORE_METHOD_DOC)
+    composite: float | None = Field(default=None, description=COMPOSITE_DOC)
+    predictions: dict[str, list[float]] = Field(default_factory=dict, description=PREDICTIONS_DOC)
     reasons: list[str]
     used_base: bool
     pairwise: list[PairScore]
@@ -142,6 +155,7 @@ class StrategyAdvice(View):
     )
     score: float | None
     verdict: Verdict
+    predictions: dict[str, list[float]] = Field(default_factory=dict, description=PREDICTIONS_DOC)
     cached: bool
 
 
@@ -284,6 +298,17 @@ def tool_notes(notes: list[str]) -> list[str]:
     return out
 
 
+def compact_predictions(result: CompareResult) -> dict[str, list[float]]:
+    """Each method's predicted retention and 80% interval as [retention, low, high], best first."""
+    ranked = sorted(result.predictions.items(), key=lambda kv: -kv[1].retention)
+    return {m: [round(p.retention, 2), round(p.low, 2), round(p.high, 2)] for m, p in ranked}
+
+
+def composite(result: CompareResult) -> float | None:
+    """The weight-space composite where the score is a prediction (None where it is the score)."""
+    return result.mci.composite if result.mci.method is not None else None
+
+
 def comparison(result: CompareResult, cached: bool, detail: bool, page: int = 1) -> Comparison:
     mci = result.mci
     findings = result.findings if detail else summarised(result.findings)
@@ -291,7 +316,8 @@ def comparison(result: CompareResult, cached: bool, detail: bool, page: int = 1)
     layers, page, pages = paged(result.layer_metrics, page) if detail else (None, None, None)
     return Comparison(
         merge_advised=result.merge_advised, answer=result.answer,
-        score=mci.score, verdict=mci.verdict, confidence=mci.confidence, reasons=reasons,
+        score=mci.score, verdict=mci.verdict, confidence=mci.confidence, score_method=mci.method,
+        composite=composite(result), predictions=compact_predictions(result), reasons=reasons,
         used_base=mci.used_base, models=[brief(m) for m in result.models],
         base=brief(result.base) if result.base else None, pairwise=result.pairwise, components=mci.components,
         conflict_zones=result.conflict_zones, worst_layers=worst_layers(result), findings=findings,
@@ -303,7 +329,8 @@ def comparison(result: CompareResult, cached: bool, detail: bool, page: int = 1)
 def score(result: CompareResult, cached: bool) -> Score:
     mci = result.mci
     return Score(merge_advised=result.merge_advised, answer=result.answer, score=mci.score,
-                 verdict=mci.verdict, confidence=mci.confidence, reasons=short_reasons(mci.reasons, result.findings),
+                 verdict=mci.verdict, confidence=mci.confidence, score_method=mci.method, composite=composite(result),
+                 predictions=compact_predictions(result), reasons=short_reasons(mci.reasons, result.findings),
                  used_base=mci.used_base, pairwise=result.pairwise, cached=cached)
 
 
@@ -327,7 +354,7 @@ def strategy_advice(result: CompareResult, cached: bool) -> StrategyAdvice:
         merge_advised=result.merge_advised, answer=result.answer, method=s.method, confidence=s.confidence,
         rationale=s.rationale, runner_up=s.runner_up, parameters=s.parameters, warnings=s.warnings,
         mergekit_yaml=s.mergekit_yaml, peft_snippet=s.peft_snippet, score=result.mci.score,
-        verdict=result.mci.verdict, cached=cached,
+        verdict=result.mci.verdict, predictions=compact_predictions(result), cached=cached,
     )
 
 
@@ -357,6 +384,8 @@ def summary(result: CompareResult) -> str:
     mci = result.mci
     score_text = "n/a" if mci.score is None else f"{mci.score:.1f}/100"
     text = f"MCI {score_text}, {mci.verdict.value.replace('_', ' ')} (confidence {mci.confidence})"
+    if mci.method is not None:
+        text += f" = 100 x the predicted retention of {mci.method}"
     n = len(result.conflict_zones)
     text += f"; {n} conflict zone{'s' if n != 1 else ''}"
     if result.strategy is not None:

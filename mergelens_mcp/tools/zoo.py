@@ -17,7 +17,8 @@ MAX_PAIRS, MAX_GROUPS = 8, 6
 
 class Pair(BaseModel):
     models: list[str]
-    mci: float = Field(description="estimated from sketches; the true MCI lies within mci_range")
+    mci: float = Field(description="the weight-space composite MCI estimated from sketches (not the predicted "
+                       "retention compare_models gives two models); the exact composite lies within mci_range")
     mci_range: list[float]
     verdict: str
     exact_mci: float | None = None

@@ -213,7 +213,7 @@ def test_a_pair_far_outside_the_fitted_range_is_said_to_be_extrapolated(
     assert abs(sd) > 3 and any(feature in model.features for model in narrow.with_base.values())
     monkeypatch.setattr(predict, "load_predictor", lambda: narrow)
     noted = predict.with_predictions(result.model_copy(update={"predictions": {}}))
-    assert any(f"{feature} is {sd:+.1f} standard deviations" in n for n in noted.notes)
+    assert any(f"outside the fitted range ({feature} {sd:+.1f} sd" in n for n in noted.notes)
 
 
 def test_per_model_features_come_from_how_far_each_model_moved_and_need_both() -> None:

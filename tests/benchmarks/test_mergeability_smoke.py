@@ -80,7 +80,14 @@ def test_every_pair_gets_an_mci_and_per_layer_metrics_from_the_public_api(smoke)
         assert row["score"]["layers"], row["pair"]
         assert any(name.startswith("layers.0/") for name in row["features"])
     assert results["summary"]["methods"]["linear"]["predictors"]["mci"]["n"] == 4
+    assert results["summary"]["methods"]["linear"]["predictors"]["composite"]["n"] == 4
     for row in results["pairs"]:
+        score = row["score"]
+        if score["mci_method"] is not None:  # the MCI is the recommended method's predicted retention
+            assert score["mci_method"] == row["recommended"]
+            assert row["mci"] == pytest.approx(100 * score["predictions"][row["recommended"]], abs=0.01)
+        else:
+            assert row["mci"] == row["composite"] and row["recommended"] == "passthrough"
         if row["recommended"] in METHODS:
             merged = row["recommended_merge"]
             assert json.loads(merged["spec"])["method"] == row["recommended"]
@@ -92,5 +99,5 @@ def test_the_mci_recomputed_from_the_saved_layers_equals_the_apis(smoke):
 
     _, results = smoke
     for row in results["pairs"]:
-        assert recompute_mci(row["score"]["layers"]) == pytest.approx(row["mci"], abs=1e-9), row["pair"]
+        assert recompute_mci(row["score"]["layers"]) == pytest.approx(row["composite"], abs=1e-9), row["pair"]
     assert "held_out_spearman_mean" in results["summary"]["mci_calibration"]

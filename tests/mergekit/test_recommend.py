@@ -7,13 +7,22 @@ import torch
 import yaml
 
 from fixtures.checkpoints import Family, Shape, combine, random_model, save, task_vector
-from mergelens_mcp import compare_models, diagnose_config
+from mergelens_mcp import compare_models
 from mergelens_mcp.analysis.metrics import Operand, task_mass_fraction
+from mergelens_mcp.analysis.predict import best_method
 from mergelens_mcp.errors import IncompatibleModelsError
-from mergelens_mcp.mergekit.recommend import mergekit_yaml, needs_separate_base, recommend_strategy
+from mergelens_mcp.mergekit.recommend import (
+    candidates,
+    choose,
+    choose_predicted,
+    mergekit_yaml,
+    needs_separate_base,
+    profile,
+    recommend_strategy,
+)
 from mergelens_mcp.mergekit.schema import MergeConfig
-from mergelens_mcp.models import CompareResult, MergeMethod
-from mergelens_mcp.service import suggest_strategy
+from mergelens_mcp.models import CompareResult, MergeMethod, MethodPrediction
+from mergelens_mcp.service import diagnose, suggest_strategy
 
 TASK_METHODS = {m for m in MergeMethod if needs_separate_base(m)}
 
@@ -41,32 +50,77 @@ def without_base(family: Family) -> dict[str, CompareResult]:
     }
 
 
-def test_a_sign_flipped_layer_with_a_base_gets_ties_and_the_flipped_model_is_left_out_of_that_layer(
+def test_a_sign_flipped_layer_with_a_base_leaves_the_flipped_model_out_of_that_layer_whatever_the_method(
     with_base: dict[str, CompareResult], family: Family,
 ) -> None:
-    strategy = with_base["a_flipped"].strategy
+    result = with_base["a_flipped"]
+    strategy = result.strategy
     assert strategy is not None
-    assert strategy.method in (MergeMethod.TIES, MergeMethod.DARE_TIES)
+    # two models with predictions: the best predicted method; the rule table alone would have elected signs (TIES)
+    assert strategy.method.value == best_method(candidates(result))
+    assert choose(profile(result)).method in (MergeMethod.TIES, MergeMethod.DARE_TIES)
     assert strategy.runner_up is not None and strategy.runner_up is not strategy.method
-    assert strategy.parameters["weights_per_layer"] == {"flipped": [0.5, 0.5, 0.0, 0.5]}
-    config = yaml.safe_load(strategy.mergekit_yaml)
-    assert config["base_model"] == str(family.base)
-    assert [m["model"] for m in config["models"]] == [str(family.finetune_a), str(family.flipped)]
-    assert config["models"][1]["parameters"]["weight"] == [0.5, 0.5, 0.0, 0.5]
-    assert any("sign disagreement" in r for r in strategy.rationale)
+    assert strategy.parameters.get("weights_per_layer", {"flipped": [0.5, 0.5, 0.0, 0.5]}) == {
+        "flipped": [0.5, 0.5, 0.0, 0.5]}
+    assert strategy.parameters.get("t_per_layer", [0.5, 0.5, 0.0, 0.5])[2] == 0.0  # slerp: t = 0 there
+    linear = yaml.safe_load(mergekit_yaml(result, MergeMethod.LINEAR))
+    assert [m["model"] for m in linear["models"]] == [str(family.finetune_a), str(family.flipped)]
+    assert linear["models"][1]["parameters"]["weight"] == [0.5, 0.5, 0.0, 0.5]
+    ties = yaml.safe_load(mergekit_yaml(result, MergeMethod.TIES))  # had TIES been chosen: the same layer left out
+    assert ties["base_model"] == str(family.base) and ties["models"][1]["parameters"]["weight"] == [0.5, 0.5, 0.0, 0.5]
 
 
-def test_close_compatible_finetunes_get_slerp_not_a_sign_election_at_chance_level_conflict(
+def test_two_models_get_the_method_with_the_best_predicted_retention_and_the_rules_parameters(
     with_base: dict[str, CompareResult],
 ) -> None:
-    strategy = with_base["a_b"].strategy
-    assert strategy is not None and strategy.method is MergeMethod.SLERP
-    assert strategy.runner_up is MergeMethod.LINEAR
-    assert "weights_per_layer" not in strategy.parameters
+    result = with_base["a_b"]
+    retentions = (0.5, 0.55, 0.6, 0.65, 0.7, 0.8)
+    predicted = {m: p.model_copy(update={"retention": r, "low": r - 0.1, "high": r + 0.1})
+                 for (m, p), r in zip(sorted(result.predictions.items()), retentions, strict=True)}
+    # sorted: dare_linear, dare_ties, linear, slerp, task_arithmetic, ties -> ties 0.8 leads task_arithmetic 0.7
+    strategy = recommend_strategy(result.model_copy(update={"predictions": predicted}))
+    assert (strategy.method, strategy.runner_up) == (MergeMethod.TIES, MergeMethod.TASK_ARITHMETIC)
+    assert strategy.rationale[0].startswith("predicted: ties keeps 80% of each model's accuracy (80% interval 70%-90%)")
+    assert any("the predictor does not compare parameter settings" in r for r in strategy.rationale)
+    assert 0.1 <= strategy.parameters["density"] <= 0.9  # from the measured mass fraction, as the rules set it
+    # a lead of a full CLEAR_GAP over the runner-up and a base: the most confident the rules allow, less the
+    # extrapolation (these fixtures moved less than any fitted pair)
+    assert strategy.confidence == pytest.approx(0.45 + 0.3 + 0.15 - 0.2)
+    assert any("outside the predictor's fitted range" in r for r in strategy.rationale)
+
+
+def test_a_predicted_tie_goes_to_the_simpler_method_and_says_so() -> None:
+    def pred(r: float) -> MethodPrediction:
+        return MethodPrediction(retention=r, low=r, high=r, used_base=True)
+
+    choice = choose_predicted({"ties": pred(0.71), "linear": pred(0.70), "slerp": pred(0.4)})
+    assert (choice.method, choice.runner_up) == (MergeMethod.LINEAR, MergeMethod.TIES)
+    assert "ties at 71% is within 2 points: the simpler method is preferred" in choice.rule
+    assert choice.margin == 0.0 and choice.predicted
+
+
+def test_without_a_base_the_candidates_are_the_methods_that_need_none(
+    without_base: dict[str, CompareResult], with_base: dict[str, CompareResult],
+) -> None:
+    assert set(without_base["a_b"].predictions) >= {"ties", "task_arithmetic"}  # predicted, not recommendable
+    assert set(candidates(without_base["a_b"])) == {"linear", "slerp"}
+    assert set(candidates(with_base["a_b"])) == set(with_base["a_b"].predictions)
+    assert candidates(with_base["three"]) == {}
+
+
+def test_close_compatible_finetunes_get_the_best_predicted_method_and_the_best_of_the_others_as_runner_up(
+    with_base: dict[str, CompareResult],
+) -> None:
+    result = with_base["a_b"]
+    strategy = result.strategy
+    assert strategy is not None and strategy.method.value == best_method(candidates(result))
+    others = {m: p for m, p in candidates(result).items() if m != strategy.method.value}
+    assert strategy.runner_up is not None and strategy.runner_up.value == best_method(others)
+    assert "weights_per_layer" not in strategy.parameters and "t_per_layer" not in strategy.parameters
 
 
 def test_unremarkable_finetunes_with_a_base_get_a_plain_average_with_dare_as_runner_up_when_concentrated() -> None:
-    from mergelens_mcp.mergekit.recommend import Profile, choose
+    from mergelens_mcp.mergekit.recommend import Profile
 
     profile = Profile(
         n_models=2, has_base=True, cosine=0.93, min_cosine=0.90, overlap=0.85, task_cosine=0.02, sign=0.49,
@@ -84,9 +138,9 @@ def test_density_is_the_measured_share_of_coordinates_holding_the_task_vector_ma
     result = with_base["a_flipped"]
     pairs = [(lm.metrics["task_mass_fraction"], lm.n_params) for lm in result.layer_metrics]
     measured = sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
-    assert result.strategy is not None
-    assert result.strategy.parameters["density"] == pytest.approx(round(measured / 0.05) * 0.05)
-    assert 0.1 <= result.strategy.parameters["density"] <= 0.9
+    density = yaml.safe_load(mergekit_yaml(result, MergeMethod.TIES))["models"][0]["parameters"]["density"]
+    assert density == pytest.approx(round(measured / 0.05) * 0.05)
+    assert 0.1 <= density <= 0.9
 
 
 def test_finetunes_that_undo_each_other_are_not_averaged(with_base: dict[str, CompareResult]) -> None:
@@ -101,12 +155,13 @@ def test_three_aligned_finetunes_with_a_base_get_model_stock(with_base: dict[str
     assert len(yaml.safe_load(strategy.mergekit_yaml)["models"]) == 3
 
 
-def test_near_identical_models_without_base_get_slerp_and_identical_ones_linear(
+def test_near_identical_models_without_base_get_linear_or_slerp_and_identical_ones_linear(
     without_base: dict[str, CompareResult],
 ) -> None:
     near, same = without_base["a_b"].strategy, recommend_strategy(without_base["a_a"])
-    assert near is not None and near.method is MergeMethod.SLERP
-    assert yaml.safe_load(near.mergekit_yaml)["parameters"]["t"] == 0.5
+    assert near is not None and {near.method, near.runner_up} == {MergeMethod.LINEAR, MergeMethod.SLERP}
+    # the same checkpoint twice: the identity prior predicts 1 for both idempotent methods, a tie: the simpler
+    assert yaml.safe_load(mergekit_yaml(without_base["a_b"], MergeMethod.SLERP))["parameters"]["t"] == 0.5
     assert same is not None and same.method is MergeMethod.LINEAR and same.runner_up is MergeMethod.SLERP
 
 
@@ -194,11 +249,11 @@ def test_task_mass_fraction_is_the_share_of_coordinates_holding_90_percent_of_th
 
 
 def test_the_recommended_yaml_passes_our_own_diagnosis_and_removes_the_conflict_it_was_built_around(
-    with_base: dict[str, CompareResult],
+    with_base: dict[str, CompareResult], family: Family,
 ) -> None:
     strategy = with_base["a_flipped"].strategy
     assert strategy is not None
-    diagnosis = diagnose_config(strategy.mergekit_yaml)
+    diagnosis = diagnose(strategy.mergekit_yaml, base=str(family.base))
     assert diagnosis.valid and diagnosis.findings == []
     scores = diagnosis.interference_scores
     assert scores["layers.2"] == pytest.approx(0.0, abs=1e-6) and scores["layers.1"] > 0.0
@@ -208,7 +263,8 @@ def test_suggest_strategy_returns_the_strategy_or_says_why_there_is_none(
     tmp_path: Path, family: Family,
 ) -> None:
     strategy = suggest_strategy([str(family.finetune_a), str(family.finetune_b)])
-    assert strategy.method is MergeMethod.SLERP
+    assert strategy.method in (MergeMethod.LINEAR, MergeMethod.SLERP)  # no base: no task-vector method
+    assert strategy.rationale[0].startswith(f"predicted: {strategy.method.value}")
     other = Shape(hidden=32, intermediate=64)
     save(random_model(other, 1), tmp_path / "small", other)
     with pytest.raises(IncompatibleModelsError, match="cannot be compared"):

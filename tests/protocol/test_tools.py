@@ -97,7 +97,10 @@ async def test_compare_models_returns_a_compact_structured_answer_with_the_flipp
     assert out["pairwise"] == [{"model_a": "finetune_a", "model_b": "flipped", "score": out["score"],
                                 "verdict": out["verdict"], "task_cosine": out["pairwise"][0]["task_cosine"]}]
     assert 0 < out["pairwise"][0]["task_cosine"] < 0.9  # a shared update, reversed in one layer of four
-    assert out["verdict"] == verdict_for(out["score"]).value and out["score"] < 100
+    assert out["verdict"] == verdict_for(out["score"]).value
+    assert out["score"] == 100 * out["predictions"][out["score_method"]][0]  # the MCI: a predicted retention
+    assert list(out["predictions"]) and all(low <= r <= high for r, low, high in out["predictions"].values())
+    assert out["composite"] < 75 and out["merge_advised"] == "with_care"  # the reversed layer, where it shows
     assert [(z["start_layer"], z["end_layer"]) for z in out["conflict_zones"]] == [(2, 2)]
     assert out["worst_layers"][0]["layer_name"] == "layers.2"
     assert "alignment" in out["worst_layers"][0]["weak_components"]
@@ -205,6 +208,9 @@ async def test_explain_layer_says_in_words_why_the_flipped_layer_is_bad_for_merg
     assert readings["task_l2_distance"]["assessment"] == "informational"
     assert layer["verdict"] == "risky" and "task-vector alignment" in layer["summary"]
     assert layer["advice"][0].startswith("alignment: the task vectors pull in opposite directions")
+    # the headline is a prediction for the whole pair: what pushed it, beside this layer's composite score
+    assert "'s predicted retention for the whole pair" in layer["prediction"]
+    assert "pushed up by" in layer["prediction"] or "down by" in layer["prediction"]
 
 
 async def test_explain_layer_accepts_layer_names_and_lists_the_layers_when_it_does_not_know_one(
@@ -319,6 +325,10 @@ async def test_suggest_strategy_recommends_a_method_with_a_mergekit_config_for_t
     assert 0 < out["confidence"] <= 1 and out["rationale"]
     assert out["verdict"] in ("compatible", "highly_compatible")
     assert str(family.finetune_b) in out["mergekit_yaml"]
+    # the method is the best prediction, and every method's prediction comes with it, best first
+    assert out["rationale"][0].startswith(f"predicted: {out['method']} keeps")
+    assert out["predictions"][out["method"]][0] == max(r for r, _, _ in out["predictions"].values())
+    assert out["score"] == 100 * out["predictions"][out["method"]][0]
 
 
 async def test_suggest_strategy_for_models_that_cannot_be_compared_is_an_error_with_the_reasons(

@@ -83,7 +83,11 @@ async def compare_through(client: Client, family: Family) -> dict[str, Any]:
 
 
 def assert_flipped_answer(out: dict[str, Any]) -> None:
-    assert out["verdict"] in ("compatible", "risky") and 0 < out["score"] < 100
+    # the headline is the recommended method's predicted retention; the weight-space composite and the decision
+    # see the reversed layer
+    assert out["score_method"] == out["strategy"]["method"]
+    assert out["score"] == 100 * out["predictions"][out["score_method"]][0]
+    assert 0 < out["composite"] < 75 and out["merge_advised"] == "with_care"
     assert [(z["start_layer"], z["end_layer"]) for z in out["conflict_zones"]] == [(2, 2)]
 
 
