@@ -451,7 +451,11 @@ def predict_result(result: CompareResult, predictor: Predictor | None = None) ->
     layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
     features = pair_features(layers, result_motion(result))
     with_base = result.mci.used_base and "drift" in features
-    return (predictor or load_predictor()).predict(features, raw_distance(layers), with_base=with_base)
+    predictor = predictor or load_predictor()
+    found = predictor.predict(features, raw_distance(layers), with_base=with_base)
+    if with_base and not found:  # the task-vector features were not measured: the weight-space models
+        found = predictor.predict(features, raw_distance(layers), with_base=False)
+    return found
 
 
 def outside_fit(result: CompareResult, predictor: Predictor | None = None) -> tuple[str, float] | None:
@@ -460,9 +464,9 @@ def outside_fit(result: CompareResult, predictor: Predictor | None = None) -> tu
     layers = [(lm.layer_name, lm.n_params, lm.metrics) for lm in result.layer_metrics]
     features = pair_features(layers, result_motion(result))
     with_base = result.mci.used_base and "drift" in features
-    model = next(iter((predictor.with_base if with_base else predictor.without_base).values()))
-    z = {f: (features[f] - m) / s for f, m, s in zip(model.features, model.mean, model.scale, strict=True)
-         if f in features}
+    models = (predictor.with_base if with_base else predictor.without_base).values()
+    z = {f: (features[f] - m) / s for model in models
+         for f, m, s in zip(model.features, model.mean, model.scale, strict=True) if f in features}
     if not z:
         return None
     name = max(z, key=lambda f: abs(z[f]))
@@ -492,8 +496,20 @@ def with_predictions(result: CompareResult) -> CompareResult:
     note = ("predicted retention per method (merged accuracy / each model's own, 0..1, 80% interval), fitted on "
             "synthetic tasks with tiny Llama-style models: a yardstick")
     if not next(iter(predictions.values())).used_base:
-        note += "; no base: weight-space evidence alone, wider intervals"
+        note += ("; the task-vector features were not measured" if result.mci.used_base else "; no base") + \
+            ": weight-space evidence alone, wider intervals"
     far = extrapolated(result)
     if far is not None:
         note += f"; outside the fitted range ({far[0]} {far[1]:+.1f} sd): extrapolated, less sure than stated"
+    missing = _unpredicted(result, predictions)
+    if missing:
+        note += f"; not predicted: {', '.join(missing)} (their models read a feature this comparison did not " \
+                "measure, e.g. the whole-model motion ModelInfo.moved)"
     return result.drafted(predictions=predictions, notes=[*result.notes, note])
+
+
+def _unpredicted(result: CompareResult, predictions: Mapping[str, MethodPrediction]) -> list[str]:
+    """The methods the predictor models (with the evidence these predictions used) that got no prediction."""
+    predictor = load_predictor()
+    models = predictor.with_base if next(iter(predictions.values())).used_base else predictor.without_base
+    return sorted(m for m in models if m not in predictions)

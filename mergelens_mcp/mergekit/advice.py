@@ -4,7 +4,9 @@ derived from the verdict, the findings and the recommended strategy.
 The headline MCI is set here (`headline`), once the strategy is known: for two models with predictions, 100 x
 the predicted retention of the recommended method (no strategy, e.g. the same checkpoint twice: of the best
 predicted method the comparison allows), with the verdict thresholds of analysis/score.py and a confidence from
-the prediction's interval and the evidence (analysis/predict.py: `predicted_confidence`). Three or more models,
+the prediction's interval and the evidence (analysis/predict.py: `predicted_confidence`). A pair outside the
+fitted range (a feature over 3 standard deviations from the fit's pairs) gets the lower of that and the composite:
+there the prediction extrapolates, and the composite still reads the weights. Three or more models,
 no predictions (metrics not measured), or a recommendation to keep one model (no shared origin, fine-tunes that
 undo each other: the fit saw no such pair): the weight-space composite the engine computed, kept in every case as
 `mci.composite` (the per-layer scores and conflict zones use it); a note says which one the answer used. Models
@@ -94,15 +96,20 @@ def headline(result: CompareResult) -> CompareResult:
     score = round(100 * predicted.retention, 2)
     outside = extrapolated(result)
     confidence = predicted_confidence(predicted, mci.confidence, outside is not None)
+    capped = outside is not None and composite < score
     reasons = [
         f"100 x the predicted retention of {method}: {predicted.retention:.2f} of each model's accuracy "
-        f"(80% interval {predicted.low:.2f}-{predicted.high:.2f})",
+        f"(80% interval {predicted.low:.2f}-{predicted.high:.2f})"
+        + (f", capped at the weight-space composite {composite:.1f}: the pair lies outside the fitted range, where "
+           "the prediction extrapolates and the composite reads these weights themselves" if capped else ""),
         f"against the fit's average pair, {drivers(predicted, 2, meanings=False)}",
         f"confidence {confidence}: 80% interval {100 * (predicted.high - predicted.low):.0f} points wide, "
         f"{'task-vector evidence from the base' if predicted.used_base else 'weight-space evidence alone (no base)'}"
         + (f", outside the fitted range ({outside[0]} {outside[1]:+.1f} sd)" if outside else ""),
         *mci.reasons,
     ]
+    if capped:
+        score = composite
     verdict = verdict_for(score)
     pairwise = [p.model_copy(update={"score": score, "verdict": verdict}) for p in result.pairwise]
     note = (f"the MCI is 100 x the predicted retention of {method}, the "

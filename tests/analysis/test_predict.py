@@ -253,3 +253,26 @@ def test_opposed_fine_tunes_move_equally_far_in_opposite_directions_and_averagin
     assert f["whole_averaging_gap"] == pytest.approx(math.log(a.moved), abs=0.02)  # |t_a - t_b| / 2 = |t|
     twins = compare_models([str(family.finetune_a), str(family.finetune_a)], base=str(family.base))
     assert twins.pairwise[0].task_cosine == pytest.approx(1.0)
+
+
+def test_methods_whose_features_were_not_measured_are_named_or_fall_back_to_weight_space(family: Family) -> None:
+    from mergelens_mcp.analysis.predict import load_predictor, with_predictions
+
+    result = compare_models([str(family.finetune_a), str(family.finetune_b)], base=str(family.base))
+    assert not any("not predicted" in n for n in result.notes)  # every method, with the motion measured
+    # no whole-model task cosine: the methods whose models read it are named, the others predicted
+    pair = result.pairwise[0].model_copy(update={"task_cosine": None})
+    partial = with_predictions(result.model_copy(update={"pairwise": [pair], "predictions": {}, "notes": []}))
+    needs = sorted(m for m, model in load_predictor().with_base.items() if "whole_averaging_gap" in model.features)
+    assert needs and partial.predictions and not set(needs) & set(partial.predictions)
+    assert all(p.used_base for p in partial.predictions.values())
+    note = next(n for n in partial.notes if n.startswith("predicted retention per method"))
+    assert f"not predicted: {', '.join(needs)}" in note
+    # no motion at all: every task-vector model lacks a feature, so the weight-space models answer, and say so
+    unmoved = result.model_copy(update={
+        "models": [m.model_copy(update={"moved": None}) for m in result.models], "predictions": {}, "notes": []})
+    weights_only = with_predictions(unmoved)
+    assert set(weights_only.predictions) == set(load_predictor().without_base)
+    assert not any(p.used_base for p in weights_only.predictions.values())
+    note = next(n for n in weights_only.notes if n.startswith("predicted retention per method"))
+    assert "the task-vector features were not measured: weight-space evidence alone" in note

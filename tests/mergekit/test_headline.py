@@ -84,18 +84,39 @@ def test_opposed_fine_tunes_are_not_compatible_and_the_answer_says_the_composite
                for n in result.notes)
 
 
+def inside_the_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped predictor with every feature's spread 10x wider: the fixture pairs then lie inside its range."""
+    shipped = load_predictor()
+    wide = replace(shipped, with_base={m: replace(v, scale=tuple(s * 10 for s in v.scale))
+                                       for m, v in shipped.with_base.items()})
+    monkeypatch.setattr(predict, "load_predictor", lambda: wide)
+
+
 def test_two_models_score_100_times_the_predicted_retention_of_the_recommended_method(
-    pairs: dict[str, CompareResult],
+    pairs: dict[str, CompareResult], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    result = pairs["compatible"]
+    inside_the_fit(monkeypatch)
+    result = headline(unheadlined(pairs["compatible"]))
     assert result.strategy is not None and result.mci.method == result.strategy.method.value
     assert result.mci.score == round(100 * result.predictions[result.mci.method].retention, 2)
     assert (result.mci.score, result.mci.method) == predicted_mci(candidates(result))  # the best prediction
     assert result.mci.composite == composite_of(result) != result.mci.score  # kept, and no longer the MCI
     assert result.pairwise[0].score == result.mci.score and result.pairwise[0].verdict is result.mci.verdict
     assert result.mci.reasons[0].startswith(f"100 x the predicted retention of {result.mci.method}")
+    assert "capped" not in result.mci.reasons[0]
     assert any(n.startswith(f"the MCI is 100 x the predicted retention of {result.mci.method}")
                for n in result.notes)
+
+
+def test_outside_the_fitted_range_the_mci_is_capped_at_the_composite(pairs: dict[str, CompareResult]) -> None:
+    # the fixture fine-tunes moved far less than any fitted pair: every method is predicted to keep everything
+    result = pairs["compatible"]
+    predicted, method = predicted_mci(candidates(result))
+    assert predict.extrapolated(result) is not None and result.mci.composite < predicted
+    assert (result.mci.score, result.mci.method) == (result.mci.composite, method)
+    assert result.mci.reasons[0].startswith(f"100 x the predicted retention of {method}")
+    assert "capped at the weight-space composite" in result.mci.reasons[0]
+    assert result.pairwise[0].score == result.mci.score
 
 
 def test_a_low_prediction_makes_the_answer_no_whatever_the_composite(pairs: dict[str, CompareResult]) -> None:
@@ -142,10 +163,7 @@ def test_fixture_pairs_lie_outside_the_fit_so_their_confidence_is_low_unless_the
     assert result.mci.confidence == "low"
     assert result.mci.reasons[1].startswith("against the fit's average pair, pushed up by")
     assert "outside the fitted range" in result.mci.reasons[2]
-    shipped = load_predictor()
-    wide = replace(shipped, with_base={m: replace(v, scale=tuple(s * 10 for s in v.scale))
-                                       for m, v in shipped.with_base.items()})
-    monkeypatch.setattr(predict, "load_predictor", lambda: wide)
+    inside_the_fit(monkeypatch)
     again = headline(unheadlined(result))
     # inside the fit: the interval decides (the evidence, a base and no warning, is high)
     assert again.mci.method is not None
@@ -170,7 +188,8 @@ def test_the_real_minilm_pair_gets_a_prediction_with_its_scope_stated() -> None:
     result = compare_models([str(MINILM), str(SRE)])
     assert result.predictions and not any(p.used_base for p in result.predictions.values())
     assert result.mci.method in ("linear", "slerp")  # no base: no task-vector method
-    assert result.mci.score == round(100 * result.predictions[result.mci.method].retention, 2)
+    predicted = round(100 * result.predictions[result.mci.method].retention, 2)
+    assert result.mci.score == min(predicted, result.mci.composite)  # outside the fitted range: capped
     note = next(n for n in result.notes if n.startswith("predicted retention per method"))
     assert "fitted on synthetic tasks with tiny Llama-style models" in note
     assert "weight-space evidence alone" in note and "outside the fitted range" in note
