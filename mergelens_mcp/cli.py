@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from .analysis.predict import mci_source
 from .errors import InputError, MergeLensError
 from .models import CompareResult, ConfigDiagnosis, SourceRetention, Verdict, VerifyResult
 from .security import redact
@@ -425,9 +426,11 @@ def print_result(result: CompareResult, console: Console, max_layers: int = 40) 
         console.print(f"\n{result.answer}", markup=False, highlight=False, style="bold", soft_wrap=True)
     console.print(f"\n[bold]Merge Compatibility Index:[/] [{style}]{score}  {mci.verdict.value.replace('_', ' ')}[/]"
                   f"  (confidence: {mci.confidence})")
-    if mci.method is not None and mci.composite is not None:
-        console.print(f"  = 100 x the predicted retention of {mci.method}; the weight-space composite (the layer "
-                      f"scores' scale) is {mci.composite:.1f}", markup=False, highlight=False)
+    source = mci_source(result)
+    if source is not None and mci.composite is not None:
+        composite = "" if mci.score == mci.composite else \
+            f"; the weight-space composite (the layer scores' scale) is {mci.composite:.1f}"
+        console.print(f"  = {source}{composite}", markup=False, highlight=False)
     for reason in mci.reasons:
         console.print(f"  - {reason}", markup=False, highlight=False)
     if result.predictions:

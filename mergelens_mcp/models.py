@@ -213,7 +213,8 @@ class MCI(Frozen):
     reasons: list[str]
     method: str | None = Field(
         default=None, description="the merge method whose predicted retention x 100 the score is (the recommended "
-        "one, or the best predicted where no strategy is given); None: the score is the weight-space composite "
+        "one, or the best predicted where no strategy is given; capped at `composite` for a pair outside the fitted "
+        "range); None: the score is the weight-space composite "
         "(three or more models, no predictions, or a recommendation to keep one model)")
     composite: float | None = Field(
         default=None, description="the hand-weighted weight-space composite, 0-100 (the per-layer scores and "

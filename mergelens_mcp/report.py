@@ -21,7 +21,7 @@ from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 from plotly.utils import PlotlyJSONEncoder
 
-from .analysis.predict import FEATURES
+from .analysis.predict import FEATURES, mci_source
 from .analysis.score import CATALOGUE
 from .analysis.zones import ZONE_THRESHOLD
 from .errors import InputError, MergeLensError
@@ -298,10 +298,10 @@ def summary_paragraph(result: CompareResult) -> str:
         worst = _ordered_pairs(result)[0]
         text += (f" The weakest pair is {worst.model_a} + {worst.model_b} ({fmt(worst.score, 1)}); a merge "
                  "of all the models is only as safe as that pair.")
-    if mci.method is not None and mci.composite is not None:
-        text += (f" The MCI is 100 x the predicted retention of {mci.method} (fitted on synthetic tasks with tiny "
-                 f"Llama-style models); the weight-space composite, which the layer scores use, is "
-                 f"{fmt(mci.composite, 1)}.")
+    source = mci_source(result)
+    if source is not None and mci.composite is not None:
+        text += (f" The MCI is {source} (the predictor is fitted on synthetic tasks with tiny Llama-style models); "
+                 f"the weight-space composite, which the layer scores use, is {fmt(mci.composite, 1)}.")
     if mci.verdict is Verdict.INCOMPATIBLE:
         return text
     if strategy is not None:

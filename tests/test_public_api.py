@@ -44,7 +44,9 @@ def test_compare_models_answers_with_the_attribute_names_mergelens_users_know(
     # two models: the MCI is the recommended method's predicted retention, the weight-space composite beside it
     # (68.2 on this family)
     assert result.strategy is not None and result.mci.method == result.strategy.method.value
-    assert result.mci.score == round(100 * result.predictions[result.mci.method].retention, 2)
+    # (capped at the composite: the fixtures lie outside the fitted range)
+    assert result.mci.score == min(round(100 * result.predictions[result.mci.method].retention, 2),
+                                   result.mci.composite)
     assert result.mci.composite is not None and 55 <= result.mci.composite < 75
     assert result.mci.verdict is verdict_for(result.mci.score)
     layer = result.layer_metrics[0]

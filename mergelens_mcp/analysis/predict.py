@@ -436,6 +436,21 @@ def drivers(prediction: MethodPrediction, top: int = 3, meanings: bool = True) -
     return "; ".join(parts) if parts else "at the fit's average pair"
 
 
+def mci_source(result: CompareResult) -> str | None:
+    """What the MCI of a result is, in words, where it comes from a prediction: "100 x the predicted retention of
+    M", or, capped outside the fitted range, "the weight-space composite, under 100 x ... (P)". None where the MCI
+    is the composite alone (mci.method is None)."""
+    mci = result.mci
+    if mci.method is None:
+        return None
+    words = f"100 x the predicted retention of {mci.method}"
+    prediction = result.predictions.get(mci.method)
+    if prediction is not None and mci.score is not None and mci.score < round(100 * prediction.retention, 2):
+        return (f"the weight-space composite, under {words} ({100 * prediction.retention:.0f}): the pair lies "
+                "outside the fitted range")
+    return words
+
+
 def result_motion(result: CompareResult) -> Motion | None:
     """How far the two models moved from the base, as the compare measured it (None without a base)."""
     a, b = result.models

@@ -112,9 +112,11 @@ def headline(result: CompareResult) -> CompareResult:
         score = composite
     verdict = verdict_for(score)
     pairwise = [p.model_copy(update={"score": score, "verdict": verdict}) for p in result.pairwise]
-    note = (f"the MCI is 100 x the predicted retention of {method}, the "
-            f"{'recommended' if strategy is not None else 'best predicted'} method (`composite`: the weight-space "
-            "score the layers use)")
+    chosen = f"{method}, the {'recommended' if strategy is not None else 'best predicted'} method"
+    note = (f"the MCI is the weight-space composite, under 100 x the predicted retention of {chosen}: the pair "
+            "lies outside the fitted range" if capped else
+            f"the MCI is 100 x the predicted retention of {chosen} (`composite`: the weight-space score the layers "
+            "use)")
     return result.drafted(
         mci=_with(mci, score=score, verdict=verdict, confidence=confidence, reasons=reasons, method=method,
                   composite=composite),

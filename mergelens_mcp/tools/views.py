@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 from mcp.types import CallToolResult, TextContent
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..analysis.predict import mci_source
 from ..analysis.score import CATALOGUE, WEAK_BELOW
 from ..models import (
     CompareResult,
@@ -37,8 +38,9 @@ WEAK_COMPONENT = WEAK_BELOW
 PREDICTIONS_DOC = ("merge method -> [predicted retention, low, high]: the expected share of each model's own "
                    "accuracy the merge keeps, 0..1, with its 80% interval (two models; fitted on synthetic tasks "
                    "with tiny Llama-style models)")
-SCORE_METHOD_DOC = ("the merge method whose predicted retention x 100 the score is; null: the score is the "
-                    "weight-space composite (three or more models, no predictions, or keep one model)")
+SCORE_METHOD_DOC = ("the merge method whose predicted retention x 100 the score is (capped at the composite for a "
+                    "pair outside the fitted range); null: the score is the weight-space composite (three or more "
+                    "models, no predictions, or keep one model)")
 COMPOSITE_DOC = ("the hand-weighted weight-space composite 0-100 (the per-layer scores and conflict zones use it); "
                  "null where it is the score")
 COMPONENTS_DOC = "mean 0..1 score of each MCI component (1 = ideal): " + "; ".join(
@@ -384,8 +386,9 @@ def summary(result: CompareResult) -> str:
     mci = result.mci
     score_text = "n/a" if mci.score is None else f"{mci.score:.1f}/100"
     text = f"MCI {score_text}, {mci.verdict.value.replace('_', ' ')} (confidence {mci.confidence})"
-    if mci.method is not None:
-        text += f" = 100 x the predicted retention of {mci.method}"
+    source = mci_source(result)
+    if source is not None:
+        text += f" = {source}"
     n = len(result.conflict_zones)
     text += f"; {n} conflict zone{'s' if n != 1 else ''}"
     if result.strategy is not None:

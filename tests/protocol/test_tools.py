@@ -98,7 +98,8 @@ async def test_compare_models_returns_a_compact_structured_answer_with_the_flipp
                                 "verdict": out["verdict"], "task_cosine": out["pairwise"][0]["task_cosine"]}]
     assert 0 < out["pairwise"][0]["task_cosine"] < 0.9  # a shared update, reversed in one layer of four
     assert out["verdict"] == verdict_for(out["score"]).value
-    assert out["score"] == 100 * out["predictions"][out["score_method"]][0]  # the MCI: a predicted retention
+    # the MCI: a predicted retention, capped at the composite outside the fitted range (these fixtures)
+    assert out["score"] == min(100 * out["predictions"][out["score_method"]][0], out["composite"])
     assert list(out["predictions"]) and all(low <= r <= high for r, low, high in out["predictions"].values())
     assert out["composite"] < 75 and out["merge_advised"] == "with_care"  # the reversed layer, where it shows
     assert [(z["start_layer"], z["end_layer"]) for z in out["conflict_zones"]] == [(2, 2)]
@@ -328,7 +329,7 @@ async def test_suggest_strategy_recommends_a_method_with_a_mergekit_config_for_t
     # the method is the best prediction, and every method's prediction comes with it, best first
     assert out["rationale"][0].startswith(f"predicted: {out['method']} keeps")
     assert out["predictions"][out["method"]][0] == max(r for r, _, _ in out["predictions"].values())
-    assert out["score"] == 100 * out["predictions"][out["method"]][0]
+    assert out["score"] <= 100 * out["predictions"][out["method"]][0]  # capped outside the fitted range
 
 
 async def test_suggest_strategy_for_models_that_cannot_be_compared_is_an_error_with_the_reasons(

@@ -86,7 +86,8 @@ def assert_flipped_answer(out: dict[str, Any]) -> None:
     # the headline is the recommended method's predicted retention; the weight-space composite and the decision
     # see the reversed layer
     assert out["score_method"] == out["strategy"]["method"]
-    assert out["score"] == 100 * out["predictions"][out["score_method"]][0]
+    # (capped at the composite: the fixtures lie outside the fitted range)
+    assert out["score"] == min(100 * out["predictions"][out["score_method"]][0], out["composite"])
     assert 0 < out["composite"] < 75 and out["merge_advised"] == "with_care"
     assert [(z["start_layer"], z["end_layer"]) for z in out["conflict_zones"]] == [(2, 2)]
 
