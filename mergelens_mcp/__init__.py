@@ -64,7 +64,7 @@ def diagnose_config(config: str) -> ConfigDiagnosis:
 def generate_report(
     models: Sequence[str] | None = None, output: str | Path | None = None, base: str | None = None, *,
     compare_result: CompareResult | None = None, output_path: str | Path | None = None, device: str = "auto",
-    overwrite: bool = False,
+    overwrite: bool = False, read_base: bool = False,
 ) -> Path:
     """Write the interactive HTML report to `output` (or `output_path`); return its path.
 
@@ -73,15 +73,18 @@ def generate_report(
     >>> generate_report(["ft_a/", "ft_b/"], "report.html", base="base/")
     >>> result = compare_models(["ft_a/", "ft_b/"], base="base/")
     >>> generate_report(compare_result=result, output_path="dashboard.html")
+
+    `read_base`: LoRA adapters of one base are compared on the base's row sample unless this reads it whole
+    (as in `compare_models`).
     """
     if (output is None) == (output_path is None):
         raise TypeError("generate_report needs the report's file name once: pass `output` or `output_path`")
     target = Path(str(output if output is not None else output_path)).expanduser().resolve()
     if compare_result is not None:
-        if models is not None or base is not None:
+        if models is not None or base is not None or read_base:
             raise TypeError(
-                "generate_report takes either `models` (and `base`) to compare, or `compare_result` already "
-                "computed, not both: drop `models`/`base`, or drop `compare_result`"
+                "generate_report takes either `models` (and `base`, `read_base`) to compare, or `compare_result` "
+                "already computed, not both: drop `models`/`base`/`read_base`, or drop `compare_result`"
             )
         if not isinstance(compare_result, CompareResult):
             raise TypeError(
@@ -97,7 +100,8 @@ def generate_report(
     from .settings import Settings
 
     models = models if isinstance(models, str) else list(models)
-    path, _ = generate(models, base, target, settings=Settings(device=device), overwrite=overwrite)
+    path, _ = generate(models, base, target, settings=Settings(device=device), overwrite=overwrite,
+                       read_base=read_base)
     return path
 
 

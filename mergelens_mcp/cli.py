@@ -31,6 +31,9 @@ Command = Callable[[argparse.Namespace, Console], int]
 T = TypeVar("T")
 
 
+READ_BASE_HELP = ("LoRA adapters of one base: read the whole base, for exact weight-space metrics, their spectra and "
+                  "task_drift (by default: the factors and a seeded sample of its rows)")
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mergelens", description="Should I merge these models, and how? Answered before the merge runs."
@@ -47,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--layers", type=int, default=40, help="rows of the per-layer table (0: none)")
     compare.add_argument("--activations", action="store_true",
                          help="also run the models on a probe set and add activation CKA (needs transformers)")
-    compare.add_argument("--read-base", action="store_true",
-                         help="LoRA adapters of one base: read the whole base, for exact weight-space metrics, "
-                         "their spectra and task_drift (by default: the factors and a seeded sample of its rows)")
+    compare.add_argument("--read-base", action="store_true", help=READ_BASE_HELP)
     compare.add_argument("--overwrite", action="store_true",
                          help="replace a --report file even if it is not a mergelens report")
     compare.set_defaults(run=run_compare)
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--base", help="the base model the candidates were fine-tuned from")
     report.add_argument("-o", "--output", type=Path, required=True, help="the HTML file to write")
     report.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    report.add_argument("--read-base", action="store_true", help=READ_BASE_HELP)
     report.add_argument("--overwrite", action="store_true",
                         help="replace the output file even if it is not a mergelens report")
     report.set_defaults(run=run_report)
@@ -362,7 +364,8 @@ def run_report(args: argparse.Namespace, console: Console) -> int:
         console, "reading tensors",
         lambda progress: isolated(
             generate_report, args.models, args.base, args.output.expanduser().resolve(),
-            settings=Settings(device=args.device), overwrite=args.overwrite, progress=progress,
+            settings=Settings(device=args.device), overwrite=args.overwrite, read_base=args.read_base,
+            progress=progress,
             about=labelled(args.models, args.base),
         ),
     )

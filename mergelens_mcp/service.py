@@ -228,6 +228,7 @@ def generate_report(
     settings: Settings | None = None,
     guard: PathGuard | None = None,
     overwrite: bool = False,
+    read_base: bool = False,
     progress: Progress | None = None,
     cancelled: Cancelled | None = None,
 ) -> tuple[Path, CompareResult]:
@@ -235,6 +236,7 @@ def generate_report(
 
     A relative `output` is taken inside `settings.reports_dir`; none gives `mergelens-report.html` there.
     With a guard, the output must resolve under an allowed root. It is checked before any tensor is read.
+    `read_base`: as in `compare`.
     """
     from .report import check_output, write_report
 
@@ -244,5 +246,6 @@ def generate_report(
         target = settings.reports_dir / target
     target = (guard or PathGuard([Path(os.sep)])).check_output(target, "report output")
     check_output(target, overwrite=overwrite)
-    result = compare(models, base, settings=settings, guard=guard, progress=progress, cancelled=cancelled)
+    result = compare(models, base, settings=settings, guard=guard, progress=progress, cancelled=cancelled,
+                     read_base=read_base)
     return write_report(result, target, overwrite=overwrite), result

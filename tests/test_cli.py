@@ -185,6 +185,29 @@ def test_diagnose_with_a_base_hint_warns_that_a_linear_merge_of_opposed_fine_tun
     assert "the merge would cancel or discard 98% of the models' changes (warned above 50%)" in seen
 
 
+def test_report_reads_the_base_of_lora_adapters_only_with_read_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fixtures.adapters import make_adapter_family
+    from mergelens_mcp import service
+
+    monkeypatch.setenv("MERGELENS_WORKER_PROCESSES", "0")
+    _, adapters, _ = make_adapter_family(tmp_path / "lora")
+    asked: list[bool] = []
+    real = service.compare_checkpoints
+
+    def recording(models, base, options, **kwargs):  # type: ignore[no-untyped-def]
+        asked.append(options.read_base)
+        return real(models, base, options, **kwargs)
+
+    monkeypatch.setattr(service, "compare_checkpoints", recording)
+    for flags in ([], ["--read-base"]):
+        out = tmp_path / f"report{len(flags)}.html"
+        assert main(["report", str(adapters[0]), str(adapters[1]), "-o", str(out), *flags]) == EXIT_OK
+        assert out.stat().st_size > 0
+    assert asked == [False, True]
+
+
 def test_compare_reads_the_base_of_lora_adapters_only_with_read_base(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -18,7 +18,7 @@ from ..errors import MergeLensError, PathNotAllowedError
 from ..security.paths import PathGuard
 from ..security.redact import redact
 from . import views
-from .params import BaseModelPath, Models
+from .params import BaseModelPath, Models, ReadBase
 from .runtime import AppContext, analyse, run_in_worker, state_of
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}$")
@@ -56,6 +56,7 @@ async def generate_report(
         Field(description="replace an existing file of that name even if it is not a mergelens report "
                           "(reports mergelens wrote are always replaced); leave false unless the user asked"),
     ] = False,
+    read_base: ReadBase = False,
 ) -> views.Report:
     from ..report import check_output, write_report
 
@@ -69,7 +70,7 @@ async def generate_report(
         raise ToolError(redact(str(exc))) from exc
     except OSError as exc:
         raise ToolError(f"cannot use the output folder {folder}: {exc.strerror}") from exc
-    result, cached = await analyse(ctx, models, base_model)
+    result, cached = await analyse(ctx, models, base_model, read_base)
 
     def job(progress: Progress, cancelled: Cancelled) -> Path:
         return state_of(ctx).isolated(write_report, result, target, overwrite=overwrite)

@@ -430,4 +430,7 @@ async def test_compare_models_reads_the_base_of_lora_adapters_only_when_asked_wi
         plain = await call(client, "compare_models", pair)
         full = await call(client, "compare_models", {**pair, "read_base": True})
     assert options == [False, True]  # another analysis, not the cached one
+    async with Client(build_server(in_threads(settings))) as client:
+        report = await call(client, "generate_report", {**pair, "read_base": True, "filename": "lora"})
+    assert not report.is_error and options == [False, True, True]  # the report's comparison reads it too
     assert plain.structured_content["cached"] is False and full.structured_content["cached"] is False
