@@ -437,7 +437,7 @@ def _is_base(fit: _LayerFit) -> bool:
     if fit.norm <= 1e-24 * max(fit.numel, 1):
         return True
     untouched = fit.numel > 0 and float(fit.gram.diagonal().max()) == 0.0
-    return untouched and fit.norm <= fit.rounding ** 2 * fit.base_norm
+    return untouched and fit.norm <= (fit.rounding / 2) ** 2 * fit.base_norm  # round to nearest: eps/2 a value
 
 
 def _probe_name(layer: str) -> str:

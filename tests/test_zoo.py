@@ -8,6 +8,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
+import torch
 
 from fixtures.adapters import make_adapter_family
 from fixtures.zoo import Zoo, make_model, make_zoo
@@ -537,3 +538,12 @@ def test_the_bases_quantities_kept_between_sketches_belong_to_the_base_each_sket
         with_base = sk.sketch_model(model, base, PARAMS).tensors["model.layers.0.mlp.up_proj.weight"]
         alone = sk.sketch_model(model, None, PARAMS).tensors["model.layers.0.mlp.up_proj.weight"]
         assert torch.equal(with_base.sample, alone.sample)  # the kept coordinates are the ones drawn without a base
+
+
+def test_a_tensor_of_more_than_two_dimensions_keeps_its_base_in_the_sketch() -> None:
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(8, 4, 3, 3, generator=g), torch.randn(8, 4, 3, 3, generator=g)
+    conv = sk.sketch_tensor("conv.weight", w, b, sk.SketchParams())
+    flat = sk.sketch_tensor("conv.weight", w.reshape(8, 36), b.reshape(8, 36), sk.SketchParams())
+    assert conv.task_norm is not None and conv.task_norm == pytest.approx(float((w - b).norm()), rel=1e-5)
+    assert conv.task_norm == flat.task_norm

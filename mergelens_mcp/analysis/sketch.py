@@ -352,13 +352,12 @@ def sketch_tensor(
     pass over the tensor and the base's (`_one_pass`) after the randomized SVDs' bfloat16 iterations; the
     quantities are compare's (`Operand`, `decompose`), to float32 rounding. With `base_key` (the base's
     `BaseTensors.identity`) the base's own quantities are made once per base and tensor."""
+    if base_view is not None and tuple(base_view.shape) != tuple(view.shape):
+        base_view = None  # compared before flattening: a conv weight (4-D) keeps its base
     view = view.reshape(view.shape[0], -1) if view.dim() > 2 else view
+    base_view = None if base_view is None else base_view.reshape(view.shape)
     numel = view.numel()
     width, count = params.widths(numel)
-    if base_view is not None and tuple(base_view.shape) != tuple(view.shape):
-        base_view = None
-    else:
-        base_view = None if base_view is None else base_view.reshape(view.shape)
     flat = view.reshape(-1)
     whole = numel <= width
     matrix = view.dim() == 2 and min(view.shape) > 1

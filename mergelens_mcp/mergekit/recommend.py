@@ -285,11 +285,15 @@ def recommend_strategy(result: CompareResult) -> Strategy:
     if p.balance is not None and p.balance < 0.5:
         warnings.append(f"one fine-tune moved {1 / max(p.balance, 1e-6):.1f}x farther from the base than the "
                         "other: its task vector dominates; lower its weight if that is not intended")
+    outside = bool(predicted) and extrapolated(result) is not None
     expected = predicted[choice.method.value].retention * 100 if predicted else result.mci.score
+    composite = result.mci.composite if result.mci.composite is not None else result.mci.score
+    if outside and expected is not None and composite is not None:
+        expected = min(expected, composite)  # the headline's cap outside the fitted range (advice.headline)
     verdict = verdict_for(expected)
     if verdict.value in ("risky", "incompatible") and choice.method is not MergeMethod.PASSTHROUGH:
         warnings.append(f"the MCI is {expected:.0f} ({verdict.value}): evaluate the merged model before use")
-    confidence = _confidence(choice, p, result, rationale, bool(predicted) and extrapolated(result) is not None)
+    confidence = _confidence(choice, p, result, rationale, outside)
     return Strategy(
         method=choice.method, confidence=confidence, rationale=rationale,
         runner_up=choice.runner_up, parameters=params, warnings=warnings, mergekit_yaml=text,

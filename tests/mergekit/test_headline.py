@@ -194,3 +194,16 @@ def test_the_real_minilm_pair_gets_a_prediction_with_its_scope_stated() -> None:
     assert "fitted on synthetic tasks with tiny Llama-style models" in note
     assert "weight-space evidence alone" in note and "outside the fitted range" in note
     assert result.mci.confidence == "low"
+
+
+def test_the_strategy_warns_with_the_mci_the_headline_shows_outside_the_fitted_range(
+    pairs: dict[str, CompareResult],
+) -> None:
+    # outside the fitted range a safe-looking prediction (90) is capped at a risky composite (40): both say 40
+    high = {"linear": MethodPrediction(retention=0.9, low=0.8, high=1.0, used_base=True)}
+    draft = unheadlined(pairs["compatible"], predictions=high, strategy=None)
+    draft = draft.model_copy(update={"mci": draft.mci.model_copy(update={"score": 40.0, "composite": 40.0})})
+    assert predict.extrapolated(draft) is not None
+    strategy = recommend_strategy(draft)
+    assert "the MCI is 40 (risky): evaluate the merged model before use" in strategy.warnings
+    assert headline(draft.model_copy(update={"strategy": strategy})).mci.score == 40.0
