@@ -436,6 +436,12 @@ def drivers(prediction: MethodPrediction, top: int = 3, meanings: bool = True) -
     return "; ".join(parts) if parts else "at the fit's average pair"
 
 
+def capped_score(predicted: float, composite: float | None, outside: bool) -> float:
+    """The headline MCI from 100 x a predicted retention: outside the fitted range, at most the weight-space
+    composite (the prediction extrapolates there; the composite still reads the weights)."""
+    return min(predicted, composite) if outside and composite is not None else predicted
+
+
 def mci_source(result: CompareResult) -> str | None:
     """What the MCI of a result is, in words, where it comes from a prediction: "100 x the predicted retention of
     M", or, capped outside the fitted range, "the weight-space composite, under 100 x ... (P)". None where the MCI

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from itertools import combinations
 
-from ..analysis.predict import drivers, extrapolated, predicted_confidence, predicted_mci
+from ..analysis.predict import capped_score, drivers, extrapolated, predicted_confidence, predicted_mci
 from ..analysis.score import verdict_for
 from ..models import (
     MCI,
@@ -96,7 +96,7 @@ def headline(result: CompareResult) -> CompareResult:
     score = round(100 * predicted.retention, 2)
     outside = extrapolated(result)
     confidence = predicted_confidence(predicted, mci.confidence, outside is not None)
-    capped = outside is not None and composite < score
+    capped = capped_score(score, composite, outside is not None) < score
     reasons = [
         f"100 x the predicted retention of {method}: {predicted.retention:.2f} of each model's accuracy "
         f"(80% interval {predicted.low:.2f}-{predicted.high:.2f})"
@@ -108,8 +108,7 @@ def headline(result: CompareResult) -> CompareResult:
         + (f", outside the fitted range ({outside[0]} {outside[1]:+.1f} sd)" if outside else ""),
         *mci.reasons,
     ]
-    if capped:
-        score = composite
+    score = capped_score(score, composite, outside is not None)
     verdict = verdict_for(score)
     pairwise = [p.model_copy(update={"score": score, "verdict": verdict}) for p in result.pairwise]
     chosen = f"{method}, the {'recommended' if strategy is not None else 'best predicted'} method"

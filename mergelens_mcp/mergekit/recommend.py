@@ -55,7 +55,7 @@ from typing import Any
 
 import yaml
 
-from ..analysis.predict import TIE, best_method, extrapolated
+from ..analysis.predict import TIE, best_method, capped_score, extrapolated
 from ..analysis.score import verdict_for
 from ..analysis.zones import OPPOSED_TASK_COSINE
 from ..errors import IncompatibleModelsError
@@ -288,8 +288,8 @@ def recommend_strategy(result: CompareResult) -> Strategy:
     outside = bool(predicted) and extrapolated(result) is not None
     expected = predicted[choice.method.value].retention * 100 if predicted else result.mci.score
     composite = result.mci.composite if result.mci.composite is not None else result.mci.score
-    if outside and expected is not None and composite is not None:
-        expected = min(expected, composite)  # the headline's cap outside the fitted range (advice.headline)
+    if expected is not None:
+        expected = capped_score(expected, composite, outside)  # the MCI the headline shows
     verdict = verdict_for(expected)
     if verdict.value in ("risky", "incompatible") and choice.method is not MergeMethod.PASSTHROUGH:
         warnings.append(f"the MCI is {expected:.0f} ({verdict.value}): evaluate the merged model before use")
